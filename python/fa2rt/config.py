@@ -1,0 +1,42 @@
+"""Environment variables fa2rt reads: each is named and parsed here, once."""
+
+import os
+from pathlib import Path
+
+KERNEL_DIR = "FA2RT_KERNEL_DIR"  # folder with manifest.json and images, instead of the installed ones
+FORCE_ARCH = "FA2RT_FORCE_ARCH"  # run the images of this arch (through PTX on NVIDIA): testing older builds
+MIN_SEQLEN = "FA2RT_MIN_SEQLEN"  # short-sequence threshold overriding the measured crossover data
+DISABLE = "FA2RT_DISABLE"  # "1": never use kernels, always the SDPA fallback
+
+ENV_VARS = {
+    KERNEL_DIR: "folder holding manifest.json and the kernel images (default: the installed fa2rt/kernels)",
+    FORCE_ARCH: "restrict selection to images of this arch, loaded through their PTX on NVIDIA (e.g. sm80)",
+    MIN_SEQLEN: "use the fallback when seqlen_k is below this (overrides the measured per-arch crossover)",
+    DISABLE: "set to 1 to disable every kernel (always fall back to SDPA)",
+}
+
+
+def kernel_dir() -> Path:
+    override = os.environ.get(KERNEL_DIR)
+    return Path(override) if override else Path(__file__).parent / "kernels"
+
+
+def force_arch() -> str:
+    return os.environ.get(FORCE_ARCH, "").strip()
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE, "").strip() not in ("", "0")
+
+
+def min_seqlen_override() -> int | None:
+    raw = os.environ.get(MIN_SEQLEN, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{MIN_SEQLEN}: expected a non-negative integer, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{MIN_SEQLEN}: expected a non-negative integer, got {value}")
+    return value

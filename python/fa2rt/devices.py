@@ -1,0 +1,34 @@
+"""The devices behind torch tensors, described for the native dispatcher."""
+
+import functools
+
+import torch
+
+from . import _C
+
+
+def torch_vendor() -> str:
+    """Which GPU vendor this torch build drives: 'cuda', 'rocm' or 'none'."""
+    if getattr(torch.version, "hip", None):
+        return "rocm"
+    if torch.version.cuda:
+        return "cuda"
+    return "none"
+
+
+@functools.lru_cache(maxsize=None)
+def probe(vendor: str, index: int) -> "_C.DeviceInfo":
+    """The device as the vendor driver reports it. Raises RuntimeError when the driver is unusable."""
+    return _C.probe_device(vendor, index)
+
+
+def describe(device: torch.device) -> tuple["_C.DeviceInfo", str, str]:
+    """DeviceInfo for a tensor's device, plus a reason code and message when it is unusable ('' when usable)."""
+    if device.type != "cuda":
+        return _C.DeviceInfo("none", device.type), "not_gpu", f"tensors are on {device.type}, not a GPU"
+    vendor = torch_vendor()
+    status = _C.backend_status(vendor)
+    if not status["available"]:
+        return _C.DeviceInfo("none", "unknown"), "driver_unavailable", f"{vendor} driver: {status['error']}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return probe(vendor, index), "", ""

@@ -1,0 +1,136 @@
+"""Fallback policy: which calls go to a kernel and which to SDPA, and how a fallback is announced.
+
+The rules run in the order of RULES; the first that applies decides. Every reason has a stable code, which
+explain(), the doctor and the tests read.
+"""
+
+import functools
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _C, builds, config, devices
+from .validate import Shapes
+
+log = logging.getLogger("fa2rt")
+
+KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+CROSSOVER_FILE = Path(__file__).parent / "data" / "crossover.json"
+
+
+class FallbackWarning(UserWarning):
+    """A call ran on the SDPA fallback instead of an fa2rt kernel (issued once per reason)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: str  # "kernel", "fallback", or "trivial" (empty input: nothing to compute)
+    reason: str = ""  # stable code of the fallback reason; "" on the kernel path
+    message: str = ""
+    image: str | None = None
+    mode: str | None = None  # native, binary-compat or ptx-jit
+    device: dict = field(default_factory=dict)
+    rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
+
+    def __str__(self) -> str:
+        head = (f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}" if self.path == "kernel"
+                else f"fallback to SDPA [{self.reason}]: {self.message}")
+        lines = [head] + [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
+        return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _crossover() -> dict:
+    return json.loads(CROSSOVER_FILE.read_text())["archs"]
+
+
+def short_sequence_threshold(arch: str) -> int:
+    override = config.min_seqlen_override()
+    return override if override is not None else int(_crossover().get(arch, {}).get("min_seqlen_k", 0))
+
+
+def _device_dict(info) -> dict:
+    return {"vendor": info.vendor, "arch": info.arch, "arch_raw": info.arch_raw, "name": info.name,
+            "index": info.index}
+
+
+def problem_for(shapes: Shapes, q, k, v, out=None) -> "_C.Problem":
+    p = _C.Problem()
+    p.dtype = KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
+    p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.seqlen_k
+    p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
+    tensors = [t for t in (q, k, v, out) if t is not None]
+    # Fake tensors (torch.compile tracing) have no address; the run-time call checks the real ones again.
+    p.aligned16 = all(_is_fake(t) or t.data_ptr() % _C.ALIGN_BYTES == 0 for t in tensors)
+    p.max_head_extent = max((t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors)
+    return p
+
+
+def _is_fake(t) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+
+
+def _fallback(reason: str, message: str, device=None, rejections=()) -> Decision:
+    return Decision("fallback", reason, message, device=_device_dict(device) if device else {},
+                    rejections=tuple(rejections))
+
+
+def decide(shapes: Shapes, q, k, v, *, causal: bool, needs_grad: bool) -> Decision:
+    """Kernel or fallback for one validated call, with every reason."""
+    if config.disabled():
+        return _fallback("disabled", f"{config.DISABLE} is set")
+    if shapes.trivial:
+        # Not a fallback: there is nothing to attend over, and the (empty or zero) result is written directly.
+        return Decision("trivial", "empty_input", "an input has a zero-size dimension")
+    info, code, why = devices.describe(shapes.device)
+    if code:
+        return _fallback(code, why)
+    if shapes.dtype not in KERNEL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
+        return _fallback("dtype", f"kernels take {names}; got {str(shapes.dtype).removeprefix('torch.')}", info)
+    if needs_grad:
+        return _fallback("backward_unavailable", "inputs require grad and fa2rt has no backward kernel yet", info)
+    threshold = short_sequence_threshold(info.arch)
+    if shapes.seqlen_k < threshold:
+        return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
+                         f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
+    build = builds.current_build()
+    problem = problem_for(shapes, q, k, v)
+    problem.causal = causal
+    sel = _C.select(problem, info, build.registry, config.force_arch())
+    rejections = [(r.image, r.code, r.message) for r in sel["rejections"]]
+    if sel["image"] is None:
+        summary = build.error or _summarise(rejections)
+        return _fallback("no_kernel", summary, info, rejections)
+    return Decision("kernel", image=sel["image"], mode=sel["mode"], device=_device_dict(info),
+                    rejections=tuple(rejections))
+
+
+def _summarise(rejections) -> str:
+    """The most specific reasons: a device-level reason, else those of the images that passed the most checks
+    (codes are ordered as the checks run, so a later code means the image matched on everything before)."""
+    device_level = [msg for img, _, msg in rejections if not img]
+    if device_level:
+        return "; ".join(device_level)
+    order = _C.reject_codes()
+    furthest = max(order.index(code) for _, code, _ in rejections)
+    distinct = sorted({msg for _, code, msg in rejections if order.index(code) == furthest})
+    more = f" (+{len(distinct) - 4} more)" if len(distinct) > 4 else ""
+    return "no image fits: " + "; ".join(distinct[:4]) + more
+
+
+_announced: set[str] = set()
+
+
+def announce(decision: Decision) -> None:
+    """Warn once per reason code that a fallback ran; log every time at debug level."""
+    log.debug("fa2rt fallback [%s]: %s", decision.reason, decision.message)
+    if decision.reason in _announced:
+        return
+    _announced.add(decision.reason)
+    warnings.warn(f"fa2rt: running PyTorch SDPA instead of an fa2rt kernel [{decision.reason}]: "
+                  f"{decision.message} (fa2rt.explain(...) tells this for any call)", FallbackWarning, stacklevel=3)

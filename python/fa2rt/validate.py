@@ -1,0 +1,124 @@
+"""Input validation for attention calls: every bad input gets an exception naming the argument,
+what was expected and what was given (f"{name}: expected {expected}, got {actual}").
+
+Which path runs (kernel or fallback, e.g. for fp32/fp64 or an unsupported head dim) is policy and is
+decided elsewhere; this module only rejects inputs no path can compute.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+TENSOR_RANK = 4
+LAYOUT = "(batch, seqlen, nheads, headdim)"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MIN_HEAD_DIM = 1
+
+
+@dataclass(frozen=True)
+class Shapes:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    softmax_scale: float  # resolved: head_dim**-0.5 when the caller passed None
+
+    @property
+    def trivial(self) -> bool:
+        """No attention to compute: the output is empty, or seqlen_k == 0 (output zeros, lse +inf)."""
+        return 0 in (self.batch, self.seqlen_q, self.nheads, self.seqlen_k)
+
+
+def _fail(exc, name, expected, actual):
+    raise exc(f"{name}: expected {expected}, got {actual}")
+
+
+def _dtype_names():
+    return ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, name, "a torch.Tensor", type(t).__name__)
+    if t.layout != torch.strided:
+        _fail(ValueError, name, "a dense (strided) tensor", f"layout {t.layout}")
+    if t.dim() != TENSOR_RANK:
+        _fail(ValueError, name, f"a {TENSOR_RANK}-D tensor {LAYOUT}", f"shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        _fail(ValueError, name, f"dtype in ({_dtype_names()})", t.dtype)
+    # Strides of empty tensors are meaningless (and often odd), so they are not checked.
+    if t.numel() > 0 and t.stride(-1) != 1:
+        _fail(ValueError, name, "a contiguous last dimension (stride(-1) == 1; call .contiguous())",
+              f"stride {tuple(t.stride())} for shape {tuple(t.shape)}")
+
+
+def _same_as_q(name, t, q):
+    if t.dtype != q.dtype:
+        _fail(ValueError, name, f"dtype {q.dtype} (same as q)", t.dtype)
+    if t.device != q.device:
+        _fail(ValueError, name, f"device {q.device} (same as q)", t.device)
+
+
+def check_inputs(q, k, v, *, causal, softmax_scale, out=None) -> Shapes:
+    """Validate q, k, v (and out) for attention and return their resolved Shapes.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), identical shapes.
+    Raises TypeError when an argument has the wrong Python type (not a tensor, causal not a bool,
+    softmax_scale not a real number) and ValueError for everything else (dtype, device, shape, stride, values).
+
+    Empty inputs are valid: batch, seqlen_q, seqlen_k and nheads may be 0 (nheads_k may be 0 only when nheads
+    is 0, since nheads_k must divide nheads). The caller returns an empty output for them, and for
+    seqlen_k == 0 an all-zero output with lse +inf for every row (see Shapes.trivial). head_dim 0 is rejected:
+    the default scale headdim**-0.5 is undefined for it.
+
+    softmax_scale: None (meaning headdim**-0.5) or any finite real number, including 0 and negatives
+    (flash-attn accepts them); NaN, inf, bools and non-numbers are rejected.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    _same_as_q("k", k, q)
+    _same_as_q("v", v, q)
+
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if head_dim < MIN_HEAD_DIM:
+        _fail(ValueError, "q", f"head dim >= {MIN_HEAD_DIM}", f"{head_dim} (shape {tuple(q.shape)})")
+    if k.shape[0] != batch:
+        _fail(ValueError, "k", f"batch size {batch} (same as q)", f"{k.shape[0]} (shape {tuple(k.shape)})")
+    if k.shape[3] != head_dim:
+        _fail(ValueError, "k", f"head dim {head_dim} (same as q)", f"{k.shape[3]} (shape {tuple(k.shape)})")
+    if v.shape != k.shape:
+        _fail(ValueError, "v", f"shape {tuple(k.shape)} (same as k)", f"shape {tuple(v.shape)}")
+    if nheads_k == 0 and nheads != 0 or nheads_k != 0 and nheads % nheads_k != 0:
+        _fail(ValueError, "k", f"a number of heads that divides q's nheads={nheads} (MQA/GQA)",
+              f"nheads_k={nheads_k}")
+
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            _fail(TypeError, "out", "None or a torch.Tensor", type(out).__name__)
+        if out.shape != q.shape:
+            _fail(ValueError, "out", f"shape {tuple(q.shape)} (same as q)", f"shape {tuple(out.shape)}")
+        _same_as_q("out", out, q)
+        _check_tensor("out", out)
+
+    if not isinstance(causal, bool):
+        _fail(TypeError, "causal", "a bool", f"{causal!r} ({type(causal).__name__})")
+
+    if softmax_scale is None:
+        scale = head_dim**-0.5
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            _fail(TypeError, "softmax_scale", "None or a finite real number",
+                  f"{softmax_scale!r} ({type(softmax_scale).__name__})")
+        scale = float(softmax_scale)
+        if not math.isfinite(scale):
+            _fail(ValueError, "softmax_scale", "None or a finite real number", repr(scale))
+
+    return Shapes(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads, nheads_k=nheads_k,
+                  head_dim=head_dim, dtype=q.dtype, device=q.device, softmax_scale=scale)

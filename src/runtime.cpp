@@ -1,0 +1,141 @@
+#include "runtime.h"
+
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <tuple>
+
+#include "sha256.h"
+
+namespace fa2rt {
+namespace {
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("kernel image missing: cannot open " + path);
+  std::ostringstream buf;
+  buf << in.rdbuf();
+  return buf.str();
+}
+
+std::string read_verified(const ImageFile& file) {
+  std::string data = read_file(file.path);
+  const std::string actual = sha256_hex(data);
+  if (actual != file.sha256)
+    throw std::runtime_error("kernel image corrupt: sha256 of " + file.path + " is " + actual +
+                             ", manifest expects " + file.sha256);
+  return data;
+}
+
+using CacheKey = std::tuple<int, int, std::string, int>;  // vendor, device, image, mode
+
+std::mutex& cache_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::map<CacheKey, LoadedKernel>& cache() {
+  static std::map<CacheKey, LoadedKernel> c;
+  return c;
+}
+
+template <typename T>
+std::string bytes_of(T value) {
+  return std::string(reinterpret_cast<const char*>(&value), sizeof(T));
+}
+
+std::string pack_one(const std::string& name, const std::string& type, const ArgValue& value) {
+  if (type.rfind('*', 0) == 0 || type == "i64") {
+    if (!std::holds_alternative<int64_t>(value))
+      throw std::invalid_argument("kernel argument " + name + ": expected an integer for type " + type);
+    return bytes_of<int64_t>(std::get<int64_t>(value));
+  }
+  if (type == "i32") {
+    if (!std::holds_alternative<int64_t>(value))
+      throw std::invalid_argument("kernel argument " + name + ": expected an integer for type i32");
+    int64_t v = std::get<int64_t>(value);
+    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+      throw std::out_of_range("kernel argument " + name + ": expected a value in int32 range, got " +
+                              std::to_string(v));
+    return bytes_of<int32_t>(static_cast<int32_t>(v));
+  }
+  if (type == "fp32") {
+    double v = std::holds_alternative<double>(value) ? std::get<double>(value)
+                                                     : static_cast<double>(std::get<int64_t>(value));
+    return bytes_of<float>(static_cast<float>(v));
+  }
+  throw std::invalid_argument("kernel argument " + name + ": unsupported parameter type " + type);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+std::vector<std::string> pack_params(const ImageInfo& image, const NamedArgs& args) {
+  std::vector<std::string> packed;
+  for (const auto& [name, type] : image.params) {
+    auto it = args.find(name);
+    if (it == args.end()) throw std::invalid_argument("kernel argument " + name + " of " + image.name + " missing");
+    packed.push_back(pack_one(name, type, it->second));
+  }
+  if (args.size() != image.params.size()) {
+    for (const auto& [name, value] : args) {
+      bool known = false;
+      for (const auto& p : image.params) known = known || p.first == name;
+      if (!known) throw std::invalid_argument("kernel argument " + name + " is not a parameter of " + image.name);
+    }
+  }
+  for (int i = 0; i < image.scratch_params; ++i) packed.push_back(bytes_of<uint64_t>(0));
+  return packed;
+}
+
+LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void* stream) {
+  if (image.op != "fwd") throw std::invalid_argument("no launch geometry for op " + image.op);
+  LaunchConfig cfg;
+  // One program per BLOCK_M query rows of one (batch, head).
+  cfg.grid[0] = static_cast<unsigned>(ceil_div(problem.seqlen_q, image.block_m));
+  cfg.grid[1] = static_cast<unsigned>(problem.batch * problem.nheads);
+  cfg.block = static_cast<unsigned>(image.num_warps * image.warp_size);
+  cfg.shared_bytes = static_cast<unsigned>(image.shared_bytes);
+  cfg.stream = stream;
+  return cfg;
+}
+
+LoadedKernel load_kernel(const ImageInfo& image, LoadMode mode, int device) {
+  const CacheKey key{static_cast<int>(image.vendor), device, image.name, static_cast<int>(mode)};
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  auto it = cache().find(key);
+  if (it != cache().end()) return it->second;
+  std::string data;
+  if (mode == LoadMode::kPtxJit) {
+    if (!image.has_ptx) throw std::runtime_error("image " + image.name + " has no PTX to JIT-compile");
+    data = read_verified(image.ptx);
+    data.push_back('\0');  // the driver takes PTX as a C string
+  } else {
+    data = read_verified(image.binary);
+  }
+  LoadedKernel k = backend_for(image.vendor).load(device, data, image.kernel_name, image.shared_bytes);
+  cache().emplace(key, k);
+  return k;
+}
+
+size_t cached_kernel_count() {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  return cache().size();
+}
+
+void launch(const ImageInfo& image, LoadMode mode, int device, void* stream, const Problem& problem,
+            const NamedArgs& args) {
+  std::vector<std::string> packed = pack_params(image, args);
+  LaunchConfig cfg = launch_config(image, problem, stream);
+  if (cfg.grid[0] == 0 || cfg.grid[1] == 0) return;  // empty problem: nothing to launch
+  LoadedKernel kernel = load_kernel(image, mode, device);
+  std::vector<void*> params;
+  for (auto& p : packed) params.push_back(p.data());
+  backend_for(image.vendor).launch(device, kernel, cfg, params.data());
+}
+
+}  // namespace fa2rt

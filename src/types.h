@@ -1,0 +1,77 @@
+// Plain data shared by the dispatcher, the module cache and the vendor backends.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fa2rt {
+
+enum class Vendor { kNone, kCuda, kRocm };
+
+const char* vendor_name(Vendor v);
+Vendor vendor_from_name(const std::string& name);
+
+// What the dispatcher needs to know about one device, probed through a backend or written by hand in tests.
+struct DeviceInfo {
+  Vendor vendor = Vendor::kNone;
+  int index = -1;
+  std::string arch;      // normalised: "sm90", "gfx942"
+  std::string arch_raw;  // as the driver reported it: "9.0", "gfx942:sramecc+:xnack-"
+  std::string name;
+  int warp_size = 0;
+  int64_t shared_optin_bytes = 0;  // largest shared memory (LDS) one block may opt in to
+  int multiprocessors = 0;         // SMs or CUs
+};
+
+// One manifest row: a compiled kernel image and everything the dispatcher may check about it.
+struct ImageFile {
+  std::string path;  // absolute
+  std::string sha256;
+  std::string target;     // PTX only: ".target" of the PTX, e.g. "sm_80", "sm_90a"
+  bool portable = false;  // PTX only: can be JIT-compiled for newer archs
+};
+
+struct ImageInfo {
+  std::string name;
+  std::string op;  // "fwd"
+  Vendor vendor = Vendor::kNone;
+  std::string arch;  // "sm80", "gfx942"
+  std::string dtype;  // "fp16", "bf16"
+  int head_dim = 0;   // the compiled head-dim bucket
+  bool causal = false;
+  int block_m = 0;
+  int block_n = 0;
+  int num_warps = 0;
+  int warp_size = 0;
+  int64_t shared_bytes = 0;
+  bool align16 = false;  // assumes 16-byte aligned base pointers
+  std::string kernel_name;
+  std::vector<std::pair<std::string, std::string>> params;  // run-time params in launch order: (name, triton type)
+  int scratch_params = 0;  // trailing scratch pointers Triton appends; always passed as null
+  ImageFile binary;         // cubin or hsaco
+  bool has_ptx = false;
+  ImageFile ptx;
+};
+
+// One attention call, as the dispatcher sees it.
+struct Problem {
+  std::string op = "fwd";
+  std::string dtype;
+  int64_t batch = 0;
+  int64_t seqlen_q = 0;
+  int64_t seqlen_k = 0;
+  int64_t nheads = 0;
+  int64_t nheads_k = 0;
+  int64_t head_dim = 0;
+  bool causal = false;
+  bool aligned16 = true;       // every base pointer 16-byte aligned
+  int64_t max_head_extent = 0;  // largest element offset inside one (batch, head) slice of any tensor
+};
+
+// How an image reaches the device.
+enum class LoadMode { kNative, kBinaryCompat, kPtxJit };
+const char* load_mode_name(LoadMode m);
+
+}  // namespace fa2rt

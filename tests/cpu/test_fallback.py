@@ -1,0 +1,156 @@
+import math
+
+import fa2rt.fallback as fallback
+import pytest
+import torch
+from fa2rt.fallback import sdpa_attention
+from fa2rt.reference import attention_reference
+
+# (rtol, atol) for out against the float64 reference computed from the same (rounded) inputs.
+OUT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+           torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Shapes here are tiny: intra-op threads only add spin/sync overhead (10x slower on a busy machine).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def make(b, nq, nk, h, hk, d, dtype, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(b, n, heads, d, generator=g, dtype=torch.float64).to(dtype)
+          for n, heads in ((nq, h), (nk, hk), (nk, hk))]
+    return [t.requires_grad_(requires_grad) for t in ts]
+
+
+def no_key_rows(nq, nk, causal):
+    """Mask (nq,) of query rows that see no key."""
+    i = torch.arange(nq)
+    return (i + nk - nq < 0) if causal else torch.full((nq,), nk == 0)
+
+
+def test_reference_matches_naive_softmax():
+    # Hand-written loops: q rows 0 sees no key (nq > nk, causal), GQA with 2 query heads on 1 key head.
+    q, k, v = make(1, 3, 2, 2, 1, 2, torch.float64, seed=1)
+    scale = 0.7
+    out, lse = attention_reference(q, k, v, causal=True, softmax_scale=scale)
+    for h in range(2):
+        for i in range(3):
+            keys = [j for j in range(2) if j <= i + 2 - 3]
+            if not keys:
+                assert lse[0, h, i] == math.inf and out[0, i, h].eq(0).all()
+                continue
+            s = [scale * sum(q[0, i, h, c].item() * k[0, j, 0, c].item() for c in range(2)) for j in keys]
+            z = sum(math.exp(x) for x in s)
+            assert lse[0, h, i].item() == pytest.approx(math.log(z), rel=1e-12)
+            for c in range(2):
+                o = sum(math.exp(x) / z * v[0, j, 0, c].item() for x, j in zip(s, keys, strict=True))
+                assert out[0, i, h, c].item() == pytest.approx(o, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("d", [8, 64])
+@pytest.mark.parametrize("hk", [4, 2, 1])
+@pytest.mark.parametrize("nk", [1, 5, 33, 64])
+@pytest.mark.parametrize("nq", [1, 7, 33])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference(causal, nq, nk, hk, d):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q, k, v = make(2, nq, nk, 4, hk, d, dtype)
+        out, lse = sdpa_attention(q, k, v, causal=causal, softmax_scale=None, return_lse=True)
+        ref_out, ref_lse = attention_reference(q, k, v, causal=causal)
+        assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+        assert lse.dtype == torch.float32 and lse.shape == (2, 4, nq)
+        rtol, atol = OUT_TOL[dtype]
+        torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol)
+        # The LSE is computed in fp32 from the same inputs whatever their dtype, so it stays tight.
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+        empty = no_key_rows(nq, nk, causal)
+        assert out[:, empty].eq(0).all() and lse[..., empty].eq(math.inf).all()
+        assert torch.isfinite(out).all() and torch.isfinite(lse[..., ~empty]).all()
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.3])
+@pytest.mark.parametrize("nq,nk", [(7, 7), (5, 9), (9, 5), (1, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float64_and_custom_scale(causal, nq, nk, scale):
+    # scale <= 0 is accepted (as flash-attn does) and needs care: torch's causal kernel alone gives NaN for it.
+    q, k, v = make(2, nq, nk, 6, 3, 16, torch.float64, requires_grad=True)
+    out, lse = sdpa_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal, softmax_scale=scale)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    got = grads(sdpa_out, q, k, v, causal, scale)
+    want = grads(attention_reference, q, k, v, causal, scale)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=f"d{name}")
+
+
+def test_return_lse_false():
+    q, k, v = make(1, 3, 4, 2, 2, 8, torch.float32)
+    out, lse = sdpa_attention(q, k, v, causal=True, softmax_scale=None, return_lse=False)
+    assert lse is None and out.shape == q.shape
+
+
+def test_strided_inputs():
+    packed = torch.randn(2, 9, 3, 4, 16)
+    q, k, v = packed.unbind(2)
+    out, lse = sdpa_attention(q, k, v, causal=True, softmax_scale=None, return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_lse_chunking(monkeypatch):
+    q, k, v = make(2, 37, 20, 4, 2, 8, torch.float32)
+    _, whole = sdpa_attention(q, k, v, causal=True, softmax_scale=None, return_lse=True)
+    monkeypatch.setattr(fallback, "LSE_CHUNK_ROWS", 5)
+    _, chunked = sdpa_attention(q, k, v, causal=True, softmax_scale=None, return_lse=True)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [(0, 5, 5, 4, 2), (2, 0, 5, 4, 2), (2, 5, 0, 4, 2), (2, 5, 5, 0, 0)])
+def test_empty(dims):
+    b, nq, nk, h, hk = dims
+    q, k, v = make(b, nq, nk, h, hk, 8, torch.float16, requires_grad=True)
+    out, lse = sdpa_attention(q, k, v, causal=True, softmax_scale=None, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.eq(0).all()
+    assert lse.shape == (b, h, nq) and lse.dtype == torch.float32 and lse.eq(math.inf).all()
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.eq(0).all()
+
+
+def grads(fn, q, k, v, causal, scale):
+    out = fn(q, k, v, causal=causal, softmax_scale=scale)[0]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+
+
+def sdpa_out(q, k, v, *, causal, softmax_scale):
+    return sdpa_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=False)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("nq,nk", [(7, 7), (5, 33), (33, 5), (1, 8), (8, 1)])
+@pytest.mark.parametrize("hk", [4, 1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_reference(causal, hk, nq, nk, dtype, tol):
+    q, k, v = make(2, nq, nk, 4, hk, 16, dtype, requires_grad=True)
+    got = grads(sdpa_out, q, k, v, causal, 0.4)
+    want = grads(attention_reference, q, k, v, causal, 0.4)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol, msg=f"d{name}")
+    if causal and nq > nk:
+        assert got[0][:, : nq - nk].eq(0).all()  # rows that see no key get no gradient
+
+
+def test_no_nan_gradients_when_no_key_low_precision():
+    q, k, v = make(2, 40, 3, 4, 2, 64, torch.bfloat16, requires_grad=True)
+    out, _ = sdpa_attention(q, k, v, causal=True, softmax_scale=None, return_lse=True)
+    out.float().square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
