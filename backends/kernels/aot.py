@@ -155,10 +155,9 @@ def _tool(name: str) -> Path:
 
 def compile_variant(v: Variant):
     import triton
+    from fwd import attn_fwd, fwd_params
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from fwd import attn_fwd, fwd_params
 
     params = fwd_params(v.dtype)
     constexprs = {"BLOCK_M": v.block_m, "BLOCK_N": v.block_n, "BLOCK_D": v.head_dim, "D_MASK": False,
@@ -225,7 +224,7 @@ def _select(vs: list[Variant], only: list[str]) -> list[Variant]:
     for item in only:
         key, _, value = item.partition("=")
         if key not in keys or not value:
-            raise SystemExit(f"--only {item!r}: expected KEY=VALUE with KEY one of {', '.join(keys)}")
+            raise ValueError(f"--only {item!r}: expected KEY=VALUE with KEY one of {', '.join(keys)}")
         vs = [v for v in vs if str(getattr(v, key)).lower() == value.lower()]
     return vs
 
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: a stale one could hand back old binaries
         work = [(v, out) for v in vs]
         with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
-            for v, (row, fails, secs) in zip(vs, (pool.map if pool else map)(_build_star, work)):
+            for v, (row, fails, secs) in zip(vs, (pool.map if pool else map)(_build_star, work), strict=True):
                 if row is not None:
                     rows.append(row)
                     print(f"{_summary(row)} {secs:5.1f}s" + ("  FAILED" if fails else ""), flush=True)

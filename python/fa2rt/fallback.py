@@ -2,8 +2,13 @@
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+# cuDNN attention is left out: on an H200 with torch 2.11+cu130 its backward gave wrong gradients (errors ~5, or NaN)
+# when grad_out is a transposed view, as ours always is (B, N, H, D -> B, H, N, D); flash, memory-efficient and math
+# agreed with the float64 reference.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 LSE_CHUNK_ROWS = 1024
 # Upper bound on the fp32 score elements materialised at once while computing the LSE (1 GiB).
 LSE_CHUNK_ELEMENTS = 1 << 28
@@ -65,8 +70,9 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, return_lse=False):
     # so only the remaining rows go through SDPA, where the mask becomes top-left causal with equal lengths.
     skip = seqlen_q - seqlen_k if causal and seqlen_q > seqlen_k else 0
     q_rows = q[:, skip:]
-    # torch's CPU flash kernel gives NaN for causal with scale <= 0 (it scales the -inf mask), so hand it a
-    # positive scale: the sign goes into q (exact), and scale 0 means all scores are exactly 0.
+    # torch's flash kernels give NaN for causal with scale < 0 (CPU and H200 seen) and scale 0 (CPU), as if the -inf
+    # mask were scaled; so SDPA always gets a positive scale: the sign goes into q (exact), and scale 0 means all
+    # scores are exactly 0.
     sdpa_scale = scale
     if scale < 0:
         q_rows, sdpa_scale = -q_rows, -scale
@@ -77,10 +83,11 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, return_lse=False):
         is_causal = True
     elif causal:
         mask = causal_lower_right(seqlen_q, seqlen_k)
-    out = F.scaled_dot_product_attention(
-        q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=is_causal, scale=sdpa_scale, enable_gqa=nheads != k.shape[2],
-    ).transpose(1, 2)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=is_causal, scale=sdpa_scale, enable_gqa=nheads != k.shape[2],
+        ).transpose(1, 2)
     if skip:
         out = torch.cat([out.new_zeros(batch, skip, nheads, head_dim), out], dim=1)
     out = out.contiguous()

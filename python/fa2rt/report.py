@@ -18,7 +18,7 @@ def _image_summary(row: dict) -> dict:
     return summary
 
 
-def _device_entry(info: "_C.DeviceInfo", build: builds.Build) -> dict:
+def device_entry(info: "_C.DeviceInfo", build: builds.Build) -> dict:
     compat = _C.compatible_archs(info, build.registry)
     usable = [img.name for img in build.registry.images()
               if img.vendor == info.vendor and any(img.arch == arch for arch, _ in compat)
@@ -56,7 +56,7 @@ def capabilities() -> dict:
                   "triton_version": manifest.get("triton_version"), "archs": manifest.get("archs", []),
                   "images": [_image_summary(row) for row in build.rows]},
         "backends": statuses,
-        "devices": [_device_entry(info, build) for info in devices],
+        "devices": [device_entry(info, build) for info in devices],
         "arch_table": [{"device": d, "image": i, "mode": m} for d, i, m in _C.arch_compat_table()],
         "environment": {name: os.environ.get(name) for name in config.ENV_VARS},
     }

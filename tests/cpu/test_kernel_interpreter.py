@@ -6,8 +6,8 @@ fails the test. Shapes are small and odd but cross several key blocks, so both t
 boundary phase (causal diagonal, ragged seqlen_k) run, as do query rows that see no key (causal, seqlen_q >
 seqlen_k). fp16 and fp32 only: bf16 misbehaves in the interpreter.
 
-The interpreter executes each program with numpy, one program at a time, so the full shape list runs for one config
-per vendor and a reduced list (still a causal multi-block case and a non-causal ragged case) for the others.
+The interpreter executes each program with numpy, one program at a time. Every config runs the full shape list plus
+two causal shapes derived from its block sizes that put the phase bounds one key off a block edge.
 """
 
 import os
@@ -84,18 +84,20 @@ def _load_interpreted_kernel():
     # someone assigned knobs.runtime.interpret explicitly, since an assigned value shadows the environment.
     spec = importlib.util.spec_from_file_location(MODULE_NAME, FWD_SRC)
     mod = importlib.util.module_from_spec(spec)
-    with _interpret_mode():
-        sys.modules[MODULE_NAME] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(MODULE_NAME, None)
-            raise
-    # Leave the process as we found it, so modules collected after this one still get real JITFunctions.
-    if _PREV_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+    try:
+        with _interpret_mode():
+            sys.modules[MODULE_NAME] = mod
+            try:
+                spec.loader.exec_module(mod)
+            except BaseException:
+                sys.modules.pop(MODULE_NAME, None)
+                raise
+    finally:
+        # Leave the process as we found it, so modules collected after this one still get real JITFunctions.
+        if _PREV_INTERPRET is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
     for name in ("attn_fwd", "_fwd_block"):
         fn = getattr(mod, name)
         if not isinstance(fn, InterpretedFunction):
@@ -123,8 +125,6 @@ def _tile_configs():
 
 
 CONFIGS = _tile_configs()
-# One config per vendor runs the full shape list: the first arch listed, at every bucket.
-FULL_ARCHS = {vendor: next(arch for v, arch, _, _ in CONFIGS if v == vendor) for vendor in TILES}
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k)
 SHAPES = [
@@ -134,10 +134,6 @@ SHAPES = [
     (1, 200, 130, 4, 2),  # GQA; causal: the first 70 query rows see no key
     (1, 3, 300, 1, 1),  # causal: unmasked multi-block phase then a ragged boundary block
 ]
-# The interpreter runs every case in ~0.2 s, so every config gets the full list; flip this off if configs multiply.
-FULL_SHAPES_EVERY_CONFIG = True
-# The reduced list: (shape, causal) pairs, with a causal multi-block case and a non-causal ragged one.
-REDUCED = [((1, 130, 200, 2, 2), True), ((1, 200, 130, 4, 2), False)]
 DTYPES = [torch.float16, torch.float32]
 # Relative Frobenius error of O, and absolute error of LSE (over rows that see a key).
 O_TOL = {torch.float16: 2e-3, torch.float32: 1e-4}
@@ -145,13 +141,25 @@ LSE_TOL = {torch.float16: 1e-4, torch.float32: 1e-4}  # scores are exact fp32 pr
 TL_DTYPE = {torch.float16: "fp16", torch.float32: "fp32"}
 
 
+def _diagonal_edge_shapes(block_m, block_n):
+    """Causal shapes that put the kernel's two phase bounds exactly one key short of a block edge.
+
+    With causal shift c = seqlen_k - seqlen_q, the first row of query block p sees keys < p*block_m + 1 + c (the
+    end of the unmasked phase, floored to block_n) and its last row keys < p*block_m + block_m + c (the end of the
+    masked phase). Random shapes rarely land an off-by-one there, so:
+    - c = 2*block_n - 2: row 0 sees 2*block_n - 1 keys, one short of the edge; a phase split one key late would
+      run the block holding key 2*block_n - 1 unmasked for row 0;
+    - c = block_m + 1: the last row of query block 0 sees keys up to 2*block_m, exactly one key of the block starting
+      there; a masked-phase bound one key short would skip that block.
+    """
+    return [(1, 9, 9 + 2 * block_n - 2, 1, 1), (1, block_m + 2, 2 * block_m + 3, 1, 1)]
+
+
 def _cases():
     cases = []
-    for vendor, arch, bucket, cfg in CONFIGS:
-        if FULL_SHAPES_EVERY_CONFIG or arch == FULL_ARCHS[vendor]:
-            pairs = [(shape, causal) for shape in SHAPES for causal in (False, True)]
-        else:
-            pairs = REDUCED
+    for _vendor, arch, bucket, cfg in CONFIGS:
+        pairs = [(shape, causal) for shape in SHAPES for causal in (False, True)]
+        pairs += [(shape, True) for shape in _diagonal_edge_shapes(cfg["block_m"], cfg["block_n"])]
         for shape, causal in pairs:
             for dtype in DTYPES:
                 b, sq, sk, h, hk = shape
@@ -209,7 +217,7 @@ def _launch(q, k, v, causal, block_m, block_n, block_d, softmax_scale=None):
     batch, seqlen_q, nheads, head_dim = q.shape
     _, seqlen_k, nheads_k, _ = k.shape
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
-    o = torch.full_like(q, float("nan"))
+    o = torch.full(q.shape, float("nan"), dtype=q.dtype)
     lse = torch.full((batch, nheads, seqlen_q), float("nan"), dtype=torch.float32)
     tensors = {"Q": q, "K": k, "V": v, "O": o, "LSE": lse}
     scalars = {
@@ -272,16 +280,30 @@ def test_fwd_matches_reference(cfg, bucket, shape, dtype, causal, request):
     _check(q, k, v, causal, o, lse)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: TL_DTYPE[d])
-def test_fwd_head_dim_below_bucket_and_scale(dtype, request):
-    # D_MASK path: head_dim 40 in the 64 bucket, with an explicit softmax_scale, through one real tile config.
-    vendor, arch, bucket, cfg = next(c for c in CONFIGS if c[2] == 64)
-    shape = (1, 70, 90, 2, 1)
-    b, sq, sk, h, hk = shape
+def _odd_cases():
+    # head_dim below its bucket (the D_MASK path) for the first arch of each vendor, at each bucket it has.
+    cases = []
+    for vendor in TILES:
+        first = next(arch for v, arch, _, _ in CONFIGS if v == vendor)
+        for v, arch, bucket, cfg in CONFIGS:
+            if v == vendor and arch == first:
+                for dtype in DTYPES:
+                    head_dim = bucket - 24
+                    cid = f"{arch}-d{bucket}-hd{head_dim}-m{cfg['block_m']}n{cfg['block_n']}-{TL_DTYPE[dtype]}"
+                    cases.append(pytest.param(cfg, bucket, head_dim, dtype, id=cid))
+    return cases
+
+
+@pytest.mark.parametrize(("cfg", "bucket", "head_dim", "dtype"), _odd_cases())
+def test_fwd_dmask_strided_scale(cfg, bucket, head_dim, dtype, request):
+    # D_MASK=True (head_dim < BLOCK_D), an explicit softmax_scale, causal GQA, and non-contiguous inputs: Q a slice
+    # of a wider tensor, K/V slices of one packed KV tensor, so stride_*m != nheads*head_dim and K/V share storage.
+    b, sq, sk, h, hk = 2, 70, 150, 4, 2
     gen = torch.Generator().manual_seed(zlib.crc32(request.node.callspec.id.encode()))
-    q = torch.randn(b, sq, h, 40, generator=gen).to(dtype)
-    k = torch.randn(b, sk, hk, 40, generator=gen).to(dtype)
-    v = torch.randn(b, sk, hk, 40, generator=gen).to(dtype)
+    q = torch.randn(b, sq, h + 1, head_dim, generator=gen).to(dtype)[:, :, 1:]
+    kv = torch.randn(b, sk, 2, hk, head_dim, generator=gen).to(dtype)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     o, lse = _launch(q, k, v, True, cfg["block_m"], cfg["block_n"], bucket, softmax_scale=0.3)
     _check(q, k, v, True, o, lse, softmax_scale=0.3)
 
@@ -291,8 +313,9 @@ def test_every_config_covered():
     by_cfg = {}
     for p in _cases():
         cfg, bucket, shape, _dtype, causal = p.values
-        by_cfg.setdefault((p.id.split("-")[0], bucket), set()).add((shape, causal))
+        by_cfg.setdefault((p.id.split("-")[0], bucket), (cfg, set()))[1].add((shape, causal))
     assert set(by_cfg) == {(arch, bucket) for _v, arch, bucket, _c in CONFIGS}
-    for key, pairs in by_cfg.items():
+    for key, (cfg, pairs) in by_cfg.items():
         assert len({s for s, _ in pairs}) >= 2, key
-        assert any(c and s[2] > 64 for s, c in pairs), key
+        # causal, and crossing several query and key blocks
+        assert any(c and s[1] > cfg["block_m"] and s[2] > cfg["block_n"] for s, c in pairs), key

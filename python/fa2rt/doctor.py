@@ -1,0 +1,225 @@
+"""python -m fa2rt.doctor: what will run on this machine, why, and whether it computes the right numbers.
+
+Probes in layers (driver libraries, devices, torch's view, installed builds, decisions for common problems,
+a numerical check), each guarded so a missing layer is reported rather than fatal.
+
+Exit codes (EXIT_CODES): 0 healthy; 1 a numerical check failed; 2 a GPU is present but no installed image runs
+on it; 3 --require names a vendor with no usable GPU here; 4 internal error of the doctor itself.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import traceback
+
+import torch
+
+from . import __version__, builds, report
+from .api import attention, explain
+from .reference import attention_reference
+
+DOCTOR_SCHEMA = 1
+EXIT_HEALTHY, EXIT_CHECK_FAILED, EXIT_NO_USABLE_BUILD, EXIT_REQUIRE_UNMET, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_CODES = {
+    EXIT_HEALTHY: "healthy",
+    EXIT_CHECK_FAILED: "a numerical check failed",
+    EXIT_NO_USABLE_BUILD: "GPU present but no usable kernel build",
+    EXIT_REQUIRE_UNMET: "--require not met",
+    EXIT_INTERNAL: "internal error",
+}
+# Relative Frobenius error against the float64 reference that a path must stay under, per dtype.
+CHECK_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
+CHECK_SHAPE = dict(batch=2, seqlen_q=257, seqlen_k=300, nheads=4, nheads_k=2)
+DECISION_GRID = [(dtype, d, causal) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128)
+                 for causal in (False, True)]
+DECISION_SEQLEN = 1024
+
+
+def _layer(fn):
+    """Run one probe layer; an exception becomes the layer's error instead of ending the doctor."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the doctor reports every failure as data
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def torch_view() -> dict:
+    view = {"version": torch.__version__, "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
+            "gpu_available": torch.cuda.is_available(), "devices": []}
+    for i in range(torch.cuda.device_count() if view["gpu_available"] else 0):
+        props = torch.cuda.get_device_properties(i)
+        view["devices"].append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}",
+                                "gcnArchName": getattr(props, "gcnArchName", None)})
+    return view
+
+
+def verify_build() -> dict:
+    build = builds.current_build()
+    out = {"directory": str(build.directory), "error": build.error, "images": len(build.rows), "archs": {},
+           "bad_files": []}
+    for row in build.rows:
+        out["archs"][row["arch"]] = out["archs"].get(row["arch"], 0) + 1
+        for entry in (row["binary"], row.get("ptx")):
+            if not entry:
+                continue
+            path = build.directory / entry["file"]
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+            if digest != entry["sha256"]:
+                out["bad_files"].append(f"{entry['file']}: sha256 {digest}, manifest {entry['sha256']}")
+    return out
+
+
+def _targets() -> list[torch.device]:
+    """The devices to decide and check on: every visible GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+def _inputs(device, dtype, head_dim, seqlen_q, seqlen_k, batch=1, nheads=8, nheads_k=8, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    make = lambda n, h: torch.randn(batch, n, h, head_dim, generator=gen, dtype=torch.float32)  # noqa: E731
+    return [make(n, h).to(device=device, dtype=dtype) for n, h in
+            ((seqlen_q, nheads), (seqlen_k, nheads_k), (seqlen_k, nheads_k))]
+
+
+def decisions(device) -> list[dict]:
+    rows = []
+    for dtype, head_dim, causal in DECISION_GRID:
+        q, k, v = _inputs(device, dtype, head_dim, DECISION_SEQLEN, DECISION_SEQLEN)
+        d = explain(q, k, v, causal=causal)
+        rows.append({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
+                     "causal": causal, "path": d.path, "image": d.image, "mode": d.mode, "reason": d.reason,
+                     "message": d.message})
+    return rows
+
+
+def numerical_checks(device) -> list[dict]:
+    dtypes = (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    rows = []
+    for dtype in dtypes:
+        for head_dim in (64, 128):
+            for causal in (False, True):
+                s = CHECK_SHAPE
+                q, k, v = _inputs(device, dtype, head_dim, s["seqlen_q"], s["seqlen_k"], s["batch"], s["nheads"],
+                                  s["nheads_k"], seed=head_dim + causal)
+                path = explain(q, k, v, causal=causal)
+                out, lse = attention(q, k, v, causal=causal, return_lse=True)
+                ref, ref_lse = attention_reference(q, k, v, causal=causal)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                finite = ref_lse.isfinite()
+                lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
+                ok = bool(torch.isfinite(out).all()) and err < CHECK_TOLERANCE[dtype] and lse_err < 1e-2
+                rows.append({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
+                             "causal": causal, "path": path.path, "image": path.image, "rel_error": err,
+                             "lse_max_abs_error": lse_err, "tolerance": CHECK_TOLERANCE[dtype], "ok": ok})
+    return rows
+
+
+def diagnose(require: str | None) -> dict:
+    statuses, probed = report.probe_devices()
+    build = builds.current_build()
+    result = {
+        "schema_version": DOCTOR_SCHEMA,
+        "fa2rt_version": __version__,
+        "drivers": statuses,
+        "devices": [report.device_entry(info, build) for info in probed],
+        "torch": _layer(torch_view),
+        "build": _layer(verify_build),
+        "decisions": [],
+        "checks": [],
+    }
+    for device in _targets():
+        result["decisions"] += decisions(device)
+        result["checks"] += numerical_checks(device)
+    result["verdict"] = verdict(result, require)
+    return result
+
+
+def verdict(result: dict, require: str | None) -> dict:
+    problems, code = [], EXIT_HEALTHY
+    failed = [c for c in result["checks"] if not c["ok"]]
+    if failed:
+        code = EXIT_CHECK_FAILED
+        problems += [f"numerical check failed: {c['dtype']} d{c['head_dim']} causal={c['causal']} on "
+                     f"{c['device']}: rel error {c['rel_error']:.2e} (tolerance {c['tolerance']:.0e})" for c in failed]
+    gpu_present = bool(result["torch"].get("gpu_available")) or bool(result["devices"])
+    gpu_kernels = [d for d in result["decisions"] if d["device"].startswith("cuda") and d["path"] == "kernel"]
+    if gpu_present and not gpu_kernels:
+        code = code or EXIT_NO_USABLE_BUILD
+        problems.append("a GPU is present but no installed kernel image runs on it (every call falls back to SDPA)")
+    if require and not any(d["vendor"] == require for d in result["devices"]):
+        code = EXIT_REQUIRE_UNMET
+        problems.append(f"--require {require}: no usable {require} GPU found")
+    if result["build"].get("bad_files"):
+        code = code or EXIT_CHECK_FAILED
+        problems.append(f"{len(result['build']['bad_files'])} kernel files do not match their sha256")
+    return {"exit_code": code, "status": EXIT_CODES[code], "problems": problems}
+
+
+def render_text(result: dict) -> str:
+    lines = [f"fa2rt {result['fa2rt_version']} doctor"]
+    lines.append("\n[drivers]")
+    for vendor, st in result["drivers"].items():
+        state = f"ok, driver {st['driver_version']}, {st['device_count']} device(s)" if st["available"] else (
+            f"unavailable: {st['error']}")
+        lines.append(f"  {vendor}: {state}")
+    lines.append("\n[devices]")
+    for d in result["devices"] or [{"name": "none"}]:
+        if "arch" not in d:
+            lines.append("  no GPU visible to the drivers")
+            continue
+        compat = ", ".join(f"{c['arch']} ({c['mode']})" for c in d["compatible_archs"]) or "none"
+        lines.append(f"  {d['vendor']}:{d['index']} {d['name']} arch {d['arch']} (raw {d['arch_raw']}), "
+                     f"{d['multiprocessors']} SMs/CUs, shared opt-in {d['shared_optin_bytes']} B; runs builds: "
+                     f"{compat}; {len(d['usable_images'])} usable images")
+    t = result["torch"]
+    lines.append("\n[torch]")
+    if t.get("error"):
+        lines.append(f"  {t['error']}")
+    else:
+        gpus = ", ".join(f"{d['index']}: {d['name']} ({d['gcnArchName'] or d['capability']})" for d in t["devices"])
+        lines.append(f"  torch {t['version']} (cuda {t['cuda']}, hip {t['hip']}); GPUs: {gpus or 'none'}")
+    b = result["build"]
+    lines.append("\n[build]")
+    lines.append(f"  {b.get('directory')}: {b.get('images', 0)} images {b.get('archs', {})}"
+                 + (f"; {b['error']}" if b.get("error") else "")
+                 + (f"; {len(b['bad_files'])} files fail sha256" if b.get("bad_files") else ""))
+    lines.append("\n[decisions] (seqlen 1024, 8 heads)")
+    for d in result["decisions"]:
+        what = f"{d['image']} ({d['mode']})" if d["path"] == "kernel" else f"SDPA fallback [{d['reason']}]"
+        lines.append(f"  {d['device']:8} {d['dtype']:9} d{d['head_dim']:<4} causal={d['causal']!s:5} -> {what}")
+    lines.append("\n[numerical check] (against a float64 reference)")
+    for c in result["checks"]:
+        mark = "ok  " if c["ok"] else "FAIL"
+        where = c["image"] or "SDPA fallback"
+        lines.append(f"  {mark} {c['device']:8} {c['dtype']:9} d{c['head_dim']:<4} causal={c['causal']!s:5} "
+                     f"rel error {c['rel_error']:.2e} (tol {c['tolerance']:.0e}) via {where}")
+    v = result["verdict"]
+    lines.append(f"\n[verdict] exit {v['exit_code']}: {v['status']}")
+    lines += [f"  - {p}" for p in v["problems"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fa2rt.doctor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--require", choices=report.VENDORS, help="fail (exit 3) unless a GPU of this vendor is usable")
+    args = parser.parse_args(argv)
+    try:
+        result = diagnose(args.require)
+    except Exception as exc:  # noqa: BLE001 - an internal error still ends with a report and its own exit code
+        result = {"schema_version": DOCTOR_SCHEMA, "fa2rt_version": __version__,
+                  "verdict": {"exit_code": EXIT_INTERNAL, "status": EXIT_CODES[EXIT_INTERNAL],
+                              "problems": [f"{type(exc).__name__}: {exc}"], "traceback": traceback.format_exc()}}
+        print(json.dumps(result, indent=1) if args.json else f"fa2rt doctor internal error: {exc}\n"
+              f"{result['verdict']['traceback']}", file=sys.stdout if args.json else sys.stderr)
+        return EXIT_INTERNAL
+    print(json.dumps(result, indent=1) if args.json else render_text(result))
+    return result["verdict"]["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The AOT build (backends/kernels/aot.py): images + manifest for one arch per vendor, and its static checks.
+
+The build runs once per module (sm90 + gfx942, every variant, about 10 s on 2 cores) in a subprocess, as CMake
+and CI run it. The check functions are also called directly with fabricated numbers, so a check that never
+fails would be caught.
+"""
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ROOT / "backends" / "kernels"
+ARCHS = ["sm90", "gfx942"]
+
+sys.path.insert(0, str(KERNELS))
+import aot  # noqa: E402
+import variants  # noqa: E402
+
+
+def _fwd_params(dtype):
+    # Loaded under a private name: other tests load fwd.py in the Triton interpreter.
+    spec = importlib.util.spec_from_file_location("_aot_test_fwd", KERNELS / "fwd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.fwd_params(dtype)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(KERNELS / "aot.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot")
+    proc = _run("--archs", ",".join(ARCHS), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, json.loads((out / "manifest.json").read_text()), proc.stdout
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_manifest_header(build):
+    _, manifest, _ = build
+    assert manifest["schema_version"] == 1
+    assert manifest["triton_version"] == "3.6.0"
+    assert manifest["archs"] == ARCHS
+
+
+def test_rows_match_variant_grid(build):
+    _, manifest, stdout = build
+    names = [r["name"] for r in manifest["images"]]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert set(names) == {v.name for v in variants.variants(ARCHS)}
+    for name in names:
+        assert name in stdout  # one printed line per image
+
+
+def test_files_and_sha256(build):
+    out, manifest, _ = build
+    listed = {"manifest.json"}
+    for row in manifest["images"]:
+        blobs = [row["binary"]] + ([row["ptx"]] if row["ptx"] else [])
+        for blob in blobs:
+            assert _sha256(out / blob["file"]) == blob["sha256"], blob["file"]
+            listed.add(blob["file"])
+        assert row["binary"]["file"] == f"{row['name']}.{row['binary']['kind']}"
+    assert {p.name for p in out.iterdir()} == listed
+
+
+def test_row_fields(build):
+    _, manifest, _ = build
+    for row in manifest["images"]:
+        assert row["params"] == [list(p) for p in _fwd_params(row["dtype"])]
+        assert row["scratch_params"] == 2 and row["align16"] is True
+        assert row["threads"] == row["num_warps"] * row["warp_size"]
+        assert row["features"] == (["causal"] if "-causal-" in row["name"] else [])
+        assert set(row["divisible16"]) <= {name for name, _ in row["params"]}
+        if row["vendor"] == "cuda":
+            assert row["warp_size"] == 32 and row["binary"]["kind"] == "cubin"
+            assert row["ptx"]["target"] == "sm_90a" and row["ptx"]["portable"] is False
+        else:
+            assert row["warp_size"] == 64 and row["binary"]["kind"] == "hsaco" and row["ptx"] is None
+
+
+def test_rows_passed_static_checks(build):
+    _, manifest, _ = build
+    for row in manifest["images"]:
+        res, limit = row["resources"], variants.arch_info(row["arch"])["max_shared_bytes"]
+        assert row["shared_bytes"] <= limit
+        if row["vendor"] == "cuda":
+            assert res["stack_bytes"] == 0 and res["local_bytes"] == 0
+            assert res["mma_instr"] == "HGMMA" and res["mma_count"] > 0
+        else:
+            assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0
+            assert res["mfma_count"] > 0 and res["lds_bytes"] <= limit
+            assert res["waves_per_eu"] == variants.arch_info(row["arch"])["fwd"][str(row["head_dim"])]["waves_per_eu"]
+
+
+def test_unknown_arch_fails_clearly(tmp_path):
+    proc = _run("--archs", "sm90,sm70", "--out", str(tmp_path))
+    assert proc.returncode != 0
+    assert "sm70" in proc.stderr and "sm80, sm89, sm90, gfx90a, gfx942" in proc.stderr
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(ValueError, match="known archs"):
+        variants.variants(["gfx1100"])
+
+
+def test_cuda_checks_reject_bad_record():
+    good = {"registers": 200, "stack_bytes": 0, "local_bytes": 0, "mma_instr": "HMMA", "mma_count": 64}
+    assert aot.cuda_checks(good, 98304, 0, 0, 101376) == []
+    bad = good | {"stack_bytes": 16, "local_bytes": 8, "mma_count": 0}
+    failures = aot.cuda_checks(bad, 114688, 256, 0, 101376)
+    assert len(failures) == 5
+    text = "\n".join(failures)
+    for needle in ("stack_bytes (spills): measured 16, limit 0", "local_bytes (spills): measured 8",
+                   "global_scratch_size: measured 256", "shared_bytes: measured 114688, limit 101376",
+                   "HMMA count: measured 0"):
+        assert needle in text
+
+
+def test_rocm_checks_reject_bad_record():
+    good = {"scratch_bytes": 0, "vgpr_spill_count": 0, "lds_bytes": 32768, "mfma_count": 128}
+    assert aot.rocm_checks(good, 0, 65536) == []
+    bad = {"scratch_bytes": 208, "vgpr_spill_count": 81, "lds_bytes": 70000, "mfma_count": 0}
+    assert len(aot.rocm_checks(bad, 0, 65536)) == 4
+
+
+def test_parsers():
+    res_usage = (" Function attn_fwd:\n  REG:168 STACK:24 SHARED:1024 LOCAL:8 CONSTANT[0]:704 TEXTURE:0\n")
+    assert aot.parse_res_usage(res_usage) == {"registers": 168, "stack_bytes": 24, "local_bytes": 8}
+    sass = "  HGMMA.64x64x16.F32.BF16 R88, gdesc[UR16], RZ ;\n  HMMA.16816.F32 R4, R8, R12, R4 ;\n"
+    assert aot.count_sass(sass, "HGMMA") == 1 and aot.count_sass(sass, "HMMA") == 1
+    assert aot.parse_ptx_target(".version 8.7\n.target sm_90a\n") == "sm_90a"
+    amdgcn = """
+    ; implicit-def: $vgpr255 : SGPR spill to VGPR lane
+    v_mfma_f32_32x32x8_bf16 v[80:95], v[64:65], v[96:97], 0
+    v_mfma_f32_32x32x8_bf16 v[80:95], v[64:65], v[96:97], v[80:95]
+    .amdhsa_private_segment_fixed_size 0
+; ScratchSize: 0
+  - .agpr_count:     4
+    .group_segment_fixed_size: 0
+    .private_segment_fixed_size: 0
+    .sgpr_count:     106
+    .sgpr_spill_count: 13
+    .vgpr_count:     250
+    .vgpr_spill_count: 0
+"""
+    res = aot.parse_amdgcn(amdgcn, lds_bytes=32768)
+    assert res == {"vgpr_count": 250, "sgpr_count": 106, "agpr_count": 4, "scratch_bytes": 0, "lds_bytes": 32768,
+                   "sgpr_spill_count": 13, "vgpr_spill_count": 0, "mfma_count": 2}
+    assert aot.rocm_checks(res, 0, 65536) == []  # SGPR spills to VGPR lanes are not scratch

@@ -1,0 +1,145 @@
+"""The public API on a CPU machine: fallbacks, their announcements, explain(), capabilities(), policy rules."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import fa2rt
+from fa2rt import builds, config, devices, policy
+from fa2rt.reference import attention_reference
+
+
+def qkv(b=2, nq=33, nk=40, h=4, hk=2, d=64, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, hh, d, generator=g, dtype=torch.float32).to(dtype) for n, hh in ((nq, h), (nk, hk), (nk, hk))]
+
+
+def test_cpu_call_falls_back_and_says_so_once(fresh_announcements):
+    q, k, v = qkv()
+    with pytest.warns(fa2rt.FallbackWarning, match=r"\[not_gpu\]"):
+        fa2rt.attention(q, k, v, causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call for the same reason stays quiet
+        fa2rt.attention(q, k, v, causal=True)
+
+
+def test_fallback_matches_reference_with_lse(fresh_announcements):
+    q, k, v = qkv(nq=40, nk=33)
+    with pytest.warns(fa2rt.FallbackWarning):
+        out, lse = fa2rt.attention(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, causal=True)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    assert torch.equal(out[:, :7], torch.zeros_like(out[:, :7]))  # rows that see no key
+    assert torch.isinf(lse[:, :, :7]).all() and torch.allclose(lse[:, :, 7:].double(), ref_lse[:, :, 7:], atol=1e-4)
+
+
+def test_explain_reports_reason_every_time():
+    q, k, v = qkv()
+    for _ in range(2):
+        d = fa2rt.explain(q, k, v)
+        assert d.path == "fallback" and d.reason == "not_gpu" and "cpu" in d.message
+
+
+def test_empty_input_is_trivial_not_a_fallback(fresh_announcements):
+    q, k, v = qkv(nk=0)
+    assert fa2rt.explain(q, k, v).path == "trivial"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = fa2rt.attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isinf(lse).all()
+
+
+def test_validation_errors_surface_through_attention():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="k: expected dtype"):
+        fa2rt.attention(q, k.half(), v)
+
+
+def test_disable_env(monkeypatch):
+    monkeypatch.setenv(config.DISABLE, "1")
+    assert fa2rt.explain(*qkv()).reason == "disabled"
+
+
+def test_min_seqlen_env_must_be_an_integer(monkeypatch):
+    monkeypatch.setenv(config.MIN_SEQLEN, "abc")
+    with pytest.raises(ValueError, match="FA2RT_MIN_SEQLEN: expected a non-negative integer, got 'abc'"):
+        policy.short_sequence_threshold("sm90")
+
+
+def test_capabilities_report_is_json_and_lists_the_build():
+    report = fa2rt.capabilities()
+    json.dumps(report)
+    assert report["schema_version"] == 1
+    assert set(report["backends"]) == {"cuda", "rocm"}
+    assert not report["backends"]["cuda"]["available"] and report["backends"]["cuda"]["error"]
+    assert report["devices"] == []
+    names = {img["name"] for img in report["build"]["images"]}
+    assert names == {row["name"] for row in builds.current_build().rows} and names
+
+
+def test_bad_manifest_schema_is_a_build_error(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "images": []}))
+    build = builds.load_build(tmp_path)
+    assert "schema_version: expected 1, got 99" in build.error and len(build.registry) == 0
+
+
+# Policy on synthetic GPUs: the device probe is the one part that cannot run here, so it is replaced by a
+# synthetic description; selection runs for real against the installed build.
+@pytest.fixture
+def on_device(monkeypatch):
+    def use(arch):
+        monkeypatch.setattr(devices, "describe", lambda device: (DEVICES[arch], "", ""))
+    return use
+
+
+def test_kernel_chosen_on_sm90(on_device):
+    on_device("sm90")
+    d = fa2rt.explain(*qkv(dtype=torch.bfloat16, d=128))
+    assert d.path == "kernel" and d.image.startswith("fwd-sm90-bf16-d128-full") and d.mode == "native"
+
+
+def test_fp32_falls_back_on_gpu(on_device):
+    on_device("sm90")
+    d = fa2rt.explain(*qkv(dtype=torch.float32))
+    assert (d.path, d.reason) == ("fallback", "dtype")
+
+
+def test_unsupported_head_dim_names_the_head_dim(on_device):
+    on_device("sm90")
+    d = fa2rt.explain(*qkv(dtype=torch.float16, d=96))
+    assert d.reason == "no_kernel" and "head_dim" in d.message and "96" in d.message
+    assert len(d.rejections) == len(builds.current_build().registry.images()) - sum(
+        1 for img in builds.current_build().registry.images() if img.vendor != "cuda")
+
+
+def test_grad_falls_back_until_backward_exists(on_device):
+    on_device("sm90")
+    q, k, v = qkv(dtype=torch.bfloat16, d=128)
+    q.requires_grad_(True)
+    assert fa2rt.explain(q, k, v).reason == "backward_unavailable"
+    with torch.no_grad():
+        assert fa2rt.explain(q, k, v).path == "kernel"
+
+
+def test_short_sequence_threshold(on_device, monkeypatch):
+    on_device("sm90")
+    monkeypatch.setenv(config.MIN_SEQLEN, "64")
+    d = fa2rt.explain(*qkv(dtype=torch.bfloat16, d=128, nk=40))
+    assert d.reason == "short_sequence" and "40" in d.message and "64" in d.message
+
+
+def test_turing_falls_back_with_arch_reason(on_device):
+    on_device("sm75")
+    d = fa2rt.explain(*qkv(dtype=torch.float16, d=64))
+    assert d.reason == "no_kernel" and "sm75" in d.message
+
+
+def test_misaligned_view_is_rejected_not_miscomputed(on_device):
+    on_device("sm90")
+    q, k, v = qkv(dtype=torch.bfloat16, d=128)
+    q_off = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view_as(q).copy_(q)  # 2-byte offset
+    d = fa2rt.explain(q_off, k, v)
+    assert d.reason == "no_kernel" and "aligned" in d.message

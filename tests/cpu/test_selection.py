@@ -1,0 +1,132 @@
+"""Golden tests of the C++ dispatcher over synthetic devices x dtypes x head dims x features."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import DEVICES, problem, synthetic_image, synthetic_registry
+
+from fa2rt import _C, builds
+
+GOLDEN = Path(__file__).parent / "golden" / "selection.json"
+DTYPES = ("fp16", "bf16", "fp32")
+HEAD_DIMS = (64, 96, 128)
+
+
+def outcome(device, p, registry, force_arch=""):
+    sel = _C.select(p, device, registry, force_arch)
+    if sel["image"]:
+        return f"{sel['image']} [{sel['mode']}]"
+    codes = sorted({r.code for r in sel["rejections"]})
+    return "reject: " + ",".join(codes)
+
+
+def current_table():
+    reg = synthetic_registry()
+    table = {}
+    for dev_name, device in DEVICES.items():
+        for dtype in DTYPES:
+            for head_dim in HEAD_DIMS:
+                for causal in (False, True):
+                    key = f"{dev_name}/{dtype}/d{head_dim}/{'causal' if causal else 'full'}"
+                    table[key] = outcome(device, problem(dtype, head_dim, causal), reg)
+    return table
+
+
+def test_selection_matches_golden():
+    table = current_table()
+    if os.environ.get("FA2RT_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    diff = {k: (golden.get(k), v) for k, v in table.items() if golden.get(k) != v}
+    assert not diff, f"selection changed (golden, now); rerun with FA2RT_UPDATE_GOLDEN=1 if intended: {diff}"
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("sm80", "fwd-sm80-bf16-d128-full [native]"),
+        ("sm86", "reject: arch_mismatch,causal,dtype,head_dim,shared_memory"),  # sm80 d128 needs 128 KB, A10 has 99 KB
+        ("sm89", "fwd-sm89-bf16-d128-full [native]"),
+        ("sm90", "fwd-sm90-bf16-d128-full [native]"),
+        ("sm100", "fwd-sm89-bf16-d128-full [ptx-jit]"),  # newest portable PTX; sm_90a PTX is arch-specific
+        ("sm75", "reject: arch_unsupported"),
+        ("gfx942", "fwd-gfx942-bf16-d128-full [native]"),
+        ("gfx1100", "reject: arch_unsupported"),
+        ("none", "reject: no_device"),
+    ],
+)
+def test_key_decisions(device, expected):
+    assert outcome(DEVICES[device], problem(), synthetic_registry()) == expected
+
+
+def test_sm86_runs_sm80_image_when_shared_memory_fits():
+    assert outcome(DEVICES["sm86"], problem(head_dim=64), synthetic_registry()) == "fwd-sm80-bf16-d64-full [binary-compat]"
+
+
+def test_rejection_messages_name_the_limit():
+    sel = _C.select(problem(), DEVICES["sm86"], synthetic_registry(), "")
+    smem = [r for r in sel["rejections"] if r.code == "shared_memory"]
+    assert smem and "131072" in smem[0].message and "101376" in smem[0].message
+
+
+def test_every_candidate_is_accounted_for():
+    reg = synthetic_registry()
+    sel = _C.select(problem(head_dim=96), DEVICES["sm90"], reg, "")
+    cuda_images = {img.name for img in reg.images() if img.vendor == "cuda"}
+    assert sel["image"] is None
+    assert {r.image for r in sel["rejections"]} == cuda_images
+
+
+def test_misaligned_pointers_reject_align16_images():
+    sel = _C.select(problem(aligned16=False), DEVICES["sm90"], synthetic_registry(), "")
+    assert sel["image"] is None
+    assert any(r.code == "alignment" and "16-byte" in r.message for r in sel["rejections"])
+
+
+def test_int32_index_range():
+    p = problem(max_head_extent=_C.MAX_INT32_OFFSET + 1)
+    sel = _C.select(p, DEVICES["sm90"], synthetic_registry(), "")
+    assert any(r.code == "index_range" and str(_C.MAX_INT32_OFFSET) in r.message for r in sel["rejections"])
+
+
+def test_grid_limit():
+    p = problem(batch=_C.MAX_GRID_Y, nheads=2, nheads_k=2)
+    sel = _C.select(p, DEVICES["sm90"], synthetic_registry(), "")
+    assert sel["image"] is None and any(r.code == "grid_limit" for r in sel["rejections"])
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm89"])
+def test_forced_arch_runs_through_ptx(arch):
+    sel = _C.select(problem(), DEVICES["sm90"], synthetic_registry(), arch)
+    assert sel["image"] == f"fwd-{arch}-bf16-d128-full" and sel["mode"] == "ptx-jit"
+    assert any(r.code == "forced_out" for r in sel["rejections"])
+
+
+def test_forced_arch_specific_ptx_is_refused_on_newer_arch():
+    sel = _C.select(problem(), DEVICES["sm100"], synthetic_registry(), "sm90")
+    assert sel["image"] is None and any(r.code == "ptx_unusable" for r in sel["rejections"])
+
+
+def test_empty_build_is_a_reason():
+    sel = _C.select(problem(), DEVICES["sm90"], _C.Registry(), "")
+    assert [r.code for r in sel["rejections"]] == ["no_images"]
+
+
+def test_duplicate_image_refused():
+    reg = _C.Registry()
+    reg.add(synthetic_image("sm90", "bf16", 128, False))
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add(synthetic_image("sm90", "bf16", 128, False))
+
+
+def test_each_installed_image_is_chosen_on_its_native_device():
+    """The real build: every image wins its own problem on a device of its arch (nothing unreachable)."""
+    build = builds.current_build()
+    if build.manifest is None:
+        pytest.fail(f"no installed kernel build: {build.error}")
+    for img in build.registry.images():
+        p = problem(img.dtype, img.head_dim, img.causal)
+        sel = _C.select(p, DEVICES[img.arch], build.registry, "")
+        assert sel["image"] == img.name, (img.name, sel)
