@@ -134,6 +134,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("warp_size", &ImageInfo::warp_size)
       .def_readwrite("shared_bytes", &ImageInfo::shared_bytes)
       .def_readwrite("align16", &ImageInfo::align16)
+      .def_readwrite("stride16", &ImageInfo::stride16)
       .def_readwrite("kernel_name", &ImageInfo::kernel_name)
       .def_readwrite("params", &ImageInfo::params)
       .def_readwrite("scratch_params", &ImageInfo::scratch_params)
@@ -153,6 +154,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("head_dim", &Problem::head_dim)
       .def_readwrite("causal", &Problem::causal)
       .def_readwrite("aligned16", &Problem::aligned16)
+      .def_readwrite("strides16", &Problem::strides16)
       .def_readwrite("max_head_extent", &Problem::max_head_extent);
 
   py::class_<Rejection>(m, "Rejection")
@@ -241,4 +243,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_INT32_OFFSET") = kMaxInt32Offset;
   m.attr("MAX_GRID_Y") = kMaxGridY;
   m.attr("ALIGN_BYTES") = kAlignBytes;
+  m.attr("STRIDE_MULTIPLE") = kStrideMultiple;
 }

@@ -89,8 +89,12 @@ std::string check_causal(const Problem& p, const DeviceInfo&, const ImageInfo& i
 }
 
 std::string check_alignment(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
-  if (!img.align16 || p.aligned16) return "";
-  return "alignment: image assumes " + str(kAlignBytes) + "-byte aligned q/k/v/out pointers, and one is not";
+  if (img.align16 && !p.aligned16)
+    return "alignment: image assumes " + str(kAlignBytes) + "-byte aligned q/k/v/out pointers, and one is not";
+  if (img.stride16 && !p.strides16)
+    return "alignment: image assumes every q/k/v/out stride is a multiple of " + str(kStrideMultiple) +
+           " elements, and one is not";
+  return "";
 }
 
 std::string check_shared_memory(const Problem&, const DeviceInfo& d, const ImageInfo& img, LoadMode) {

@@ -65,5 +65,6 @@ Selection select(const Problem& problem, const DeviceInfo& device, const std::ve
 constexpr int64_t kMaxInt32Offset = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int kAlignBytes = 16;
+constexpr int kStrideMultiple = 16;
 
 }  // namespace fa2rt

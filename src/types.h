@@ -46,7 +46,8 @@ struct ImageInfo {
   int num_warps = 0;
   int warp_size = 0;
   int64_t shared_bytes = 0;
-  bool align16 = false;  // assumes 16-byte aligned base pointers
+  bool align16 = false;   // assumes 16-byte aligned base pointers
+  bool stride16 = false;  // assumes every stride is a multiple of 16 elements
   std::string kernel_name;
   std::vector<std::pair<std::string, std::string>> params;  // run-time params in launch order: (name, triton type)
   int scratch_params = 0;  // trailing scratch pointers Triton appends; always passed as null
@@ -67,6 +68,7 @@ struct Problem {
   int64_t head_dim = 0;
   bool causal = false;
   bool aligned16 = true;       // every base pointer 16-byte aligned
+  bool strides16 = true;       // every stride a multiple of 16 elements
   int64_t max_head_extent = 0;  // largest element offset inside one (batch, head) slice of any tensor
 };
 

@@ -15,6 +15,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _d_ok(offs_d, head_dim, D_MASK: tl.constexpr):
+    # Without D_MASK the head dim equals the block, so the mask is a compile-time "all true" and the loads and
+    # stores stay 16-byte vectors.
+    if D_MASK:
+        return offs_d < head_dim
+    else:
+        return offs_d >= 0
+
+
+@triton.jit
 def _fwd_block(
     acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, start, stop, stride_kn, stride_vn, seqlen_k, causal_shift,
     qk_scale_log2, BLOCK_N: tl.constexpr, D_MASK: tl.constexpr, head_dim, MASKED: tl.constexpr,
@@ -26,7 +36,7 @@ def _fwd_block(
         k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
         if MASKED:
-            k = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)
+            k = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & _d_ok(offs_d, head_dim, D_MASK)[:, None], other=0.0)
         elif D_MASK:
             k = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
         else:
@@ -44,7 +54,7 @@ def _fwd_block(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim), other=0.0)
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & _d_ok(offs_d, head_dim, D_MASK)[None, :], other=0.0)
         elif D_MASK:
             v = tl.load(v_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
         else:
@@ -78,8 +88,8 @@ def attn_fwd(
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     row_ok = offs_m[:, None] < seqlen_q
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok & (offs_d[None, :] < head_dim),
-                other=0.0)
+    d_ok = _d_ok(offs_d, head_dim, D_MASK)[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -104,7 +114,7 @@ def attn_fwd(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok & (offs_d[None, :] < head_dim))
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok & d_ok)
     tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
 
 

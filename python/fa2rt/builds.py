@@ -43,6 +43,7 @@ def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
     img.warp_size = row["warp_size"]
     img.shared_bytes = row["shared_bytes"]
     img.align16 = row["align16"]
+    img.stride16 = any(name.startswith("stride_") for name in row.get("divisible16", ()))
     img.kernel_name = row["kernel_name"]
     img.params = [tuple(p) for p in row["params"]]
     img.scratch_params = row["scratch_params"]

@@ -66,6 +66,8 @@ def problem_for(shapes: Shapes, q, k, v, out=None) -> "_C.Problem":
     tensors = [t for t in (q, k, v, out) if t is not None]
     # Fake tensors (torch.compile tracing) have no address; the run-time call checks the real ones again.
     p.aligned16 = all(_is_fake(t) or t.data_ptr() % _C.ALIGN_BYTES == 0 for t in tensors)
+    # A dim of size 1 only ever multiplies its stride by 0, so its stride cannot break the assumption.
+    p.strides16 = all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for t in tensors for i in (0, 1, 2))
     p.max_head_extent = max((t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors)
     return p
 

@@ -29,9 +29,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.runtime import interpreter as triton_interpreter  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FWD_SRC = ROOT / "backends" / "kernels" / "fwd.py"
@@ -60,22 +62,53 @@ _ORIG_PATCH_LANG_TENSOR = triton_interpreter._patch_lang_tensor
 NEEDS_NP24_SHIM = _numpy_rejects_size1_int()
 
 
+_INTERPRETED_LIB = {}  # id(raw fn) -> InterpretedFunction, so each library function is rewritten once
+
+
+def _lang_jit_overrides():
+    """(owner, name, InterpretedFunction) for every triton.language function decorated as a JITFunction.
+
+    triton.language's own `@jit` helpers (tl.zeros, tl.max, tl.sum and their reduce combine functions, ...) were
+    decorated when triton was first imported. If that happened before TRITON_INTERPRET=1 was set (tests/cpu/conftest.py
+    imports fa2rt, which imports triton, before this module runs), they are JITFunctions, and an interpreted kernel
+    calling one fails with "Cannot call @triton.jit'd outside of the scope of a kernel". Swap in interpreted twins
+    for the duration of a launch; the kernel and the library look them up through these module/class attributes.
+    """
+    owners = [m for n, m in list(sys.modules.items()) if m is not None and (n == "triton.language"
+                                                                            or n.startswith("triton.language."))]
+    owners.append(tl.core.tensor)  # tensor member functions: x.max(), x.sum(), ...
+    out = []
+    for owner in owners:
+        for name, val in list(vars(owner).items()):
+            if isinstance(val, JITFunction):
+                twin = _INTERPRETED_LIB.get(id(val.fn))
+                if twin is None:
+                    twin = _INTERPRETED_LIB[id(val.fn)] = InterpretedFunction(val.fn)
+                out.append((owner, name, twin))
+    return out
+
+
 @contextlib.contextmanager
 def _interpret_mode():
     """Force the interpreter knob on, whatever the environment or another test module set, and restore it after.
 
-    Also applies the numpy >= 2.4 shim for the interpreter (see _patch_lang_tensor_np24) while it is in force.
+    While in force, also: triton.language's JIT helpers are interpreted (see _lang_jit_overrides), and the numpy >= 2.4
+    shim for the interpreter is on (see _patch_lang_tensor_np24).
     """
+    saved = []
     with knobs.runtime.scope():
         knobs.runtime.interpret = True
-        if not NEEDS_NP24_SHIM:
-            yield
-            return
-        triton_interpreter._patch_lang_tensor = _patch_lang_tensor_np24
         try:
+            for owner, name, twin in _lang_jit_overrides():
+                saved.append((owner, name, vars(owner)[name]))
+                setattr(owner, name, twin)
+            if NEEDS_NP24_SHIM:
+                triton_interpreter._patch_lang_tensor = _patch_lang_tensor_np24
             yield
         finally:
             triton_interpreter._patch_lang_tensor = _ORIG_PATCH_LANG_TENSOR
+            for owner, name, orig in reversed(saved):
+                setattr(owner, name, orig)
 
 
 def _load_interpreted_kernel():
