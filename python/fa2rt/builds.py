@@ -68,7 +68,7 @@ def load_build(directory: Path) -> Build:
     return Build(directory, manifest, registry, rows=tuple(manifest["images"]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(directory: str) -> Build:
     return load_build(Path(directory))
 

@@ -16,7 +16,7 @@ def torch_vendor() -> str:
     return "none"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe(vendor: str, index: int) -> "_C.DeviceInfo":
     """The device as the vendor driver reports it. Raises RuntimeError when the driver is unusable."""
     return _C.probe_device(vendor, index)

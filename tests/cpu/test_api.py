@@ -14,7 +14,8 @@ from fa2rt.reference import attention_reference
 
 def qkv(b=2, nq=33, nk=40, h=4, hk=2, d=64, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, n, hh, d, generator=g, dtype=torch.float32).to(dtype) for n, hh in ((nq, h), (nk, hk), (nk, hk))]
+    shapes = ((nq, h), (nk, hk), (nk, hk))
+    return [torch.randn(b, n, hh, d, generator=g, dtype=torch.float32).to(dtype) for n, hh in shapes]
 
 
 def test_cpu_call_falls_back_and_says_so_once(fresh_announcements):

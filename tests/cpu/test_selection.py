@@ -62,7 +62,8 @@ def test_key_decisions(device, expected):
 
 
 def test_sm86_runs_sm80_image_when_shared_memory_fits():
-    assert outcome(DEVICES["sm86"], problem(head_dim=64), synthetic_registry()) == "fwd-sm80-bf16-d64-full [binary-compat]"
+    chosen = outcome(DEVICES["sm86"], problem(head_dim=64), synthetic_registry())
+    assert chosen == "fwd-sm80-bf16-d64-full [binary-compat]"
 
 
 def test_rejection_messages_name_the_limit():

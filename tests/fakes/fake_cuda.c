@@ -1,0 +1,207 @@
+/* A stand-in for libcuda.so.1 exporting what backends/cuda/cuda_backend.cpp binds. Built by the tests
+ * (cc -shared -fPIC); behaviour comes from FAKE_CUDA_* environment variables read at call time, and every call
+ * is appended to a log of JSON lines that the test reads back through fake_log().
+ *   FAKE_CUDA_FAIL=cuInit:100,cuLaunchKernel:719  make calls return these codes
+ *   FAKE_CUDA_DEVICES, FAKE_CUDA_CC (90 = 9.0), FAKE_CUDA_SMS, FAKE_CUDA_SHARED_OPTIN, FAKE_CUDA_NAME
+ *   FAKE_CUDA_CURRENT=i       device whose primary context is current before anything is pushed (default: none)
+ *   FAKE_CUDA_BAD_IMAGE=text  images starting with text fail to load with CUDA_ERROR_INVALID_PTX and
+ *                             FAKE_CUDA_JIT_LOG in the JIT error log
+ * -DFAKE_OMIT_LAUNCH leaves cuLaunchKernel out. */
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static char* log_buf;
+static size_t log_len, log_cap;
+static int param_sizes[64], n_param_sizes;
+static void* ctx_stack[16];
+static int ctx_depth, n_modules, n_functions;
+
+static void say(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(NULL, 0, fmt, ap);
+  va_end(ap);
+  if (log_len + n + 2 > log_cap) {
+    log_cap = (log_len + n + 2) * 2;
+    log_buf = realloc(log_buf, log_cap);
+  }
+  va_start(ap, fmt);
+  vsnprintf(log_buf + log_len, n + 1, fmt, ap);
+  va_end(ap);
+  log_len += n;
+  log_buf[log_len++] = '\n';
+  log_buf[log_len] = '\0';
+}
+
+const char* fake_log(void) { return log_buf ? log_buf : ""; }
+
+void fake_set_param_sizes(const int* sizes, int n) {
+  n_param_sizes = n < 64 ? n : 64;
+  memcpy(param_sizes, sizes, sizeof(int) * n_param_sizes);
+}
+
+static int env_int(const char* name, int fallback) {
+  const char* v = getenv(name);
+  return v && *v ? atoi(v) : fallback;
+}
+
+/* The code FAKE_CUDA_FAIL assigns to `call`, or 0. */
+static int fail(const char* call) {
+  const char* spec = getenv("FAKE_CUDA_FAIL");
+  size_t n = strlen(call);
+  for (const char* p = spec; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+    if (strncmp(p, call, n) == 0 && p[n] == ':') return atoi(p + n + 1);
+  return 0;
+}
+
+static void hex(char* out, const void* data, size_t n) {
+  for (size_t i = 0; i < n; ++i) sprintf(out + 2 * i, "%02x", ((const unsigned char*)data)[i]);
+  out[2 * n] = '\0';
+}
+
+static void* primary(int dev) { return (void*)(uintptr_t)(0xc0000 + dev); }
+
+static void* current_ctx(void) {
+  if (ctx_depth > 0) return ctx_stack[ctx_depth - 1];
+  int dev = env_int("FAKE_CUDA_CURRENT", -1);
+  return dev < 0 ? NULL : primary(dev);
+}
+
+int cuInit(unsigned flags) {
+  say("{\"call\": \"cuInit\", \"flags\": %u}", flags);
+  return fail("cuInit");
+}
+
+int cuDriverGetVersion(int* v) {
+  *v = env_int("FAKE_CUDA_DRIVER", 12080);
+  return fail("cuDriverGetVersion");
+}
+
+int cuDeviceGetCount(int* n) {
+  *n = env_int("FAKE_CUDA_DEVICES", 1);
+  return fail("cuDeviceGetCount");
+}
+
+int cuDeviceGet(int* dev, int ordinal) {
+  say("{\"call\": \"cuDeviceGet\", \"ordinal\": %d}", ordinal);
+  if (ordinal < 0 || ordinal >= env_int("FAKE_CUDA_DEVICES", 1)) return 101; /* CUDA_ERROR_INVALID_DEVICE */
+  *dev = ordinal;
+  return fail("cuDeviceGet");
+}
+
+int cuDeviceGetAttribute(int* v, int attr, int dev) {
+  const int cc = env_int("FAKE_CUDA_CC", 90);
+  say("{\"call\": \"cuDeviceGetAttribute\", \"attr\": %d, \"device\": %d}", attr, dev);
+  switch (attr) {
+    case 10: *v = 32; break;
+    case 16: *v = env_int("FAKE_CUDA_SMS", 132); break;
+    case 75: *v = cc / 10; break;
+    case 76: *v = cc % 10; break;
+    case 97: *v = env_int("FAKE_CUDA_SHARED_OPTIN", 232448); break;
+    default: *v = 0;
+  }
+  return fail("cuDeviceGetAttribute");
+}
+
+int cuDeviceGetName(char* name, int len, int dev) {
+  const char* v = getenv("FAKE_CUDA_NAME");
+  snprintf(name, len, "%s", v ? v : "Fake NVIDIA GPU");
+  say("{\"call\": \"cuDeviceGetName\", \"device\": %d, \"len\": %d}", dev, len);
+  return fail("cuDeviceGetName");
+}
+
+int cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+  *ctx = primary(dev);
+  say("{\"call\": \"cuDevicePrimaryCtxRetain\", \"device\": %d}", dev);
+  return fail("cuDevicePrimaryCtxRetain");
+}
+
+int cuCtxGetCurrent(void** ctx) {
+  *ctx = current_ctx();
+  say("{\"call\": \"cuCtxGetCurrent\", \"ctx\": %llu}", (unsigned long long)(uintptr_t)*ctx);
+  return fail("cuCtxGetCurrent");
+}
+
+int cuCtxPushCurrent_v2(void* ctx) {
+  say("{\"call\": \"cuCtxPushCurrent_v2\", \"ctx\": %llu}", (unsigned long long)(uintptr_t)ctx);
+  if (ctx_depth == 16) return 1;
+  ctx_stack[ctx_depth++] = ctx;
+  return fail("cuCtxPushCurrent_v2");
+}
+
+int cuCtxPopCurrent_v2(void** ctx) {
+  *ctx = ctx_depth > 0 ? ctx_stack[--ctx_depth] : NULL;
+  say("{\"call\": \"cuCtxPopCurrent_v2\", \"ctx\": %llu}", (unsigned long long)(uintptr_t)*ctx);
+  return *ctx ? fail("cuCtxPopCurrent_v2") : 201; /* CUDA_ERROR_INVALID_CONTEXT */
+}
+
+int cuModuleLoadDataEx(void** module, const void* image, unsigned n_options, int* options, void** values) {
+  char head[33];
+  const size_t len = strlen((const char*)image);
+  hex(head, image, len < 16 ? len : 16);
+  say("{\"call\": \"cuModuleLoadDataEx\", \"head\": \"%s\", \"strlen\": %zu, \"options\": %u, \"ctx\": %llu}", head, len,
+      n_options, (unsigned long long)(uintptr_t)current_ctx());
+  const char* bad = getenv("FAKE_CUDA_BAD_IMAGE");
+  if (bad && *bad && strncmp((const char*)image, bad, strlen(bad)) == 0) {
+    const char* text = getenv("FAKE_CUDA_JIT_LOG");
+    char* buf = NULL;
+    size_t size = 0;
+    for (unsigned i = 0; i < n_options; ++i) {
+      if (options[i] == 5) buf = values[i];                        /* CU_JIT_ERROR_LOG_BUFFER */
+      if (options[i] == 6) size = (size_t)(uintptr_t)values[i];    /* CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES */
+    }
+    if (buf && size) snprintf(buf, size, "%s", text ? text : "ptxas fatal: fake failure");
+    return 218; /* CUDA_ERROR_INVALID_PTX */
+  }
+  *module = (void*)(uintptr_t)(0x10000 + ++n_modules);
+  return fail("cuModuleLoadDataEx");
+}
+
+int cuModuleGetFunction(void** function, void* module, const char* name) {
+  say("{\"call\": \"cuModuleGetFunction\", \"module\": %llu, \"name\": \"%s\"}", (unsigned long long)(uintptr_t)module,
+      name);
+  *function = (void*)(uintptr_t)(0x20000 + ++n_functions);
+  return fail("cuModuleGetFunction");
+}
+
+int cuFuncGetAttribute(int* v, int attr, void* function) {
+  *v = env_int("FAKE_CUDA_STATIC_SHARED", 0);
+  say("{\"call\": \"cuFuncGetAttribute\", \"attr\": %d, \"function\": %llu}", attr,
+      (unsigned long long)(uintptr_t)function);
+  return fail("cuFuncGetAttribute");
+}
+
+int cuFuncSetAttribute(void* function, int attr, int value) {
+  say("{\"call\": \"cuFuncSetAttribute\", \"attr\": %d, \"value\": %d, \"function\": %llu}", attr, value,
+      (unsigned long long)(uintptr_t)function);
+  return fail("cuFuncSetAttribute");
+}
+
+#ifndef FAKE_OMIT_LAUNCH
+int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                   unsigned shared, void* stream, void** params, void** extra) {
+  char args[64 * 20] = "", one[20];
+  for (int i = 0; i < n_param_sizes && param_sizes[i] <= 8; ++i) {
+    hex(one, params[i], param_sizes[i]);
+    snprintf(args + strlen(args), sizeof(args) - strlen(args), "%s\"%s\"", i ? ", " : "", one);
+  }
+  say("{\"call\": \"cuLaunchKernel\", \"function\": %llu, \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], "
+      "\"shared\": %u, \"stream\": %llu, \"ctx\": %llu, \"params\": [%s], \"extra\": %d}",
+      (unsigned long long)(uintptr_t)f, gx, gy, gz, bx, by, bz, shared, (unsigned long long)(uintptr_t)stream,
+      (unsigned long long)(uintptr_t)current_ctx(), args, extra != NULL);
+  return fail("cuLaunchKernel");
+}
+#endif
+
+int cuGetErrorName(int rc, const char** name) {
+  switch (rc) {
+    case 100: *name = "CUDA_ERROR_NO_DEVICE"; return 0;
+    case 101: *name = "CUDA_ERROR_INVALID_DEVICE"; return 0;
+    case 218: *name = "CUDA_ERROR_INVALID_PTX"; return 0;
+    case 719: *name = "CUDA_ERROR_LAUNCH_FAILED"; return 0;
+    default: *name = NULL; return 1; /* CUDA_ERROR_INVALID_VALUE, as the driver answers unknown codes */
+  }
+}

@@ -1,0 +1,189 @@
+/* A stand-in for libamdhip64.so exporting what backends/rocm/hip_backend.cpp binds. Built by the tests
+ * (cc -shared -fPIC); behaviour comes from FAKE_HIP_* environment variables read at call time, and every call
+ * is appended to a log of JSON lines that the test reads back through fake_log().
+ *   FAKE_HIP_FAIL=hipInit:100,hipModuleLaunchKernel:719  make calls return these codes
+ *   FAKE_HIP_DEVICES, FAKE_HIP_ARCH (gcnArchName), FAKE_HIP_CUS, FAKE_HIP_LDS, FAKE_HIP_WARP, FAKE_HIP_NAME
+ *   FAKE_HIP_CURRENT=i       the calling thread's current device before anyone sets it (default 0)
+ *   FAKE_HIP_BAD_IMAGE=text  images starting with text fail to load with hipErrorInvalidImage
+ * -DFAKE_OMIT_LAUNCH leaves hipModuleLaunchKernel out; -DFAKE_ROCM5 exports the ROCm 5 hipGetDeviceProperties
+ * (old struct layout) instead of hipGetDevicePropertiesR0600. */
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static char* log_buf;
+static size_t log_len, log_cap;
+static int param_sizes[64], n_param_sizes;
+static int current = -1, n_modules, n_functions;
+
+static void say(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(NULL, 0, fmt, ap);
+  va_end(ap);
+  if (log_len + n + 2 > log_cap) {
+    log_cap = (log_len + n + 2) * 2;
+    log_buf = realloc(log_buf, log_cap);
+  }
+  va_start(ap, fmt);
+  vsnprintf(log_buf + log_len, n + 1, fmt, ap);
+  va_end(ap);
+  log_len += n;
+  log_buf[log_len++] = '\n';
+  log_buf[log_len] = '\0';
+}
+
+const char* fake_log(void) { return log_buf ? log_buf : ""; }
+
+void fake_set_param_sizes(const int* sizes, int n) {
+  n_param_sizes = n < 64 ? n : 64;
+  memcpy(param_sizes, sizes, sizeof(int) * n_param_sizes);
+}
+
+static int env_int(const char* name, int fallback) {
+  const char* v = getenv(name);
+  return v && *v ? atoi(v) : fallback;
+}
+
+/* The code FAKE_HIP_FAIL assigns to `call`, or 0. */
+static int fail(const char* call) {
+  const char* spec = getenv("FAKE_HIP_FAIL");
+  size_t n = strlen(call);
+  for (const char* p = spec; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+    if (strncmp(p, call, n) == 0 && p[n] == ':') return atoi(p + n + 1);
+  return 0;
+}
+
+static void hex(char* out, const void* data, size_t n) {
+  for (size_t i = 0; i < n; ++i) sprintf(out + 2 * i, "%02x", ((const unsigned char*)data)[i]);
+  out[2 * n] = '\0';
+}
+
+static int bad_device(int dev) { return dev < 0 || dev >= env_int("FAKE_HIP_DEVICES", 1); }
+
+static int current_device(void) { return current >= 0 ? current : env_int("FAKE_HIP_CURRENT", 0); }
+
+int hipInit(unsigned flags) {
+  say("{\"call\": \"hipInit\", \"flags\": %u}", flags);
+  return fail("hipInit");
+}
+
+int hipDriverGetVersion(int* v) {
+  *v = env_int("FAKE_HIP_DRIVER", 60342134);
+  return fail("hipDriverGetVersion");
+}
+
+int hipRuntimeGetVersion(int* v) {
+  *v = env_int("FAKE_HIP_RUNTIME", 60342134);
+  return fail("hipRuntimeGetVersion");
+}
+
+int hipGetDeviceCount(int* n) {
+  *n = env_int("FAKE_HIP_DEVICES", 1);
+  return *n == 0 ? 100 : fail("hipGetDeviceCount"); /* hipErrorNoDevice, as the runtime answers */
+}
+
+int hipDeviceGetAttribute(int* v, int attr, int dev) {
+  say("{\"call\": \"hipDeviceGetAttribute\", \"attr\": %d, \"device\": %d}", attr, dev);
+  if (bad_device(dev)) return 101; /* hipErrorInvalidDevice */
+  switch (attr) {
+    case 63: *v = env_int("FAKE_HIP_CUS", 304); break;
+    case 74: *v = env_int("FAKE_HIP_LDS", 65536); break;
+    case 87: *v = env_int("FAKE_HIP_WARP", 64); break;
+    default: *v = -1;
+  }
+  return fail("hipDeviceGetAttribute");
+}
+
+int hipDeviceGetName(char* name, int len, int dev) {
+  const char* v = getenv("FAKE_HIP_NAME");
+  say("{\"call\": \"hipDeviceGetName\", \"device\": %d, \"len\": %d}", dev, len);
+  if (bad_device(dev)) return 101;
+  snprintf(name, len, "%s", v ? v : "Fake AMD GPU");
+  return fail("hipDeviceGetName");
+}
+
+/* Fills the whole struct as the runtime does, so a caller's buffer that is too small shows up under ASan/valgrind. */
+static int fill_props(const char* call, unsigned char* props, size_t size, size_t warp_at, size_t cus_at,
+                      size_t arch_at, int dev) {
+  const char* arch = getenv("FAKE_HIP_ARCH");
+  const int warp = env_int("FAKE_HIP_WARP", 64), cus = env_int("FAKE_HIP_CUS", 304);
+  say("{\"call\": \"%s\", \"device\": %d}", call, dev);
+  if (bad_device(dev)) return 101;
+  memset(props, 0, size);
+  snprintf((char*)props, 256, "%s", "Fake AMD GPU");
+  memcpy(props + warp_at, &warp, sizeof(int));
+  memcpy(props + cus_at, &cus, sizeof(int));
+  snprintf((char*)props + arch_at, 256, "%s", arch ? arch : "gfx942:sramecc+:xnack-");
+  return fail(call);
+}
+
+#ifdef FAKE_ROCM5
+int hipGetDeviceProperties(void* props, int dev) {
+  return fill_props("hipGetDeviceProperties", props, 792, 276, 336, 396, dev);
+}
+#else
+int hipGetDevicePropertiesR0600(void* props, int dev) {
+  return fill_props("hipGetDevicePropertiesR0600", props, 1472, 308, 388, 1160, dev);
+}
+#endif
+
+int hipGetDevice(int* dev) {
+  *dev = current_device();
+  say("{\"call\": \"hipGetDevice\", \"device\": %d}", *dev);
+  return fail("hipGetDevice");
+}
+
+int hipSetDevice(int dev) {
+  say("{\"call\": \"hipSetDevice\", \"device\": %d}", dev);
+  if (bad_device(dev)) return 101;
+  current = dev;
+  return fail("hipSetDevice");
+}
+
+int hipModuleLoadData(void** module, const void* image) {
+  char head[33];
+  const size_t len = strlen((const char*)image);
+  hex(head, image, len < 16 ? len : 16);
+  say("{\"call\": \"hipModuleLoadData\", \"head\": \"%s\", \"strlen\": %zu, \"device\": %d}", head, len,
+      current_device());
+  const char* bad = getenv("FAKE_HIP_BAD_IMAGE");
+  if (bad && *bad && strncmp((const char*)image, bad, strlen(bad)) == 0) return 200; /* hipErrorInvalidImage */
+  *module = (void*)(uintptr_t)(0x10000 + ++n_modules);
+  return fail("hipModuleLoadData");
+}
+
+int hipModuleGetFunction(void** function, void* module, const char* name) {
+  say("{\"call\": \"hipModuleGetFunction\", \"module\": %llu, \"name\": \"%s\"}", (unsigned long long)(uintptr_t)module,
+      name);
+  *function = (void*)(uintptr_t)(0x20000 + ++n_functions);
+  return fail("hipModuleGetFunction");
+}
+
+#ifndef FAKE_OMIT_LAUNCH
+int hipModuleLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                          unsigned shared, void* stream, void** params, void** extra) {
+  char args[64 * 20] = "", one[20];
+  for (int i = 0; i < n_param_sizes && param_sizes[i] <= 8; ++i) {
+    hex(one, params[i], param_sizes[i]);
+    snprintf(args + strlen(args), sizeof(args) - strlen(args), "%s\"%s\"", i ? ", " : "", one);
+  }
+  say("{\"call\": \"hipModuleLaunchKernel\", \"function\": %llu, \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], "
+      "\"shared\": %u, \"stream\": %llu, \"device\": %d, \"params\": [%s], \"extra\": %d}",
+      (unsigned long long)(uintptr_t)f, gx, gy, gz, bx, by, bz, shared, (unsigned long long)(uintptr_t)stream,
+      current_device(), args, extra != NULL);
+  return fail("hipModuleLaunchKernel");
+}
+#endif
+
+const char* hipGetErrorName(int rc) {
+  switch (rc) {
+    case 100: return "hipErrorNoDevice";
+    case 101: return "hipErrorInvalidDevice";
+    case 200: return "hipErrorInvalidImage";
+    case 719: return "hipErrorLaunchFailure";
+    default: return "hipErrorUnknown";
+  }
+}
