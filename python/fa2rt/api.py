@@ -29,11 +29,17 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
     see explain()).
     """
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    decision = policy.decide(shapes, q, k, v, causal=causal, needs_grad=_needs_grad(q, k, v))
-    if decision.path == "kernel":
-        out, lse = ops.fwd(q, k, v, causal, shapes.softmax_scale)
+    if torch.compiler.is_compiling():
+        # The dispatcher is native code Dynamo cannot trace: the custom op selects when the graph runs (and falls
+        # back there, announced, when no image fits). Decisions that need no device query are taken here.
+        use_op = q.is_cuda and q.dtype in policy.KERNEL_DTYPES and not _needs_grad(q, k, v) and not shapes.trivial
+        decision = policy.Decision("kernel" if use_op else "fallback")
     else:
-        if decision.path == "fallback":
+        decision = policy.decide(shapes, q, k, v, causal=causal, needs_grad=_needs_grad(q, k, v))
+    if decision.path == "kernel":
+        out, lse = ops.fwd(q, k, v, causal, shapes.softmax_scale, decision.image or "", decision.mode or "")
+    else:
+        if decision.path == "fallback" and decision.reason:
             policy.announce(decision)
         out, lse = sdpa_attention(q, k, v, causal=causal, softmax_scale=shapes.softmax_scale,
                                   return_lse=return_lse)

@@ -10,6 +10,7 @@ from torch.nn.attention.bias import causal_lower_right
 # agreed with the float64 reference.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 LSE_CHUNK_ROWS = 1024
+ALIGN_BYTES = 16
 # Upper bound on the fp32 score elements materialised at once while computing the LSE (1 GiB).
 LSE_CHUNK_ELEMENTS = 1 << 28
 
@@ -20,6 +21,14 @@ def _zeros(shape, q, k, v):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         z = z + sum(t.reshape(-1)[:0].sum() for t in (q, k, v))
     return z
+
+
+def _aligned(t):
+    # torch's fused SDPA kernels fault (misaligned address, seen on an H200 with torch 2.11) on a GPU tensor whose
+    # storage offset breaks 16-byte alignment; a copy is aligned. Differentiable, and free for aligned inputs.
+    if t.is_cuda and t.numel() > 0 and t.data_ptr() % ALIGN_BYTES:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _lse(q, k, *, causal, scale):
@@ -60,6 +69,7 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, return_lse=False):
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    q, k, v = (_aligned(t) for t in (q, k, v))
 
     if q.numel() == 0 or k.numel() == 0:
         out = _zeros(q.shape, q, k, v)

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from . import _C, builds, config, devices, policy
+from . import _C, builds, policy
+from .fallback import sdpa_attention
 from .validate import Shapes
 
 LOG2E = 1.0 / math.log(2.0)
@@ -21,35 +22,36 @@ def _kernel_args(q, k, v, out, lse, shapes: Shapes) -> dict:
     return args
 
 
-def run_forward(q, k, v, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select on the real tensors and launch on torch's current stream. Raises when no image fits."""
+def run_forward(q, k, v, causal: bool, softmax_scale: float, image: str, mode: str) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """Launch `image` on torch's current stream. An empty image name (calls traced by torch.compile) selects
+    here, on the real tensors, and runs the announced SDPA fallback when no image fits."""
     shapes = Shapes(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, q.device,
                     softmax_scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((shapes.batch, shapes.nheads, shapes.seqlen_q), dtype=torch.float32, device=q.device)
     problem = policy.problem_for(shapes, q, k, v, out)
     problem.causal = causal
-    info, code, why = devices.describe(q.device)
-    if code:
-        raise RuntimeError(f"fa2rt kernel path [{code}]: {why}")
-    build = builds.current_build()
-    sel = _C.select(problem, info, build.registry, config.force_arch())
-    if sel["image"] is None:
-        reasons = "; ".join(r.message for r in sel["rejections"])
-        raise RuntimeError(f"fa2rt kernel path: no image fits this call: {reasons}")
+    if not image:
+        decision = policy.decide(shapes, q, k, v, causal=causal, needs_grad=False)
+        if decision.path != "kernel":
+            policy.announce(decision)
+            return sdpa_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+        image, mode = decision.image, decision.mode
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(q.device).cuda_stream
-    _C.launch(build.registry, sel["image"], sel["mode"], info.index, stream, problem,
+    _C.launch(builds.current_build().registry, image, mode, index, stream, problem,
               _kernel_args(q, k, v, out, lse, shapes))
     return out, lse
 
 
 @torch.library.custom_op("fa2rt::fwd", mutates_args=(), device_types="cuda")
-def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    return run_forward(q, k, v, causal, softmax_scale)
+def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float, image: str,
+        mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_forward(q, k, v, causal, softmax_scale, image, mode)
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, causal, softmax_scale):
+def _fwd_fake(q, k, v, causal, softmax_scale, image, mode):
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse

@@ -144,3 +144,11 @@ def test_misaligned_view_is_rejected_not_miscomputed(on_device):
     q_off = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view_as(q).copy_(q)  # 2-byte offset
     d = fa2rt.explain(q_off, k, v)
     assert d.reason == "no_kernel" and "aligned" in d.message
+
+
+def test_dynamo_traces_attention_fullgraph(fresh_announcements):
+    q, k, v = qkv(nq=40, nk=33)
+    compiled = torch.compile(lambda q, k, v: fa2rt.attention(q, k, v, causal=True), fullgraph=True, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        assert torch.allclose(compiled(q, k, v), fa2rt.attention(q, k, v, causal=True), atol=1e-6)

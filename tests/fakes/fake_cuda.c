@@ -95,14 +95,12 @@ int cuDeviceGet(int* dev, int ordinal) {
 int cuDeviceGetAttribute(int* v, int attr, int dev) {
   const int cc = env_int("FAKE_CUDA_CC", 90);
   say("{\"call\": \"cuDeviceGetAttribute\", \"attr\": %d, \"device\": %d}", attr, dev);
-  switch (attr) {
-    case 10: *v = 32; break;
-    case 16: *v = env_int("FAKE_CUDA_SMS", 132); break;
-    case 75: *v = cc / 10; break;
-    case 76: *v = cc % 10; break;
-    case 97: *v = env_int("FAKE_CUDA_SHARED_OPTIN", 232448); break;
-    default: *v = 0;
-  }
+  *v = 0;
+  if (attr == 10) *v = 32;
+  if (attr == 16) *v = env_int("FAKE_CUDA_SMS", 132);
+  if (attr == 75) *v = cc / 10;
+  if (attr == 76) *v = cc % 10;
+  if (attr == 97) *v = env_int("FAKE_CUDA_SHARED_OPTIN", 232448);
   return fail("cuDeviceGetAttribute");
 }
 
@@ -142,16 +140,16 @@ int cuModuleLoadDataEx(void** module, const void* image, unsigned n_options, int
   char head[33];
   const size_t len = strlen((const char*)image);
   hex(head, image, len < 16 ? len : 16);
-  say("{\"call\": \"cuModuleLoadDataEx\", \"head\": \"%s\", \"strlen\": %zu, \"options\": %u, \"ctx\": %llu}", head, len,
-      n_options, (unsigned long long)(uintptr_t)current_ctx());
+  say("{\"call\": \"cuModuleLoadDataEx\", \"head\": \"%s\", \"strlen\": %zu, \"options\": %u, \"ctx\": %llu}", head,
+      len, n_options, (unsigned long long)(uintptr_t)current_ctx());
   const char* bad = getenv("FAKE_CUDA_BAD_IMAGE");
   if (bad && *bad && strncmp((const char*)image, bad, strlen(bad)) == 0) {
     const char* text = getenv("FAKE_CUDA_JIT_LOG");
     char* buf = NULL;
     size_t size = 0;
     for (unsigned i = 0; i < n_options; ++i) {
-      if (options[i] == 5) buf = values[i];                        /* CU_JIT_ERROR_LOG_BUFFER */
-      if (options[i] == 6) size = (size_t)(uintptr_t)values[i];    /* CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES */
+      if (options[i] == 5) buf = values[i];                     /* CU_JIT_ERROR_LOG_BUFFER */
+      if (options[i] == 6) size = (size_t)(uintptr_t)values[i]; /* CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES */
     }
     if (buf && size) snprintf(buf, size, "%s", text ? text : "ptxas fatal: fake failure");
     return 218; /* CUDA_ERROR_INVALID_PTX */
@@ -197,11 +195,10 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 #endif
 
 int cuGetErrorName(int rc, const char** name) {
-  switch (rc) {
-    case 100: *name = "CUDA_ERROR_NO_DEVICE"; return 0;
-    case 101: *name = "CUDA_ERROR_INVALID_DEVICE"; return 0;
-    case 218: *name = "CUDA_ERROR_INVALID_PTX"; return 0;
-    case 719: *name = "CUDA_ERROR_LAUNCH_FAILED"; return 0;
-    default: *name = NULL; return 1; /* CUDA_ERROR_INVALID_VALUE, as the driver answers unknown codes */
-  }
+  *name = rc == 100   ? "CUDA_ERROR_NO_DEVICE"
+          : rc == 101 ? "CUDA_ERROR_INVALID_DEVICE"
+          : rc == 218 ? "CUDA_ERROR_INVALID_PTX"
+          : rc == 719 ? "CUDA_ERROR_LAUNCH_FAILED"
+                      : NULL;
+  return *name ? 0 : 1; /* CUDA_ERROR_INVALID_VALUE, as the driver answers unknown codes */
 }

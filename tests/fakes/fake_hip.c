@@ -88,12 +88,10 @@ int hipGetDeviceCount(int* n) {
 int hipDeviceGetAttribute(int* v, int attr, int dev) {
   say("{\"call\": \"hipDeviceGetAttribute\", \"attr\": %d, \"device\": %d}", attr, dev);
   if (bad_device(dev)) return 101; /* hipErrorInvalidDevice */
-  switch (attr) {
-    case 63: *v = env_int("FAKE_HIP_CUS", 304); break;
-    case 74: *v = env_int("FAKE_HIP_LDS", 65536); break;
-    case 87: *v = env_int("FAKE_HIP_WARP", 64); break;
-    default: *v = -1;
-  }
+  *v = -1;
+  if (attr == 63) *v = env_int("FAKE_HIP_CUS", 304);
+  if (attr == 74) *v = env_int("FAKE_HIP_LDS", 65536);
+  if (attr == 87) *v = env_int("FAKE_HIP_WARP", 64);
   return fail("hipDeviceGetAttribute");
 }
 
@@ -105,7 +103,7 @@ int hipDeviceGetName(char* name, int len, int dev) {
   return fail("hipDeviceGetName");
 }
 
-/* Fills the whole struct as the runtime does, so a caller's buffer that is too small shows up under ASan/valgrind. */
+/* Writes the whole struct, as the runtime does: a caller's buffer must hold all of it. */
 static int fill_props(const char* call, unsigned char* props, size_t size, size_t warp_at, size_t cus_at,
                       size_t arch_at, int dev) {
   const char* arch = getenv("FAKE_HIP_ARCH");
@@ -179,11 +177,9 @@ int hipModuleLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsign
 #endif
 
 const char* hipGetErrorName(int rc) {
-  switch (rc) {
-    case 100: return "hipErrorNoDevice";
-    case 101: return "hipErrorInvalidDevice";
-    case 200: return "hipErrorInvalidImage";
-    case 719: return "hipErrorLaunchFailure";
-    default: return "hipErrorUnknown";
-  }
+  return rc == 100   ? "hipErrorNoDevice"
+         : rc == 101 ? "hipErrorInvalidDevice"
+         : rc == 200 ? "hipErrorInvalidImage"
+         : rc == 719 ? "hipErrorLaunchFailure"
+                     : "hipErrorUnknown";
 }

@@ -1,0 +1,361 @@
+"""The vendor shims (backends/cuda, backends/rocm) against test doubles of the driver libraries (tests/fakes).
+
+Each scenario runs in a fresh interpreter, since a backend opens its library once per process. The interpreter
+loads the fake with ctypes before the shim does; the shim's dlopen(RTLD_NOLOAD) then returns the same handle, so
+the log the fake keeps of its calls is the one the test reads back.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fa2rt import _C
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+VENDORS = {
+    "cuda": {"env": "CUDA", "library_var": "FA2RT_CUDA_LIBRARY", "source": "fake_cuda.c", "warp": 32,
+             "load": "cuModuleLoadDataEx", "launch": "cuLaunchKernel"},
+    "rocm": {"env": "HIP", "library_var": "FA2RT_HIP_LIBRARY", "source": "fake_hip.c", "warp": 64,
+             "load": "hipModuleLoadData", "launch": "hipModuleLaunchKernel"},
+}
+both = pytest.mark.parametrize("vendor", sorted(VENDORS))
+
+PARAMS = [("X", "*fp16"), ("n", "i32"), ("s", "i64"), ("scale", "fp32")]
+ARGS = {"X": 0x7F00DEAD0000, "n": 130, "s": 1 << 40, "scale": 0.125}
+SIZES = [8, 4, 8, 4, 8, 8]  # the four parameters, then two scratch pointers
+PACKED = [struct.pack("<Q", ARGS["X"]).hex(), struct.pack("<i", 130).hex(), struct.pack("<q", 1 << 40).hex(),
+          struct.pack("<f", 0.125).hex(), "00" * 8, "00" * 8]
+STREAM = 0x5EED00
+SHARED = 4096
+IMAGE = b"FAKE-IMAGE-0123456789\x00\x01\x02tail"
+
+PRELUDE = """
+import ctypes, importlib.machinery, importlib.util, json, sys
+module_path, lib_path, sizes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+loader = importlib.machinery.ExtensionFileLoader("fa2rt._C", module_path)
+spec = importlib.util.spec_from_file_location("fa2rt._C", module_path, loader=loader)
+_C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(_C)  # the extension alone: importing the package would pull in torch
+lib = ctypes.CDLL(lib_path) if lib_path else None
+if lib:
+    lib.fake_log.restype = ctypes.c_char_p
+    lib.fake_set_param_sizes((ctypes.c_int * len(sizes))(*sizes), len(sizes))
+
+def attempt(fn, *args):
+    try:
+        return {"value": fn(*args)}
+    except Exception as e:
+        return {"error": type(e).__name__, "message": str(e)}
+
+def device(vendor, index):
+    d = _C.probe_device(vendor, index)
+    keys = ("vendor", "index", "arch", "arch_raw", "name", "warp_size", "shared_optin_bytes", "multiprocessors")
+    return {k: getattr(d, k) for k in keys}
+
+def registry(spec):
+    img = _C.ImageInfo()
+    for key, value in spec.items():
+        if key in ("binary", "ptx"):
+            f = _C.ImageFile()
+            f.path, f.sha256 = value
+            value = f
+        setattr(img, key, value)
+    reg = _C.Registry()
+    reg.add(img)
+    return reg
+
+def problem(seqlen_q=130):
+    p = _C.Problem()
+    p.op, p.seqlen_q, p.batch, p.nheads = "fwd", seqlen_q, 2, 3
+    return p
+
+def launch(reg, mode="native", device=0, args=None):
+    return attempt(_C.launch, reg, "fwd-test", mode, device, STREAM, problem(), args or ARGS)
+"""
+
+EPILOGUE = """
+calls = [json.loads(line) for line in lib.fake_log().decode().splitlines()] if lib else []
+print(json.dumps({"out": out, "calls": calls}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    """fake(vendor, *cc_flags) -> path of the compiled test double."""
+    cc = shutil.which("cc") or pytest.skip("no C compiler")
+    out, built = tmp_path_factory.mktemp("fakes"), {}
+
+    def build(vendor, *flags):
+        if (vendor, flags) not in built:
+            lib = out / f"libfake_{vendor}{''.join(f.lower() for f in flags)}.so"
+            subprocess.run([cc, "-shared", "-fPIC", *flags, "-o", str(lib), str(FAKES / VENDORS[vendor]["source"])],
+                           check=True)
+            built[vendor, flags] = lib
+        return built[vendor, flags]
+
+    return build
+
+
+def run(vendor, lib, body, override=True, env=(), **fake_env):
+    """Runs `body` (which sets `out`) in a fresh interpreter with the shim pointed at `lib` (unless not `override`)
+    and `lib` loaded through ctypes first; returns out and the calls the fake saw."""
+    v = VENDORS[vendor]
+    env = {**{k: val for k, val in os.environ.items() if not k.startswith(("FAKE_", "FA2RT_"))}, **dict(env)}
+    if override:
+        env[v["library_var"]] = str(lib)
+    env.update({f"FAKE_{v['env']}_{k}": str(val) for k, val in fake_env.items()})
+    lib_arg = str(lib) if Path(lib).exists() else ""
+    proc = subprocess.run(
+        [sys.executable, "-c", f"STREAM, ARGS = {STREAM}, {ARGS!r}\n" + PRELUDE + textwrap.dedent(body) + EPILOGUE,
+         _C.__file__, lib_arg, json.dumps(SIZES)],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def image_spec(tmp_path, vendor, data=IMAGE, sha=None, **extra):
+    binary = tmp_path / "kernel.bin"
+    binary.write_bytes(data)
+    spec = {"name": "fwd-test", "op": "fwd", "vendor": vendor, "arch": "sm90" if vendor == "cuda" else "gfx942",
+            "dtype": "fp16", "head_dim": 64, "block_m": 64, "block_n": 32, "num_warps": 4,
+            "warp_size": VENDORS[vendor]["warp"], "shared_bytes": SHARED, "kernel_name": "attn_fwd",
+            "params": PARAMS, "scratch_params": 2,
+            "binary": [str(binary), sha or hashlib.sha256(data).hexdigest()]}
+    return {**spec, **extra}
+
+
+def named(calls, *names):
+    return [c for c in calls if c["call"] in names]
+
+
+# --- opening the library -------------------------------------------------------------------------------------------
+
+@both
+def test_library_missing_is_a_status_and_probe_says_why(vendor, tmp_path):
+    missing = tmp_path / "no-such-driver.so"
+    r = run(vendor, missing, f"out = [_C.backend_status({vendor!r}), attempt(device, {vendor!r}, 0)]")
+    status, probe = r["out"]
+    assert status["available"] is False and status["device_count"] == 0
+    assert str(missing) in status["error"]
+    assert probe["error"] == "RuntimeError"
+    assert "backend unavailable" in probe["message"] and str(missing) in probe["message"]
+
+
+@both
+def test_missing_symbol_is_a_status(vendor, fake):
+    r = run(vendor, fake(vendor, "-DFAKE_OMIT_LAUNCH"), f"out = _C.backend_status({vendor!r})")
+    assert r["out"]["available"] is False
+    assert r["out"]["error"].endswith("lacks " + VENDORS[vendor]["launch"])
+    assert r["calls"] == []  # nothing called before every symbol is bound
+
+
+@pytest.mark.parametrize("vendor, expected", [
+    ("cuda", "CUDA driver: cuInit failed with CUDA_ERROR_NO_DEVICE (100)"),
+    ("rocm", "HIP runtime: hipInit failed with hipErrorNoDevice (100)"),
+])
+def test_init_failure_names_call_and_code(vendor, expected, fake):
+    call = "cuInit" if vendor == "cuda" else "hipInit"
+    r = run(vendor, fake(vendor), f"out = [_C.backend_status({vendor!r}), attempt(device, {vendor!r}, 0)]",
+            FAIL=f"{call}:100")
+    status, probe = r["out"]
+    assert status["available"] is False and status["error"] == expected
+    assert probe["error"] == "RuntimeError" and expected in probe["message"]
+
+
+def test_hip_prefers_a_runtime_already_loaded_under_any_of_its_names(fake, tmp_path):
+    # torch's copy, loaded by path under a versioned soname, must win over an unversioned one found on the path.
+    loaded = fake("rocm", "-Wl,-soname,libamdhip64.so.6")
+    (tmp_path / "libamdhip64.so").symlink_to(fake("rocm", "-DFAKE_OMIT_LAUNCH"))
+    r = run("rocm", loaded, "out = _C.backend_status('rocm')", override=False, env={"LD_LIBRARY_PATH": str(tmp_path)})
+    assert r["out"]["available"] is True and r["out"]["library"] == "libamdhip64.so.6"
+    assert named(r["calls"], "hipInit") != []
+
+
+# --- probing ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cc, arch, raw", [("90", "sm90", "9.0"), ("86", "sm86", "8.6"), ("120", "sm120", "12.0")])
+def test_cuda_probe(cc, arch, raw, fake):
+    r = run("cuda", fake("cuda"), "out = [_C.backend_status('cuda'), device('cuda', 1)]", DEVICES=2, CC=cc,
+            SMS=132, SHARED_OPTIN=232448, NAME="Fake H100")
+    status, info = r["out"]
+    assert status == {"available": True, "library": str(fake("cuda")), "error": "", "driver_version": 12080,
+                      "device_count": 2}
+    assert info == {"vendor": "cuda", "index": 1, "arch": arch, "arch_raw": raw, "name": "Fake H100", "warp_size": 32,
+                    "shared_optin_bytes": 232448, "multiprocessors": 132}
+
+
+@pytest.mark.parametrize("flags", [(), ("-DFAKE_ROCM5",)], ids=["rocm6-props", "rocm5-props"])
+@pytest.mark.parametrize("raw, arch", [("gfx942:sramecc+:xnack-", "gfx942"), ("gfx90a", "gfx90a")])
+def test_rocm_probe(raw, arch, flags, fake):
+    r = run("rocm", fake("rocm", *flags), "out = [_C.backend_status('rocm'), device('rocm', 1)]", DEVICES=2, ARCH=raw,
+            CUS=304, LDS=65536, NAME="Fake MI300X")
+    status, info = r["out"]
+    assert status["available"] is True and status["device_count"] == 2 and status["driver_version"] == 60342134
+    assert info == {"vendor": "rocm", "index": 1, "arch": arch, "arch_raw": raw, "name": "Fake MI300X", "warp_size": 64,
+                    "shared_optin_bytes": 65536, "multiprocessors": 304}
+    attrs = {c["attr"] for c in named(r["calls"], "hipDeviceGetAttribute")}
+    assert attrs == {63, 74, 87}  # MultiprocessorCount, MaxSharedMemoryPerBlock, WarpSize (ROCm >= 5 numbering)
+
+
+@both
+def test_device_index_out_of_range(vendor, fake, tmp_path):
+    spec = image_spec(tmp_path, vendor)
+    r = run(vendor, fake(vendor), f"""
+        out = [attempt(device, {vendor!r}, 2), attempt(device, {vendor!r}, -1), launch(registry({spec!r}), device=5)]
+        """, DEVICES=2)
+    for result, index in zip(r["out"], (2, -1, 5), strict=True):
+        assert result["error"] == "IndexError"
+        assert f"device index {index} out of range [0, 2)" in result["message"]
+    assert named(r["calls"], VENDORS[vendor]["load"], VENDORS[vendor]["launch"]) == []
+
+
+# --- loading and launching -----------------------------------------------------------------------------------------
+
+@both
+def test_launch_end_to_end_and_module_cache(vendor, fake, tmp_path):
+    v = VENDORS[vendor]
+    spec = image_spec(tmp_path, vendor)
+    r = run(vendor, fake(vendor), f"""
+        reg = registry({spec!r})
+        out = [launch(reg), launch(reg), _C.cached_kernel_count()]
+        """)
+    assert r["out"] == [{"value": None}, {"value": None}, 1]
+    (load,) = named(r["calls"], v["load"])
+    assert load["head"] == IMAGE[:16].hex() and load["strlen"] == IMAGE.index(b"\0")
+    (get,) = named(r["calls"], "cuModuleGetFunction", "hipModuleGetFunction")
+    assert get["name"] == "attn_fwd"
+    launches = named(r["calls"], v["launch"])
+    assert len(launches) == 2 and launches[0]["function"] == launches[1]["function"]
+    for call in launches:
+        assert call["grid"] == [3, 6, 1]  # ceil(130 / 64) query blocks, batch * nheads
+        assert call["block"] == [4 * v["warp"], 1, 1]
+        assert call["shared"] == SHARED and call["stream"] == STREAM and call["extra"] == 0
+        assert call["params"] == PACKED
+    assert named(r["calls"], "cuFuncSetAttribute") == []  # 4 KB needs no opt-in
+
+
+def test_cuda_large_shared_memory_opts_in(fake, tmp_path):
+    spec = image_spec(tmp_path, "cuda", shared_bytes=100_000)
+    r = run("cuda", fake("cuda"), f"out = launch(registry({spec!r}))", SHARED_OPTIN=232448, STATIC_SHARED=1024)
+    assert r["out"] == {"value": None}
+    (get,) = named(r["calls"], "cuFuncGetAttribute")
+    (set_,) = named(r["calls"], "cuFuncSetAttribute")
+    assert get["attr"] == 1 and set_["attr"] == 8 and set_["value"] == 232448 - 1024
+    assert named(r["calls"], "cuLaunchKernel")[0]["shared"] == 100_000
+
+
+@pytest.mark.parametrize("current, target, pushes", [(None, 0, True), (0, 0, False), (0, 1, True)])
+def test_cuda_context_push_pop_pairing(current, target, pushes, fake, tmp_path):
+    spec = image_spec(tmp_path, "cuda")
+    env = {"DEVICES": 2} if current is None else {"DEVICES": 2, "CURRENT": current}
+    r = run("cuda", fake("cuda"), f"reg = registry({spec!r}); out = [launch(reg, device={target}) for _ in range(2)]",
+            **env)
+    assert r["out"] == [{"value": None}] * 2
+    short = {"cuCtxPushCurrent_v2": "push", "cuCtxPopCurrent_v2": "pop", "cuModuleLoadDataEx": "load",
+             "cuLaunchKernel": "launch"}
+    calls = named(r["calls"], *short)
+    expected = ["load", "launch", "launch"]
+    if pushes:  # each inside its own push/pop
+        expected = [step for call in expected for step in ("push", call, "pop")]
+    assert [short[c["call"]] for c in calls] == expected
+    assert all(c["ctx"] == 0xC0000 + target for c in calls)  # the fake's primary context of `target`
+
+
+def test_cuda_context_popped_after_failed_launch(fake, tmp_path):
+    spec = image_spec(tmp_path, "cuda")
+    r = run("cuda", fake("cuda"), f"out = launch(registry({spec!r}))", FAIL="cuLaunchKernel:719")
+    assert r["out"]["error"] == "RuntimeError"
+    assert r["out"]["message"] == "CUDA driver: cuLaunchKernel failed with CUDA_ERROR_LAUNCH_FAILED (719)"
+    assert len(named(r["calls"], "cuCtxPushCurrent_v2")) == len(named(r["calls"], "cuCtxPopCurrent_v2")) == 2
+
+
+@pytest.mark.parametrize("current, target, switches", [(0, 1, True), (1, 1, False)])
+def test_hip_sets_and_restores_device(current, target, switches, fake, tmp_path):
+    spec = image_spec(tmp_path, "rocm")
+    r = run("rocm", fake("rocm"), f"reg = registry({spec!r}); out = [launch(reg, device={target}) for _ in range(2)]",
+            DEVICES=2, CURRENT=current)
+    assert r["out"] == [{"value": None}] * 2
+    sets = [c["device"] for c in named(r["calls"], "hipSetDevice")]
+    assert sets == ([target, current] * 3 if switches else [])  # around the load and each launch
+    assert all(c["device"] == target for c in named(r["calls"], "hipModuleLoadData", "hipModuleLaunchKernel"))
+
+
+def test_hip_device_restored_after_failed_launch(fake, tmp_path):
+    spec = image_spec(tmp_path, "rocm")
+    r = run("rocm", fake("rocm"), f"out = launch(registry({spec!r}), device=1)", DEVICES=2, CURRENT=0,
+            FAIL="hipModuleLaunchKernel:719")
+    assert r["out"]["message"] == "HIP runtime: hipModuleLaunchKernel failed with hipErrorLaunchFailure (719)"
+    assert [c["device"] for c in named(r["calls"], "hipSetDevice")] == [1, 0, 1, 0]
+
+
+@both
+def test_sha256_mismatch_raises_before_loading(vendor, fake, tmp_path):
+    spec = image_spec(tmp_path, vendor, sha="0" * 64)
+    r = run(vendor, fake(vendor), f"out = [launch(registry({spec!r})), _C.cached_kernel_count()]")
+    result, cached = r["out"]
+    assert result["error"] == "RuntimeError" and "kernel image corrupt: sha256 of" in result["message"]
+    assert cached == 0
+    assert named(r["calls"], VENDORS[vendor]["load"], VENDORS[vendor]["launch"]) == []
+
+
+@pytest.mark.parametrize("vendor, expected", [
+    ("cuda", "CUDA driver: cuModuleLoadDataEx failed with CUDA_ERROR_INVALID_PTX (218): "
+             "ptxas fatal : Unresolved extern function 'boom'"),
+    ("rocm", "HIP runtime: hipModuleLoadData failed with hipErrorInvalidImage (200)"),
+])
+def test_module_load_failure_is_reported_and_not_cached(vendor, expected, fake, tmp_path):
+    spec = image_spec(tmp_path, vendor)
+    body = f"reg = registry({spec!r}); out = [launch(reg), launch(reg), _C.cached_kernel_count()]"
+    r = run(vendor, fake(vendor), body, BAD_IMAGE="FAKE-IMAGE",
+            JIT_LOG="ptxas fatal : Unresolved extern function 'boom'")
+    first, second, cached = r["out"]
+    assert first == second == {"error": "RuntimeError", "message": expected}
+    assert cached == 0 and len(named(r["calls"], VENDORS[vendor]["load"])) == 2
+
+
+@both
+def test_kernel_argument_errors_name_the_argument(vendor, fake, tmp_path):
+    spec = image_spec(tmp_path, vendor)
+    cases = [{k: v for k, v in ARGS.items() if k != "n"}, {**ARGS, "bogus": 1}, {**ARGS, "n": 2**31},
+             {**ARGS, "n": True}, {**ARGS, "X": 1.5}]
+    r = run(vendor, fake(vendor), f"reg = registry({spec!r}); out = [launch(reg, args=a) for a in {cases!r}]")
+    expected = [("ValueError", "kernel argument n of fwd-test missing"),
+                ("ValueError", "kernel argument bogus is not a parameter of fwd-test"),
+                ("IndexError", "kernel argument n: expected a value in int32 range, got 2147483648"),
+                ("ValueError", "kernel argument n: expected an int or float"),
+                ("ValueError", "kernel argument X: expected an integer for type *fp16")]
+    assert [(o["error"], o["message"]) for o in r["out"]] == expected
+    assert named(r["calls"], VENDORS[vendor]["load"], VENDORS[vendor]["launch"]) == []
+
+
+def test_cuda_ptx_mode_loads_nul_terminated_ptx(fake, tmp_path):
+    ptx = b"//\n.version 8.7\n.target sm_90\n.address_size 64\n"
+    (tmp_path / "kernel.ptx").write_bytes(ptx)
+    spec = image_spec(tmp_path, "cuda", has_ptx=True,
+                      ptx=[str(tmp_path / "kernel.ptx"), hashlib.sha256(ptx).hexdigest()])
+    r = run("cuda", fake("cuda"), f"out = [launch(registry({spec!r}), mode='ptx-jit'), _C.cached_kernel_count()]")
+    assert r["out"] == [{"value": None}, 1]
+    (load,) = named(r["calls"], "cuModuleLoadDataEx")
+    assert load["head"] == ptx[:16].hex() and load["strlen"] == len(ptx)
+
+
+# --- linkage ---------------------------------------------------------------------------------------------------------
+
+def test_native_module_links_no_gpu_runtime_or_torch():
+    readelf = shutil.which("readelf") or pytest.skip("readelf not installed")
+    dynamic = subprocess.run([readelf, "-d", _C.__file__], check=True, capture_output=True, text=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+    assert needed, dynamic
+    forbidden = [n for n in needed if re.match(r"lib(cuda|cudart|nvrtc|amdhip64|hiprtc|torch|c10)", n)]
+    assert forbidden == []
+    system = r"(libc|libstdc\+\+|libgcc_s|libm|libdl|libpthread|ld-linux[-\w]*)\.so"
+    assert all(re.match(system, n) for n in needed), needed
