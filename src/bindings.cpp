@@ -106,8 +106,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("shared_optin_bytes", &DeviceInfo::shared_optin_bytes)
       .def_readwrite("multiprocessors", &DeviceInfo::multiprocessors)
       .def("__repr__", [](const DeviceInfo& d) {
-        return std::string("DeviceInfo(") + vendor_name(d.vendor) + ", " + d.arch + ", index=" +
-               std::to_string(d.index) + ")";
+        return std::string("DeviceInfo(") + vendor_name(d.vendor) + ", " + d.arch +
+               ", index=" + std::to_string(d.index) + ")";
       });
 
   py::class_<ImageFile>(m, "ImageFile")
@@ -196,7 +196,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("arch_compat_table", [] {
     std::vector<std::tuple<std::string, std::string, std::string>> out;
-    for (const auto& row : arch_compat_table()) out.emplace_back(row.device_arch, row.image_arch, load_mode_name(row.mode));
+    for (const auto& row : arch_compat_table())
+      out.emplace_back(row.device_arch, row.image_arch, load_mode_name(row.mode));
     return out;
   });
 
@@ -206,10 +207,12 @@ PYBIND11_MODULE(_C, m) {
     return out;
   });
 
-  m.def("backend_status", [](const std::string& vendor) { return status_dict(backend_for(checked_vendor(vendor)).status()); });
+  m.def("backend_status",
+        [](const std::string& vendor) { return status_dict(backend_for(checked_vendor(vendor)).status()); });
 
   m.def(
-      "probe_device", [](const std::string& vendor, int index) { return backend_for(checked_vendor(vendor)).probe(index); },
+      "probe_device",
+      [](const std::string& vendor, int index) { return backend_for(checked_vendor(vendor)).probe(index); },
       py::call_guard<py::gil_scoped_release>());
 
   m.def(
@@ -221,8 +224,8 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         launch(img, mode_from_name(mode), device, reinterpret_cast<void*>(stream), problem, named);
       },
-      py::arg("registry"), py::arg("image"), py::arg("mode"), py::arg("device"), py::arg("stream"),
-      py::arg("problem"), py::arg("args"));
+      py::arg("registry"), py::arg("image"), py::arg("mode"), py::arg("device"), py::arg("stream"), py::arg("problem"),
+      py::arg("args"));
 
   m.def(
       "pack_params",

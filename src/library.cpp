@@ -7,11 +7,16 @@
 namespace fa2rt {
 
 void* open_library(const std::vector<std::string>& names, std::string* opened, std::string* tried) {
+  // Share a copy torch (or anyone) already loaded under any of the names before loading one of our own: a second
+  // copy of a GPU runtime would not know torch's streams.
   for (const auto& name : names) {
-    // Share the copy torch (or anyone) already loaded before loading our own.
-    void* handle = dlopen(name.c_str(), RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);
-    if (handle == nullptr) handle = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (handle != nullptr) {
+    if (void* handle = dlopen(name.c_str(), RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL)) {
+      *opened = name;
+      return handle;
+    }
+  }
+  for (const auto& name : names) {
+    if (void* handle = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL)) {
       *opened = name;
       return handle;
     }

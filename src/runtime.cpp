@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <tuple>
 
+#include "select.h"
 #include "sha256.h"
 
 namespace fa2rt {
@@ -25,8 +26,8 @@ std::string read_verified(const ImageFile& file) {
   std::string data = read_file(file.path);
   const std::string actual = sha256_hex(data);
   if (actual != file.sha256)
-    throw std::runtime_error("kernel image corrupt: sha256 of " + file.path + " is " + actual +
-                             ", manifest expects " + file.sha256);
+    throw std::runtime_error("kernel image corrupt: sha256 of " + file.path + " is " + actual + ", manifest expects " +
+                             file.sha256);
   return data;
 }
 
@@ -63,8 +64,8 @@ std::string pack_one(const std::string& name, const std::string& type, const Arg
     return bytes_of<int32_t>(static_cast<int32_t>(v));
   }
   if (type == "fp32") {
-    double v = std::holds_alternative<double>(value) ? std::get<double>(value)
-                                                     : static_cast<double>(std::get<int64_t>(value));
+    double v =
+        std::holds_alternative<double>(value) ? std::get<double>(value) : static_cast<double>(std::get<int64_t>(value));
     return bytes_of<float>(static_cast<float>(v));
   }
   throw std::invalid_argument("kernel argument " + name + ": unsupported parameter type " + type);
@@ -94,6 +95,12 @@ std::vector<std::string> pack_params(const ImageInfo& image, const NamedArgs& ar
 
 LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void* stream) {
   if (image.op != "fwd") throw std::invalid_argument("no launch geometry for op " + image.op);
+  // launch() takes any problem, not only selected ones: refuse what would wrap around the unsigned grid.
+  if (problem.seqlen_q < 0 || problem.batch < 0 || problem.nheads < 0)
+    throw std::invalid_argument("problem: expected non-negative batch, seqlen_q and nheads");
+  if (problem.batch * problem.nheads > kMaxGridY)
+    throw std::out_of_range("problem: batch * nheads = " + std::to_string(problem.batch * problem.nheads) +
+                            " exceeds the grid's y limit " + std::to_string(kMaxGridY));
   LaunchConfig cfg;
   // One program per BLOCK_M query rows of one (batch, head).
   cfg.grid[0] = static_cast<unsigned>(ceil_div(problem.seqlen_q, image.block_m));

@@ -37,8 +37,8 @@ const char* load_mode_name(LoadMode m) {
 
 const char* reject_name(Reject r) {
   static const char* const names[] = {
-      "no_device",  "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable", "forced_out", "dtype",
-      "head_dim",   "causal",    "alignment",        "shared_memory", "index_range",  "grid_limit",
+      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable", "forced_out", "dtype",
+      "head_dim",  "causal",    "alignment",        "shared_memory", "index_range",  "grid_limit",
   };
   return names[static_cast<int>(r)];
 }
@@ -99,8 +99,8 @@ std::string check_alignment(const Problem& p, const DeviceInfo&, const ImageInfo
 
 std::string check_shared_memory(const Problem&, const DeviceInfo& d, const ImageInfo& img, LoadMode) {
   if (img.shared_bytes <= d.shared_optin_bytes) return "";
-  return "shared_memory: image needs " + str(img.shared_bytes) + " bytes per block, device " + d.arch +
-         " allows " + str(d.shared_optin_bytes);
+  return "shared_memory: image needs " + str(img.shared_bytes) + " bytes per block, device " + d.arch + " allows " +
+         str(d.shared_optin_bytes);
 }
 
 std::string check_index_range(const Problem& p, const DeviceInfo&, const ImageInfo&, LoadMode) {
@@ -131,10 +131,10 @@ struct NamedCheck {
 // The order the checks run in; the first failing check is the image's rejection.
 const std::vector<NamedCheck>& checks() {
   static const std::vector<NamedCheck> list = {
-      {Reject::kPtxUnusable, check_ptx},         {Reject::kDtype, check_dtype},
-      {Reject::kHeadDim, check_head_dim},        {Reject::kCausal, check_causal},
-      {Reject::kAlignment, check_alignment},     {Reject::kSharedMemory, check_shared_memory},
-      {Reject::kIndexRange, check_index_range},  {Reject::kGridLimit, check_grid},
+      {Reject::kPtxUnusable, check_ptx},        {Reject::kDtype, check_dtype},
+      {Reject::kHeadDim, check_head_dim},       {Reject::kCausal, check_causal},
+      {Reject::kAlignment, check_alignment},    {Reject::kSharedMemory, check_shared_memory},
+      {Reject::kIndexRange, check_index_range}, {Reject::kGridLimit, check_grid},
   };
   return list;
 }
@@ -174,16 +174,16 @@ Selection select(const Problem& problem, const DeviceInfo& device, const std::ve
   for (const auto& img : images)
     if (img.vendor == device.vendor && img.op == problem.op) candidates.push_back(&img);
   if (candidates.empty()) {
-    sel.rejections.push_back({"", Reject::kNoImages,
-                              std::string("no_images: this build has no '") + problem.op + "' images for " +
-                                  vendor_name(device.vendor)});
+    sel.rejections.push_back(
+        {"", Reject::kNoImages,
+         std::string("no_images: this build has no '") + problem.op + "' images for " + vendor_name(device.vendor)});
     return sel;
   }
   auto archs = compatible_archs(device, images);
   if (archs.empty()) {
-    sel.rejections.push_back({"", Reject::kArchUnsupported,
-                              "arch_unsupported: device arch " + device.arch +
-                                  " has no compatible build (see the architecture table)"});
+    sel.rejections.push_back(
+        {"", Reject::kArchUnsupported,
+         "arch_unsupported: device arch " + device.arch + " has no compatible build (see the architecture table)"});
     return sel;
   }
   if (!options.force_arch.empty()) {
@@ -216,10 +216,10 @@ Selection select(const Problem& problem, const DeviceInfo& device, const std::ve
     bool listed = std::any_of(archs.begin(), archs.end(), [&](const auto& a) { return a.first == img->arch; });
     if (listed) continue;
     const bool forced = !options.force_arch.empty();
-    sel.rejections.push_back(
-        {img->name, forced ? Reject::kForcedOut : Reject::kArchMismatch,
-         forced ? "forced_out: FA2RT_FORCE_ARCH=" + options.force_arch + " excludes arch " + img->arch
-                : "arch_mismatch: " + img->arch + " images do not run on " + device.arch});
+    sel.rejections.push_back({img->name, forced ? Reject::kForcedOut : Reject::kArchMismatch,
+                              forced
+                                  ? "forced_out: FA2RT_FORCE_ARCH=" + options.force_arch + " excludes arch " + img->arch
+                                  : "arch_mismatch: " + img->arch + " images do not run on " + device.arch});
   }
   return sel;
 }

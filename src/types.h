@@ -37,7 +37,7 @@ struct ImageInfo {
   std::string name;
   std::string op;  // "fwd"
   Vendor vendor = Vendor::kNone;
-  std::string arch;  // "sm80", "gfx942"
+  std::string arch;   // "sm80", "gfx942"
   std::string dtype;  // "fp16", "bf16"
   int head_dim = 0;   // the compiled head-dim bucket
   bool causal = false;
@@ -51,7 +51,7 @@ struct ImageInfo {
   std::string kernel_name;
   std::vector<std::pair<std::string, std::string>> params;  // run-time params in launch order: (name, triton type)
   int scratch_params = 0;  // trailing scratch pointers Triton appends; always passed as null
-  ImageFile binary;         // cubin or hsaco
+  ImageFile binary;        // cubin or hsaco
   bool has_ptx = false;
   ImageFile ptx;
 };
@@ -67,8 +67,8 @@ struct Problem {
   int64_t nheads_k = 0;
   int64_t head_dim = 0;
   bool causal = false;
-  bool aligned16 = true;       // every base pointer 16-byte aligned
-  bool strides16 = true;       // every stride a multiple of 16 elements
+  bool aligned16 = true;        // every base pointer 16-byte aligned
+  bool strides16 = true;        // every stride a multiple of 16 elements
   int64_t max_head_extent = 0;  // largest element offset inside one (batch, head) slice of any tensor
 };
 

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "backend.h"
@@ -48,8 +49,8 @@ struct Api {
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*) = nullptr;
   CUresult (*cuFuncGetAttribute)(int*, int, CUfunction) = nullptr;
   CUresult (*cuFuncSetAttribute)(CUfunction, int, int) = nullptr;
-  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
-                             CUstream, void**, void**) = nullptr;
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
+                             void**, void**) = nullptr;
   CUresult (*cuGetErrorName)(CUresult, const char**) = nullptr;
 };
 
@@ -80,8 +81,7 @@ class CudaBackend final : public Backend {
     return info;
   }
 
-  LoadedKernel load(int index, const std::string& data, const std::string& kernel_name,
-                    int64_t shared_bytes) override {
+  LoadedKernel load(int index, const std::string& data, const std::string& kernel_name, int64_t shared_bytes) override {
     require_available();
     ContextGuard guard(this, index);
     LoadedKernel k;

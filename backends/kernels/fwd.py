@@ -67,7 +67,7 @@ def _fwd_block(
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE,  # noqa: E741 - the paper's names
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,

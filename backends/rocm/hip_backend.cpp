@@ -176,16 +176,7 @@ class RocmBackend final : public Backend {
     else
       names = {"libamdhip64.so", "libamdhip64.so.7", "libamdhip64.so.6", "libamdhip64.so.5"};
     std::string opened, tried;
-    void* lib = nullptr;
-    // open_library tries each name loaded-then-fresh; look for a copy torch already loaded under any name first,
-    // so that a fresh load of the first name cannot shadow it with a second HIP runtime.
-    for (const auto& name : names) {
-      if ((lib = dlopen(name.c_str(), RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL)) != nullptr) {
-        opened = name;
-        break;
-      }
-    }
-    if (lib == nullptr) lib = open_library(names, &opened, &tried);
+    void* lib = open_library(names, &opened, &tried);
     status_.library = opened.empty() ? names.front() : opened;
     if (lib == nullptr) {
       status_.error = "cannot open the HIP runtime library (" + tried + ")";

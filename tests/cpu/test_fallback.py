@@ -1,8 +1,9 @@
 import math
 
-import fa2rt.fallback as fallback
 import pytest
 import torch
+
+import fa2rt.fallback as fallback
 from fa2rt.fallback import sdpa_attention
 from fa2rt.reference import attention_reference
 

@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+
 from fa2rt.validate import SUPPORTED_DTYPES, Shapes, check_inputs
 
 
