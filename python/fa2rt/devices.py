@@ -32,3 +32,16 @@ def describe(device: torch.device) -> tuple["_C.DeviceInfo", str, str]:
         return _C.DeviceInfo("none", "unknown"), "driver_unavailable", f"{vendor} driver: {status['error']}"
     index = device.index if device.index is not None else torch.cuda.current_device()
     return probe(vendor, index), "", ""
+
+
+def gpu_unavailable_reasons(vendor: str) -> list[str]:
+    """Why this process cannot run fa2rt on a `vendor` GPU; empty when it can."""
+    reasons = []
+    if torch_vendor() != vendor:
+        reasons.append(f"torch {torch.__version__} is not a {vendor} build")
+    elif not torch.cuda.is_available():
+        reasons.append(f"torch sees no {vendor} GPU")
+    status = _C.backend_status(vendor)
+    if not status["available"]:
+        reasons.append(f"fa2rt's {vendor} backend is unavailable: {status['error']}")
+    return reasons
