@@ -7,61 +7,11 @@
  *   FAKE_CUDA_BAD_IMAGE=text  images starting with text fail to load with CUDA_ERROR_INVALID_PTX and
  *                             FAKE_CUDA_JIT_LOG in the JIT error log
  * -DFAKE_OMIT_LAUNCH leaves cuLaunchKernel out. */
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+#define FAKE_FAIL_VAR "FAKE_CUDA_FAIL"
+#include "fake_common.h"
 
-static char* log_buf;
-static size_t log_len, log_cap;
-static int param_sizes[64], n_param_sizes;
 static void* ctx_stack[16];
 static int ctx_depth, n_modules, n_functions;
-
-static void say(const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  int n = vsnprintf(NULL, 0, fmt, ap);
-  va_end(ap);
-  if (log_len + n + 2 > log_cap) {
-    log_cap = (log_len + n + 2) * 2;
-    log_buf = realloc(log_buf, log_cap);
-  }
-  va_start(ap, fmt);
-  vsnprintf(log_buf + log_len, n + 1, fmt, ap);
-  va_end(ap);
-  log_len += n;
-  log_buf[log_len++] = '\n';
-  log_buf[log_len] = '\0';
-}
-
-const char* fake_log(void) { return log_buf ? log_buf : ""; }
-
-void fake_set_param_sizes(const int* sizes, int n) {
-  n_param_sizes = n < 64 ? n : 64;
-  memcpy(param_sizes, sizes, sizeof(int) * n_param_sizes);
-}
-
-static int env_int(const char* name, int fallback) {
-  const char* v = getenv(name);
-  return v && *v ? atoi(v) : fallback;
-}
-
-/* The code FAKE_CUDA_FAIL assigns to `call`, or 0. */
-static int fail(const char* call) {
-  const char* spec = getenv("FAKE_CUDA_FAIL");
-  size_t n = strlen(call);
-  for (const char* p = spec; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
-    if (strncmp(p, call, n) == 0 && p[n] == ':') return atoi(p + n + 1);
-  return 0;
-}
-
-static void hex(char* out, const void* data, size_t n) {
-  for (size_t i = 0; i < n; ++i) sprintf(out + 2 * i, "%02x", ((const unsigned char*)data)[i]);
-  out[2 * n] = '\0';
-}
-
 static void* primary(int dev) { return (void*)(uintptr_t)(0xc0000 + dev); }
 
 static void* current_ctx(void) {
