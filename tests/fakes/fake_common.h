@@ -57,4 +57,14 @@ static void hex(char* out, const void* data, size_t n) {
   out[2 * n] = '\0';
 }
 
+/* The launch parameters as hex strings, comma separated, split by the sizes fake_set_param_sizes() gave. */
+static void params_json(char* out, size_t cap, void** params) {
+  char one[20];
+  out[0] = '\0';
+  for (int i = 0; i < n_param_sizes && param_sizes[i] <= 8; ++i) {
+    hex(one, params[i], param_sizes[i]);
+    snprintf(out + strlen(out), cap - strlen(out), "%s\"%s\"", i ? ", " : "", one);
+  }
+}
+
 #endif

@@ -114,11 +114,8 @@ int hipModuleGetFunction(void** function, void* module, const char* name) {
 #ifndef FAKE_OMIT_LAUNCH
 int hipModuleLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                           unsigned shared, void* stream, void** params, void** extra) {
-  char args[64 * 20] = "", one[20];
-  for (int i = 0; i < n_param_sizes && param_sizes[i] <= 8; ++i) {
-    hex(one, params[i], param_sizes[i]);
-    snprintf(args + strlen(args), sizeof(args) - strlen(args), "%s\"%s\"", i ? ", " : "", one);
-  }
+  char args[64 * 20];
+  params_json(args, sizeof(args), params);
   say("{\"call\": \"hipModuleLaunchKernel\", \"function\": %llu, \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], "
       "\"shared\": %u, \"stream\": %llu, \"device\": %d, \"params\": [%s], \"extra\": %d}",
       (unsigned long long)(uintptr_t)f, gx, gy, gz, bx, by, bz, shared, (unsigned long long)(uintptr_t)stream,
