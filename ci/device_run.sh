@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tox environment (builds fa2rt there, runs tests/gpu), the doctor, a memcheck sample and
-# the benchmark (native sm90 images, then sm80 images through PTX). Full logs go to $OUT.
+# the benchmark (native sm90 images, then sm80 images through PTX). Full logs go to $OUT. TESTS=0 skips the tests
+# (still builds), BENCH=0 the benchmark.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -9,11 +10,18 @@ SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 export PYTHONPATH=/tmp/site:$SITE PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 step() { echo "== $1"; shift; "$@"; echo "== exit $?"; }
-step tox python3 -m tox -e gpu -- -q -x --durations=5 2>&1 | tee "$OUT/tox-gpu.log" | tail -25
 PY=.tox/gpu/bin/python
+if [ "${TESTS:-1}" = 1 ]; then
+step tox python3 -m tox -e gpu -- -q --durations=5 2>&1 | tee "$OUT/tox-gpu.log" | tail -40
 step doctor $PY -m fa2rt.doctor --require cuda 2>&1 | tee "$OUT/doctor.txt" | tail -30
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 9 $PY ci/memcheck_sample.py 2>&1 | tee "$OUT/memcheck.log" | tail -6
+else
+  step build python3 -m tox -e gpu -- -q --collect-only 2>&1 | tail -3  # builds and installs fa2rt
+fi
 if [ "${BENCH:-1}" = 1 ]; then
-  step bench $PY -m fa2rt.bench --out "$OUT" 2>&1 | tee "$OUT/bench-native.txt" | tail -26
-  FA2RT_FORCE_ARCH=sm80 step bench-sm80 $PY -m fa2rt.bench --out "$OUT" 2>&1 | tee "$OUT/bench-sm80.txt" | tail -3
+  cp python/fa2rt/data/crossover.json "$OUT/crossover.json"
+  step bench $PY -m fa2rt.bench --grid --memory --crossover --out "$OUT" \
+       --write-crossover "$OUT/crossover.json" 2>&1 | tee "$OUT/bench-native.txt" | tail -45
+  FA2RT_FORCE_ARCH=sm80 step bench-sm80 $PY -m fa2rt.bench --grid --dtype bfloat16 --head-dim 64 128 --out "$OUT" \
+       2>&1 | tee "$OUT/bench-sm80.txt" | tail -15
 fi

@@ -1,14 +1,29 @@
-"""A few forward calls for compute-sanitizer memcheck: ragged lengths, causal, GQA, both head dims."""
+"""Forward calls for compute-sanitizer memcheck: ragged lengths, causal, windows, softcap, ALiBi, GQA, head dims
+below their bucket, every bucket, and an out= view."""
 
 import torch
 
 import fa2rt
 
-for b, nq, nk, h, hk, d, causal in [(1, 257, 300, 4, 2, 64, True), (2, 129, 77, 2, 1, 128, True),
-                                    (1, 1, 1, 1, 1, 64, False), (1, 200, 333, 2, 2, 128, False)]:
+CASES = [  # b, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, extra kwargs
+    (1, 257, 300, 4, 2, 64, {"causal": True}),
+    (2, 129, 77, 2, 1, 128, {"causal": True}),
+    (1, 1, 1, 1, 1, 64, {}),
+    (1, 200, 333, 2, 2, 128, {}),
+    (1, 190, 150, 2, 1, 8, {"window_size": (5, 3)}),
+    (2, 100, 260, 4, 4, 40, {"window_size": (17, -1), "causal": True}),
+    (1, 131, 131, 2, 2, 96, {"softcap": 20.0}),
+    (2, 77, 200, 4, 2, 256, {"alibi_slopes": torch.rand(2, 4, device="cuda")}),
+    (1, 64, 65, 2, 1, 32, {"softcap": 5.0, "alibi_slopes": torch.rand(2, device="cuda"), "window_size": (3, 3)}),
+]
+for b, nq, nk, h, hk, d, kwargs in CASES:
     q = torch.randn(b, nq, h, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, nk, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    assert fa2rt.explain(q, k, v, causal=causal).path == "kernel"
-    out, lse = fa2rt.attention(q, k, v, causal=causal, return_lse=True)
+    decision = fa2rt.explain(q, k, v, **kwargs)
+    assert decision.path == "kernel", decision
+    out, lse = fa2rt.attention(q, k, v, return_lse=True, **kwargs)
+big = torch.empty(1, 300, 4, 80, device="cuda", dtype=torch.bfloat16)
+q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+fa2rt.attention(q, q, q, causal=True, out=big[..., :64])
 torch.cuda.synchronize()
 print("memcheck sample ran", torch.isfinite(out).all().item())

@@ -127,14 +127,15 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("arch", &ImageInfo::arch)
       .def_readwrite("dtype", &ImageInfo::dtype)
       .def_readwrite("head_dim", &ImageInfo::head_dim)
-      .def_readwrite("causal", &ImageInfo::causal)
+      .def_readwrite("d_mask", &ImageInfo::d_mask)
+      .def_readwrite("features", &ImageInfo::features)
       .def_readwrite("block_m", &ImageInfo::block_m)
       .def_readwrite("block_n", &ImageInfo::block_n)
       .def_readwrite("num_warps", &ImageInfo::num_warps)
       .def_readwrite("warp_size", &ImageInfo::warp_size)
       .def_readwrite("shared_bytes", &ImageInfo::shared_bytes)
       .def_readwrite("align16", &ImageInfo::align16)
-      .def_readwrite("stride16", &ImageInfo::stride16)
+      .def_readwrite("strides8", &ImageInfo::strides8)
       .def_readwrite("kernel_name", &ImageInfo::kernel_name)
       .def_readwrite("params", &ImageInfo::params)
       .def_readwrite("scratch_params", &ImageInfo::scratch_params)
@@ -152,9 +153,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("nheads", &Problem::nheads)
       .def_readwrite("nheads_k", &Problem::nheads_k)
       .def_readwrite("head_dim", &Problem::head_dim)
-      .def_readwrite("causal", &Problem::causal)
+      .def_readwrite("features", &Problem::features)
       .def_readwrite("aligned16", &Problem::aligned16)
-      .def_readwrite("strides16", &Problem::strides16)
+      .def_readwrite("strides8", &Problem::strides8)
       .def_readwrite("max_head_extent", &Problem::max_head_extent);
 
   py::class_<Rejection>(m, "Rejection")
@@ -247,4 +248,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_GRID_Y") = kMaxGridY;
   m.attr("ALIGN_BYTES") = kAlignBytes;
   m.attr("STRIDE_MULTIPLE") = kStrideMultiple;
+  m.attr("HEAD_DIM_MULTIPLE") = kHeadDimMultiple;
 }

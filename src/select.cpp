@@ -38,7 +38,7 @@ const char* load_mode_name(LoadMode m) {
 const char* reject_name(Reject r) {
   static const char* const names[] = {
       "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable", "forced_out", "dtype",
-      "head_dim",  "causal",    "alignment",        "shared_memory", "index_range",  "grid_limit",
+      "head_dim",  "features",  "alignment",        "shared_memory", "index_range",  "grid_limit",
   };
   return names[static_cast<int>(r)];
 }
@@ -69,6 +69,12 @@ int ptx_target_number(const std::string& target) {  // "sm_90a" -> 90
 
 std::string str(int64_t v) { return std::to_string(v); }
 
+std::string join(const std::vector<std::string>& items, const char* sep) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : sep) + item;
+  return out;
+}
+
 // A check returns an empty string when the image fits, else the message of its rejection.
 using Check = std::function<std::string(const Problem&, const DeviceInfo&, const ImageInfo&, LoadMode)>;
 
@@ -78,21 +84,28 @@ std::string check_dtype(const Problem& p, const DeviceInfo&, const ImageInfo& im
 }
 
 std::string check_head_dim(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
-  if (img.head_dim == p.head_dim) return "";
-  return "head_dim: image is compiled for " + str(img.head_dim) + ", problem has " + str(p.head_dim);
+  if (!img.d_mask) {
+    if (img.head_dim == p.head_dim) return "";
+    return "head_dim: image is compiled for exactly " + str(img.head_dim) + ", problem has " + str(p.head_dim);
+  }
+  if (p.head_dim <= img.head_dim && p.head_dim % kHeadDimMultiple == 0) return "";
+  return "head_dim: image takes multiples of " + str(kHeadDimMultiple) + " up to " + str(img.head_dim) +
+         ", problem has " + str(p.head_dim);
 }
 
-std::string check_causal(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
-  if (img.causal == p.causal) return "";
-  return std::string("causal: image is ") + (img.causal ? "causal" : "non-causal") + ", problem is " +
-         (p.causal ? "causal" : "non-causal");
+std::string check_features(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
+  for (const auto& f : p.features)
+    if (std::find(img.features.begin(), img.features.end(), f) == img.features.end())
+      return "features: image has no " + f + " (compiled with: " +
+             (img.features.empty() ? std::string("none") : join(img.features, "+")) + ")";
+  return "";
 }
 
 std::string check_alignment(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
   if (img.align16 && !p.aligned16)
     return "alignment: image assumes " + str(kAlignBytes) + "-byte aligned q/k/v/out pointers, and one is not";
-  if (img.stride16 && !p.strides16)
-    return "alignment: image assumes every q/k/v/out stride is a multiple of " + str(kStrideMultiple) +
+  if (img.strides8 && !p.strides8)
+    return "alignment: image takes every q/k/v/out stride in units of " + str(kStrideMultiple) +
            " elements, and one is not";
   return "";
 }
@@ -132,7 +145,7 @@ struct NamedCheck {
 const std::vector<NamedCheck>& checks() {
   static const std::vector<NamedCheck> list = {
       {Reject::kPtxUnusable, check_ptx},        {Reject::kDtype, check_dtype},
-      {Reject::kHeadDim, check_head_dim},       {Reject::kCausal, check_causal},
+      {Reject::kHeadDim, check_head_dim},       {Reject::kFeatures, check_features},
       {Reject::kAlignment, check_alignment},    {Reject::kSharedMemory, check_shared_memory},
       {Reject::kIndexRange, check_index_range}, {Reject::kGridLimit, check_grid},
   };

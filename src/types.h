@@ -40,14 +40,15 @@ struct ImageInfo {
   std::string arch;   // "sm80", "gfx942"
   std::string dtype;  // "fp16", "bf16"
   int head_dim = 0;   // the compiled head-dim bucket
-  bool causal = false;
+  bool d_mask = false;                // also takes head dims below the bucket (multiples of 8), masking the tail
+  std::vector<std::string> features;  // optional score terms compiled in: "softcap", "alibi"
   int block_m = 0;
   int block_n = 0;
   int num_warps = 0;
   int warp_size = 0;
   int64_t shared_bytes = 0;
   bool align16 = false;   // assumes 16-byte aligned base pointers
-  bool stride16 = false;  // assumes every stride is a multiple of 16 elements
+  bool strides8 = false;  // takes q/k/v/out strides in units of 8 elements
   std::string kernel_name;
   std::vector<std::pair<std::string, std::string>> params;  // run-time params in launch order: (name, triton type)
   int scratch_params = 0;  // trailing scratch pointers Triton appends; always passed as null
@@ -66,9 +67,9 @@ struct Problem {
   int64_t nheads = 0;
   int64_t nheads_k = 0;
   int64_t head_dim = 0;
-  bool causal = false;
+  std::vector<std::string> features;  // score terms the call needs: "softcap", "alibi" (causal/window are run time)
   bool aligned16 = true;        // every base pointer 16-byte aligned
-  bool strides16 = true;        // every stride a multiple of 16 elements
+  bool strides8 = true;         // every q/k/v/out stride a multiple of 8 elements
   int64_t max_head_extent = 0;  // largest element offset inside one (batch, head) slice of any tensor
 };
 

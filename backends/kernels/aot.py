@@ -22,22 +22,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fwd import STRIDE_UNIT  # noqa: E402
 from variants import ARCHS, OPS, Variant, variants  # noqa: E402
 
 TRITON_VERSION = "3.6.0"  # pinned by the design; the launch ABI below was checked against it
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: head-dim buckets with d_mask and features; strides in units of fwd.STRIDE_UNIT
 # Triton 3.6 appends global_scratch and profile_scratch pointers after the user params, on both vendors
 # (backends/nvidia/driver.py and backends/amd/driver.py: params.append("&global_scratch"), "&profile_scratch").
 SCRATCH_PARAMS = 2
-# tt.divisibility 16 on every pointer (16-byte aligned base address) and every stride (a multiple of 16 elements),
-# as Triton's JIT specializes them. Without the stride hints no row start is provably aligned: loads stay scalar,
-# cp.async pipelining is lost and sm80/sm89/gfx9 d128 tiles spill. The manifest lists these params per image
+# tt.divisibility 16 on the tensor pointers (16-byte aligned base addresses), as Triton's JIT specializes them. Row
+# starts are aligned too because the kernel takes strides in units of 8 elements (fwd.STRIDE_UNIT); without both,
+# loads stay scalar, cp.async pipelining is lost and tiles spill. The manifest lists the hinted params per image
 # ("divisible16") so the dispatcher can reject a problem that breaks the assumption.
 DIVISIBILITY = 16
 
 
 def divisible_params(params: list[tuple[str, str]]) -> list[str]:
-    return [name for name, ty in params if ty.startswith("*") or name.startswith("stride_")]
+    from fwd import UNHINTED_PARAMS
+
+    return [name for name, ty in params if ty.startswith("*") and name not in UNHINTED_PARAMS]
+
 BINARY_EXT = {"cuda": "cubin", "rocm": "hsaco"}
 
 
@@ -155,13 +159,12 @@ def _tool(name: str) -> Path:
 
 def compile_variant(v: Variant):
     import triton
-    from fwd import attn_fwd, fwd_params
+    from fwd import attn_fwd, fwd_constexprs, fwd_params
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     params = fwd_params(v.dtype)
-    constexprs = {"BLOCK_M": v.block_m, "BLOCK_N": v.block_n, "BLOCK_D": v.head_dim, "D_MASK": False,
-                  "IS_CAUSAL": v.causal}
+    constexprs = fwd_constexprs(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features)
     signature = dict(params) | {k: "constexpr" for k in constexprs}
     hinted = divisible_params(params)
     attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (name, _) in enumerate(params) if name in hinted}
@@ -203,10 +206,12 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
         failures = rocm_checks(res, getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes)
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
-        "features": v.features, "block_m": v.block_m, "block_n": v.block_n, "num_warps": v.num_warps,
-        "num_stages": v.num_stages, "warp_size": v.warp_size, "threads": v.num_warps * v.warp_size,
+        "d_mask": v.d_mask, "features": list(v.features), "block_m": v.block_m, "block_n": v.block_n,
+        "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,
+        "threads": v.num_warps * v.warp_size,
         "shared_bytes": md.shared, "kernel_name": md.name, "params": [list(p) for p in params],
         "scratch_params": SCRATCH_PARAMS, "align16": True, "divisible16": divisible_params(params),
+        "stride_unit": STRIDE_UNIT,
         "binary": {"kind": BINARY_EXT[v.vendor], "file": binary.name, "sha256": _sha256_file(binary)},
         "ptx": ptx, "resources": res,
     }
@@ -220,12 +225,13 @@ def _build_star(args):
 # ---- CLI ----
 
 def _select(vs: list[Variant], only: list[str]) -> list[Variant]:
-    keys = ("op", "arch", "dtype", "head_dim", "causal")
+    keys = {"op": "op", "arch": "arch", "dtype": "dtype", "head_dim": "head_dim", "d_mask": "d_mask",
+            "features": "feature_tag"}
     for item in only:
         key, _, value = item.partition("=")
         if key not in keys or not value:
             raise ValueError(f"--only {item!r}: expected KEY=VALUE with KEY one of {', '.join(keys)}")
-        vs = [v for v in vs if str(getattr(v, key)).lower() == value.lower()]
+        vs = [v for v in vs if str(getattr(v, keys[key])).lower() == value.lower()]
     return vs
 
 
@@ -235,7 +241,7 @@ def _summary(row: dict) -> str:
         regs, mma = f"regs={r['registers']}", f"{r['mma_instr']}={r['mma_count']}"
     else:
         regs, mma = f"vgprs={r['vgpr_count']}", f"v_mfma={r['mfma_count']}"
-    return f"{row['name']:<44} shared={row['shared_bytes']:<7} {regs:<10} {mma:<12}"
+    return f"{row['name']:<56} shared={row['shared_bytes']:<7} {regs:<10} {mma:<12}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output directory for images and manifest.json")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
-                   help="build only variants whose KEY (op, arch, dtype, head_dim, causal) equals VALUE, e.g. "
-                        "--only dtype=fp16 --only causal=true; repeatable, all must match")
+                   help="build only variants whose KEY (op, arch, dtype, head_dim, d_mask, features) equals VALUE, "
+                        "e.g. --only dtype=fp16 --only features=plain; repeatable, all must match")
     args = p.parse_args(argv)
 
     import triton
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"{_summary(row)} {secs:5.1f}s" + ("  FAILED" if fails else ""), flush=True)
                 else:
-                    print(f"{v.name:<44} compile FAILED {secs:5.1f}s", flush=True)
+                    print(f"{v.name:<56} compile FAILED {secs:5.1f}s", flush=True)
                 failures += [f"{v.name}: {f}" for f in fails]
     elapsed = time.perf_counter() - t0
 
@@ -289,12 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         for f in failures:
             print(f"  {f}", file=sys.stderr)
         return 1
-    manifest = {"schema_version": SCHEMA_VERSION, "triton_version": triton.__version__,
-                "archs": sorted({v.arch for v in vs}, key=list(ARCHS).index),
-                "images": sorted(rows, key=lambda r: r["name"])}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    manifest = write_manifest(out, rows)
     print(f"aot: {len(rows)} images for {', '.join(manifest['archs'])} in {elapsed:.1f}s -> {out}")
     return 0
+
+
+def write_manifest(out: Path, rows: list[dict]) -> dict:
+    """manifest.json for these rows, kept in the given order: the dispatcher's preference order."""
+    import triton
+
+    manifest = {"schema_version": SCHEMA_VERSION, "triton_version": triton.__version__,
+                "archs": sorted({r["arch"] for r in rows}, key=list(ARCHS).index), "images": rows}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
 
 
 if __name__ == "__main__":

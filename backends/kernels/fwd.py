@@ -1,23 +1,33 @@
 """FlashAttention-2 forward kernel, one Triton source for NVIDIA and AMD.
 
 Layout (batch, seqlen, nheads, headdim), last dim contiguous. One program computes BLOCK_M query rows of one
-(batch, head); the online softmax runs in base 2 with the scale folded in. The key loop is split in two phases:
-blocks that need no mask at all, then the few boundary blocks (causal diagonal, ragged seqlen_k) that do.
+(batch, head); the online softmax runs in base 2 with the scale folded in.
 
-Causal masking is aligned to the bottom-right corner (flash-attn 2): query i sees key j iff j <= i + seqlen_k -
-seqlen_q. A row that sees no key at all gets output 0 and LSE +inf, as flash-attn 2 does.
+Masking is one band, aligned to the bottom-right corner as in flash-attn 2: with shift = seqlen_k - seqlen_q, query
+i sees key j iff i + shift - window_left <= j <= i + shift + window_right (and j < seqlen_k). Causal is
+window_right = 0; "unlimited" arrives clamped to seqlen_k (left) and seqlen_q (right), so the band covers every key.
+The key loop runs in three phases: the masked blocks at the band's left edge, the blocks every row of this program
+sees whole (no mask at all), and the masked blocks at the right edge (causal diagonal, ragged seqlen_k). A row that
+sees no key gets output 0 and LSE +inf, as flash-attn 2 does.
+
+Scores: s = scale * q.k; with SOFTCAP s = softcap * tanh(s / softcap); with ALIBI s -= slope * |i + shift - j|.
 """
 
 import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+# Head dims arrive as head_dim // 8 and q/k/v/out strides in units of 8 elements: a product with 8 is provably a
+# multiple of 8, so the head-dim mask is constant over 8-element (16-byte) groups and every row start is 16-byte
+# aligned. Masked loads and stores stay vectorised without compiling one image per stride alignment.
+HEAD_DIM_MULTIPLE = 8
+STRIDE_UNIT = 8
 
 
 @triton.jit
 def _d_ok(offs_d, head_dim, D_MASK: tl.constexpr):
-    # Without D_MASK the head dim equals the block, so the mask is a compile-time "all true" and the loads and
-    # stores stay 16-byte vectors.
+    # Without D_MASK the head dim equals the block, so the mask is a compile-time "all true".
     if D_MASK:
         return offs_d < head_dim
     else:
@@ -25,38 +35,62 @@ def _d_ok(offs_d, head_dim, D_MASK: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    # tanh from exp2 (portable across vendors); saturates to +-1 correctly as exp2 over/underflows.
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
 def _fwd_block(
-    acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, start, stop, stride_kn, stride_vn, seqlen_k, causal_shift,
-    qk_scale_log2, BLOCK_N: tl.constexpr, D_MASK: tl.constexpr, head_dim, MASKED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, first, n_blocks, gap_at, gap, stride_kn, stride_vn, seqlen_k,
+    shift, key_lo, key_hi, qk_scale_log2, softcap_in, alibi_log2, head_dim,
+    BLOCK_N: tl.constexpr, D_MASK: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
+    """n_blocks key blocks from key `first` on, skipping `gap` keys after the first gap_at blocks."""
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(start, stop, BLOCK_N):
+    d_ok = _d_ok(offs_d, head_dim, D_MASK)
+    for t in range(0, n_blocks):
+        start_n = first + t * BLOCK_N
+        if MASKED:
+            start_n += tl.where(t >= gap_at, gap, 0)
         cols = start_n + offs_n
         k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
         if MASKED:
-            k = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & _d_ok(offs_d, head_dim, D_MASK)[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
         elif D_MASK:
-            k = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        qk = tl.dot(q, k) * qk_scale_log2
-        if MASKED:
-            keep = cols[None, :] < seqlen_k
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with every key masked so far keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_shift[:, None])
+        qk = tl.dot(q, k)
+        if MASKED or SOFTCAP or ALIBI:
+            if SOFTCAP:
+                s = _tanh(qk * softcap_in) * qk_scale_log2
+            else:
+                s = qk * qk_scale_log2
+            if ALIBI:
+                s -= alibi_log2 * tl.abs(cols[None, :] - (offs_m + shift)[:, None]).to(tl.float32)
+            if MASKED:
+                # Per-row key bounds, so the mask is two compares per score.
+                keep = (cols[None, :] >= key_lo[:, None]) & (cols[None, :] <= key_hi[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with every key masked so far keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+        else:
+            # Hot path: no mask, plain scores; the scale is applied after the row max (scale >= 0, see attn_fwd),
+            # so scaling and subtracting the max fuse into one FMA per score.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+            m_shift = m_new
+            p = tl.math.exp2(qk * qk_scale_log2 - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & _d_ok(offs_d, head_dim, D_MASK)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         elif D_MASK:
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs)
         acc = acc * alpha[:, None]
@@ -66,49 +100,86 @@ def _fwd_block(
 
 
 @triton.jit
+def _key_phases(m0, seqlen_q, seqlen_k, shift, window_left, window_right, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key offsets lo <= full_lo <= full_hi <= hi (or hi < lo: no key at all): [lo, full_lo) and [full_hi, hi) need
+    the mask, [full_lo, full_hi) is seen whole by every row of the program. All but hi are multiples of BLOCK_N."""
+    m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo = tl.maximum(m0 + shift - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(m_last + shift + window_right + 1, seqlen_k)
+    full_lo = tl.cdiv(tl.maximum(m_last + shift - window_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum(tl.minimum(m0 + shift + window_right + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def attn_fwd(
-    Q, K, V, O, LSE,  # noqa: E741 - the paper's names
+    Q, K, V, O, LSE, ALIBI,  # noqa: E741 - the paper's names
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    nheads, head_ratio, seqlen_q, seqlen_k, head_dim, qk_scale_log2,
+    stride_ab, stride_ah,
+    nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left, window_right,
+    qk_scale_log2, softcap_in,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Programs with the most keys (last query blocks under a causal band) start first: a shorter tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
+    stride_qb, stride_qh, stride_qm = stride_qb * 8, stride_qh * 8, stride_qm * 8  # STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * 8, stride_kh * 8, stride_kn * 8
+    stride_vb, stride_vh, stride_vn = stride_vb * 8, stride_vh * 8, stride_vn * 8
+    stride_ob, stride_oh, stride_om = stride_ob * 8, stride_oh * 8, stride_om * 8
     off_b = (pid_bh // nheads).to(tl.int64)
     off_h = (pid_bh % nheads).to(tl.int64)
     off_hk = off_h // head_ratio  # GQA/MQA: query heads share a KV head, no copy of K/V
+    head_dim = head_dim_8 * 8
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
     row_ok = offs_m[:, None] < seqlen_q
     d_ok = _d_ok(offs_d, head_dim, D_MASK)[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok & d_ok, other=0.0)
+    if not SOFTCAP:
+        # The hot path scales after the row max, which needs scale >= 0: a negative scale moves its sign into q.
+        # (With SOFTCAP, qk_scale_log2 is softcap * log2(e) > 0 and the scale's sign sits in softcap_in.)
+        if qk_scale_log2 < 0:
+            q = -q
+            qk_scale_log2 = -qk_scale_log2
+    alibi_log2 = 0.0
+    if ALIBI_ON:
+        alibi_log2 = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah) * LOG2E
+
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    causal_shift = seqlen_k - seqlen_q
-    if IS_CAUSAL:
-        # Keys visible to the last row of this block, and keys visible to every row of it.
-        stop = tl.minimum(seqlen_k, tl.maximum(pid_m * BLOCK_M + BLOCK_M + causal_shift, 0))
-        full = tl.minimum(seqlen_k, tl.maximum(pid_m * BLOCK_M + 1 + causal_shift, 0))
-    else:
-        stop = seqlen_k
-        full = seqlen_k
-    full = (full // BLOCK_N) * BLOCK_N
-
-    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, 0, full, stride_kn, stride_vn,
-                               seqlen_k, causal_shift, qk_scale_log2, BLOCK_N, D_MASK, head_dim, False, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, full, stop, stride_kn, stride_vn,
-                               seqlen_k, causal_shift, qk_scale_log2, BLOCK_N, D_MASK, head_dim, True, IS_CAUSAL)
+    shift = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = _key_phases(m0, seqlen_q, seqlen_k, shift, window_left, window_right, BLOCK_M,
+                                           BLOCK_N)
+    # The band of each row: keys key_lo[i] ..= key_hi[i].
+    key_lo = offs_m + shift - window_left
+    key_hi = tl.minimum(offs_m + shift + window_right, seqlen_k - 1)
+    # Two loops, not three: one loop body per phase costs registers, so both masked edges share one loop.
+    n_full = (full_hi - full_lo) // BLOCK_N
+    n_left = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N)  # full_lo may be clamped to hi, off the grid
+    n_right = tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)
+    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, full_lo, n_full, n_full, 0,
+                               stride_kn, stride_vn, seqlen_k, shift, key_lo, key_hi, qk_scale_log2,
+                               softcap_in, alibi_log2, head_dim, BLOCK_N, D_MASK, False, SOFTCAP, ALIBI_ON)
+    acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, lo, n_left + n_right, n_left,
+                               full_hi - full_lo, stride_kn, stride_vn, seqlen_k, shift, key_lo, key_hi,
+                               qk_scale_log2, softcap_in, alibi_log2, head_dim, BLOCK_N, D_MASK, True, SOFTCAP,
+                               ALIBI_ON)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -118,19 +189,31 @@ def attn_fwd(
     tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
 
 
+# Params the AOT build must not hint as 16-byte aligned: the ALiBi slopes are a small fp32 tensor of any alignment.
+# Every other pointer is hinted (aot.py), and the dispatcher checks the hint holds.
+UNHINTED_PARAMS = frozenset({"ALIBI", "stride_ab", "stride_ah"})
+
+
 # The kernel's run-time parameters in launch order, with their Triton types. The dispatcher packs arguments by
 # these names (the manifest carries this list per image), so the kernel signature is stated here and nowhere else.
 def fwd_params(dtype: str) -> list[tuple[str, str]]:
     ptr = f"*{dtype}"
     return [
-        ("Q", ptr), ("K", ptr), ("V", ptr), ("O", ptr), ("LSE", "*fp32"),
+        ("Q", ptr), ("K", ptr), ("V", ptr), ("O", ptr), ("LSE", "*fp32"), ("ALIBI", "*fp32"),
         ("stride_qb", "i64"), ("stride_qh", "i64"), ("stride_qm", "i32"),
         ("stride_kb", "i64"), ("stride_kh", "i64"), ("stride_kn", "i32"),
         ("stride_vb", "i64"), ("stride_vh", "i64"), ("stride_vn", "i32"),
         ("stride_ob", "i64"), ("stride_oh", "i64"), ("stride_om", "i32"),
-        ("nheads", "i32"), ("head_ratio", "i32"), ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"),
-        ("qk_scale_log2", "fp32"),
+        ("stride_ab", "i32"), ("stride_ah", "i32"),
+        ("nheads", "i32"), ("head_ratio", "i32"), ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim_8", "i32"),
+        ("window_left", "i32"), ("window_right", "i32"), ("qk_scale_log2", "fp32"), ("softcap_in", "fp32"),
     ]
+
+
+def fwd_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...]) -> dict:
+    """Compile-time parameters of one image (the variant grid's feature names map onto the kernel's flags)."""
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": bucket, "D_MASK": d_mask,
+            "SOFTCAP": "softcap" in features, "ALIBI_ON": "alibi" in features}
 
 
 def attn_fwd_grid(seqlen_q: int, batch: int, nheads: int, block_m: int) -> tuple[int, int, int]:

@@ -13,7 +13,11 @@ BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
 OPS = ("fwd",)
 DTYPES = ("fp16", "bf16")
-CAUSAL = (False, True)
+# Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order
+# and the dispatcher takes the first image that fits, so an exact head dim without extras wins. Masked images take
+# any head dim up to the bucket (a multiple of 8); an image with softcap also takes alibi (slope 0 when unused), which
+# keeps the grid at four kinds instead of six. Causal and window_size are run-time parameters of every image.
+KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
@@ -28,6 +32,19 @@ ARCHS = {
 @cache
 def tiles(vendor: str) -> dict:
     return json.loads((BACKENDS_DIR / vendor / "tiles.json").read_text())
+
+
+def dump_tiles(doc: dict) -> str:
+    """tiles.json text: one line per head-dim bucket, so a diff shows which tile changed."""
+    lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in doc.items() if k != "archs"] + ['  "archs": {']
+    archs = list(doc["archs"].items())
+    for i, (arch, info) in enumerate(archs):
+        lines.append(f'    "{arch}": {{"max_shared_bytes": {info["max_shared_bytes"]}, "fwd": {{')
+        buckets = sorted(info["fwd"].items(), key=lambda kv: int(kv[0]))
+        lines += [f'      "{b}": {json.dumps(cfg)}{"," if j < len(buckets) - 1 else ""}'
+                  for j, (b, cfg) in enumerate(buckets)]
+        lines.append("    }}" + ("," if i < len(archs) - 1 else ""))
+    return "\n".join(lines + ["  }", "}"]) + "\n"
 
 
 def arch_info(arch: str) -> dict:
@@ -48,8 +65,9 @@ class Variant:
     mma_instr: str
     max_shared_bytes: int
     dtype: str
-    head_dim: int
-    causal: bool
+    head_dim: int  # the bucket (BLOCK_D)
+    d_mask: bool  # takes head dims below the bucket, masking the tail
+    features: tuple[str, ...]
     block_m: int
     block_n: int
     num_warps: int
@@ -57,14 +75,14 @@ class Variant:
     waves_per_eu: int | None  # AMD only
 
     @property
-    def features(self) -> list[str]:
-        return ["causal"] if self.causal else []
+    def feature_tag(self) -> str:
+        return "+".join(self.features) or "plain"
 
     @property
     def name(self) -> str:
-        flag = "causal" if self.causal else "full"
+        dims = f"d{self.head_dim}{'m' if self.d_mask else ''}"
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
-        return f"{self.op}-{self.arch}-{self.dtype}-d{self.head_dim}-{flag}-{tile}"
+        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}-{tile}"
 
 
 def variants(archs: list[str]) -> list[Variant]:
@@ -75,12 +93,12 @@ def variants(archs: list[str]) -> list[Variant]:
         for op in OPS:
             for bucket, cfg in sorted(info[op].items(), key=lambda kv: int(kv[0])):
                 for dtype in DTYPES:
-                    for causal in CAUSAL:
+                    for d_mask, features in KINDS:
                         out.append(Variant(
                             op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
                             warp_size=tiles(vendor)["warp_size"], mma_instr=mma,
                             max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
-                            causal=causal, block_m=cfg["block_m"], block_n=cfg["block_n"],
+                            d_mask=d_mask, features=features, block_m=cfg["block_m"], block_n=cfg["block_n"],
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                             waves_per_eu=cfg.get("waves_per_eu")))
     return out

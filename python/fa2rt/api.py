@@ -4,43 +4,64 @@ import torch
 
 from . import ops, policy
 from .fallback import sdpa_attention
-from .validate import check_inputs
+from .validate import Shapes, check_inputs
+
+NO_WINDOW = (-1, -1)
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def explain(q, k, v, *, causal=False, softmax_scale=None) -> policy.Decision:
+def explain(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
+            out=None) -> policy.Decision:
     """What attention(q, k, v, ...) would run, and why: the chosen image or the fallback reason, with every
     candidate image the dispatcher rejected."""
-    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    return policy.decide(shapes, q, k, v, causal=causal, needs_grad=_needs_grad(q, k, v))
+    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                          softcap=softcap, alibi_slopes=alibi_slopes, out=out)
+    return policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out)
 
 
-def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
+def _decide_traced(shapes: Shapes, q, k, v) -> policy.Decision:
+    # The dispatcher is native code Dynamo cannot trace: the custom op selects when the graph runs (and falls back
+    # there, announced, when no image fits). Decisions that need no device query are taken here.
+    use_op = q.is_cuda and q.dtype in policy.KERNEL_DTYPES and not _needs_grad(q, k, v) and not shapes.trivial
+    return policy.Decision("kernel" if use_op else "fallback")
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
+              return_lse=False, out=None):
     """Exact attention, flash-attn 2 semantics.
 
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with nheads % nheads_k == 0.
-    causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k (rows that see no key give 0).
-    softmax_scale: defaults to headdim ** -0.5.
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with nheads % nheads_k == 0
+    (MQA/GQA without copying K/V). With shift = seqlen_k - seqlen_q, query i may see key j when
+    i + shift - left <= j <= i + shift + right for window_size=(left, right) (-1: unlimited on that side);
+    causal=True sets right = 0 (the bottom-right aligned causal mask). Rows that see no key give 0 and lse +inf.
+    softmax_scale: defaults to headdim ** -0.5. softcap > 0: scores become softcap * tanh(score / softcap).
+    alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + shift - j| to the scores.
+    out: optional tensor shaped like q (last dim contiguous) the output is written into and returned.
     Returns out (like q), or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse.
     Runs an fa2rt kernel when one fits the device and problem, else PyTorch SDPA (announced once per reason,
     see explain()).
     """
-    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                          softcap=softcap, alibi_slopes=alibi_slopes, out=out)
     if torch.compiler.is_compiling():
-        # The dispatcher is native code Dynamo cannot trace: the custom op selects when the graph runs (and falls
-        # back there, announced, when no image fits). Decisions that need no device query are taken here.
-        use_op = q.is_cuda and q.dtype in policy.KERNEL_DTYPES and not _needs_grad(q, k, v) and not shapes.trivial
-        decision = policy.Decision("kernel" if use_op else "fallback")
+        decision = _decide_traced(shapes, q, k, v)
     else:
-        decision = policy.decide(shapes, q, k, v, causal=causal, needs_grad=_needs_grad(q, k, v))
+        decision = policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out)
     if decision.path == "kernel":
-        out, lse = ops.fwd(q, k, v, causal, shapes.softmax_scale, decision.image or "", decision.mode or "")
+        left, right = shapes.window
+        args = (shapes.softmax_scale, left, right, shapes.softcap, decision.image or "", decision.mode or "")
+        if out is None:
+            out, lse = ops.fwd(q, k, v, alibi_slopes, *args)
+        else:
+            lse = ops.fwd_out(q, k, v, alibi_slopes, out, *args)
     else:
         if decision.path == "fallback" and decision.reason:
             policy.announce(decision)
-        out, lse = sdpa_attention(q, k, v, causal=causal, softmax_scale=shapes.softmax_scale,
+        res, lse = sdpa_attention(q, k, v, causal=shapes.causal, softmax_scale=shapes.softmax_scale,
+                                  window_size=shapes.window, softcap=shapes.softcap, alibi_slopes=alibi_slopes,
                                   return_lse=return_lse)
+        out = res if out is None else out.copy_(res)
     return (out, lse) if return_lse else out

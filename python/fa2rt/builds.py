@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import _C, config
 
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,15 @@ def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
     img.arch = row["arch"]
     img.dtype = row["dtype"]
     img.head_dim = row["head_dim"]
-    img.causal = "causal" in row["features"]
+    img.d_mask = row["d_mask"]
+    img.features = row["features"]
     img.block_m = row["block_m"]
     img.block_n = row["block_n"]
     img.num_warps = row["num_warps"]
     img.warp_size = row["warp_size"]
     img.shared_bytes = row["shared_bytes"]
     img.align16 = row["align16"]
-    img.stride16 = any(name.startswith("stride_") for name in row.get("divisible16", ()))
+    img.strides8 = row["stride_unit"] == _C.STRIDE_MULTIPLE
     img.kernel_name = row["kernel_name"]
     img.params = [tuple(p) for p in row["params"]]
     img.scratch_params = row["scratch_params"]

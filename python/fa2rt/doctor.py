@@ -1,7 +1,7 @@
 """python -m fa2rt.doctor: what will run on this machine, why, and whether it computes the right numbers.
 
-Probes in layers (driver libraries, devices, torch's view, installed builds, decisions for common problems,
-a numerical check), each guarded so a missing layer is reported rather than fatal.
+Probes in layers (driver libraries, devices, torch's view, ROCm through hip-python, installed builds, decisions for
+common problems, a numerical check), each guarded so a missing layer is reported rather than fatal.
 
 Exit codes (EXIT_CODES): 0 healthy; 1 a numerical check failed; 2 a GPU is present but no installed image runs
 on it; 3 --require names a vendor with no usable GPU here; 4 internal error of the doctor itself.
@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import __version__, builds, report
+from . import _C, __version__, builds, hip_probe, report
 from .api import attention, explain
 from .policy import FallbackWarning
 from .reference import attention_reference
@@ -54,6 +54,14 @@ def torch_view() -> dict:
         view["devices"].append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}",
                                 "gcnArchName": getattr(props, "gcnArchName", None)})
     return view
+
+
+def rocm_view() -> dict:
+    """ROCm as hip-python sees it (state, HIP runtime/driver versions, devices and the installed builds each runs)."""
+    installed = {}
+    for row in builds.current_build().rows:
+        installed[row["arch"]] = installed.get(row["arch"], 0) + 1
+    return hip_probe.probe(installed, _C.arch_compat_table())
 
 
 def verify_build() -> dict:
@@ -128,6 +136,7 @@ def diagnose(require: str | None) -> dict:
         "drivers": statuses,
         "devices": [report.device_entry(info, build) for info in probed],
         "torch": _layer(torch_view),
+        "rocm": _layer(rocm_view),
         "build": _layer(verify_build),
         "decisions": [],
         "checks": [],
@@ -156,11 +165,38 @@ def verdict(result: dict, require: str | None) -> dict:
         problems.append("a GPU is present but no installed kernel image runs on it (every call falls back to SDPA)")
     if require and not any(d["vendor"] == require for d in result["devices"]):
         code = EXIT_REQUIRE_UNMET
-        problems.append(f"--require {require}: no usable {require} GPU found")
+        problems.append(f"--require {require}: no usable {require} GPU found" + _require_detail(result, require))
     if result["build"].get("bad_files"):
         code = code or EXIT_CHECK_FAILED
         problems.append(f"{len(result['build']['bad_files'])} kernel files do not match their sha256")
     return {"exit_code": code, "status": EXIT_CODES[code], "problems": problems}
+
+
+def _require_detail(result: dict, vendor: str) -> str:
+    """What was found instead of a usable GPU: fa2rt's own driver probe and, for rocm, hip-python's state."""
+    status = result.get("drivers", {}).get(vendor, {})
+    shim = status.get("error") if not status.get("available", True) else f"{status.get('device_count', 0)} device(s)"
+    detail = f"; fa2rt's {vendor} driver probe: {shim}"
+    if vendor == "rocm":
+        rocm = result.get("rocm") or {}
+        state = f"{rocm['state']}: {rocm['summary']}" if "state" in rocm else f"probe failed: {rocm.get('error')}"
+        detail = f"; hip-python state {state}" + detail
+    return detail
+
+
+def _render_rocm(rocm: dict) -> list[str]:
+    if "state" not in rocm:
+        return [f"  probe failed: {rocm.get('error')}"]
+    lines = [f"  {rocm['state']}: {rocm['summary']}"]
+    lines += [f"  {rocm[key]}" for key in ("driver_error", "init_error") if rocm.get(key)]
+    for d in rocm["devices"]:
+        if d.get("error"):
+            lines.append(f"  device {d['index']}: {d['error']}")
+            continue
+        runs = ", ".join(f"{b['arch']} ({b['mode']}, {b['images']} images)" for b in d["matching_builds"])
+        lines.append(f"  device {d['index']}: {d['name']} arch {d['arch']} (raw {d['arch_raw']}); installed builds "
+                     f"it runs: {runs or 'none'}")
+    return lines
 
 
 def render_text(result: dict) -> str:
@@ -186,6 +222,8 @@ def render_text(result: dict) -> str:
     else:
         gpus = ", ".join(f"{d['index']}: {d['name']} ({d['gcnArchName'] or d['capability']})" for d in t["devices"])
         lines.append(f"  torch {t['version']} (cuda {t['cuda']}, hip {t['hip']}); GPUs: {gpus or 'none'}")
+    lines.append("\n[rocm] (through hip-python)")
+    lines += _render_rocm(result["rocm"])
     b = result["build"]
     lines.append("\n[build]")
     lines.append(f"  {b.get('directory')}: {b.get('images', 0)} images {b.get('archs', {})}"

@@ -1,18 +1,45 @@
-"""Fallback attention through torch's scaled_dot_product_attention, with flash-attn 2 semantics."""
+"""Fallback attention through torch's scaled_dot_product_attention, with flash-attn 2 semantics.
+
+One of three paths computes the rows that see at least one key (see PATHS and choose_path):
+- plain: no window beyond causal, no softcap, no alibi: one SDPA call with is_causal / causal_lower_right.
+- masked: a window and/or alibi, no softcap: SDPA with an additive float mask, per chunk of query rows.
+- explicit: softcap (tanh of the scores is no additive bias, so SDPA cannot express it): scores, softcap, bias,
+  softmax and @ v written out in float32 (float64 for float64 inputs), per chunk of query rows.
+The masks and the alibi bias come from fa2rt.reference, the float64 oracle, so both share one definition.
+"""
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
+
+from .reference import alibi_bias, allowed_mask, fold_causal
 
 # cuDNN attention is left out: on an H200 with torch 2.11+cu130 its backward gave wrong gradients (errors ~5, or NaN)
 # when grad_out is a transposed view, as ours always is (B, N, H, D -> B, H, N, D); flash, memory-efficient and math
 # agreed with the float64 reference.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-LSE_CHUNK_ROWS = 1024
 ALIGN_BYTES = 16
-# Upper bound on the fp32 score elements materialised at once while computing the LSE (1 GiB).
-LSE_CHUNK_ELEMENTS = 1 << 28
+# Query rows are processed in chunks whose (batch, nheads, rows, seqlen_k) score-sized tensors have at most
+# CHUNK_ELEMENTS elements (256 MiB in fp32); a chunk holds a few of them (scores, bias, exponentials), about 1 GiB.
+CHUNK_ELEMENTS = 1 << 26
+LSE_CHUNK_ROWS = 1024
+ATTN_CHUNK_ROWS = 1024
+
+
+@dataclass(frozen=True, eq=False)
+class _Problem:
+    """What every path needs besides q, k, v; window is the effective one (causal folded in as right = 0)."""
+
+    seqlen_q: int
+    seqlen_k: int
+    scale: float
+    window: tuple[int, int]
+    softcap: float
+    alibi_slopes: torch.Tensor | None
 
 
 def _zeros(shape, q, k, v):
@@ -31,37 +58,164 @@ def _aligned(t):
     return t
 
 
-def _lse(q, k, *, causal, scale):
-    """(batch, nheads, seqlen_q) float32 log-sum-exp of the scaled, masked scores; +inf for rows with no key.
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
-    Not differentiable (computed on detached inputs), in query chunks so memory stays bounded.
+
+def first_row_with_key(seqlen_q, seqlen_k, window):
+    """Query rows before this one see no key; every later row sees at least one (for seqlen_k > 0).
+
+    The window always holds row i's diagonal key i + seqlen_k - seqlen_q, which exists unless that is negative
+    (rows above seqlen_q - seqlen_k); such a row sees key 0 only when right is unlimited or reaches it.
     """
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    group = nheads // nheads_k
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # Query head h uses key head h // group: split the head dim as (nheads_k, group) instead of copying K.
-    qg = q.detach().to(compute_dtype).permute(0, 2, 1, 3).reshape(batch, nheads_k, group, seqlen_q, head_dim)
-    kt = k.detach().to(compute_dtype).permute(0, 2, 3, 1).unsqueeze(2)  # (batch, nheads_k, 1, head_dim, seqlen_k)
-    rows = max(1, min(LSE_CHUNK_ROWS, LSE_CHUNK_ELEMENTS // max(1, batch * nheads * seqlen_k)))
-    j = torch.arange(seqlen_k, device=q.device)
-    chunks = []
-    for start in range(0, seqlen_q, rows):
-        scores = (qg[..., start:start + rows, :] @ kt) * scale
-        i = torch.arange(start, min(start + rows, seqlen_q), device=q.device)
-        if causal:
-            scores = scores.masked_fill(j[None, :] > i[:, None] + seqlen_k - seqlen_q, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        if causal:
-            lse = torch.where(i + seqlen_k - seqlen_q >= 0, lse, float("inf"))
-        chunks.append(lse)
-    return torch.cat(chunks, dim=-1).reshape(batch, nheads, seqlen_q).to(torch.float32)
+    right = window[1]
+    return 0 if right < 0 else min(seqlen_q, max(0, seqlen_q - seqlen_k - right))
 
 
-def sdpa_attention(q, k, v, *, causal, softmax_scale=None, return_lse=False):
-    """Attention via torch.nn.functional.scaled_dot_product_attention; differentiable through autograd.
+def choose_path(window, softcap, alibi_slopes) -> str:
+    """Which entry of PATHS computes a call with this effective window, softcap and alibi."""
+    if softcap > 0:
+        return "explicit"
+    if alibi_slopes is not None or window not in ((-1, -1), (-1, 0)):
+        return "masked"
+    return "plain"
 
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim); inputs already validated.
+
+def _row_chunks(first, stop, max_rows, budget, batch, nheads, seqlen_k):
+    """Ranges covering query rows [first, stop), each with at most `budget` score elements (at least one row)."""
+    rows = max(1, min(max_rows, budget // max(1, batch * nheads * seqlen_k)))
+    return [range(start, min(start + rows, stop)) for start in range(first, stop, rows)]
+
+
+def _bounded(fn, *args):
+    # Under autograd each chunk would keep its (batch, nheads, rows, seqlen_k) intermediates for backward, adding up
+    # to the whole score matrix; recomputing them chunk by chunk during backward keeps memory bounded.
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _positive_scale(q, scale):
+    # torch's flash kernels give NaN for causal with scale < 0 (CPU and H200 seen) and scale 0 (CPU), as if the -inf
+    # mask were scaled; so SDPA always gets a positive scale: the sign goes into q (exact), and scale 0 means all
+    # scores are exactly 0.
+    if scale < 0:
+        return -q, -scale
+    if scale == 0:
+        return q * 0, 1.0
+    return q, scale
+
+
+def _sdpa(q_rows, k, v, scale, *, attn_mask=None, is_causal=False):
+    """One SDPA call, in and out in our layout (batch, seqlen, nheads, headdim)."""
+    # Slicing rows can break the alignment of an aligned q, hence the check here.
+    q_rows, scale = _positive_scale(_aligned(q_rows), scale)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q_rows.shape[2] != k.shape[2],
+        )
+    return out.transpose(1, 2)
+
+
+def _bias(p, rows, dtype, device):
+    """Additive bias for query rows `rows`, broadcastable to (batch, nheads, len(rows), seqlen_k): -slope * distance
+    for alibi, -inf on keys outside the window; None when there is neither."""
+    bias = None
+    if p.alibi_slopes is not None:
+        bias = alibi_bias(p.alibi_slopes, p.seqlen_q, p.seqlen_k, dtype, rows)
+    if p.window != (-1, -1):
+        allowed = allowed_mask(p.seqlen_q, p.seqlen_k, p.window, device, rows)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device) if bias is None else bias
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    return bias
+
+
+def _by_kv_head(x, nheads_k):
+    # (batch, nheads, rows, n) -> (batch, nheads_k, group * rows, n): query head h uses kv head h // group, so each
+    # kv head's group of query heads is one matmul against it, with no copy of K or V.
+    return x.reshape(x.shape[0], nheads_k, -1, x.shape[-1])
+
+
+def _scores(q_rows, k, rows, p):
+    """Final scores (batch, nheads, len(rows), seqlen_k) in q_rows' dtype: scale, softcap, alibi, window (-inf)."""
+    batch, n, nheads, _ = q_rows.shape
+    qk = _by_kv_head(q_rows.transpose(1, 2), k.shape[2]) @ k.permute(0, 2, 3, 1)
+    s = qk.reshape(batch, nheads, n, p.seqlen_k) * p.scale
+    if p.softcap > 0:
+        s = p.softcap * torch.tanh(s / p.softcap)
+    bias = _bias(p, rows, s.dtype, s.device)
+    return s if bias is None else s + bias
+
+
+def _plain(q, k, v, first, p):
+    # The rows from `first` to the end stay together, so the causal mask keeps its bottom-right alignment.
+    q_rows = q[:, first:]
+    n, seqlen_k = q_rows.shape[1], k.shape[1]
+    causal = p.window[1] == 0
+    mask = causal_lower_right(n, seqlen_k) if causal and n != seqlen_k else None
+    return _sdpa(q_rows, k, v, p.scale, attn_mask=mask, is_causal=causal and n == seqlen_k), None
+
+
+def _masked_rows(q_rows, k, v, rows, p):
+    # The mask must have q's dtype: CUDA's memory-efficient kernel rejects any other ("invalid dtype for bias").
+    return _sdpa(q_rows, k, v, p.scale, attn_mask=_bias(p, rows, q_rows.dtype, q_rows.device)), None
+
+
+def _explicit_rows(q_rows, k, v, rows, p):
+    s = _scores(q_rows, k, rows, p)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # finite: every row given here sees a key
+    batch, n, nheads, head_dim = q_rows.shape
+    out = (_by_kv_head(torch.exp(s - lse), k.shape[2]) @ v.transpose(1, 2)).reshape(batch, nheads, n, head_dim)
+    return out.transpose(1, 2), lse.squeeze(-1).detach()
+
+
+def _chunked(row_fn, q, k, v, first, p):
+    chunks = _row_chunks(first, p.seqlen_q, ATTN_CHUNK_ROWS, CHUNK_ELEMENTS, q.shape[0], q.shape[2], p.seqlen_k)
+    parts = [_bounded(row_fn, q[:, rows.start:rows.stop], k, v, rows, p) for rows in chunks]
+    lse = None if parts[0][1] is None else torch.cat([lse for _, lse in parts], dim=-1)
+    return torch.cat([out for out, _ in parts], dim=1), lse
+
+
+def _masked(q, k, v, first, p):
+    # An alibi bias rounded to fp16/bf16 is off by up to |bias| * 2**-9 (0.03 at a distance of 4096 with slope
+    # 2**-8), so with alibi half-precision inputs run in float32; a window alone (0 or -inf) is exact in any dtype.
+    dtype = q.dtype if p.alibi_slopes is None else _compute_dtype(q)
+    out, lse = _chunked(_masked_rows, q.to(dtype), k.to(dtype), v.to(dtype), first, p)
+    return out.to(q.dtype), lse
+
+
+def _explicit(q, k, v, first, p):
+    dtype = _compute_dtype(q)
+    out, lse = _chunked(_explicit_rows, q.to(dtype), k.to(dtype), v.to(dtype), first, p)
+    return out.to(q.dtype), lse
+
+
+# Each takes (q, k, v, first, problem) and returns rows first.. of out (batch, rows, nheads, headdim), and their
+# lse (batch, nheads, rows) when it comes for free, else None.
+PATHS = {"plain": _plain, "masked": _masked, "explicit": _explicit}
+
+
+def _lse(q, k, first, p):
+    """(batch, nheads, seqlen_q - first) log-sum-exp of the final scores of rows first.. (every one sees a key).
+
+    Not differentiable (computed without grad), in query chunks so memory stays bounded.
+    """
+    dtype = _compute_dtype(q)
+    chunks = _row_chunks(first, p.seqlen_q, LSE_CHUNK_ROWS, CHUNK_ELEMENTS, q.shape[0], q.shape[2], p.seqlen_k)
+    with torch.no_grad():
+        q, k = q.to(dtype), k.to(dtype)
+        parts = [torch.logsumexp(_scores(q[:, rows.start:rows.stop], k, rows, p), dim=-1) for rows in chunks]
+    return torch.cat(parts, dim=-1)
+
+
+def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                   return_lse=False):
+    """Attention via torch.nn.functional.scaled_dot_product_attention (or, for softcap, written out); differentiable
+    through autograd.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim); inputs already validated
+    (see fa2rt.validate.check_inputs for window_size, softcap and alibi_slopes; fa2rt.reference for the math).
     Causal mask is bottom-right aligned; rows that see no key get output 0 (zero gradient) and lse +inf.
     Returns (out, lse): out in q's dtype, (batch, seqlen_q, nheads, headdim) contiguous; lse float32
     (batch, nheads, seqlen_q) (not differentiable) when return_lse, else None.
@@ -69,6 +223,7 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, return_lse=False):
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    p = _Problem(seqlen_q, seqlen_k, scale, fold_causal(window_size, causal), float(softcap), alibi_slopes)
     q, k, v = (_aligned(t) for t in (q, k, v))
 
     if q.numel() == 0 or k.numel() == 0:
@@ -76,32 +231,16 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, return_lse=False):
         lse = torch.full((batch, nheads, seqlen_q), float("inf"), dtype=torch.float32, device=q.device)
         return out, (lse if return_lse else None)
 
-    # The first seqlen_q - seqlen_k rows see no key; SDPA would give NaN rows (and NaN gradients) for them,
-    # so only the remaining rows go through SDPA, where the mask becomes top-left causal with equal lengths.
-    skip = seqlen_q - seqlen_k if causal and seqlen_q > seqlen_k else 0
-    q_rows = q[:, skip:]
-    # torch's flash kernels give NaN for causal with scale < 0 (CPU and H200 seen) and scale 0 (CPU), as if the -inf
-    # mask were scaled; so SDPA always gets a positive scale: the sign goes into q (exact), and scale 0 means all
-    # scores are exactly 0.
-    sdpa_scale = scale
-    if scale < 0:
-        q_rows, sdpa_scale = -q_rows, -scale
-    elif scale == 0:
-        q_rows, sdpa_scale = q_rows * 0, 1.0
-    mask, is_causal = None, False
-    if causal and q_rows.shape[1] == seqlen_k:
-        is_causal = True
-    elif causal:
-        mask = causal_lower_right(seqlen_q, seqlen_k)
-    with sdpa_kernel(SDPA_BACKENDS):
-        out = F.scaled_dot_product_attention(
-            q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=is_causal, scale=sdpa_scale, enable_gqa=nheads != k.shape[2],
-        ).transpose(1, 2)
-    if skip:
-        out = torch.cat([out.new_zeros(batch, skip, nheads, head_dim), out], dim=1)
+    # The first rows may see no key; SDPA would give NaN rows (and NaN gradients) for them, so only the remaining
+    # rows are computed, and the skipped ones get out 0 (no gradient) and lse +inf.
+    first = first_row_with_key(seqlen_q, seqlen_k, p.window)
+    out, lse = PATHS[choose_path(p.window, p.softcap, alibi_slopes)](q, k, v, first, p)
+    if first:
+        out = torch.cat([out.new_zeros(batch, first, nheads, head_dim), out], dim=1)
     out = out.contiguous()
 
     if not return_lse:
         return out, None
-    return out, _lse(q, k, causal=causal, scale=scale)
+    lse = _lse(q, k, first, p) if lse is None else lse
+    skipped = torch.full((batch, nheads, first), float("inf"), dtype=torch.float32, device=q.device)
+    return out, torch.cat([skipped, lse.to(torch.float32)], dim=-1)

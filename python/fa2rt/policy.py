@@ -63,11 +63,12 @@ def problem_for(shapes: Shapes, q, k, v, out=None) -> "_C.Problem":
     p.dtype = KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
     p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.seqlen_k
     p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
+    p.features = [name for name, needed in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi)) if needed]
     tensors = [t for t in (q, k, v, out) if t is not None]
     # Fake tensors (torch.compile tracing) have no address; the run-time call checks the real ones again.
     p.aligned16 = all(_is_fake(t) or t.data_ptr() % _C.ALIGN_BYTES == 0 for t in tensors)
     # A dim of size 1 only ever multiplies its stride by 0, so its stride cannot break the assumption.
-    p.strides16 = all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for t in tensors for i in (0, 1, 2))
+    p.strides8 = all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for t in tensors for i in (0, 1, 2))
     p.max_head_extent = max((t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors)
     return p
 
@@ -81,7 +82,7 @@ def _fallback(reason: str, message: str, device=None, rejections=()) -> Decision
                     rejections=tuple(rejections))
 
 
-def decide(shapes: Shapes, q, k, v, *, causal: bool, needs_grad: bool) -> Decision:
+def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None) -> Decision:
     """Kernel or fallback for one validated call, with every reason."""
     if config.disabled():
         return _fallback("disabled", f"{config.DISABLE} is set")
@@ -101,8 +102,7 @@ def decide(shapes: Shapes, q, k, v, *, causal: bool, needs_grad: bool) -> Decisi
         return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
                          f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
     build = builds.current_build()
-    problem = problem_for(shapes, q, k, v)
-    problem.causal = causal
+    problem = problem_for(shapes, q, k, v, out)
     sel = _C.select(problem, info, build.registry, config.force_arch())
     rejections = [(r.image, r.code, r.message) for r in sel["rejections"]]
     if sel["image"] is None:

@@ -1,15 +1,67 @@
-"""Float64 reference attention: plain math, used by the tests and by the doctor's numerical check."""
+"""Float64 reference attention: plain math, used by the tests and by the doctor's numerical check.
+
+The mask and bias helpers are shared with the SDPA fallback, so both follow one definition of the semantics.
+Row i of the queries is aligned with key column i + seqlen_k - seqlen_q (bottom-right alignment, as flash-attn 2).
+"""
 
 import torch
 
 
-def attention_reference(q, k, v, *, causal=False, softmax_scale=None):
+def relative_position(seqlen_q, seqlen_k, device, rows=None):
+    """(len(rows), seqlen_k) int64: key column j minus row i's diagonal, j - (i + seqlen_k - seqlen_q).
+
+    rows: a range of query rows (default all), so callers working on chunks of rows get only their part.
+    """
+    rows = range(seqlen_q) if rows is None else rows
+    i = torch.arange(rows.start, rows.stop, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    return j - (i + seqlen_k - seqlen_q)
+
+
+def allowed_mask(seqlen_q, seqlen_k, window, device, rows=None):
+    """(len(rows), seqlen_k) bool: whether row i may attend to key j under window (left, right), -1 unlimited.
+
+    window is the effective one (causal already folded in as right = 0): j is allowed iff
+    j >= i + shift - left (when left >= 0) and j <= i + shift + right (when right >= 0), shift = seqlen_k - seqlen_q.
+    """
+    left, right = window
+    rel = relative_position(seqlen_q, seqlen_k, device, rows)
+    allowed = torch.ones_like(rel, dtype=torch.bool)
+    # rel lies in [1 - seqlen_k, seqlen_q - 1]: clamping the bounds changes nothing and keeps huge ints in int64.
+    if left >= 0:
+        allowed &= rel >= -min(left, seqlen_k)
+    if right >= 0:
+        allowed &= rel <= min(right, seqlen_q)
+    return allowed
+
+
+def alibi_bias(alibi_slopes, seqlen_q, seqlen_k, dtype, rows=None):
+    """(batch or 1, nheads, len(rows), seqlen_k) in dtype: -slope[b, h] * |i + seqlen_k - seqlen_q - j|.
+
+    alibi_slopes: (nheads,) (the same for every batch entry, hence a leading 1) or (batch, nheads).
+    """
+    lead = alibi_slopes.shape[0] if alibi_slopes.dim() == 2 else 1
+    slopes = alibi_slopes.to(dtype).reshape(lead, alibi_slopes.shape[-1], 1, 1)
+    distance = relative_position(seqlen_q, seqlen_k, alibi_slopes.device, rows).abs().to(dtype)
+    return -slopes * distance
+
+
+def fold_causal(window_size, causal):
+    """The effective (left, right) window: causal means the window ends at the diagonal (right = 0)."""
+    left, right = window_size
+    return (left, 0) if causal else (left, right)
+
+
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                        alibi_slopes=None):
     """Exact flash-attn 2 semantics, computed in float64 on the inputs' device.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0.
-    Causal mask is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+    score = scale * q.k; then softcap * tanh(score / softcap) when softcap > 0; then minus the alibi bias
+    slope * |i + seqlen_k - seqlen_q - j|; keys outside the window (see allowed_mask; causal is right = 0, so
+    causal alone is the bottom-right aligned mask j <= i + seqlen_k - seqlen_q) are left out of the softmax.
     Returns (out, lse): out (batch, seqlen_q, nheads, headdim) float64, lse (batch, nheads, seqlen_q) float64,
-    natural log of the scaled scores. A query row that sees no key gets out 0 and lse +inf.
+    natural log-sum-exp of the final scores. A query row that sees no key gets out 0 and lse +inf.
     Differentiable, and its gradient has no NaN for rows that see no key.
     """
     batch, seqlen_q, nheads, head_dim = q.shape
@@ -21,11 +73,11 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None):
         v = v.repeat_interleave(nheads // nheads_k, dim=2)
 
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    i = torch.arange(seqlen_q, device=q.device)[:, None]
-    j = torch.arange(seqlen_k, device=q.device)[None, :]
-    allowed = j <= i + seqlen_k - seqlen_q
-    if not causal:
-        allowed = torch.ones_like(allowed)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, seqlen_q, seqlen_k, torch.float64)
+    allowed = allowed_mask(seqlen_q, seqlen_k, fold_causal(window_size, causal), q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
     has_key = allowed.any(dim=-1)  # (seqlen_q,)
 

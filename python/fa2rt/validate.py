@@ -15,6 +15,7 @@ TENSOR_RANK = 4
 LAYOUT = "(batch, seqlen, nheads, headdim)"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MIN_HEAD_DIM = 1
+ALIBI_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Shapes:
     dtype: torch.dtype
     device: torch.device
     softmax_scale: float  # resolved: head_dim**-0.5 when the caller passed None
+    # Defaults keep positional construction from the first nine fields working (a call with no extra features).
+    causal: bool = False  # the caller's flag; its effect is folded into window
+    window: tuple[int, int] = (-1, -1)  # effective (left, right), -1 unlimited; right is 0 when causal
+    softcap: float = 0.0  # 0 means off
+    has_alibi: bool = False
 
     @property
     def trivial(self) -> bool:
@@ -65,12 +71,90 @@ def _same_as_q(name, t, q):
         _fail(ValueError, name, f"device {q.device} (same as q)", t.device)
 
 
-def check_inputs(q, k, v, *, causal, softmax_scale, out=None) -> Shapes:
-    """Validate q, k, v (and out) for attention and return their resolved Shapes.
+def _check_out(out, q, k, v):
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        _fail(TypeError, "out", "None or a torch.Tensor", type(out).__name__)
+    if out.shape != q.shape:
+        _fail(ValueError, "out", f"shape {tuple(q.shape)} (same as q)", f"shape {tuple(out.shape)}")
+    _same_as_q("out", out, q)
+    _check_tensor("out", out)
+    # Writing into a caller's tensor cannot be recorded by autograd (as in flash-attn, out= is forward-only).
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        _fail(ValueError, "out", "None when q, k or v requires grad (out= does not support autograd)",
+              "a tensor")
+
+
+def _check_scale(softmax_scale, head_dim) -> float:
+    if softmax_scale is None:
+        return head_dim**-0.5
+    return _finite_real("softmax_scale", softmax_scale, "None or a finite real number")
+
+
+def _finite_real(name, value, expected) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(TypeError, name, expected, f"{value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        _fail(ValueError, name, expected, repr(value))
+    return value
+
+
+def _check_softcap(softcap) -> float:
+    expected = "a finite real number >= 0 (0 disables it)"
+    value = _finite_real("softcap", softcap, expected)
+    if value < 0:
+        _fail(ValueError, "softcap", expected, repr(value))
+    return value
+
+
+def _check_window(window_size, causal) -> tuple[int, int]:
+    """The effective (left, right) window: causal is the window's right edge at the diagonal (right = 0)."""
+    expected = "a (left, right) tuple or list of two ints, -1 meaning unlimited"
+    if not isinstance(window_size, (tuple, list)):
+        _fail(TypeError, "window_size", expected, f"{window_size!r} ({type(window_size).__name__})")
+    if len(window_size) != 2:
+        _fail(ValueError, "window_size", expected, f"{window_size!r} (length {len(window_size)})")
+    for index, side in enumerate(window_size):
+        name = f"window_size[{index}]"
+        # bool is an int subclass, but True/False as a window size is surely a mistake.
+        if isinstance(side, bool) or not isinstance(side, int):
+            _fail(TypeError, name, "an int >= -1 (-1 = unlimited)", f"{side!r} ({type(side).__name__})")
+        if side < -1:
+            _fail(ValueError, name, "an int >= -1 (-1 = unlimited)", side)
+    left, right = (int(side) for side in window_size)
+    return left, 0 if causal else right
+
+
+def _check_alibi(alibi_slopes, q) -> bool:
+    if alibi_slopes is None:
+        return False
+    name = "alibi_slopes"
+    if not isinstance(alibi_slopes, torch.Tensor):
+        _fail(TypeError, name, "None or a torch.Tensor", type(alibi_slopes).__name__)
+    if alibi_slopes.layout != torch.strided:
+        _fail(ValueError, name, "a dense (strided) tensor", f"layout {alibi_slopes.layout}")
+    # flash-attn reads the slopes as fp32 whatever q's dtype; converting silently would hide a wrong input.
+    if alibi_slopes.dtype != ALIBI_DTYPE:
+        _fail(ValueError, name, f"dtype {ALIBI_DTYPE}", alibi_slopes.dtype)
+    batch, nheads = q.shape[0], q.shape[2]
+    shapes = ((nheads,), (batch, nheads))
+    if tuple(alibi_slopes.shape) not in shapes:
+        _fail(ValueError, name, f"shape {shapes[0]} or {shapes[1]} ((nheads,) or (batch, nheads))",
+              f"shape {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        _fail(ValueError, name, f"device {q.device} (same as q)", alibi_slopes.device)
+    return True
+
+
+def check_inputs(q, k, v, *, causal, softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                 out=None) -> Shapes:
+    """Validate q, k, v, the options and out for attention and return their resolved Shapes.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), identical shapes.
     Raises TypeError when an argument has the wrong Python type (not a tensor, causal not a bool,
-    softmax_scale not a real number) and ValueError for everything else (dtype, device, shape, stride, values).
+    softmax_scale not a real number, ...) and ValueError for everything else (dtype, device, shape, stride, values).
 
     Empty inputs are valid: batch, seqlen_q, seqlen_k and nheads may be 0 (nheads_k may be 0 only when nheads
     is 0, since nheads_k must divide nheads). The caller returns an empty output for them, and for
@@ -79,6 +163,12 @@ def check_inputs(q, k, v, *, causal, softmax_scale, out=None) -> Shapes:
 
     softmax_scale: None (meaning headdim**-0.5) or any finite real number, including 0 and negatives
     (flash-attn accepts them); NaN, inf, bools and non-numbers are rejected.
+    window_size: (left, right) ints >= -1, -1 unlimited; row i sees key j iff j >= i + seqlen_k - seqlen_q - left
+    and j <= i + seqlen_k - seqlen_q + right. causal=True sets right to 0 (Shapes.window is the effective one).
+    softcap: finite real >= 0, 0 off; scores become softcap * tanh(scores / softcap).
+    alibi_slopes: None or float32 (nheads,) or (batch, nheads) on q's device.
+    out: None or a tensor like q (shape, dtype, device, contiguous last dim); not allowed when q, k or v
+    requires grad with grad mode on.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -99,26 +189,12 @@ def check_inputs(q, k, v, *, causal, softmax_scale, out=None) -> Shapes:
         _fail(ValueError, "k", f"a number of heads that divides q's nheads={nheads} (MQA/GQA)",
               f"nheads_k={nheads_k}")
 
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            _fail(TypeError, "out", "None or a torch.Tensor", type(out).__name__)
-        if out.shape != q.shape:
-            _fail(ValueError, "out", f"shape {tuple(q.shape)} (same as q)", f"shape {tuple(out.shape)}")
-        _same_as_q("out", out, q)
-        _check_tensor("out", out)
-
+    _check_out(out, q, k, v)
     if not isinstance(causal, bool):
         _fail(TypeError, "causal", "a bool", f"{causal!r} ({type(causal).__name__})")
 
-    if softmax_scale is None:
-        scale = head_dim**-0.5
-    else:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            _fail(TypeError, "softmax_scale", "None or a finite real number",
-                  f"{softmax_scale!r} ({type(softmax_scale).__name__})")
-        scale = float(softmax_scale)
-        if not math.isfinite(scale):
-            _fail(ValueError, "softmax_scale", "None or a finite real number", repr(scale))
-
     return Shapes(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads, nheads_k=nheads_k,
-                  head_dim=head_dim, dtype=q.dtype, device=q.device, softmax_scale=scale)
+                  head_dim=head_dim, dtype=q.dtype, device=q.device,
+                  softmax_scale=_check_scale(softmax_scale, head_dim), causal=causal,
+                  window=_check_window(window_size, causal), softcap=_check_softcap(softcap),
+                  has_alibi=_check_alibi(alibi_slopes, q))

@@ -27,10 +27,15 @@ SYNTHETIC_SHARED = {("sm80", 64): 65536, ("sm80", 128): 131072, ("sm89", 64): 49
 PTX_TARGET = {"sm80": "sm_80", "sm89": "sm_89", "sm90": "sm_90a"}
 
 
-def synthetic_image(arch, dtype, head_dim, causal, shared=None):
+# Image kinds per bucket in preference order, as backends/kernels/variants.py builds them: (d_mask, features).
+KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
+
+
+def synthetic_image(arch, dtype, head_dim, d_mask=False, features=(), shared=None):
     img = _C.ImageInfo()
-    img.name = f"fwd-{arch}-{dtype}-d{head_dim}-{'causal' if causal else 'full'}"
-    img.op, img.arch, img.dtype, img.head_dim, img.causal = "fwd", arch, dtype, head_dim, causal
+    img.name = f"fwd-{arch}-{dtype}-d{head_dim}{'m' if d_mask else ''}-{'+'.join(features) or 'plain'}"
+    img.op, img.arch, img.dtype, img.head_dim = "fwd", arch, dtype, head_dim
+    img.d_mask, img.features = d_mask, list(features)
     img.vendor = "rocm" if arch.startswith("gfx") else "cuda"
     img.block_m, img.block_n, img.num_warps = 128, 64, 4
     img.warp_size = 64 if img.vendor == "rocm" else 32
@@ -49,15 +54,16 @@ def synthetic_registry(archs=tuple(PTX_TARGET) + ("gfx90a", "gfx942")):
     for arch in archs:
         for dtype in ("fp16", "bf16"):
             for head_dim in (64, 128):
-                for causal in (False, True):
-                    reg.add(synthetic_image(arch, dtype, head_dim, causal))
+                for d_mask, features in KINDS:
+                    reg.add(synthetic_image(arch, dtype, head_dim, d_mask, features))
     return reg
 
 
-def problem(dtype="bf16", head_dim=128, causal=False, batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16,
+def problem(dtype="bf16", head_dim=128, features=(), batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16,
             nheads_k=16, aligned16=True, max_head_extent=None):
     p = _C.Problem()
-    p.dtype, p.head_dim, p.causal, p.batch, p.seqlen_q, p.seqlen_k = dtype, head_dim, causal, batch, seqlen_q, seqlen_k
+    p.dtype, p.head_dim, p.features, p.batch, p.seqlen_q, p.seqlen_k = (dtype, head_dim, list(features), batch,
+                                                                         seqlen_q, seqlen_k)
     p.nheads, p.nheads_k, p.aligned16 = nheads, nheads_k, aligned16
     p.max_head_extent = max_head_extent if max_head_extent is not None else seqlen_k * nheads_k * head_dim
     return p

@@ -84,7 +84,7 @@ def test_capabilities_report_is_json_and_lists_the_build():
 def test_bad_manifest_schema_is_a_build_error(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "images": []}))
     build = builds.load_build(tmp_path)
-    assert "schema_version: expected 1, got 99" in build.error and len(build.registry) == 0
+    assert "schema_version: expected 2, got 99" in build.error and len(build.registry) == 0
 
 
 # Policy on synthetic GPUs: the device probe is the one part that cannot run here, so it is replaced by a
@@ -99,7 +99,7 @@ def on_device(monkeypatch):
 def test_kernel_chosen_on_sm90(on_device):
     on_device("sm90")
     d = fa2rt.explain(*qkv(dtype=torch.bfloat16, d=128))
-    assert d.path == "kernel" and d.image.startswith("fwd-sm90-bf16-d128-full") and d.mode == "native"
+    assert d.path == "kernel" and d.image.startswith("fwd-sm90-bf16-d128-plain-") and d.mode == "native"
 
 
 def test_fp32_falls_back_on_gpu(on_device):
@@ -108,10 +108,18 @@ def test_fp32_falls_back_on_gpu(on_device):
     assert (d.path, d.reason) == ("fallback", "dtype")
 
 
-def test_unsupported_head_dim_names_the_head_dim(on_device):
+@pytest.mark.parametrize("head_dim", [8, 40, 96, 136, 256])
+def test_every_multiple_of_8_up_to_256_has_a_kernel(on_device, head_dim):
     on_device("sm90")
-    d = fa2rt.explain(*qkv(dtype=torch.float16, d=96))
-    assert d.reason == "no_kernel" and "head_dim" in d.message and "96" in d.message
+    d = fa2rt.explain(*qkv(dtype=torch.float16, d=head_dim))
+    assert d.path == "kernel", d
+
+
+@pytest.mark.parametrize("head_dim", [20, 100, 264])
+def test_unsupported_head_dim_names_the_head_dim(on_device, head_dim):
+    on_device("sm90")
+    d = fa2rt.explain(*qkv(dtype=torch.float16, d=head_dim))
+    assert d.reason == "no_kernel" and "head_dim" in d.message and str(head_dim) in d.message
     assert len(d.rejections) == len(builds.current_build().registry.images()) - sum(
         1 for img in builds.current_build().registry.images() if img.vendor != "cuda")
 

@@ -1,13 +1,22 @@
 """The Triton forward kernel source (backends/kernels/fwd.py) run in the Triton interpreter against a float64 reference.
 
-Every (arch, head-dim bucket) tile config of backends/cuda/tiles.json and backends/rocm/tiles.json is launched with
-its block_m/block_n on CPU tensors; O and LSE are poisoned with NaN first, so an element the kernel never writes
-fails the test. Shapes are small and odd but cross several key blocks, so both the unmasked phase and the masked
-boundary phase (causal diagonal, ragged seqlen_k) run, as do query rows that see no key (causal, seqlen_q >
-seqlen_k). fp16 and fp32 only: bf16 misbehaves in the interpreter.
+Every (vendor, arch, head-dim bucket) tile config of backends/cuda/tiles.json and backends/rocm/tiles.json is launched
+with its block_m/block_n on CPU tensors, with the arguments the library itself computes (validate.check_inputs,
+ops._shapes, ops.kernel_args: window clamping, head_dim_8, the score parameters, slope strides, the shared zero slope),
+so a host-side bug fails here too; only the pointers are mapped back to their tensors for the interpreter. O and LSE
+are poisoned with NaN, and followed by NaN guards, so an element the kernel never writes, or one it writes outside
+them, fails the test. The expected values come from fa2rt.reference.attention_reference.
 
-The interpreter executes each program with numpy, one program at a time. Every config runs the full shape list plus
-two causal shapes derived from its block sizes that put the phase bounds one key off a block edge.
+What runs (see the meta tests at the end, which keep the coverage from shrinking silently):
+- every tile: small odd shapes crossing several key blocks, causal and not (unmasked and masked phases, ragged
+  seqlen_k, rows that see no key), causal shapes and sliding-window shapes derived from the block sizes that put the
+  phase bounds one key off a block edge, and a head dim below the bucket (the D_MASK images) on strided inputs;
+- per vendor, on one tile: every window of WINDOWS with causal off and on and seqlen_q ==, <, > seqlen_k; softcap,
+  ALiBi ((nheads,) and (batch, nheads) slopes with odd strides) and both on the image kinds that carry them, the
+  softcap image without slopes (the zero slope); negative and zero softmax_scale.
+fp32 throughout, fp16 on a subset; bf16 misbehaves in the interpreter. Configs that share block sizes and bucket run
+once (the interpreter ignores num_warps and num_stages). The interpreter executes each program with numpy, one program
+at a time: shapes stay small.
 """
 
 import os
@@ -23,6 +32,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -35,8 +45,13 @@ from triton.runtime import interpreter as triton_interpreter  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from fa2rt import ops  # noqa: E402
+from fa2rt.reference import allowed_mask, attention_reference, fold_causal  # noqa: E402
+from fa2rt.validate import check_inputs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 FWD_SRC = ROOT / "backends" / "kernels" / "fwd.py"
+VARIANTS_SRC = ROOT / "backends" / "kernels" / "variants.py"
 TILES = {"cuda": ROOT / "backends" / "cuda" / "tiles.json", "rocm": ROOT / "backends" / "rocm" / "tiles.json"}
 MODULE_NAME = "fa2rt_kernels_fwd_interp"
 
@@ -144,6 +159,17 @@ def _load_interpreted_kernel():
 fwd = _load_interpreted_kernel()
 
 
+def _load_plain_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# The variant grid (image kinds per bucket); plain Python, no Triton.
+variants = _load_plain_module("fa2rt_kernels_variants_interp", VARIANTS_SRC)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tile configs
 
@@ -159,6 +185,30 @@ def _tile_configs():
 
 CONFIGS = _tile_configs()
 
+
+def _tiles():
+    """(block_m, block_n, bucket) -> the archs whose config has it, in file order.
+
+    The interpreter runs a kernel the same way whatever num_warps/num_stages say, so configs that share block sizes
+    and bucket are one computation: each distinct tile runs once, named after every arch it stands for.
+    """
+    tiles = {}
+    for _vendor, arch, bucket, cfg in CONFIGS:
+        tiles.setdefault((cfg["block_m"], cfg["block_n"], bucket), []).append(arch)
+    return {tile: tuple(archs) for tile, archs in tiles.items()}
+
+
+TILE_ARCHS = _tiles()
+
+
+FEATURE_BUCKET = 64
+
+
+def _feature_tile(vendor):
+    """The tile the feature and window crosses run on for a vendor: its last arch's config at FEATURE_BUCKET."""
+    arch, cfg = [(a, c) for v, a, b, c in CONFIGS if v == vendor and b == FEATURE_BUCKET][-1]
+    return (cfg["block_m"], cfg["block_n"], FEATURE_BUCKET), arch
+
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k)
 SHAPES = [
     (1, 1, 1, 1, 1),
@@ -167,11 +217,21 @@ SHAPES = [
     (1, 200, 130, 4, 2),  # GQA; causal: the first 70 query rows see no key
     (1, 3, 300, 1, 1),  # causal: unmasked multi-block phase then a ragged boundary block
 ]
+NONCAUSAL_SHAPES = [s for s in SHAPES if s != (1, 200, 130, 4, 2)]  # non-causal, 130x200 crosses the same blocks
+FP16_SHAPE = (1, 130, 200, 2, 2)  # causal
+# seqlen_q == seqlen_k, seqlen_q < seqlen_k, seqlen_q > seqlen_k (several query and key blocks)
+WINDOW_SHAPES = [(1, 37, 37, 2, 1), (1, 130, 200, 1, 1), (1, 200, 130, 2, 1)]
+# (left, right) as the caller gives them, each run with causal off and on (causal folds right to 0)
+WINDOWS = [(3, 0), (0, 5), (2, 2), (-1, 4), (7, -1), (0, 0)]
+# The image kinds as (d_mask, features); test_every_kind_and_feature_covered_per_vendor checks these are variants.KINDS.
+PLAIN, MASKED, ALIBI, SOFTCAP = (False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi"))
 DTYPES = [torch.float16, torch.float32]
-# Relative Frobenius error of O, and absolute error of LSE (over rows that see a key).
-O_TOL = {torch.float16: 2e-3, torch.float32: 1e-4}
+# Relative Frobenius error of O and max abs error of O, and max abs error of LSE (over rows that see a key).
+O_REL_TOL = {torch.float16: 2e-3, torch.float32: 1e-4}
+O_ABS_TOL = {torch.float16: 8e-3, torch.float32: 2e-4}
 LSE_TOL = {torch.float16: 1e-4, torch.float32: 1e-4}  # scores are exact fp32 products either way; seen ~1e-6
 TL_DTYPE = {torch.float16: "fp16", torch.float32: "fp32"}
+GUARD = 64  # NaN elements after O and LSE in their buffers: a write past the end fails the test
 
 
 def _diagonal_edge_shapes(block_m, block_n):
@@ -188,107 +248,285 @@ def _diagonal_edge_shapes(block_m, block_n):
     return [(1, 9, 9 + 2 * block_n - 2, 1, 1), (1, block_m + 2, 2 * block_m + 3, 1, 1)]
 
 
-def _cases():
+def _window_edge_shapes(block_m, block_n):
+    """(target, shape, window) for sliding windows: band edges of a program's first or last row at a key-block edge.
+
+    seqlen_q = block_m + 5 gives two query programs, p0 (rows 0 .. block_m-1) and p1 (rows block_m .. block_m+4).
+    Row i sees keys i + shift - left ..= i + shift + right (shift = seqlen_k - seqlen_q); the kernel splits each
+    program's keys into the masked left edge [lo, full_lo), the blocks every row sees whole [full_lo, full_hi) and
+    the masked right edge [full_hi, hi). Each target is checked against these definitions by
+    test_window_edge_shapes_hit_their_targets:
+    - last_left_past_edge: p0's last row starts one key past a block edge, so that block is not whole for it
+      (full_lo rounded down would run it unmasked); its band also ends inside a ragged last block;
+    - first_left_block_end: p1's first row starts at the last key of a block (lo rounded up would skip the key);
+    - first_right_short: p0's first row ends one key short of a block end (full_hi rounded up would run the block
+      unmasked for it);
+    - last_right_one_key: p0's last row ends at the first key of a block (hi rounded down would skip that block);
+    - ragged_narrow_end: seqlen_q == seqlen_k ragged, a narrow band: the last program's band lies inside the last,
+      partial key block (the masked left edge must reach past every whole block to the ragged end).
+    """
+    bm, bn = block_m, block_n
+    sq = bm + 5
+    left = bn + 3
+    n = max(2, -(-bm // bn)) * bn + 9  # > block_m: two query programs, the last one inside the ragged key block
+    return [
+        # p0 last row: (bm - 1) + shift - 5 == bn + 1
+        ("last_left_past_edge", (1, sq, sq + bn + 2 - bm + 5, 1, 1), (5, -1)),
+        # p1 first row: bm + shift - left == 2*bn - 1; a right edge too
+        ("first_left_block_end", (1, sq, sq + 2 * bn - 1 - bm + left, 1, 1), (left, 2)),
+        # p0 first row: shift + 4 == 2*bn - 2; whole blocks before it
+        ("first_right_short", (1, sq, sq + 2 * bn - 6, 1, 1), (-1, 4)),
+        # p0 last row: bm - 1 + shift + 4 == 2*bn
+        ("last_right_one_key", (1, sq, sq + 2 * bn - bm - 3, 1, 1), (-1, 4)),
+        ("ragged_narrow_end", (1, n, n, 1, 1), (3, 0)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases: one dataclass per launch, checked by one test; the meta tests below read the same list.
+
+@dataclass(frozen=True)
+class Case:
+    group: str
+    tile: tuple[int, int, int]  # (block_m, block_n, bucket)
+    kind: tuple[bool, tuple[str, ...]]  # (d_mask, features): one of variants.KINDS
+    shape: tuple[int, int, int, int, int]  # (batch, seqlen_q, seqlen_k, nheads, nheads_k)
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)  # the caller's window_size
+    softmax_scale: float | None = None
+    softcap: float = 0.0
+    alibi: str | None = None  # None, or a layout name of _slopes
+    strided: bool = False  # q, k, v and out are views with padded strides (see _inputs)
+
+    @property
+    def id(self):
+        bm, bn, bucket = self.tile
+        b, sq, sk, h, hk = self.shape
+        d_mask, features = self.kind
+        parts = [self.group, "+".join(TILE_ARCHS[self.tile]), f"d{bucket}{'m' if d_mask else ''}",
+                 "+".join(features) or "plain", f"m{bm}n{bn}", f"b{b}q{sq}k{sk}h{h}kv{hk}", f"hd{self.head_dim}",
+                 TL_DTYPE[self.dtype], "causal" if self.causal else "full"]
+        if self.window != (-1, -1):
+            parts.append(f"w{self.window[0]}_{self.window[1]}")
+        if self.softmax_scale is not None:
+            parts.append(f"scale{self.softmax_scale:g}")
+        if self.softcap:
+            parts.append(f"cap{self.softcap:g}")
+        if self.alibi:
+            parts.append(f"alibi_{self.alibi}")
+        if self.strided:
+            parts.append("strided")
+        return "-".join(parts)
+
+
+def _tile_cases():
+    # Every tile: the shape list causal and (most of it) not, the diagonal-edge shapes, the window-edge shapes; fp32,
+    # and fp16 on one causal multi-block shape. The plain image (head dim == bucket).
     cases = []
-    for _vendor, arch, bucket, cfg in CONFIGS:
-        pairs = [(shape, causal) for shape in SHAPES for causal in (False, True)]
-        pairs += [(shape, True) for shape in _diagonal_edge_shapes(cfg["block_m"], cfg["block_n"])]
-        for shape, causal in pairs:
-            for dtype in DTYPES:
-                b, sq, sk, h, hk = shape
-                cid = (f"{arch}-d{bucket}-m{cfg['block_m']}n{cfg['block_n']}-b{b}q{sq}k{sk}h{h}kv{hk}"
-                       f"-{TL_DTYPE[dtype]}-{'causal' if causal else 'full'}")
-                cases.append(pytest.param(cfg, bucket, shape, dtype, causal, id=cid))
+    for tile in TILE_ARCHS:
+        bm, bn, bucket = tile
+        for shape in SHAPES:
+            for causal in (False, True):
+                if causal or shape in NONCAUSAL_SHAPES:
+                    cases.append(Case("tile", tile, PLAIN, shape, bucket, torch.float32, causal))
+        cases.append(Case("tile", tile, PLAIN, FP16_SHAPE, bucket, torch.float16, True))
+        for shape in _diagonal_edge_shapes(bm, bn):
+            cases.append(Case("diag_edge", tile, PLAIN, shape, bucket, torch.float32, True))
+        for _target, shape, window in _window_edge_shapes(bm, bn):
+            cases.append(Case("window_edge", tile, PLAIN, shape, bucket, torch.float32, window=window))
     return cases
 
 
+def _dmask_head_dim(bucket):
+    return bucket - 8 if bucket > 16 else 8
+
+
+def _dmask_cases():
+    # Every tile: a head dim below the bucket (the masked image), strided causal MQA with an explicit scale; both
+    # dtypes at the smaller buckets, fp32 at the large ones (the interpreter's cost grows with the bucket).
+    cases = []
+    for tile in TILE_ARCHS:
+        bucket = tile[2]
+        for dtype in DTYPES if bucket <= 64 else [torch.float32]:
+            cases.append(Case("dmask", tile, MASKED, (2, 70, 150, 2, 1), _dmask_head_dim(bucket), dtype,
+                              causal=True, softmax_scale=0.3, strided=True))
+    return cases
+
+
+def _window_cases():
+    # Per vendor, its feature tile: every window, causal off and on, seqlen_q ==, < and > seqlen_k.
+    cases = []
+    for vendor in TILES:
+        tile, _arch = _feature_tile(vendor)
+        for shape in WINDOW_SHAPES:
+            for window in WINDOWS:
+                for causal in (False, True):
+                    cases.append(Case("window", tile, PLAIN, shape, tile[2], torch.float32, causal, window))
+    return cases
+
+
+def _feature_cases():
+    # Per vendor, its feature tile: softcap, ALiBi and both on the kinds that carry them, with exact and masked head
+    # dims, both slope layouts with odd strides, windows, negative and zero scales (the hot path moves a negative
+    # scale's sign into q), rows with no key.
+    cases = []
+    for vendor in TILES:
+        tile, _arch = _feature_tile(vendor)
+        d = tile[2]
+        dm = _dmask_head_dim(d)
+        f32, f16 = torch.float32, torch.float16
+        # seqlen_q > seqlen_k (rows without keys under causal), GQA with seqlen_q < seqlen_k, MQA with a batch
+        gqa_long_q, gqa_long_k, mqa = (1, 200, 130, 2, 1), (1, 70, 200, 4, 2), (2, 37, 37, 2, 1)
+        batch2 = (2, 150, 90, 2, 1)
+        cases += [
+            # scale sign and zero on the plain image: hot path, masked edges, empty rows
+            Case("scale", tile, PLAIN, gqa_long_q, d, f32, False, softmax_scale=-0.7),
+            Case("scale", tile, PLAIN, gqa_long_q, d, f32, True, softmax_scale=-0.7),
+            Case("scale", tile, PLAIN, gqa_long_k, d, f16, False, (7, 3), softmax_scale=-1.3),
+            Case("scale", tile, PLAIN, gqa_long_k, d, f32, True, softmax_scale=0.0),
+            Case("scale", tile, MASKED, gqa_long_q, dm, f32, False, (2, 2), softmax_scale=0.0),
+            Case("scale", tile, MASKED, mqa, d, f32, False, (2, 2), softmax_scale=-0.6),  # masked image, exact dim
+            # ALiBi image: slopes (nheads,) and (batch, nheads), strided; exact and masked head dims
+            Case("alibi", tile, ALIBI, gqa_long_k, d, f32, True, alibi="heads_strided"),
+            Case("alibi", tile, ALIBI, batch2, dm, f32, False, alibi="batch_heads_transposed"),
+            Case("alibi", tile, ALIBI, batch2, d, f32, True, (7, -1), alibi="batch_heads_sliced"),
+            Case("alibi", tile, ALIBI, mqa, dm, f16, False, (-1, 4), alibi="batch_heads_transposed"),
+            Case("alibi", tile, ALIBI, gqa_long_q, d, f32, False, softmax_scale=-0.5, alibi="heads_strided"),
+            Case("alibi", tile, ALIBI, gqa_long_k, d, f32, False, (3, 0), softmax_scale=0.0, alibi="heads_strided"),
+            # softcap image without slopes (reads the shared zero slope), with (nheads,) and (batch, nheads) slopes
+            Case("softcap", tile, SOFTCAP, gqa_long_k, d, f32, False, softmax_scale=1.0, softcap=1.5),
+            Case("softcap", tile, SOFTCAP, gqa_long_q, dm, f32, True, softcap=0.8),
+            Case("softcap", tile, SOFTCAP, mqa, d, f16, False, (2, 2), softmax_scale=2.0, softcap=3.0),
+            Case("softcap", tile, SOFTCAP, gqa_long_q, d, f32, False, (0, 5), softmax_scale=-0.9, softcap=1.2),
+            Case("softcap", tile, SOFTCAP, gqa_long_k, dm, f32, True, softmax_scale=0.0, softcap=1.0),
+            Case("softcap_alibi", tile, SOFTCAP, gqa_long_k, d, f32, True, softcap=1.5, alibi="heads_strided"),
+            Case("softcap_alibi", tile, SOFTCAP, batch2, dm, f32, False, (7, -1), softmax_scale=-1.1, softcap=2.0,
+                 alibi="batch_heads_transposed"),
+            Case("softcap_alibi", tile, SOFTCAP, batch2, d, f16, True, softcap=0.9, alibi="batch_heads_sliced"),
+        ]
+    return cases
+
+
+CASES = _tile_cases() + _dmask_cases() + _window_cases() + _feature_cases()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Float64 reference (flash-attn 2 semantics)
+# Inputs and launch: the kernel arguments come from the library (validate.check_inputs -> ops._shapes ->
+# ops.kernel_args, as api.attention -> ops.run_forward computes them); the test only turns pointers into tensors.
 
-def _reference(q, k, v, causal, softmax_scale=None):
-    """O (batch, seqlen_q, nheads, headdim) and LSE (batch, nheads, seqlen_q), in float64.
-
-    Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q. A row that sees no key gets
-    output 0 and LSE +inf. K/V heads are repeated for GQA/MQA. LSE is the natural log-sum-exp of the scaled scores.
-    """
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
-    h, hk = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(h // hk, dim=1)
-    v = v.repeat_interleave(h // hk, dim=1)
-    sq, sk, d = q.shape[2], k.shape[2], q.shape[3]
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        i = torch.arange(sq).unsqueeze(1)
-        j = torch.arange(sk).unsqueeze(0)
-        s = s.masked_fill(j > i + sk - sq, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no key
-    empty = torch.isneginf(lse)
-    p = torch.exp(s - torch.where(empty, 0.0, lse).unsqueeze(-1))  # exp(-inf) = 0 on masked and empty rows
-    out = torch.matmul(p, v).transpose(1, 2)
-    lse = torch.where(empty, float("inf"), lse)
-    return out, lse
+def _slopes(layout, batch, nheads, gen):
+    """fp32 ALiBi slopes in [0.01, 0.3], as views with strides the kernel must honour."""
+    def rand(*size):
+        return torch.rand(*size, generator=gen) * 0.29 + 0.01
+    if layout == "heads_strided":  # (nheads,), stride 2, offset 1
+        return rand(2 * nheads + 1)[1::2]
+    if layout == "batch_heads_transposed":  # (batch, nheads), strides (1, batch)
+        return rand(nheads, batch).t()
+    if layout == "batch_heads_sliced":  # (batch, nheads), strides (nheads + 3, 1), offset 2
+        return rand(batch, nheads + 3)[:, 2:2 + nheads]
+    raise ValueError(layout)
 
 
-def test_reference_semantics():
-    # Tiny hand-checkable cases for the reference itself: bottom-right causal alignment and empty rows.
-    q = torch.zeros(1, 3, 1, 2)
-    k = torch.zeros(1, 2, 1, 2)
-    v = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 1, 2)
-    out, lse = _reference(q, k, v, causal=True)
-    # seqlen_q 3 > seqlen_k 2: row 0 sees nothing, row 1 sees key 0, row 2 sees keys 0..1.
-    assert torch.equal(out[0, :, 0], torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 3.0]], dtype=torch.float64))
-    assert lse[0, 0, 0] == float("inf")
-    assert lse[0, 0, 1] == 0.0
-    assert abs(lse[0, 0, 2] - math.log(2.0)) < 1e-15
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Launch
-
-def _launch(q, k, v, causal, block_m, block_n, block_d, softmax_scale=None):
-    batch, seqlen_q, nheads, head_dim = q.shape
-    _, seqlen_k, nheads_k, _ = k.shape
-    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
-    o = torch.full(q.shape, float("nan"), dtype=q.dtype)
-    lse = torch.full((batch, nheads, seqlen_q), float("nan"), dtype=torch.float32)
-    tensors = {"Q": q, "K": k, "V": v, "O": o, "LSE": lse}
-    scalars = {
-        "stride_qb": q.stride(0), "stride_qh": q.stride(2), "stride_qm": q.stride(1),
-        "stride_kb": k.stride(0), "stride_kh": k.stride(2), "stride_kn": k.stride(1),
-        "stride_vb": v.stride(0), "stride_vh": v.stride(2), "stride_vn": v.stride(1),
-        "stride_ob": o.stride(0), "stride_oh": o.stride(2), "stride_om": o.stride(1),
-        "nheads": nheads, "head_ratio": nheads // nheads_k, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
-        "head_dim": head_dim, "qk_scale_log2": scale * math.log2(math.e),
-    }
-    args = {}
-    for name, ty in fwd.fwd_params(TL_DTYPE[q.dtype]):
-        args[name] = tensors[name] if name in tensors else scalars[name]
-        if ty.startswith("*"):
-            assert TL_DTYPE[args[name].dtype] == ty[1:], f"{name}: {args[name].dtype} for {ty}"
-    assert set(args) == set(tensors) | set(scalars), "fwd_params names changed; update the test"
-    grid = fwd.attn_fwd_grid(seqlen_q, batch, nheads, block_m)
-    with _interpret_mode():
-        fwd.attn_fwd[grid](
-            **args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_MASK=head_dim != block_d, IS_CAUSAL=causal,
-        )
-    return o, lse
-
-
-def _inputs(shape, head_dim, dtype, seed_key):
-    b, sq, sk, h, hk = shape
+def _inputs(case, seed_key):
+    b, sq, sk, h, hk = case.shape
+    d = case.head_dim
     gen = torch.Generator().manual_seed(zlib.crc32(seed_key.encode()))
-    q = torch.randn(b, sq, h, head_dim, generator=gen).to(dtype)
-    k = torch.randn(b, sk, hk, head_dim, generator=gen).to(dtype)
-    v = torch.randn(b, sk, hk, head_dim, generator=gen).to(dtype)
-    return q, k, v
+    if case.strided:
+        # Q a slice of a wider tensor, K/V slices of one packed KV tensor: stride_*m != nheads*head_dim, K and V
+        # share storage.
+        q = torch.randn(b, sq, h + 1, d, generator=gen).to(case.dtype)[:, :, 1:]
+        kv = torch.randn(b, sk, 2, hk, d, generator=gen).to(case.dtype)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    else:
+        q = torch.randn(b, sq, h, d, generator=gen).to(case.dtype)
+        k = torch.randn(b, sk, hk, d, generator=gen).to(case.dtype)
+        v = torch.randn(b, sk, hk, d, generator=gen).to(case.dtype)
+    alibi = _slopes(case.alibi, b, h, gen) if case.alibi else None
+    return q, k, v, alibi
 
 
-def _check(q, k, v, causal, o, lse, softmax_scale=None):
+def _outputs(q, strided):
+    """O and LSE, NaN-poisoned, each followed by GUARD NaN elements in its buffer (and O with a NaN head before its
+    rows when strided: out= with a padded row stride)."""
+    b, sq, h, d = q.shape
+    if strided:
+        o_buf = torch.full((b * sq * (h + 1) * d + GUARD,), float("nan"), dtype=q.dtype)
+        o = o_buf[: b * sq * (h + 1) * d].view(b, sq, h + 1, d)[:, :, 1:]
+    else:
+        o_buf = torch.full((b * sq * h * d + GUARD,), float("nan"), dtype=q.dtype)
+        o = o_buf[: b * sq * h * d].view(b, sq, h, d)
+    lse_buf = torch.full((b * h * sq + GUARD,), float("nan"), dtype=torch.float32)
+    lse = lse_buf[: b * h * sq].view(b, h, sq)
+    return o, lse, o_buf, lse_buf
+
+
+def _image_takes(kind, bucket, shapes):
+    """Whether an image of this kind and bucket may run the call (the dispatcher's head-dim and feature rules)."""
+    d_mask, features = kind
+    head_ok = shapes.head_dim == bucket or (d_mask and shapes.head_dim < bucket
+                                            and shapes.head_dim % fwd.HEAD_DIM_MULTIPLE == 0)
+    needed = {"softcap"} if shapes.softcap > 0 else set()
+    needed |= {"alibi"} if shapes.has_alibi else set()
+    return head_ok and needed <= set(features)
+
+
+def _launch(case, q, k, v, alibi, o, lse):
+    """Run the kernel image `case` selects on the call `case` describes; returns the library's kernel_args."""
+    block_m, block_n, bucket = case.tile
+    d_mask, features = case.kind
+    # The public API's validation and resolution (default scale, causal folded into the window), then the same
+    # Shapes ops.run_forward builds from what api.attention hands it.
+    api_shapes = check_inputs(q, k, v, causal=case.causal, softmax_scale=case.softmax_scale,
+                              window_size=case.window, softcap=case.softcap, alibi_slopes=alibi, out=o)
+    left, right = api_shapes.window
+    shapes = ops._shapes(q, k, api_shapes.softmax_scale, left, right, api_shapes.softcap, alibi)
+    assert _image_takes(case.kind, bucket, shapes), f"{case.id}: the image kind {case.kind} cannot run this call"
+    args = ops.kernel_args(q, k, v, o, lse, alibi, shapes)
+
+    pointers = {"Q": q, "K": k, "V": v, "O": o, "LSE": lse,
+                "ALIBI": alibi if alibi is not None else ops._no_slopes(q.device)}
+    params = fwd.fwd_params(TL_DTYPE[q.dtype])
+    assert set(args) == {name for name, _ in params}, "kernel_args and fwd_params disagree on the parameter names"
+    launch = {}
+    for name, ty in params:
+        if ty.startswith("*"):
+            t = pointers[name]
+            assert args[name] == t.data_ptr(), f"{name}: kernel_args passes another pointer"
+            assert TL_DTYPE[t.dtype] == ty[1:], f"{name}: {t.dtype} for {ty}"
+            launch[name] = t
+        else:
+            value = args[name]
+            if ty in ("i32", "i64"):
+                bits = int(ty[1:])
+                assert isinstance(value, int) and not isinstance(value, bool), f"{name}={value!r} for {ty}"
+                assert -(2 ** (bits - 1)) <= value < 2 ** (bits - 1), f"{name}={value} overflows {ty}"
+            else:
+                assert isinstance(value, float) and math.isfinite(value), f"{name}={value!r} for {ty}"
+            launch[name] = value
+    if alibi is None:
+        zero = pointers["ALIBI"]
+        assert zero.dtype == torch.float32 and zero.numel() >= 1 and not zero.any()
+    grid = fwd.attn_fwd_grid(shapes.seqlen_q, shapes.batch, shapes.nheads, block_m)
+    with _interpret_mode():
+        fwd.attn_fwd[grid](**launch, **fwd.fwd_constexprs(block_m, block_n, bucket, d_mask, features))
+    return args
+
+
+def _check(case, q, k, v, alibi, o, lse, o_buf, lse_buf):
     dtype = q.dtype
     assert not torch.isnan(o).any(), f"{int(torch.isnan(o).sum())} of {o.numel()} output elements never written"
     assert not torch.isnan(lse).any(), f"{int(torch.isnan(lse).sum())} of {lse.numel()} LSE elements never written"
-    ref_o, ref_lse = _reference(q, k, v, causal, softmax_scale)
+    # Nothing written outside O and LSE: the guard tails (and the padding heads of a strided O) stay NaN.
+    written = torch.zeros_like(o_buf, dtype=torch.bool)
+    written.as_strided(o.shape, o.stride(), o.storage_offset()).fill_(True)
+    assert torch.isnan(o_buf[~written]).all(), "the kernel wrote outside O"
+    assert torch.isnan(lse_buf[lse.numel():]).all(), "the kernel wrote past the end of LSE"
+
+    ref_o, ref_lse = attention_reference(q, k, v, causal=case.causal, softmax_scale=case.softmax_scale,
+                                         window_size=case.window, softcap=case.softcap, alibi_slopes=alibi)
     empty = torch.isinf(ref_lse)  # (b, h, sq)
     # Rows that see no key: output exactly 0, LSE exactly +inf.
     empty_o = empty.transpose(1, 2)  # (b, sq, h)
@@ -298,57 +536,136 @@ def _check(q, k, v, causal, o, lse, softmax_scale=None):
     if ok.any():
         lse_err = (lse.double()[ok] - ref_lse[ok]).abs().max().item()
         assert lse_err < LSE_TOL[dtype], f"LSE max abs err {lse_err:.3g}"
+    err = (o.double() - ref_o).abs()
+    assert err.max().item() < O_ABS_TOL[dtype], f"O max abs err {err.max().item():.3g}"
     ref_norm = ref_o.norm().item()
     if ref_norm > 0:
         rel = (o.double() - ref_o).norm().item() / ref_norm
-        assert rel < O_TOL[dtype], f"O rel err {rel:.3g}"
+        assert rel < O_REL_TOL[dtype], f"O rel err {rel:.3g}"
     else:
         assert (o == 0).all()
 
 
-@pytest.mark.parametrize(("cfg", "bucket", "shape", "dtype", "causal"), _cases())
-def test_fwd_matches_reference(cfg, bucket, shape, dtype, causal, request):
-    q, k, v = _inputs(shape, bucket, dtype, request.node.callspec.id)
-    o, lse = _launch(q, k, v, causal, cfg["block_m"], cfg["block_n"], bucket)
-    _check(q, k, v, causal, o, lse)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_fwd_matches_reference(case, request):
+    q, k, v, alibi = _inputs(case, request.node.callspec.id)
+    o, lse, o_buf, lse_buf = _outputs(q, case.strided)
+    _launch(case, q, k, v, alibi, o, lse)
+    _check(case, q, k, v, alibi, o, lse, o_buf, lse_buf)
 
 
-def _odd_cases():
-    # head_dim below its bucket (the D_MASK path) for the first arch of each vendor, at each bucket it has.
-    cases = []
-    for vendor in TILES:
-        first = next(arch for v, arch, _, _ in CONFIGS if v == vendor)
-        for v, arch, bucket, cfg in CONFIGS:
-            if v == vendor and arch == first:
-                for dtype in DTYPES:
-                    head_dim = bucket - 24
-                    cid = f"{arch}-d{bucket}-hd{head_dim}-m{cfg['block_m']}n{cfg['block_n']}-{TL_DTYPE[dtype]}"
-                    cases.append(pytest.param(cfg, bucket, head_dim, dtype, id=cid))
-    return cases
+# ---------------------------------------------------------------------------------------------------------------------
+# Meta tests: coverage cannot shrink silently when tiles, kinds or case lists change.
 
-
-@pytest.mark.parametrize(("cfg", "bucket", "head_dim", "dtype"), _odd_cases())
-def test_fwd_dmask_strided_scale(cfg, bucket, head_dim, dtype, request):
-    # D_MASK=True (head_dim < BLOCK_D), an explicit softmax_scale, causal GQA, and non-contiguous inputs: Q a slice
-    # of a wider tensor, K/V slices of one packed KV tensor, so stride_*m != nheads*head_dim and K/V share storage.
-    b, sq, sk, h, hk = 2, 70, 150, 4, 2
-    gen = torch.Generator().manual_seed(zlib.crc32(request.node.callspec.id.encode()))
-    q = torch.randn(b, sq, h + 1, head_dim, generator=gen).to(dtype)[:, :, 1:]
-    kv = torch.randn(b, sk, 2, hk, head_dim, generator=gen).to(dtype)
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    o, lse = _launch(q, k, v, True, cfg["block_m"], cfg["block_n"], bucket, softmax_scale=0.3)
-    _check(q, k, v, True, o, lse, softmax_scale=0.3)
+def test_case_ids_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
 
 
 def test_every_config_covered():
-    # Every (arch, bucket) config runs a causal multi-block case and at least two shapes.
-    by_cfg = {}
-    for p in _cases():
-        cfg, bucket, shape, _dtype, causal = p.values
-        by_cfg.setdefault((p.id.split("-")[0], bucket), (cfg, set()))[1].add((shape, causal))
-    assert set(by_cfg) == {(arch, bucket) for _v, arch, bucket, _c in CONFIGS}
-    for key, (cfg, pairs) in by_cfg.items():
-        assert len({s for s, _ in pairs}) >= 2, key
-        # causal, and crossing several query and key blocks
-        assert any(c and s[1] > cfg["block_m"] and s[2] > cfg["block_n"] for s, c in pairs), key
+    # Every (vendor, arch, bucket) config runs through its tile: a causal multi-block case, at least two shapes, the
+    # diagonal-edge and window-edge shapes of its block sizes, and a head dim below the bucket.
+    for _vendor, arch, bucket, cfg in CONFIGS:
+        tile = (cfg["block_m"], cfg["block_n"], bucket)
+        assert arch in TILE_ARCHS[tile]
+        mine = [c for c in CASES if c.tile == tile]
+        assert len({c.shape for c in mine}) >= 2, (arch, bucket)
+        assert any(c.causal and c.shape[1] > cfg["block_m"] and c.shape[2] > cfg["block_n"] for c in mine), \
+            (arch, bucket)
+        assert {s for s in _diagonal_edge_shapes(cfg["block_m"], cfg["block_n"])} <= {
+            c.shape for c in mine if c.group == "diag_edge" and c.causal}, (arch, bucket)
+        assert {(s, w) for _t, s, w in _window_edge_shapes(cfg["block_m"], cfg["block_n"])} <= {
+            (c.shape, c.window) for c in mine if c.group == "window_edge"}, (arch, bucket)
+        assert any(c.head_dim < bucket and c.kind[0] for c in mine), (arch, bucket)
+        assert any(c.dtype == torch.float16 for c in mine), (arch, bucket)
+
+
+def test_every_kind_and_feature_covered_per_vendor():
+    assert set(variants.KINDS) == {PLAIN, MASKED, ALIBI, SOFTCAP}, "image kinds changed: cover the new ones"
+    for vendor in TILES:
+        tile, arch = _feature_tile(vendor)
+        assert arch in TILE_ARCHS[tile]
+        mine = [c for c in CASES if c.tile == tile]
+        for kind in variants.KINDS:
+            for exact in (True, False):
+                if kind[0] or exact:  # a masked image with the bucket's own head dim, and below it
+                    assert any(c.kind == kind and (c.head_dim == tile[2]) == exact for c in mine), (vendor, kind)
+        need = {
+            "softcap without slopes (zero slope)": lambda c: c.softcap > 0 and c.alibi is None,
+            "softcap with (nheads,) slopes": lambda c: c.softcap > 0 and c.alibi == "heads_strided",
+            "softcap with (batch, nheads) slopes": lambda c: c.softcap > 0 and c.alibi
+            and c.alibi.startswith("batch_heads"),
+            "softcap, negative scale": lambda c: c.softcap > 0 and (c.softmax_scale or 0) < 0,
+            "softcap, zero scale": lambda c: c.softcap > 0 and c.softmax_scale == 0,
+            "alibi (nheads,) strided": lambda c: c.alibi == "heads_strided" and c.softcap == 0,
+            "alibi (batch, nheads) transposed": lambda c: c.alibi == "batch_heads_transposed" and c.shape[0] > 1,
+            "alibi (batch, nheads) sliced": lambda c: c.alibi == "batch_heads_sliced" and c.shape[0] > 1,
+            "alibi, negative scale": lambda c: c.alibi and c.softcap == 0 and (c.softmax_scale or 0) < 0,
+            "alibi with a window": lambda c: c.alibi and c.window != (-1, -1),
+            "negative scale, plain image, unmasked": lambda c: c.kind == PLAIN and (c.softmax_scale or 0) < 0
+            and not c.causal and c.window == (-1, -1),
+            "negative scale, plain image, causal": lambda c: c.kind == PLAIN and (c.softmax_scale or 0) < 0
+            and c.causal,
+            "zero scale, plain image": lambda c: c.kind == PLAIN and c.softmax_scale == 0,
+            "zero scale, masked image": lambda c: c.kind == MASKED and c.softmax_scale == 0,
+            "fp16 softcap+alibi": lambda c: c.dtype == torch.float16 and c.softcap > 0 and c.alibi,
+            "fp16 alibi": lambda c: c.dtype == torch.float16 and c.alibi and c.softcap == 0,
+            "GQA": lambda c: 1 < c.shape[4] < c.shape[3],
+            "MQA": lambda c: c.shape[4] == 1 < c.shape[3],
+        }
+        for what, pred in need.items():
+            assert any(pred(c) for c in mine), (vendor, what)
+
+
+def test_every_window_covered_per_vendor():
+    for vendor in TILES:
+        tile, _arch = _feature_tile(vendor)
+        got = {(c.window, c.causal, (c.shape[1] > c.shape[2]) - (c.shape[1] < c.shape[2]))
+               for c in CASES if c.tile == tile and c.group == "window"}
+        for window in WINDOWS:
+            for causal in (False, True):
+                for order in (-1, 0, 1):
+                    assert (window, causal, order) in got, (vendor, window, causal, order)
+
+
+def test_rows_without_keys_covered():
+    # Cases with query rows that see no key on every tile, and on the ALiBi and softcap images.
+    def some_empty(c):
+        _b, sq, sk, _h, _hk = c.shape
+        return not allowed_mask(sq, sk, fold_causal(c.window, c.causal), "cpu").any(dim=1).all()
+    for tile in TILE_ARCHS:
+        assert any(some_empty(c) for c in CASES if c.tile == tile and c.kind == PLAIN), tile
+    for kind in (ALIBI, SOFTCAP):
+        assert any(some_empty(c) for c in CASES if c.kind == kind), kind
+
+
+def test_window_edge_shapes_hit_their_targets():
+    # The targets of _window_edge_shapes, from the band definition (row i sees i + shift - left ..= i + shift +
+    # right, clamped to the keys), for every tile's block sizes.
+    for block_m, block_n, _bucket in TILE_ARCHS:
+        for target, (_b, sq, sk, _h, _hk), window in _window_edge_shapes(block_m, block_n):
+            assert sk > 0, (target, block_m, block_n)
+            shift = sk - sq
+            left, right = window
+            lefts = [max(i + shift - left, 0) if left >= 0 else 0 for i in range(sq)]
+            rights = [min(i + shift + right, sk - 1) if right >= 0 else sk - 1 for i in range(sq)]
+            assert sq > block_m, (target, block_m, block_n)  # two query programs at least
+            p0_last, p1_first, last = block_m - 1, block_m, sq - 1
+            if target == "last_left_past_edge":
+                ok = lefts[p0_last] % block_n == 1 and lefts[p0_last] > block_n and sk % block_n != 0
+            elif target == "first_left_block_end":
+                ok = lefts[p1_first] % block_n == block_n - 1 and right >= 0
+            elif target == "first_right_short":
+                ok = rights[0] % block_n == block_n - 2 and rights[0] < sk - 1
+            elif target == "last_right_one_key":
+                ok = rights[p0_last] % block_n == 0 and rights[p0_last] < sk - 1
+            elif target == "ragged_narrow_end":
+                ok = sq == sk and sk % block_n != 0 and lefts[last] > sk // block_n * block_n
+            else:
+                ok = False
+            assert ok, (target, block_m, block_n, sq, sk, window)
+
+
+def test_library_head_dim_multiple_matches_kernel():
+    # kernel_args passes head_dim // _C.HEAD_DIM_MULTIPLE; the kernel multiplies it back by 8.
+    assert ops._C.HEAD_DIM_MULTIPLE == fwd.HEAD_DIM_MULTIPLE == 8

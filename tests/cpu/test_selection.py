@@ -11,7 +11,8 @@ from fa2rt import _C, builds
 
 GOLDEN = Path(__file__).parent / "golden" / "selection.json"
 DTYPES = ("fp16", "bf16", "fp32")
-HEAD_DIMS = (64, 96, 128)
+HEAD_DIMS = (40, 64, 96, 100, 128, 136)
+FEATURES = ((), ("alibi",), ("softcap",), ("softcap", "alibi"))
 
 
 def outcome(device, p, registry, force_arch=""):
@@ -28,9 +29,9 @@ def current_table():
     for dev_name, device in DEVICES.items():
         for dtype in DTYPES:
             for head_dim in HEAD_DIMS:
-                for causal in (False, True):
-                    key = f"{dev_name}/{dtype}/d{head_dim}/{'causal' if causal else 'full'}"
-                    table[key] = outcome(device, problem(dtype, head_dim, causal), reg)
+                for features in FEATURES:
+                    key = f"{dev_name}/{dtype}/d{head_dim}/{'+'.join(features) or 'plain'}"
+                    table[key] = outcome(device, problem(dtype, head_dim, features), reg)
     return table
 
 
@@ -46,13 +47,13 @@ def test_selection_matches_golden():
 @pytest.mark.parametrize(
     "device, expected",
     [
-        ("sm80", "fwd-sm80-bf16-d128-full [native]"),
-        ("sm86", "reject: arch_mismatch,causal,dtype,head_dim,shared_memory"),  # sm80 d128 needs 128 KB, A10 has 99 KB
-        ("sm89", "fwd-sm89-bf16-d128-full [native]"),
-        ("sm90", "fwd-sm90-bf16-d128-full [native]"),
-        ("sm100", "fwd-sm89-bf16-d128-full [ptx-jit]"),  # newest portable PTX; sm_90a PTX is arch-specific
+        ("sm80", "fwd-sm80-bf16-d128-plain [native]"),
+        ("sm86", "reject: arch_mismatch,dtype,head_dim,shared_memory"),  # sm80 d128 needs 128 KB, A10 has 99 KB
+        ("sm89", "fwd-sm89-bf16-d128-plain [native]"),
+        ("sm90", "fwd-sm90-bf16-d128-plain [native]"),
+        ("sm100", "fwd-sm89-bf16-d128-plain [ptx-jit]"),  # newest portable PTX; sm_90a PTX is arch-specific
         ("sm75", "reject: arch_unsupported"),
-        ("gfx942", "fwd-gfx942-bf16-d128-full [native]"),
+        ("gfx942", "fwd-gfx942-bf16-d128-plain [native]"),
         ("gfx1100", "reject: arch_unsupported"),
         ("none", "reject: no_device"),
     ],
@@ -63,7 +64,7 @@ def test_key_decisions(device, expected):
 
 def test_sm86_runs_sm80_image_when_shared_memory_fits():
     chosen = outcome(DEVICES["sm86"], problem(head_dim=64), synthetic_registry())
-    assert chosen == "fwd-sm80-bf16-d64-full [binary-compat]"
+    assert chosen == "fwd-sm80-bf16-d64-plain [binary-compat]"
 
 
 def test_rejection_messages_name_the_limit():
@@ -72,9 +73,37 @@ def test_rejection_messages_name_the_limit():
     assert smem and "131072" in smem[0].message and "101376" in smem[0].message
 
 
+@pytest.mark.parametrize(("head_dim", "features", "expected"), [
+    (64, (), "fwd-sm90-bf16-d64-plain"),  # exact bucket: the unmasked image
+    (40, (), "fwd-sm90-bf16-d64m-plain"),  # smallest bucket that holds it, tail masked
+    (96, (), "fwd-sm90-bf16-d128m-plain"),
+    (128, ("alibi",), "fwd-sm90-bf16-d128m-alibi"),
+    (128, ("softcap",), "fwd-sm90-bf16-d128m-softcap+alibi"),  # the softcap image also carries alibi
+    (64, ("softcap", "alibi"), "fwd-sm90-bf16-d64m-softcap+alibi"),
+])
+def test_bucket_and_feature_choice(head_dim, features, expected):
+    sel = _C.select(problem(head_dim=head_dim, features=features), DEVICES["sm90"], synthetic_registry(), "")
+    assert sel["image"] == expected
+
+
+def test_head_dim_rejections_name_the_rule():
+    sel = _C.select(problem(head_dim=100), DEVICES["sm90"], synthetic_registry(), "")
+    msgs = {r.message for r in sel["rejections"] if r.code == "head_dim"}
+    assert f"head_dim: image takes multiples of {_C.HEAD_DIM_MULTIPLE} up to 128, problem has 100" in msgs
+    assert "head_dim: image is compiled for exactly 128, problem has 100" in msgs
+
+
+def test_missing_feature_is_a_rejection():
+    reg = _C.Registry()
+    reg.add(synthetic_image("sm90", "bf16", 128, True, ("alibi",)))
+    sel = _C.select(problem(features=("softcap",)), DEVICES["sm90"], reg, "")
+    assert sel["image"] is None
+    assert [r.message for r in sel["rejections"]] == ["features: image has no softcap (compiled with: alibi)"]
+
+
 def test_every_candidate_is_accounted_for():
     reg = synthetic_registry()
-    sel = _C.select(problem(head_dim=96), DEVICES["sm90"], reg, "")
+    sel = _C.select(problem(head_dim=260), DEVICES["sm90"], reg, "")
     cuda_images = {img.name for img in reg.images() if img.vendor == "cuda"}
     assert sel["image"] is None
     assert {r.image for r in sel["rejections"]} == cuda_images
@@ -101,7 +130,7 @@ def test_grid_limit():
 @pytest.mark.parametrize("arch", ["sm80", "sm89"])
 def test_forced_arch_runs_through_ptx(arch):
     sel = _C.select(problem(), DEVICES["sm90"], synthetic_registry(), arch)
-    assert sel["image"] == f"fwd-{arch}-bf16-d128-full" and sel["mode"] == "ptx-jit"
+    assert sel["image"] == f"fwd-{arch}-bf16-d128-plain" and sel["mode"] == "ptx-jit"
     assert any(r.code == "forced_out" for r in sel["rejections"])
 
 
@@ -117,17 +146,20 @@ def test_empty_build_is_a_reason():
 
 def test_duplicate_image_refused():
     reg = _C.Registry()
-    reg.add(synthetic_image("sm90", "bf16", 128, False))
+    reg.add(synthetic_image("sm90", "bf16", 128))
     with pytest.raises(ValueError, match="registered twice"):
-        reg.add(synthetic_image("sm90", "bf16", 128, False))
+        reg.add(synthetic_image("sm90", "bf16", 128))
 
 
 def test_each_installed_image_is_chosen_on_its_native_device():
-    """The real build: every image wins its own problem on a device of its arch (nothing unreachable)."""
+    """The real build: every image wins its own problem on a device of its arch (nothing unreachable): the exact
+    head dim for an unmasked image, a smaller multiple of 8 for a masked one."""
     build = builds.current_build()
     if build.manifest is None:
         pytest.fail(f"no installed kernel build: {build.error}")
     for img in build.registry.images():
-        p = problem(img.dtype, img.head_dim, img.causal)
+        head_dim = img.head_dim - _C.HEAD_DIM_MULTIPLE if img.d_mask else img.head_dim
+        features = ("softcap",) if "softcap" in img.features else img.features
+        p = problem(img.dtype, head_dim, features)
         sel = _C.select(p, DEVICES[img.arch], build.registry, "")
         assert sel["image"] == img.name, (img.name, sel)

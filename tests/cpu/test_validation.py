@@ -163,3 +163,121 @@ def test_out():
         check(q, k, v, out=q.to("meta"))
     with raises(ValueError, "out: expected a contiguous last dimension"):
         check(q, k, v, out=torch.empty(2, 5, 16, 4, dtype=q.dtype).transpose(2, 3))
+
+
+def check_with(q=None, k=None, v=None, **kwargs):
+    q0, k0, v0 = qkv()
+    kwargs = {"causal": False, "softmax_scale": None, **kwargs}
+    return check_inputs(q0 if q is None else q, k0 if k is None else k, v0 if v is None else v, **kwargs)
+
+
+def test_new_fields_default_off():
+    s = check(*qkv())
+    assert (s.causal, s.window, s.softcap, s.has_alibi) == (False, (-1, -1), 0.0, False)
+    assert check(*qkv(), causal=True).window == (-1, 0)
+
+
+@pytest.mark.parametrize("window,causal,effective", [
+    ((-1, -1), False, (-1, -1)), ((-1, -1), True, (-1, 0)), ((3, 0), False, (3, 0)), ([0, 5], False, (0, 5)),
+    ((2, 7), True, (2, 0)), ((-1, 4), True, (-1, 0)), ((0, 0), False, (0, 0)), ((10**12, -1), False, (10**12, -1)),
+])
+def test_window_accepted(window, causal, effective):
+    s = check_with(window_size=window, causal=causal)
+    assert s.window == effective and s.causal is causal
+    assert all(type(side) is int for side in s.window)
+
+
+@pytest.mark.parametrize("window,exc,text", [
+    (3, TypeError, "window_size: expected a (left, right) tuple or list of two ints, -1 meaning unlimited, "
+                   "got 3 (int)"),
+    (None, TypeError, "window_size: expected a (left, right) tuple or list of two ints, -1 meaning unlimited, "
+                      "got None (NoneType)"),
+    ("ab", TypeError, "window_size: expected a (left, right) tuple or list of two ints, -1 meaning unlimited, "
+                      "got 'ab' (str)"),
+    (torch.tensor([1, 1]), TypeError, "window_size: expected a (left, right) tuple or list"),
+    ((1, 2, 3), ValueError, "window_size: expected a (left, right) tuple or list of two ints, -1 meaning unlimited, "
+                            "got (1, 2, 3) (length 3)"),
+    ([1], ValueError, "window_size: expected a (left, right) tuple or list of two ints, -1 meaning unlimited, "
+                      "got [1] (length 1)"),
+    ((True, 0), TypeError, "window_size[0]: expected an int >= -1 (-1 = unlimited), got True (bool)"),
+    ((0, 1.0), TypeError, "window_size[1]: expected an int >= -1 (-1 = unlimited), got 1.0 (float)"),
+    ((0, None), TypeError, "window_size[1]: expected an int >= -1 (-1 = unlimited), got None (NoneType)"),
+    ((-2, 0), ValueError, "window_size[0]: expected an int >= -1 (-1 = unlimited), got -2"),
+    ((4, -5), ValueError, "window_size[1]: expected an int >= -1 (-1 = unlimited), got -5"),
+])
+def test_window_rejected(window, exc, text):
+    with raises(exc, text):
+        check_with(window_size=window)
+    with raises(exc, text):  # causal replaces the right side, but the argument is still checked
+        check_with(window_size=window, causal=True)
+
+
+@pytest.mark.parametrize("softcap", [0, 0.0, 5, 30.5, 1e-3])
+def test_softcap_accepted(softcap):
+    s = check_with(softcap=softcap)
+    assert s.softcap == float(softcap) and type(s.softcap) is float
+
+
+@pytest.mark.parametrize("softcap,exc,text", [
+    (-1.0, ValueError, "softcap: expected a finite real number >= 0 (0 disables it), got -1.0"),
+    (math.nan, ValueError, "softcap: expected a finite real number >= 0 (0 disables it), got nan"),
+    (math.inf, ValueError, "softcap: expected a finite real number >= 0 (0 disables it), got inf"),
+    (None, TypeError, "softcap: expected a finite real number >= 0 (0 disables it), got None (NoneType)"),
+    (True, TypeError, "softcap: expected a finite real number >= 0 (0 disables it), got True (bool)"),
+    ("5", TypeError, "softcap: expected a finite real number >= 0 (0 disables it), got '5' (str)"),
+])
+def test_softcap_rejected(softcap, exc, text):
+    with raises(exc, text):
+        check_with(softcap=softcap)
+
+
+@pytest.mark.parametrize("slopes", [
+    torch.ones(4), torch.ones(2, 4), torch.ones(4, 2)[:, 1], torch.ones(4).expand(2, 4), torch.ones(4, 2).t(),
+])
+def test_alibi_accepted(slopes):
+    assert check_with(alibi_slopes=slopes).has_alibi
+    assert not check_with(alibi_slopes=None).has_alibi
+
+
+def test_alibi_accepted_for_empty_batch():
+    q, k, v = qkv(b=0)
+    assert check(q, k, v).trivial
+    assert check_inputs(q, k, v, causal=False, softmax_scale=None, alibi_slopes=torch.ones(0, 4)).has_alibi
+
+
+@pytest.mark.parametrize("slopes,exc,text", [
+    ([0.5] * 4, TypeError, "alibi_slopes: expected None or a torch.Tensor, got list"),
+    (0.5, TypeError, "alibi_slopes: expected None or a torch.Tensor, got float"),
+    (torch.ones(4, dtype=torch.float16), ValueError, "alibi_slopes: expected dtype torch.float32, got torch.float16"),
+    (torch.ones(4, dtype=torch.float64), ValueError, "alibi_slopes: expected dtype torch.float32, got torch.float64"),
+    (torch.ones(3), ValueError, "alibi_slopes: expected shape (4,) or (2, 4) ((nheads,) or (batch, nheads)), "
+                                "got shape (3,)"),
+    (torch.ones(2), ValueError, "alibi_slopes: expected shape (4,) or (2, 4)"),  # nheads_k is not enough
+    (torch.ones(4, 2), ValueError, "alibi_slopes: expected shape (4,) or (2, 4) ((nheads,) or (batch, nheads)), "
+                                   "got shape (4, 2)"),
+    (torch.ones(1, 4), ValueError, "alibi_slopes: expected shape (4,) or (2, 4)"),  # no broadcasting
+    (torch.ones(2, 4, 1), ValueError, "alibi_slopes: expected shape (4,) or (2, 4)"),
+    (torch.tensor(1.0), ValueError, "alibi_slopes: expected shape (4,) or (2, 4) ((nheads,) or (batch, nheads)), "
+                                    "got shape ()"),
+    (torch.ones(4, device="meta"), ValueError, "alibi_slopes: expected device cpu (same as q), got meta"),
+    (torch.ones(2, 4).to_sparse(), ValueError, "alibi_slopes: expected a dense (strided) tensor, "
+                                               "got layout torch.sparse_coo"),
+])
+def test_alibi_rejected(slopes, exc, text):
+    with raises(exc, text):
+        check_with(alibi_slopes=slopes)
+
+
+def test_out_with_autograd_rejected():
+    q, k, v = qkv(dtype=torch.float32)
+    out = torch.empty_like(q)
+    for needs_grad in (q, k, v):
+        needs_grad.requires_grad_(True)
+        with raises(ValueError, "out: expected None when q, k or v requires grad (out= does not support autograd), "
+                                "got a tensor"):
+            check(q, k, v, out=out)
+        with torch.no_grad():  # nothing will be recorded: out= is fine
+            assert check(q, k, v, out=out).batch == 2
+        assert check(q, k, v).batch == 2  # and without out, gradients are fine
+        needs_grad.requires_grad_(False)
+    assert check(q, k, v, out=out).batch == 2

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fa2rt import devices, policy
+from fa2rt import config, devices, policy
 
 
 def pytest_sessionstart(session):
@@ -16,3 +16,12 @@ def fresh_announcements():
     policy._announced.clear()
     yield
     policy._announced.clear()
+
+
+@pytest.fixture
+def kernels_at_any_length(monkeypatch):
+    """The kernel tests assert the kernel path for short sequences too: the measured short-sequence crossover
+    (python/fa2rt/data/crossover.json, a policy the CPU suite tests) is set to 0 here, and a FA2RT_FORCE_ARCH from
+    the environment is cleared (tests that force an arch set it themselves)."""
+    monkeypatch.setenv(config.MIN_SEQLEN, "0")
+    monkeypatch.delenv(config.FORCE_ARCH, raising=False)

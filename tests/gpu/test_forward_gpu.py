@@ -8,16 +8,14 @@ import threading
 
 import pytest
 import torch
+from gpu_helpers import DEVICE, PATH_IDS, PATHS, check_attention, make, poison_allocator, rel_err, seed_of, use_path
 
 import fa2rt
-from fa2rt import _C, config, devices
-from fa2rt.fallback import sdpa_attention
+from fa2rt import _C
 from fa2rt.reference import attention_reference
 
-DEVICE = torch.device("cuda", 0)
-NATIVE = devices.probe("cuda", 0).arch
-# (forced arch or "" for the native choice, expected arch, expected mode)
-PATHS = [("", NATIVE, "native"), ("sm89", "sm89", "ptx-jit"), ("sm80", "sm80", "ptx-jit")]
+pytestmark = pytest.mark.usefixtures("kernels_at_any_length")
+
 SHAPES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k
     (2, 1024, 1024, 8, 8),
     (1, 257, 300, 4, 2),
@@ -27,48 +25,22 @@ SHAPES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k
 ]
 
 
-def poison_allocator():
-    """Fill freed cached memory with NaN so an output element the kernel never writes shows up."""
-    junk = torch.full((64 << 20,), float("nan"), device=DEVICE)
-    del junk
-
-
-def make(shape, head_dim, dtype, seed):
-    b, nq, nk, h, hk = shape
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    mk = lambda n, heads: torch.randn(b, n, heads, head_dim, device=DEVICE, generator=g).to(dtype)  # noqa: E731
-    return mk(nq, h), mk(nk, hk), mk(nk, hk)
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-@pytest.mark.parametrize("forced, arch, mode", PATHS, ids=[p[1] + "-" + p[2] for p in PATHS])
+@pytest.mark.parametrize("forced, arch, mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_forward_matches_reference(monkeypatch, forced, arch, mode, dtype, head_dim, causal, shape):
-    monkeypatch.setenv(config.FORCE_ARCH, forced)
-    q, k, v = make(shape, head_dim, dtype, seed=hash((shape, head_dim, causal)) % 2**31)
+    use_path(monkeypatch, forced)
+    q, k, v = make(shape, head_dim, dtype, seed=seed_of(shape, head_dim, causal))
     decision = fa2rt.explain(q, k, v, causal=causal)
     assert decision.path == "kernel", decision
     assert f"-{arch}-" in decision.image and decision.mode == mode
     poison_allocator()
     out, lse = fa2rt.attention(q, k, v, causal=causal, return_lse=True)
     torch.cuda.synchronize()
-    ref, ref_lse = attention_reference(q, k, v, causal=causal)
-    sdpa, _ = sdpa_attention(q, k, v, causal=causal)
-    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
-    err, sdpa_err = rel_err(out, ref), rel_err(sdpa, ref)
-    # Same order as PyTorch's own half-precision attention against the same reference.
-    assert err <= 2 * sdpa_err + 1e-4, (err, sdpa_err)
-    seen = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isinf(lse), ~seen)
-    assert (lse.double() - ref_lse)[seen].abs().max().item() < 1e-3
-    assert torch.equal(out[~seen.transpose(1, 2).unsqueeze(-1).expand_as(out)].float().abs().sum().view(1),
-                       torch.zeros(1, device=DEVICE))
+    # Same order as PyTorch's own half-precision attention against the same reference (see gpu_helpers).
+    check_attention(out, lse, q, k, v, causal=causal)
 
 
 def test_strided_views_of_packed_qkv():

@@ -1,0 +1,152 @@
+"""Tile tuning on a GPU: which (block_m, block_n, warps, stages) each arch and head-dim bucket should build.
+
+    python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--buckets 64,128] [--write]
+
+For every arch, bucket and candidate tile, builds every image kind of the bucket (variants.KINDS; a tile only
+counts if all of them pass the AOT static checks: no spills, shared memory within the arch's limit), then times the
+plain exact image through fa2rt.attention on bf16 problems of the FA2 grid (16k tokens, hidden 2048), causal and not.
+Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
+not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import aot  # noqa: E402
+import variants  # noqa: E402
+
+# Candidate tiles (block_m, block_n, num_warps, num_stages) per vendor; the static checks prune what cannot build.
+CANDIDATES = {
+    "cuda": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+             (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
+    "rocm": [(128, 64, 4, 1), (128, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (64, 32, 4, 1)],
+}
+TOKENS, HIDDEN = 16384, 2048
+SEQLENS = (1024, 4096)
+
+
+def candidate_variants(arch: str, bucket: int) -> list[tuple[tuple, list]]:
+    base = next(v for v in variants.variants([arch]))
+    out = []
+    for m, n, w, s in CANDIDATES[base.vendor]:
+        kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
+                                     block_m=m, block_n=n, num_warps=w, num_stages=s)
+                 for d_mask, features in variants.KINDS]
+        out.append(((m, n, w, s), kinds))
+    return out
+
+
+def _build(args):
+    v, out = args
+    out.mkdir(parents=True, exist_ok=True)
+    return aot.build_image(v, out)
+
+
+def build_all(arch: str, buckets: list[int], root: Path, jobs: int) -> dict:
+    """{(bucket, tile): folder with a manifest of that tile's plain image, or the static-check failures}."""
+    cands = [(b, tile, kinds) for b in buckets for tile, kinds in candidate_variants(arch, b)]
+    work = [(v, root / f"{arch}-d{b}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for b, t, kinds in cands for v in kinds]
+    with ProcessPoolExecutor(jobs) as pool:
+        results = iter(pool.map(_build, work))
+    built = {}
+    for b, tile, kinds in cands:
+        rows_fails = [next(results)[:2] for _ in kinds]
+        fails = [f for _, fs in rows_fails for f in fs]
+        folder = work[len(built) * len(kinds)][1]
+        if fails:
+            built[(b, tile)] = fails
+        else:
+            aot.write_manifest(folder, [rows_fails[0][0]])  # the plain exact image (KINDS[0]) is what gets timed
+            built[(b, tile)] = folder
+    return built
+
+
+def time_tile(folder: Path, arch: str, bucket: int) -> dict:
+    import torch
+    from triton.testing import do_bench
+
+    import fa2rt
+    import fa2rt.devices
+
+    os.environ["FA2RT_KERNEL_DIR"] = str(folder)
+    info, code, why = fa2rt.devices.describe(torch.device("cuda", torch.cuda.current_device()))
+    if code:
+        raise RuntimeError(f"no usable GPU: {why}")
+    if arch != info.arch:
+        os.environ["FA2RT_FORCE_ARCH"] = arch
+    else:
+        os.environ.pop("FA2RT_FORCE_ARCH", None)
+    os.environ["FA2RT_MIN_SEQLEN"] = "0"
+    times = {}
+    for causal in (False, True):
+        for seqlen in SEQLENS:
+            batch, nheads = TOKENS // seqlen, max(1, HIDDEN // bucket)
+            q, k, v = (torch.randn(batch, seqlen, nheads, bucket, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(3))
+            decision = fa2rt.explain(q, k, v, causal=causal)
+            if decision.path != "kernel":
+                raise RuntimeError(f"{folder.name}: not the kernel path: {decision}")
+            ms = do_bench(lambda: fa2rt.attention(q, k, v, causal=causal), warmup=10, rep=40,  # noqa: B023
+                          return_mode="median")
+            flops = 4 * batch * nheads * seqlen * seqlen * bucket / (2 if causal else 1)
+            times[f"{'causal' if causal else 'full'}-{seqlen}"] = flops / ms / 1e9
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="sm90,sm80,sm89")
+    p.add_argument("--buckets", default="16,32,64,128,256")
+    p.add_argument("--out", type=Path, required=True, help="folder for tune.json")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--write", action="store_true", help="store the winning tiles in backends/<vendor>/tiles.json")
+    args = p.parse_args(argv)
+    buckets = [int(b) for b in args.buckets.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, winners = [], {}
+    with tempfile.TemporaryDirectory(prefix="fa2rt-tune-") as tmp:
+        os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
+        for arch in args.archs.split(","):
+            for (bucket, tile), built in build_all(arch, buckets, Path(tmp), args.jobs).items():
+                row = {"arch": arch, "bucket": bucket, "tile": tile}
+                if isinstance(built, list):
+                    row["failed"] = built
+                else:
+                    row["tflops"] = time_tile(built, arch, bucket)
+                    row["geomean"] = math.exp(sum(map(math.log, row["tflops"].values())) / len(row["tflops"]))
+                    best = winners.get((arch, bucket))
+                    if best is None or row["geomean"] > best["geomean"]:
+                        winners[(arch, bucket)] = row
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    (args.out / "tune.json").write_text(json.dumps(results, indent=1))
+    print(f"{'arch':7}{'bucket':>7}  {'tile (m, n, warps, stages)':28}{'geomean TFLOP/s':>16}")
+    for (arch, bucket), row in sorted(winners.items()):
+        print(f"{arch:7}{bucket:>7}  {str(row['tile']):28}{row['geomean']:16.1f}")
+    if args.write:
+        write_tiles(winners)
+    return 0
+
+
+def write_tiles(winners: dict) -> None:
+    for vendor in ("cuda", "rocm"):
+        path = variants.BACKENDS_DIR / vendor / "tiles.json"
+        doc = json.loads(path.read_text())
+        for (arch, bucket), row in winners.items():
+            if arch in doc["archs"]:
+                m, n, w, s = row["tile"]
+                doc["archs"][arch]["fwd"][str(bucket)].update(block_m=m, block_n=n, num_warps=w, num_stages=s)
+        path.write_text(variants.dump_tiles(doc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

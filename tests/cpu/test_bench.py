@@ -1,0 +1,441 @@
+"""The benchmark program without a GPU: options, FLOPs, summaries, the crossover rule and its file, tables, and a
+whole run of main() with the GPU-only parts replaced by CPU stand-ins."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fa2rt import bench, config, policy
+from fa2rt.policy import Decision
+
+KERNEL = Decision("kernel", image="fwd-sm90-bf16-d64-full-m128n128w8s3", mode="native", device={"arch": "sm90"})
+
+
+# --- options ------------------------------------------------------------------------------------------------------
+
+def test_defaults_are_the_full_grid():
+    a = bench.parse_args([])
+    assert a.grid and not a.memory and not a.crossover
+    assert a.dtype == ["bfloat16", "float16"] and a.head_dim == [64, 128, 256]
+    assert a.seqlen == [512, 1024, 2048, 4096, 8192, 16384] and a.causal == [False, True]
+    assert a.memory_seqlen == [8192, 16384, 32768, 65536]
+    assert a.crossover_seqlen == [16, 32, 64, 128, 256, 512, 1024]
+    assert a.crossover_batch == [1, 8] and a.crossover_head_dim == [64, 128]
+    assert bench.plan(a) == {"grid": 72}
+
+
+def test_modes_alone_and_together():
+    a = bench.parse_args(["--memory"])
+    assert (a.grid, a.memory, a.crossover) == (False, True, False)
+    a = bench.parse_args(["--grid", "--memory", "--crossover"])
+    assert bench.plan(a) == {"grid": 72, "memory": 8, "crossover": 112}
+
+
+def test_quick_is_tiny_and_explicit_options_win():
+    a = bench.parse_args(["--quick", "--grid", "--memory", "--crossover"])
+    assert a.seqlen == [512, 1024] and a.head_dim == [64] and a.dtype == ["bfloat16"]
+    assert bench.plan(a) == {"grid": 4, "memory": 4, "crossover": 6}
+    a = bench.parse_args(["--quick", "--head-dim", "128", "--dtype", "float16", "--causal", "true"])
+    assert a.head_dim == [128] and a.dtype == ["float16"] and a.causal == [True] and a.seqlen == [512, 1024]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--write-crossover", "x.json"], "needs --crossover"),
+    (["--crossover", "--quick", "--write-crossover", "x.json"], "drop --quick"),
+    (["--seqlen", "0"], "positive"),
+    (["--crossover-batch", "-1"], "positive"),
+    (["--head-dim", "4096"], "hidden"),
+    (["--dtype", "float32"], "invalid choice"),
+    (["--rep-ms", "0"], "positive"),
+])
+def test_bad_options_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_main_without_gpu_exits_with_a_clear_error(tmp_path, capsys):
+    assert not torch.cuda.is_available()
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_module_entry_point_without_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fa2rt.bench", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs a GPU" in proc.stderr
+
+
+# --- FLOPs, summaries ---------------------------------------------------------------------------------------------
+
+def test_flops():
+    assert bench.fwd_flops(2, 16, 1024, 128, False) == 4 * 2 * 16 * 1024 * 1024 * 128
+    assert bench.fwd_flops(2, 16, 1024, 128, True) == 2 * 2 * 16 * 1024 * 1024 * 128
+    assert bench.fwd_flops(1, 1, 8, 64, False, seqlen_k=16) == 4 * 8 * 16 * 64
+    assert bench.PASSES["fwd"].flop_factor == 1.0
+
+
+def test_geomean():
+    assert bench.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    assert bench.geomean([4.0, None, 0.0, float("nan")]) == pytest.approx(4.0)
+    assert math.isnan(bench.geomean([]))
+
+
+def row(seqlen, fa2rt=None, flash=None, cudnn=None, efficient=None, dtype="bfloat16", head_dim=64, causal=False,
+        batch=8, fallback=False):
+    """A fabricated result row; a time of None is an errored backend."""
+    r = {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch, "nheads": 16,
+         "fa2rt_image": None if fallback else KERNEL.image,
+         "fa2rt_explain": {"path": "fallback", "reason": "head_dim", "message": "no image"} if fallback
+         else {"path": "kernel", "image": KERNEL.image, "mode": "native", "arch": "sm90"}}
+    for name, ms in (("fa2rt", fa2rt), ("sdpa_flash", flash), ("sdpa_cudnn", cudnn), ("sdpa_efficient", efficient)):
+        r[name] = {"ms": ms, "tflops": 1.0 / ms} if ms else {"error": f"RuntimeError: {name} refused"}
+    if fallback:
+        r["fa2rt"] = bench.not_timed(r["fa2rt_explain"])
+    return r
+
+
+def test_summary_per_group_and_overall():
+    rows = [row(512, 1.0, 2.0, 0.5, 4.0), row(1024, 1.0, 0.5, 0.5, 4.0),
+            row(512, 1.0, 1.0, None, 3.0, causal=True), row(1024, 2.0, None, 1.0, 3.0, causal=True),
+            row(512, None, 1.0, 1.0, 1.0, head_dim=256, fallback=True)]
+    s = bench.summarize(rows)
+    g0, g1, g2 = s["groups"]
+    assert (g0["dtype"], g0["head_dim"], g0["causal"]) == ("bfloat16", 64, False)
+    assert g0["fa2rt_over_sdpa_flash"]["geomean"] == pytest.approx(1.0)
+    assert g0["fa2rt_over_sdpa_flash"]["min"] == pytest.approx(0.5)
+    assert g0["fa2rt_over_sdpa_flash"]["min_seqlen"] == 1024
+    assert g0["fa2rt_over_sdpa_cudnn"]["geomean"] == pytest.approx(0.5)
+    assert g0["fa2rt_over_best_sdpa"]["geomean"] == pytest.approx(0.5)
+    # causal: flash errored at 1024, so only 512 counts; best SDPA is cuDNN there
+    assert g1["fa2rt_over_sdpa_flash"]["n"] == 1 and g1["fa2rt_over_sdpa_flash"]["geomean"] == pytest.approx(1.0)
+    assert g1["fa2rt_over_best_sdpa"]["geomean"] == pytest.approx(math.sqrt(1.0 * 0.5))
+    assert g2["fa2rt_timed"] == 0 and g2["fa2rt_over_sdpa_flash"]["geomean"] is None
+    o = s["overall"]
+    assert o["rows"] == 5 and o["fa2rt_timed"] == 4
+    assert o["fa2rt_over_sdpa_flash"]["n"] == 3
+    assert o["fa2rt_over_sdpa_flash"]["geomean"] == pytest.approx((2.0 * 0.5 * 1.0) ** (1 / 3))
+    assert o["fa2rt_over_sdpa_flash"]["min"] == pytest.approx(0.5)
+    assert s["images"] == ["sm90 native"]
+    json.dumps(s)  # goes into the JSON as is
+
+
+def test_tables_with_errored_and_fallback_rows():
+    rows = [row(512, 1.0, 2.0, None, 4.0), row(1024, None, 1.0, 1.0, 1.0, head_dim=256, fallback=True),
+            row(2048, None, None, None, None)]
+    text = bench.table(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["dtype", "d", "causal", "seqlen"] and "sdpa_cudnn" in lines[0]
+    assert lines[1].split()[-1] == "2.00" and "err" in lines[1]
+    assert "fallback" in lines[2] and lines[2].split()[-1] == "-"
+    assert lines[3].split()[4:] == ["err", "err", "err", "err", "-"]
+    assert "geometric mean fa2rt / sdpa_flash: 2.00x, min 2.00x over 1 rows" in text
+    assert ("sdpa_cudnn bfloat16 d64 causal=False seqlen=512 (+1 more rows): RuntimeError: sdpa_cudnn refused"
+            in text)
+    assert "not timed: fa2rt would fall back [head_dim]" in text
+    summary = bench.summary_table(bench.summarize(rows))
+    assert summary.splitlines()[-2].startswith("all")
+    assert "fa2rt not timed on 2 of 3 rows" in summary
+    assert bench.kernel_errors(rows) == ["bfloat16 d64 causal=False seqlen=2048: RuntimeError: fa2rt refused"]
+
+
+def test_summary_table_with_nothing_timed():
+    text = bench.summary_table(bench.summarize([row(512, None, None, None, None)]))
+    assert "none ran" not in text and text.splitlines()[-2].split()[:2] == ["all", "0"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [row(s, 1.0, 2.0, None, 4.0, head_dim=d, causal=c) for d in (64, 128) for c in (False, True)
+            for s in (512, 1024)]
+    assert bench.plot(rows, tmp_path / "fwd.png")
+    assert (tmp_path / "fwd.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- measurement helpers ------------------------------------------------------------------------------------------
+
+def test_measure_records_errors_with_warnings(monkeypatch):
+    monkeypatch.setattr(bench, "time_ms", lambda fn, warmup, rep: (fn(), 2.0)[1])
+    assert bench.measure(lambda: None, 4e9, 1, 1) == {"ms": 2.0, "tflops": pytest.approx(2.0)}
+
+    def refuse():
+        import warnings
+
+        warnings.warn("Flash attention requires q,k,v to have the same last dimension", UserWarning, stacklevel=1)
+        raise RuntimeError("No available kernel. Aborting execution.\nmore")
+    res = bench.measure(refuse, 1.0, 1, 1)
+    assert res == {"error": "RuntimeError: No available kernel. Aborting execution. [Flash attention requires q,k,v "
+                            "to have the same last dimension]"}
+
+
+def test_kernel_forced_turns_the_short_sequence_rule_off(monkeypatch):
+    monkeypatch.setenv(config.MIN_SEQLEN, "4096")
+    monkeypatch.setattr(policy, "_crossover", lambda: {"sm90": {"min_seqlen_k": 512}})
+    with bench.kernel_forced():
+        assert os.environ[config.MIN_SEQLEN] == "0"
+        assert policy.short_sequence_threshold("sm90") == 0
+    assert os.environ[config.MIN_SEQLEN] == "4096"
+    monkeypatch.delenv(config.MIN_SEQLEN)
+    with pytest.raises(KeyError), bench.kernel_forced():
+        raise KeyError
+    assert config.MIN_SEQLEN not in os.environ
+    assert policy.short_sequence_threshold("sm90") == 512
+
+
+def test_explain_records():
+    assert bench.explain_record(KERNEL) == {"path": "kernel", "image": KERNEL.image, "mode": "native",
+                                            "arch": "sm90"}
+    fb = Decision("fallback", "short_sequence", "seqlen_k=16 is below the crossover 64")
+    assert bench.explain_record(fb) == {"path": "fallback", "reason": "short_sequence", "message": fb.message}
+    assert bench.image_arch("fwd-sm80-fp16-d128-causal-m128n64w4s2") == "sm80"
+    assert bench.image_arch(None) is None
+
+
+# --- crossover ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratios, threshold", [
+    ({16: 0.5, 32: 0.8, 64: 1.1, 128: 1.3, 256: 1.2}, 64),  # crossing inside the range
+    ({16: 1.2, 32: 1.0, 64: 1.5}, 16),  # always at least as fast (1.0 counts): the smallest measured
+    ({16: 0.5, 32: 0.7, 1024: 0.9}, 1025),  # never faster: just above the largest measured
+    ({16: 1.2, 32: 1.1, 64: 0.9, 128: 1.1}, 128),  # a loss above wins moves the threshold above it
+    ({16: 1.2, 32: 1.1, 64: 0.99}, 65),  # loses only at the largest
+    ({16: 0.5, 32: None, 64: float("nan"), 128: 1.1}, 128),  # unmeasured seqlens are ignored
+    ({16: None}, None),
+    ({}, None),
+])
+def test_crossover_threshold_rule(ratios, threshold):
+    assert bench.crossover_threshold(ratios) == threshold
+
+
+def test_crossover_notes():
+    assert "measure longer" in bench.crossover_note({16: 0.5, 32: 0.7}, 33)
+    assert "every measured seqlen" in bench.crossover_note({16: 1.5}, 16)
+    assert "from seqlen 32 on" in bench.crossover_note({16: 0.5, 32: 1.5}, 32)
+    assert "no threshold" in bench.crossover_note({}, None)
+
+
+def test_ratio_by_seqlen_is_a_geomean_over_configurations():
+    rows = [row(16, 2.0, 1.0, 0.5, 3.0), row(16, 1.0, 4.0, None, None, batch=1),
+            row(16, None, 1.0, 1.0, 1.0, head_dim=128, fallback=True), row(32, 1.0, None, None, None),
+            row(64, 1.0, 2.0, 2.0, 2.0, dtype="float16")]
+    for r in rows:
+        r["ratio"] = bench.ratio(r, "best_sdpa")
+        r["best_sdpa"] = bench.best_sdpa(r)[0]
+    assert rows[0]["best_sdpa"] == "sdpa_cudnn" and rows[0]["ratio"] == pytest.approx(0.25)
+    got = bench.ratio_by_seqlen(rows)
+    assert got[16]["n"] == 2 and got[16]["geomean"] == pytest.approx(1.0)
+    assert got[16]["min"] == pytest.approx(0.25) and got[16]["max"] == pytest.approx(4.0)
+    assert got[32] == {"geomean": None, "n": 0, "min": None, "max": None}
+    assert got[64]["geomean"] == pytest.approx(2.0)
+    assert bench.crossover_threshold(bench._geomeans(got)) == 16
+    assert bench.crossover_arch(rows) == ("sm90", "native")
+    rows[1]["fa2rt_explain"] = {"path": "kernel", "image": "fwd-sm80-x", "mode": "ptx-jit", "arch": "sm80"}
+    assert bench.crossover_arch(rows)[0] is None
+    text = bench.crossover_table(got, 16, "sm90")
+    assert "min_seqlen_k for sm90: 16" in text
+    assert [line.split() for line in text.splitlines()][3] == ["32", "0", "-", "-", "-"]
+
+
+def test_merge_keeps_schema_comment_and_other_archs(tmp_path):
+    path = tmp_path / "crossover.json"
+    path.write_text(json.dumps({"schema_version": 1, "_comment": "keep me", "archs": {
+        "sm80": {"min_seqlen_k": 128, "measured": {"device": "A100"}},
+        "sm90": {"min_seqlen_k": 999}}, "extra": [1]}, indent=2))
+    bench.merge_crossover(path, "sm90", 64, {"device": "NVIDIA H200"})
+    data = json.loads(path.read_text())
+    assert list(data) == ["schema_version", "_comment", "archs", "extra"]
+    assert data["schema_version"] == 1 and data["_comment"] == "keep me" and data["extra"] == [1]
+    assert data["archs"]["sm80"] == {"min_seqlen_k": 128, "measured": {"device": "A100"}}
+    assert data["archs"]["sm90"] == {"min_seqlen_k": 64, "measured": {"device": "NVIDIA H200"}}
+    bench.merge_crossover(path, "sm89", 33, {})
+    assert list(json.loads(path.read_text())["archs"]) == ["sm80", "sm90", "sm89"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_merge_into_the_shipped_file_is_read_by_the_policy(tmp_path, monkeypatch):
+    path = tmp_path / "crossover.json"
+    path.write_text(policy.CROSSOVER_FILE.read_text())
+    shipped = json.loads(path.read_text())
+    bench.merge_crossover(path, "sm90", 256, {"device": "NVIDIA H200"})
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == shipped["schema_version"] and data["_comment"] == shipped["_comment"]
+    monkeypatch.delenv(config.MIN_SEQLEN, raising=False)
+    monkeypatch.setattr(policy, "CROSSOVER_FILE", path)
+    policy._crossover.cache_clear()
+    try:
+        assert policy.short_sequence_threshold("sm90") == 256
+        assert policy.short_sequence_threshold("sm80") == shipped["archs"].get("sm80", {}).get("min_seqlen_k", 0)
+    finally:
+        monkeypatch.undo()
+        policy._crossover.cache_clear()
+
+
+def test_merge_creates_a_missing_file_and_refuses_other_schemas(tmp_path):
+    path = tmp_path / "new.json"
+    bench.merge_crossover(path, "sm90", 64, {})
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and data["_comment"] == bench.CROSSOVER_COMMENT
+    assert data["archs"] == {"sm90": {"min_seqlen_k": 64, "measured": {}}}
+    path.write_text(json.dumps({"schema_version": 2, "archs": {}}))
+    with pytest.raises(ValueError, match="schema_version"):
+        bench.merge_crossover(path, "sm90", 64, {})
+    path.write_text(json.dumps({"schema_version": 1, "archs": []}))
+    with pytest.raises(ValueError, match="archs"):
+        bench.merge_crossover(path, "sm90", 64, {})
+
+
+# --- a whole run of main() on the CPU ----------------------------------------------------------------------------
+
+@pytest.fixture
+def cpu_stand_ins(monkeypatch):
+    """main() as on a GPU: inputs on the CPU, tiny shapes, fa2rt's kernel replaced by CPU SDPA (its explain says
+    kernel except for head dim 256), one untimed call instead of do_bench, and the CUDA memory counters faked."""
+    from fa2rt import api
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "TOKENS", 64)
+    monkeypatch.setattr(bench, "HIDDEN", 512)
+    monkeypatch.setattr(bench, "CROSSOVER_NHEADS", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU stand-in")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1600)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, warmup, rep: (fn(), 1.0)[1])
+    seen_env = []
+
+    def explain(q, k, v, *, causal=False):
+        seen_env.append(os.environ.get(config.MIN_SEQLEN))
+        return Decision("fallback", "head_dim", "no image for d256") if q.shape[-1] == 256 else KERNEL
+
+    def attention(q, k, v, *, causal=False):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    monkeypatch.setattr(api, "explain", explain)
+    monkeypatch.setattr(api, "attention", attention)
+    monkeypatch.delenv(config.FORCE_ARCH, raising=False)
+    monkeypatch.setenv(config.MIN_SEQLEN, "77")
+    return seen_env
+
+
+def test_main_runs_every_mode_end_to_end(cpu_stand_ins, tmp_path, capsys):
+    crossover = tmp_path / "crossover.json"
+    crossover.write_text(json.dumps({"schema_version": 1, "_comment": "c", "archs": {"sm80": {"min_seqlen_k": 8}}}))
+    out = tmp_path / "out"
+    status = bench.main(["--grid", "--memory", "--crossover", "--dtype", "float16", "--head-dim", "64", "256",
+                         "--seqlen", "16", "32", "--memory-seqlen", "32", "64", "--crossover-seqlen", "16", "32",
+                         "--crossover-batch", "1", "--crossover-head-dim", "64", "--warmup-ms", "1", "--rep-ms", "1",
+                         "--out", str(out), "--write-crossover", str(crossover)])
+    text = capsys.readouterr().out
+    assert status == 0
+    assert set(cpu_stand_ins) == {"0"} and os.environ[config.MIN_SEQLEN] == "77"
+
+    fwd = json.loads((out / "fwd-native.json").read_text())
+    assert fwd["environment"]["device"] == "CPU stand-in" and fwd["environment"]["capability"] == "sm90"
+    assert len(fwd["rows"]) == 2 * 2 * 2
+    r = fwd["rows"][0]
+    assert (r["dtype"], r["head_dim"], r["causal"], r["seqlen"], r["batch"], r["nheads"]) == ("float16", 64, False,
+                                                                                                 16, 4, 8)
+    assert r["fa2rt_image"] == KERNEL.image and r["fa2rt_explain"]["path"] == "kernel"
+    assert r["fa2rt"]["ms"] == 1.0 and r["sdpa_flash"]["ms"] == 1.0 and "error" in r["sdpa_cudnn"]
+    d256 = [r for r in fwd["rows"] if r["head_dim"] == 256]
+    assert all(r["fa2rt"].get("fallback") and r["fa2rt_explain"]["reason"] == "head_dim" for r in d256)
+    assert fwd["summary"]["overall"]["fa2rt_over_sdpa_flash"]["geomean"] == pytest.approx(1.0)
+
+    mem = json.loads((out / "memory-native.json").read_text())["rows"]
+    assert len(mem) == 2 * 2 * 4 and {r["impl"] for r in mem} == set(bench.CONTENDERS)
+    assert all(r["extra_bytes"] == 600 for r in mem if r["impl"] in ("fa2rt", "sdpa_flash"))
+    assert mem[0]["inputs_bytes"] == 3 * 32 * 4 * 128 * 2 and mem[0]["fa2rt_explain"]["path"] == "kernel"
+
+    cross = json.loads((out / "crossover-native.json").read_text())
+    assert cross["arch"] == "sm90" and cross["min_seqlen_k"] == 16 and len(cross["rows"]) == 2 * 2
+    assert cross["ratio_by_seqlen"]["16"]["geomean"] == pytest.approx(1.0)
+    written = json.loads(crossover.read_text())
+    assert written["archs"]["sm80"] == {"min_seqlen_k": 8} and written["_comment"] == "c"
+    assert written["archs"]["sm90"]["min_seqlen_k"] == 16
+    assert written["archs"]["sm90"]["measured"]["device"] == "CPU stand-in"
+
+    assert not (out / "fwd-native.png").exists() or (out / "fwd-native.png").stat().st_size > 0
+    assert "min_seqlen_k for sm90: 16" in text and "wrote min_seqlen_k=16 for sm90" in text
+    last = text.rstrip().splitlines()
+    assert last[-1].startswith("fa2rt not timed on 4 of 8 rows") and last[-2].startswith("all")
+    assert last[0].startswith("{") and json.loads(last[0])["device"] == "CPU stand-in"
+    assert "timed configurations (x4 contenders)" in last[1]
+
+
+def test_main_reports_kernel_errors_and_a_crossover_it_cannot_write(cpu_stand_ins, tmp_path, monkeypatch, capsys):
+    from fa2rt import api
+
+    def broken(q, k, v, *, causal=False):
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+    monkeypatch.setattr(api, "attention", broken)
+    target = tmp_path / "crossover.json"
+    status = bench.main(["--crossover", "--dtype", "float16", "--causal", "false", "--crossover-seqlen", "16",
+                         "--crossover-batch", "1", "--crossover-head-dim", "64", "--out", str(tmp_path),
+                         "--write-crossover", str(target)])
+    captured = capsys.readouterr()
+    assert status == 1 and not target.exists()
+    assert "not writing" in captured.err
+    row = json.loads((tmp_path / "crossover-native.json").read_text())["rows"][0]
+    assert row["fa2rt"]["error"] == "RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS" and row["ratio"] is None
+
+
+def test_a_crashing_mode_does_not_stop_the_others(cpu_stand_ins, tmp_path, monkeypatch, capsys):
+    def crash(*args, **kwargs):
+        raise ZeroDivisionError("bug")
+    monkeypatch.setattr(bench, "bench", crash)
+    status = bench.main(["--grid", "--memory", "--memory-seqlen", "32", "--causal", "true", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 1 and "the grid mode failed" in captured.err and "ZeroDivisionError: bug" in captured.err
+    assert not (tmp_path / "fwd-native.json").exists() and (tmp_path / "memory-native.json").exists()
+
+
+def test_explain_raising_is_an_error_not_a_fallback(cpu_stand_ins, tmp_path, monkeypatch):
+    from fa2rt import api
+
+    def explain(q, k, v, *, causal=False):
+        raise ValueError("q: expected something, got something else")
+    monkeypatch.setattr(api, "explain", explain)
+    status = bench.main(["--grid", "--dtype", "float16", "--head-dim", "64", "--causal", "false", "--seqlen", "16",
+                         "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "fwd-native.json").read_text())["rows"][0]
+    assert status == 1 and r["fa2rt_explain"]["path"] == "error" and r["fa2rt_image"] is None
+    assert r["fa2rt"] == {"error": "not timed: fa2rt.explain() raised ValueError: q: expected something, got "
+                                   "something else"}
+    assert r["sdpa_flash"]["ms"] == 1.0
+
+
+def test_bench_shape_with_the_real_explain_does_not_time_a_fallback(monkeypatch):
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    timed = []
+    monkeypatch.setattr(bench, "time_ms", lambda fn, warmup, rep: (timed.append(fn), fn(), 1.0)[2])
+    with bench.kernel_forced():
+        r = bench.bench_shape("float16", 64, True, 16, 2, 2, warmup=1, rep=1)
+    assert r["fa2rt_explain"]["path"] == "fallback" and r["fa2rt_explain"]["reason"] == "not_gpu"
+    assert r["fa2rt"]["fallback"] and "not timed: fa2rt would fall back [not_gpu]" in r["fa2rt"]["error"]
+    assert len(timed) == 3 and r["sdpa_flash"]["ms"] == 1.0
+    assert r["sdpa_flash"]["tflops"] == pytest.approx(bench.fwd_flops(2, 2, 16, 64, True) / 1e9)
+    assert bench.kernel_errors([r]) == []
+
+
+def test_committed_results_of_the_older_format_still_summarize():
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "docs" / "bench" / "fwd-native.json"
+    if not path.exists():
+        pytest.skip("no committed results")
+    rows = json.loads(path.read_text())["rows"]
+    s = bench.summarize(rows)
+    assert s["overall"]["fa2rt_over_sdpa_flash"]["n"] == sum(1 for r in rows if "ms" in r["fa2rt"])
+    assert all(label.startswith("sm") for label in s["images"])
+    assert bench.table(rows) and bench.summary_table(s)
