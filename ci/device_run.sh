@@ -5,12 +5,18 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# tox itself comes from the carried wheels, in a folder of its own: anything else on PYTHONPATH (an fa2rt installed
+# there by hand) would shadow the fa2rt that the tox environment builds.
+TOXSITE=/tmp/fa2rt-toxsite
+rm -rf "$TOXSITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$TOXSITE" .whl/*.whl || exit 1
 SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
-export PYTHONPATH=/tmp/site:$SITE PYTHONUNBUFFERED=1
+export PYTHONPATH=$TOXSITE:$SITE PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 step() { echo "== $1"; shift; "$@"; echo "== exit $?"; }
 PY=.tox/gpu/bin/python
+# scikit-build-core reuses build/ incrementally, and a copied tree's timestamps can make stale outputs look current.
+rm -rf build
 if [ "${TESTS:-1}" = 1 ]; then
 step tox python3 -m tox -e gpu -- -q --durations=5 2>&1 | tee "$OUT/tox-gpu.log" | tail -40
 step doctor $PY -m fa2rt.doctor --require cuda 2>&1 | tee "$OUT/doctor.txt" | tail -30

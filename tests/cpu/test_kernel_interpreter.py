@@ -30,6 +30,7 @@ import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import random  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -45,7 +46,7 @@ from triton.runtime import interpreter as triton_interpreter  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fa2rt import ops  # noqa: E402
+from fa2rt import ops, policy  # noqa: E402
 from fa2rt.reference import allowed_mask, attention_reference, fold_causal  # noqa: E402
 from fa2rt.validate import check_inputs  # noqa: E402
 
@@ -217,8 +218,7 @@ SHAPES = [
     (1, 200, 130, 4, 2),  # GQA; causal: the first 70 query rows see no key
     (1, 3, 300, 1, 1),  # causal: unmasked multi-block phase then a ragged boundary block
 ]
-NONCAUSAL_SHAPES = [s for s in SHAPES if s != (1, 200, 130, 4, 2)]  # non-causal, 130x200 crosses the same blocks
-FP16_SHAPE = (1, 130, 200, 2, 2)  # causal
+FP16_SHAPES = [(1, 130, 200, 2, 2), (1, 200, 130, 4, 2)]  # causal
 # seqlen_q == seqlen_k, seqlen_q < seqlen_k, seqlen_q > seqlen_k (several query and key blocks)
 WINDOW_SHAPES = [(1, 37, 37, 2, 1), (1, 130, 200, 1, 1), (1, 200, 130, 2, 1)]
 # (left, right) as the caller gives them, each run with causal off and on (causal folds right to 0)
@@ -249,7 +249,7 @@ def _diagonal_edge_shapes(block_m, block_n):
 
 
 def _window_edge_shapes(block_m, block_n):
-    """(target, shape, window) for sliding windows: band edges of a program's first or last row at a key-block edge.
+    """(target, shape, window, causal): band edges of a program's first or last row at a key-block edge.
 
     seqlen_q = block_m + 5 gives two query programs, p0 (rows 0 .. block_m-1) and p1 (rows block_m .. block_m+4).
     Row i sees keys i + shift - left ..= i + shift + right (shift = seqlen_k - seqlen_q); the kernel splits each
@@ -270,15 +270,20 @@ def _window_edge_shapes(block_m, block_n):
     left = bn + 3
     n = max(2, -(-bm // bn)) * bn + 9  # > block_m: two query programs, the last one inside the ragged key block
     return [
-        # p0 last row: (bm - 1) + shift - 5 == bn + 1
-        ("last_left_past_edge", (1, sq, sq + bn + 2 - bm + 5, 1, 1), (5, -1)),
-        # p1 first row: bm + shift - left == 2*bn - 1; a right edge too
-        ("first_left_block_end", (1, sq, sq + 2 * bn - 1 - bm + left, 1, 1), (left, 2)),
-        # p0 first row: shift + 4 == 2*bn - 2; whole blocks before it
-        ("first_right_short", (1, sq, sq + 2 * bn - 6, 1, 1), (-1, 4)),
+        # p0 last row: (bm - 1) + shift - 5 == bn + 1; no right edge, then causal's
+        ("last_left_past_edge", (1, sq, sq + bn + 2 - bm + 5, 1, 1), (5, -1), False),
+        ("last_left_past_edge", (1, sq, sq + bn + 2 - bm + 5, 1, 1), (5, -1), True),
+        # p1 first row: bm + shift - left == 2*bn - 1; causal's right edge, then one 2 keys further
+        ("first_left_block_end", (1, sq, sq + 2 * bn - 1 - bm + left, 1, 1), (left, 0), False),
+        ("first_left_block_end", (1, sq, sq + 2 * bn - 1 - bm + left, 1, 1), (left, 2), False),
+        # p0 first row: shift + 4 == 2*bn - 2; whole blocks before it, then a masked left edge too
+        ("first_right_short", (1, sq, sq + 2 * bn - 6, 1, 1), (-1, 4), False),
+        ("first_right_short", (1, sq, sq + 2 * bn - 6, 1, 1), (bn + 9, 4), False),
         # p0 last row: bm - 1 + shift + 4 == 2*bn
-        ("last_right_one_key", (1, sq, sq + 2 * bn - bm - 3, 1, 1), (-1, 4)),
-        ("ragged_narrow_end", (1, n, n, 1, 1), (3, 0)),
+        ("last_right_one_key", (1, sq, sq + 2 * bn - bm - 3, 1, 1), (-1, 4), False),
+        ("last_right_one_key", (1, sq, sq + 2 * bn - bm - 3, 1, 1), (2, 4), False),
+        ("ragged_narrow_end", (1, n, n, 1, 1), (3, 0), False),
+        ("ragged_narrow_end", (1, n, n, 1, 1), (3, -1), True),
     ]
 
 
@@ -322,20 +327,20 @@ class Case:
 
 
 def _tile_cases():
-    # Every tile: the shape list causal and (most of it) not, the diagonal-edge shapes, the window-edge shapes; fp32,
-    # and fp16 on one causal multi-block shape. The plain image (head dim == bucket).
+    # Every tile: the shape list with and without causal, the diagonal-edge shapes, the window-edge shapes; fp32,
+    # and fp16 on the causal multi-block shapes. The plain image (head dim == bucket).
     cases = []
     for tile in TILE_ARCHS:
         bm, bn, bucket = tile
         for shape in SHAPES:
             for causal in (False, True):
-                if causal or shape in NONCAUSAL_SHAPES:
-                    cases.append(Case("tile", tile, PLAIN, shape, bucket, torch.float32, causal))
-        cases.append(Case("tile", tile, PLAIN, FP16_SHAPE, bucket, torch.float16, True))
+                cases.append(Case("tile", tile, PLAIN, shape, bucket, torch.float32, causal))
+        for shape in FP16_SHAPES:
+            cases.append(Case("tile", tile, PLAIN, shape, bucket, torch.float16, True))
         for shape in _diagonal_edge_shapes(bm, bn):
             cases.append(Case("diag_edge", tile, PLAIN, shape, bucket, torch.float32, True))
-        for _target, shape, window in _window_edge_shapes(bm, bn):
-            cases.append(Case("window_edge", tile, PLAIN, shape, bucket, torch.float32, window=window))
+        for _target, shape, window, causal in _window_edge_shapes(bm, bn):
+            cases.append(Case("window_edge", tile, PLAIN, shape, bucket, torch.float32, causal, window))
     return cases
 
 
@@ -355,11 +360,24 @@ def _dmask_cases():
     return cases
 
 
+def _block_pair_tiles():
+    """One tile per distinct (block_m, block_n), the one with the smallest bucket (the cheapest to interpret)."""
+    out = {}
+    for tile in sorted(TILE_ARCHS, key=lambda t: t[2]):
+        out.setdefault(tile[:2], tile)
+    return list(out.values())
+
+
+def _window_tiles():
+    tiles = [_feature_tile(vendor)[0] for vendor in TILES] + _block_pair_tiles()
+    return list(dict.fromkeys(tiles))
+
+
 def _window_cases():
-    # Per vendor, its feature tile: every window, causal off and on, seqlen_q ==, < and > seqlen_k.
+    # Every window, causal off and on, seqlen_q ==, < and > seqlen_k: on each vendor's feature tile and on one tile
+    # of every (block_m, block_n) pair.
     cases = []
-    for vendor in TILES:
-        tile, _arch = _feature_tile(vendor)
+    for tile in _window_tiles():
         for shape in WINDOW_SHAPES:
             for window in WINDOWS:
                 for causal in (False, True):
@@ -409,7 +427,38 @@ def _feature_cases():
     return cases
 
 
-CASES = _tile_cases() + _dmask_cases() + _window_cases() + _feature_cases()
+FUZZ_PER_PAIR = 16
+
+
+def _fuzz_side(rng, block_m, block_n):
+    # -1 (unlimited), 0, short, about a key block, up to two query blocks
+    return rng.choice([-1, 0, rng.randint(1, 8), rng.randint(block_n - 2, block_n + 2), rng.randint(0, 2 * block_m)])
+
+
+def _fuzz_cases():
+    # Seeded random calls on one tile of every (block_m, block_n) pair: lengths up to a few blocks, random windows
+    # (often near block sizes), GQA/MQA, any image kind with the features it carries; the fixed seed keeps the list
+    # (and the test ids) stable.
+    rng = random.Random(20240611)
+    cases = []
+    for tile in _block_pair_tiles():
+        bm, bn, bucket = tile
+        for _ in range(FUZZ_PER_PAIR):
+            h, hk = rng.choice([(1, 1), (2, 1), (4, 2), (3, 3)])
+            shape = (rng.choice([1, 2]), rng.randint(1, 2 * bm + 9), rng.randint(1, 3 * bn + 9), h, hk)
+            kind = rng.choice([PLAIN, MASKED, ALIBI, SOFTCAP])
+            head_dim = bucket if not kind[0] or rng.random() < 0.5 else _dmask_head_dim(bucket)
+            cases.append(Case(
+                "fuzz", tile, kind, shape, head_dim, torch.float32, rng.random() < 0.3,
+                (_fuzz_side(rng, bm, bn), _fuzz_side(rng, bm, bn)),
+                softmax_scale=rng.choice([None, None, 0.5, -0.4]),
+                softcap=rng.uniform(0.5, 3.0) if kind == SOFTCAP else 0.0,
+                alibi=rng.choice([None, "heads_strided", "batch_heads_transposed", "batch_heads_sliced"])
+                if "alibi" in kind[1] else None))
+    return cases
+
+
+CASES = _tile_cases() + _dmask_cases() + _window_cases() + _feature_cases() + _fuzz_cases()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -470,7 +519,8 @@ def _image_takes(kind, bucket, shapes):
                                             and shapes.head_dim % fwd.HEAD_DIM_MULTIPLE == 0)
     needed = {"softcap"} if shapes.softcap > 0 else set()
     needed |= {"alibi"} if shapes.has_alibi else set()
-    return head_ok and needed <= set(features)
+    # A softcap image cannot run softcap off: it always computes softcap * tanh(score / softcap).
+    return head_ok and needed <= set(features) and ("softcap" in needed or "softcap" not in features)
 
 
 def _launch(case, q, k, v, alibi, o, lse):
@@ -484,6 +534,8 @@ def _launch(case, q, k, v, alibi, o, lse):
     left, right = api_shapes.window
     shapes = ops._shapes(q, k, api_shapes.softmax_scale, left, right, api_shapes.softcap, alibi)
     assert _image_takes(case.kind, bucket, shapes), f"{case.id}: the image kind {case.kind} cannot run this call"
+    problem = policy.problem_for(shapes, q, k, v, o)
+    assert problem.aligned16 and problem.strides8, "the dispatcher would not run a kernel on these inputs"
     args = ops.kernel_args(q, k, v, o, lse, alibi, shapes)
 
     pointers = {"Q": q, "K": k, "V": v, "O": o, "LSE": lse,
@@ -574,8 +626,8 @@ def test_every_config_covered():
             (arch, bucket)
         assert {s for s in _diagonal_edge_shapes(cfg["block_m"], cfg["block_n"])} <= {
             c.shape for c in mine if c.group == "diag_edge" and c.causal}, (arch, bucket)
-        assert {(s, w) for _t, s, w in _window_edge_shapes(cfg["block_m"], cfg["block_n"])} <= {
-            (c.shape, c.window) for c in mine if c.group == "window_edge"}, (arch, bucket)
+        assert {(s, w, c) for _t, s, w, c in _window_edge_shapes(cfg["block_m"], cfg["block_n"])} <= {
+            (c.shape, c.window, c.causal) for c in mine if c.group == "window_edge"}, (arch, bucket)
         assert any(c.head_dim < bucket and c.kind[0] for c in mine), (arch, bucket)
         assert any(c.dtype == torch.float16 for c in mine), (arch, bucket)
 
@@ -643,10 +695,10 @@ def test_window_edge_shapes_hit_their_targets():
     # The targets of _window_edge_shapes, from the band definition (row i sees i + shift - left ..= i + shift +
     # right, clamped to the keys), for every tile's block sizes.
     for block_m, block_n, _bucket in TILE_ARCHS:
-        for target, (_b, sq, sk, _h, _hk), window in _window_edge_shapes(block_m, block_n):
+        for target, (_b, sq, sk, _h, _hk), window, causal in _window_edge_shapes(block_m, block_n):
             assert sk > 0, (target, block_m, block_n)
             shift = sk - sq
-            left, right = window
+            left, right = fold_causal(window, causal)
             lefts = [max(i + shift - left, 0) if left >= 0 else 0 for i in range(sq)]
             rights = [min(i + shift + right, sk - 1) if right >= 0 else sk - 1 for i in range(sq)]
             assert sq > block_m, (target, block_m, block_n)  # two query programs at least
