@@ -96,8 +96,8 @@ std::string check_head_dim(const Problem& p, const DeviceInfo&, const ImageInfo&
 std::string check_features(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
   for (const auto& f : p.features)
     if (std::find(img.features.begin(), img.features.end(), f) == img.features.end())
-      return "features: image has no " + f + " (compiled with: " +
-             (img.features.empty() ? std::string("none") : join(img.features, "+")) + ")";
+      return "features: image has no " + f +
+             " (compiled with: " + (img.features.empty() ? std::string("none") : join(img.features, "+")) + ")";
   return "";
 }
 

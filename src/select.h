@@ -65,7 +65,7 @@ Selection select(const Problem& problem, const DeviceInfo& device, const std::ve
 constexpr int64_t kMaxInt32Offset = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int kAlignBytes = 16;
-constexpr int kStrideMultiple = 8;  // kernels take q/k/v/out strides in units of this (kernels/fwd.py)
+constexpr int kStrideMultiple = 8;   // kernels take q/k/v/out strides in units of this (kernels/fwd.py)
 constexpr int kHeadDimMultiple = 8;  // masked images take head dims that are multiples of this (kernels/fwd.py)
 
 }  // namespace fa2rt

@@ -37,9 +37,9 @@ struct ImageInfo {
   std::string name;
   std::string op;  // "fwd"
   Vendor vendor = Vendor::kNone;
-  std::string arch;   // "sm80", "gfx942"
-  std::string dtype;  // "fp16", "bf16"
-  int head_dim = 0;   // the compiled head-dim bucket
+  std::string arch;                   // "sm80", "gfx942"
+  std::string dtype;                  // "fp16", "bf16"
+  int head_dim = 0;                   // the compiled head-dim bucket
   bool d_mask = false;                // also takes head dims below the bucket (multiples of 8), masking the tail
   std::vector<std::string> features;  // optional score terms compiled in: "softcap", "alibi"
   int block_m = 0;
@@ -68,9 +68,9 @@ struct Problem {
   int64_t nheads_k = 0;
   int64_t head_dim = 0;
   std::vector<std::string> features;  // score terms the call needs: "softcap", "alibi" (causal/window are run time)
-  bool aligned16 = true;        // every base pointer 16-byte aligned
-  bool strides8 = true;         // every q/k/v/out stride a multiple of 8 elements
-  int64_t max_head_extent = 0;  // largest element offset inside one (batch, head) slice of any tensor
+  bool aligned16 = true;              // every base pointer 16-byte aligned
+  bool strides8 = true;               // every q/k/v/out stride a multiple of 8 elements
+  int64_t max_head_extent = 0;        // largest element offset inside one (batch, head) slice of any tensor
 };
 
 // How an image reaches the device.

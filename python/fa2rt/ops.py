@@ -61,8 +61,8 @@ def kernel_args(q, k, v, out, lse, alibi, shapes: Shapes) -> dict:
 def _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi) -> Shapes:
     return Shapes(batch=q.shape[0], seqlen_q=q.shape[1], seqlen_k=k.shape[1], nheads=q.shape[2],
                   nheads_k=k.shape[2], head_dim=q.shape[3], dtype=q.dtype, device=q.device,
-                  softmax_scale=softmax_scale, causal=window_right == 0, window=(window_left, window_right), softcap=softcap,
-                  has_alibi=alibi is not None)
+                  softmax_scale=softmax_scale, causal=window_right == 0, window=(window_left, window_right),
+                  softcap=softcap, has_alibi=alibi is not None)
 
 
 def run_forward(q, k, v, alibi, out, softmax_scale, window_left, window_right, softcap, image, mode):

@@ -2,7 +2,8 @@
 
 Head dims 8..256, windows, softcap, ALiBi, GQA/MQA with each of them, out=, 128k tokens, tiny shapes, the fallback for
 head dims no kernel takes, CUDA graphs, any GPU index, threads and streams. The native images run every case; the
-sm80 and sm89 images, forced through their PTX (each image a driver JIT of a few seconds), a subset.
+sm80 and sm89 images, forced through their PTX (each image one driver JIT: 0.1-0.4 s on an H200), a subset.
+The whole file took about 10 s on one H200 (2026-11-21, torch 2.11.0+cu130, Triton 3.6.0).
 """
 
 import threading
