@@ -93,11 +93,25 @@ std::string check_head_dim(const Problem& p, const DeviceInfo&, const ImageInfo&
          ", problem has " + str(p.head_dim);
 }
 
+// Features an image may carry that a call does not use: ALiBi with slope 0 adds nothing. A softcap image always
+// caps its scores, so it serves only calls with a softcap.
+const std::vector<std::string>& optional_features() {
+  static const std::vector<std::string> list = {"alibi"};
+  return list;
+}
+
+bool contains(const std::vector<std::string>& items, const std::string& item) {
+  return std::find(items.begin(), items.end(), item) != items.end();
+}
+
 std::string check_features(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
   for (const auto& f : p.features)
-    if (std::find(img.features.begin(), img.features.end(), f) == img.features.end())
+    if (!contains(img.features, f))
       return "features: image has no " + f +
              " (compiled with: " + (img.features.empty() ? std::string("none") : join(img.features, "+")) + ")";
+  for (const auto& f : img.features)
+    if (!contains(p.features, f) && !contains(optional_features(), f))
+      return "features: image always applies " + f + ", problem has none";
   return "";
 }
 

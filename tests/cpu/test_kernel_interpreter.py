@@ -7,16 +7,18 @@ so a host-side bug fails here too; only the pointers are mapped back to their te
 are poisoned with NaN, and followed by NaN guards, so an element the kernel never writes, or one it writes outside
 them, fails the test. The expected values come from fa2rt.reference.attention_reference.
 
-What runs (see the meta tests at the end, which keep the coverage from shrinking silently):
+What runs (one parametrized test over CASES; the meta tests at the end keep the coverage from shrinking silently):
 - every tile: small odd shapes crossing several key blocks, causal and not (unmasked and masked phases, ragged
-  seqlen_k, rows that see no key), causal shapes and sliding-window shapes derived from the block sizes that put the
-  phase bounds one key off a block edge, and a head dim below the bucket (the D_MASK images) on strided inputs;
+  seqlen_k, rows that see no key, GQA/MQA), causal shapes and sliding-window shapes derived from the block sizes that
+  put the phase bounds (_key_phases in the kernel) one key off a block edge, and a head dim below the bucket (the
+  D_MASK images) on strided inputs;
 - per vendor, on one tile: every window of WINDOWS with causal off and on and seqlen_q ==, <, > seqlen_k; softcap,
   ALiBi ((nheads,) and (batch, nheads) slopes with odd strides) and both on the image kinds that carry them, the
-  softcap image without slopes (the zero slope); negative and zero softmax_scale.
+  softcap image without slopes (the zero slope); negative and zero softmax_scale;
+- per (block_m, block_n) pair, on one tile: every window again, and seeded random calls.
 fp32 throughout, fp16 on a subset; bf16 misbehaves in the interpreter. Configs that share block sizes and bucket run
 once (the interpreter ignores num_warps and num_stages). The interpreter executes each program with numpy, one program
-at a time: shapes stay small.
+at a time: shapes stay small (the whole file takes under a minute on 2 idle cores).
 """
 
 import os
@@ -410,6 +412,8 @@ def _feature_cases():
             Case("alibi", tile, ALIBI, mqa, dm, f16, False, (-1, 4), alibi="batch_heads_transposed"),
             Case("alibi", tile, ALIBI, gqa_long_q, d, f32, False, softmax_scale=-0.5, alibi="heads_strided"),
             Case("alibi", tile, ALIBI, gqa_long_k, d, f32, False, (3, 0), softmax_scale=0.0, alibi="heads_strided"),
+            Case("alibi", tile, ALIBI, (1, 130, 200, 1, 1), dm, f32, True, (7, 3), alibi="heads_strided",
+                 strided=True),
             # softcap image without slopes (reads the shared zero slope), with (nheads,) and (batch, nheads) slopes
             Case("softcap", tile, SOFTCAP, gqa_long_k, d, f32, False, softmax_scale=1.0, softcap=1.5),
             Case("softcap", tile, SOFTCAP, gqa_long_q, dm, f32, True, softcap=0.8),
@@ -475,6 +479,13 @@ def _slopes(layout, batch, nheads, gen):
     raise ValueError(layout)
 
 
+def _odd_size1_strides(t):
+    """t with stride 1 on its batch, seqlen and head dims of size 1: the dispatcher lets any stride through there
+    (the kernel only ever multiplies it by 0), so kernel_args' division by the stride unit must not matter."""
+    strides = [1 if i < 3 and t.shape[i] == 1 else st for i, st in enumerate(t.stride())]
+    return t.as_strided(t.shape, strides, t.storage_offset())
+
+
 def _inputs(case, seed_key):
     b, sq, sk, h, hk = case.shape
     d = case.head_dim
@@ -484,7 +495,8 @@ def _inputs(case, seed_key):
         # share storage.
         q = torch.randn(b, sq, h + 1, d, generator=gen).to(case.dtype)[:, :, 1:]
         kv = torch.randn(b, sk, 2, hk, d, generator=gen).to(case.dtype)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        k, v = _odd_size1_strides(kv[:, :, 0]), _odd_size1_strides(kv[:, :, 1])
+        q = _odd_size1_strides(q)
         assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     else:
         q = torch.randn(b, sq, h, d, generator=gen).to(case.dtype)
@@ -566,8 +578,8 @@ def _launch(case, q, k, v, alibi, o, lse):
 
 def _check(case, q, k, v, alibi, o, lse, o_buf, lse_buf):
     dtype = q.dtype
-    assert not torch.isnan(o).any(), f"{int(torch.isnan(o).sum())} of {o.numel()} output elements never written"
-    assert not torch.isnan(lse).any(), f"{int(torch.isnan(lse).sum())} of {lse.numel()} LSE elements never written"
+    for name, t in (("O", o), ("LSE", lse)):
+        assert not torch.isnan(t).any(), f"{int(torch.isnan(t).sum())} of {t.numel()} {name} elements NaN (unwritten?)"
     # Nothing written outside O and LSE: the guard tails (and the padding heads of a strided O) stay NaN.
     written = torch.zeros_like(o_buf, dtype=torch.bool)
     written.as_strided(o.shape, o.stride(), o.storage_offset()).fill_(True)
@@ -659,6 +671,8 @@ def test_every_kind_and_feature_covered_per_vendor():
             "zero scale, masked image": lambda c: c.kind == MASKED and c.softmax_scale == 0,
             "fp16 softcap+alibi": lambda c: c.dtype == torch.float16 and c.softcap > 0 and c.alibi,
             "fp16 alibi": lambda c: c.dtype == torch.float16 and c.alibi and c.softcap == 0,
+            "strided, size-1 batch and head dims with odd strides": lambda c: c.strided and c.shape[0] == 1
+            and c.shape[3] == 1,
             "GQA": lambda c: 1 < c.shape[4] < c.shape[3],
             "MQA": lambda c: c.shape[4] == 1 < c.shape[3],
         }
@@ -715,6 +729,8 @@ def test_window_edge_shapes_hit_their_targets():
             assert ok, (target, block_m, block_n, sq, sk, window)
 
 
-def test_library_head_dim_multiple_matches_kernel():
-    # kernel_args passes head_dim // _C.HEAD_DIM_MULTIPLE; the kernel multiplies it back by 8.
-    assert ops._C.HEAD_DIM_MULTIPLE == fwd.HEAD_DIM_MULTIPLE == 8
+def test_library_units_match_kernel():
+    # kernel_args passes head_dim // _C.HEAD_DIM_MULTIPLE and strides // _C.STRIDE_MULTIPLE; the kernel multiplies
+    # them back by its own constants.
+    assert ops._C.HEAD_DIM_MULTIPLE == fwd.HEAD_DIM_MULTIPLE
+    assert ops._C.STRIDE_MULTIPLE == fwd.STRIDE_UNIT

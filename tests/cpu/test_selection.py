@@ -48,7 +48,7 @@ def test_selection_matches_golden():
     "device, expected",
     [
         ("sm80", "fwd-sm80-bf16-d128-plain [native]"),
-        ("sm86", "reject: arch_mismatch,dtype,head_dim,shared_memory"),  # sm80 d128 needs 128 KB, A10 has 99 KB
+        ("sm86", "reject: arch_mismatch,dtype,features,head_dim,shared_memory"),  # sm80 d128: 128 KB, A10: 99 KB
         ("sm89", "fwd-sm89-bf16-d128-plain [native]"),
         ("sm90", "fwd-sm90-bf16-d128-plain [native]"),
         ("sm100", "fwd-sm89-bf16-d128-plain [ptx-jit]"),  # newest portable PTX; sm_90a PTX is arch-specific
@@ -99,6 +99,18 @@ def test_missing_feature_is_a_rejection():
     sel = _C.select(problem(features=("softcap",)), DEVICES["sm90"], reg, "")
     assert sel["image"] is None
     assert [r.message for r in sel["rejections"]] == ["features: image has no softcap (compiled with: alibi)"]
+
+
+def test_softcap_image_never_serves_a_call_without_softcap():
+    # Its scores are always capped (softcap 0 would zero them); ALiBi images may serve calls without slopes.
+    reg = _C.Registry()
+    reg.add(synthetic_image("sm90", "bf16", 128, True, ("softcap", "alibi")))
+    reg.add(synthetic_image("sm90", "bf16", 64, True, ("alibi",)))
+    sel = _C.select(problem(features=()), DEVICES["sm90"], reg, "")
+    assert sel["image"] is None
+    assert [r.message for r in sel["rejections"]] == ["features: image always applies softcap, problem has none",
+                                                      "head_dim: image takes multiples of 8 up to 64, problem has 128"]
+    assert _C.select(problem(head_dim=64), DEVICES["sm90"], reg, "")["image"] == "fwd-sm90-bf16-d64m-alibi"
 
 
 def test_every_candidate_is_accounted_for():
