@@ -1,3 +1,6 @@
+#!/usr/bin/env bash
+# One device call: time candidate tiles (backends/kernels/tune.py) for sm90, and sm80/sm89 through PTX; results to $OUT.
+# Only the native module is built (FA2RT_ARCHS empty): tune.py compiles each candidate itself.
 set -uo pipefail
 FA2RT_ARCHS= python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/fa . 2>&1 | tail -3
 export PYTHONPATH=/tmp/fa PYTHONUNBUFFERED=1
