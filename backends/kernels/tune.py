@@ -12,7 +12,6 @@ not the older part's. Prints the best tile per (arch, bucket); --write stores th
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
@@ -30,7 +29,6 @@ CANDIDATES = {
              (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
     "rocm": [(128, 64, 4, 1), (128, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (64, 32, 4, 1)],
 }
-TOKENS, HIDDEN = 16384, 2048
 SEQLENS = (1024, 4096)
 
 
@@ -58,10 +56,10 @@ def build_all(arch: str, buckets: list[int], root: Path, jobs: int) -> dict:
     with ProcessPoolExecutor(jobs) as pool:
         results = iter(pool.map(_build, work))
     built = {}
-    for b, tile, kinds in cands:
+    for i, (b, tile, kinds) in enumerate(cands):
         rows_fails = [next(results)[:2] for _ in kinds]
         fails = [f for _, fs in rows_fails for f in fs]
-        folder = work[len(built) * len(kinds)][1]
+        folder = work[i * len(kinds)][1]
         if fails:
             built[(b, tile)] = fails
         else:
@@ -76,6 +74,7 @@ def time_tile(folder: Path, arch: str, bucket: int) -> dict:
 
     import fa2rt
     import fa2rt.devices
+    from fa2rt.bench import HIDDEN, TOKENS, fwd_flops
 
     os.environ["FA2RT_KERNEL_DIR"] = str(folder)
     info, code, why = fa2rt.devices.describe(torch.device("cuda", torch.cuda.current_device()))
@@ -97,12 +96,14 @@ def time_tile(folder: Path, arch: str, bucket: int) -> dict:
                 raise RuntimeError(f"{folder.name}: not the kernel path: {decision}")
             ms = do_bench(lambda: fa2rt.attention(q, k, v, causal=causal), warmup=10, rep=40,  # noqa: B023
                           return_mode="median")
-            flops = 4 * batch * nheads * seqlen * seqlen * bucket / (2 if causal else 1)
+            flops = fwd_flops(batch, nheads, seqlen, bucket, causal)
             times[f"{'causal' if causal else 'full'}-{seqlen}"] = flops / ms / 1e9
     return times
 
 
 def main(argv=None) -> int:
+    from fa2rt.bench import geomean
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="sm90,sm80,sm89")
     p.add_argument("--buckets", default="16,32,64,128,256")
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
                     row["failed"] = built
                 else:
                     row["tflops"] = time_tile(built, arch, bucket)
-                    row["geomean"] = math.exp(sum(map(math.log, row["tflops"].values())) / len(row["tflops"]))
+                    row["geomean"] = geomean(row["tflops"].values())
                     best = winners.get((arch, bucket))
                     if best is None or row["geomean"] > best["geomean"]:
                         winners[(arch, bucket)] = row

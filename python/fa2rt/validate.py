@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference import fold_causal
+
 TENSOR_RANK = 4
 LAYOUT = "(batch, seqlen, nheads, headdim)"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -123,8 +125,7 @@ def _check_window(window_size, causal) -> tuple[int, int]:
             _fail(TypeError, name, "an int >= -1 (-1 = unlimited)", f"{side!r} ({type(side).__name__})")
         if side < -1:
             _fail(ValueError, name, "an int >= -1 (-1 = unlimited)", side)
-    left, right = (int(side) for side in window_size)
-    return left, 0 if causal else right
+    return fold_causal(tuple(int(side) for side in window_size), causal)
 
 
 def _check_alibi(alibi_slopes, q) -> bool:

@@ -206,6 +206,20 @@ def test_features_combined(monkeypatch, path, case):
     run_on(monkeypatch, path, case, "combined")
 
 
+def _peak_extra_bytes(call):
+    """call()'s result and the peak memory it allocated beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = call()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() - base
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def test_gqa_reads_kv_in_place():
     """K/V are read where they are: the call allocates its outputs and next to nothing else, while a copy of K or
     V (or of them repeated per query head, or a materialised bias) would be 16 MiB or more."""
@@ -214,16 +228,11 @@ def test_gqa_reads_kv_in_place():
     q, k, v, opts = case.inputs(seed)
     expect_path(fa2rt.explain(q, k, v, **opts))
     fa2rt.attention(q, k, v, **opts, return_lse=True)  # warm-up: module load
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out, lse = fa2rt.attention(q, k, v, **opts, return_lse=True)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    (out, lse), extra = _peak_extra_bytes(lambda: fa2rt.attention(q, k, v, **opts, return_lse=True))
     slack = 4 * MIB  # allocator rounding, small temporaries
     kv_bytes = k.numel() * k.element_size()
     assert kv_bytes >= 4 * slack
-    assert extra <= out.numel() * out.element_size() + lse.numel() * lse.element_size() + slack, (extra, kv_bytes)
+    assert extra <= _nbytes(out, lse) + slack, (extra, kv_bytes)
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     rows = torch.randint(0, q.shape[1], (32,), device=DEVICE, generator=g).unique()
     check_attention(out, lse, q, k, v, rows=rows, **opts)
@@ -264,13 +273,8 @@ def test_128k_tokens_causal():
     q, k, v, opts = case.inputs(seed)
     expect_path(fa2rt.explain(q, k, v, **opts))
     poison_allocator()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out, lse = fa2rt.attention(q, k, v, **opts, return_lse=True)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= out.numel() * out.element_size() + lse.numel() * lse.element_size() + 8 * MIB, extra
+    (out, lse), extra = _peak_extra_bytes(lambda: fa2rt.attention(q, k, v, **opts, return_lse=True))
+    assert extra <= _nbytes(out, lse) + 8 * MIB, extra
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     edges = torch.tensor([0, 1, 63, 64, 127, 128, 255, 256, n // 2, n - 257, n - 129, n - 128, n - 1], device=DEVICE)
     rows = torch.cat([edges, torch.randint(0, n, (51,), device=DEVICE, generator=g)]).unique()
