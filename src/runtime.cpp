@@ -93,18 +93,39 @@ std::vector<std::string> pack_params(const ImageInfo& image, const NamedArgs& ar
   return packed;
 }
 
+namespace {
+
+// Launch geometry per op: which axis one program covers a block of (query rows or keys), and whether the grid's y
+// axis runs over query heads or KV heads (the dK/dV kernel sums the query heads of a KV head itself).
+struct OpGeometry {
+  const char* op;
+  bool over_keys;
+};
+constexpr OpGeometry kOpGeometry[] = {{"fwd", false}, {"bwd_dq", false}, {"bwd_dkdv", true}};
+
+const OpGeometry& geometry_of(const std::string& op) {
+  for (const auto& g : kOpGeometry)
+    if (op == g.op) return g;
+  throw std::invalid_argument("no launch geometry for op " + op);
+}
+
+}  // namespace
+
 LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void* stream) {
-  if (image.op != "fwd") throw std::invalid_argument("no launch geometry for op " + image.op);
+  const OpGeometry& geo = geometry_of(image.op);
   // launch() takes any problem, not only selected ones: refuse what would wrap around the unsigned grid.
-  if (problem.seqlen_q < 0 || problem.batch < 0 || problem.nheads < 0)
-    throw std::invalid_argument("problem: expected non-negative batch, seqlen_q and nheads");
-  if (problem.batch * problem.nheads > kMaxGridY)
-    throw std::out_of_range("problem: batch * nheads = " + std::to_string(problem.batch * problem.nheads) +
+  if (problem.seqlen_q < 0 || problem.seqlen_k < 0 || problem.batch < 0 || problem.nheads < 0 ||
+      problem.nheads_k < 0)
+    throw std::invalid_argument("problem: expected non-negative batch, seqlen_q, seqlen_k, nheads and nheads_k");
+  const int64_t heads = geo.over_keys ? problem.nheads_k : problem.nheads;
+  if (problem.batch * heads > kMaxGridY)
+    throw std::out_of_range("problem: batch * heads = " + std::to_string(problem.batch * heads) +
                             " exceeds the grid's y limit " + std::to_string(kMaxGridY));
   LaunchConfig cfg;
-  // One program per BLOCK_M query rows of one (batch, head).
-  cfg.grid[0] = static_cast<unsigned>(ceil_div(problem.seqlen_q, image.block_m));
-  cfg.grid[1] = static_cast<unsigned>(problem.batch * problem.nheads);
+  // One program per block of query rows (or keys) of one (batch, head).
+  cfg.grid[0] = static_cast<unsigned>(geo.over_keys ? ceil_div(problem.seqlen_k, image.block_n)
+                                                    : ceil_div(problem.seqlen_q, image.block_m));
+  cfg.grid[1] = static_cast<unsigned>(problem.batch * heads);
   cfg.block = static_cast<unsigned>(image.num_warps * image.warp_size);
   cfg.shared_bytes = static_cast<unsigned>(image.shared_bytes);
   cfg.stream = stream;

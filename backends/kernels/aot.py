@@ -37,10 +37,19 @@ SCRATCH_PARAMS = 2
 DIVISIBILITY = 16
 
 
-def divisible_params(params: list[tuple[str, str]]) -> list[str]:
-    from fwd import UNHINTED_PARAMS
+def kernel_spec(op: str):
+    """(Triton kernel, run-time parameter list of a dtype, params not hinted 16-byte aligned) of an op."""
+    import bwd
+    import fwd
 
-    return [name for name, ty in params if ty.startswith("*") and name not in UNHINTED_PARAMS]
+    return {"fwd": (fwd.attn_fwd, fwd.fwd_params, fwd.UNHINTED_PARAMS),
+            "bwd_dq": (bwd.attn_bwd_dq, bwd.bwd_params, bwd.UNHINTED_PARAMS),
+            "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS)}[op]
+
+
+def divisible_params(op: str, params: list[tuple[str, str]]) -> list[str]:
+    unhinted = kernel_spec(op)[2]
+    return [name for name, ty in params if ty.startswith("*") and name not in unhinted]
 
 BINARY_EXT = {"cuda": "cubin", "rocm": "hsaco"}
 
@@ -159,19 +168,20 @@ def _tool(name: str) -> Path:
 
 def compile_variant(v: Variant):
     import triton
-    from fwd import attn_fwd, fwd_constexprs, fwd_params
+    from fwd import fwd_constexprs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    params = fwd_params(v.dtype)
+    kernel, params_of, _ = kernel_spec(v.op)
+    params = params_of(v.dtype)
     constexprs = fwd_constexprs(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features)
     signature = dict(params) | {k: "constexpr" for k in constexprs}
-    hinted = divisible_params(params)
+    hinted = divisible_params(v.op, params)
     attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (name, _) in enumerate(params) if name in hinted}
     options = {"num_warps": v.num_warps, "num_stages": v.num_stages}
     if v.vendor == "rocm":
         options["waves_per_eu"] = v.waves_per_eu
-    src = ASTSource(fn=attn_fwd, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget(v.target_backend, v.target_arch, v.warp_size), options=options), params
 
 
@@ -210,7 +220,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
         "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,
         "threads": v.num_warps * v.warp_size,
         "shared_bytes": md.shared, "kernel_name": md.name, "params": [list(p) for p in params],
-        "scratch_params": SCRATCH_PARAMS, "align16": True, "divisible16": divisible_params(params),
+        "scratch_params": SCRATCH_PARAMS, "align16": True, "divisible16": divisible_params(v.op, params),
         "stride_unit": STRIDE_UNIT,
         "binary": {"kind": BINARY_EXT[v.vendor], "file": binary.name, "sha256": _sha256_file(binary)},
         "ptx": ptx, "resources": res,

@@ -11,7 +11,9 @@ from pathlib import Path
 
 BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
-OPS = ("fwd",)
+# fwd, then the two backward kernels (bwd.py). An arch whose tiles.json entry has no table for an op gets no images
+# of it (the AMD archs have no backward yet), and the dispatcher says so.
+OPS = ("fwd", "bwd_dq", "bwd_dkdv")
 DTYPES = ("fp16", "bf16")
 # Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order
 # and the dispatcher takes the first image that fits, so an exact head dim without extras wins. Masked images take
@@ -39,11 +41,15 @@ def dump_tiles(doc: dict) -> str:
     lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in doc.items() if k != "archs"] + ['  "archs": {']
     archs = list(doc["archs"].items())
     for i, (arch, info) in enumerate(archs):
-        lines.append(f'    "{arch}": {{"max_shared_bytes": {info["max_shared_bytes"]}, "fwd": {{')
-        buckets = sorted(info["fwd"].items(), key=lambda kv: int(kv[0]))
-        lines += [f'      "{b}": {json.dumps(cfg)}{"," if j < len(buckets) - 1 else ""}'
-                  for j, (b, cfg) in enumerate(buckets)]
-        lines.append("    }}" + ("," if i < len(archs) - 1 else ""))
+        lines.append(f'    "{arch}": {{"max_shared_bytes": {info["max_shared_bytes"]},')
+        ops = [op for op in OPS if op in info]
+        for k, op in enumerate(ops):
+            lines.append(f'      "{op}": {{')
+            buckets = sorted(info[op].items(), key=lambda kv: int(kv[0]))
+            lines += [f'        "{b}": {json.dumps(cfg)}{"," if j < len(buckets) - 1 else ""}'
+                      for j, (b, cfg) in enumerate(buckets)]
+            lines.append("      }" + ("," if k < len(ops) - 1 else ""))
+        lines.append("    }" + ("," if i < len(archs) - 1 else ""))
     return "\n".join(lines + ["  }", "}"]) + "\n"
 
 
@@ -91,7 +97,7 @@ def variants(archs: list[str]) -> list[Variant]:
         info = arch_info(arch)
         vendor, backend, target_arch, mma = ARCHS[arch]
         for op in OPS:
-            for bucket, cfg in sorted(info[op].items(), key=lambda kv: int(kv[0])):
+            for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
                 for dtype in DTYPES:
                     for d_mask, features in KINDS:
                         out.append(Variant(

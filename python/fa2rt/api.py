@@ -13,24 +13,38 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _check_out_grad(out, q, k, v) -> None:
+    # As torch's own out= variants: a result written into a caller's tensor is not differentiable.
+    if out is not None and _needs_grad(q, k, v):
+        raise RuntimeError("out: expected None when q, k or v requires grad (out= results are not "
+                           "differentiable), got a tensor")
+
+
+def _decide(shapes: Shapes, q, k, v, alibi_slopes, out) -> policy.Decision:
+    return policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out,
+                         slopes_need_grad=_needs_grad(alibi_slopes))
+
+
 def explain(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
             out=None) -> policy.Decision:
-    """What attention(q, k, v, ...) would run, and why: the chosen image or the fallback reason, with every
-    candidate image the dispatcher rejected."""
+    """What attention(q, k, v, ...) would run, and why: the chosen image (and backward images when an input
+    requires grad) or the fallback reason, with every candidate image the dispatcher rejected."""
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
-    return policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out)
+    _check_out_grad(out, q, k, v)
+    return _decide(shapes, q, k, v, alibi_slopes, out)
 
 
-def _decide_traced(shapes: Shapes, q, k, v) -> policy.Decision:
-    # The dispatcher is native code Dynamo cannot trace: the custom op selects when the graph runs (and falls back
+def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:
+    # The dispatcher is native code Dynamo cannot trace: the custom ops select when the graph runs (and fall back
     # there, announced, when no image fits). Decisions that need no device query are taken here.
-    use_op = q.is_cuda and q.dtype in policy.KERNEL_DTYPES and not _needs_grad(q, k, v) and not shapes.trivial
+    use_op = (q.is_cuda and q.dtype in policy.KERNEL_DTYPES and not shapes.trivial
+              and not _needs_grad(alibi_slopes))
     return policy.Decision("kernel" if use_op else "fallback")
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
-              return_lse=False, out=None):
+              return_lse=False, out=None, deterministic=False):
     """Exact attention, flash-attn 2 semantics.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with nheads % nheads_k == 0
@@ -39,22 +53,29 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     causal=True sets right = 0 (the bottom-right aligned causal mask). Rows that see no key give 0 and lse +inf.
     softmax_scale: defaults to headdim ** -0.5. softcap > 0: scores become softcap * tanh(score / softcap).
     alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + shift - j| to the scores.
-    out: optional tensor shaped like q (last dim contiguous) the output is written into and returned.
-    Returns out (like q), or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse.
+    out: optional tensor shaped like q (last dim contiguous) the output is written into and returned; not with
+    inputs that require grad.
+    deterministic: bitwise reproducible gradients (also on when torch.use_deterministic_algorithms(True)); the
+    kernels always are, this restricts the fallback to SDPA's math backend.
+    Returns out (like q), or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse; lse carries
+    no gradient. Differentiable in q, k and v (FA2 backward kernels, recomputing from lse); alibi_slopes that
+    require grad run on the fallback.
     Runs an fa2rt kernel when one fits the device and problem, else PyTorch SDPA (announced once per reason,
     see explain()).
     """
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
+    _check_out_grad(out, q, k, v)
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if torch.compiler.is_compiling():
-        decision = _decide_traced(shapes, q, k, v)
+        decision = _decide_traced(shapes, q, k, v, alibi_slopes)
     else:
-        decision = policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out)
+        decision = _decide(shapes, q, k, v, alibi_slopes, out)
     if decision.path == "kernel":
         left, right = shapes.window
         args = (shapes.softmax_scale, left, right, shapes.softcap, decision.image or "", decision.mode or "")
         if out is None:
-            out, lse = ops.fwd(q, k, v, alibi_slopes, *args)
+            out, lse = ops.fwd(q, k, v, alibi_slopes, *args, deterministic)
         else:
             lse = ops.fwd_out(q, k, v, alibi_slopes, out, *args)
     else:
@@ -62,6 +83,6 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
             policy.announce(decision)
         res, lse = sdpa_attention(q, k, v, causal=shapes.causal, softmax_scale=shapes.softmax_scale,
                                   window_size=shapes.window, softcap=shapes.softcap, alibi_slopes=alibi_slopes,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, deterministic=deterministic)
         out = res if out is None else out.copy_(res)
     return (out, lse) if return_lse else out

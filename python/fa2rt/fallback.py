@@ -22,6 +22,8 @@ from .reference import alibi_bias, allowed_mask, fold_causal
 # when grad_out is a transposed view, as ours always is (B, N, H, D -> B, H, N, D); flash, memory-efficient and math
 # agreed with the float64 reference.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Deterministic mode: the flash and memory-efficient backwards accumulate dQ with atomics on the GPU.
+DETERMINISTIC_BACKENDS = [SDPBackend.MATH]
 ALIGN_BYTES = 16
 # Query rows are processed in chunks whose (batch, nheads, rows, seqlen_k) score-sized tensors have at most
 # CHUNK_ELEMENTS elements (256 MiB in fp32); a chunk holds a few of them (scores, bias, exponentials), about 1 GiB.
@@ -40,6 +42,7 @@ class _Problem:
     window: tuple[int, int]
     softcap: float
     alibi_slopes: torch.Tensor | None
+    deterministic: bool = False
 
 
 def _zeros(shape, q, k, v):
@@ -106,11 +109,11 @@ def _positive_scale(q, scale):
     return q, scale
 
 
-def _sdpa(q_rows, k, v, scale, *, attn_mask=None, is_causal=False):
+def _sdpa(q_rows, k, v, p, *, attn_mask=None, is_causal=False):
     """One SDPA call, in and out in our layout (batch, seqlen, nheads, headdim)."""
     # Slicing rows can break the alignment of an aligned q, hence the check here.
-    q_rows, scale = _positive_scale(_aligned(q_rows), scale)
-    with sdpa_kernel(SDPA_BACKENDS):
+    q_rows, scale = _positive_scale(_aligned(q_rows), p.scale)
+    with sdpa_kernel(DETERMINISTIC_BACKENDS if p.deterministic else SDPA_BACKENDS):
         out = F.scaled_dot_product_attention(
             q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q_rows.shape[2] != k.shape[2],
@@ -154,12 +157,12 @@ def _plain(q, k, v, first, p):
     n, seqlen_k = q_rows.shape[1], k.shape[1]
     causal = p.window[1] == 0
     mask = causal_lower_right(n, seqlen_k) if causal and n != seqlen_k else None
-    return _sdpa(q_rows, k, v, p.scale, attn_mask=mask, is_causal=causal and n == seqlen_k), None
+    return _sdpa(q_rows, k, v, p, attn_mask=mask, is_causal=causal and n == seqlen_k), None
 
 
 def _masked_rows(q_rows, k, v, rows, p):
     # The mask must have q's dtype: CUDA's memory-efficient kernel rejects any other ("invalid dtype for bias").
-    return _sdpa(q_rows, k, v, p.scale, attn_mask=_bias(p, rows, q_rows.dtype, q_rows.device)), None
+    return _sdpa(q_rows, k, v, p, attn_mask=_bias(p, rows, q_rows.dtype, q_rows.device)), None
 
 
 def _explicit_rows(q_rows, k, v, rows, p):
@@ -210,7 +213,7 @@ def _lse(q, k, first, p):
 
 
 def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                   return_lse=False):
+                   return_lse=False, deterministic=False):
     """Attention via torch.nn.functional.scaled_dot_product_attention (or, for softcap, written out); differentiable
     through autograd.
 
@@ -218,12 +221,14 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1),
     (see fa2rt.validate.check_inputs for window_size, softcap and alibi_slopes; fa2rt.reference for the math).
     Causal mask is bottom-right aligned; rows that see no key get output 0 (zero gradient) and lse +inf.
     Returns (out, lse): out in q's dtype, (batch, seqlen_q, nheads, headdim) contiguous; lse float32
-    (batch, nheads, seqlen_q) (not differentiable) when return_lse, else None.
+    (batch, nheads, seqlen_q) (not differentiable) when return_lse, else None. deterministic: SDPA's math backend
+    only, whose backward has no atomics.
     """
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
-    p = _Problem(seqlen_q, seqlen_k, scale, fold_causal(window_size, causal), float(softcap), alibi_slopes)
+    p = _Problem(seqlen_q, seqlen_k, scale, fold_causal(window_size, causal), float(softcap), alibi_slopes,
+                 deterministic)
     q, k, v = (_aligned(t) for t in (q, k, v))
 
     if q.numel() == 0 or k.numel() == 0:

@@ -19,6 +19,8 @@ from .validate import Shapes
 log = logging.getLogger("fa2rt")
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The backward kernels in launch order: bwd_dq also writes delta = rowsum(dO * O), which bwd_dkdv reads.
+BACKWARD_OPS = ("bwd_dq", "bwd_dkdv")
 CROSSOVER_FILE = Path(__file__).parent / "data" / "crossover.json"
 
 
@@ -35,11 +37,13 @@ class Decision:
     mode: str | None = None  # native, binary-compat or ptx-jit
     device: dict = field(default_factory=dict)
     rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
+    backward: tuple = ()  # (image, mode) per BACKWARD_OPS when the inputs require grad, on the kernel path
 
     def __str__(self) -> str:
         head = (f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}" if self.path == "kernel"
                 else f"fallback to SDPA [{self.reason}]: {self.message}")
-        lines = [head] + [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
+        lines = [head] + [f"  backward {img} ({mode})" for img, mode in self.backward]
+        lines += [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
         return "\n".join(lines)
 
 
@@ -58,13 +62,15 @@ def _device_dict(info) -> dict:
             "index": info.index}
 
 
-def problem_for(shapes: Shapes, q, k, v, out=None) -> "_C.Problem":
+def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
+    """The dispatcher's view of a call; tensors: every (batch, seqlen, nheads, headdim) tensor the kernel touches."""
     p = _C.Problem()
+    p.op = op
     p.dtype = KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
     p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.seqlen_k
     p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
     p.features = [name for name, needed in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi)) if needed]
-    tensors = [t for t in (q, k, v, out) if t is not None]
+    tensors = [t for t in tensors if t is not None]
     # Fake tensors (torch.compile tracing) have no address; the run-time call checks the real ones again.
     p.aligned16 = all(_is_fake(t) or t.data_ptr() % _C.ALIGN_BYTES == 0 for t in tensors)
     # A dim of size 1 only ever multiplies its stride by 0, so its stride cannot break the assumption.
@@ -82,8 +88,9 @@ def _fallback(reason: str, message: str, device=None, rejections=()) -> Decision
                     rejections=tuple(rejections))
 
 
-def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None) -> Decision:
-    """Kernel or fallback for one validated call, with every reason."""
+def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_grad: bool = False) -> Decision:
+    """Kernel or fallback for one validated call, with every reason. With needs_grad the backward kernels must fit
+    too; the tensors the backward allocates itself (dO aside, copied when it breaks the layout rules) always do."""
     if config.disabled():
         return _fallback("disabled", f"{config.DISABLE} is set")
     if shapes.trivial:
@@ -95,21 +102,47 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None) -> Decision:
     if shapes.dtype not in KERNEL_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
         return _fallback("dtype", f"kernels take {names}; got {str(shapes.dtype).removeprefix('torch.')}", info)
-    if needs_grad:
-        return _fallback("backward_unavailable", "inputs require grad and fa2rt has no backward kernel yet", info)
+    if slopes_need_grad:
+        return _fallback("alibi_grad", "alibi_slopes requires grad; the kernels treat slopes as constants", info)
     threshold = short_sequence_threshold(info.arch)
     if shapes.seqlen_k < threshold:
         return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
                          f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
     build = builds.current_build()
-    problem = problem_for(shapes, q, k, v, out)
-    sel = _C.select(problem, info, build.registry, config.force_arch())
-    rejections = [(r.image, r.code, r.message) for r in sel["rejections"]]
+    sel, rejections = _select("fwd", shapes, (q, k, v, out), info)
     if sel["image"] is None:
-        summary = build.error or _summarise(rejections)
-        return _fallback("no_kernel", summary, info, rejections)
+        return _fallback("no_kernel", build.error or _summarise(rejections), info, rejections)
+    backward = ()
+    if needs_grad:
+        chosen = select_backward(shapes, (q, k, v), info)
+        if isinstance(chosen, Decision):
+            return chosen
+        backward = tuple((image, mode) for _, image, mode in chosen)
     return Decision("kernel", image=sel["image"], mode=sel["mode"], device=_device_dict(info),
-                    rejections=tuple(rejections))
+                    rejections=tuple(rejections), backward=backward)
+
+
+def _select(op: str, shapes: Shapes, tensors, info):
+    problem = problem_for(shapes, tensors, op)
+    sel = _C.select(problem, info, builds.current_build().registry, config.force_arch())
+    sel["problem"] = problem
+    return sel, [(r.image, r.code, r.message) for r in sel["rejections"]]
+
+
+def select_backward(shapes: Shapes, tensors, info=None):
+    """[(problem, image, mode)] per BACKWARD_OPS in launch order, or the fallback Decision saying why not."""
+    if info is None:
+        info, code, why = devices.describe(shapes.device)
+        if code:
+            return _fallback(code, why)
+    chosen = []
+    for op in BACKWARD_OPS:
+        sel, rejections = _select(op, shapes, tensors, info)
+        if sel["image"] is None:
+            why = builds.current_build().error or _summarise(rejections)
+            return _fallback("no_backward_kernel", f"{op}: {why}", info, rejections)
+        chosen.append((sel["problem"], sel["image"], sel["mode"]))
+    return chosen
 
 
 def _summarise(rejections) -> str:
