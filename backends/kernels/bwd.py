@@ -128,7 +128,7 @@ def _dkdv_block(
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,  # noqa: E741 - the paper's names
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -192,7 +192,7 @@ def attn_bwd_dq(
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,  # noqa: E741 - the paper's names
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,

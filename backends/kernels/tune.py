@@ -1,10 +1,12 @@
-"""Tile tuning on a GPU: which (block_m, block_n, warps, stages) each arch and head-dim bucket should build.
+"""Tile tuning on a GPU: which (block_m, block_n, warps, stages) each arch, op and head-dim bucket should build.
 
-    python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--buckets 64,128] [--write]
+    python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--op fwd] [--buckets 64,128] [--write]
 
-For every arch, bucket and candidate tile, builds every image kind of the bucket (variants.KINDS; a tile only
-counts if all of them pass the AOT static checks: no spills, shared memory within the arch's limit), then times the
-plain exact image through fa2rt.attention on bf16 problems of the FA2 grid (16k tokens, hidden 2048), causal and not.
+For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
+only counts if all of them pass the AOT static checks: no spills, shared memory within the arch's limit), then times
+the plain exact image through fa2rt.attention on bf16 problems of the FA2 grid (16k tokens, hidden 2048), causal and
+not: the forward call for fwd; for a backward op, the backward call (torch.autograd.grad), with the other kernels
+on their current tiles.
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
 """
@@ -23,19 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aot  # noqa: E402
 import variants  # noqa: E402
 
-# Candidate tiles (block_m, block_n, num_warps, num_stages) per vendor; the static checks prune what cannot build.
+# Candidate tiles (block_m, block_n, num_warps, num_stages) per op and vendor; the static checks prune what cannot
+# build.
 CANDIDATES = {
-    "cuda": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
-             (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
-    "rocm": [(128, 64, 4, 1), (128, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (64, 32, 4, 1)],
+    "fwd": {
+        "cuda": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                 (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
+        "rocm": [(128, 64, 4, 1), (128, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (64, 32, 4, 1)],
+    },
+    "bwd_dq": {"cuda": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (128, 64, 8, 2),
+                        (128, 32, 8, 2), (64, 32, 4, 2)]},
+    "bwd_dkdv": {"cuda": [(32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2),
+                          (64, 64, 8, 1), (64, 64, 8, 2), (16, 128, 8, 1)]},
 }
 SEQLENS = (1024, 4096)
 
 
-def candidate_variants(arch: str, bucket: int) -> list[tuple[tuple, list]]:
-    base = next(v for v in variants.variants([arch]))
+def candidate_variants(arch: str, bucket: int, op: str) -> list[tuple[tuple, list]]:
+    base = next(v for v in variants.variants([arch]) if v.op == op)
     out = []
-    for m, n, w, s in CANDIDATES[base.vendor]:
+    for m, n, w, s in CANDIDATES[op].get(base.vendor, []):
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
                                      block_m=m, block_n=n, num_warps=w, num_stages=s)
                  for d_mask, features in variants.KINDS]
@@ -49,13 +58,31 @@ def _build(args):
     return aot.build_image(v, out)
 
 
-def build_all(arch: str, buckets: list[int], root: Path, jobs: int) -> dict:
-    """{(bucket, tile): folder with a manifest of that tile's plain image, or the static-check failures}."""
-    cands = [(b, tile, kinds) for b in buckets for tile, kinds in candidate_variants(arch, b)]
-    work = [(v, root / f"{arch}-d{b}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for b, t, kinds in cands for v in kinds]
+def _companions(arch: str, bucket: int, op: str) -> list:
+    """The plain exact images of the other ops a timed call needs, on their current tiles: a backward call runs
+    the forward and both backward kernels."""
+    if op == "fwd":
+        return []
+    return [v for v in variants.variants([arch]) if v.op != op and v.head_dim == bucket and v.dtype == "bf16"
+            and (v.d_mask, v.features) == variants.KINDS[0]]
+
+
+def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str) -> dict:
+    """{(bucket, tile): folder with a manifest of that tile's plain image (and its companions), or the static-check
+    failures}."""
+    cands = [(b, tile, kinds) for b in buckets for tile, kinds in candidate_variants(arch, b, op)]
+    work = [(v, root / f"{op}-{arch}-d{b}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for b, t, kinds in cands for v in kinds]
+    fixed = [(v, root / f"companions-{arch}-d{b}") for b in buckets for v in _companions(arch, b, op)]
     with ProcessPoolExecutor(jobs) as pool:
-        results = iter(pool.map(_build, work))
-    built = {}
+        results = iter(pool.map(_build, work + fixed))
+    cand_results = [next(results) for _ in work]
+    companion_rows = {}
+    for v, _ in fixed:
+        row, fails, _ = next(results)
+        if fails:
+            raise RuntimeError(f"companion image {v.name} fails the static checks: {fails}")
+        companion_rows.setdefault(v.head_dim, []).append(row)
+    built, results = {}, iter(cand_results)
     for i, (b, tile, kinds) in enumerate(cands):
         rows_fails = [next(results)[:2] for _ in kinds]
         fails = [f for _, fs in rows_fails for f in fs]
@@ -63,12 +90,18 @@ def build_all(arch: str, buckets: list[int], root: Path, jobs: int) -> dict:
         if fails:
             built[(b, tile)] = fails
         else:
-            aot.write_manifest(folder, [rows_fails[0][0]])  # the plain exact image (KINDS[0]) is what gets timed
+            # The plain exact image (KINDS[0]) is what gets timed; companion files are copied next to it.
+            for row in companion_rows.get(b, []):
+                for kind in ("binary", "ptx"):
+                    if row.get(kind):
+                        name = row[kind]["file"]
+                        (folder / name).write_bytes((root / f"companions-{arch}-d{b}" / name).read_bytes())
+            aot.write_manifest(folder, [rows_fails[0][0]] + companion_rows.get(b, []))
             built[(b, tile)] = folder
     return built
 
 
-def time_tile(folder: Path, arch: str, bucket: int) -> dict:
+def time_tile(folder: Path, arch: str, bucket: int, op: str) -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -76,6 +109,7 @@ def time_tile(folder: Path, arch: str, bucket: int) -> dict:
     import fa2rt.devices
     from fa2rt.bench import HIDDEN, TOKENS, fwd_flops
 
+    backward = op != "fwd"
     os.environ["FA2RT_KERNEL_DIR"] = str(folder)
     info, code, why = fa2rt.devices.describe(torch.device("cuda", torch.cuda.current_device()))
     if code:
@@ -89,14 +123,19 @@ def time_tile(folder: Path, arch: str, bucket: int) -> dict:
     for causal in (False, True):
         for seqlen in SEQLENS:
             batch, nheads = TOKENS // seqlen, max(1, HIDDEN // bucket)
-            q, k, v = (torch.randn(batch, seqlen, nheads, bucket, device="cuda", dtype=torch.bfloat16)
-                       for _ in range(3))
+            q, k, v = (torch.randn(batch, seqlen, nheads, bucket, device="cuda", dtype=torch.bfloat16,
+                                   requires_grad=backward) for _ in range(3))
             decision = fa2rt.explain(q, k, v, causal=causal)
             if decision.path != "kernel":
                 raise RuntimeError(f"{folder.name}: not the kernel path: {decision}")
-            ms = do_bench(lambda: fa2rt.attention(q, k, v, causal=causal), warmup=10, rep=40,  # noqa: B023
-                          return_mode="median")
-            flops = fwd_flops(batch, nheads, seqlen, bucket, causal)
+            if backward:
+                out = fa2rt.attention(q, k, v, causal=causal)
+                dout = torch.randn_like(out)
+                call = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: B023, E731
+            else:
+                call = lambda: fa2rt.attention(q, k, v, causal=causal)  # noqa: B023, E731
+            ms = do_bench(call, warmup=10, rep=40, return_mode="median")
+            flops = fwd_flops(batch, nheads, seqlen, bucket, causal) * (2.5 if backward else 1.0)
             times[f"{'causal' if causal else 'full'}-{seqlen}"] = flops / ms / 1e9
     return times
 
@@ -106,6 +145,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="sm90,sm80,sm89")
+    p.add_argument("--op", default="fwd", choices=variants.OPS)
     p.add_argument("--buckets", default="16,32,64,128,256")
     p.add_argument("--out", type=Path, required=True, help="folder for tune.json")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -117,12 +157,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fa2rt-tune-") as tmp:
         os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         for arch in args.archs.split(","):
-            for (bucket, tile), built in build_all(arch, buckets, Path(tmp), args.jobs).items():
-                row = {"arch": arch, "bucket": bucket, "tile": tile}
+            for (bucket, tile), built in build_all(arch, buckets, Path(tmp), args.jobs, args.op).items():
+                row = {"arch": arch, "op": args.op, "bucket": bucket, "tile": tile}
                 if isinstance(built, list):
                     row["failed"] = built
                 else:
-                    row["tflops"] = time_tile(built, arch, bucket)
+                    row["tflops"] = time_tile(built, arch, bucket, args.op)
                     row["geomean"] = geomean(row["tflops"].values())
                     best = winners.get((arch, bucket))
                     if best is None or row["geomean"] > best["geomean"]:
@@ -134,18 +174,18 @@ def main(argv=None) -> int:
     for (arch, bucket), row in sorted(winners.items()):
         print(f"{arch:7}{bucket:>7}  {str(row['tile']):28}{row['geomean']:16.1f}")
     if args.write:
-        write_tiles(winners)
+        write_tiles(winners, args.op)
     return 0
 
 
-def write_tiles(winners: dict) -> None:
+def write_tiles(winners: dict, op: str) -> None:
     for vendor in ("cuda", "rocm"):
         path = variants.BACKENDS_DIR / vendor / "tiles.json"
         doc = json.loads(path.read_text())
         for (arch, bucket), row in winners.items():
             if arch in doc["archs"]:
                 m, n, w, s = row["tile"]
-                doc["archs"][arch]["fwd"][str(bucket)].update(block_m=m, block_n=n, num_warps=w, num_stages=s)
+                doc["archs"][arch][op][str(bucket)].update(block_m=m, block_n=n, num_warps=w, num_stages=s)
         path.write_text(variants.dump_tiles(doc))
 
 

@@ -102,7 +102,7 @@ def variants(archs: list[str]) -> list[Variant]:
                     for d_mask, features in KINDS:
                         out.append(Variant(
                             op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
-                            warp_size=tiles(vendor)["warp_size"], mma_instr=mma,
+                            warp_size=tiles(vendor)["warp_size"], mma_instr=cfg.get("mma_instr", mma),
                             max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
                             d_mask=d_mask, features=features, block_m=cfg["block_m"], block_n=cfg["block_n"],
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -1,27 +1,38 @@
-"""python -m fa2rt.bench: fa2rt's forward against PyTorch SDPA's backends, side by side in one process.
+"""python -m fa2rt.bench: fa2rt against PyTorch SDPA's backends, side by side in one process.
 
 Modes (any combination runs in one process; with none named, --grid runs):
 
 --grid       The FA2 paper's grid: 16k tokens per batch (batch = 16384 // seqlen), hidden size 2048
              (nheads = 2048 // headdim), seqlen 512..16k, head dims 64/128/256, bf16 and fp16, causal and not.
-             Writes fwd-<tag>.json (environment, rows, summary) and fwd-<tag>.png (when matplotlib is present),
-             prints a TFLOP/s table and, at the very end, the fa2rt / SDPA summary per (dtype, head dim, causal).
---memory     Peak GPU memory of one forward call (after a warm-up call) of fa2rt and of each SDPA backend at
-             seqlen 8k..64k (batch 1, hidden 2048, d128, bf16, causal and not), minus the memory live before the
-             call (the inputs): it must grow linearly with seqlen, never with seqlen_q * seqlen_k.
-             Writes memory-<tag>.json.
+             Per pass (--passes) writes <pass>-<tag>.json (environment, settings, rows, summary; <pass> is fwd, bwd
+             or fwd_bwd) and <pass>-<tag>.png (when matplotlib is present), prints a TFLOP/s table and, at the very
+             end, the fa2rt / SDPA summary per (dtype, head dim, causal) of every pass.
+--memory     Peak GPU memory of one forward call and of one forward+backward call (each after a warm-up call) of
+             fa2rt and of each SDPA backend at seqlen 8k..64k (batch 1, hidden 2048, d128, bf16, causal and not),
+             minus the memory live before the call (the inputs, and dout for the backward): it must grow linearly
+             with seqlen, never with seqlen_q * seqlen_k. Writes memory-<tag>.json (a "pass" per row).
 --crossover  Short sequences (batch 1 and 8, 16 heads, d64/d128, bf16/fp16, causal and not, seqlen 16..1024): per
              seqlen the geometric mean over those configurations of best_sdpa_ms / fa2rt_ms, and from it the
              short-sequence threshold of the arch of the images that ran (sm90 natively, FA2RT_FORCE_ARCH's arch
              through PTX; see crossover_threshold). These are device times: do_bench's L2 flush before each call
              hides host overhead up to the flush's duration, and the policy's own host cost is paid on both
-             paths. Writes crossover-<tag>.json; --write-crossover PATH merges the threshold into a
+             paths. Forward only. Writes crossover-<tag>.json; --write-crossover PATH merges the threshold into a
              crossover.json such as python/fa2rt/data/crossover.json (the fallback policy's data).
 
+Passes of the grid (--passes, comma- or space-separated; default fwd):
+  fwd        the forward call; FLOPs = 4*B*H*Nq*Nk*D (two matmuls), halved for causal.
+  bwd        the backward only: the inputs require grad, the forward runs once untimed, then
+             torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) is timed; FLOPs = 2.5x the forward's.
+  fwd+bwd    forward and backward together, torch.autograd.grad(forward(), (q, k, v), dout); 3.5x the forward's.
+Every SDPA backend runs its forward inside sdpa_kernel(<that backend>), so the backward timed is that backend's.
+A backend that raises (refuses the shape, fails in its backward, runs out of memory) gets its error recorded in
+place of a time. Example, a budget run: --passes fwd+bwd --dtype bfloat16 --head-dim 64 128.
+
 <tag> is FA2RT_FORCE_ARCH's arch (e.g. sm80: its images through PTX) or "native". Times are medians of
-triton.testing.do_bench (which flushes L2 before every call); forward FLOPs = 4*B*H*Nq*Nk*D, halved for causal.
-fa2rt is timed only where fa2rt.explain() says a kernel runs (recorded per row, with the fallback reason where not),
-and with the short-sequence rule off (FA2RT_MIN_SEQLEN=0 while measuring): the benchmark measures the kernel.
+triton.testing.do_bench (which flushes L2 before every call).
+fa2rt is timed only where fa2rt.explain() says a kernel runs (recorded per row, with the fallback reason where not:
+fa2rt_explain for the forward, fa2rt_explain_grad, with the backward images, for inputs requiring grad), and with
+the short-sequence rule off (FA2RT_MIN_SEQLEN=0 while measuring): the benchmark measures the kernels.
 Exit status: 0; 1 when an fa2rt kernel call raised or a requested crossover could not be determined or written;
 2 for bad arguments or no GPU.
 """
@@ -29,6 +40,7 @@ Exit status: 0; 1 when an fa2rt kernel call raised or a requested crossover coul
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -113,16 +125,54 @@ def fwd_runs(q, k, v, causal) -> dict[str, Callable]:
     return runs
 
 
+def _forward(forward, inputs):
+    return forward
+
+
+def _backward(forward, inputs):
+    # The forward (an SDPA one inside its sdpa_kernel context, which fixes the backward its autograd node runs)
+    # happens here, untimed; the graph is kept for every timed call.
+    out = forward()
+    dout = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
+
+
+def _forward_backward(forward, inputs):
+    dout = torch.randn_like(forward())
+    return lambda: torch.autograd.grad(forward(), inputs, dout)
+
+
 @dataclass(frozen=True)
 class Pass:
-    """One timed pass. Backward will add e.g. Pass("bwd", 2.5, bwd_runs) and Pass("fwd+bwd", 3.5, fwd_bwd_runs)
-    (FLOPs relative to the forward's) with a --pass option; its results go under row[name] (see result())."""
+    """One timed pass: its results go under row[name] (the forward's at the row's top level, see result())."""
     name: str
     flop_factor: float  # FLOPs of the pass / forward FLOPs
-    runs: Callable  # (q, k, v, causal) -> {contender: no-argument callable}
+    prepare: Callable  # (forward callable, inputs) -> the timed callable; what it does before returning is untimed
+    grad: bool = False  # the inputs require grad; fa2rt's explain for them is row["fa2rt_explain_grad"]
+
+    @property
+    def stem(self) -> str:
+        """The pass in file names: fwd, bwd, fwd_bwd."""
+        return self.name.replace("+", "_")
+
+    @property
+    def explain_key(self) -> str:
+        return "fa2rt_explain_grad" if self.grad else "fa2rt_explain"
+
+    def inputs(self, q, k, v) -> tuple:
+        """q, k, v as this pass takes them: leaves requiring grad (sharing the storage) for a backward pass."""
+        return tuple(t.detach().requires_grad_() for t in (q, k, v)) if self.grad else (q, k, v)
+
+    def runs(self, inputs, causal) -> dict[str, Callable]:
+        """{contender: no-argument callable returning the timed callable}; errors in either count as the
+        contender's (measure() and peak_memory() catch both)."""
+        return {name: functools.partial(self.prepare, forward, inputs)
+                for name, forward in fwd_runs(*inputs, causal).items()}
 
 
-PASSES = {"fwd": Pass("fwd", 1.0, fwd_runs)}
+PASSES = {p.name: p for p in (Pass("fwd", 1.0, _forward), Pass("bwd", 2.5, _backward, grad=True),
+                              Pass("fwd+bwd", 3.5, _forward_backward, grad=True))}
+MEMORY_PASSES = ("fwd", "fwd+bwd")
 
 
 def result(row: dict, contender: str, pass_name: str = "fwd") -> dict:
@@ -187,10 +237,13 @@ def kernel_forced():
 
 
 def explain_record(decision) -> dict:
-    """The JSON form of fa2rt.explain(...)'s decision."""
+    """The JSON form of fa2rt.explain(...)'s decision; "backward": its backward images, for inputs requiring grad."""
     rec = {"path": decision.path}
     if decision.path == "kernel":
         rec.update(image=decision.image, mode=decision.mode, arch=image_arch(decision.image))
+        if decision.backward:
+            rec["backward"] = [{"image": image, "mode": mode, "arch": image_arch(image)}
+                               for image, mode in decision.backward]
     else:
         rec.update(reason=decision.reason, message=decision.message)
     return rec
@@ -227,12 +280,13 @@ def _recover() -> None:
         torch.cuda.empty_cache()
 
 
-def measure(fn, flops, warmup, rep) -> dict:
-    """{"ms", "tflops"} of fn, or {"error"} when it raises (a backend that refuses the shape, an OOM)."""
+def measure(prepare, flops, warmup, rep) -> dict:
+    """{"ms", "tflops"} of the callable prepare() returns (prepare itself untimed), or {"error"} when either raises
+    (a backend that refuses the shape or fails in its backward, an OOM)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ms = time_ms(fn, warmup=warmup, rep=rep)
+            ms = time_ms(prepare(), warmup=warmup, rep=rep)
         except Exception as exc:
             _recover()
             return {"error": _error_text(exc, caught)}
@@ -265,17 +319,22 @@ def bench_shape(dtype, head_dim, causal, seqlen, batch, nheads, *, passes=("fwd"
            "nheads": nheads, "fa2rt_image": decision.get("image"), "fa2rt_explain": decision}
     for pass_name in passes:
         p = PASSES[pass_name]
+        inputs = p.inputs(q, k, v)
+        if p.explain_key not in row:
+            row[p.explain_key] = explain_safely(*inputs, causal)
+        decision = row[p.explain_key]
         flops = p.flop_factor * fwd_flops(batch, nheads, seqlen, head_dim, causal)
-        for name, fn in p.runs(q, k, v, causal).items():
+        for name, prepare in p.runs(inputs, causal).items():
             if name == "fa2rt" and decision["path"] != "kernel":
                 _store(row, name, pass_name, not_timed(decision))
                 continue
-            _store(row, name, pass_name, measure(fn, flops, warmup, rep))
+            _store(row, name, pass_name, measure(prepare, flops, warmup, rep))
+        del inputs
     del q, k, v
     return row
 
 
-def bench(dtypes, head_dims, seqlens, causals, *, warmup=25, rep=100, progress=None) -> list[dict]:
+def bench(dtypes, head_dims, seqlens, causals, *, passes=("fwd",), warmup=25, rep=100, progress=None) -> list[dict]:
     """The FA2 grid: 16k tokens per batch, hidden 2048."""
     rows = []
     for dtype in dtypes:
@@ -283,16 +342,19 @@ def bench(dtypes, head_dims, seqlens, causals, *, warmup=25, rep=100, progress=N
             for causal in causals:
                 for seqlen in seqlens:
                     batch, nheads = max(1, TOKENS // seqlen), HIDDEN // head_dim
-                    rows.append(bench_shape(dtype, head_dim, causal, seqlen, batch, nheads, warmup=warmup, rep=rep))
+                    rows.append(bench_shape(dtype, head_dim, causal, seqlen, batch, nheads, passes=passes,
+                                            warmup=warmup, rep=rep))
                     if progress:
                         progress(rows[-1])
     return rows
 
 
-def kernel_errors(rows) -> list[str]:
+def kernel_errors(rows, passes=("fwd",)) -> list[str]:
     """fa2rt calls that were meant to run a kernel and raised instead (not the fallbacks explain() announced)."""
-    return [f"{r['dtype']} d{r['head_dim']} causal={r['causal']} seqlen={r['seqlen']}: {res['error']}"
-            for r in rows for res in [r.get("fa2rt", {})] if "error" in res and not res.get("fallback")]
+    return [f"{'' if p == 'fwd' else p + ' '}{r['dtype']} d{r['head_dim']} causal={r['causal']} "
+            f"seqlen={r['seqlen']}: {res['error']}"
+            for p in passes for r in rows for res in [result(r, "fa2rt", p)]
+            if "error" in res and not res.get("fallback")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,16 +401,19 @@ def summarize(rows, pass_name="fwd") -> dict:
     for key in dict.fromkeys((r["dtype"], r["head_dim"], r["causal"]) for r in rows):
         sel = [r for r in rows if (r["dtype"], r["head_dim"], r["causal"]) == key]
         groups.append({"dtype": key[0], "head_dim": key[1], "causal": key[2], **block(sel)})
-    images = sorted({label for r in rows if (label := _image_label(r))})
+    images = sorted({label for r in rows for label in _image_labels(r, pass_name) if label})
     return {"pass": pass_name, "images": images, "groups": groups, "overall": block(rows)}
 
 
-def _image_label(row) -> str | None:
-    """"sm90 native" for a row whose fa2rt call ran a kernel; older files (no fa2rt_explain) give the arch only."""
-    e = row.get("fa2rt_explain")
+def _image_labels(row, pass_name="fwd") -> list:
+    """["sm90 native"] for a row whose fa2rt call ran a kernel (with a backward pass, also its backward images');
+    older files (no fa2rt_explain) give the arch only."""
+    e = row.get(PASSES[pass_name].explain_key)
     if e is None:
-        return image_arch(row.get("fa2rt_image"))
-    return f"{e.get('arch')} {e.get('mode')}" if e.get("path") == "kernel" else None
+        return [image_arch(row.get("fa2rt_image"))] if pass_name == "fwd" else []
+    if e.get("path") != "kernel":
+        return []
+    return [f"{x.get('arch')} {x.get('mode')}" for x in (e, *e.get("backward", ()))]
 
 
 def _num(x, width, fmt=".2f"):
@@ -409,8 +474,9 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path: Path) -> bool:
-    """TFLOP/s against seqlen: one panel per (dtype, causal) row and head dim column. False without matplotlib."""
+def plot(rows, path: Path, pass_name="fwd") -> bool:
+    """TFLOP/s of one pass against seqlen: one panel per (dtype, causal) row and head dim column. False without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -429,10 +495,10 @@ def plot(rows, path: Path) -> bool:
                 ax.axis("off")
                 continue
             for name in CONTENDERS:
-                ax.plot([r["seqlen"] for r in sel], [result(r, name).get("tflops", float("nan")) for r in sel],
-                        marker="o", label=name)
+                tflops = [result(r, name, pass_name).get("tflops", float("nan")) for r in sel]
+                ax.plot([r["seqlen"] for r in sel], tflops, marker="o", label=name)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{dtype} d{d} {'causal' if causal else 'non-causal'}")
+            ax.set_title(f"{pass_name} {dtype} d{d} {'causal' if causal else 'non-causal'}")
             ax.set_xlabel("seqlen")
             ax.set_ylabel("TFLOP/s")
     axes[0][0].legend()
@@ -446,13 +512,15 @@ def plot(rows, path: Path) -> bool:
 # --memory
 
 
-def peak_memory(fn) -> dict:
-    """Bytes of one call of fn beyond what was live before it (after a warm-up call, so one-time workspaces and
-    handles are already there): max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated()
-    before the call (the inputs, plus anything else still live, reported as baseline_bytes)."""
+def peak_memory(prepare) -> dict:
+    """Bytes of one call of the callable prepare() returns beyond what was live before it (after a warm-up call, so
+    one-time workspaces and handles are already there): max_memory_allocated() after reset_peak_memory_stats(),
+    minus memory_allocated() before the call (the inputs, plus anything else still live such as a backward's dout,
+    reported as baseline_bytes)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            fn = prepare()
             out = fn()
             del out
             torch.cuda.synchronize()
@@ -476,17 +544,21 @@ def memory_bench(seqlens, causals) -> list[dict]:
             _recover()
             q, k, v = (torch.randn(MEMORY_BATCH, seqlen, nheads, MEMORY_HEAD_DIM, device=DEVICE, dtype=dt)
                        for _ in range(3))
-            inputs = sum(t.numel() * t.element_size() for t in (q, k, v))
-            decision = explain_safely(q, k, v, causal)
-            for name, fn in fwd_runs(q, k, v, causal).items():
-                row = {"impl": name, "dtype": MEMORY_DTYPE, "head_dim": MEMORY_HEAD_DIM, "causal": causal,
-                       "seqlen": seqlen, "batch": MEMORY_BATCH, "nheads": nheads, "inputs_bytes": inputs,
-                       "out_bytes": q.numel() * q.element_size()}
-                if name == "fa2rt":
-                    row["fa2rt_explain"] = decision
-                row.update(not_timed(decision) if name == "fa2rt" and decision["path"] != "kernel"
-                           else peak_memory(fn))
-                rows.append(row)
+            inputs_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+            for pass_name in MEMORY_PASSES:
+                p = PASSES[pass_name]
+                inputs = p.inputs(q, k, v)
+                decision = explain_safely(*inputs, causal)
+                for name, prepare in p.runs(inputs, causal).items():
+                    row = {"impl": name, "pass": pass_name, "dtype": MEMORY_DTYPE, "head_dim": MEMORY_HEAD_DIM,
+                           "causal": causal, "seqlen": seqlen, "batch": MEMORY_BATCH, "nheads": nheads,
+                           "inputs_bytes": inputs_bytes, "out_bytes": q.numel() * q.element_size()}
+                    if name == "fa2rt":
+                        row["fa2rt_explain"] = decision
+                    row.update(not_timed(decision) if name == "fa2rt" and decision["path"] != "kernel"
+                               else peak_memory(prepare))
+                    rows.append(row)
+                del inputs
             del q, k, v
     return rows
 
@@ -494,16 +566,17 @@ def memory_bench(seqlens, causals) -> list[dict]:
 def memory_table(rows) -> str:
     """Extra MiB per call; extra/out stays flat when memory grows linearly with seqlen."""
     mib = 2.0 ** 20
-    lines = [f"peak memory of one forward call beyond its inputs ({MEMORY_DTYPE}, d{MEMORY_HEAD_DIM}, batch "
-             f"{MEMORY_BATCH}, hidden {HIDDEN}); an allocation growing with seqlen_q * seqlen_k would show as "
-             "extra/out doubling per seqlen doubling",
-             f"{'impl':15}{'causal':>7}{'seqlen':>8}{'extra MiB':>11}{'out MiB':>9}{'extra/out':>10}"]
-    for r in rows:
+    lines = [f"peak memory of one call (forward, or forward+backward) beyond its inputs ({MEMORY_DTYPE}, "
+             f"d{MEMORY_HEAD_DIM}, batch {MEMORY_BATCH}, hidden {HIDDEN}); an allocation growing with "
+             "seqlen_q * seqlen_k would show as extra/out doubling per seqlen doubling",
+             f"{'impl':15}{'pass':>8}{'causal':>7}{'seqlen':>8}{'extra MiB':>11}{'out MiB':>9}{'extra/out':>10}"]
+    for r in sorted(rows, key=lambda r: (r.get("pass", "fwd"), r["impl"], r["causal"], r["seqlen"])):
+        head = f"{r['impl']:15}{r.get('pass', 'fwd'):>8}{r['causal']!s:>7}{r['seqlen']:>8}"
         if "extra_bytes" in r:
-            lines.append(f"{r['impl']:15}{r['causal']!s:>7}{r['seqlen']:>8}{r['extra_bytes'] / mib:11.1f}"
-                         f"{r['out_bytes'] / mib:9.1f}{r['extra_bytes'] / r['out_bytes']:10.2f}")
+            lines.append(f"{head}{r['extra_bytes'] / mib:11.1f}{r['out_bytes'] / mib:9.1f}"
+                         f"{r['extra_bytes'] / r['out_bytes']:10.2f}")
         else:
-            lines.append(f"{r['impl']:15}{r['causal']!s:>7}{r['seqlen']:>8}  {r['error'][:90]}")
+            lines.append(f"{head}  {r['error'][:90]}")
     return "\n".join(lines)
 
 
@@ -629,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: each list option not given takes a tiny value (" +
                    ", ".join(f"{k.replace('_', '-')} {' '.join(map(str, v))}" for k, v in QUICK.items()) + ")")
+    p.add_argument("--passes", nargs="+", default=["fwd"], metavar="PASS",
+                   help=f"grid: the passes to time, comma- or space-separated, of {', '.join(PASSES)} (default fwd; "
+                   "e.g. --passes fwd,bwd,fwd+bwd)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="grid and crossover (default: both)")
     p.add_argument("--causal", nargs="+", default=["false", "true"], choices=["false", "true"],
                    help="grid, memory and crossover (default: both)")
@@ -659,6 +735,11 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
     if not (args.grid or args.memory or args.crossover):
         args.grid = True
     args.causal = [c == "true" for c in dict.fromkeys(args.causal)]
+    named = [name for item in args.passes for name in item.split(",") if name]
+    unknown = [name for name in named if name not in PASSES]
+    if unknown or not named:
+        parser.error(f"--passes: expected names of {', '.join(PASSES)}, got {','.join(args.passes)!r}")
+    args.passes = [name for name in PASSES if name in named]
     for key in FULL:
         if key != "dtype" and any(v <= 0 for v in getattr(args, key)):
             parser.error(f"--{key.replace('_', '-')}: expected positive integers, got {getattr(args, key)}")
@@ -674,24 +755,27 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
 
 
 def plan(args) -> dict:
-    """Timed configurations per mode (each times the 4 contenders), for the time budget."""
+    """Measured configurations per mode (each measures the 4 contenders; the grid counts a configuration once per
+    pass), for the time budget."""
     n = {}
     if args.grid:
-        n["grid"] = len(args.dtype) * len(args.head_dim) * len(args.causal) * len(args.seqlen)
+        n["grid"] = len(args.dtype) * len(args.head_dim) * len(args.causal) * len(args.seqlen) * len(args.passes)
     if args.memory:
-        n["memory"] = len(args.causal) * len(args.memory_seqlen)
+        n["memory"] = len(args.causal) * len(args.memory_seqlen) * len(MEMORY_PASSES)
     if args.crossover:
         n["crossover"] = (len(args.crossover_batch) * len(args.dtype) * len(args.crossover_head_dim)
                           * len(args.causal) * len(args.crossover_seqlen))
     return n
 
 
-def _progress(label):
+def _progress(label, passes=("fwd",)):
     def report(row):
-        res = result(row, "fa2rt")
-        state = f"{res['tflops']:.1f} TFLOP/s" if "tflops" in res else res["error"][:80]
+        states = []
+        for p in passes:
+            res = result(row, "fa2rt", p)
+            states.append(f"{p} " + (f"{res['tflops']:.1f} TFLOP/s" if "tflops" in res else res["error"][:80]))
         print(f"  {label} {row['dtype']} d{row['head_dim']} causal={row['causal']} b{row['batch']} "
-              f"s{row['seqlen']}: fa2rt {state}", file=sys.stderr, flush=True)
+              f"s{row['seqlen']}: fa2rt {', '.join(states)}", file=sys.stderr, flush=True)
     return report
 
 
@@ -704,20 +788,20 @@ def main(argv=None) -> int:
     env = environment()
     tag = config.force_arch() or "native"
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "quick": args.quick}
+    settings = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "quick": args.quick, "passes": args.passes}
     print(json.dumps(env))
     print(f"timed configurations (x{len(CONTENDERS)} contenders): {json.dumps(plan(args))}", flush=True)
-    status, summary = 0, None
+    status, summaries = 0, None
     with kernel_forced():
         if args.grid:
-            summary, code = _guarded("grid", run_grid, args, env, tag, settings)
+            summaries, code = _guarded("grid", run_grid, args, env, tag, settings)
             status = max(status, code)
         if args.memory:
             status = max(status, _guarded("memory", run_memory, args, env, tag)[1])
         if args.crossover:
             status = max(status, _guarded("crossover", run_crossover, args, env, tag, settings)[1])
-    if summary is not None:
-        print(summary_table(summary))
+    if summaries is not None:
+        print("\n\n".join(map(summary_table, summaries)))
     return status
 
 
@@ -734,22 +818,29 @@ def _guarded(mode, fn, *args):
 
 
 def run_grid(args, env, tag, settings):
-    rows = bench(args.dtype, args.head_dim, args.seqlen, args.causal, warmup=args.warmup_ms, rep=args.rep_ms,
-                 progress=_progress("grid"))
-    summary = summarize(rows)
-    (args.out / f"fwd-{tag}.json").write_text(json.dumps(
-        {"environment": env, "settings": settings, "rows": rows, "summary": summary}, indent=1))
-    if not plot(rows, args.out / f"fwd-{tag}.png"):
-        print("(matplotlib is not installed: no PNG)")
-    print(table(rows), flush=True)
-    return summary, 1 if kernel_errors(rows) else 0
+    """Times the grid; per pass writes <stem>-<tag>.json (every row holds all passes; the summary is this pass's)
+    and .png and prints its table. Returns ([summary per pass], status)."""
+    rows = bench(args.dtype, args.head_dim, args.seqlen, args.causal, passes=args.passes, warmup=args.warmup_ms,
+                 rep=args.rep_ms, progress=_progress("grid", args.passes))
+    summaries = []
+    for p in map(PASSES.get, args.passes):
+        summary = summarize(rows, p.name)
+        summaries.append(summary)
+        (args.out / f"{p.stem}-{tag}.json").write_text(json.dumps(
+            {"environment": env, "settings": settings, "pass": p.name, "flop_factor": p.flop_factor, "rows": rows,
+             "summary": summary}, indent=1))
+        if not plot(rows, args.out / f"{p.stem}-{tag}.png", p.name):
+            print("(matplotlib is not installed: no PNG)")
+        print(f"{p.name}: TFLOP/s ({p.flop_factor:g}x the forward's FLOPs)\n{table(rows, p.name)}", flush=True)
+    return summaries, 1 if kernel_errors(rows, args.passes) else 0
 
 
 def run_memory(args, env, tag) -> int:
     mem = memory_bench(args.memory_seqlen, args.causal)
     (args.out / f"memory-{tag}.json").write_text(json.dumps(
         {"environment": env, "settings": {"batch": MEMORY_BATCH, "hidden": HIDDEN, "dtype": MEMORY_DTYPE,
-                                          "head_dim": MEMORY_HEAD_DIM}, "rows": mem}, indent=1))
+                                          "head_dim": MEMORY_HEAD_DIM, "passes": list(MEMORY_PASSES)},
+         "rows": mem}, indent=1))
     print(memory_table(mem), flush=True)
     return 1 if any(r["impl"] == "fa2rt" and "error" in r and not r.get("fallback") for r in mem) else 0
 

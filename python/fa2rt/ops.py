@@ -149,8 +149,9 @@ def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool):
     """Gradients of the SDPA fallback, recomputing its forward: for backward calls no kernel takes."""
     with torch.enable_grad():
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        res, _ = sdpa_attention(q, k, v, causal=shapes.causal, softmax_scale=shapes.softmax_scale, window_size=shapes.window,
-                                softcap=shapes.softcap, alibi_slopes=alibi, deterministic=deterministic)
+        res, _ = sdpa_attention(q, k, v, causal=shapes.causal, softmax_scale=shapes.softmax_scale,
+                                window_size=shapes.window, softcap=shapes.softcap, alibi_slopes=alibi,
+                                deterministic=deterministic)
         return torch.autograd.grad(res, (q, k, v), dout)
 
 

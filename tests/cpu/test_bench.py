@@ -1,6 +1,7 @@
 """The benchmark program without a GPU: options, FLOPs, summaries, the crossover rule and its file, tables, and a
 whole run of main() with the GPU-only parts replaced by CPU stand-ins."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,8 @@ from fa2rt import bench, config, policy
 from fa2rt.policy import Decision
 
 KERNEL = Decision("kernel", image="fwd-sm90-bf16-d64-full-m128n128w8s3", mode="native", device={"arch": "sm90"})
+BACKWARD = (("bwd_dq-sm90-bf16-d64-full-m64n128w4s2", "native"), ("bwd_dkdv-sm90-bf16-d64-full-m128n64w8s2", "native"))
+KERNEL_GRAD = dataclasses.replace(KERNEL, backward=BACKWARD)
 
 
 # --- options ------------------------------------------------------------------------------------------------------
@@ -26,6 +29,7 @@ def test_defaults_are_the_full_grid():
     assert a.memory_seqlen == [8192, 16384, 32768, 65536]
     assert a.crossover_seqlen == [16, 32, 64, 128, 256, 512, 1024]
     assert a.crossover_batch == [1, 8] and a.crossover_head_dim == [64, 128]
+    assert a.passes == ["fwd"]
     assert bench.plan(a) == {"grid": 72}
 
 
@@ -33,13 +37,31 @@ def test_modes_alone_and_together():
     a = bench.parse_args(["--memory"])
     assert (a.grid, a.memory, a.crossover) == (False, True, False)
     a = bench.parse_args(["--grid", "--memory", "--crossover"])
-    assert bench.plan(a) == {"grid": 72, "memory": 8, "crossover": 112}
+    assert bench.plan(a) == {"grid": 72, "memory": 16, "crossover": 112}
+
+
+@pytest.mark.parametrize("argv, passes", [
+    (["--passes", "fwd,bwd,fwd+bwd"], ["fwd", "bwd", "fwd+bwd"]),
+    (["--passes", "fwd+bwd", "fwd"], ["fwd", "fwd+bwd"]),  # space-separated too; always in PASSES' order
+    (["--passes", "bwd,bwd,", "bwd"], ["bwd"]),
+])
+def test_passes_option(argv, passes):
+    a = bench.parse_args(argv)
+    assert a.passes == passes
+    assert bench.plan(a) == {"grid": 72 * len(passes)}
+
+
+def test_a_budget_subset_of_the_backward():
+    a = bench.parse_args(["--passes", "fwd+bwd", "--dtype", "bfloat16", "--head-dim", "64", "128"])
+    assert bench.plan(a) == {"grid": 1 * 2 * 2 * 6}
+    a = bench.parse_args(["--quick", "--passes", "fwd,bwd,fwd+bwd"])
+    assert bench.plan(a) == {"grid": 4 * 3}
 
 
 def test_quick_is_tiny_and_explicit_options_win():
     a = bench.parse_args(["--quick", "--grid", "--memory", "--crossover"])
     assert a.seqlen == [512, 1024] and a.head_dim == [64] and a.dtype == ["bfloat16"]
-    assert bench.plan(a) == {"grid": 4, "memory": 4, "crossover": 6}
+    assert bench.plan(a) == {"grid": 4, "memory": 8, "crossover": 6}
     a = bench.parse_args(["--quick", "--head-dim", "128", "--dtype", "float16", "--causal", "true"])
     assert a.head_dim == [128] and a.dtype == ["float16"] and a.causal == [True] and a.seqlen == [512, 1024]
 
@@ -52,6 +74,8 @@ def test_quick_is_tiny_and_explicit_options_win():
     (["--head-dim", "4096"], "hidden"),
     (["--dtype", "float32"], "invalid choice"),
     (["--rep-ms", "0"], "positive"),
+    (["--passes", "fwd,backward"], "--passes: expected names of fwd, bwd, fwd+bwd"),
+    (["--passes", ","], "--passes"),
 ])
 def test_bad_options_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -81,6 +105,9 @@ def test_flops():
     assert bench.fwd_flops(2, 16, 1024, 128, True) == 2 * 2 * 16 * 1024 * 1024 * 128
     assert bench.fwd_flops(1, 1, 8, 64, False, seqlen_k=16) == 4 * 8 * 16 * 64
     assert bench.PASSES["fwd"].flop_factor == 1.0
+    assert [(p.name, p.flop_factor, p.grad, p.stem, p.explain_key) for p in bench.PASSES.values()] == [
+        ("fwd", 1.0, False, "fwd", "fa2rt_explain"), ("bwd", 2.5, True, "bwd", "fa2rt_explain_grad"),
+        ("fwd+bwd", 3.5, True, "fwd_bwd", "fa2rt_explain_grad")]
 
 
 def test_geomean():
@@ -90,8 +117,8 @@ def test_geomean():
 
 
 def row(seqlen, fa2rt=None, flash=None, cudnn=None, efficient=None, dtype="bfloat16", head_dim=64, causal=False,
-        batch=8, fallback=False):
-    """A fabricated result row; a time of None is an errored backend."""
+        batch=8, fallback=False, pass_name="fwd"):
+    """A fabricated result row of one pass; a time of None is an errored backend."""
     r = {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch, "nheads": 16,
          "fa2rt_image": None if fallback else KERNEL.image,
          "fa2rt_explain": {"path": "fallback", "reason": "head_dim", "message": "no image"} if fallback
@@ -100,6 +127,10 @@ def row(seqlen, fa2rt=None, flash=None, cudnn=None, efficient=None, dtype="bfloa
         r[name] = {"ms": ms, "tflops": 1.0 / ms} if ms else {"error": f"RuntimeError: {name} refused"}
     if fallback:
         r["fa2rt"] = bench.not_timed(r["fa2rt_explain"])
+    if pass_name != "fwd":  # a backward pass: results under r[pass_name], fa2rt's explain for inputs requiring grad
+        r[pass_name] = {n: r.pop(n) for n in bench.CONTENDERS}
+        r["fa2rt_explain_grad"] = r["fa2rt_explain"] if fallback else {
+            **r["fa2rt_explain"], "backward": [{"image": img, "mode": "ptx-jit", "arch": "sm80"} for img, _ in BACKWARD]}
     return r
 
 
@@ -152,28 +183,56 @@ def test_summary_table_with_nothing_timed():
     assert "none ran" not in text and text.splitlines()[-2].split()[:2] == ["all", "0"]
 
 
+@pytest.mark.parametrize("pass_name", ["bwd", "fwd+bwd"])
+def test_backward_passes_summarize_and_tabulate_like_the_forward(pass_name):
+    args = [((512, 1.0, 2.0, 0.5, 4.0), {}), ((1024, 1.0, 0.5, None, 4.0), {}),
+            ((512, 2.0, 1.0, 1.0, 3.0), {"causal": True}), ((512, None, 1.0, 1.0, 1.0), {"head_dim": 256,
+                                                                                          "fallback": True}),
+            ((1024, None, None, None, None), {"head_dim": 256})]
+    fwd = [row(*a, **kw) for a, kw in args]
+    rows = [row(*a, **kw, pass_name=pass_name) for a, kw in args]
+    assert "fa2rt" not in rows[0] and rows[0][pass_name]["fa2rt"]["ms"] == 1.0
+    assert bench.result(rows[0], "fa2rt") == {"error": "not measured"}  # no forward in these rows
+    s, f = bench.summarize(rows, pass_name), bench.summarize(fwd)
+    assert s["pass"] == pass_name and (s["groups"], s["overall"]) == (f["groups"], f["overall"])
+    assert s["overall"]["fa2rt_timed"] == 3 and s["overall"]["fa2rt_over_sdpa_flash"]["n"] == 3
+    assert s["images"] == ["sm80 ptx-jit", "sm90 native"]  # the forward's image and the backward's
+    assert bench.summarize(rows)["overall"]["fa2rt_timed"] == 0
+    assert bench.table(rows, pass_name) == bench.table(fwd)
+    assert "not timed: fa2rt would fall back [head_dim]" in bench.table(rows, pass_name)
+    text = bench.summary_table(s)
+    assert f"fa2rt / SDPA, {pass_name}:" in text and "fa2rt not timed on 2 of 5 rows" in text
+    assert bench.kernel_errors(rows, [pass_name]) == [
+        f"{pass_name} bfloat16 d256 causal=False seqlen=1024: RuntimeError: fa2rt refused"]
+    assert bench.kernel_errors(fwd) == ["bfloat16 d256 causal=False seqlen=1024: RuntimeError: fa2rt refused"]
+    json.dumps(s)
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [row(s, 1.0, 2.0, None, 4.0, head_dim=d, causal=c) for d in (64, 128) for c in (False, True)
             for s in (512, 1024)]
     assert bench.plot(rows, tmp_path / "fwd.png")
     assert (tmp_path / "fwd.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [row(s, 1.0, 2.0, None, 4.0, pass_name="bwd") for s in (512, 1024)]
+    assert bench.plot(rows, tmp_path / "bwd.png", "bwd")
 
 
 # --- measurement helpers ------------------------------------------------------------------------------------------
 
 def test_measure_records_errors_with_warnings(monkeypatch):
     monkeypatch.setattr(bench, "time_ms", lambda fn, warmup, rep: (fn(), 2.0)[1])
-    assert bench.measure(lambda: None, 4e9, 1, 1) == {"ms": 2.0, "tflops": pytest.approx(2.0)}
+    assert bench.measure(lambda: lambda: None, 4e9, 1, 1) == {"ms": 2.0, "tflops": pytest.approx(2.0)}
 
     def refuse():
         import warnings
 
         warnings.warn("Flash attention requires q,k,v to have the same last dimension", UserWarning, stacklevel=1)
         raise RuntimeError("No available kernel. Aborting execution.\nmore")
-    res = bench.measure(refuse, 1.0, 1, 1)
-    assert res == {"error": "RuntimeError: No available kernel. Aborting execution. [Flash attention requires q,k,v "
-                            "to have the same last dimension]"}
+    expected = {"error": "RuntimeError: No available kernel. Aborting execution. [Flash attention requires q,k,v "
+                         "to have the same last dimension]"}
+    assert bench.measure(lambda: refuse, 1.0, 1, 1) == expected  # in the timed call
+    assert bench.measure(refuse, 1.0, 1, 1) == expected  # before it (the untimed forward of a backward pass)
 
 
 def test_kernel_forced_turns_the_short_sequence_rule_off(monkeypatch):
@@ -193,6 +252,10 @@ def test_kernel_forced_turns_the_short_sequence_rule_off(monkeypatch):
 def test_explain_records():
     assert bench.explain_record(KERNEL) == {"path": "kernel", "image": KERNEL.image, "mode": "native",
                                             "arch": "sm90"}
+    assert bench.explain_record(KERNEL_GRAD) == {
+        "path": "kernel", "image": KERNEL.image, "mode": "native", "arch": "sm90",
+        "backward": [{"image": BACKWARD[0][0], "mode": "native", "arch": "sm90"},
+                     {"image": BACKWARD[1][0], "mode": "native", "arch": "sm90"}]}
     fb = Decision("fallback", "short_sequence", "seqlen_k=16 is below the crossover 64")
     assert bench.explain_record(fb) == {"path": "fallback", "reason": "short_sequence", "message": fb.message}
     assert bench.image_arch("fwd-sm80-fp16-d128-causal-m128n64w4s2") == "sm80"
@@ -297,7 +360,8 @@ def test_merge_creates_a_missing_file_and_refuses_other_schemas(tmp_path):
 @pytest.fixture
 def cpu_stand_ins(monkeypatch):
     """main() as on a GPU: inputs on the CPU, tiny shapes, fa2rt's kernel replaced by CPU SDPA (its explain says
-    kernel except for head dim 256), one untimed call instead of do_bench, and the CUDA memory counters faked."""
+    kernel, with backward images for inputs requiring grad, except for head dim 256), one untimed call instead of
+    do_bench, and the CUDA memory counters faked. Returns the FA2RT_MIN_SEQLEN each explain call saw."""
     from fa2rt import api
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
@@ -316,7 +380,9 @@ def cpu_stand_ins(monkeypatch):
 
     def explain(q, k, v, *, causal=False):
         seen_env.append(os.environ.get(config.MIN_SEQLEN))
-        return Decision("fallback", "head_dim", "no image for d256") if q.shape[-1] == 256 else KERNEL
+        if q.shape[-1] == 256:
+            return Decision("fallback", "head_dim", "no image for d256")
+        return KERNEL_GRAD if q.requires_grad else KERNEL
 
     def attention(q, k, v, *, causal=False):
         return torch.nn.functional.scaled_dot_product_attention(
@@ -353,9 +419,14 @@ def test_main_runs_every_mode_end_to_end(cpu_stand_ins, tmp_path, capsys):
     assert fwd["summary"]["overall"]["fa2rt_over_sdpa_flash"]["geomean"] == pytest.approx(1.0)
 
     mem = json.loads((out / "memory-native.json").read_text())["rows"]
-    assert len(mem) == 2 * 2 * 4 and {r["impl"] for r in mem} == set(bench.CONTENDERS)
+    assert len(mem) == 2 * 2 * 2 * 4 and {r["impl"] for r in mem} == set(bench.CONTENDERS)
+    assert {(r["pass"], r["impl"], r["causal"], r["seqlen"]) for r in mem} == {
+        (p, n, c, s) for p in ("fwd", "fwd+bwd") for n in bench.CONTENDERS for c in (False, True) for s in (32, 64)}
     assert all(r["extra_bytes"] == 600 for r in mem if r["impl"] in ("fa2rt", "sdpa_flash"))
     assert mem[0]["inputs_bytes"] == 3 * 32 * 4 * 128 * 2 and mem[0]["fa2rt_explain"]["path"] == "kernel"
+    assert [r["fa2rt_explain"].get("backward") for r in mem if r["impl"] == "fa2rt"][:8] == [None, [
+        {"image": img, "mode": mode, "arch": "sm90"} for img, mode in BACKWARD]] * 4
+    assert "fa2rt             fwd+bwd  False      64" in text
 
     cross = json.loads((out / "crossover-native.json").read_text())
     assert cross["arch"] == "sm90" and cross["min_seqlen_k"] == 16 and len(cross["rows"]) == 2 * 2
