@@ -26,8 +26,8 @@ else
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   cp python/fa2rt/data/crossover.json "$OUT/crossover.json"
-  step bench $PY -m fa2rt.bench --grid --memory --crossover --out "$OUT" \
+  step bench $PY -m fa2rt.bench --grid --memory --crossover --passes ${PASSES:-fwd,bwd,fwd+bwd} --out "$OUT" \
        --write-crossover "$OUT/crossover.json" 2>&1 | tee "$OUT/bench-native.txt" | tail -45
-  FA2RT_FORCE_ARCH=sm80 step bench-sm80 $PY -m fa2rt.bench --grid --dtype bfloat16 --head-dim 64 128 --out "$OUT" \
+  FA2RT_FORCE_ARCH=sm80 step bench-sm80 $PY -m fa2rt.bench --grid --passes ${SM80_PASSES:-fwd,fwd+bwd} --dtype bfloat16 --head-dim 64 128 --out "$OUT/sm80" \
        2>&1 | tee "$OUT/bench-sm80.txt" | tail -15
 fi

@@ -1,5 +1,5 @@
-"""Forward calls for compute-sanitizer memcheck: ragged lengths, causal, windows, softcap, ALiBi, GQA, head dims
-below their bucket, every bucket, and an out= view."""
+"""Forward and backward calls for compute-sanitizer memcheck: ragged lengths, causal, windows, softcap, ALiBi, GQA,
+head dims below their bucket, every bucket, and an out= view (forward only)."""
 
 import torch
 
@@ -17,13 +17,15 @@ CASES = [  # b, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, extra kwargs
     (1, 64, 65, 2, 1, 32, {"softcap": 5.0, "alibi_slopes": torch.rand(2, device="cuda"), "window_size": (3, 3)}),
 ]
 for b, nq, nk, h, hk, d, kwargs in CASES:
-    q = torch.randn(b, nq, h, d, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(b, nk, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(b, nq, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, nk, hk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     decision = fa2rt.explain(q, k, v, **kwargs)
-    assert decision.path == "kernel", decision
+    assert decision.path == "kernel" and len(decision.backward) == 2, decision
     out, lse = fa2rt.attention(q, k, v, return_lse=True, **kwargs)
+    out.backward(torch.randn_like(out))
+    grads_finite = all(torch.isfinite(t.grad).all().item() for t in (q, k, v))
 big = torch.empty(1, 300, 4, 80, device="cuda", dtype=torch.bfloat16)
-q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)  # no grad: out= is forward only
 fa2rt.attention(q, q, q, causal=True, out=big[..., :64])
 torch.cuda.synchronize()
-print("memcheck sample ran", torch.isfinite(out).all().item())
+print("memcheck sample ran", torch.isfinite(out).all().item(), grads_finite)

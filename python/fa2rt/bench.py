@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fa2rt.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = p.add_argument_group("modes (with none named, --grid runs)")
-    modes.add_argument("--grid", action="store_true", help="the FA2 paper grid (fwd-<tag>.json, .png)")
+    modes.add_argument("--grid", action="store_true", help="the FA2 paper grid (<pass>-<tag>.json, .png per pass)")
     modes.add_argument("--memory", action="store_true", help="peak memory at long seqlen (memory-<tag>.json)")
     modes.add_argument("--crossover", action="store_true", help="short-sequence crossover (crossover-<tag>.json)")
     p.add_argument("--quick", action="store_true",

@@ -77,7 +77,9 @@ def first_row_with_key(seqlen_q, seqlen_k, window):
 
 def choose_path(window, softcap, alibi_slopes) -> str:
     """Which entry of PATHS computes a call with this effective window, softcap and alibi."""
-    if softcap > 0:
+    # Slopes that require grad: SDPA's memory-efficient backward fails on a bias that needs a gradient ("LSE is not
+    # correctly aligned", H200, torch 2.11), so the written-out path computes it.
+    if softcap > 0 or (alibi_slopes is not None and alibi_slopes.requires_grad):
         return "explicit"
     if alibi_slopes is not None or window not in ((-1, -1), (-1, 0)):
         return "masked"

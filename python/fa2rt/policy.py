@@ -122,11 +122,30 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
                     rejections=tuple(rejections), backward=backward)
 
 
+# Selection is a pure function of the problem, the device, the build and FA2RT_FORCE_ARCH, and checking every image
+# of the build costs more host time than a short kernel runs: training loops repeat the same few problems, so the
+# answers are kept (bounded; cleared when full).
+_SELECTION_CACHE: dict = {}
+SELECTION_CACHE_SIZE = 1024
+
+
+def _problem_key(p: "_C.Problem") -> tuple:
+    return (p.op, p.dtype, p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.nheads_k, p.head_dim, tuple(p.features),
+            p.aligned16, p.strides8, p.max_head_extent)
+
+
 def _select(op: str, shapes: Shapes, tensors, info):
     problem = problem_for(shapes, tensors, op)
-    sel = _C.select(problem, info, builds.current_build().registry, config.force_arch())
-    sel["problem"] = problem
-    return sel, [(r.image, r.code, r.message) for r in sel["rejections"]]
+    build = builds.current_build()
+    key = (_problem_key(problem), info.vendor, info.index, info.arch, config.force_arch(), id(build))
+    if key not in _SELECTION_CACHE:
+        if len(_SELECTION_CACHE) >= SELECTION_CACHE_SIZE:
+            _SELECTION_CACHE.clear()
+        sel = _C.select(problem, info, build.registry, config.force_arch())
+        _SELECTION_CACHE[key] = (sel["image"], sel["mode"],
+                                 [(r.image, r.code, r.message) for r in sel["rejections"]])
+    image, mode, rejections = _SELECTION_CACHE[key]
+    return {"image": image, "mode": mode, "problem": problem}, rejections
 
 
 def select_backward(shapes: Shapes, tensors, info=None):

@@ -129,8 +129,8 @@ def row(seqlen, fa2rt=None, flash=None, cudnn=None, efficient=None, dtype="bfloa
         r["fa2rt"] = bench.not_timed(r["fa2rt_explain"])
     if pass_name != "fwd":  # a backward pass: results under r[pass_name], fa2rt's explain for inputs requiring grad
         r[pass_name] = {n: r.pop(n) for n in bench.CONTENDERS}
-        r["fa2rt_explain_grad"] = r["fa2rt_explain"] if fallback else {
-            **r["fa2rt_explain"], "backward": [{"image": img, "mode": "ptx-jit", "arch": "sm80"} for img, _ in BACKWARD]}
+        backward = [{"image": img, "mode": "ptx-jit", "arch": "sm80"} for img, _ in BACKWARD]
+        r["fa2rt_explain_grad"] = r["fa2rt_explain"] if fallback else {**r["fa2rt_explain"], "backward": backward}
     return r
 
 
@@ -426,7 +426,7 @@ def test_main_runs_every_mode_end_to_end(cpu_stand_ins, tmp_path, capsys):
     assert mem[0]["inputs_bytes"] == 3 * 32 * 4 * 128 * 2 and mem[0]["fa2rt_explain"]["path"] == "kernel"
     assert [r["fa2rt_explain"].get("backward") for r in mem if r["impl"] == "fa2rt"][:8] == [None, [
         {"image": img, "mode": mode, "arch": "sm90"} for img, mode in BACKWARD]] * 4
-    assert "fa2rt             fwd+bwd  False      64" in text
+    assert ["fa2rt", "fwd+bwd", "False", "64"] in [line.split()[:4] for line in text.splitlines()]
 
     cross = json.loads((out / "crossover-native.json").read_text())
     assert cross["arch"] == "sm90" and cross["min_seqlen_k"] == 16 and len(cross["rows"]) == 2 * 2
@@ -442,6 +442,87 @@ def test_main_runs_every_mode_end_to_end(cpu_stand_ins, tmp_path, capsys):
     assert last[-1].startswith("fa2rt not timed on 4 of 8 rows") and last[-2].startswith("all")
     assert last[0].startswith("{") and json.loads(last[0])["device"] == "CPU stand-in"
     assert "timed configurations (x4 contenders)" in last[1]
+
+
+class BrokenBackward(torch.autograd.Function):
+    """The identity whose backward raises, as cuDNN's might."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("cuDNN backward failed\ndetails")
+
+
+def test_main_runs_every_pass(cpu_stand_ins, tmp_path, monkeypatch, capsys):
+    sdpa_call = bench.sdpa_call
+
+    def cudnn_fails_backward(q, k, v, causal, name):  # cuDNN: the flash forward, then a backward that raises
+        run = sdpa_call(q, k, v, causal, "sdpa_flash" if name == "sdpa_cudnn" else name)
+        return (lambda: BrokenBackward.apply(run())) if name == "sdpa_cudnn" else run
+    monkeypatch.setattr(bench, "sdpa_call", cudnn_fails_backward)
+    out = tmp_path / "out"
+    status = bench.main(["--passes", "fwd+bwd,fwd", "bwd", "--dtype", "float16", "--head-dim", "64", "256",
+                         "--seqlen", "16", "32", "--causal", "true", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0 and set(cpu_stand_ins) == {"0"}
+    files = {p: json.loads((out / f"{stem}-native.json").read_text())
+             for p, stem in (("fwd", "fwd"), ("bwd", "bwd"), ("fwd+bwd", "fwd_bwd"))}
+    assert [(f["pass"], f["flop_factor"], f["summary"]["pass"]) for f in files.values()] == [
+        ("fwd", 1.0, "fwd"), ("bwd", 2.5, "bwd"), ("fwd+bwd", 3.5, "fwd+bwd")]
+    rows = files["fwd"]["rows"]
+    assert all(f["rows"] == rows and f["settings"]["passes"] == ["fwd", "bwd", "fwd+bwd"] for f in files.values())
+    assert len(rows) == 2 * 2
+    r = rows[0]
+    assert r["fa2rt_explain"] == bench.explain_record(KERNEL)
+    assert r["fa2rt_explain_grad"] == bench.explain_record(KERNEL_GRAD)
+    fwd_flops = bench.fwd_flops(r["batch"], r["nheads"], r["seqlen"], r["head_dim"], True)
+    assert r["sdpa_cudnn"]["ms"] == 1.0  # its forward works
+    for p in ("bwd", "fwd+bwd"):
+        assert r[p]["fa2rt"] == {"ms": 1.0, "tflops": pytest.approx(bench.PASSES[p].flop_factor * fwd_flops / 1e9)}
+        assert r[p]["sdpa_flash"]["ms"] == 1.0 and "error" in r[p]["sdpa_efficient"]  # no CPU kernel
+        assert r[p]["sdpa_cudnn"] == {"error": "RuntimeError: cuDNN backward failed"}
+        assert files[p]["summary"]["overall"]["fa2rt_over_sdpa_flash"]["n"] == 2
+        assert files[p]["summary"]["overall"]["fa2rt_over_sdpa_cudnn"]["n"] == 0
+    d256 = [r for r in rows if r["head_dim"] == 256]
+    assert all(r[p]["fa2rt"]["fallback"] and r["fa2rt_explain_grad"]["reason"] == "head_dim"
+               for r in d256 for p in ("bwd", "fwd+bwd"))
+    assert "bwd: TFLOP/s (2.5x the forward's FLOPs)" in text and "fwd+bwd: TFLOP/s (3.5x the forward's FLOPs)" in text
+    assert "sdpa_cudnn float16 d64 causal=True seqlen=16 (+3 more rows): RuntimeError: cuDNN backward failed" in text
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("fa2rt / SDPA")] == [
+        "fa2rt / SDPA, fwd", "fa2rt / SDPA, bwd", "fa2rt / SDPA, fwd+bwd"]
+    assert text.rstrip().splitlines()[-1].startswith("fa2rt not timed on 2 of 4 rows")
+    assert "timed configurations (x4 contenders): {\"grid\": 12}" in text
+
+
+def test_backward_passes_time_only_what_they_say(cpu_stand_ins, monkeypatch):
+    from fa2rt import api
+
+    forwards = []  # requires_grad of each fa2rt forward call
+    attention = api.attention
+
+    def counted(q, k, v, *, causal=False):
+        forwards.append(q.requires_grad)
+        return attention(q, k, v, causal=causal)
+    monkeypatch.setattr(api, "attention", counted)
+    monkeypatch.setattr(bench, "SDPA_NAMES", ())  # fa2rt alone
+    timed = []  # per timing: (forward calls inside it, what its last call returned)
+
+    def time_ms(fn, warmup, rep):
+        before = len(forwards)
+        results = [fn() for _ in range(3)]
+        timed.append((len(forwards) - before, results[-1]))
+        return 1.0
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    r = bench.bench_shape("float16", 64, True, 16, 2, 2, passes=("fwd", "bwd", "fwd+bwd"), warmup=1, rep=1)
+    assert [n for n, _ in timed] == [3, 0, 3]  # the backward alone calls no forward
+    assert forwards == [False] * 3 + [True] * (1 + 1 + 3)  # bwd and fwd+bwd: one untimed forward to set up each
+    for _, grads in timed[1:]:
+        assert [g.shape for g in grads] == [torch.Size([2, 16, 2, 64])] * 3 and all(g.abs().sum() > 0 for g in grads)
+    assert r["fa2rt_explain_grad"]["backward"][0]["image"] == BACKWARD[0][0]
+    assert r["bwd"]["fa2rt"]["tflops"] == pytest.approx(2.5 * bench.fwd_flops(2, 2, 16, 64, True) / 1e9)
 
 
 def test_main_reports_kernel_errors_and_a_crossover_it_cannot_write(cpu_stand_ins, tmp_path, monkeypatch, capsys):
@@ -497,6 +578,25 @@ def test_bench_shape_with_the_real_explain_does_not_time_a_fallback(monkeypatch)
     assert len(timed) == 3 and r["sdpa_flash"]["ms"] == 1.0
     assert r["sdpa_flash"]["tflops"] == pytest.approx(bench.fwd_flops(2, 2, 16, 64, True) / 1e9)
     assert bench.kernel_errors([r]) == []
+
+
+def test_backward_bench_shape_with_the_real_explain_does_not_time_a_fallback(monkeypatch):
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    grads = {}
+
+    def time_ms(fn, warmup, rep):
+        grads.setdefault(len(grads), fn())
+        return 1.0
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    with bench.kernel_forced():
+        r = bench.bench_shape("float16", 64, False, 16, 2, 2, passes=("bwd", "fwd+bwd"), warmup=1, rep=1)
+    assert "fa2rt" not in r and r["fa2rt_explain_grad"]["reason"] == "not_gpu"
+    for p in ("bwd", "fwd+bwd"):
+        assert r[p]["fa2rt"]["fallback"] and "not timed: fa2rt would fall back [not_gpu]" in r[p]["fa2rt"]["error"]
+        assert r[p]["sdpa_flash"]["tflops"] == pytest.approx(
+            bench.PASSES[p].flop_factor * bench.fwd_flops(2, 2, 16, 64, False) / 1e9)
+    assert grads and all(len(g) == 3 and g[0].shape == (2, 16, 2, 64) for g in grads.values())
+    assert bench.kernel_errors([r], ["bwd", "fwd+bwd"]) == []
 
 
 def test_committed_results_of_the_older_format_still_summarize():

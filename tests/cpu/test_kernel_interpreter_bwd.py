@@ -152,14 +152,30 @@ FEATURE_TILE = _feature_tile()
 # ---------------------------------------------------------------------------------------------------------------------
 # Cases
 
-# (batch, seqlen_q, seqlen_k, nheads, nheads_k)
-SHAPES = [
-    (1, 1, 1, 1, 1),
-    (2, 37, 37, 2, 1),  # MQA, batch 2, one ragged block
-    (1, 45, 150, 4, 2),  # GQA, seqlen_q < seqlen_k: several key blocks in both kernels; causal: a full unmasked phase
-    (1, 80, 29, 4, 1),  # MQA, seqlen_q > seqlen_k; causal: the first 51 rows see no key
-]
-FP16_SHAPE = (1, 45, 150, 4, 2)
+def _shapes_for(tile):
+    """(batch, seqlen_q, seqlen_k, nheads, nheads_k) run on a tile with causal off and on: ragged, GQA/MQA, both seqlen
+    orders, several blocks of either kernel whatever the block sizes."""
+    qm, qn, km, kn, _bucket = tile
+    return [
+        (1, 1, 1, 1, 1),
+        (2, 37, 37, 2, 1),  # MQA, batch 2, one ragged block
+        # GQA, seqlen_q < seqlen_k: several key blocks in both kernels; causal: a whole key block for every row of the
+        # first dQ program
+        (1, 45, max(qn, kn) + 22, 4, 2),
+        (1, max(qm, km) + 16, 29, 4, 1),  # MQA, seqlen_q > seqlen_k; causal: the first rows see no key
+    ]
+
+
+def _diag_shapes(tile):
+    """Causal shapes where some program of each kernel runs both its unmasked phase and a masked one (the phase
+    bounds of _key_phases; test_diag_shapes_split_phases checks it against a copy of that function):
+    - dQ: shift = qn + 5, so every row of the first query program sees the whole first key block, then the diagonal;
+    - dK/dV: seqlen_q == seqlen_k == kn + 2 km + 7, so every key of the first key program is seen by the whole query
+      block starting at kn (rows >= kn - 1 see them all), the rows before it through the diagonal."""
+    qm, qn, km, kn, _bucket = tile
+    return [(1, qm + 9, qm + qn + 14, 1, 1), (1, kn + 2 * km + 7, kn + 2 * km + 7, 1, 1)]
+
+
 # seqlen_q == seqlen_k, seqlen_q < seqlen_k, seqlen_q > seqlen_k
 WINDOW_SHAPES = [(1, 37, 37, 2, 1), (1, 45, 80, 4, 2), (1, 80, 45, 2, 1)]
 # (left, right) as the caller gives them, each with causal off and on (causal folds right to 0). With the shapes
@@ -206,15 +222,23 @@ class Case:
 
 
 def _tile_cases():
-    # Every tile: the shape list with and without causal (plain image, fp32), a causal GQA call in fp16, and a head
-    # dim below the bucket on strided inputs (the masked image; fp16 too at the small buckets).
+    # Every tile: the shape list with and without causal (plain image, fp32), a causal GQA call in fp16, the diagonal
+    # shapes, sliding windows, and a head dim below the bucket on strided inputs (the masked image; fp16 too at the
+    # small buckets).
     cases = []
     for tile in TILE_ARCHS:
-        bucket = tile[4]
-        for shape in SHAPES:
+        _qm, qn, _km, kn, bucket = tile
+        shapes = _shapes_for(tile)
+        for shape in shapes:
             for causal in (False, True):
                 cases.append(Case("tile", tile, PLAIN, shape, bucket, torch.float32, causal))
-        cases.append(Case("tile", tile, PLAIN, FP16_SHAPE, bucket, torch.float16, True))
+        cases.append(Case("tile", tile, PLAIN, shapes[2], bucket, torch.float16, True))
+        for shape in _diag_shapes(tile):
+            cases.append(Case("diag", tile, PLAIN, shape, bucket, torch.float32, True))
+        # Sliding windows with seqlen_q < seqlen_k: the first keys are seen by no row (dK, dV exactly 0 there).
+        banded = (2, 40, 51 + max(qn, kn) // 2, 2, 1)
+        for window, causal in (((5, 2), False), ((3, -1), True)):
+            cases.append(Case("band", tile, PLAIN, banded, bucket, torch.float32, causal, window))
         for dtype in DTYPES if bucket <= 64 else DTYPES[:1]:
             cases.append(Case("dmask", tile, MASKED, (2, 45, 70, 4, 2), _dmask_head_dim(bucket), dtype, causal=True,
                               softmax_scale=0.3, strided=True))
@@ -303,14 +327,16 @@ CASES = _tile_cases() + _window_cases() + _feature_cases() + _fuzz_cases()
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs, launch and check
 
-# Gradient errors, relative to the largest reference gradient element (at least 1): max abs and Frobenius norm.
-# fp32: the kernels compute exactly what the math says in fp32 (the interpreter's tl.dot is an fp32 numpy matmul),
-# from O and LSE rounded to fp32; sums run over <= 150 keys or 4 heads x 80 rows, so errors of a few 1e-6 relative
-# are expected (seen: ~1e-6). 1e-4 leaves margin and still fails any wrong mask, scale or phase bound, which give
-# errors of order 1e-2 or more. fp16: P and dS are rounded to fp16 before their matmuls (eps 2^-11 ~ 4.9e-4 each), O
-# is an fp16 rounding (delta carries its error): ~1e-3 relative, several times that at the largest element.
-GRAD_ABS_TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
-GRAD_REL_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+# Gradient errors, relative to the reference's scale: the max abs error over max(1, max |ref|), and the RMS error over
+# max(1, RMS of ref). (Not the error norm over the reference norm: a band of one key makes dS = P (dP - delta) vanish
+# exactly, so dQ and dK are ~0 and only rounding is left.)
+# fp32: the kernels compute what the math says in fp32 (the interpreter's tl.dot is an fp32 numpy matmul), from O and
+# LSE rounded to fp32; dot products run over <= 256 head dims and sums over a few hundred keys or rows. Seen: max
+# ~4e-5 (the one-key bands, where dP - delta cancels), RMS ~3e-6. A wrong mask, scale or phase bound gives errors of
+# order 1e-2 or more. fp16: P and dS are rounded to fp16 before their matmuls (eps 2^-11 ~ 4.9e-4 each), and O is an
+# fp16 rounding (delta carries its error). Seen: max and RMS ~7e-4.
+GRAD_ABS_TOL = {torch.float32: 2e-4, torch.float16: 5e-3}
+GRAD_RMS_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 DELTA_TOL = {torch.float32: 1e-5, torch.float16: 1e-5}  # fp32 sum of products of the exact O and dO values given
 
 
@@ -402,14 +428,15 @@ def _check_written(name, t, buf):
 
 
 def _check_grad(name, got, ref, dtype):
+    diff = got.double() - ref
     scale = max(1.0, ref.abs().max().item())
-    err = (got.double() - ref).abs().max().item() / scale
-    rel = (got.double() - ref).norm().item() / max(ref.norm().item(), scale)
-    where = (got.double() - ref).abs().flatten().argmax().item()
-    assert err < GRAD_ABS_TOL[dtype], (
-        f"{name}: max abs err {err:.3g} (relative to {scale:.3g}) at flat index {where} of shape {tuple(got.shape)}, "
-        f"rel Frobenius err {rel:.3g}")
-    assert rel < GRAD_REL_TOL[dtype], f"{name}: rel Frobenius err {rel:.3g} (max abs err {err:.3g})"
+    err = diff.abs().max().item() / scale
+    rms = diff.norm().item() / max(ref.norm().item(), got.numel() ** 0.5)
+    where = tuple(int(i) for i in torch.unravel_index(diff.abs().argmax(), diff.shape)) if got.numel() else ()
+    what = (f"{name}: max abs err {err:.3g} (relative to {scale:.3g}) at (b, s, h, d) = {where} of {tuple(got.shape)}, "
+            f"RMS err {rms:.3g}")
+    assert err < GRAD_ABS_TOL[dtype], what
+    assert rms < GRAD_RMS_TOL[dtype], what
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -485,6 +512,43 @@ def _some_unseen_key(c):
     return not allowed_mask(sq, sk, fold_causal(c.window, c.causal), "cpu").any(dim=0).all()
 
 
+def _window_args(case):
+    """(window_left, window_right) as bwd_kernel_args passes them (unlimited and over-long windows clamped)."""
+    b, sq, sk, h, hk = case.shape
+    q = torch.empty(b, sq, h, case.head_dim, device="meta")
+    k = torch.empty(b, sk, hk, case.head_dim, device="meta")
+    left, right = fold_causal(case.window, case.causal)
+    args = ops._problem_args(None, ops._shapes(q, k, 1.0, left, right, 0.0, None), "meta")
+    return args["window_left"], args["window_right"]
+
+
+def _key_phases(m0, seqlen_q, seqlen_k, shift, window_left, window_right, block_m, block_n):
+    """(whole blocks, masked blocks) of one program: a copy of fwd._key_phases and of the block counts the backward
+    kernels derive from it (every division has a non-negative numerator, so // matches the kernel's)."""
+    m_last = min(m0 + block_m, seqlen_q) - 1
+    lo = max(m0 + shift - window_left, 0) // block_n * block_n
+    hi = min(m_last + shift + window_right + 1, seqlen_k)
+    full_lo = -(-max(m_last + shift - window_left, 0) // block_n) * block_n
+    full_hi = max(min(m0 + shift + window_right + 1, seqlen_k), 0) // block_n * block_n
+    full_lo = min(max(full_lo, lo), hi)
+    full_hi = min(max(full_hi, full_lo), hi)
+    masked = -(-max(full_lo - lo, 0) // block_n) + -(-max(hi - full_hi, 0) // block_n)
+    return (full_hi - full_lo) // block_n, masked
+
+
+def _splits_phases(case, op):
+    """Whether some program of `op` runs both whole blocks and masked ones on this case."""
+    qm, qn, km, kn, _bucket = case.tile
+    _b, sq, sk, _h, _hk = case.shape
+    left, right = _window_args(case)
+    shift = sk - sq
+    if op == "bwd_dq":
+        programs = [_key_phases(m0, sq, sk, shift, left, right, qm, qn) for m0 in range(0, sq, qm)]
+    else:
+        programs = [_key_phases(n0, sk, sq, -shift, right, left, kn, km) for n0 in range(0, sk, kn)]
+    return any(full > 0 and masked > 0 for full, masked in programs)
+
+
 def test_every_bwd_tile_covered():
     # Every (vendor, arch, bucket) backward config runs through its tile: both kernels across several of their
     # blocks, causal and not, the three seqlen orders, GQA and MQA, rows without keys and keys without rows, a
@@ -501,11 +565,20 @@ def test_every_bwd_tile_covered():
         assert any(1 < c.shape[4] < c.shape[3] for c in mine), (arch, bucket, "GQA")
         assert any(c.shape[4] == 1 < c.shape[3] for c in mine), (arch, bucket, "MQA")
         assert any(c.shape[2] % kn and c.shape[2] % qn and c.shape[1] % qm and c.shape[1] % km for c in mine)
+        for op in BWD_OPS:
+            assert any(c.causal and _splits_phases(c, op) for c in mine), (arch, bucket, op, "whole and masked blocks")
         assert any(_some_empty_row(c) for c in mine), (arch, bucket, "rows without keys")
         assert any(_some_unseen_key(c) for c in mine), (arch, bucket, "keys without rows")
         assert any(c.kind == MASKED and c.head_dim < bucket and c.strided for c in mine), (arch, bucket)
         assert any(c.dtype == torch.float16 for c in mine), (arch, bucket)
         assert sum(c.group == "fuzz" for c in mine) >= FUZZ_PER_TILE, (arch, bucket)
+
+
+def test_diag_shapes_split_phases():
+    for tile in TILE_ARCHS:
+        dq_shape, dkdv_shape = _diag_shapes(tile)
+        assert _splits_phases(Case("diag", tile, PLAIN, dq_shape, tile[4], torch.float32, True), "bwd_dq"), tile
+        assert _splits_phases(Case("diag", tile, PLAIN, dkdv_shape, tile[4], torch.float32, True), "bwd_dkdv"), tile
 
 
 def test_every_window_covered():
