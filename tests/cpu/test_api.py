@@ -124,13 +124,30 @@ def test_unsupported_head_dim_names_the_head_dim(on_device, head_dim):
         1 for img in builds.current_build().registry.images() if img.vendor != "cuda")
 
 
-def test_grad_falls_back_until_backward_exists(on_device):
+def test_grad_selects_backward_kernels_too(on_device):
     on_device("sm90")
     q, k, v = qkv(dtype=torch.bfloat16, d=128)
     q.requires_grad_(True)
-    assert fa2rt.explain(q, k, v).reason == "backward_unavailable"
-    with torch.no_grad():
-        assert fa2rt.explain(q, k, v).path == "kernel"
+    with torch.no_grad():  # nothing will be differentiated: no backward kernels needed
+        d = fa2rt.explain(q, k, v)
+        assert d.path == "kernel" and d.backward == ()
+    d = fa2rt.explain(q, k, v)
+    assert d.path == "kernel" and d.image.startswith("fwd-sm90-bf16-d128-plain-")
+    assert len(d.backward) == len(policy.BACKWARD_OPS)
+    for op, (image, mode) in zip(policy.BACKWARD_OPS, d.backward, strict=True):  # in launch order
+        assert image.startswith(f"{op}-sm90-bf16-d128-plain-") and mode == "native"
+        assert f"backward {image} (native)" in str(d)
+
+
+def test_grad_falls_back_where_no_backward_kernel_exists(on_device):
+    # The AMD archs have forward images only (no backward tile tables yet): inference runs the kernel, a call whose
+    # inputs require grad falls back, naming the first backward op that has no image.
+    on_device("gfx942")
+    q, k, v = qkv(dtype=torch.bfloat16, d=128)
+    assert fa2rt.explain(q, k, v).path == "kernel"
+    v.requires_grad_(True)
+    d = fa2rt.explain(q, k, v)
+    assert (d.path, d.reason) == ("fallback", "no_backward_kernel") and d.message.startswith("bwd_dq: "), d
 
 
 def test_short_sequence_threshold(on_device, monkeypatch):

@@ -162,7 +162,7 @@ def _shapes_for(tile):
         # GQA, seqlen_q < seqlen_k: several key blocks in both kernels; causal: a whole key block for every row of the
         # first dQ program
         (1, 45, max(qn, kn) + 22, 4, 2),
-        (1, max(qm, km) + 16, 29, 4, 1),  # MQA, seqlen_q > seqlen_k; causal: the first rows see no key
+        (1, max(qm, km) + 16, 29, 2, 1),  # MQA, seqlen_q > seqlen_k; causal: the first rows see no key
     ]
 
 
@@ -170,10 +170,10 @@ def _diag_shapes(tile):
     """Causal shapes where some program of each kernel runs both its unmasked phase and a masked one (the phase
     bounds of _key_phases; test_diag_shapes_split_phases checks it against a copy of that function):
     - dQ: shift = qn + 5, so every row of the first query program sees the whole first key block, then the diagonal;
-    - dK/dV: seqlen_q == seqlen_k == kn + 2 km + 7, so every key of the first key program is seen by the whole query
-      block starting at kn (rows >= kn - 1 see them all), the rows before it through the diagonal."""
+    - dK/dV: shift = kn - km (0 if negative), so rows >= km - 1 see every key of the first key program (the whole
+      query block from km on), the rows before it through the diagonal."""
     qm, qn, km, kn, _bucket = tile
-    return [(1, qm + 9, qm + qn + 14, 1, 1), (1, kn + 2 * km + 7, kn + 2 * km + 7, 1, 1)]
+    return [(1, qm + 9, qm + qn + 14, 1, 1), (1, 2 * km + 5, 2 * km + 5 + max(kn - km, 0), 1, 1)]
 
 
 # seqlen_q == seqlen_k, seqlen_q < seqlen_k, seqlen_q > seqlen_k
@@ -182,7 +182,7 @@ WINDOW_SHAPES = [(1, 37, 37, 2, 1), (1, 45, 80, 4, 2), (1, 80, 45, 2, 1)]
 # above, (3, 0), (0, 0) and (5, 2) leave rows without keys (seqlen_q > seqlen_k) and keys without rows (<).
 WINDOWS = [(3, 0), (5, 2), (0, 0), (-1, 4), (7, -1)]
 DTYPES = (torch.float32, torch.float16)
-FUZZ_PER_TILE = 3
+FUZZ_PER_TILE = 2
 
 
 @dataclass(frozen=True)
@@ -232,15 +232,15 @@ def _tile_cases():
         for shape in shapes:
             for causal in (False, True):
                 cases.append(Case("tile", tile, PLAIN, shape, bucket, torch.float32, causal))
-        cases.append(Case("tile", tile, PLAIN, shapes[2], bucket, torch.float16, True))
+        cases.append(Case("tile", tile, PLAIN, shapes[1], bucket, torch.float16, True))
         for shape in _diag_shapes(tile):
             cases.append(Case("diag", tile, PLAIN, shape, bucket, torch.float32, True))
         # Sliding windows with seqlen_q < seqlen_k: the first keys are seen by no row (dK, dV exactly 0 there).
-        banded = (2, 40, 51 + max(qn, kn) // 2, 2, 1)
+        banded = (1, 40, 51 + max(qn, kn) // 2, 2, 1)
         for window, causal in (((5, 2), False), ((3, -1), True)):
             cases.append(Case("band", tile, PLAIN, banded, bucket, torch.float32, causal, window))
         for dtype in DTYPES if bucket <= 64 else DTYPES[:1]:
-            cases.append(Case("dmask", tile, MASKED, (2, 45, 70, 4, 2), _dmask_head_dim(bucket), dtype, causal=True,
+            cases.append(Case("dmask", tile, MASKED, (2, 45, 70, 2, 1), _dmask_head_dim(bucket), dtype, causal=True,
                               softmax_scale=0.3, strided=True))
     return cases
 
