@@ -6,9 +6,9 @@ The attention is any function attn(q, k, v) -> out taking q (batch, seqlen, nhea
 shaped like q. k and v are strided views of one projection (as in most models), not contiguous tensors.
 
 The task is copying: a sequence is PREFIX_LEN random tokens, a separator, then the same tokens again; the loss is the
-cross entropy of the copied half, which only attention can bring down (the random half is unpredictable, and a
-position that is not attended to carries no information about what to copy). It starts near ln(vocab - 2) and falls
-well below it within a few hundred steps.
+cross entropy of the copied half. Only attention can bring it down: the token to predict at a position is the one
+PREFIX_LEN positions back, which that position can see only through attention. It starts at CHANCE_LOSS
+(ln(VOCAB - 2)) and falls far below it within a couple of hundred steps.
 
 train() is deterministic: the same seed gives the same initial weights (drawn on the CPU from the seed, whatever the
 device and dtype) and the same batches (from a generator of their own), and leaves torch's global RNG untouched, so
@@ -25,6 +25,7 @@ VOCAB = 64
 SEP = 1  # separator between the prefix and its copy; 0 is unused, random tokens are 2..VOCAB-1
 PREFIX_LEN = 16
 SEQLEN = 2 * PREFIX_LEN + 1  # prefix, separator, copy (the last copied token is only a target)
+CHANCE_LOSS = math.log(VOCAB - 2)  # the loss of a model that has learnt nothing: uniform over the random tokens
 
 
 def sdpa_causal(q, k, v):
@@ -120,7 +121,3 @@ def train(attn, *, steps=250, device="cpu", dtype=torch.float32, seed=0, batch=1
         opt.step()
         losses.append(loss.item())
     return losses
-
-
-# Loss of a model that has learnt nothing: uniform over the VOCAB - 2 tokens a prefix is drawn from.
-CHANCE_LOSS = math.log(VOCAB - 2)

@@ -13,13 +13,6 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_out_grad(out, q, k, v) -> None:
-    # As torch's own out= variants: a result written into a caller's tensor is not differentiable.
-    if out is not None and _needs_grad(q, k, v):
-        raise RuntimeError("out: expected None when q, k or v requires grad (out= results are not "
-                           "differentiable), got a tensor")
-
-
 def _decide(shapes: Shapes, q, k, v, alibi_slopes, out) -> policy.Decision:
     return policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out,
                          slopes_need_grad=_needs_grad(alibi_slopes))
@@ -31,7 +24,6 @@ def explain(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW,
     requires grad) or the fallback reason, with every candidate image the dispatcher rejected."""
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
-    _check_out_grad(out, q, k, v)
     return _decide(shapes, q, k, v, alibi_slopes, out)
 
 
@@ -65,7 +57,6 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     """
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
-    _check_out_grad(out, q, k, v)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if torch.compiler.is_compiling():
         decision = _decide_traced(shapes, q, k, v, alibi_slopes)

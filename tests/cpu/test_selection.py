@@ -173,5 +173,6 @@ def test_each_installed_image_is_chosen_on_its_native_device():
         head_dim = img.head_dim - _C.HEAD_DIM_MULTIPLE if img.d_mask else img.head_dim
         features = ("softcap",) if "softcap" in img.features else img.features
         p = problem(img.dtype, head_dim, features)
+        p.op = img.op
         sel = _C.select(p, DEVICES[img.arch], build.registry, "")
         assert sel["image"] == img.name, (img.name, sel)
