@@ -114,8 +114,7 @@ const OpGeometry& geometry_of(const std::string& op) {
 LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void* stream) {
   const OpGeometry& geo = geometry_of(image.op);
   // launch() takes any problem, not only selected ones: refuse what would wrap around the unsigned grid.
-  if (problem.seqlen_q < 0 || problem.seqlen_k < 0 || problem.batch < 0 || problem.nheads < 0 ||
-      problem.nheads_k < 0)
+  if (problem.seqlen_q < 0 || problem.seqlen_k < 0 || problem.batch < 0 || problem.nheads < 0 || problem.nheads_k < 0)
     throw std::invalid_argument("problem: expected non-negative batch, seqlen_q, seqlen_k, nheads and nheads_k");
   const int64_t heads = geo.over_keys ? problem.nheads_k : problem.nheads;
   if (problem.batch * heads > kMaxGridY)

@@ -543,7 +543,7 @@ def _launch(case, q, k, v, alibi, o, lse):
     left, right = api_shapes.window
     shapes = ops._shapes(q, k, api_shapes.softmax_scale, left, right, api_shapes.softcap, alibi)
     assert _image_takes(case.kind, bucket, shapes), f"{case.id}: the image kind {case.kind} cannot run this call"
-    problem = policy.problem_for(shapes, q, k, v, o)
+    problem = policy.problem_for(shapes, (q, k, v, o))
     assert problem.aligned16 and problem.strides8, "the dispatcher would not run a kernel on these inputs"
     args = ops.kernel_args(q, k, v, o, lse, alibi, shapes)
 
