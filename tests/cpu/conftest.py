@@ -69,6 +69,18 @@ def problem(dtype="bf16", head_dim=128, features=(), batch=2, seqlen_q=1024, seq
     return p
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny shapes: more threads only add synchronisation (several times slower
+    on a busy 2-core machine)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def fresh_announcements():
     """Forget which fallback reasons were already announced, so a test sees the first warning."""

@@ -21,21 +21,14 @@ from fa2rt.reference import attention_reference
 
 # On the CPU every call falls back (not_gpu), announced once per process; the tests that check announcements clear
 # the record first (fresh_announcements) and catch the warning themselves.
-pytestmark = pytest.mark.filterwarnings("ignore::fa2rt.FallbackWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::fa2rt.FallbackWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 # rtol = atol of the gradients against the float64 reference computed from the same inputs: float64 is the same math
 # up to rounding; float32 is SDPA in float32 (as in test_fallback.GRAD_TOL).
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 DTYPES = [torch.float32, torch.float64]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes: intra-op threads only add synchronisation overhead.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def make(b=2, nq=7, nk=9, h=4, hk=2, d=16, dtype=torch.float32, seed=0, requires_grad=True):

@@ -8,18 +8,12 @@ import fa2rt.fallback as fallback
 from fa2rt.fallback import sdpa_attention
 from fa2rt.reference import allowed_mask, attention_reference
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # (rtol, atol) for out against the float64 reference computed from the same (rounded) inputs.
 OUT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
            torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Shapes here are tiny: intra-op threads only add spin/sync overhead (10x slower on a busy machine).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def make(b, nq, nk, h, hk, d, dtype, seed=0, requires_grad=False):

@@ -17,22 +17,15 @@ one with an exact forward but a missing gradient (k detached) is off by 40% (tes
 import warnings
 
 import pytest
-import torch
 from tiny_transformer import CHANCE_LOSS, sdpa_causal, train
 
 import fa2rt
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEPS = 200
 RTOL = 1e-4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The model is tiny: intra-op threads only add synchronisation (several times slower on a busy 2-core machine).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def fa2rt_causal(q, k, v):
