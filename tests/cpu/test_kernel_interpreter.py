@@ -129,6 +129,17 @@ def _interpret_mode():
                 setattr(owner, name, orig)
 
 
+def exec_interpreted(spec, mod, name):
+    """Execute a kernel module's source in interpreter mode, registered as sys.modules[name] (dropped on failure)."""
+    with _interpret_mode():
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+
+
 def _load_interpreted_kernel():
     # Another test module may have imported triton (or even fwd.py under its package name) earlier in this process,
     # so load a fresh copy under a private module name with the knob forced on; the env var alone is not enough if
@@ -136,13 +147,7 @@ def _load_interpreted_kernel():
     spec = importlib.util.spec_from_file_location(MODULE_NAME, FWD_SRC)
     mod = importlib.util.module_from_spec(spec)
     try:
-        with _interpret_mode():
-            sys.modules[MODULE_NAME] = mod
-            try:
-                spec.loader.exec_module(mod)
-            except BaseException:
-                sys.modules.pop(MODULE_NAME, None)
-                raise
+        exec_interpreted(spec, mod, MODULE_NAME)
     finally:
         # Leave the process as we found it, so modules collected after this one still get real JITFunctions.
         if _PREV_INTERPRET is None:

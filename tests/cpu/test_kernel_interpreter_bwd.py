@@ -57,6 +57,7 @@ from test_kernel_interpreter import (
     _image_takes,
     _inputs,
     _interpret_mode,
+    exec_interpreted,
     fwd,
     variants,
 )
@@ -81,13 +82,7 @@ def _load_interpreted_bwd():
     prev_fwd = sys.modules.get("fwd", missing)
     sys.modules["fwd"] = fwd
     try:
-        with _interpret_mode():
-            sys.modules[BWD_MODULE_NAME] = mod
-            try:
-                spec.loader.exec_module(mod)
-            except BaseException:
-                sys.modules.pop(BWD_MODULE_NAME, None)
-                raise
+        exec_interpreted(spec, mod, BWD_MODULE_NAME)
     finally:
         if prev_fwd is missing:
             sys.modules.pop("fwd", None)
