@@ -228,6 +228,41 @@ PYBIND11_MODULE(_C, m) {
       py::arg("registry"), py::arg("image"), py::arg("mode"), py::arg("device"), py::arg("stream"), py::arg("problem"),
       py::arg("args"));
 
+  py::class_<LaunchPlan>(m, "LaunchPlan",
+                         "One image's launch for one problem, resolved once: per call only the pointer arguments' "
+                         "addresses and the stream are given.")
+      .def(py::init([](const Registry& r, const std::string& image, const std::string& mode, const Problem& problem,
+                       const py::dict& args, const std::vector<std::string>& pointers) {
+             return LaunchPlan(r.get(image), mode_from_name(mode), problem, to_named_args(args), pointers);
+           }),
+           py::arg("registry"), py::arg("image"), py::arg("mode"), py::arg("problem"), py::arg("args"),
+           py::arg("pointers"))
+      .def(
+          "launch",
+          [](const LaunchPlan& plan, int device, uint64_t stream, const std::vector<uint64_t>& addresses) {
+            py::gil_scoped_release release;
+            plan.launch(device, reinterpret_cast<void*>(stream), addresses);
+          },
+          py::arg("device"), py::arg("stream"), py::arg("addresses"))
+      .def(
+          "packed",
+          [](const LaunchPlan& plan, const std::vector<uint64_t>& addresses) {
+            std::vector<py::bytes> out;
+            for (const auto& p : plan.packed(addresses)) out.emplace_back(p);
+            return out;
+          },
+          "The launch parameter bytes for these addresses (testing aid; as pack_params returns them).")
+      .def_property_readonly("image", [](const LaunchPlan& p) { return p.image().name; })
+      .def_property_readonly("mode", [](const LaunchPlan& p) { return std::string(load_mode_name(p.mode())); })
+      .def_property_readonly("pointers", &LaunchPlan::pointers)
+      .def_property_readonly("grid",
+                             [](const LaunchPlan& p) {
+                               const LaunchConfig& c = p.config();
+                               return py::make_tuple(c.grid[0], c.grid[1], c.grid[2]);
+                             })
+      .def_property_readonly("block", [](const LaunchPlan& p) { return p.config().block; })
+      .def_property_readonly("shared_bytes", [](const LaunchPlan& p) { return p.config().shared_bytes; });
+
   m.def(
       "pack_params",
       [](const Registry& r, const std::string& image, const py::dict& args) {

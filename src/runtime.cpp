@@ -101,7 +101,8 @@ struct OpGeometry {
   const char* op;
   bool over_keys;
 };
-constexpr OpGeometry kOpGeometry[] = {{"fwd", false}, {"bwd_dq", false}, {"bwd_dkdv", true}};
+constexpr OpGeometry kOpGeometry[] = {
+    {"fwd", false}, {"bwd_dq", false}, {"bwd_dkdv", true}, {"bwd_prep", false}, {"bwd_fused", true}};
 
 const OpGeometry& geometry_of(const std::string& op) {
   for (const auto& g : kOpGeometry)
@@ -154,15 +155,76 @@ size_t cached_kernel_count() {
   return cache().size();
 }
 
+namespace {
+
+size_t pointer_param(const ImageInfo& image, const std::string& name) {
+  for (size_t i = 0; i < image.params.size(); ++i) {
+    if (image.params[i].first != name) continue;
+    if (image.params[i].second.rfind('*', 0) != 0)
+      throw std::invalid_argument("kernel argument " + name + " of " + image.name +
+                                  ": expected a pointer parameter, got type " + image.params[i].second);
+    return i;
+  }
+  throw std::invalid_argument("kernel argument " + name + " is not a parameter of " + image.name);
+}
+
+std::string join_names(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+}  // namespace
+
+LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& problem, const NamedArgs& args,
+                       const std::vector<std::string>& pointers)
+    : image_(image), mode_(mode), pointers_(pointers) {
+  // Pointers pack as placeholders here, so every name and value goes through pack_params' checks once.
+  NamedArgs all = args;
+  for (const auto& name : pointers)
+    if (!all.emplace(name, int64_t{0}).second)
+      throw std::invalid_argument("kernel argument " + name + " of " + image.name + " given twice");
+  for (const auto& bytes : pack_params(image_, all)) {
+    uint64_t slot = 0;
+    std::memcpy(&slot, bytes.data(), bytes.size());
+    slots_.push_back(slot);
+    sizes_.push_back(bytes.size());
+  }
+  config_ = launch_config(image_, problem, nullptr);
+  for (const auto& name : pointers) pointer_slots_.push_back(pointer_param(image_, name));
+}
+
+std::vector<uint64_t> LaunchPlan::with_addresses(const std::vector<uint64_t>& addresses) const {
+  if (addresses.size() != pointer_slots_.size())
+    throw std::invalid_argument("launch plan of " + image_.name + ": expected " +
+                                std::to_string(pointer_slots_.size()) + " addresses (" + join_names(pointers_) +
+                                "), got " + std::to_string(addresses.size()));
+  std::vector<uint64_t> slots = slots_;
+  for (size_t i = 0; i < addresses.size(); ++i) slots[pointer_slots_[i]] = addresses[i];
+  return slots;
+}
+
+std::vector<std::string> LaunchPlan::packed(const std::vector<uint64_t>& addresses) const {
+  std::vector<uint64_t> slots = with_addresses(addresses);
+  std::vector<std::string> out;
+  for (size_t i = 0; i < slots.size(); ++i) out.emplace_back(reinterpret_cast<const char*>(&slots[i]), sizes_[i]);
+  return out;
+}
+
+void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& addresses) const {
+  std::vector<uint64_t> slots = with_addresses(addresses);
+  if (config_.grid[0] == 0 || config_.grid[1] == 0) return;  // empty problem: nothing to launch
+  LaunchConfig cfg = config_;
+  cfg.stream = stream;
+  LoadedKernel kernel = load_kernel(image_, mode_, device);
+  std::vector<void*> params(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) params[i] = &slots[i];  // each value sits at the start of its slot
+  backend_for(image_.vendor).launch(device, kernel, cfg, params.data());
+}
+
 void launch(const ImageInfo& image, LoadMode mode, int device, void* stream, const Problem& problem,
             const NamedArgs& args) {
-  std::vector<std::string> packed = pack_params(image, args);
-  LaunchConfig cfg = launch_config(image, problem, stream);
-  if (cfg.grid[0] == 0 || cfg.grid[1] == 0) return;  // empty problem: nothing to launch
-  LoadedKernel kernel = load_kernel(image, mode, device);
-  std::vector<void*> params;
-  for (auto& p : packed) params.push_back(p.data());
-  backend_for(image.vendor).launch(device, kernel, cfg, params.data());
+  LaunchPlan(image, mode, problem, args, {}).launch(device, stream, {});
 }
 
 }  // namespace fa2rt

@@ -1,9 +1,11 @@
 // Module cache per device and kernel launch: the mechanism half of a call, after selection chose an image.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <string>
 #include <variant>
+#include <vector>
 
 #include "backend.h"
 #include "types.h"
@@ -15,6 +17,37 @@ using NamedArgs = std::map<std::string, ArgValue>;
 
 // Loads (once per device, image and mode; thread-safe) and returns the kernel. Verifies the file's sha256 first.
 LoadedKernel load_kernel(const ImageInfo& image, LoadMode mode, int device);
+
+// A launch resolved once for one problem: the image, its load mode, the op's grid and every argument packed, except
+// the pointer parameters named in `pointers`, whose addresses (with the stream) are all that changes between calls on
+// tensors of the same shapes and strides. Training loops repeat a few problems, so callers keep plans per problem.
+class LaunchPlan {
+ public:
+  // `args`: every other parameter of the image by name, checked and packed as pack_params does (int32 range
+  // included). Throws when a name is missing, unknown, given twice, or a pointer name is not a pointer parameter.
+  LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& problem, const NamedArgs& args,
+             const std::vector<std::string>& pointers);
+  // `addresses` in the order of the constructor's `pointers`. Does nothing for an empty grid.
+  void launch(int device, void* stream, const std::vector<uint64_t>& addresses) const;
+  // The parameter bytes launch() passes (scratch pointers included), as pack_params returns them (testing aid).
+  std::vector<std::string> packed(const std::vector<uint64_t>& addresses) const;
+
+  const ImageInfo& image() const { return image_; }
+  LoadMode mode() const { return mode_; }
+  const LaunchConfig& config() const { return config_; }
+  const std::vector<std::string>& pointers() const { return pointers_; }
+
+ private:
+  std::vector<uint64_t> with_addresses(const std::vector<uint64_t>& addresses) const;
+
+  ImageInfo image_;  // a copy: the plan outlives any registry change
+  LoadMode mode_;
+  LaunchConfig config_;          // stream left null; launch() sets it
+  std::vector<uint64_t> slots_;  // one 8-byte slot per parameter (narrower types in its first bytes)
+  std::vector<size_t> sizes_;    // bytes of each parameter
+  std::vector<std::string> pointers_;
+  std::vector<size_t> pointer_slots_;
+};
 
 // Packs `args` by the image's parameter list (every name exactly once), computes the op's grid and launches.
 void launch(const ImageInfo& image, LoadMode mode, int device, void* stream, const Problem& problem,

@@ -1,5 +1,9 @@
-"""Environment variables fa2rt reads: each is named and parsed here, once."""
+"""Environment variables fa2rt reads: each is named and parsed here, once.
 
+They are read on every call (tests and users change them between calls); only parsing is cached, by raw value.
+"""
+
+import functools
 import os
 from pathlib import Path
 
@@ -17,7 +21,11 @@ ENV_VARS = {
 
 
 def kernel_dir() -> Path:
-    override = os.environ.get(KERNEL_DIR)
+    return _kernel_dir(os.environ.get(KERNEL_DIR, ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_dir(override: str) -> Path:
     return Path(override) if override else Path(__file__).parent / "kernels"
 
 

@@ -26,11 +26,17 @@ def describe(device: torch.device) -> tuple["_C.DeviceInfo", str, str]:
     """DeviceInfo for a tensor's device, plus a reason code and message when it is unusable ('' when usable)."""
     if device.type != "cuda":
         return _C.DeviceInfo("none", device.type), "not_gpu", f"tensors are on {device.type}, not a GPU"
+    return _describe_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _describe_gpu(index: int) -> tuple["_C.DeviceInfo", str, str]:
+    # Kept per device: the backend opens its driver library once per process, so neither answer changes (a probe
+    # that raises is not kept).
     vendor = torch_vendor()
     status = _C.backend_status(vendor)
     if not status["available"]:
         return _C.DeviceInfo("none", "unknown"), "driver_unavailable", f"{vendor} driver: {status['error']}"
-    index = device.index if device.index is not None else torch.cuda.current_device()
     return probe(vendor, index), "", ""
 
 

@@ -1,13 +1,20 @@
-"""The kernel path as torch.library custom ops, so torch.compile traces calls into fa2rt.
+"""The kernel path: launches of the kernel images, as torch.library custom ops (so torch.compile traces calls into
+fa2rt) and, for eager calls, directly.
 
-fa2rt::fwd returns a new output and is differentiable: its autograd formula calls fa2rt::bwd, the two backward
-kernels (backends/kernels/bwd.py). fa2rt::fwd_out writes into the caller's out= tensor (a declared mutation; no
-autograd, as torch's own out= variants).
+fa2rt::fwd returns a new output and is differentiable: its autograd formula calls fa2rt::bwd, the kernels of a
+backward plan (policy.BACKWARD_PLANS, backends/kernels/bwd.py). fa2rt::fwd_out writes into the caller's out= tensor
+(a declared mutation; no autograd, as torch's own out= variants). Eager calls run the same forward() and backward()
+through run_eager, without the custom ops' dispatch (at short sequences it cost more host time than the kernels
+run).
+
+Launches go through launch plans (_C.LaunchPlan), built once per image and call geometry: per call only the
+tensors' addresses and the stream change.
 """
 
 import math
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C, builds, policy
 from .fallback import sdpa_attention
@@ -22,6 +29,10 @@ def _no_slopes(device: torch.device) -> torch.Tensor:
     if device not in _zero_slopes:
         _zero_slopes[device] = torch.zeros(1, dtype=torch.float32, device=device)
     return _zero_slopes[device]
+
+
+def _slopes(alibi, device) -> torch.Tensor:
+    return alibi if alibi is not None else _no_slopes(device)
 
 
 def _score_params(softmax_scale: float, softcap: float) -> dict:
@@ -42,23 +53,23 @@ def _row_axis(name: str) -> str:
     return "n" if name in ("k", "v", "dk", "dv") else "m"
 
 
-def _tensor_args(tensors: dict) -> dict:
-    """Pointers and (batch, row, head) strides of layout (batch, seqlen, nheads, headdim) tensors, the strides in
-    units of STRIDE_MULTIPLE elements (the dispatcher checked they divide)."""
+# --- kernel arguments by name (fwd_params in backends/kernels/fwd.py, bwd_params in bwd.py) ---------------------------
+
+def _stride_args(tensors: dict) -> dict:
+    """(batch, row, head) strides of layout (batch, seqlen, nheads, headdim) tensors, in units of STRIDE_MULTIPLE
+    elements (the dispatcher checked they divide)."""
     unit, args = _C.STRIDE_MULTIPLE, {}
     for name, t in tensors.items():
-        args[name.upper()] = t.data_ptr()
         args[f"stride_{name}b"], args[f"stride_{name}h"] = t.stride(0) // unit, t.stride(2) // unit
         args[f"stride_{name}{_row_axis(name)}"] = t.stride(1) // unit
     return args
 
 
-def _problem_args(alibi, shapes: Shapes, device) -> dict:
-    """Slopes and the scalar arguments both the forward and the backward kernels take."""
-    slopes = alibi if alibi is not None else _no_slopes(device)
+def _scalar_args(alibi, shapes: Shapes) -> dict:
+    """The slope strides and scalar arguments both the forward and the backward kernels take."""
     stride_ab, stride_ah = _slope_strides(alibi)
     left, right = shapes.window
-    return dict(ALIBI=slopes.data_ptr(), stride_ab=stride_ab, stride_ah=stride_ah, nheads=shapes.nheads,
+    return dict(stride_ab=stride_ab, stride_ah=stride_ah, nheads=shapes.nheads,
                 head_ratio=shapes.nheads // shapes.nheads_k, seqlen_q=shapes.seqlen_q, seqlen_k=shapes.seqlen_k,
                 head_dim_8=shapes.head_dim // _C.HEAD_DIM_MULTIPLE,
                 # "Unlimited" (-1) and over-long windows become bounds that cover every key, keeping int32 math safe.
@@ -67,18 +78,43 @@ def _problem_args(alibi, shapes: Shapes, device) -> dict:
                 **_score_params(shapes.softmax_scale, shapes.softcap))
 
 
+def _problem_args(alibi, shapes: Shapes, device) -> dict:
+    """Slopes and the scalar arguments both the forward and the backward kernels take."""
+    return {"ALIBI": _slopes(alibi, device).data_ptr()} | _scalar_args(alibi, shapes)
+
+
+def _pointers(tensors: dict, buffers: dict, alibi) -> dict:
+    """Every pointer argument by name: the (batch, seqlen, nheads, headdim) tensors, the buffers (LSE, ...) and the
+    slopes."""
+    return ({name.upper(): t for name, t in tensors.items()} | buffers
+            | {"ALIBI": _slopes(alibi, tensors["q"].device)})
+
+
+def _fwd_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
+    """The forward kernel's arguments other than pointers."""
+    return _stride_args(tensors) | _scalar_args(alibi, shapes)
+
+
+def _bwd_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
+    """The backward kernels' arguments other than pointers."""
+    return _stride_args(tensors) | {"sm_scale": shapes.softmax_scale} | _scalar_args(alibi, shapes)
+
+
+def _addresses(pointers: dict) -> dict:
+    return {name: t.data_ptr() for name, t in pointers.items()}
+
+
 def kernel_args(q, k, v, out, lse, alibi, shapes: Shapes) -> dict:
     """The forward kernel's arguments by name (fwd_params in backends/kernels/fwd.py)."""
-    return (_tensor_args({"q": q, "k": k, "v": v, "o": out}) | {"LSE": lse.data_ptr()}
-            | _problem_args(alibi, shapes, q.device))
+    tensors = {"q": q, "k": k, "v": v, "o": out}
+    return _addresses(_pointers(tensors, {"LSE": lse}, alibi)) | _fwd_constants(tensors, alibi, shapes)
 
 
 def bwd_kernel_args(tensors: dict, lse, delta, alibi, shapes: Shapes) -> dict:
     """Both backward kernels' arguments by name (bwd_params in backends/kernels/bwd.py); tensors maps
     q, k, v, o, do, dq, dk, dv to their tensors."""
-    return (_tensor_args(tensors) | {"LSE": lse.data_ptr(), "DELTA": delta.data_ptr(),
-                                     "sm_scale": shapes.softmax_scale}
-            | _problem_args(alibi, shapes, tensors["q"].device))
+    return (_addresses(_pointers(tensors, {"LSE": lse, "DELTA": delta}, alibi))
+            | _bwd_constants(tensors, alibi, shapes))
 
 
 def _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi) -> Shapes:
@@ -88,17 +124,151 @@ def _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi) -> S
                   softcap=softcap, has_alibi=alibi is not None)
 
 
-def _launch(image: str, mode: str, problem, args: dict, device: torch.device) -> None:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(device).cuda_stream
-    _C.launch(builds.current_build().registry, image, mode, index, stream, problem, args)
+# --- launching --------------------------------------------------------------------------------------------------------
 
+def device_and_stream(device: torch.device) -> tuple[int, int]:
+    """The device index the tensors live on and torch's current stream there: where kernels launch."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # torch's raw accessor (Triton's launcher uses it too) costs a fraction of building a torch.cuda.Stream.
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return index, (raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream)
+
+
+# Launch plans by (image, mode) + KernelArgs.key: everything a plan is built from (the build, Shapes, the pointer names,
+# every tensor's strides, the slopes' layout), so a plan is reused only where it would be built the same. Bounded as
+# the dispatcher's caches are.
+_PLANS: dict = {}
+
+
+class KernelArgs:
+    """One call's kernel arguments, shared by all its launches (the backward kernels take one parameter list).
+
+    tensors: the (batch, seqlen, nheads, headdim) tensors by short name (pointers, and strides); buffers: the other
+    pointer arguments by name (LSE, ...); constants(tensors, alibi, shapes): the arguments other than pointers by name,
+    asked only when a launch plan is built."""
+
+    __slots__ = ("shapes", "tensors", "alibi", "constants", "build", "pointers", "key", "device", "stream",
+                 "addresses")
+
+    def __init__(self, shapes: Shapes, tensors: dict, buffers: dict, alibi, constants):
+        self.shapes, self.tensors, self.alibi, self.constants = shapes, tensors, alibi, constants
+        self.build = builds.current_build()
+        self.pointers = _pointers(tensors, buffers, alibi)
+        strides = tuple(t.stride() for t in tensors.values())
+        self.key = (id(self.build), shapes, tuple(self.pointers), strides, None if alibi is None else alibi.stride())
+        self.device, self.stream = device_and_stream(shapes.device)
+        self.addresses = [t.data_ptr() for t in self.pointers.values()]
+
+    def launch(self, op: str, image: str, mode: str) -> None:
+        """Launch `image` (an image of `op`) on torch's current stream."""
+        plan = policy.remember(_PLANS, (image, mode) + self.key, lambda: self._plan(op, image, mode))
+        plan.launch(self.device, self.stream, self.addresses)
+
+    def _plan(self, op: str, image: str, mode: str) -> "_C.LaunchPlan":
+        problem = policy.problem_for(self.shapes, self.tensors.values(), op)
+        return _C.LaunchPlan(self.build.registry, image, mode, problem,
+                             self.constants(self.tensors, self.alibi, self.shapes), list(self.pointers))
+
+
+def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str):
+    """Launch the forward `image` on torch's current stream, writing into `out` (allocated when None).
+    Returns (out, lse)."""
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((shapes.batch, shapes.nheads, shapes.seqlen_q), dtype=torch.float32, device=q.device)
+    args = KernelArgs(shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse}, alibi, _fwd_constants)
+    args.launch("fwd", image, mode)
+    return out, lse
+
+
+def _kernel_ready(t: torch.Tensor) -> bool:
+    # The layout rules the dispatcher checks (16-byte aligned base, strides in units of 8, last dim contiguous).
+    return (t.stride(3) == 1 and t.data_ptr() % _C.ALIGN_BYTES == 0
+            and all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for i in (0, 1, 2)))
+
+
+def backward(dout, q, k, v, out, lse, alibi, shapes: Shapes, deterministic: bool):
+    """dq, dk, dv (contiguous, in the inputs' dtype) from a backward plan's kernels on torch's current stream (with
+    `deterministic`, one without atomics: bitwise reproducible); when none fits, an announced recomputation through
+    the SDPA fallback (its math backend when `deterministic`)."""
+    # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
+    dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
+    inputs = {"q": q, "k": k, "v": v, "o": out, "do": dout}
+    # Gradients (and the fp32 dQ accumulator) are fresh contiguous allocations, which the dispatcher always takes.
+    chosen = policy.select_backward(shapes, inputs.values(), deterministic=deterministic)
+    if isinstance(chosen, policy.Decision):
+        policy.announce(chosen)
+        return recompute_grads(dout, q, k, v, alibi, shapes, deterministic)
+    plan, launches = chosen
+    grads = {f"d{name}": torch.empty_like(t, memory_format=torch.contiguous_format)
+             for name, t in (("q", q), ("k", k), ("v", v))}
+    if plan.fp32_dq:
+        grads["dq"] = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    buffers = {"LSE": lse.contiguous(), "DELTA": torch.empty_like(lse)}
+    args = KernelArgs(shapes, inputs | grads, buffers, alibi, _bwd_constants)
+    for op, image, mode in launches:
+        args.launch(op, image, mode)
+    dq = grads["dq"].to(q.dtype) if plan.fp32_dq else grads["dq"]
+    return dq, grads["dk"], grads["dv"]
+
+
+def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool):
+    """Gradients of the SDPA fallback, recomputing its forward: for backward calls no kernel takes."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        res, _ = sdpa_attention(q, k, v, causal=shapes.causal, softmax_scale=shapes.softmax_scale,
+                                window_size=shapes.window, softcap=shapes.softcap, alibi_slopes=alibi,
+                                deterministic=deterministic)
+        return torch.autograd.grad(res, (q, k, v), dout)
+
+
+# --- eager calls ------------------------------------------------------------------------------------------------------
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def can_run_eager(*tensors) -> bool:
+    """Whether a call outside torch.compile may launch directly: plain tensors (None allowed), no dispatch mode
+    (FakeTensorMode, make_fx, ...), no torch.func transform and no torch.jit.trace active. Those see fa2rt as the
+    custom ops instead (a trace would not record a direct launch)."""
+    return (all(t is None or type(t) in _PLAIN_TENSORS for t in tensors) and not is_in_torch_dispatch_mode()
+            and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing())
+
+
+class _Attention(torch.autograd.Function):
+    """An eager differentiable call: the custom ops' autograd formula (fa2rt::fwd with fa2rt::bwd) without their
+    dispatch; backward() reuses the forward's Shapes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alibi, shapes, image, mode, deterministic):
+        out, lse = forward(q, k, v, alibi, None, shapes, image, mode)
+        ctx.save_for_backward(q, k, v, out, lse, alibi)
+        ctx.shapes, ctx.deterministic = shapes, deterministic
+        ctx.mark_non_differentiable(lse)  # lse is returned for inspection; no gradient flows through it
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, alibi = ctx.saved_tensors
+        dq, dk, dv = backward(dout, q, k, v, out, lse, alibi, ctx.shapes, ctx.deterministic)
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None) + (None,) * 5
+
+
+def run_eager(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str, deterministic: bool):
+    """An eager call on the kernel path (see can_run_eager): (out, lse), differentiable in q, k, v when one requires
+    grad (out= is refused then, by validation)."""
+    if out is None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(q, k, v, alibi, shapes, image, mode, deterministic)
+    return forward(q, k, v, alibi, out, shapes, image, mode)
+
+
+# --- custom ops (torch.compile, dispatch modes, torch.func) -----------------------------------------------------------
 
 def run_forward(q, k, v, alibi, out, softmax_scale, window_left, window_right, softcap, image, mode):
-    """Launch `image` on torch's current stream, writing into `out` (allocated when None). Returns (out, lse).
-
-    An empty image name (calls traced by torch.compile) selects here, on the real tensors, and runs the announced
-    SDPA fallback when no image fits."""
+    """forward() for the custom ops. An empty image name (calls traced by torch.compile) selects here, on the real
+    tensors, and runs the announced SDPA fallback when no image fits."""
     shapes = _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi)
     if not image:
         decision = policy.decide(shapes, q, k, v, needs_grad=False, out=out)
@@ -111,48 +281,13 @@ def run_forward(q, k, v, alibi, out, softmax_scale, window_left, window_right, s
                                       alibi_slopes=alibi, return_lse=True)
             return (res if out is None else out.copy_(res)), lse
         image, mode = decision.image, decision.mode
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((shapes.batch, shapes.nheads, shapes.seqlen_q), dtype=torch.float32, device=q.device)
-    _launch(image, mode, policy.problem_for(shapes, (q, k, v, out)), kernel_args(q, k, v, out, lse, alibi, shapes),
-            q.device)
-    return out, lse
-
-
-def _kernel_ready(t: torch.Tensor) -> bool:
-    # The layout rules the dispatcher checks (16-byte aligned base, strides in units of 8, last dim contiguous).
-    return (t.stride(3) == 1 and t.data_ptr() % _C.ALIGN_BYTES == 0
-            and all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for i in (0, 1, 2)))
+    return forward(q, k, v, alibi, out, shapes, image, mode)
 
 
 def run_backward(dout, q, k, v, out, lse, alibi, softmax_scale, window_left, window_right, softcap, deterministic):
-    """dq, dk, dv (contiguous, in the inputs' dtype) from the backward kernels on torch's current stream; when none
-    fits, an announced recomputation through the SDPA fallback. The kernels use no atomics, so their gradients are
-    bitwise deterministic whatever `deterministic` says; it only restricts the fallback."""
+    """backward() for the custom ops."""
     shapes = _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi)
-    dout = dout if _kernel_ready(dout) else dout.contiguous()
-    grads = {f"d{name}": torch.empty_like(t, memory_format=torch.contiguous_format)
-             for name, t in (("q", q), ("k", k), ("v", v))}
-    tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout} | grads
-    chosen = policy.select_backward(shapes, tensors.values())
-    if isinstance(chosen, policy.Decision):
-        policy.announce(chosen)
-        return recompute_grads(dout, q, k, v, alibi, shapes, deterministic)
-    delta = torch.empty_like(lse)
-    args = bwd_kernel_args(tensors, lse.contiguous(), delta, alibi, shapes)
-    for problem, image, mode in chosen:
-        _launch(image, mode, problem, args, q.device)
-    return grads["dq"], grads["dk"], grads["dv"]
-
-
-def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool):
-    """Gradients of the SDPA fallback, recomputing its forward: for backward calls no kernel takes."""
-    with torch.enable_grad():
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        res, _ = sdpa_attention(q, k, v, causal=shapes.causal, softmax_scale=shapes.softmax_scale,
-                                window_size=shapes.window, softcap=shapes.softcap, alibi_slopes=alibi,
-                                deterministic=deterministic)
-        return torch.autograd.grad(res, (q, k, v), dout)
+    return backward(dout, q, k, v, out, lse, alibi, shapes, deterministic)
 
 
 @torch.library.custom_op("fa2rt::fwd", mutates_args=(), device_types="cuda")

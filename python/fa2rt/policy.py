@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch._subclasses import FakeTensor
 
 from . import _C, builds, config, devices
 from .validate import Shapes
@@ -19,8 +20,26 @@ from .validate import Shapes
 log = logging.getLogger("fa2rt")
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The backward kernels in launch order: bwd_dq also writes delta = rowsum(dO * O), which bwd_dkdv reads.
-BACKWARD_OPS = ("bwd_dq", "bwd_dkdv")
+# Ops that read no scores: their images carry no features (backends/kernels/variants.py, OP_KINDS).
+SCORE_FREE_OPS = ("bwd_prep",)
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """Backward kernels in launch order, sharing one argument set (bwd_params in backends/kernels/bwd.py)."""
+    name: str
+    ops: tuple[str, ...]
+    deterministic: bool  # no atomics: bitwise reproducible gradients
+    fp32_dq: bool  # dQ is accumulated in an fp32 buffer, cast to the input dtype afterwards
+
+
+# In preference order. atomic: bwd_prep writes delta = rowsum(dO * O) and zeroes the dQ accumulator, bwd_fused runs
+# dK/dV and adds dQ atomically (5 matmuls per score block, flash-attn 2's scheme). deterministic: bwd_dq (which also
+# writes delta), then bwd_dkdv (7 matmuls, no atomics); the only plan when gradients must be reproducible.
+BACKWARD_PLANS = (
+    BackwardPlan("atomic", ("bwd_prep", "bwd_fused"), deterministic=False, fp32_dq=True),
+    BackwardPlan("deterministic", ("bwd_dq", "bwd_dkdv"), deterministic=True, fp32_dq=False),
+)
 CROSSOVER_FILE = Path(__file__).parent / "data" / "crossover.json"
 
 
@@ -37,12 +56,14 @@ class Decision:
     mode: str | None = None  # native, binary-compat or ptx-jit
     device: dict = field(default_factory=dict)
     rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
-    backward: tuple = ()  # (image, mode) per BACKWARD_OPS when the inputs require grad, on the kernel path
+    # When the inputs require grad, on the kernel path: the BackwardPlan's name and (image, mode) per op of it
+    backward_plan: str = ""
+    backward: tuple = ()
 
     def __str__(self) -> str:
         head = (f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}" if self.path == "kernel"
                 else f"fallback to SDPA [{self.reason}]: {self.message}")
-        lines = [head] + [f"  backward {img} ({mode})" for img, mode in self.backward]
+        lines = [head] + [f"  backward {img} ({mode}, {self.backward_plan})" for img, mode in self.backward]
         lines += [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
         return "\n".join(lines)
 
@@ -69,18 +90,30 @@ def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
     p.dtype = KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
     p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.seqlen_k
     p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
-    p.features = [name for name, needed in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi)) if needed]
+    p.features = [name for name, needed in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi))
+                  if needed and op not in SCORE_FREE_OPS]
     tensors = [t for t in tensors if t is not None]
-    # Fake tensors (torch.compile tracing) have no address; the run-time call checks the real ones again.
-    p.aligned16 = all(_is_fake(t) or t.data_ptr() % _C.ALIGN_BYTES == 0 for t in tensors)
+    p.aligned16 = _aligned(tensors)
     # A dim of size 1 only ever multiplies its stride by 0, so its stride cannot break the assumption.
     p.strides8 = all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for t in tensors for i in (0, 1, 2))
     p.max_head_extent = max((t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors)
     return p
 
 
+def _aligned(tensors) -> bool:
+    # Fake tensors (torch.compile tracing) have no address; the run-time call checks the real ones again.
+    return all(_is_fake(t) or t.data_ptr() % _C.ALIGN_BYTES == 0 for t in tensors)
+
+
 def _is_fake(t) -> bool:
-    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+    return t.is_meta or isinstance(t, FakeTensor)
+
+
+def layout_key(tensors) -> tuple:
+    """Everything problem_for reads of the tensors (shapes, strides, whether every base pointer is aligned) as a
+    hashable key: with equal Shapes, equal keys give equal Problems."""
+    tensors = [t for t in tensors if t is not None]
+    return tuple((t.shape, t.stride()) for t in tensors), _aligned(tensors)
 
 
 def _fallback(reason: str, message: str, device=None, rejections=()) -> Decision:
@@ -88,9 +121,11 @@ def _fallback(reason: str, message: str, device=None, rejections=()) -> Decision
                     rejections=tuple(rejections))
 
 
-def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_grad: bool = False) -> Decision:
+def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_grad: bool = False,
+           deterministic: bool = False) -> Decision:
     """Kernel or fallback for one validated call, with every reason. With needs_grad the backward kernels must fit
-    too; the tensors the backward allocates itself (dO aside, copied when it breaks the layout rules) always do."""
+    too (a deterministic plan when `deterministic`); the tensors the backward allocates itself (dO aside, copied when
+    it breaks the layout rules) always do."""
     if config.disabled():
         return _fallback("disabled", f"{config.DISABLE} is set")
     if shapes.trivial:
@@ -108,25 +143,51 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
     if shapes.seqlen_k < threshold:
         return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
                          f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
-    build = builds.current_build()
-    sel, rejections = _select("fwd", shapes, (q, k, v, out), info)
-    if sel["image"] is None:
-        return _fallback("no_kernel", build.error or _summarise(rejections), info, rejections)
-    backward = ()
+    tensors = (q, k, v, out)
+    grad = needs_grad and ("deterministic" if deterministic else "any")
+    key = (shapes, layout_key(tensors), grad, _context_key(info))
+    return remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad, deterministic))
+
+
+def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool, deterministic: bool) -> Decision:
+    q, k, v, _ = tensors
+    image, mode, rejections = _select("fwd", shapes, tensors, info)
+    if image is None:
+        return _fallback("no_kernel", builds.current_build().error or _summarise(rejections), info, rejections)
+    plan, backward = "", ()
     if needs_grad:
-        chosen = select_backward(shapes, (q, k, v), info)
+        chosen = select_backward(shapes, (q, k, v), info, deterministic)
         if isinstance(chosen, Decision):
             return chosen
-        backward = tuple((image, mode) for _, image, mode in chosen)
-    return Decision("kernel", image=sel["image"], mode=sel["mode"], device=_device_dict(info),
-                    rejections=tuple(rejections), backward=backward)
+        plan, launches = chosen
+        plan, backward = plan.name, tuple((image, mode) for _, image, mode in launches)
+    return Decision("kernel", image=image, mode=mode, device=_device_dict(info),
+                    rejections=tuple(rejections), backward_plan=plan, backward=backward)
 
 
 # Selection is a pure function of the problem, the device, the build and FA2RT_FORCE_ARCH, and checking every image
 # of the build costs more host time than a short kernel runs: training loops repeat the same few problems, so the
-# answers are kept (bounded; cleared when full).
+# answers are kept (bounded; cleared when full). Per call, decisions are looked up by a key of what the Problem is
+# computed from (Shapes and layout_key), so a cached answer is reused only where the checks would give it again.
 _SELECTION_CACHE: dict = {}
+_DECISION_CACHE: dict = {}
+_BACKWARD_CACHE: dict = {}
 SELECTION_CACHE_SIZE = 1024
+
+
+def remember(cache: dict, key, compute):
+    """cache[key], computed on first use (never None); a full cache is cleared first, keeping memory bounded."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= SELECTION_CACHE_SIZE:
+            cache.clear()
+        value = cache[key] = compute()
+    return value
+
+
+def _context_key(info) -> tuple:
+    """What selection depends on besides the problem: the device, FA2RT_FORCE_ARCH and the build."""
+    return info.vendor, info.index, info.arch, config.force_arch(), id(builds.current_build())
 
 
 def _problem_key(p: "_C.Problem") -> tuple:
@@ -134,34 +195,47 @@ def _problem_key(p: "_C.Problem") -> tuple:
             p.aligned16, p.strides8, p.max_head_extent)
 
 
-def _select(op: str, shapes: Shapes, tensors, info):
+def _select(op: str, shapes: Shapes, tensors, info) -> tuple:
+    """(image or None, mode, rejections as (image, code, message)) for one op."""
     problem = problem_for(shapes, tensors, op)
-    build = builds.current_build()
-    key = (_problem_key(problem), info.vendor, info.index, info.arch, config.force_arch(), id(build))
-    if key not in _SELECTION_CACHE:
-        if len(_SELECTION_CACHE) >= SELECTION_CACHE_SIZE:
-            _SELECTION_CACHE.clear()
-        sel = _C.select(problem, info, build.registry, config.force_arch())
-        _SELECTION_CACHE[key] = (sel["image"], sel["mode"],
-                                 [(r.image, r.code, r.message) for r in sel["rejections"]])
-    image, mode, rejections = _SELECTION_CACHE[key]
-    return {"image": image, "mode": mode, "problem": problem}, rejections
+    key = (_problem_key(problem), _context_key(info))
+    return remember(_SELECTION_CACHE, key, lambda: _run_select(problem, info))
 
 
-def select_backward(shapes: Shapes, tensors, info=None):
-    """[(problem, image, mode)] per BACKWARD_OPS in launch order, or the fallback Decision saying why not."""
+def _run_select(problem: "_C.Problem", info) -> tuple:
+    sel = _C.select(problem, info, builds.current_build().registry, config.force_arch())
+    return sel["image"], sel["mode"], [(r.image, r.code, r.message) for r in sel["rejections"]]
+
+
+def select_backward(shapes: Shapes, tensors, info=None, deterministic: bool = False):
+    """(BackwardPlan, ((op, image, mode) per op of it)): the first plan of BACKWARD_PLANS (deterministic ones only,
+    when asked) whose every op has an image; else the fallback Decision saying why the last plan tried has none.
+    tensors: the inputs' (batch, seqlen, nheads, headdim) tensors the backward reads (it allocates the others)."""
     if info is None:
         info, code, why = devices.describe(shapes.device)
         if code:
             return _fallback(code, why)
-    chosen = []
-    for op in BACKWARD_OPS:
-        sel, rejections = _select(op, shapes, tensors, info)
-        if sel["image"] is None:
-            why = builds.current_build().error or _summarise(rejections)
-            return _fallback("no_backward_kernel", f"{op}: {why}", info, rejections)
-        chosen.append((sel["problem"], sel["image"], sel["mode"]))
-    return chosen
+    tensors = tuple(tensors)
+    key = (shapes, layout_key(tensors), deterministic, _context_key(info))
+    return remember(_BACKWARD_CACHE, key, lambda: _select_backward(shapes, tensors, info, deterministic))
+
+
+def _select_backward(shapes: Shapes, tensors, info, deterministic: bool):
+    failed = None
+    for plan in BACKWARD_PLANS:
+        if deterministic and not plan.deterministic:
+            continue
+        chosen = []
+        for op in plan.ops:
+            image, mode, rejections = _select(op, shapes, tensors, info)
+            if image is None:
+                why = builds.current_build().error or _summarise(rejections)
+                failed = _fallback("no_backward_kernel", f"{op}: {why}", info, rejections)
+                break
+            chosen.append((op, image, mode))
+        else:
+            return plan, tuple(chosen)
+    return failed
 
 
 def _summarise(rejections) -> str:

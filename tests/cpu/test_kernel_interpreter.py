@@ -469,7 +469,8 @@ CASES = _tile_cases() + _dmask_cases() + _window_cases() + _feature_cases() + _f
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs and launch: the kernel arguments come from the library (validate.check_inputs -> ops._shapes ->
-# ops.kernel_args, as api.attention -> ops.run_forward computes them); the test only turns pointers into tensors.
+# ops.kernel_args, as the custom op's ops.run_forward computes them; test_eager_path checks that eager calls' launch
+# plans pack the same); the test only turns pointers into tensors.
 
 def _slopes(layout, batch, nheads, gen):
     """fp32 ALiBi slopes in [0.01, 0.3], as views with strides the kernel must honour."""

@@ -74,7 +74,7 @@ BWD_SRC = ROOT / "backends" / "kernels" / "bwd.py"
 BWD_MODULE_NAME = "fa2rt_kernels_bwd_interp"
 # The backward plans in launch order (policy.BACKWARD_PLANS), with the dtype of dQ as the kernels write it.
 PLANS = {"deterministic": ("bwd_dq", "bwd_dkdv"), "atomic": ("bwd_prep", "bwd_fused")}
-# TODO-INTEGRATE assert {p.name: p.ops for p in policy.BACKWARD_PLANS} == PLANS, "the backward plans changed"
+assert {p.name: p.ops for p in policy.BACKWARD_PLANS} == PLANS, "the backward plans changed: update this test"
 BWD_OPS = tuple(op for ops_ in PLANS.values() for op in ops_)
 KERNELS = {"bwd_dq": "attn_bwd_dq", "bwd_dkdv": "attn_bwd_dkdv", "bwd_prep": "attn_bwd_prep",
            "bwd_fused": "attn_bwd_fused"}

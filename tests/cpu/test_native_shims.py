@@ -337,6 +337,55 @@ def test_kernel_argument_errors_name_the_argument(vendor, fake, tmp_path):
     assert named(r["calls"], VENDORS[vendor]["load"], VENDORS[vendor]["launch"]) == []
 
 
+@both
+def test_launch_plan_passes_what_launch_passes_with_each_calls_addresses(vendor, fake, tmp_path):
+    v = VENDORS[vendor]
+    spec = image_spec(tmp_path, vendor)
+    constants = {k: val for k, val in ARGS.items() if k != "X"}
+    r = run(vendor, fake(vendor), f"""
+        reg = registry({spec!r})
+        plan = _C.LaunchPlan(reg, "fwd-test", "native", problem(), {constants!r}, ["X"])
+        same = plan.packed([{ARGS["X"]}]) == _C.pack_params(reg, "fwd-test", ARGS)
+        out = [same, plan.image, plan.mode, plan.pointers, plan.grid, plan.block, plan.shared_bytes,
+               attempt(plan.launch, 0, STREAM, [{ARGS["X"]}]), attempt(plan.launch, 0, STREAM, [0x1234560]),
+               _C.cached_kernel_count()]
+        """)
+    assert r["out"] == [True, "fwd-test", "native", ["X"], [3, 6, 1], 4 * v["warp"], SHARED, {"value": None},
+                        {"value": None}, 1]
+    first, second = named(r["calls"], v["launch"])
+    assert first["params"] == PACKED and second["params"] == [struct.pack("<Q", 0x1234560).hex()] + PACKED[1:]
+    for call in (first, second):
+        assert call["grid"] == [3, 6, 1] and call["stream"] == STREAM and call["shared"] == SHARED
+
+
+@both
+def test_launch_plan_argument_errors_name_the_argument(vendor, fake, tmp_path):
+    spec = image_spec(tmp_path, vendor)
+    constants = {k: val for k, val in ARGS.items() if k != "X"}
+    cases = [({k: val for k, val in constants.items() if k != "n"}, ["X"]), ({**constants, "bogus": 1}, ["X"]),
+             ({**constants, "n": 2**31}, ["X"]), (ARGS, ["X"]), (constants, ["X", "Y"]),
+             ({k: val for k, val in ARGS.items() if k != "n"}, ["n"])]
+    r = run(vendor, fake(vendor), f"""
+        reg = registry({spec!r})
+        out = [attempt(_C.LaunchPlan, reg, "fwd-test", "native", problem(), a, p) for a, p in {cases!r}]
+        plan = _C.LaunchPlan(reg, "fwd-test", "native", problem(), {constants!r}, ["X"])
+        out += [attempt(plan.launch, 0, STREAM, []), attempt(plan.launch, 0, STREAM, [1, 2])]
+        empty = _C.LaunchPlan(reg, "fwd-test", "native", problem(seqlen_q=0), {constants!r}, ["X"])
+        out += [attempt(empty.launch, 0, STREAM, [1])]
+        """)
+    expected = [("ValueError", "kernel argument n of fwd-test missing"),
+                ("ValueError", "kernel argument bogus is not a parameter of fwd-test"),
+                ("IndexError", "kernel argument n: expected a value in int32 range, got 2147483648"),
+                ("ValueError", "kernel argument X of fwd-test given twice"),
+                ("ValueError", "kernel argument Y is not a parameter of fwd-test"),
+                ("ValueError", "kernel argument n of fwd-test: expected a pointer parameter, got type i32"),
+                ("ValueError", "launch plan of fwd-test: expected 1 addresses (X), got 0"),
+                ("ValueError", "launch plan of fwd-test: expected 1 addresses (X), got 2")]
+    assert [(o["error"], o["message"]) for o in r["out"][:-1]] == expected
+    assert r["out"][-1] == {"value": None}  # an empty grid launches nothing
+    assert named(r["calls"], VENDORS[vendor]["load"], VENDORS[vendor]["launch"]) == []
+
+
 def test_cuda_ptx_mode_loads_nul_terminated_ptx(fake, tmp_path):
     ptx = b"//\n.version 8.7\n.target sm_90\n.address_size 64\n"
     (tmp_path / "kernel.ptx").write_bytes(ptx)

@@ -3,7 +3,8 @@
 Error bound per case (dq, dk and dv each, relative Frobenius error against float64): twice the error of PyTorch's own
 low-precision SDPA on the same inputs (the fallback's SDPA path for the case when it has one, and plain SDPA on the
 same shape, as the issue's yardstick), plus a small floor; softcap adds the hardware tanh's error. The native images
-run every case; sm80 and sm89 images through their PTX a subset. Also: autograd only for inputs that require grad,
+run every case; sm80 and sm89 images through their PTX a subset; each through both backward plans (the atomic
+default and deterministic=True). Also: autograd only for inputs that require grad,
 deterministic gradients, torch.compile with backward, memory of forward+backward linear in seqlen.
 """
 
@@ -42,16 +43,20 @@ def _sdpa(q, k, v, **opts):
     return sdpa_attention(q, k, v, causal=opts.pop("causal", False), **opts)[0]
 
 
-def check_grads(case: Case, seed, arch=None):
+PLAN_OPS = {False: ["bwd_prep", "bwd_fused"], True: ["bwd_dq", "bwd_dkdv"]}  # by deterministic
+
+
+def check_grads(case: Case, seed, deterministic, arch=None):
     q, k, v, opts = case.inputs(seed)
     dout = torch.randn(q.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed + 1)).to(q.dtype)
     qkv = _leaves(q, k, v)
-    decision = fa2rt.explain(*qkv, **opts)
-    assert decision.path == "kernel" and len(decision.backward) == 2, decision
+    decision = fa2rt.explain(*qkv, **opts, deterministic=deterministic)
+    assert decision.path == "kernel", decision
+    assert [image.split("-")[0] for image, _ in decision.backward] == PLAN_OPS[deterministic], decision
     if arch:
         assert all(f"-{arch}-" in image for image, _ in decision.backward), decision
     poison_allocator()
-    got = grads(fa2rt.attention, q, k, v, dout, **opts)
+    got = grads(fa2rt.attention, q, k, v, dout, **opts, deterministic=deterministic)
     ref = grads(_reference, q.double(), k.double(), v.double(), dout.double(), **opts)
     yard = {"sdpa(case)": grads(_sdpa, q, k, v, dout, **opts),
             "sdpa(plain)": grads(_sdpa, q, k, v, dout, causal=opts.get("causal", False))}
@@ -95,19 +100,21 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", PLAN_OPS, ids=lambda d: "deterministic" if d else "atomic")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_gradients_native(case):
-    check_grads(case, seed_of("bwd", case.id))
+def test_gradients_native(case, deterministic):
+    check_grads(case, seed_of("bwd", case.id), deterministic)
 
 
 PTX_CASES = [CASES[i] for i in (1, 2, 6, 10, 12, 14, 19, 21)]
 
 
+@pytest.mark.parametrize("deterministic", PLAN_OPS, ids=lambda d: "deterministic" if d else "atomic")
 @pytest.mark.parametrize("path", [SM89_PATH, SM80_PATH], ids=lambda p: p[1])
 @pytest.mark.parametrize("case", PTX_CASES, ids=lambda c: c.id)
-def test_gradients_ptx(monkeypatch, path, case):
+def test_gradients_ptx(monkeypatch, path, case, deterministic):
     use_path(monkeypatch, path[0])
-    check_grads(case, seed_of("bwd-ptx", path[1], case.id), arch=path[1])
+    check_grads(case, seed_of("bwd-ptx", path[1], case.id), deterministic, arch=path[1])
 
 
 def test_strided_inputs_and_grad_out():
@@ -153,6 +160,24 @@ def test_alibi_slopes_that_require_grad_fall_back(fresh_announcements):
     with pytest.warns(fa2rt.policy.FallbackWarning, match="alibi_grad"):
         fa2rt.attention(q, k, v, alibi_slopes=slopes).float().sum().backward()
     assert slopes.grad is not None and torch.isfinite(slopes.grad).all()
+
+
+@pytest.mark.parametrize("selected", [True, False], ids=["image", "selected-at-run-time"])
+def test_eager_calls_and_the_custom_ops_agree_bitwise(selected):
+    """Eager calls launch directly (ops.run_eager); torch.compile runs the custom ops fa2rt::fwd and fa2rt::bwd, with
+    the image chosen at trace time or (empty name) when the graph runs. Same kernels, so the same bits
+    (deterministic gradients)."""
+    q, k, v = make((2, 300, 300, 8, 2), 128, BF16, 21)
+    dout = torch.randn_like(q)
+    eager = _leaves(q, k, v)
+    out, lse = fa2rt.attention(*eager, causal=True, return_lse=True, deterministic=True)
+    want = (out, lse, *torch.autograd.grad(out, eager, dout))
+    decision = fa2rt.explain(*eager, causal=True)
+    image, mode = (decision.image, decision.mode) if selected else ("", "")
+    leaves = _leaves(q, k, v)
+    out, lse = fa2rt.ops.fwd(*leaves, None, q.shape[-1] ** -0.5, -1, 0, 0.0, image, mode, True)
+    got = (out, lse, *torch.autograd.grad(out, leaves, dout))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 class _Block(torch.nn.Module):

@@ -1,0 +1,277 @@
+"""The eager kernel path on CPU tensors described as an sm90 GPU: fa2rt.attention -> ops.run_eager -> launch plans,
+with the plans' launches recorded instead of run (no GPU here). What each launch would pass is compared with the
+named arguments (ops.kernel_args, ops.bwd_kernel_args) packed by the dispatcher's packer and with its grid, for the
+image the decision names; and the caches are checked to be reused only where their keys prove they still hold.
+"""
+
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import fa2rt
+from fa2rt import _C, builds, config, devices, ops, policy
+from fa2rt.fallback import sdpa_attention
+from fa2rt.validate import check_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+STREAM = 0x5EED
+
+
+class Recorder:
+    """Stands in for _C.LaunchPlan: builds the real plan and records its launches instead of running them."""
+
+    def __init__(self, launch_plan):
+        self.launch_plan, self.built, self.launches = launch_plan, [], []
+
+    def __call__(self, *args):
+        plan = self.launch_plan(*args)
+        self.built.append(plan)
+        return RecordingPlan(plan, self.launches)
+
+
+class RecordingPlan:
+    def __init__(self, plan, launches):
+        self.plan, self.launches = plan, launches
+
+    def launch(self, device, stream, addresses):
+        self.launches.append((self.plan, device, stream, list(addresses)))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    monkeypatch.setattr(devices, "describe", lambda device: (DEVICES["sm90"], "", ""))
+    monkeypatch.setattr(ops, "device_and_stream", lambda device: (0, STREAM))
+    monkeypatch.setattr(_C, "LaunchPlan", Recorder(_C.LaunchPlan))
+    monkeypatch.setattr(ops, "_PLANS", {})
+    monkeypatch.setenv(config.MIN_SEQLEN, "0")
+    monkeypatch.delenv(config.FORCE_ARCH, raising=False)
+    return _C.LaunchPlan
+
+
+def make(b=2, nq=37, nk=45, h=4, hk=2, d=64, dtype=torch.bfloat16, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, heads, d, generator=g).to(dtype).requires_grad_(requires_grad)
+            for n, heads in ((nq, h), (nk, hk), (nk, hk))]
+
+
+def expect_launch(launch, image, args, problem):
+    """The recorded launch passes `args` (by name, as pack_params packs them) on `image`'s grid for `problem`."""
+    plan, device, stream, addresses = launch
+    registry = builds.current_build().registry
+    assert plan.image == image and (device, stream) == (0, STREAM)
+    assert plan.packed(addresses) == _C.pack_params(registry, image, args)
+    assert (plan.grid, plan.block, plan.shared_bytes) == _C.launch_config(registry, image, problem)
+
+
+CASES = {
+    "causal": dict(causal=True),
+    "window+alibi": dict(window_size=(8, 3), alibi_slopes="batch"),
+    "softcap+alibi": dict(softcap=5.0, alibi_slopes="heads", softmax_scale=0.3),
+}
+
+
+def options(name, b=2, h=4):
+    opts = {"causal": False, "softmax_scale": None} | CASES[name]
+    kind = opts.pop("alibi_slopes", None)
+    if kind:
+        opts["alibi_slopes"] = torch.rand((h,) if kind == "heads" else (b, h)) + 0.05
+    return opts
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_launches_the_decided_image_with_the_named_arguments(recorded, case):
+    q, k, v = make()
+    opts = options(case)
+    decision = fa2rt.explain(q, k, v, **opts)
+    assert decision.path == "kernel" and decision.image.startswith("fwd-sm90-bf16-d64"), decision
+    out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (2, 4, 37) and lse.dtype == torch.float32
+    (launch,) = recorded.launches
+    shapes = check_inputs(q, k, v, **opts)
+    alibi = opts.get("alibi_slopes")
+    expect_launch(launch, decision.image, ops.kernel_args(q, k, v, out, lse, alibi, shapes),
+                  policy.problem_for(shapes, (q, k, v, out)))
+
+
+def test_out_is_written_in_place(recorded):
+    q, k, v = make()
+    buf = torch.empty(2, 37, 4, 128, dtype=q.dtype)[..., :64]  # strided: every row 128 wide
+    with torch.no_grad():
+        res = fa2rt.attention(q, k, v, causal=True, out=buf)
+    assert res is buf
+    (launch,) = recorded.launches
+    plan, _, _, addresses = launch
+    assert dict(zip(plan.pointers, addresses, strict=True))["O"] == buf.data_ptr()
+
+
+def test_plans_are_reused_only_for_the_same_geometry(recorded):
+    alive = []
+    for seed in range(3):  # new tensors of the same layout: new addresses, one plan
+        q, k, v = make(seed=seed)
+        alive.append((q, k, v, fa2rt.attention(q, k, v, causal=True)))
+    assert len(recorded.built) == 1 and len(recorded.launches) == 3
+    assert len({tuple(addresses) for *_, addresses in recorded.launches}) == 3
+    # A strided view of other strides, another window, another scale: each its own plan.
+    packed = torch.randn(2, 37, 3, 4, 64).to(torch.bfloat16)
+    fa2rt.attention(packed[:, :, 0], k, v, causal=True)
+    fa2rt.attention(q, k, v, window_size=(4, 4))
+    fa2rt.attention(q, k, v, causal=True, softmax_scale=0.5)
+    assert len(recorded.built) == 4
+
+
+def test_decisions_follow_alignment_and_the_environment(recorded, monkeypatch, fresh_announcements):
+    q, k, v = make()
+    assert fa2rt.explain(q, k, v).path == "kernel"
+    # Same shape and strides, a base address off by one element: the cached decision must not be reused.
+    q_odd = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view_as(q).copy_(q)
+    d = fa2rt.explain(q_odd, k, v)
+    assert d.reason == "no_kernel" and "aligned" in d.message
+    with pytest.warns(fa2rt.FallbackWarning, match="no_kernel"):
+        fa2rt.attention(q_odd, k, v)
+    assert recorded.launches == []  # the fallback ran, no kernel
+    assert fa2rt.explain(q, k, v).path == "kernel"
+    monkeypatch.setenv(config.FORCE_ARCH, "sm80")
+    d = fa2rt.explain(q, k, v)
+    assert "-sm80-" in d.image and d.mode == "ptx-jit"
+    monkeypatch.setenv(config.DISABLE, "1")
+    assert fa2rt.explain(q, k, v).reason == "disabled"
+    monkeypatch.delenv(config.DISABLE)
+    monkeypatch.setenv(config.MIN_SEQLEN, "100")
+    assert fa2rt.explain(q, k, v).reason == "short_sequence"
+
+
+@pytest.mark.parametrize("which", [("q", "k", "v"), ("k",)])
+def test_backward_launches_every_backward_op_with_the_named_arguments(recorded, which):
+    q, k, v = make()
+    for name, t in zip("qkv", (q, k, v), strict=True):
+        t.requires_grad_(name in which)
+    decision = fa2rt.explain(q, k, v, causal=True)
+    plan = next(p for p in policy.BACKWARD_PLANS if p.name == decision.backward_plan)
+    assert len(decision.backward) == len(plan.ops)
+    out, lse = fa2rt.attention(q, k, v, causal=True, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    dout = torch.randn(2, 4, 37, 64).to(q.dtype).transpose(1, 2)  # a transposed view: kernel-ready as it is
+    out.backward(dout)
+    for name, t in zip("qkv", (q, k, v), strict=True):
+        assert (t.grad is not None) == (name in which)
+        if t.grad is not None:
+            assert t.grad.shape == t.shape and t.grad.dtype == t.dtype
+    fwd_launch, *bwd_launches = recorded.launches
+    assert fwd_launch[0].image == decision.image
+    assert [launch[0].image for launch in bwd_launches] == [image for image, _ in decision.backward]
+    shapes = check_inputs(q.detach(), k.detach(), v.detach(), causal=True, softmax_scale=None)
+    addresses = dict(zip(bwd_launches[0][0].pointers, bwd_launches[0][3], strict=True))
+    assert addresses["DO"] == dout.data_ptr() and addresses["O"] == out.data_ptr()
+    assert addresses["Q"] == q.data_ptr() and addresses["LSE"] == lse.data_ptr()
+    # The gradient buffers: contiguous, of the inputs' shapes (their addresses are the plans' own to check).
+    grads = {f"d{name}": torch.empty_like(t, memory_format=torch.contiguous_format)
+             for name, t in (("q", q), ("k", k), ("v", v))}
+    tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout} | grads
+    for op, launch in zip(plan.ops, bwd_launches, strict=True):
+        plan, _, _, addr = launch
+        named = dict(zip(plan.pointers, addr, strict=True))
+        args = ops.bwd_kernel_args(tensors, lse, lse, None, shapes) | named
+        expect_launch(launch, plan.image, args, policy.problem_for(shapes, tensors.values(), op))
+
+
+def test_backward_copies_a_grad_out_that_breaks_the_layout_rules(recorded):
+    q, k, v = make(requires_grad=True)
+    out = fa2rt.attention(q, k, v)
+    dout = torch.empty(out.numel() + 1, dtype=out.dtype)[1:].view_as(out).normal_()  # misaligned base
+    out.backward(dout)
+    plan, _, _, addresses = recorded.launches[1]
+    do = dict(zip(plan.pointers, addresses, strict=True))["DO"]
+    assert do != dout.data_ptr() and do % _C.ALIGN_BYTES == 0
+
+
+def test_backward_without_a_kernel_recomputes_through_the_fallback(recorded, monkeypatch, fresh_announcements):
+    # The images chosen at forward time no longer fit at backward time (FA2RT_FORCE_ARCH changed in between): the
+    # backward says so and recomputes the gradients through SDPA (here on the CPU), deterministic as asked.
+    q, k, v = make(d=16, requires_grad=True)
+    out = fa2rt.attention(q, k, v, causal=True, deterministic=True)
+    monkeypatch.setenv(config.FORCE_ARCH, "sm75")
+    with pytest.warns(fa2rt.FallbackWarning, match="no_backward_kernel"):
+        got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_attention(*leaves, causal=True)[0]
+    want = torch.autograd.grad(ref, leaves, torch.ones_like(ref))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w, rtol=2e-2, atol=2e-2)
+    assert len(recorded.launches) == 1  # the forward only
+
+
+def test_lse_carries_no_gradient_and_double_backward_is_refused(recorded):
+    q, k, v = make(requires_grad=True)
+    out, lse = fa2rt.attention(q, k, v, return_lse=True)
+    assert lse.grad_fn is None
+    (dq,) = torch.autograd.grad(out, q, torch.ones_like(out), create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()
+
+
+def test_eager_launches_only_plain_tensors_outside_modes_and_transforms():
+    q, k, v = make()
+    assert ops.can_run_eager(q, k, v, None, None)
+    assert ops.can_run_eager(torch.nn.Parameter(q), k, v, None, None)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not ops.can_run_eager(q.as_subclass(Sub), k, v, None, None)
+    with torch._subclasses.FakeTensorMode():
+        assert not ops.can_run_eager(q, k, v, None, None)
+    seen = []
+
+    def f(x):
+        seen.append(ops.can_run_eager(x, k, v, None, None))
+        return x.float().sum()
+
+    torch.func.grad(f)(q.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated, not gone
+        torch.jit.trace(f, q.float(), check_trace=False)
+    assert seen == [False, False]
+
+
+def test_no_warning_on_the_kernel_path(recorded):
+    q, k, v = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fa2rt.attention(q, k, v)
+
+
+def _masked(launch):
+    """A recorded launch's image and parameter bytes with every address zeroed (they differ between calls)."""
+    plan = launch[0]
+    return plan.image, plan.packed([0] * len(plan.pointers))
+
+
+@pytest.mark.parametrize("selected", [True, False], ids=["image", "selected-at-run-time"])
+def test_custom_ops_launch_what_eager_calls_launch(recorded, selected):
+    # The custom ops (what torch.compile runs) are registered for CUDA only; here they get the same implementations
+    # for the CPU for the test's scope, so both paths run on the synthetic sm90 device.
+    q, k, v = make(requires_grad=True)
+    dout = torch.randn(q.shape).to(q.dtype)
+    out = fa2rt.attention(q, k, v, causal=True)
+    torch.autograd.grad(out, (q, k, v), dout)
+    eager = [_masked(launch) for launch in recorded.launches]
+    recorded.launches.clear()
+    decision = fa2rt.explain(q, k, v, causal=True)
+    image, mode = (decision.image, decision.mode) if selected else ("", "")
+    with torch.library._scoped_library("fa2rt", "IMPL") as lib:
+        lib.impl("fwd", lambda q, k, v, a, scale, left, right, cap, img, md, det: ops.run_forward(
+            q, k, v, a, None, scale, left, right, cap, img, md), "CPU")
+        lib.impl("bwd", ops.run_backward, "CPU")
+        out, _ = ops.fwd(q, k, v, None, 64**-0.5, -1, 0, 0.0, image, mode, False)
+        torch.autograd.grad(out, (q, k, v), dout)
+    assert [_masked(launch) for launch in recorded.launches] == eager and len(eager) == 1 + len(decision.backward)
+
+
+def test_no_grad_mode_records_no_graph(recorded):
+    q, k, v = make(requires_grad=True)
+    with torch.no_grad():
+        out = fa2rt.attention(q, k, v, causal=True)
+    assert out.grad_fn is None and not out.requires_grad and len(recorded.launches) == 1
