@@ -101,8 +101,7 @@ struct OpGeometry {
   const char* op;
   bool over_keys;
 };
-constexpr OpGeometry kOpGeometry[] = {
-    {"fwd", false}, {"bwd_dq", false}, {"bwd_dkdv", true}, {"bwd_prep", false}, {"bwd_fused", true}};
+constexpr OpGeometry kOpGeometry[] = {{"fwd", false}, {"bwd_dq", false}, {"bwd_dkdv", true}};
 
 const OpGeometry& geometry_of(const std::string& op) {
   for (const auto& g : kOpGeometry)

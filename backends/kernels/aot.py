@@ -8,7 +8,6 @@ Needs no GPU: Triton compiles for both vendors on a CPU machine.
 """
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -43,13 +42,9 @@ def kernel_spec(op: str):
     import bwd
     import fwd
 
-    # The atomic backward plan (bwd_prep, bwd_fused) accumulates dQ in fp32.
-    fp32_dq = functools.partial(bwd.bwd_params, dq_dtype="fp32")
     return {"fwd": (fwd.attn_fwd, fwd.fwd_params, fwd.UNHINTED_PARAMS),
             "bwd_dq": (bwd.attn_bwd_dq, bwd.bwd_params, bwd.UNHINTED_PARAMS),
-            "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS),
-            "bwd_prep": (bwd.attn_bwd_prep, fp32_dq, bwd.UNHINTED_PARAMS),
-            "bwd_fused": (bwd.attn_bwd_fused, fp32_dq, bwd.UNHINTED_PARAMS)}[op]
+            "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS)}[op]
 
 
 def divisible_params(op: str, params: list[tuple[str, str]]) -> list[str]:
@@ -97,8 +92,8 @@ def check_shared_memory(shared_bytes: int, max_shared_bytes: int) -> str | None:
     return _at_most("shared_bytes", shared_bytes, max_shared_bytes)
 
 
-def check_mma(instr: str | None, count: int) -> str | None:
-    return None if instr is None else _at_least(f"{instr} count", count, 1)
+def check_mma(instr: str, count: int) -> str | None:
+    return _at_least(f"{instr} count", count, 1)
 
 
 def cuda_checks(res: dict, shared_bytes: int, global_scratch: int, profile_scratch: int,
@@ -213,8 +208,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
                                   text=True).stdout
 
         res = parse_res_usage(cuobjdump("-res-usage"))
-        res |= {"mma_instr": v.mma_instr,
-                "mma_count": count_sass(cuobjdump("-sass"), v.mma_instr) if v.mma_instr else 0}
+        res |= {"mma_instr": v.mma_instr, "mma_count": count_sass(cuobjdump("-sass"), v.mma_instr)}
         failures = cuda_checks(res, md.shared, getattr(md, "global_scratch_size", 0) or 0,
                                getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes)
     else:
@@ -254,8 +248,7 @@ def _select(vs: list[Variant], only: list[str]) -> list[Variant]:
 def _summary(row: dict) -> str:
     r = row["resources"]
     if row["vendor"] == "cuda":
-        regs = f"regs={r['registers']}"
-        mma = f"{r['mma_instr']}={r['mma_count']}" if r["mma_instr"] else "no matmul"
+        regs, mma = f"regs={r['registers']}", f"{r['mma_instr']}={r['mma_count']}"
     else:
         regs, mma = f"vgprs={r['vgpr_count']}", f"v_mfma={r['mfma_count']}"
     return f"{row['name']:<56} shared={row['shared_bytes']:<7} {regs:<10} {mma:<12}"

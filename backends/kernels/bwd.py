@@ -4,14 +4,12 @@ The forward's semantics (fwd.py: layout, band mask, softcap, ALiBi) differentiat
 the forward's log-sum-exp, so nothing of size seqlen_q x seqlen_k is stored. With P = exp(S - lse):
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  delta = rowsum(dO * O),
     dQ = scale * (dS * c) K,  dK = scale * (dS * c)^T Q,   c = 1 - tanh^2 (softcap) or 1.
-Two plans, each a sequence of kernels sharing one parameter list (bwd_params), so one argument set serves all:
-- Deterministic (no atomics, bitwise reproducible), 7 matmuls per score block:
-  attn_bwd_dq: one program per BLOCK_M query rows of one (batch, head), looping over key blocks as the forward does;
-  it first writes delta for its rows. Then attn_bwd_dkdv: one program per BLOCK_N keys of one (batch, KV head),
-  looping over the query heads that share the KV head (GQA/MQA: their sum, in a fixed order) and over query blocks.
-- Atomic (the default; FA2's own scheme), 5 matmuls: attn_bwd_prep writes delta and zeroes an fp32 dQ accumulator,
-  then attn_bwd_fused runs attn_bwd_dkdv's loop and also adds each block's dQ share into the accumulator with
-  atomics, whose order varies from run to run. The caller casts the accumulator to the input dtype.
+Two kernels, no atomics, so gradients are bitwise deterministic:
+- attn_bwd_dq: one program per BLOCK_M query rows of one (batch, head), looping over key blocks as the forward does;
+  it first writes delta for its rows.
+- attn_bwd_dkdv: one program per BLOCK_N keys of one (batch, KV head), looping over the query heads that share the
+  KV head (GQA/MQA: their sum, in a fixed order) and over query blocks. Launched after attn_bwd_dq, which writes delta.
+Both share one parameter list (bwd_params), so one argument set serves both launches.
 """
 
 import triton
@@ -86,15 +84,13 @@ def _dq_block(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, offs_n, offs_d, first, n_blocks, gap_at, gap,
-    stride_qm, stride_dom, stride_dqm, seqlen_q, shift, row_lo, row_hi, qk_scale_log2, softcap_in, alibi_log2,
-    sm_scale, head_dim,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, first, n_blocks, gap_at, gap, stride_qm,
+    stride_dom, seqlen_q, shift, row_lo, row_hi, qk_scale_log2, softcap_in, alibi_log2, head_dim,
     BLOCK_M: tl.constexpr, D_MASK: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """dK, dV of this program's keys over n_blocks query blocks from row `first` on, skipping `gap` rows after the
-    first gap_at. Works on transposed scores (keys x rows), so P^T and dS^T feed the matmuls directly. With
-    DQ_ATOMIC, each block's share of dQ (dS K) is also added into the fp32 accumulator at dq_base."""
+    first gap_at. Works on transposed scores (keys x rows), so P^T and dS^T feed the matmuls directly."""
     offs_m = tl.arange(0, BLOCK_M)
     d_ok = _d_ok(offs_d, head_dim, D_MASK)
     for t in range(0, n_blocks):
@@ -104,8 +100,8 @@ def _dkdv_block(
         rows = start_m + offs_m
         qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
         do_ptrs = do_base + rows[:, None] * stride_dom + offs_d[None, :]
-        row_ok = rows < seqlen_q
         if MASKED:
+            row_ok = rows < seqlen_q
             qt = tl.load(qt_ptrs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             # Rows past seqlen_q: lse +inf makes their probabilities 0.
@@ -125,18 +121,8 @@ def _dkdv_block(
         pt = tl.math.exp2(st - lse_log2[None, :])
         dv = tl.dot(pt.to(do.dtype), do, dv)
         dpt = tl.dot(v, tl.trans(do))
-        dst = _dscores(pt, dpt, delta[None, :], tc, SOFTCAP).to(qt.dtype)
-        dk = tl.dot(dst, tl.trans(qt), dk)
-        if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dst), k) * sm_scale
-            dq_ptrs = dq_base + rows[:, None] * stride_dqm + offs_d[None, :]
-            # Relaxed: the adds only need to be atomic; nothing reads the accumulator before the kernel ends.
-            if MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-            elif D_MASK:
-                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        dst = _dscores(pt, dpt, delta[None, :], tc, SOFTCAP)
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
     return dk, dv
 
 
@@ -205,17 +191,22 @@ def attn_bwd_dq(
 
 
 @triton.jit
-def _dkdv_program(
-    Q, K, V, DO, DQ, DK, DV, LSE, DELTA, ALIBI,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn, stride_ab, stride_ah,
-    nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left, window_right, qk_scale_log2, softcap_in,
-    sm_scale,
+def attn_bwd_dkdv(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,  # noqa: E741 - the paper's names
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_ab, stride_ah,
+    nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left, window_right,
+    qk_scale_log2, softcap_in, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
 ):
-    """One key block of one (batch, KV head): dK and dV (and with DQ_ATOMIC the dQ shares, see _dkdv_block)."""
     # Key blocks with the most query rows (the first ones under a causal band) start first.
     pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -248,123 +239,34 @@ def _dkdv_program(
         off_h = off_hk * head_ratio + r
         q_base = Q + off_b * stride_qb * 8 + off_h * stride_qh * 8
         do_base = DO + off_b * stride_dob * 8 + off_h * stride_doh * 8
-        dq_base = DQ + off_b * stride_dqb * 8 + off_h * stride_dqh * 8
         lse_base = LSE + (off_b * nheads + off_h) * seqlen_q
         delta_base = DELTA + (off_b * nheads + off_h) * seqlen_q
         alibi_log2 = 0.0
         if ALIBI_ON:
             alibi_log2 = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah) * LOG2E
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, offs_n, offs_d, full_lo,
-                             n_full, n_full, 0, stride_qm * 8, stride_dom * 8, stride_dqm * 8, seqlen_q, shift,
-                             row_lo, row_hi, qk_scale_log2, softcap_in, alibi_log2, sm_scale, head_dim, BLOCK_M,
-                             D_MASK, False, SOFTCAP, ALIBI_ON, DQ_ATOMIC)
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, offs_n, offs_d, lo,
-                             n_left + n_right, n_left, full_hi - full_lo, stride_qm * 8, stride_dom * 8,
-                             stride_dqm * 8, seqlen_q, shift, row_lo, row_hi, qk_scale_log2, softcap_in, alibi_log2,
-                             sm_scale, head_dim, BLOCK_M, D_MASK, True, SOFTCAP, ALIBI_ON, DQ_ATOMIC)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, full_lo, n_full,
+                             n_full, 0, stride_qm * 8, stride_dom * 8, seqlen_q, shift, row_lo, row_hi,
+                             qk_scale_log2, softcap_in, alibi_log2, head_dim, BLOCK_M, D_MASK, False, SOFTCAP,
+                             ALIBI_ON)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo,
+                             n_left + n_right, n_left, full_hi - full_lo, stride_qm * 8, stride_dom * 8, seqlen_q,
+                             shift, row_lo, row_hi, qk_scale_log2, softcap_in, alibi_log2, head_dim, BLOCK_M,
+                             D_MASK, True, SOFTCAP, ALIBI_ON)
     rows_dk = off_b * stride_dkb * 8 + off_hk * stride_dkh * 8 + offs_n[:, None] * (stride_dkn * 8) + offs_d[None, :]
     rows_dv = off_b * stride_dvb * 8 + off_hk * stride_dvh * 8 + offs_n[:, None] * (stride_dvn * 8) + offs_d[None, :]
     tl.store(DK + rows_dk, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
     tl.store(DV + rows_dv, dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
-def attn_bwd_dkdv(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,  # noqa: E741 - the paper's names
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    stride_ab, stride_ah,
-    nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left, window_right,
-    qk_scale_log2, softcap_in, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-):
-    _dkdv_program(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, ALIBI, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
-                  stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_dqb,
-                  stride_dqh, stride_dqm, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                  stride_ab, stride_ah, nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left,
-                  window_right, qk_scale_log2, softcap_in, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, D_MASK, SOFTCAP,
-                  ALIBI_ON, False)
-
-
-@triton.jit
-def attn_bwd_fused(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,  # noqa: E741 - the paper's names
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    stride_ab, stride_ah,
-    nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left, window_right,
-    qk_scale_log2, softcap_in, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-):
-    # DQ is the fp32 accumulator attn_bwd_prep zeroed.
-    _dkdv_program(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, ALIBI, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
-                  stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_dqb,
-                  stride_dqh, stride_dqm, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                  stride_ab, stride_ah, nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left,
-                  window_right, qk_scale_log2, softcap_in, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, D_MASK, SOFTCAP,
-                  ALIBI_ON, True)
-
-
-@triton.jit
-def attn_bwd_prep(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, ALIBI,  # noqa: E741 - the paper's names
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    stride_ab, stride_ah,
-    nheads, head_ratio, seqlen_q, seqlen_k, head_dim_8, window_left, window_right,
-    qk_scale_log2, softcap_in, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
-):
-    """delta = rowsum(dO * O) for BLOCK_M query rows of one (batch, head), and zeros in those rows of the fp32 dQ
-    accumulator DQ (the fused kernel adds into it). Takes bwd_params like the others; most are unused."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // nheads).to(tl.int64)
-    off_h = (pid_bh % nheads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seqlen_q
-    tile_ok = row_ok[:, None] & _d_ok(offs_d, head_dim_8 * 8, D_MASK)[None, :]
-    rows_o = off_b * stride_ob * 8 + off_h * stride_oh * 8 + offs_m[:, None] * (stride_om * 8) + offs_d[None, :]
-    rows_do = off_b * stride_dob * 8 + off_h * stride_doh * 8 + offs_m[:, None] * (stride_dom * 8) + offs_d[None, :]
-    rows_dq = off_b * stride_dqb * 8 + off_h * stride_dqh * 8 + offs_m[:, None] * (stride_dqm * 8) + offs_d[None, :]
-    o = tl.load(O + rows_o, mask=tile_ok, other=0.0)
-    do = tl.load(DO + rows_do, mask=tile_ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + (off_b * nheads + off_h) * seqlen_q + offs_m, delta, mask=row_ok)
-    tl.store(DQ + rows_dq, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=tile_ok)
-
 # Row vectors and slopes: small fp32 tensors of any alignment, read one value per row.
 UNHINTED_PARAMS = frozenset({"LSE", "DELTA", "ALIBI", "stride_ab", "stride_ah"})
 GRAD_TENSORS = ("q", "k", "v", "o", "do", "dq", "dk", "dv")
 
 
-def bwd_params(dtype: str, dq_dtype: str | None = None) -> list[tuple[str, str]]:
-    """Run-time parameters of every backward kernel, in launch order, with their Triton types; dQ in dq_dtype
-    (default: dtype)."""
+def bwd_params(dtype: str) -> list[tuple[str, str]]:
+    """Run-time parameters of both backward kernels, in launch order, with their Triton types."""
     ptr = f"*{dtype}"
-    params = [(name.upper(), f"*{dq_dtype}" if name == "dq" and dq_dtype else ptr) for name in GRAD_TENSORS]
+    params = [(name.upper(), ptr) for name in GRAD_TENSORS]
     params += [("LSE", "*fp32"), ("DELTA", "*fp32"), ("ALIBI", "*fp32")]
     for name in GRAD_TENSORS:
         row = "n" if name in ("k", "v", "dk", "dv") else "m"

@@ -5,8 +5,8 @@
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
 only counts if all of them pass the AOT static checks: no spills, shared memory within the arch's limit), then times
 the plain exact image through fa2rt.attention on bf16 problems of the FA2 grid (16k tokens, hidden 2048), causal and
-not: the forward call for fwd; for a backward op, the backward call (torch.autograd.grad) of the plan the op belongs
-to (deterministic=True for bwd_dq and bwd_dkdv), with the other kernels on their current tiles.
+not: the forward call for fwd; for a backward op, the backward call (torch.autograd.grad), with the other kernels
+on their current tiles.
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
 """
@@ -37,34 +37,17 @@ CANDIDATES = {
                         (128, 32, 8, 2), (64, 32, 4, 2)]},
     "bwd_dkdv": {"cuda": [(32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2),
                           (64, 64, 8, 1), (64, 64, 8, 2), (16, 128, 8, 1)]},
-    "bwd_fused": {"cuda": [(64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 8, 1), (16, 128, 8, 1), (64, 64, 8, 1),
-                           (32, 64, 8, 1), (32, 64, 8, 2), (32, 32, 8, 1), (16, 32, 8, 1)]},
 }
-# The backward ops timed through the deterministic plan (the default runs the atomic one).
-DETERMINISTIC_OPS = ("bwd_dq", "bwd_dkdv")
 SEQLENS = (1024, 4096)
-# The block sizes that are the row count (M) of some matmul of an op's kernel, as (block_m, block_n) -> tuple:
-# Hopper's wgmma needs M >= 64, so a tile without one runs mma.sync and the static check must look for that.
-MATMUL_ROWS = {"fwd": lambda m, n: (m,), "bwd_dq": lambda m, n: (m,), "bwd_dkdv": lambda m, n: (n,),
-               "bwd_fused": lambda m, n: (m, n), "bwd_prep": lambda m, n: ()}
-WGMMA_MIN_ROWS = 64
-
-
-def mma_instr(base_instr: str, op: str, m: int, n: int) -> str:
-    if base_instr == "HGMMA" and max(MATMUL_ROWS[op](m, n), default=0) < WGMMA_MIN_ROWS:
-        return "HMMA"
-    return base_instr
 
 
 def candidate_variants(arch: str, bucket: int, op: str) -> list[tuple[tuple, list]]:
     base = next(v for v in variants.variants([arch]) if v.op == op)
-    instr = variants.ARCHS[arch][3]  # the arch's own instruction, not a tile's override
     out = []
     for m, n, w, s in CANDIDATES[op].get(base.vendor, []):
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
-                                     block_m=m, block_n=n, num_warps=w, num_stages=s,
-                                     mma_instr=mma_instr(instr, op, m, n))
-                 for d_mask, features in variants.kinds(op)]
+                                     block_m=m, block_n=n, num_warps=w, num_stages=s)
+                 for d_mask, features in variants.KINDS]
         out.append(((m, n, w, s), kinds))
     return out
 
@@ -146,7 +129,7 @@ def time_tile(folder: Path, arch: str, bucket: int, op: str) -> dict:
             if decision.path != "kernel":
                 raise RuntimeError(f"{folder.name}: not the kernel path: {decision}")
             if backward:
-                out = fa2rt.attention(q, k, v, causal=causal, deterministic=op in DETERMINISTIC_OPS)
+                out = fa2rt.attention(q, k, v, causal=causal)
                 dout = torch.randn_like(out)
                 call = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: B023, E731
             else:
@@ -202,13 +185,7 @@ def write_tiles(winners: dict, op: str) -> None:
         for (arch, bucket), row in winners.items():
             if arch in doc["archs"]:
                 m, n, w, s = row["tile"]
-                cfg = doc["archs"][arch][op][str(bucket)]
-                cfg.update(block_m=m, block_n=n, num_warps=w, num_stages=s)
-                instr = mma_instr(variants.ARCHS[arch][3], op, m, n)
-                if instr != variants.ARCHS[arch][3]:
-                    cfg["mma_instr"] = instr
-                else:
-                    cfg.pop("mma_instr", None)
+                doc["archs"][arch][op][str(bucket)].update(block_m=m, block_n=n, num_warps=w, num_stages=s)
         path.write_text(variants.dump_tiles(doc))
 
 

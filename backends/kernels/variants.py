@@ -11,23 +11,15 @@ from pathlib import Path
 
 BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
-# fwd, then the backward kernels (bwd.py): the deterministic pair and the atomic pair. An arch whose tiles.json entry
-# has no table for an op gets no images of it (the AMD archs have no backward yet), and the dispatcher says so.
-OPS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_prep", "bwd_fused")
+# fwd, then the two backward kernels (bwd.py). An arch whose tiles.json entry has no table for an op gets no images
+# of it (the AMD archs have no backward yet), and the dispatcher says so.
+OPS = ("fwd", "bwd_dq", "bwd_dkdv")
 DTYPES = ("fp16", "bf16")
 # Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order
 # and the dispatcher takes the first image that fits, so an exact head dim without extras wins. Masked images take
 # any head dim up to the bucket (a multiple of 8); an image with softcap also takes alibi (slope 0 when unused), which
 # keeps the grid at four kinds instead of six. Causal and window_size are run-time parameters of every image.
 KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
-# bwd_prep reads no scores, so it has no feature kinds (the dispatcher asks it for a featureless problem), and no
-# matmul, so no matrix-core instruction to check for.
-OP_KINDS = {"bwd_prep": KINDS[:2]}
-OPS_WITHOUT_MATMUL = ("bwd_prep",)
-
-
-def kinds(op: str) -> tuple:
-    return OP_KINDS.get(op, KINDS)
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
@@ -76,7 +68,7 @@ class Variant:
     target_backend: str  # GPUTarget(target_backend, target_arch, warp_size)
     target_arch: int | str
     warp_size: int
-    mma_instr: str | None  # None: the kernel has no matmul
+    mma_instr: str
     max_shared_bytes: int
     dtype: str
     head_dim: int  # the bucket (BLOCK_D)
@@ -107,11 +99,10 @@ def variants(archs: list[str]) -> list[Variant]:
         for op in OPS:
             for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
                 for dtype in DTYPES:
-                    for d_mask, features in kinds(op):
+                    for d_mask, features in KINDS:
                         out.append(Variant(
                             op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
-                            warp_size=tiles(vendor)["warp_size"],
-                            mma_instr=None if op in OPS_WITHOUT_MATMUL else cfg.get("mma_instr", mma),
+                            warp_size=tiles(vendor)["warp_size"], mma_instr=cfg.get("mma_instr", mma),
                             max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
                             d_mask=d_mask, features=features, block_m=cfg["block_m"], block_n=cfg["block_n"],
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -13,22 +13,18 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _deterministic(asked) -> bool:
-    return bool(asked) or torch.are_deterministic_algorithms_enabled()
-
-
-def _decide(shapes: Shapes, q, k, v, alibi_slopes, out, deterministic: bool) -> policy.Decision:
+def _decide(shapes: Shapes, q, k, v, alibi_slopes, out) -> policy.Decision:
     return policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out,
-                         slopes_need_grad=_needs_grad(alibi_slopes), deterministic=deterministic)
+                         slopes_need_grad=_needs_grad(alibi_slopes))
 
 
 def explain(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
-            out=None, deterministic=False) -> policy.Decision:
-    """What attention(q, k, v, ...) would run, and why: the chosen image (and the backward plan and images when an
-    input requires grad) or the fallback reason, with every candidate image the dispatcher rejected."""
+            out=None) -> policy.Decision:
+    """What attention(q, k, v, ...) would run, and why: the chosen image (and backward images when an input
+    requires grad) or the fallback reason, with every candidate image the dispatcher rejected."""
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
-    return _decide(shapes, q, k, v, alibi_slopes, out, _deterministic(deterministic))
+    return _decide(shapes, q, k, v, alibi_slopes, out)
 
 
 def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:
@@ -51,9 +47,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + shift - j| to the scores.
     out: optional tensor shaped like q (last dim contiguous) the output is written into and returned; not with
     inputs that require grad.
-    deterministic: bitwise reproducible gradients (also on when torch.use_deterministic_algorithms(True)): the
-    backward kernels without atomics (a third slower), or SDPA's math backend on a fallback. By default dQ is
-    accumulated with atomics, whose order varies from run to run.
+    deterministic: bitwise reproducible gradients (also on when torch.use_deterministic_algorithms(True)); the
+    kernels always are, this restricts the fallback to SDPA's math backend.
     Returns out (like q), or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse; lse carries
     no gradient. Differentiable in q, k and v (FA2 backward kernels, recomputing from lse); alibi_slopes that
     require grad run on the fallback.
@@ -62,12 +57,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     """
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
-    deterministic = _deterministic(deterministic)
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     compiling = torch.compiler.is_compiling()
     if compiling:
         decision = _decide_traced(shapes, q, k, v, alibi_slopes)
     else:
-        decision = _decide(shapes, q, k, v, alibi_slopes, out, deterministic)
+        decision = _decide(shapes, q, k, v, alibi_slopes, out)
     if decision.path == "kernel" and not compiling and ops.can_run_eager(q, k, v, alibi_slopes, out):
         out, lse = ops.run_eager(q, k, v, alibi_slopes, out, shapes, decision.image, decision.mode, deterministic)
     elif decision.path == "kernel":

@@ -1,8 +1,8 @@
 """The kernel path: launches of the kernel images, as torch.library custom ops (so torch.compile traces calls into
 fa2rt) and, for eager calls, directly.
 
-fa2rt::fwd returns a new output and is differentiable: its autograd formula calls fa2rt::bwd, the kernels of a
-backward plan (policy.BACKWARD_PLANS, backends/kernels/bwd.py). fa2rt::fwd_out writes into the caller's out= tensor
+fa2rt::fwd returns a new output and is differentiable: its autograd formula calls fa2rt::bwd, the two backward
+kernels (policy.BACKWARD_OPS, backends/kernels/bwd.py). fa2rt::fwd_out writes into the caller's out= tensor
 (a declared mutation; no autograd, as torch's own out= variants). Eager calls run the same forward() and backward()
 through run_eager, without the custom ops' dispatch (at short sequences it cost more host time than the kernels
 run).
@@ -188,28 +188,24 @@ def _kernel_ready(t: torch.Tensor) -> bool:
 
 
 def backward(dout, q, k, v, out, lse, alibi, shapes: Shapes, deterministic: bool):
-    """dq, dk, dv (contiguous, in the inputs' dtype) from a backward plan's kernels on torch's current stream (with
-    `deterministic`, one without atomics: bitwise reproducible); when none fits, an announced recomputation through
-    the SDPA fallback (its math backend when `deterministic`)."""
+    """dq, dk, dv (contiguous, in the inputs' dtype) from the backward kernels on torch's current stream; when none
+    fits, an announced recomputation through the SDPA fallback. The kernels use no atomics, so their gradients are
+    bitwise deterministic whatever `deterministic` says; it only restricts the fallback."""
     # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
     dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
     inputs = {"q": q, "k": k, "v": v, "o": out, "do": dout}
-    # Gradients (and the fp32 dQ accumulator) are fresh contiguous allocations, which the dispatcher always takes.
-    chosen = policy.select_backward(shapes, inputs.values(), deterministic=deterministic)
+    # The gradients are fresh contiguous allocations, which the dispatcher always takes.
+    chosen = policy.select_backward(shapes, inputs.values())
     if isinstance(chosen, policy.Decision):
         policy.announce(chosen)
         return recompute_grads(dout, q, k, v, alibi, shapes, deterministic)
-    plan, launches = chosen
     grads = {f"d{name}": torch.empty_like(t, memory_format=torch.contiguous_format)
              for name, t in (("q", q), ("k", k), ("v", v))}
-    if plan.fp32_dq:
-        grads["dq"] = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     buffers = {"LSE": lse.contiguous(), "DELTA": torch.empty_like(lse)}
     args = KernelArgs(shapes, inputs | grads, buffers, alibi, _bwd_constants)
-    for op, image, mode in launches:
+    for op, image, mode in chosen:
         args.launch(op, image, mode)
-    dq = grads["dq"].to(q.dtype) if plan.fp32_dq else grads["dq"]
-    return dq, grads["dk"], grads["dv"]
+    return grads["dq"], grads["dk"], grads["dv"]
 
 
 def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool):

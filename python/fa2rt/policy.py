@@ -20,26 +20,8 @@ from .validate import Shapes
 log = logging.getLogger("fa2rt")
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-# Ops that read no scores: their images carry no features (backends/kernels/variants.py, OP_KINDS).
-SCORE_FREE_OPS = ("bwd_prep",)
-
-
-@dataclass(frozen=True)
-class BackwardPlan:
-    """Backward kernels in launch order, sharing one argument set (bwd_params in backends/kernels/bwd.py)."""
-    name: str
-    ops: tuple[str, ...]
-    deterministic: bool  # no atomics: bitwise reproducible gradients
-    fp32_dq: bool  # dQ is accumulated in an fp32 buffer, cast to the input dtype afterwards
-
-
-# In preference order. atomic: bwd_prep writes delta = rowsum(dO * O) and zeroes the dQ accumulator, bwd_fused runs
-# dK/dV and adds dQ atomically (5 matmuls per score block, flash-attn 2's scheme). deterministic: bwd_dq (which also
-# writes delta), then bwd_dkdv (7 matmuls, no atomics); the only plan when gradients must be reproducible.
-BACKWARD_PLANS = (
-    BackwardPlan("atomic", ("bwd_prep", "bwd_fused"), deterministic=False, fp32_dq=True),
-    BackwardPlan("deterministic", ("bwd_dq", "bwd_dkdv"), deterministic=True, fp32_dq=False),
-)
+# The backward kernels in launch order: bwd_dq also writes delta = rowsum(dO * O), which bwd_dkdv reads.
+BACKWARD_OPS = ("bwd_dq", "bwd_dkdv")
 CROSSOVER_FILE = Path(__file__).parent / "data" / "crossover.json"
 
 
@@ -56,14 +38,12 @@ class Decision:
     mode: str | None = None  # native, binary-compat or ptx-jit
     device: dict = field(default_factory=dict)
     rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
-    # When the inputs require grad, on the kernel path: the BackwardPlan's name and (image, mode) per op of it
-    backward_plan: str = ""
-    backward: tuple = ()
+    backward: tuple = ()  # (image, mode) per BACKWARD_OPS when the inputs require grad, on the kernel path
 
     def __str__(self) -> str:
         head = (f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}" if self.path == "kernel"
                 else f"fallback to SDPA [{self.reason}]: {self.message}")
-        lines = [head] + [f"  backward {img} ({mode}, {self.backward_plan})" for img, mode in self.backward]
+        lines = [head] + [f"  backward {img} ({mode})" for img, mode in self.backward]
         lines += [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
         return "\n".join(lines)
 
@@ -90,8 +70,7 @@ def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
     p.dtype = KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
     p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.seqlen_k
     p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
-    p.features = [name for name, needed in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi))
-                  if needed and op not in SCORE_FREE_OPS]
+    p.features = [name for name, needed in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi)) if needed]
     tensors = [t for t in tensors if t is not None]
     p.aligned16 = _aligned(tensors)
     # A dim of size 1 only ever multiplies its stride by 0, so its stride cannot break the assumption.
@@ -121,11 +100,9 @@ def _fallback(reason: str, message: str, device=None, rejections=()) -> Decision
                     rejections=tuple(rejections))
 
 
-def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_grad: bool = False,
-           deterministic: bool = False) -> Decision:
+def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_grad: bool = False) -> Decision:
     """Kernel or fallback for one validated call, with every reason. With needs_grad the backward kernels must fit
-    too (a deterministic plan when `deterministic`); the tensors the backward allocates itself (dO aside, copied when
-    it breaks the layout rules) always do."""
+    too; the tensors the backward allocates itself (dO aside, copied when it breaks the layout rules) always do."""
     if config.disabled():
         return _fallback("disabled", f"{config.DISABLE} is set")
     if shapes.trivial:
@@ -144,25 +121,23 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
         return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
                          f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
     tensors = (q, k, v, out)
-    grad = needs_grad and ("deterministic" if deterministic else "any")
-    key = (shapes, layout_key(tensors), grad, _context_key(info))
-    return remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad, deterministic))
+    key = (shapes, layout_key(tensors), needs_grad, _context_key(info))
+    return remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad))
 
 
-def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool, deterministic: bool) -> Decision:
+def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool) -> Decision:
     q, k, v, _ = tensors
     image, mode, rejections = _select("fwd", shapes, tensors, info)
     if image is None:
         return _fallback("no_kernel", builds.current_build().error or _summarise(rejections), info, rejections)
-    plan, backward = "", ()
+    backward = ()
     if needs_grad:
-        chosen = select_backward(shapes, (q, k, v), info, deterministic)
+        chosen = select_backward(shapes, (q, k, v), info)
         if isinstance(chosen, Decision):
             return chosen
-        plan, launches = chosen
-        plan, backward = plan.name, tuple((image, mode) for _, image, mode in launches)
+        backward = tuple((image, mode) for _, image, mode in chosen)
     return Decision("kernel", image=image, mode=mode, device=_device_dict(info),
-                    rejections=tuple(rejections), backward_plan=plan, backward=backward)
+                    rejections=tuple(rejections), backward=backward)
 
 
 # Selection is a pure function of the problem, the device, the build and FA2RT_FORCE_ARCH, and checking every image
@@ -207,35 +182,27 @@ def _run_select(problem: "_C.Problem", info) -> tuple:
     return sel["image"], sel["mode"], [(r.image, r.code, r.message) for r in sel["rejections"]]
 
 
-def select_backward(shapes: Shapes, tensors, info=None, deterministic: bool = False):
-    """(BackwardPlan, ((op, image, mode) per op of it)): the first plan of BACKWARD_PLANS (deterministic ones only,
-    when asked) whose every op has an image; else the fallback Decision saying why the last plan tried has none.
-    tensors: the inputs' (batch, seqlen, nheads, headdim) tensors the backward reads (it allocates the others)."""
+def select_backward(shapes: Shapes, tensors, info=None):
+    """((op, image, mode) per BACKWARD_OPS in launch order), or the fallback Decision saying why not; tensors: the
+    inputs' (batch, seqlen, nheads, headdim) tensors the backward reads (the gradients it allocates always fit)."""
     if info is None:
         info, code, why = devices.describe(shapes.device)
         if code:
             return _fallback(code, why)
     tensors = tuple(tensors)
-    key = (shapes, layout_key(tensors), deterministic, _context_key(info))
-    return remember(_BACKWARD_CACHE, key, lambda: _select_backward(shapes, tensors, info, deterministic))
+    key = (shapes, layout_key(tensors), _context_key(info))
+    return remember(_BACKWARD_CACHE, key, lambda: _select_backward(shapes, tensors, info))
 
 
-def _select_backward(shapes: Shapes, tensors, info, deterministic: bool):
-    failed = None
-    for plan in BACKWARD_PLANS:
-        if deterministic and not plan.deterministic:
-            continue
-        chosen = []
-        for op in plan.ops:
-            image, mode, rejections = _select(op, shapes, tensors, info)
-            if image is None:
-                why = builds.current_build().error or _summarise(rejections)
-                failed = _fallback("no_backward_kernel", f"{op}: {why}", info, rejections)
-                break
-            chosen.append((op, image, mode))
-        else:
-            return plan, tuple(chosen)
-    return failed
+def _select_backward(shapes: Shapes, tensors, info):
+    chosen = []
+    for op in BACKWARD_OPS:
+        image, mode, rejections = _select(op, shapes, tensors, info)
+        if image is None:
+            why = builds.current_build().error or _summarise(rejections)
+            return _fallback("no_backward_kernel", f"{op}: {why}", info, rejections)
+        chosen.append((op, image, mode))
+    return tuple(chosen)
 
 
 def _summarise(rejections) -> str:

@@ -102,13 +102,9 @@ def test_rows_passed_static_checks(build):
         assert row["shared_bytes"] <= limit
         if row["vendor"] == "cuda":
             assert res["stack_bytes"] == 0 and res["local_bytes"] == 0
-            # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction and the
-            # ops without a matmul.
+            # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction.
             tile = variants.arch_info(row["arch"])[row["op"]][str(row["head_dim"])]
-            if row["op"] in variants.OPS_WITHOUT_MATMUL:
-                assert res["mma_instr"] is None
-            else:
-                assert res["mma_instr"] == tile.get("mma_instr", "HGMMA") and res["mma_count"] > 0
+            assert res["mma_instr"] == tile.get("mma_instr", "HGMMA") and res["mma_count"] > 0
         else:
             assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0
             assert res["mfma_count"] > 0 and res["lds_bytes"] <= limit

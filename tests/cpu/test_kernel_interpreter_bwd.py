@@ -1,16 +1,13 @@
 """The Triton backward kernels (backends/kernels/bwd.py) run in the Triton interpreter against float64 autograd.
 
-Every case runs both backward plans as ops.run_backward launches them, on CPU tensors: the deterministic one
-(attn_bwd_dq, which also writes DELTA = rowsum(dO * O), then attn_bwd_dkdv, which reads DELTA) and the atomic one
-(attn_bwd_prep writes DELTA and zeroes the fp32 dQ accumulator, then attn_bwd_fused adds into it atomically).
-Their inputs are what the forward hands the backward: O is the float64
+attn_bwd_dq runs first (it also writes DELTA = rowsum(dO * O)), then attn_bwd_dkdv (which reads DELTA), as
+ops.run_backward launches them, on CPU tensors. Their inputs are what the forward hands the backward: O is the float64
 reference output rounded to the test dtype, LSE the reference's natural log-sum-exp in float32 (+inf for rows that see
 no key). The arguments are the library's own (validate.check_inputs, ops._shapes, ops.bwd_kernel_args: window
 clamping, head_dim_8, score parameters, sm_scale, slope strides, the shared zero slope), packed once by the
 dispatcher's packer (_C.pack_params) and launched on the dispatcher's grids (_C.launch_config), so a host-side bug
-fails here too; only the pointers are mapped back to their tensors for the interpreter. dQ (or the accumulator), dK,
-dV and DELTA are poisoned with NaN and followed by NaN guards, so an element a kernel never writes, or one written
-outside them, fails.
+fails here too; only the pointers are mapped back to their tensors for the interpreter. dQ, dK, dV and DELTA are
+poisoned with NaN and followed by NaN guards, so an element a kernel never writes, or one written outside them, fails.
 The expected gradients are torch.autograd.grad of fa2rt.reference.attention_reference in float64.
 
 The interpreter loader, the numpy >= 2.4 shim and the input helpers come from the forward test
@@ -19,7 +16,7 @@ The interpreter loader, the numpy >= 2.4 shim and the input helpers come from th
 helpers run interpreted too.
 
 What runs (one parametrized test over CASES; the meta tests at the end keep the coverage from shrinking silently):
-- every backward tile of tiles.json (the backward ops of one arch and head-dim bucket; each kernel runs with its
+- every backward tile of tiles.json (bwd_dq and bwd_dkdv of one arch and head-dim bucket; each kernel runs with its
   own op's block sizes): small odd shapes, causal and not, seqlen_q ==, <, > seqlen_k, ragged lengths, GQA/MQA (dK,
   dV sum over query heads), rows that see no key and keys no row sees, sliding windows; causal shapes derived from the
   block sizes where a program of each kernel runs both whole and masked blocks (the _key_phases split); a head dim
@@ -72,12 +69,8 @@ from fa2rt.validate import check_inputs
 
 BWD_SRC = ROOT / "backends" / "kernels" / "bwd.py"
 BWD_MODULE_NAME = "fa2rt_kernels_bwd_interp"
-# The backward plans in launch order (policy.BACKWARD_PLANS), with the dtype of dQ as the kernels write it.
-PLANS = {"deterministic": ("bwd_dq", "bwd_dkdv"), "atomic": ("bwd_prep", "bwd_fused")}
-assert {p.name: p.ops for p in policy.BACKWARD_PLANS} == PLANS, "the backward plans changed: update this test"
-BWD_OPS = tuple(op for ops_ in PLANS.values() for op in ops_)
-KERNELS = {"bwd_dq": "attn_bwd_dq", "bwd_dkdv": "attn_bwd_dkdv", "bwd_prep": "attn_bwd_prep",
-           "bwd_fused": "attn_bwd_fused"}
+BWD_OPS = ("bwd_dq", "bwd_dkdv")
+assert tuple(policy.BACKWARD_OPS) == BWD_OPS, "the backward launch order changed: update this test"
 
 
 def _load_interpreted_bwd():
@@ -96,8 +89,8 @@ def _load_interpreted_bwd():
         else:
             sys.modules["fwd"] = prev_fwd
     assert fwd.__name__ == MODULE_NAME
-    for name in (*KERNELS.values(), "_dq_block", "_dkdv_block", "_dkdv_program", "_scores", "_dscores",
-                 "_key_phases", "_d_ok", "_tanh"):
+    for name in ("attn_bwd_dq", "attn_bwd_dkdv", "_dq_block", "_dkdv_block", "_scores", "_dscores", "_key_phases",
+                 "_d_ok", "_tanh"):
         fn = getattr(mod, name)
         if not isinstance(fn, InterpretedFunction):
             raise RuntimeError(f"{BWD_SRC}: {name} is a {type(fn).__module__}.{type(fn).__name__}, not a triton "
@@ -113,39 +106,31 @@ bwd = _load_interpreted_bwd()
 # Tiles, read from tiles.json at collection time (block sizes may be retuned; the meta tests follow them).
 
 def _bwd_configs():
-    """(vendor, arch, bucket, {op: config or None for BWD_OPS}) per arch with backward tiles."""
+    """(vendor, arch, bucket, bwd_dq config or None, bwd_dkdv config or None) per arch with backward tiles."""
     configs = []
     for vendor, path in TILES.items():
         doc = json.loads(path.read_text())
         for arch, entry in doc["archs"].items():
-            tables = {op: entry.get(op, {}) for op in BWD_OPS}
-            for bucket in sorted({b for t in tables.values() for b in t}, key=int):
-                configs.append((vendor, arch, int(bucket), {op: t.get(bucket) for op, t in tables.items()}))
+            dq, dkdv = entry.get("bwd_dq", {}), entry.get("bwd_dkdv", {})
+            for bucket in sorted(set(dq) | set(dkdv), key=int):
+                configs.append((vendor, arch, int(bucket), dq.get(bucket), dkdv.get(bucket)))
     return configs
 
 
 CONFIGS = _bwd_configs()
 
 
-def _tile_of(bucket, cfgs):
-    # (dq block_m, dq block_n, dkdv block_m, dkdv block_n, bucket, fused block_m, fused block_n, prep block_m)
-    dq, dkdv, fused, prep = (cfgs[op] for op in ("bwd_dq", "bwd_dkdv", "bwd_fused", "bwd_prep"))
-    return (dq["block_m"], dq["block_n"], dkdv["block_m"], dkdv["block_n"], bucket, fused["block_m"],
-            fused["block_n"], prep["block_m"])
-
-
-def _blocks(tile, op):
-    """(block_m, block_n) of an op on a tile (bwd_prep has no key blocks)."""
-    qm, qn, km, kn, _bucket, fm, fn, pm = tile
-    return {"bwd_dq": (qm, qn), "bwd_dkdv": (km, kn), "bwd_fused": (fm, fn), "bwd_prep": (pm, pm)}[op]
+def _tile_of(bucket, dq_cfg, dkdv_cfg):
+    # (dq block_m, dq block_n, dkdv block_m, dkdv block_n, bucket)
+    return (dq_cfg["block_m"], dq_cfg["block_n"], dkdv_cfg["block_m"], dkdv_cfg["block_n"], bucket)
 
 
 def _tiles():
     """tile -> the archs whose configs have it, in file order (configs sharing block sizes and bucket run once)."""
     tiles = {}
-    for _vendor, arch, bucket, cfgs in CONFIGS:
-        if all(cfgs.values()):
-            tiles.setdefault(_tile_of(bucket, cfgs), []).append(arch)
+    for _vendor, arch, bucket, dq_cfg, dkdv_cfg in CONFIGS:
+        if dq_cfg and dkdv_cfg:
+            tiles.setdefault(_tile_of(bucket, dq_cfg, dkdv_cfg), []).append(arch)
     return {tile: tuple(archs) for tile, archs in tiles.items()}
 
 
@@ -157,7 +142,7 @@ def _feature_tile():
     """The tile the window and feature crosses run on: at FEATURE_BUCKET, the one with the smallest key blocks (the
     most dK/dV programs, so the small shapes below cross key-block edges in both kernels)."""
     at_bucket = [t for t in TILE_ARCHS if t[4] == FEATURE_BUCKET]
-    return min(at_bucket, key=lambda t: (t[3], t[6], t[1], t[2], t[5], t[0])) if at_bucket else None
+    return min(at_bucket, key=lambda t: (t[3], t[1], t[2], t[0])) if at_bucket else None
 
 
 FEATURE_TILE = _feature_tile()
@@ -169,8 +154,7 @@ FEATURE_TILE = _feature_tile()
 def _shapes_for(tile):
     """(batch, seqlen_q, seqlen_k, nheads, nheads_k) run on a tile with causal off and on: ragged, GQA/MQA, both seqlen
     orders, several blocks of either kernel whatever the block sizes."""
-    qm, qn, km, kn, _bucket, fm, fn, _pm = tile
-    km, kn = max(km, fm), max(kn, fn)
+    qm, qn, km, kn, _bucket = tile
     return [
         (1, 1, 1, 1, 1),
         (2, 37, 37, 2, 1),  # MQA, batch 2, one ragged block
@@ -185,13 +169,10 @@ def _diag_shapes(tile):
     """Causal shapes where some program of each kernel runs both its unmasked phase and a masked one (the phase
     bounds of _key_phases; test_diag_shapes_split_phases checks it against a copy of that function):
     - dQ: shift = qn + 5, so every row of the first query program sees the whole first key block, then the diagonal;
-    - dK/dV (and the fused kernel, on its blocks): shift = kn - km (0 if negative), so rows >= km - 1 see every key
-      of the first key program (the whole query block from km on), the rows before it through the diagonal."""
-    qm, qn = _blocks(tile, "bwd_dq")
-    shapes = [(1, qm + 9, qm + qn + 14, 1, 1)]
-    for km, kn in dict.fromkeys((_blocks(tile, "bwd_dkdv"), _blocks(tile, "bwd_fused"))):
-        shapes.append((1, 2 * km + 5, 2 * km + 5 + max(kn - km, 0), 1, 1))
-    return shapes
+    - dK/dV: shift = kn - km (0 if negative), so rows >= km - 1 see every key of the first key program (the whole
+      query block from km on), the rows before it through the diagonal."""
+    qm, qn, km, kn, _bucket = tile
+    return [(1, qm + 9, qm + qn + 14, 1, 1), (1, 2 * km + 5, 2 * km + 5 + max(kn - km, 0), 1, 1)]
 
 
 # seqlen_q == seqlen_k, seqlen_q < seqlen_k, seqlen_q > seqlen_k
@@ -206,7 +187,7 @@ FUZZ_PER_TILE = 3
 @dataclass(frozen=True)
 class Case:
     group: str
-    tile: tuple[int, ...]  # _tile_of
+    tile: tuple[int, int, int, int, int]  # (dq block_m, dq block_n, dkdv block_m, dkdv block_n, bucket)
     kind: tuple[bool, tuple[str, ...]]  # (d_mask, features): one of variants.KINDS
     shape: tuple[int, int, int, int, int]  # (batch, seqlen_q, seqlen_k, nheads, nheads_k)
     head_dim: int
@@ -220,12 +201,11 @@ class Case:
 
     @property
     def id(self):
-        qm, qn, km, kn, bucket, fm, fn, pm = self.tile
+        qm, qn, km, kn, bucket = self.tile
         b, sq, sk, h, hk = self.shape
         d_mask, features = self.kind
         parts = [self.group, "+".join(TILE_ARCHS[self.tile]), f"d{bucket}{'m' if d_mask else ''}",
-                 "+".join(features) or "plain", f"dq{qm}x{qn}", f"dkdv{km}x{kn}", f"fused{fm}x{fn}", f"prep{pm}",
-                 f"b{b}q{sq}k{sk}h{h}kv{hk}",
+                 "+".join(features) or "plain", f"dq{qm}x{qn}", f"dkdv{km}x{kn}", f"b{b}q{sq}k{sk}h{h}kv{hk}",
                  f"hd{self.head_dim}", TL_DTYPE[self.dtype], "causal" if self.causal else "full"]
         if self.window != (-1, -1):
             parts.append(f"w{self.window[0]}_{self.window[1]}")
@@ -246,8 +226,7 @@ def _tile_cases():
     # small buckets).
     cases = []
     for tile in TILE_ARCHS:
-        _qm, qn, _km, kn, bucket, _fm, fn, _pm = tile
-        kn = max(kn, fn)
+        _qm, qn, _km, kn, bucket = tile
         shapes = _shapes_for(tile)
         for shape in shapes:
             for causal in (False, True):
@@ -324,7 +303,7 @@ def _fuzz_cases():
     rng = random.Random(20250117)
     cases = []
     for tile in TILE_ARCHS:
-        qm, qn, km, kn, bucket, _fm, _fn, _pm = tile
+        qm, qn, km, kn, bucket = tile
         for _ in range(FUZZ_PER_TILE):
             h, hk = rng.choice([(1, 1), (2, 1), (4, 2), (3, 3)])
             shape = (rng.choice([1, 2]), rng.randint(1, max(qm, km) + 17), rng.randint(1, max(qn, kn) + 17), h, hk)
@@ -421,28 +400,22 @@ def _single_threaded_blas():
         set_(prev)
 
 
-def _params(op, dtype):
-    # The atomic plan's dQ is the fp32 accumulator (aot.kernel_spec).
-    return bwd.bwd_params(TL_DTYPE[dtype], "fp32" if op in PLANS["atomic"] else None)
-
-
-def _synthetic_image(op, case, dtype):
+def _synthetic_image(op, tile, case, dtype):
+    qm, qn, km, kn, bucket = tile
     d_mask, features = case.kind
-    bucket = case.tile[4]
     img = _C.ImageInfo()
     img.name = f"{op}-interp-{TL_DTYPE[dtype]}-d{bucket}"
     img.op, img.arch, img.dtype, img.head_dim, img.vendor = op, "sm80", TL_DTYPE[dtype], bucket, "cuda"
     img.d_mask, img.features = d_mask, list(features)
-    img.block_m, img.block_n = _blocks(case.tile, op)
+    img.block_m, img.block_n = (qm, qn) if op == "bwd_dq" else (km, kn)
     img.num_warps, img.warp_size, img.shared_bytes, img.align16 = 4, 32, 0, True
-    img.kernel_name = KERNELS[op]
-    img.params = _params(op, dtype)
+    img.kernel_name = {"bwd_dq": "attn_bwd_dq", "bwd_dkdv": "attn_bwd_dkdv"}[op]
+    img.params = bwd.bwd_params(TL_DTYPE[dtype])
     return img
 
 
-def _launch(case, plan, tensors, lse, delta, alibi):
-    """Run the kernels of one backward plan on `case`'s tile; tensors maps q, k, v, o, do, dq, dk, dv (dq: the fp32
-    accumulator for the atomic plan)."""
+def _launch(case, tensors, lse, delta, alibi):
+    """Run both backward kernels of `case`'s tile on the call; tensors maps q, k, v, o, do, dq, dk, dv."""
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     d_mask, features = case.kind
     bucket = case.tile[4]
@@ -455,7 +428,7 @@ def _launch(case, plan, tensors, lse, delta, alibi):
     assert _image_takes(case.kind, bucket, shapes), f"{case.id}: the image kind {case.kind} cannot run this call"
     args = ops.bwd_kernel_args(tensors, lse, delta, alibi, shapes)
 
-    params = _params(PLANS[plan][0], q.dtype)
+    params = bwd.bwd_params(TL_DTYPE[q.dtype])
     assert set(args) == {name for name, _ in params}, "bwd_kernel_args and bwd_params disagree on the parameter names"
     pointers = {name.upper(): t for name, t in tensors.items()} | {
         "LSE": lse, "DELTA": delta, "ALIBI": alibi if alibi is not None else ops._no_slopes(q.device)}
@@ -480,20 +453,18 @@ def _launch(case, plan, tensors, lse, delta, alibi):
         assert zero.dtype == torch.float32 and zero.numel() >= 1 and not zero.any()
 
     registry = _C.Registry()
-    for op in PLANS[plan]:
+    for op, kernel in zip(BWD_OPS, (bwd.attn_bwd_dq, bwd.attn_bwd_dkdv), strict=True):
         problem = policy.problem_for(shapes, tensors.values(), op)
         assert problem.aligned16 and problem.strides8, "the dispatcher would not run a kernel on these inputs"
-        image = _synthetic_image(op, case, q.dtype)
+        image = _synthetic_image(op, case.tile, case, q.dtype)
         registry.add(image)
         _C.pack_params(registry, image.name, args)  # the dispatcher's packer takes every argument, by name and type
         grid, _block, _shared = _C.launch_config(registry, image.name, problem)
         b, sq, sk, h, hk = case.shape
-        over_keys = op in ("bwd_dkdv", "bwd_fused")
-        over = triton.cdiv(sk, image.block_n) if over_keys else triton.cdiv(sq, image.block_m)
-        assert tuple(grid) == (over, b * (hk if over_keys else h), 1), f"{op}: grid {grid}"
+        over = triton.cdiv(sq, image.block_m) if op == "bwd_dq" else triton.cdiv(sk, image.block_n)
+        assert tuple(grid) == (over, b * (h if op == "bwd_dq" else hk), 1), f"{op}: grid {grid}"
         with _interpret_mode(), _single_threaded_blas():
-            getattr(bwd, KERNELS[op])[grid](**launch, **fwd.fwd_constexprs(image.block_m, image.block_n, bucket,
-                                                                            d_mask, features))
+            kernel[grid](**launch, **fwd.fwd_constexprs(image.block_m, image.block_n, bucket, d_mask, features))
 
 
 def _check_written(name, t, buf):
@@ -513,10 +484,9 @@ def _check_grad(name, got, ref, dtype):
     assert rms < GRAD_RMS_TOL[dtype], what
 
 
-@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bwd_matches_reference(case, plan, request):
-    seed_key = case.id
+def test_bwd_matches_reference(case, request):
+    seed_key = request.node.callspec.id
     q, k, v, alibi = _inputs(case, seed_key)
     b, sq, sk, h, hk = case.shape
     dtype = case.dtype
@@ -534,16 +504,15 @@ def test_bwd_matches_reference(case, plan, request):
     o = _padded_like(q.shape, dtype, gen, fill=0.0, strided=case.strided)
     o.copy_(ref_o.detach())
     lse = ref_lse.detach().float().contiguous()
-    dq, dq_buf = _poisoned(q.shape, torch.float32 if plan == "atomic" else dtype)
+    dq, dq_buf = _poisoned(q.shape, dtype)
     dk, dk_buf = _poisoned(k.shape, dtype)
     dv, dv_buf = _poisoned(v.shape, dtype)
     delta, delta_buf = _poisoned(lse.shape, torch.float32)
     tensors = {"q": q, "k": k, "v": v, "o": o, "do": do, "dq": dq, "dk": dk, "dv": dv}
-    _launch(case, plan, tensors, lse, delta, alibi)
+    _launch(case, tensors, lse, delta, alibi)
 
     for name, t, buf in (("dQ", dq, dq_buf), ("dK", dk, dk_buf), ("dV", dv, dv_buf), ("DELTA", delta, delta_buf)):
         _check_written(name, t, buf)
-    dq = dq.to(dtype)  # the atomic plan's accumulator, cast as ops.run_backward does
     products = (o.double() * do.double()).transpose(1, 2)  # (b, h, sq, d)
     delta_err = (delta.double() - products.sum(-1)).abs()
     assert (delta_err <= DELTA_TOL * products.abs().sum(-1).clamp(min=1.0)).all(), \
@@ -568,11 +537,10 @@ def test_case_ids_unique():
 
 
 def test_bwd_tiles_exist():
-    # The CUDA archs have backward images; every arch with one backward op has all of them at the same buckets.
+    # The CUDA archs have backward images; every arch with one backward op has the other at the same buckets.
     assert any(v == "cuda" for v, *_ in CONFIGS), "no backward tiles in backends/cuda/tiles.json"
-    for _vendor, arch, bucket, cfgs in CONFIGS:
-        missing = [op for op, cfg in cfgs.items() if not cfg]
-        assert not missing, f"{arch} d{bucket}: no {missing} tiles; the backward ops' tiles must come together"
+    for _vendor, arch, bucket, dq_cfg, dkdv_cfg in CONFIGS:
+        assert dq_cfg and dkdv_cfg, f"{arch} d{bucket}: bwd_dq and bwd_dkdv tiles must come together"
     assert FEATURE_TILE is not None, f"no backward tile at bucket {FEATURE_BUCKET}"
 
 
@@ -617,14 +585,14 @@ def _key_phases(m0, seqlen_q, seqlen_k, shift, window_left, window_right, block_
 
 def _splits_phases(case, op):
     """Whether some program of `op` runs both whole blocks and masked ones on this case."""
-    bm, bn = _blocks(case.tile, op)
+    qm, qn, km, kn, _bucket = case.tile
     _b, sq, sk, _h, _hk = case.shape
     left, right = _window_args(case)
     shift = sk - sq
     if op == "bwd_dq":
-        programs = [_key_phases(m0, sq, sk, shift, left, right, bm, bn) for m0 in range(0, sq, bm)]
+        programs = [_key_phases(m0, sq, sk, shift, left, right, qm, qn) for m0 in range(0, sq, qm)]
     else:
-        programs = [_key_phases(n0, sk, sq, -shift, right, left, bn, bm) for n0 in range(0, sk, bn)]
+        programs = [_key_phases(n0, sk, sq, -shift, right, left, kn, km) for n0 in range(0, sk, kn)]
     return any(full > 0 and masked > 0 for full, masked in programs)
 
 
@@ -632,21 +600,20 @@ def test_every_bwd_tile_covered():
     # Every (vendor, arch, bucket) backward config runs through its tile: both kernels across several of their
     # blocks, causal and not, the three seqlen orders, GQA and MQA, rows without keys and keys without rows, a
     # strided call below the bucket on the masked image, fp16, random calls.
-    for _vendor, arch, bucket, cfgs in CONFIGS:
-        tile = _tile_of(bucket, cfgs)
+    for _vendor, arch, bucket, dq_cfg, dkdv_cfg in CONFIGS:
+        tile = _tile_of(bucket, dq_cfg, dkdv_cfg)
         assert arch in TILE_ARCHS[tile]
-        qm, qn, km, kn, _bucket, fm, fn, pm = tile
+        qm, qn, km, kn, _ = tile
         mine = [c for c in CASES if c.tile == tile]
         assert {False, True} <= {c.causal for c in mine}, (arch, bucket)
         assert _orders(mine) == {-1, 0, 1}, (arch, bucket)
-        for op in BWD_OPS:
-            bm, bn = _blocks(tile, op)
-            assert any(c.causal and c.shape[1] > bm and c.shape[2] > bn for c in mine), (arch, bucket, op, "blocks")
+        assert any(c.causal and c.shape[1] > qm and c.shape[2] > qn for c in mine), (arch, bucket, "dq blocks")
+        assert any(c.causal and c.shape[1] > km and c.shape[2] > kn for c in mine), (arch, bucket, "dkdv blocks")
         assert any(1 < c.shape[4] < c.shape[3] for c in mine), (arch, bucket, "GQA")
         assert any(c.shape[4] == 1 < c.shape[3] for c in mine), (arch, bucket, "MQA")
-        assert any(all(c.shape[2] % n and c.shape[1] % m for m, n in (_blocks(tile, op) for op in BWD_OPS))
-                   and c.shape[1] > 1 for c in mine), (arch, bucket, "ragged lengths")
-        for op in ("bwd_dq", "bwd_dkdv", "bwd_fused"):  # bwd_prep has no key loop
+        assert any(c.shape[2] % kn and c.shape[2] % qn and c.shape[1] % qm and c.shape[1] % km and c.shape[1] > 1
+                   for c in mine), (arch, bucket, "ragged lengths")
+        for op in BWD_OPS:
             assert any(c.causal and _splits_phases(c, op) for c in mine), (arch, bucket, op, "whole and masked blocks")
         assert any(_some_empty_row(c) for c in mine), (arch, bucket, "rows without keys")
         assert any(_some_unseen_key(c) for c in mine), (arch, bucket, "keys without rows")
@@ -657,9 +624,9 @@ def test_every_bwd_tile_covered():
 
 def test_diag_shapes_split_phases():
     for tile in TILE_ARCHS:
-        cases = [Case("diag", tile, PLAIN, shape, tile[4], torch.float32, True) for shape in _diag_shapes(tile)]
-        for op in ("bwd_dq", "bwd_dkdv", "bwd_fused"):
-            assert any(_splits_phases(c, op) for c in cases), (tile, op)
+        dq_shape, dkdv_shape = _diag_shapes(tile)
+        assert _splits_phases(Case("diag", tile, PLAIN, dq_shape, tile[4], torch.float32, True), "bwd_dq"), tile
+        assert _splits_phases(Case("diag", tile, PLAIN, dkdv_shape, tile[4], torch.float32, True), "bwd_dkdv"), tile
 
 
 def test_every_window_covered():
