@@ -2,7 +2,7 @@
 
 import torch
 
-from . import ops, policy
+from . import calls, ops, policy
 from .fallback import sdpa_attention
 from .validate import Shapes, check_inputs
 
@@ -55,16 +55,26 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     Runs an fa2rt kernel when one fits the device and problem, else PyTorch SDPA (announced once per reason,
     see explain()).
     """
-    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                          softcap=softcap, alibi_slopes=alibi_slopes, out=out)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     compiling = torch.compiler.is_compiling()
+    eager = not compiling and ops.can_run_eager(q, k, v, alibi_slopes, out)
+    key = None
+    if eager:
+        # A call like an earlier one that validated and took the kernel path: it would again, with the same plans.
+        key, call = calls.find(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, out)
+        if call is not None:
+            out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)
+            return (out, lse) if return_lse else out
+    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                          softcap=softcap, alibi_slopes=alibi_slopes, out=out)
     if compiling:
         decision = _decide_traced(shapes, q, k, v, alibi_slopes)
     else:
         decision = _decide(shapes, q, k, v, alibi_slopes, out)
-    if decision.path == "kernel" and not compiling and ops.can_run_eager(q, k, v, alibi_slopes, out):
-        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, shapes, decision.image, decision.mode, deterministic)
+    if decision.path == "kernel" and eager:
+        call = ops.EagerCall(shapes, decision.image, decision.mode)
+        calls.remember(key, call)
+        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)
     elif decision.path == "kernel":
         left, right = shapes.window
         args = (shapes.softmax_scale, left, right, shapes.softcap, decision.image or "", decision.mode or "")

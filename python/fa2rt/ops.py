@@ -16,7 +16,7 @@ import math
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from . import _C, builds, policy
+from . import _C, builds, config, devices, policy
 from .fallback import sdpa_attention
 from .validate import Shapes
 
@@ -161,8 +161,11 @@ class KernelArgs:
 
     def launch(self, op: str, image: str, mode: str) -> None:
         """Launch `image` (an image of `op`) on torch's current stream."""
-        plan = policy.remember(_PLANS, (image, mode) + self.key, lambda: self._plan(op, image, mode))
-        plan.launch(self.device, self.stream, self.addresses)
+        self.plan(op, image, mode).launch(self.device, self.stream, self.addresses)
+
+    def plan(self, op: str, image: str, mode: str) -> "_C.LaunchPlan":
+        """The launch plan of `image` (an image of `op`) for these arguments, from _PLANS."""
+        return policy.remember(_PLANS, (image, mode) + self.key, lambda: self._plan(op, image, mode))
 
     def _plan(self, op: str, image: str, mode: str) -> "_C.LaunchPlan":
         problem = policy.problem_for(self.shapes, self.tensors.values(), op)
@@ -170,15 +173,12 @@ class KernelArgs:
                              self.constants(self.tensors, self.alibi, self.shapes), list(self.pointers))
 
 
-def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str):
-    """Launch the forward `image` on torch's current stream, writing into `out` (allocated when None).
-    Returns (out, lse)."""
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((shapes.batch, shapes.nheads, shapes.seqlen_q), dtype=torch.float32, device=q.device)
-    args = KernelArgs(shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse}, alibi, _fwd_constants)
-    args.launch("fwd", image, mode)
-    return out, lse
+def _launch(plans, device: torch.device, tensors) -> None:
+    """Launch `plans` in order on torch's current stream; tensors: every pointer argument, in the plans' order."""
+    index, stream = device_and_stream(device)
+    addresses = [t.data_ptr() for t in tensors]
+    for plan in plans:
+        plan.launch(index, stream, addresses)
 
 
 def _kernel_ready(t: torch.Tensor) -> bool:
@@ -187,25 +187,85 @@ def _kernel_ready(t: torch.Tensor) -> bool:
             and all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for i in (0, 1, 2)))
 
 
+class EagerCall:
+    """A kernel call resolved for one layout: its Shapes, the forward image and the launch plans, so that a repeated
+    call (calls.lookup) only allocates its outputs, reads addresses and launches.
+
+    The forward plan is kept after the first launch: an EagerCall is reused only for calls of the same key (every
+    tensor's shape and strides, the options), which give the same plan. Backward selections and plans are kept per
+    layout of the incoming gradient and per selection context (the environment and the device description), which
+    may change between the forward and the backward."""
+
+    __slots__ = ("shapes", "image", "mode", "lse_shape", "plans_source", "forward_plan", "backward_choice",
+                 "backward_plans")
+
+    def __init__(self, shapes: Shapes, image: str | None, mode: str | None):
+        self.shapes, self.image, self.mode = shapes, image, mode
+        self.lse_shape = (shapes.batch, shapes.nheads, shapes.seqlen_q)
+        self.plans_source = _PLANS  # a replaced plan cache (tests record launches so) makes this call stale
+        self.forward_plan = None
+        self.backward_choice: dict = {}
+        self.backward_plans: dict = {}
+
+    def current(self) -> bool:
+        return self.plans_source is _PLANS
+
+    def forward(self, q, k, v, alibi, out):
+        """Launch the forward image on torch's current stream, writing into `out` (allocated when None).
+        Returns (out, lse)."""
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.shapes.device)
+        if self.forward_plan is None:
+            args = KernelArgs(self.shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse}, alibi, _fwd_constants)
+            self.forward_plan = args.plan("fwd", self.image, self.mode)
+        _launch((self.forward_plan,), self.shapes.device, (q, k, v, out, lse, _slopes(alibi, self.shapes.device)))
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, alibi, deterministic: bool):
+        """dq, dk, dv (contiguous, in the inputs' dtype) from the backward kernels on torch's current stream; when none
+        fits, an announced recomputation through the SDPA fallback. The kernels use no atomics, so their gradients are
+        bitwise deterministic whatever `deterministic` says; it only restricts the fallback."""
+        shapes = self.shapes
+        # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
+        dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
+        key = self._backward_key(dout)
+        chosen = self.backward_choice.get(key)
+        if chosen is None:
+            chosen = policy.remember(self.backward_choice, key,
+                                     lambda: policy.select_backward(shapes, (q, k, v, out, dout)))
+        if isinstance(chosen, policy.Decision):
+            policy.announce(chosen)
+            return recompute_grads(dout, q, k, v, alibi, shapes, deterministic)
+        # The gradients are fresh contiguous allocations, which the dispatcher always takes.
+        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        lse = lse.contiguous()
+        delta = torch.empty_like(lse)
+        plans = self.backward_plans.get(key)
+        if plans is None:
+            tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout, "dq": dq, "dk": dk, "dv": dv}
+            args = KernelArgs(shapes, tensors, {"LSE": lse, "DELTA": delta}, alibi, _bwd_constants)
+            plans = policy.remember(self.backward_plans, key,
+                                    lambda: tuple(args.plan(op, image, mode) for op, image, mode in chosen))
+        _launch(plans, shapes.device, (q, k, v, out, dout, dq, dk, dv, lse, delta, _slopes(alibi, shapes.device)))
+        return dq, dk, dv
+
+    def _backward_key(self, dout) -> tuple:
+        """What the backward selection and plans can change with, given this call's inputs (q, k, v of the key's
+        layout; out and lse allocated by the forward; dout kernel-ready): dout's strides and the selection context
+        (the device description, FA2RT_FORCE_ARCH, the build)."""
+        return dout.stride(), config.raw_values(), devices.describe(self.shapes.device)
+
+
+def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str):
+    """Launch the forward `image` on torch's current stream, writing into `out` (allocated when None).
+    Returns (out, lse)."""
+    return EagerCall(shapes, image, mode).forward(q, k, v, alibi, out)
+
+
 def backward(dout, q, k, v, out, lse, alibi, shapes: Shapes, deterministic: bool):
-    """dq, dk, dv (contiguous, in the inputs' dtype) from the backward kernels on torch's current stream; when none
-    fits, an announced recomputation through the SDPA fallback. The kernels use no atomics, so their gradients are
-    bitwise deterministic whatever `deterministic` says; it only restricts the fallback."""
-    # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
-    dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
-    inputs = {"q": q, "k": k, "v": v, "o": out, "do": dout}
-    # The gradients are fresh contiguous allocations, which the dispatcher always takes.
-    chosen = policy.select_backward(shapes, inputs.values())
-    if isinstance(chosen, policy.Decision):
-        policy.announce(chosen)
-        return recompute_grads(dout, q, k, v, alibi, shapes, deterministic)
-    grads = {f"d{name}": torch.empty_like(t, memory_format=torch.contiguous_format)
-             for name, t in (("q", q), ("k", k), ("v", v))}
-    buffers = {"LSE": lse.contiguous(), "DELTA": torch.empty_like(lse)}
-    args = KernelArgs(shapes, inputs | grads, buffers, alibi, _bwd_constants)
-    for op, image, mode in chosen:
-        args.launch(op, image, mode)
-    return grads["dq"], grads["dk"], grads["dv"]
+    """EagerCall.backward for one call."""
+    return EagerCall(shapes, None, None).backward(dout, q, k, v, out, lse, alibi, deterministic)
 
 
 def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool):
@@ -233,13 +293,13 @@ def can_run_eager(*tensors) -> bool:
 
 class _Attention(torch.autograd.Function):
     """An eager differentiable call: the custom ops' autograd formula (fa2rt::fwd with fa2rt::bwd) without their
-    dispatch; backward() reuses the forward's Shapes."""
+    dispatch; backward() reuses the forward's EagerCall."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alibi, shapes, image, mode, deterministic):
-        out, lse = forward(q, k, v, alibi, None, shapes, image, mode)
+    def forward(ctx, q, k, v, alibi, call, deterministic):
+        out, lse = call.forward(q, k, v, alibi, None)
         ctx.save_for_backward(q, k, v, out, lse, alibi)
-        ctx.shapes, ctx.deterministic = shapes, deterministic
+        ctx.call, ctx.deterministic = call, deterministic
         ctx.mark_non_differentiable(lse)  # lse is returned for inspection; no gradient flows through it
         return out, lse
 
@@ -247,17 +307,17 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, alibi = ctx.saved_tensors
-        dq, dk, dv = backward(dout, q, k, v, out, lse, alibi, ctx.shapes, ctx.deterministic)
+        dq, dk, dv = ctx.call.backward(dout, q, k, v, out, lse, alibi, ctx.deterministic)
         needs = ctx.needs_input_grad
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None) + (None,) * 5
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None
 
 
-def run_eager(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str, deterministic: bool):
+def run_eager(q, k, v, alibi, out, call: EagerCall, deterministic: bool):
     """An eager call on the kernel path (see can_run_eager): (out, lse), differentiable in q, k, v when one requires
     grad (out= is refused then, by validation)."""
     if out is None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Attention.apply(q, k, v, alibi, shapes, image, mode, deterministic)
-    return forward(q, k, v, alibi, out, shapes, image, mode)
+        return _Attention.apply(q, k, v, alibi, call, deterministic)
+    return call.forward(q, k, v, alibi, out)
 
 
 # --- custom ops (torch.compile, dispatch modes, torch.func) -----------------------------------------------------------

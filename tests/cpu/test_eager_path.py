@@ -11,7 +11,7 @@ import torch
 from conftest import DEVICES
 
 import fa2rt
-from fa2rt import _C, builds, config, devices, ops, policy
+from fa2rt import _C, api, builds, config, devices, ops, policy
 from fa2rt.fallback import sdpa_attention
 from fa2rt.validate import check_inputs
 
@@ -274,3 +274,93 @@ def test_no_grad_mode_records_no_graph(recorded):
     with torch.no_grad():
         out = fa2rt.attention(q, k, v, causal=True)
     assert out.grad_fn is None and not out.requires_grad and len(recorded.launches) == 1
+
+
+# --- the call cache (fa2rt.calls): a repeated call skips validation and the decision, only where they would agree ----
+
+@pytest.fixture
+def no_slow_path(monkeypatch):
+    """After calling it, validation and the decision fail the test when they run."""
+    def forbid():
+        monkeypatch.setattr(api, "check_inputs", lambda *a, **k: pytest.fail("validated again"))
+        monkeypatch.setattr(policy, "decide", lambda *a, **k: pytest.fail("decided again"))
+    return forbid
+
+
+def test_a_repeated_call_launches_without_validating_or_deciding_again(recorded, no_slow_path):
+    q, k, v = make(requires_grad=True)
+    first = fa2rt.attention(q, k, v, causal=True)
+    torch.autograd.grad(first, (q, k, v), torch.ones_like(first))
+    no_slow_path()
+    q2, k2, v2 = make(seed=1, requires_grad=True)  # other tensors of the same layout
+    out = fa2rt.attention(q2, k2, v2, causal=True)
+    torch.autograd.grad(out, (q2, k2, v2), torch.ones_like(out))
+    with torch.no_grad():  # grad mode is part of the key: this one is validated again
+        with pytest.raises(pytest.fail.Exception, match="validated again"):
+            fa2rt.attention(q2, k2, v2, causal=True)
+    assert len(recorded.built) == 1 + len(policy.BACKWARD_OPS)
+    fwd2 = recorded.launches[1 + len(policy.BACKWARD_OPS)]
+    assert dict(zip(fwd2[0].pointers, fwd2[3], strict=True))["Q"] == q2.data_ptr()
+    assert [_masked(launch) for launch in recorded.launches[:3]] == [_masked(launch) for launch in
+                                                                        recorded.launches[3:]]
+
+
+@pytest.mark.parametrize("again, error", [
+    (dict(causal=1), (TypeError, "causal: expected a bool")),
+    (dict(causal=True, softmax_scale=True), (TypeError, "softmax_scale: expected None or a finite real number")),
+    (dict(causal=True, softmax_scale=float("nan")), (ValueError, "softmax_scale: expected")),
+    (dict(window_size=(True, 0)), (TypeError, r"window_size\[0\]: expected an int")),
+    (dict(causal=True, softcap=False), (TypeError, "softcap: expected")),
+], ids=["causal-int", "scale-bool", "scale-nan", "window-bool", "softcap-bool"])
+def test_options_equal_as_keys_but_invalid_are_still_refused(recorded, again, error):
+    q, k, v = make()
+    fa2rt.attention(q, k, v, causal=True, softmax_scale=1.0, softcap=0.0)
+    fa2rt.attention(q, k, v, window_size=(1, 0), causal=True)
+    exc, match = error
+    with pytest.raises(exc, match=match):
+        fa2rt.attention(q, k, v, **({"softmax_scale": 1.0} | again))
+
+
+def test_out_with_grad_is_refused_after_the_same_call_without_grad(recorded):
+    q, k, v = make()
+    buf = torch.empty_like(q)
+    fa2rt.attention(q, k, v, out=buf)
+    q.requires_grad_()
+    with pytest.raises(ValueError, match="out: expected None when q, k or v requires grad"):
+        fa2rt.attention(q, k, v, out=buf)
+
+
+def test_a_repeated_call_sees_a_misaligned_base_and_the_environment(recorded, monkeypatch, fresh_announcements):
+    q, k, v = make()
+    fa2rt.attention(q, k, v)
+    q_odd = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view_as(q).copy_(q)  # same shape and strides
+    with pytest.warns(fa2rt.FallbackWarning, match="no_kernel"):
+        fa2rt.attention(q_odd, k, v)
+    monkeypatch.setenv(config.DISABLE, "1")
+    with pytest.warns(fa2rt.FallbackWarning, match="disabled"):
+        fa2rt.attention(q, k, v)
+    monkeypatch.delenv(config.DISABLE)
+    monkeypatch.setenv(config.MIN_SEQLEN, "100")
+    with pytest.warns(fa2rt.FallbackWarning, match="short_sequence"):
+        fa2rt.attention(q, k, v)
+    monkeypatch.setenv(config.MIN_SEQLEN, "0")
+    monkeypatch.setenv(config.FORCE_ARCH, "sm80")
+    fa2rt.attention(q, k, v)
+    assert [launch[0].image.split("-")[1] for launch in recorded.launches] == ["sm90", "sm80"]
+
+
+def test_a_repeated_call_follows_the_device_description(recorded, monkeypatch):
+    q, k, v = make()
+    fa2rt.attention(q, k, v)
+    monkeypatch.setattr(devices, "describe", lambda device: (DEVICES["sm80"], "", ""))
+    fa2rt.attention(q, k, v)
+    assert [launch[0].image.split("-")[1] for launch in recorded.launches] == ["sm90", "sm80"]
+
+
+def test_tensors_a_key_cannot_describe_take_the_validated_path(recorded):
+    q, k, v = make()
+    fa2rt.attention(q, k, v)
+    with pytest.raises(ValueError, match="q: expected a dense"):
+        fa2rt.attention(q.to_sparse(), k, v)
+    with pytest.raises(TypeError, match="window_size: expected"):
+        fa2rt.attention(q, k, v, window_size={1: 2})
