@@ -11,6 +11,7 @@ Launches go through launch plans (_C.LaunchPlan), built once per image and call 
 tensors' addresses and the stream change.
 """
 
+import functools
 import math
 
 import torch
@@ -182,9 +183,12 @@ def _launch(plans, device: torch.device, tensors) -> None:
 
 
 def _kernel_ready(t: torch.Tensor) -> bool:
-    # The layout rules the dispatcher checks (16-byte aligned base, strides in units of 8, last dim contiguous).
-    return (t.stride(3) == 1 and t.data_ptr() % _C.ALIGN_BYTES == 0
-            and all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for i in (0, 1, 2)))
+    # The layout rules the dispatcher checks (16-byte aligned base, strides in units of 8 where the size is not 1,
+    # last dim contiguous), spelled out: every backward call checks its dO.
+    (batch, seqlen, nheads, _), (stride_b, stride_n, stride_h, stride_d) = t.shape, t.stride()
+    unit = _C.STRIDE_MULTIPLE
+    return (stride_d == 1 and t.data_ptr() % _C.ALIGN_BYTES == 0 and (batch <= 1 or stride_b % unit == 0)
+            and (seqlen <= 1 or stride_n % unit == 0) and (nheads <= 1 or stride_h % unit == 0))
 
 
 class EagerCall:
@@ -280,15 +284,28 @@ def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool):
 
 # --- eager calls ------------------------------------------------------------------------------------------------------
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
 
 def can_run_eager(*tensors) -> bool:
     """Whether a call outside torch.compile may launch directly: plain tensors (None allowed), no dispatch mode
     (FakeTensorMode, make_fx, ...), no torch.func transform and no torch.jit.trace active. Those see fa2rt as the
     custom ops instead (a trace would not record a direct launch)."""
-    return (all(t is None or type(t) in _PLAIN_TENSORS for t in tensors) and not is_in_torch_dispatch_mode()
+    return (all(map(_PLAIN_TYPES.__contains__, map(type, tensors))) and not is_in_torch_dispatch_mode()
             and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing())
+
+
+def _once_differentiable(backward):
+    """torch's once_differentiable (a backward that refuses to be differentiated), without its no_grad block when
+    grad mode is off already, as torch.autograd.grad and .backward() run a backward without create_graph: the same
+    result, for ~2 us less per call."""
+    refusing = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return refusing(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+
+    return wrapper
 
 
 class _Attention(torch.autograd.Function):
@@ -304,7 +321,7 @@ class _Attention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, alibi = ctx.saved_tensors
         dq, dk, dv = ctx.call.backward(dout, q, k, v, out, lse, alibi, ctx.deterministic)
