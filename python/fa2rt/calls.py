@@ -19,15 +19,15 @@ def _tensor(t) -> tuple:
     return type(t), t.layout, t.dtype, t.device, t.shape, t.stride(), t.requires_grad
 
 
-def _option(value) -> tuple:
-    # With its type: True == 1 as a key, but only one of them is a valid causal (likewise 1 and 1.0 as sizes).
-    return type(value), value
+def _options(*values) -> tuple:
+    # With their types: True == 1 as a key, but only one of them is a valid causal (likewise 1 and 1.0 as sizes).
+    return values, tuple(map(type, values))
 
 
 def _window(window_size) -> tuple:
     if type(window_size) is tuple or type(window_size) is list:
-        return type(window_size), tuple(window_size), tuple(map(type, window_size))
-    return _option(window_size)
+        return type(window_size), _options(*window_size)
+    return _options(window_size)
 
 
 def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
@@ -35,8 +35,8 @@ def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tu
                None if alibi is None else _tensor(alibi))
     # Decisions assume what they saw of the base addresses (policy.layout_key); the addresses change every call.
     pointers = q.data_ptr() | k.data_ptr() | v.data_ptr() | (0 if out is None else out.data_ptr())
-    return (tensors, pointers % _C.ALIGN_BYTES == 0, torch.is_grad_enabled(), _option(causal),
-            _option(softmax_scale), _window(window_size), _option(softcap),
+    return (tensors, pointers % _C.ALIGN_BYTES == 0, torch.is_grad_enabled(), _options(causal, softmax_scale, softcap),
+            _window(window_size),
             # The selection context: the build, FA2RT_FORCE_ARCH, the threshold and the off switch; the device.
             config.raw_values(), devices.describe(q.device))
 

@@ -200,12 +200,13 @@ class EagerCall:
     layout of the incoming gradient and per selection context (the environment and the device description), which
     may change between the forward and the backward."""
 
-    __slots__ = ("shapes", "image", "mode", "lse_shape", "plans_source", "forward_plan", "backward_choice",
-                 "backward_plans")
+    __slots__ = ("shapes", "image", "mode", "lse_shape", "no_slopes", "plans_source", "forward_plan",
+                 "backward_choice", "backward_plans")
 
     def __init__(self, shapes: Shapes, image: str | None, mode: str | None):
         self.shapes, self.image, self.mode = shapes, image, mode
         self.lse_shape = (shapes.batch, shapes.nheads, shapes.seqlen_q)
+        self.no_slopes = _no_slopes(shapes.device)
         self.plans_source = _PLANS  # a replaced plan cache (tests record launches so) makes this call stale
         self.forward_plan = None
         self.backward_choice: dict = {}
@@ -223,7 +224,7 @@ class EagerCall:
         if self.forward_plan is None:
             args = KernelArgs(self.shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse}, alibi, _fwd_constants)
             self.forward_plan = args.plan("fwd", self.image, self.mode)
-        _launch((self.forward_plan,), self.shapes.device, (q, k, v, out, lse, _slopes(alibi, self.shapes.device)))
+        _launch((self.forward_plan,), self.shapes.device, (q, k, v, out, lse, self._slopes(alibi)))
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, alibi, deterministic: bool):
@@ -251,8 +252,11 @@ class EagerCall:
             args = KernelArgs(shapes, tensors, {"LSE": lse, "DELTA": delta}, alibi, _bwd_constants)
             plans = policy.remember(self.backward_plans, key,
                                     lambda: tuple(args.plan(op, image, mode) for op, image, mode in chosen))
-        _launch(plans, shapes.device, (q, k, v, out, dout, dq, dk, dv, lse, delta, _slopes(alibi, shapes.device)))
+        _launch(plans, shapes.device, (q, k, v, out, dout, dq, dk, dv, lse, delta, self._slopes(alibi)))
         return dq, dk, dv
+
+    def _slopes(self, alibi) -> torch.Tensor:
+        return alibi if alibi is not None else self.no_slopes
 
     def _backward_key(self, dout) -> tuple:
         """What the backward selection and plans can change with, given this call's inputs (q, k, v of the key's
