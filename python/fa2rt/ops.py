@@ -235,10 +235,8 @@ class EagerCall:
         # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
         dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
         key = self._backward_key(dout)
-        chosen = self.backward_choice.get(key)
-        if chosen is None:
-            chosen = policy.remember(self.backward_choice, key,
-                                     lambda: policy.select_backward(shapes, (q, k, v, out, dout)))
+        chosen = policy.remember(self.backward_choice, key,
+                                 lambda: policy.select_backward(shapes, (q, k, v, out, dout)))
         if isinstance(chosen, policy.Decision):
             policy.announce(chosen)
             return recompute_grads(dout, q, k, v, alibi, shapes, deterministic)
@@ -246,14 +244,16 @@ class EagerCall:
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         lse = lse.contiguous()
         delta = torch.empty_like(lse)
-        plans = self.backward_plans.get(key)
-        if plans is None:
-            tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout, "dq": dq, "dk": dk, "dv": dv}
-            args = KernelArgs(shapes, tensors, {"LSE": lse, "DELTA": delta}, alibi, _bwd_constants)
-            plans = policy.remember(self.backward_plans, key,
-                                    lambda: tuple(args.plan(op, image, mode) for op, image, mode in chosen))
+        tensors = (q, k, v, out, dout, dq, dk, dv)
+        plans = policy.remember(self.backward_plans, key,
+                                lambda: self._backward_plans(chosen, tensors, lse, delta, alibi))
         _launch(plans, shapes.device, (q, k, v, out, dout, dq, dk, dv, lse, delta, self._slopes(alibi)))
         return dq, dk, dv
+
+    def _backward_plans(self, chosen, tensors, lse, delta, alibi) -> tuple:
+        named = dict(zip(("q", "k", "v", "o", "do", "dq", "dk", "dv"), tensors, strict=True))
+        args = KernelArgs(self.shapes, named, {"LSE": lse, "DELTA": delta}, alibi, _bwd_constants)
+        return tuple(args.plan(op, image, mode) for op, image, mode in chosen)
 
     def _slopes(self, alibi) -> torch.Tensor:
         return alibi if alibi is not None else self.no_slopes
