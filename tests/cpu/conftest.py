@@ -2,7 +2,7 @@
 
 import pytest
 
-from fa2rt import _C, policy
+from fa2rt import _C, devices, policy
 
 # Synthetic devices: shared memory opt-in per block as the real parts report it.
 DEVICES = {
@@ -67,6 +67,15 @@ def problem(dtype="bf16", head_dim=128, features=(), batch=2, seqlen_q=1024, seq
     p.nheads, p.nheads_k, p.aligned16 = nheads, nheads_k, aligned16
     p.max_head_extent = max_head_extent if max_head_extent is not None else seqlen_k * nheads_k * head_dim
     return p
+
+
+@pytest.fixture
+def on_device(monkeypatch):
+    """on_device(arch): the tensors' device described as a synthetic GPU of DEVICES (the device probe is the one part
+    of the policy that needs a real one; selection runs for real against the installed build)."""
+    def use(arch):
+        monkeypatch.setattr(devices, "describe", lambda device: (DEVICES[arch], "", ""))
+    return use
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICES
 
 import fa2rt
-from fa2rt import builds, config, devices, policy
+from fa2rt import builds, config, policy
 from fa2rt.reference import attention_reference
 
 
@@ -89,13 +88,6 @@ def test_bad_manifest_schema_is_a_build_error(tmp_path, monkeypatch):
 
 # Policy on synthetic GPUs: the device probe is the one part that cannot run here, so it is replaced by a
 # synthetic description; selection runs for real against the installed build.
-@pytest.fixture
-def on_device(monkeypatch):
-    def use(arch):
-        monkeypatch.setattr(devices, "describe", lambda device: (DEVICES[arch], "", ""))
-    return use
-
-
 def test_kernel_chosen_on_sm90(on_device):
     on_device("sm90")
     d = fa2rt.explain(*qkv(dtype=torch.bfloat16, d=128))

@@ -12,11 +12,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICES
 
 import fa2rt
 import fa2rt.fallback as fallback
-from fa2rt import api, devices
+from fa2rt import api
 from fa2rt.reference import attention_reference
 
 # On the CPU every call falls back (not_gpu), announced once per process; the tests that check announcements clear
@@ -176,14 +175,6 @@ def test_alibi_slopes_gradient_matches_reference(name, qkv_grad, dtype):
     for t in (q, k, v):
         t.requires_grad_(qkv_grad)
     check_grads(q, k, v, **kwargs)
-
-
-@pytest.fixture
-def on_device(monkeypatch):
-    """Describe the tensors' device as a synthetic GPU (the probe is the one part of the policy that needs one)."""
-    def use(arch):
-        monkeypatch.setattr(devices, "describe", lambda device: (DEVICES[arch], "", ""))
-    return use
 
 
 def test_explain_alibi_grad_rule_order(on_device):

@@ -320,17 +320,24 @@ class Case:
         parts = [self.group, "+".join(TILE_ARCHS[self.tile]), f"d{bucket}{'m' if d_mask else ''}",
                  "+".join(features) or "plain", f"m{bm}n{bn}", f"b{b}q{sq}k{sk}h{h}kv{hk}", f"hd{self.head_dim}",
                  TL_DTYPE[self.dtype], "causal" if self.causal else "full"]
-        if self.window != (-1, -1):
-            parts.append(f"w{self.window[0]}_{self.window[1]}")
-        if self.softmax_scale is not None:
-            parts.append(f"scale{self.softmax_scale:g}")
-        if self.softcap:
-            parts.append(f"cap{self.softcap:g}")
-        if self.alibi:
-            parts.append(f"alibi_{self.alibi}")
-        if self.strided:
-            parts.append("strided")
-        return "-".join(parts)
+        return "-".join(parts + option_tags(self))
+
+
+def option_tags(case) -> list[str]:
+    """The id parts of a case's optional call settings (window, scale, softcap, slopes, strided inputs), shared by
+    the forward and backward cases."""
+    tags = []
+    if case.window != (-1, -1):
+        tags.append(f"w{case.window[0]}_{case.window[1]}")
+    if case.softmax_scale is not None:
+        tags.append(f"scale{case.softmax_scale:g}")
+    if case.softcap:
+        tags.append(f"cap{case.softcap:g}")
+    if case.alibi:
+        tags.append(f"alibi_{case.alibi}")
+    if case.strided:
+        tags.append("strided")
+    return tags
 
 
 def _tile_cases():

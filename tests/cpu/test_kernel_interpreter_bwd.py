@@ -59,6 +59,7 @@ from test_kernel_interpreter import (
     _interpret_mode,
     exec_interpreted,
     fwd,
+    option_tags,
     variants,
 )
 from triton.runtime.interpreter import InterpretedFunction
@@ -207,17 +208,7 @@ class Case:
         parts = [self.group, "+".join(TILE_ARCHS[self.tile]), f"d{bucket}{'m' if d_mask else ''}",
                  "+".join(features) or "plain", f"dq{qm}x{qn}", f"dkdv{km}x{kn}", f"b{b}q{sq}k{sk}h{h}kv{hk}",
                  f"hd{self.head_dim}", TL_DTYPE[self.dtype], "causal" if self.causal else "full"]
-        if self.window != (-1, -1):
-            parts.append(f"w{self.window[0]}_{self.window[1]}")
-        if self.softmax_scale is not None:
-            parts.append(f"scale{self.softmax_scale:g}")
-        if self.softcap:
-            parts.append(f"cap{self.softcap:g}")
-        if self.alibi:
-            parts.append(f"alibi_{self.alibi}")
-        if self.strided:
-            parts.append("strided")
-        return "-".join(parts)
+        return "-".join(parts + option_tags(self))
 
 
 def _tile_cases():
