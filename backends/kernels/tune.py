@@ -35,18 +35,19 @@ CANDIDATES = {
                  (32, 64, 4, 3)],
         "rocm": [(128, 64, 4, 1), (128, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (64, 32, 4, 1)],
     },
-    "bwd_dq": {"cuda": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (128, 64, 8, 2),
-                        (128, 32, 8, 2), (64, 32, 4, 2)]},
+    "bwd_dq": {"cuda": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 4, 2),
+                        (128, 64, 8, 1), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
     "bwd_dkdv": {"cuda": [(32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2),
-                          (64, 64, 8, 1), (64, 64, 8, 2), (16, 128, 8, 1)]},
+                          (64, 64, 8, 1), (64, 64, 8, 2), (16, 128, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1),
+                          (32, 64, 4, 2), (16, 64, 4, 1)]},
 }
 SEQLENS = (1024, 4096)
 
 
-def candidate_variants(arch: str, bucket: int, op: str) -> list[tuple[tuple, list]]:
+def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None) -> list[tuple[tuple, list]]:
     base = next(v for v in variants.variants([arch]) if v.op == op)
     out = []
-    for m, n, w, s in CANDIDATES[op].get(base.vendor, []):
+    for m, n, w, s in tiles or CANDIDATES[op].get(base.vendor, []):
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
                                      block_m=m, block_n=n, num_warps=w, num_stages=s)
                  for d_mask, features in variants.KINDS]
@@ -69,10 +70,10 @@ def _companions(arch: str, bucket: int, op: str) -> list:
             and (v.d_mask, v.features) == variants.KINDS[0]]
 
 
-def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str) -> dict:
+def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, tiles: list | None = None) -> dict:
     """{(bucket, tile): folder with a manifest of that tile's plain image (and its companions), or the static-check
     failures}."""
-    cands = [(b, tile, kinds) for b in buckets for tile, kinds in candidate_variants(arch, b, op)]
+    cands = [(b, tile, kinds) for b in buckets for tile, kinds in candidate_variants(arch, b, op, tiles)]
     work = [(v, root / f"{op}-{arch}-d{b}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for b, t, kinds in cands for v in kinds]
     fixed = [(v, root / f"companions-{arch}-d{b}") for b in buckets for v in _companions(arch, b, op)]
     with ProcessPoolExecutor(jobs) as pool:
@@ -142,6 +143,13 @@ def time_tile(folder: Path, arch: str, bucket: int, op: str) -> dict:
     return times
 
 
+def parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
+    tiles = [tuple(int(x) for x in t.split(",")) for t in text.split(";") if t]
+    if not tiles or any(len(t) != 4 for t in tiles):
+        raise argparse.ArgumentTypeError(f"--tiles: expected M,N,WARPS,STAGES;... got {text!r}")
+    return tiles
+
+
 def main(argv=None) -> int:
     from fa2rt.bench import geomean
 
@@ -149,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="sm90,sm80,sm89")
     p.add_argument("--op", default="fwd", choices=variants.OPS)
     p.add_argument("--buckets", default="16,32,64,128,256")
+    p.add_argument("--tiles", type=parse_tiles, help="candidates instead of the op's list: M,N,WARPS,STAGES;...")
     p.add_argument("--out", type=Path, required=True, help="folder for tune.json")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--write", action="store_true", help="store the winning tiles in backends/<vendor>/tiles.json")
@@ -159,7 +168,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fa2rt-tune-") as tmp:
         os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         for arch in args.archs.split(","):
-            for (bucket, tile), built in build_all(arch, buckets, Path(tmp), args.jobs, args.op).items():
+            for (bucket, tile), built in build_all(arch, buckets, Path(tmp), args.jobs, args.op, args.tiles).items():
                 row = {"arch": arch, "op": args.op, "bucket": bucket, "tile": tile}
                 if isinstance(built, list):
                     row["failed"] = built
