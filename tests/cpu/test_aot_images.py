@@ -164,3 +164,19 @@ def test_parsers():
     assert res == {"vgpr_count": 250, "sgpr_count": 106, "agpr_count": 4, "scratch_bytes": 0, "lds_bytes": 32768,
                    "sgpr_spill_count": 13, "vgpr_spill_count": 0, "mfma_count": 2}
     assert aot.rocm_checks(res, 0, 65536) == []  # SGPR spills to VGPR lanes are not scratch
+
+
+def test_tune_tiles_option():
+    import argparse
+
+    import tune
+
+    assert tune.parse_tiles("32,64,4,1;64,64,4,3") == [(32, 64, 4, 1), (64, 64, 4, 3)]
+    for bad in ("", "32,64,4", "32,64,4,1;x"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            tune.parse_tiles(bad)
+    # Given tiles replace the op's candidate list; every image kind of the bucket is built for each.
+    cands = tune.candidate_variants("sm90", 64, "bwd_dkdv", [(32, 64, 4, 1)])
+    assert [tile for tile, _ in cands] == [(32, 64, 4, 1)]
+    assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in cands[0][1]} == {(32, 64, 4, 1)}
+    assert len(cands[0][1]) == len(variants.KINDS)
