@@ -1,6 +1,7 @@
 """Tile tuning on a GPU: which (block_m, block_n, warps, stages) each arch, op and head-dim bucket should build.
 
     python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--op fwd] [--buckets 64,128] [--write]
+                                    [--tiles M,N,WARPS,STAGES;...]
 
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
 only counts if all of them pass the AOT static checks: no spills, shared memory within the arch's limit), then times
