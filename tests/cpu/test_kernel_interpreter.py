@@ -398,11 +398,10 @@ def _window_cases():
 
 def _feature_cases():
     # Per vendor, its feature tile: softcap, ALiBi and both on the kinds that carry them, with exact and masked head
-    # dims, both slope layouts with odd strides, windows, negative and zero scales (the hot path moves a negative
-    # scale's sign into q), rows with no key.
+    # dims, both slope layouts with odd strides, windows, negative and zero scales (a negative scale sends every key
+    # block through the masked loop), rows with no key. Vendors whose feature tiles coincide share the cases.
     cases = []
-    for vendor in TILES:
-        tile, _arch = _feature_tile(vendor)
+    for tile in dict.fromkeys(_feature_tile(vendor)[0] for vendor in TILES):
         d = tile[2]
         dm = _dmask_head_dim(d)
         f32, f16 = torch.float32, torch.float16
