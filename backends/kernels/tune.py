@@ -1,10 +1,11 @@
 """Tile tuning on a GPU: which (block_m, block_n, warps, stages) each arch, op and head-dim bucket should build.
 
     python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--op fwd] [--buckets 64,128] [--write]
-                                    [--tiles M,N,WARPS,STAGES;...]
+                                    [--tiles M,N,WARPS,STAGES;...] [--max-stack-bytes N]
 
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
-only counts if all of them pass the AOT static checks: no spills, shared memory within the arch's limit), then times
+only counts if all of them pass the AOT static checks: no spills (or at most --max-stack-bytes), shared memory within
+the arch's limit), then times
 the plain exact image through fa2rt.attention on bf16 problems of the FA2 grid (16k tokens, hidden 2048), causal and
 not: the forward call for fwd; for a backward op, the backward call (torch.autograd.grad), with the other kernels
 on their current tiles.
@@ -45,12 +46,14 @@ CANDIDATES = {
 SEQLENS = (1024, 4096)
 
 
-def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None) -> list[tuple[tuple, list]]:
+def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None,
+                       max_stack_bytes: int = 0) -> list[tuple[tuple, list]]:
     base = next(v for v in variants.variants([arch]) if v.op == op)
     out = []
     for m, n, w, s in tiles or CANDIDATES[op].get(base.vendor, []):
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
-                                     block_m=m, block_n=n, num_warps=w, num_stages=s)
+                                     block_m=m, block_n=n, num_warps=w, num_stages=s,
+                                     max_stack_bytes=max_stack_bytes)
                  for d_mask, features in variants.KINDS]
         out.append(((m, n, w, s), kinds))
     return out
@@ -71,10 +74,12 @@ def _companions(arch: str, bucket: int, op: str) -> list:
             and (v.d_mask, v.features) == variants.KINDS[0]]
 
 
-def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, tiles: list | None = None) -> dict:
-    """{(bucket, tile): folder with a manifest of that tile's plain image (and its companions), or the static-check
-    failures}."""
-    cands = [(b, tile, kinds) for b in buckets for tile, kinds in candidate_variants(arch, b, op, tiles)]
+def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, tiles: list | None = None,
+              max_stack_bytes: int = 0) -> dict:
+    """{(bucket, tile): (folder with a manifest of that tile's plain image and its companions, the largest stack
+    frame of the tile's kinds), or the static-check failures}."""
+    cands = [(b, tile, kinds) for b in buckets
+             for tile, kinds in candidate_variants(arch, b, op, tiles, max_stack_bytes)]
     work = [(v, root / f"{op}-{arch}-d{b}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for b, t, kinds in cands for v in kinds]
     fixed = [(v, root / f"companions-{arch}-d{b}") for b in buckets for v in _companions(arch, b, op)]
     with ProcessPoolExecutor(jobs) as pool:
@@ -101,7 +106,7 @@ def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, til
                         name = row[kind]["file"]
                         (folder / name).write_bytes((root / f"companions-{arch}-d{b}" / name).read_bytes())
             aot.write_manifest(folder, [rows_fails[0][0]] + companion_rows.get(b, []))
-            built[(b, tile)] = folder
+            built[(b, tile)] = (folder, max(row["resources"].get("stack_bytes", 0) for row, _ in rows_fails))
     return built
 
 
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--op", default="fwd", choices=variants.OPS)
     p.add_argument("--buckets", default="16,32,64,128,256")
     p.add_argument("--tiles", type=parse_tiles, help="candidates instead of the op's list: M,N,WARPS,STAGES;...")
+    p.add_argument("--max-stack-bytes", type=int, default=0,
+                   help="accept tiles that spill up to this many bytes (a winner that does is stored with it)")
     p.add_argument("--out", type=Path, required=True, help="folder for tune.json")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--write", action="store_true", help="store the winning tiles in backends/<vendor>/tiles.json")
@@ -169,12 +176,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fa2rt-tune-") as tmp:
         os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         for arch in args.archs.split(","):
-            for (bucket, tile), built in build_all(arch, buckets, Path(tmp), args.jobs, args.op, args.tiles).items():
+            built_all = build_all(arch, buckets, Path(tmp), args.jobs, args.op, args.tiles, args.max_stack_bytes)
+            for (bucket, tile), built in built_all.items():
                 row = {"arch": arch, "op": args.op, "bucket": bucket, "tile": tile}
                 if isinstance(built, list):
                     row["failed"] = built
                 else:
-                    row["tflops"] = time_tile(built, arch, bucket, args.op)
+                    folder, row["stack_bytes"] = built
+                    row["tflops"] = time_tile(folder, arch, bucket, args.op)
                     row["geomean"] = geomean(row["tflops"].values())
                     best = winners.get((arch, bucket))
                     if best is None or row["geomean"] > best["geomean"]:
@@ -197,7 +206,10 @@ def write_tiles(winners: dict, op: str) -> None:
         for (arch, bucket), row in winners.items():
             if arch in doc["archs"]:
                 m, n, w, s = row["tile"]
-                doc["archs"][arch][op][str(bucket)].update(block_m=m, block_n=n, num_warps=w, num_stages=s)
+                cfg = doc["archs"][arch][op][str(bucket)]
+                cfg.update(block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=row["stack_bytes"])
+                if not cfg["max_stack_bytes"]:
+                    del cfg["max_stack_bytes"]
         path.write_text(variants.dump_tiles(doc))
 
 

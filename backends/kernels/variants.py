@@ -79,6 +79,9 @@ class Variant:
     num_warps: int
     num_stages: int
     waves_per_eu: int | None  # AMD only
+    # Spill bytes (the cubin's stack frame) the static checks accept; 0 unless tiles.json grants more for a tile that
+    # measured faster spilling than every tile that does not spill.
+    max_stack_bytes: int = 0
 
     @property
     def feature_tag(self) -> str:
@@ -106,5 +109,6 @@ def variants(archs: list[str]) -> list[Variant]:
                             max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
                             d_mask=d_mask, features=features, block_m=cfg["block_m"], block_n=cfg["block_n"],
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                            waves_per_eu=cfg.get("waves_per_eu")))
+                            waves_per_eu=cfg.get("waves_per_eu"),
+                            max_stack_bytes=cfg.get("max_stack_bytes", 0)))
     return out
