@@ -5,10 +5,9 @@
 
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
 only counts if all of them pass the AOT static checks: no spills (or at most --max-stack-bytes), shared memory within
-the arch's limit), then times
-the plain exact image through fa2rt.attention on bf16 problems of the FA2 grid (16k tokens, hidden 2048), causal and
-not: the forward call for fwd; for a backward op, the backward call (torch.autograd.grad), with the other kernels
-on their current tiles.
+the arch's limit), then times the plain exact image through fa2rt.attention on bf16 problems of the FA2 grid (16k
+tokens, hidden 2048), causal and not: the forward call for fwd; for a backward op, the backward call
+(torch.autograd.grad), with the other kernels on their current tiles.
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
 """
