@@ -87,11 +87,14 @@ FULL = {"seqlen": list(SEQLENS), "head_dim": list(HEAD_DIMS), "dtype": list(DTYP
         "crossover_batch": list(CROSSOVER_BATCHES), "crossover_head_dim": list(CROSSOVER_HEAD_DIMS)}
 
 CROSSOVER_SCHEMA = 1
-CROSSOVER_COMMENT = ("Per-arch seqlen_k below which SDPA beats fa2rt's kernel, measured by python -m fa2rt.bench. "
-                     "An arch with no entry has no measured crossover and always uses the kernel.")
-CROSSOVER_RULE = ("min_seqlen_k = the smallest measured seqlen s such that at every measured seqlen >= s the "
-                  "geometric mean over configurations of best_sdpa_ms / fa2rt_ms is >= 1; the largest measured "
-                  "seqlen + 1 when fa2rt is slower at the largest one")
+CROSSOVER_COMMENT = ("Per arch, min_seqlen_k: calls with a shorter seqlen_k use SDPA, because the best SDPA backend "
+                     "measured faster there (python -m fa2rt.bench --crossover --write-crossover); 0: measured, and "
+                     "no short-sequence fallback. An arch with no entry has not been measured and always uses the "
+                     "kernel. FA2RT_MIN_SEQLEN overrides it.")
+CROSSOVER_RULE = ("ratio(s) = geometric mean over configurations of best_sdpa_ms / fa2rt_ms at seqlen s; "
+                  "min_seqlen_k = the first measured s, counting up from the shortest, with ratio(s) >= 1; 0 when "
+                  "that is the shortest measured s; the largest measured s + 1 when there is none. slower_from = "
+                  "the smallest measured s with ratio < 1 at it and every longer measured seqlen")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -612,38 +615,60 @@ def ratio_by_seqlen(rows) -> dict[int, dict]:
     return out
 
 
+def _measured_seqlens(ratios: dict) -> list[int]:
+    return sorted(s for s, r in ratios.items() if r is not None and math.isfinite(r))
+
+
 def crossover_threshold(ratios: dict) -> int | None:
     """The short-sequence threshold (min_seqlen_k: calls with seqlen_k below it use SDPA) from
     {seqlen: geometric mean of best_sdpa_ms / fa2rt_ms} (a value of None: nothing measured there; ignored).
 
-    Rule: the smallest measured seqlen s such that at every measured seqlen >= s the ratio is >= 1 (fa2rt at least
-    as fast as the best SDPA backend). So one losing seqlen above winning ones moves the threshold above it, and
-    lengths between the last losing and the first winning measured seqlen use SDPA. Edge cases: fa2rt faster
-    everywhere -> the smallest measured seqlen (shorter, unmeasured lengths keep using SDPA); fa2rt slower at the
-    largest measured seqlen (e.g. nowhere faster) -> largest measured seqlen + 1, i.e. every measured length falls
-    back and nothing is claimed beyond the measured range (crossover_note says so; extend --crossover-seqlen then).
-    None when no seqlen has a ratio.
+    Rule: counting up from the shortest measured seqlen, short sequences fall back while the best SDPA backend is
+    faster; min_seqlen_k is the first measured seqlen at which fa2rt is at least as fast (ratio >= 1). 0 (no
+    fallback) when fa2rt is at least as fast at the shortest measured seqlen: nothing shorter was measured, and
+    no fallback is taken without a measurement. Losses after that first win do not move the threshold: a backend that
+    is faster at long sequences is not a short-sequence effect, and a threshold cannot route it without sending
+    every shorter call to SDPA too (slower_from reports it). Slower at every measured seqlen -> largest measured
+    seqlen + 1, and crossover_note asks for longer measurements. None when no seqlen has a ratio.
     """
-    measured = sorted(s for s, r in ratios.items() if r is not None and math.isfinite(r))
+    measured = _measured_seqlens(ratios)
     if not measured:
         return None
-    losing = [s for s in measured if ratios[s] < 1.0]
-    if not losing:
-        return measured[0]
-    above = [s for s in measured if s > losing[-1]]
-    return above[0] if above else losing[-1] + 1
+    first_win = next((s for s in measured if ratios[s] >= 1.0), None)
+    if first_win is None:
+        return measured[-1] + 1
+    return 0 if first_win == measured[0] else first_win
+
+
+def slower_from(ratios: dict) -> int | None:
+    """The smallest measured seqlen from which on fa2rt is slower than the best SDPA backend at every measured
+    seqlen; None when it is at least as fast at the largest."""
+    measured = _measured_seqlens(ratios)
+    start = None
+    for s in reversed(measured):
+        if ratios[s] >= 1.0:
+            break
+        start = s
+    return start
 
 
 def crossover_note(ratios: dict, threshold) -> str:
-    measured = sorted(s for s, r in ratios.items() if r is not None and math.isfinite(r))
+    measured = _measured_seqlens(ratios)
     if threshold is None:
         return "no seqlen had both fa2rt's kernel and an SDPA backend timed: no threshold"
     if threshold > measured[-1]:
-        return (f"fa2rt was slower than the best SDPA backend at the largest measured seqlen {measured[-1]}: the "
-                f"threshold {threshold} only says every measured length falls back; measure longer sequences")
-    if threshold == measured[0]:
-        return f"fa2rt was at least as fast at every measured seqlen: threshold = the smallest, {threshold}"
-    return f"fa2rt is at least as fast from seqlen {threshold} on"
+        return (f"fa2rt was slower than the best SDPA backend at every measured seqlen: the threshold {threshold} "
+                "only says every measured length falls back; measure longer sequences")
+    if threshold == 0:
+        note = (f"fa2rt was at least as fast as the best SDPA backend at the shortest measured seqlen "
+                f"{measured[0]}: no short-sequence fallback")
+    else:
+        note = f"the best SDPA backend is faster below seqlen {threshold}, fa2rt from there on"
+    longer = slower_from(ratios)
+    if longer is not None:
+        note += (f"; the best SDPA backend is faster from seqlen {longer} on: not a short-sequence effect, so "
+                 "not routed by this threshold")
+    return note
 
 
 def crossover_arch(rows) -> tuple[str | None, str]:
@@ -858,7 +883,7 @@ def run_crossover(args, env, tag, settings) -> int:
     (args.out / f"crossover-{tag}.json").write_text(json.dumps(
         {"environment": env, "settings": {**settings, "rep_ms": args.crossover_rep_ms, **cfg},
          "rule": CROSSOVER_RULE, "arch": arch, "image_mode": mode, "min_seqlen_k": threshold,
-         "note": crossover_note(_geomeans(ratios), threshold),
+         "slower_from": slower_from(_geomeans(ratios)), "note": crossover_note(_geomeans(ratios), threshold),
          "ratio_by_seqlen": {str(s): r for s, r in ratios.items()}, "rows": rows}, indent=1))
     print(crossover_table(ratios, threshold, arch or f"unknown arch ({mode})"), flush=True)
     if args.write_crossover:
@@ -868,7 +893,8 @@ def run_crossover(args, env, tag, settings) -> int:
             return 1
         measured = {**{k: env[k] for k in ("device", "capability", "driver", "torch", "cuda", "triton", "date")},
                     "image_mode": mode, **cfg, "rule": CROSSOVER_RULE,
-                    "ratio_by_seqlen": {str(s): r["geomean"] for s, r in ratios.items()}}
+                    "ratio_by_seqlen": {str(s): r["geomean"] for s, r in ratios.items()},
+                    "slower_from": slower_from(_geomeans(ratios)), "note": crossover_note(_geomeans(ratios), threshold)}
         merge_crossover(args.write_crossover, arch, threshold, measured)
         print(f"wrote min_seqlen_k={threshold} for {arch} into {args.write_crossover}")
     return status

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import _C, __version__, builds, hip_probe, report
+from . import _C, __version__, builds, config, hip_probe, report
 from .api import attention, explain
 from .policy import FallbackWarning
 from .reference import attention_reference
@@ -199,6 +199,14 @@ def _render_rocm(rocm: dict) -> list[str]:
     return lines
 
 
+def _short_sequence_text(rule: dict) -> str:
+    n, source = rule["min_seqlen_k"], rule["source"]
+    head = f"seqlen_k < {n} falls back to SDPA" if n else "no fallback by length"
+    if source == "measured":
+        return f"{head} (measured on {rule.get('device', '?')} {rule.get('date', '')[:10]}: {rule.get('note', '')})"
+    return f"{head} ({'set by ' + source if source == config.MIN_SEQLEN else source})"
+
+
 def render_text(result: dict) -> str:
     lines = [f"fa2rt {result['fa2rt_version']} doctor"]
     lines.append("\n[drivers]")
@@ -215,6 +223,7 @@ def render_text(result: dict) -> str:
         lines.append(f"  {d['vendor']}:{d['index']} {d['name']} arch {d['arch']} (raw {d['arch_raw']}), "
                      f"{d['multiprocessors']} SMs/CUs, shared opt-in {d['shared_optin_bytes']} B; runs builds: "
                      f"{compat}; {len(d['usable_images'])} usable images")
+        lines.append(f"    short sequences: {_short_sequence_text(d['short_sequence'])}")
     t = result["torch"]
     lines.append("\n[torch]")
     if t.get("error"):

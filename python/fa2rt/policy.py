@@ -53,9 +53,23 @@ def _crossover() -> dict:
     return json.loads(CROSSOVER_FILE.read_text())["archs"]
 
 
-def short_sequence_threshold(arch: str) -> int:
+def short_sequence_rule(arch: str) -> dict:
+    """The short-sequence threshold of an arch (min_seqlen_k: shorter seqlen_k use SDPA) and where it comes from:
+    the FA2RT_MIN_SEQLEN override, the measured crossover data (with the measurement's device, date and note), or
+    nothing measured (0: always the kernel)."""
     override = config.min_seqlen_override()
-    return override if override is not None else int(_crossover().get(arch, {}).get("min_seqlen_k", 0))
+    if override is not None:
+        return {"min_seqlen_k": override, "source": config.MIN_SEQLEN}
+    entry = _crossover().get(arch)
+    if entry is None:
+        return {"min_seqlen_k": 0, "source": "not measured"}
+    measured = entry.get("measured", {})
+    return {"min_seqlen_k": int(entry["min_seqlen_k"]), "source": "measured",
+            **{key: measured[key] for key in ("device", "date", "image_mode", "note") if key in measured}}
+
+
+def short_sequence_threshold(arch: str) -> int:
+    return short_sequence_rule(arch)["min_seqlen_k"]
 
 
 def _device_dict(info) -> dict:

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from . import _C, builds, config
+from . import _C, builds, config, policy
 
 REPORT_SCHEMA = 1
 VENDORS = ("cuda", "rocm")
@@ -27,7 +27,7 @@ def device_entry(info: "_C.DeviceInfo", build: builds.Build) -> dict:
             "arch_raw": info.arch_raw, "multiprocessors": info.multiprocessors, "warp_size": info.warp_size,
             "shared_optin_bytes": info.shared_optin_bytes,
             "compatible_archs": [{"arch": arch, "mode": mode} for arch, mode in compat],
-            "usable_images": usable}
+            "usable_images": usable, "short_sequence": policy.short_sequence_rule(info.arch)}
 
 
 def probe_devices() -> tuple[dict, list]:

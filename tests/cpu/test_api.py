@@ -5,9 +5,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import fa2rt
-from fa2rt import builds, config, policy
+from fa2rt import builds, config, doctor, policy, report
 from fa2rt.reference import attention_reference
 
 
@@ -147,6 +148,26 @@ def test_short_sequence_threshold(on_device, monkeypatch):
     monkeypatch.setenv(config.MIN_SEQLEN, "64")
     d = fa2rt.explain(*qkv(dtype=torch.bfloat16, d=128, nk=40))
     assert d.reason == "short_sequence" and "40" in d.message and "64" in d.message
+
+
+def test_short_sequence_rule_names_its_source(monkeypatch):
+    measured = {"device": "NVIDIA H200", "date": "2026-11-21T11:21:24+00:00", "note": "n", "rule": "r"}
+    monkeypatch.setattr(policy, "_crossover", lambda: {"sm90": {"min_seqlen_k": 0, "measured": measured},
+                                                       "sm89": {"min_seqlen_k": 128}})
+    monkeypatch.delenv(config.MIN_SEQLEN, raising=False)
+    assert policy.short_sequence_rule("sm90") == {"min_seqlen_k": 0, "source": "measured", "device": "NVIDIA H200",
+                                                  "date": measured["date"], "note": "n"}
+    assert policy.short_sequence_rule("sm89") == {"min_seqlen_k": 128, "source": "measured"}
+    assert policy.short_sequence_rule("sm80") == {"min_seqlen_k": 0, "source": "not measured"}
+    assert doctor._short_sequence_text(policy.short_sequence_rule("sm90")) == (
+        "no fallback by length (measured on NVIDIA H200 2026-11-21: n)")
+    assert doctor._short_sequence_text(policy.short_sequence_rule("sm89")).startswith("seqlen_k < 128 falls back")
+    monkeypatch.setenv(config.MIN_SEQLEN, "32")
+    assert policy.short_sequence_rule("sm90") == {"min_seqlen_k": 32, "source": config.MIN_SEQLEN}
+    assert doctor._short_sequence_text(policy.short_sequence_rule("sm90")) == (
+        "seqlen_k < 32 falls back to SDPA (set by FA2RT_MIN_SEQLEN)")
+    entry = report.device_entry(DEVICES["sm90"], builds.current_build())
+    assert entry["short_sequence"] == {"min_seqlen_k": 32, "source": config.MIN_SEQLEN}
 
 
 def test_turing_falls_back_with_arch_reason(on_device):

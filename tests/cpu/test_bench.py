@@ -264,24 +264,28 @@ def test_explain_records():
 
 # --- crossover ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ratios, threshold", [
-    ({16: 0.5, 32: 0.8, 64: 1.1, 128: 1.3, 256: 1.2}, 64),  # crossing inside the range
-    ({16: 1.2, 32: 1.0, 64: 1.5}, 16),  # always at least as fast (1.0 counts): the smallest measured
-    ({16: 0.5, 32: 0.7, 1024: 0.9}, 1025),  # never faster: just above the largest measured
-    ({16: 1.2, 32: 1.1, 64: 0.9, 128: 1.1}, 128),  # a loss above wins moves the threshold above it
-    ({16: 1.2, 32: 1.1, 64: 0.99}, 65),  # loses only at the largest
-    ({16: 0.5, 32: None, 64: float("nan"), 128: 1.1}, 128),  # unmeasured seqlens are ignored
-    ({16: None}, None),
-    ({}, None),
+@pytest.mark.parametrize("ratios, threshold, slower", [
+    ({16: 0.5, 32: 0.8, 64: 1.1, 128: 1.3, 256: 1.2}, 64, None),  # crossing inside the range
+    ({16: 1.2, 32: 1.0, 64: 1.5}, 0, None),  # at least as fast from the shortest (1.0 counts): no fallback
+    ({16: 0.5, 32: 0.7, 1024: 0.9}, 1025, 16),  # never faster: just above the largest measured
+    ({16: 1.2, 32: 1.1, 64: 0.9, 128: 1.1}, 0, None),  # a loss after a win does not move the threshold
+    ({16: 1.04, 32: 1.01, 64: 1.03, 128: 0.93, 1024: 0.8}, 0, 128),  # H200-like: SDPA faster only at long lengths
+    ({16: 0.9, 32: 1.1, 64: 0.9, 128: 0.8}, 32, 64),  # a short loss, then a win, then losses at long lengths
+    ({16: 0.5, 32: None, 64: float("nan"), 128: 1.1}, 128, None),  # unmeasured seqlens are ignored
+    ({16: None}, None, None),
+    ({}, None, None),
 ])
-def test_crossover_threshold_rule(ratios, threshold):
+def test_crossover_threshold_rule(ratios, threshold, slower):
     assert bench.crossover_threshold(ratios) == threshold
+    assert bench.slower_from(ratios) == slower
 
 
 def test_crossover_notes():
     assert "measure longer" in bench.crossover_note({16: 0.5, 32: 0.7}, 33)
-    assert "every measured seqlen" in bench.crossover_note({16: 1.5}, 16)
-    assert "from seqlen 32 on" in bench.crossover_note({16: 0.5, 32: 1.5}, 32)
+    assert bench.crossover_note({16: 1.5}, 0).endswith("shortest measured seqlen 16: no short-sequence fallback")
+    assert "faster below seqlen 32, fa2rt from there on" in bench.crossover_note({16: 0.5, 32: 1.5}, 32)
+    note = bench.crossover_note({16: 1.1, 32: 0.9, 64: 0.8}, 0)
+    assert "no short-sequence fallback" in note and "faster from seqlen 32 on: not a short-sequence effect" in note
     assert "no threshold" in bench.crossover_note({}, None)
 
 
@@ -298,12 +302,12 @@ def test_ratio_by_seqlen_is_a_geomean_over_configurations():
     assert got[16]["min"] == pytest.approx(0.25) and got[16]["max"] == pytest.approx(4.0)
     assert got[32] == {"geomean": None, "n": 0, "min": None, "max": None}
     assert got[64]["geomean"] == pytest.approx(2.0)
-    assert bench.crossover_threshold(bench._geomeans(got)) == 16
+    assert bench.crossover_threshold(bench._geomeans(got)) == 0
     assert bench.crossover_arch(rows) == ("sm90", "native")
     rows[1]["fa2rt_explain"] = {"path": "kernel", "image": "fwd-sm80-x", "mode": "ptx-jit", "arch": "sm80"}
     assert bench.crossover_arch(rows)[0] is None
-    text = bench.crossover_table(got, 16, "sm90")
-    assert "min_seqlen_k for sm90: 16" in text
+    text = bench.crossover_table(got, 0, "sm90")
+    assert "min_seqlen_k for sm90: 0 (fa2rt was at least as fast" in text
     assert [line.split() for line in text.splitlines()][3] == ["32", "0", "-", "-", "-"]
 
 
@@ -429,15 +433,17 @@ def test_main_runs_every_mode_end_to_end(cpu_stand_ins, tmp_path, capsys):
     assert ["fa2rt", "fwd+bwd", "False", "64"] in [line.split()[:4] for line in text.splitlines()]
 
     cross = json.loads((out / "crossover-native.json").read_text())
-    assert cross["arch"] == "sm90" and cross["min_seqlen_k"] == 16 and len(cross["rows"]) == 2 * 2
+    assert cross["arch"] == "sm90" and cross["min_seqlen_k"] == 0 and len(cross["rows"]) == 2 * 2
     assert cross["ratio_by_seqlen"]["16"]["geomean"] == pytest.approx(1.0)
     written = json.loads(crossover.read_text())
     assert written["archs"]["sm80"] == {"min_seqlen_k": 8} and written["_comment"] == "c"
-    assert written["archs"]["sm90"]["min_seqlen_k"] == 16
-    assert written["archs"]["sm90"]["measured"]["device"] == "CPU stand-in"
+    assert written["archs"]["sm90"]["min_seqlen_k"] == 0
+    measured = written["archs"]["sm90"]["measured"]
+    assert measured["device"] == "CPU stand-in" and measured["slower_from"] is None
+    assert measured["note"].endswith("no short-sequence fallback")
 
     assert not (out / "fwd-native.png").exists() or (out / "fwd-native.png").stat().st_size > 0
-    assert "min_seqlen_k for sm90: 16" in text and "wrote min_seqlen_k=16 for sm90" in text
+    assert "min_seqlen_k for sm90: 0" in text and "wrote min_seqlen_k=0 for sm90" in text
     last = text.rstrip().splitlines()
     assert last[-1].startswith("fa2rt not timed on 4 of 8 rows") and last[-2].startswith("all")
     assert last[0].startswith("{") and json.loads(last[0])["device"] == "CPU stand-in"
