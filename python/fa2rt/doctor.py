@@ -203,7 +203,8 @@ def _short_sequence_text(rule: dict) -> str:
     n, source = rule["min_seqlen_k"], rule["source"]
     head = f"seqlen_k < {n} falls back to SDPA" if n else "no fallback by length"
     if source == "measured":
-        return f"{head} (measured on {rule.get('device', '?')} {rule.get('date', '')[:10]}: {rule.get('note', '')})"
+        where = f"{rule.get('device', '?')}, {rule.get('date', '?')[:10]}"
+        return f"{head} (measured on {where}; the JSON report has the note)"
     return f"{head} ({'set by ' + source if source == config.MIN_SEQLEN else source})"
 
 

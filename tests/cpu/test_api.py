@@ -160,7 +160,7 @@ def test_short_sequence_rule_names_its_source(monkeypatch):
     assert policy.short_sequence_rule("sm89") == {"min_seqlen_k": 128, "source": "measured"}
     assert policy.short_sequence_rule("sm80") == {"min_seqlen_k": 0, "source": "not measured"}
     assert doctor._short_sequence_text(policy.short_sequence_rule("sm90")) == (
-        "no fallback by length (measured on NVIDIA H200 2026-11-21: n)")
+        "no fallback by length (measured on NVIDIA H200, 2026-11-21; the JSON report has the note)")
     assert doctor._short_sequence_text(policy.short_sequence_rule("sm89")).startswith("seqlen_k < 128 falls back")
     monkeypatch.setenv(config.MIN_SEQLEN, "32")
     assert policy.short_sequence_rule("sm90") == {"min_seqlen_k": 32, "source": config.MIN_SEQLEN}
