@@ -129,6 +129,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("head_dim", &ImageInfo::head_dim)
       .def_readwrite("d_mask", &ImageInfo::d_mask)
       .def_readwrite("features", &ImageInfo::features)
+      .def_readwrite("full_band_only", &ImageInfo::full_band_only)
       .def_readwrite("block_m", &ImageInfo::block_m)
       .def_readwrite("block_n", &ImageInfo::block_n)
       .def_readwrite("num_warps", &ImageInfo::num_warps)
@@ -154,6 +155,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("nheads_k", &Problem::nheads_k)
       .def_readwrite("head_dim", &Problem::head_dim)
       .def_readwrite("features", &Problem::features)
+      .def_readwrite("full_band", &Problem::full_band)
       .def_readwrite("aligned16", &Problem::aligned16)
       .def_readwrite("strides8", &Problem::strides8)
       .def_readwrite("max_head_extent", &Problem::max_head_extent);

@@ -37,8 +37,8 @@ const char* load_mode_name(LoadMode m) {
 
 const char* reject_name(Reject r) {
   static const char* const names[] = {
-      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable", "forced_out", "dtype",
-      "head_dim",  "features",  "alignment",        "shared_memory", "index_range",  "grid_limit",
+      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable", "forced_out", "dtype", "head_dim",
+      "features",  "band",      "alignment",        "shared_memory", "index_range",  "grid_limit",
   };
   return names[static_cast<int>(r)];
 }
@@ -115,6 +115,11 @@ std::string check_features(const Problem& p, const DeviceInfo&, const ImageInfo&
   return "";
 }
 
+std::string check_band(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
+  if (!img.full_band_only || p.full_band) return "";
+  return "band: image's tile is tuned for calls without causal or window, problem has one";
+}
+
 std::string check_alignment(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
   if (img.align16 && !p.aligned16)
     return "alignment: image assumes " + str(kAlignBytes) + "-byte aligned q/k/v/out pointers, and one is not";
@@ -158,10 +163,15 @@ struct NamedCheck {
 // The order the checks run in; the first failing check is the image's rejection.
 const std::vector<NamedCheck>& checks() {
   static const std::vector<NamedCheck> list = {
-      {Reject::kPtxUnusable, check_ptx},        {Reject::kDtype, check_dtype},
-      {Reject::kHeadDim, check_head_dim},       {Reject::kFeatures, check_features},
-      {Reject::kAlignment, check_alignment},    {Reject::kSharedMemory, check_shared_memory},
-      {Reject::kIndexRange, check_index_range}, {Reject::kGridLimit, check_grid},
+      {Reject::kPtxUnusable, check_ptx},
+      {Reject::kDtype, check_dtype},
+      {Reject::kHeadDim, check_head_dim},
+      {Reject::kFeatures, check_features},
+      {Reject::kBand, check_band},
+      {Reject::kAlignment, check_alignment},
+      {Reject::kSharedMemory, check_shared_memory},
+      {Reject::kIndexRange, check_index_range},
+      {Reject::kGridLimit, check_grid},
   };
   return list;
 }

@@ -20,6 +20,7 @@ enum class Reject {
   kDtype,
   kHeadDim,
   kFeatures,
+  kBand,  // a full-band-only image, and the call has causal or a window
   kAlignment,
   kSharedMemory,
   kIndexRange,

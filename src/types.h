@@ -42,6 +42,7 @@ struct ImageInfo {
   int head_dim = 0;                   // the compiled head-dim bucket
   bool d_mask = false;                // also takes head dims below the bucket (multiples of 8), masking the tail
   std::vector<std::string> features;  // optional score terms compiled in: "softcap", "alibi"
+  bool full_band_only = false;        // tile tuned for calls whose band covers every key: serves only those
   int block_m = 0;
   int block_n = 0;
   int num_warps = 0;
@@ -68,6 +69,7 @@ struct Problem {
   int64_t nheads_k = 0;
   int64_t head_dim = 0;
   std::vector<std::string> features;  // score terms the call needs: "softcap", "alibi" (causal/window are run time)
+  bool full_band = false;             // no causal and no window: every query row sees every key
   bool aligned16 = true;              // every base pointer 16-byte aligned
   bool strides8 = true;               // every q/k/v/out stride a multiple of 8 elements
   int64_t max_head_extent = 0;        // largest element offset inside one (batch, head) slice of any tensor

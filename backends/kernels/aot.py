@@ -27,7 +27,8 @@ from fwd import STRIDE_UNIT  # noqa: E402
 from variants import ARCHS, OPS, Variant, variants  # noqa: E402
 
 TRITON_VERSION = "3.6.0"  # pinned by the design; the launch ABI below was checked against it
-SCHEMA_VERSION = 2  # 2: head-dim buckets with d_mask and features; strides in units of fwd.STRIDE_UNIT
+# 2: head-dim buckets with d_mask and features; strides in units of fwd.STRIDE_UNIT; 3: rows say full_band_only
+SCHEMA_VERSION = 3
 # Triton 3.6 appends global_scratch and profile_scratch pointers after the user params, on both vendors
 # (backends/nvidia/driver.py and backends/amd/driver.py: params.append("&global_scratch"), "&profile_scratch").
 SCRATCH_PARAMS = 2
@@ -217,7 +218,8 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
         failures = rocm_checks(res, getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes)
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
-        "d_mask": v.d_mask, "features": list(v.features), "block_m": v.block_m, "block_n": v.block_n,
+        "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
+        "block_m": v.block_m, "block_n": v.block_n,
         "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,
         "threads": v.num_warps * v.warp_size,
         "shared_bytes": md.shared, "kernel_name": md.name, "params": [list(p) for p in params],

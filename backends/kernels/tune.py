@@ -47,7 +47,7 @@ SEQLENS = (1024, 4096)
 
 def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None,
                        max_stack_bytes: int = 0) -> list[tuple[tuple, list]]:
-    base = next(v for v in variants.variants([arch]) if v.op == op)
+    base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only)
     out = []
     for m, n, w, s in tiles or CANDIDATES[op].get(base.vendor, []):
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,

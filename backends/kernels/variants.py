@@ -21,6 +21,11 @@ DTYPES = ("fp16", "bf16")
 # keeps the grid at four kinds instead of six. Causal and window_size are run-time parameters of every image.
 KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
 
+# A tile table entry may carry a "full_band" entry: the tile for calls whose band covers every key (no causal, no
+# window), where it measured faster than the entry's own tile. It builds the same kinds, marked full_band_only and
+# listed first, so the dispatcher prefers them for such calls and never gives them a banded one.
+FULL_BAND = "full_band"
+
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
     "sm80": ("cuda", "cuda", 80, "HMMA"),
@@ -82,6 +87,7 @@ class Variant:
     # Spill bytes (the cubin's stack frame) the static checks accept; 0 unless tiles.json grants more for a tile that
     # measured faster spilling than every tile that does not spill.
     max_stack_bytes: int = 0
+    full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
 
     @property
     def feature_tag(self) -> str:
@@ -91,7 +97,14 @@ class Variant:
     def name(self) -> str:
         dims = f"d{self.head_dim}{'m' if self.d_mask else ''}"
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
-        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}-{tile}"
+        band = "-fullband" if self.full_band_only else ""
+        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}-{tile}"
+
+
+def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False) -> dict:
+    """The tiles.json entry an image was built from."""
+    cfg = arch_info(arch)[op][str(head_dim)]
+    return cfg[FULL_BAND] if full_band_only else cfg
 
 
 def variants(archs: list[str]) -> list[Variant]:
@@ -101,14 +114,16 @@ def variants(archs: list[str]) -> list[Variant]:
         vendor, backend, target_arch, mma = ARCHS[arch]
         for op in OPS:
             for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
+                tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg else []
                 for dtype in DTYPES:
                     for d_mask, features in KINDS:
-                        out.append(Variant(
-                            op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
-                            warp_size=tiles(vendor)["warp_size"], mma_instr=cfg.get("mma_instr", mma),
-                            max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
-                            d_mask=d_mask, features=features, block_m=cfg["block_m"], block_n=cfg["block_n"],
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                            waves_per_eu=cfg.get("waves_per_eu"),
-                            max_stack_bytes=cfg.get("max_stack_bytes", 0)))
+                        for full_band_only, c in tile_cfgs + [(False, cfg)]:
+                            out.append(Variant(
+                                op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
+                                warp_size=tiles(vendor)["warp_size"], mma_instr=c.get("mma_instr", mma),
+                                max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
+                                d_mask=d_mask, features=features, block_m=c["block_m"], block_n=c["block_n"],
+                                num_warps=c["num_warps"], num_stages=c["num_stages"],
+                                waves_per_eu=c.get("waves_per_eu"), max_stack_bytes=c.get("max_stack_bytes", 0),
+                                full_band_only=full_band_only))
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import _C, config
 
-MANIFEST_SCHEMA = 2
+MANIFEST_SCHEMA = 3
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
     img.head_dim = row["head_dim"]
     img.d_mask = row["d_mask"]
     img.features = row["features"]
+    img.full_band_only = row["full_band_only"]
     img.block_m = row["block_m"]
     img.block_n = row["block_n"]
     img.num_warps = row["num_warps"]

@@ -85,6 +85,7 @@ def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
     p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.seqlen_k
     p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
     p.features = [name for name, needed in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi)) if needed]
+    p.full_band = shapes.window == (-1, -1)
     tensors = [t for t in tensors if t is not None]
     p.aligned16 = _aligned(tensors)
     # A dim of size 1 only ever multiplies its stride by 0, so its stride cannot break the assumption.
@@ -181,7 +182,7 @@ def _context_key(info) -> tuple:
 
 def _problem_key(p: "_C.Problem") -> tuple:
     return (p.op, p.dtype, p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.nheads_k, p.head_dim, tuple(p.features),
-            p.aligned16, p.strides8, p.max_head_extent)
+            p.full_band, p.aligned16, p.strides8, p.max_head_extent)
 
 
 def _select(op: str, shapes: Shapes, tensors, info) -> tuple:

@@ -50,7 +50,7 @@ def _sha256(path):
 
 def test_manifest_header(build):
     _, manifest, _ = build
-    assert manifest["schema_version"] == 2
+    assert manifest["schema_version"] == 3
     assert manifest["triton_version"] == "3.6.0"
     assert manifest["archs"] == ARCHS
 
@@ -84,6 +84,7 @@ def test_row_fields(build):
         assert row["threads"] == row["num_warps"] * row["warp_size"]
         assert f"-{'+'.join(row['features']) or 'plain'}-" in row["name"]
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
+        assert row["full_band_only"] == ("-fullband-" in row["name"])
         assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"]))
         # Slopes (and the backward's fp32 row vectors, LSE and delta) may have any alignment.
         unhinted = {"ALIBI", "stride_ab", "stride_ah"} | ({"LSE", "DELTA"} if row["op"] != "fwd" else set())
@@ -102,7 +103,7 @@ def test_rows_passed_static_checks(build):
         assert row["shared_bytes"] <= limit
         if row["vendor"] == "cuda":
             # No spills, except up to the stack bytes a tile's tiles.json entry allows.
-            tile = variants.arch_info(row["arch"])[row["op"]][str(row["head_dim"])]
+            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
             assert res["stack_bytes"] <= tile.get("max_stack_bytes", 0) and res["local_bytes"] == 0
             # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction.
             assert res["mma_instr"] == tile.get("mma_instr", "HGMMA") and res["mma_count"] > 0

@@ -84,7 +84,7 @@ def test_capabilities_report_is_json_and_lists_the_build():
 def test_bad_manifest_schema_is_a_build_error(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "images": []}))
     build = builds.load_build(tmp_path)
-    assert "schema_version: expected 2, got 99" in build.error and len(build.registry) == 0
+    assert "schema_version: expected 3, got 99" in build.error and len(build.registry) == 0
 
 
 # Policy on synthetic GPUs: the device probe is the one part that cannot run here, so it is replaced by a
@@ -148,6 +148,23 @@ def test_short_sequence_threshold(on_device, monkeypatch):
     monkeypatch.setenv(config.MIN_SEQLEN, "64")
     d = fa2rt.explain(*qkv(dtype=torch.bfloat16, d=128, nk=40))
     assert d.reason == "short_sequence" and "40" in d.message and "64" in d.message
+
+
+def test_full_band_tiles_serve_only_calls_without_band(on_device):
+    # An entry's full_band tile (tiles.json) builds images the dispatcher prefers for calls without causal or window.
+    on_device("sm90")
+    full = [img for img in builds.current_build().registry.images() if img.full_band_only and img.arch == "sm90"]
+    assert full, "no full-band image in the build: test a tiles.json entry with a full_band tile"
+    q, k, v = qkv(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[full[0].dtype], d=full[0].head_dim)
+    q.requires_grad_(True)
+
+    def images(causal, window_size):
+        d = fa2rt.explain(q, k, v, causal=causal, window_size=window_size)
+        return [d.image] + [image for image, _ in d.backward]
+
+    assert any("-fullband-" in name for name in images(False, (-1, -1)))
+    for causal, window_size in ((True, (-1, -1)), (False, (8, -1)), (False, (-1, 0))):
+        assert not any("-fullband-" in name for name in images(causal, window_size))
 
 
 def test_short_sequence_rule_names_its_source(monkeypatch):

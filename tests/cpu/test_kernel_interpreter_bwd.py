@@ -115,6 +115,9 @@ def _bwd_configs():
             dq, dkdv = entry.get("bwd_dq", {}), entry.get("bwd_dkdv", {})
             for bucket in sorted(set(dq) | set(dkdv), key=int):
                 configs.append((vendor, arch, int(bucket), dq.get(bucket), dkdv.get(bucket)))
+                # A full-band dK/dV tile (tiles.json "full_band") runs with the bucket's dQ tile.
+                if "full_band" in dkdv.get(bucket, {}):
+                    configs.append((vendor, f"{arch}-fullband", int(bucket), dq.get(bucket), dkdv[bucket]["full_band"]))
     return configs
 
 

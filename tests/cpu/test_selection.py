@@ -113,6 +113,22 @@ def test_softcap_image_never_serves_a_call_without_softcap():
     assert _C.select(problem(head_dim=64), DEVICES["sm90"], reg, "")["image"] == "fwd-sm90-bf16-d64m-alibi"
 
 
+def test_full_band_image_serves_only_calls_without_band():
+    # Listed first, it wins for a call without causal or window; a banded call passes it over for the next image.
+    full = synthetic_image("sm90", "bf16", 128)
+    full.name, full.full_band_only = "fwd-sm90-bf16-d128-plain-fullband", True
+    reg = _C.Registry()
+    reg.add(full)
+    reg.add(synthetic_image("sm90", "bf16", 128))
+    unbanded = problem()
+    unbanded.full_band = True
+    assert _C.select(unbanded, DEVICES["sm90"], reg, "")["image"] == "fwd-sm90-bf16-d128-plain-fullband"
+    sel = _C.select(problem(), DEVICES["sm90"], reg, "")
+    assert sel["image"] == "fwd-sm90-bf16-d128-plain"
+    assert [(r.code, r.message) for r in sel["rejections"]] == [
+        ("band", "band: image's tile is tuned for calls without causal or window, problem has one")]
+
+
 def test_every_candidate_is_accounted_for():
     reg = synthetic_registry()
     sel = _C.select(problem(head_dim=260), DEVICES["sm90"], reg, "")
@@ -165,7 +181,8 @@ def test_duplicate_image_refused():
 
 def test_each_installed_image_is_chosen_on_its_native_device():
     """The real build: every image wins its own problem on a device of its arch (nothing unreachable): the exact
-    head dim for an unmasked image, a smaller multiple of 8 for a masked one."""
+    head dim for an unmasked image, a smaller multiple of 8 for a masked one; a call without band for a full-band
+    image, a banded one for the others."""
     build = builds.current_build()
     if build.manifest is None:
         pytest.fail(f"no installed kernel build: {build.error}")
@@ -173,6 +190,6 @@ def test_each_installed_image_is_chosen_on_its_native_device():
         head_dim = img.head_dim - _C.HEAD_DIM_MULTIPLE if img.d_mask else img.head_dim
         features = ("softcap",) if "softcap" in img.features else img.features
         p = problem(img.dtype, head_dim, features)
-        p.op = img.op
+        p.op, p.full_band = img.op, img.full_band_only
         sel = _C.select(p, DEVICES[img.arch], build.registry, "")
         assert sel["image"] == img.name, (img.name, sel)

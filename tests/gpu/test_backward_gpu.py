@@ -12,6 +12,7 @@ import torch
 from gpu_helpers import DEVICE, PATHS, Case, make, poison_allocator, rel_err, seed_of, use_path
 
 import fa2rt
+from fa2rt import builds
 from fa2rt.fallback import sdpa_attention
 from fa2rt.reference import attention_reference
 
@@ -98,6 +99,24 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_gradients_native(case):
     check_grads(case, seed_of("bwd", case.id))
+
+
+# Calls without causal or window, at a head dim whose dK/dV entry has a full_band tile (tiles.json): plain, GQA with
+# ragged lengths, softcap, ALiBi, a masked head dim.
+FULL_BAND_CASES = [CASES[0], Case((2, 200, 230, 8, 2), 64, BF16), CASES[18], CASES[20], CASES[9]]
+
+
+@pytest.mark.parametrize("case", FULL_BAND_CASES, ids=lambda c: c.id)
+def test_full_band_images_run_and_match(case):
+    q, k, v, opts = case.inputs(seed_of("fullband", case.id))
+    decision = fa2rt.explain(*_leaves(q, k, v), **opts)
+    arch = fa2rt.capabilities()["devices"][0]["arch"]
+    built = [img.name for img in builds.current_build().registry.images()
+             if img.full_band_only and img.arch == arch and img.op == "bwd_dkdv"]
+    if not built:
+        pytest.skip(f"no full-band dK/dV image for {arch} in this build")
+    assert any("-fullband-" in image for image, _ in decision.backward), decision
+    check_grads(case, seed_of("fullband", case.id))
 
 
 PTX_CASES = [CASES[i] for i in (1, 2, 6, 10, 12, 14, 19, 21)]
