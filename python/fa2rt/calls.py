@@ -8,7 +8,7 @@ is a call that would validate, decide and launch the same. Calls a key cannot de
 
 import torch
 
-from . import _C, config, devices, ops, policy
+from . import _C, ops, policy
 
 _CALLS: dict = {}
 
@@ -36,9 +36,7 @@ def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tu
     # Decisions assume what they saw of the base addresses (policy.layout_key); the addresses change every call.
     pointers = q.data_ptr() | k.data_ptr() | v.data_ptr() | (0 if out is None else out.data_ptr())
     return (tensors, pointers % _C.ALIGN_BYTES == 0, torch.is_grad_enabled(), _options(causal, softmax_scale, softcap),
-            _window(window_size),
-            # The selection context: the build, FA2RT_FORCE_ARCH, the threshold and the off switch; the device.
-            config.raw_values(), devices.describe(q.device))
+            _window(window_size), policy.environment_key(q.device))
 
 
 def find(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:

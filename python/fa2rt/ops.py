@@ -17,7 +17,7 @@ import math
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from . import _C, builds, config, devices, policy
+from . import _C, builds, policy
 from .fallback import sdpa_attention
 from .validate import Shapes
 
@@ -142,14 +142,14 @@ _PLANS: dict = {}
 
 
 class KernelArgs:
-    """One call's kernel arguments, shared by all its launches (the backward kernels take one parameter list).
+    """One call's kernel arguments, shared by the launch plans of its kernels (the backward kernels take one
+    parameter list).
 
     tensors: the (batch, seqlen, nheads, headdim) tensors by short name (pointers, and strides); buffers: the other
     pointer arguments by name (LSE, ...); constants(tensors, alibi, shapes): the arguments other than pointers by name,
     asked only when a launch plan is built."""
 
-    __slots__ = ("shapes", "tensors", "alibi", "constants", "build", "pointers", "key", "device", "stream",
-                 "addresses")
+    __slots__ = ("shapes", "tensors", "alibi", "constants", "build", "pointers", "key")
 
     def __init__(self, shapes: Shapes, tensors: dict, buffers: dict, alibi, constants):
         self.shapes, self.tensors, self.alibi, self.constants = shapes, tensors, alibi, constants
@@ -157,12 +157,6 @@ class KernelArgs:
         self.pointers = _pointers(tensors, buffers, alibi)
         strides = tuple(t.stride() for t in tensors.values())
         self.key = (id(self.build), shapes, tuple(self.pointers), strides, None if alibi is None else alibi.stride())
-        self.device, self.stream = device_and_stream(shapes.device)
-        self.addresses = [t.data_ptr() for t in self.pointers.values()]
-
-    def launch(self, op: str, image: str, mode: str) -> None:
-        """Launch `image` (an image of `op`) on torch's current stream."""
-        self.plan(op, image, mode).launch(self.device, self.stream, self.addresses)
 
     def plan(self, op: str, image: str, mode: str) -> "_C.LaunchPlan":
         """The launch plan of `image` (an image of `op`) for these arguments, from _PLANS."""
@@ -193,7 +187,7 @@ def _kernel_ready(t: torch.Tensor) -> bool:
 
 class EagerCall:
     """A kernel call resolved for one layout: its Shapes, the forward image and the launch plans, so that a repeated
-    call (calls.lookup) only allocates its outputs, reads addresses and launches.
+    call (calls.find) only allocates its outputs, reads addresses and launches.
 
     The forward plan is kept after the first launch: an EagerCall is reused only for calls of the same key (every
     tensor's shape and strides, the options), which give the same plan. Backward selections and plans are kept per
@@ -262,7 +256,7 @@ class EagerCall:
         """What the backward selection and plans can change with, given this call's inputs (q, k, v of the key's
         layout; out and lse allocated by the forward; dout kernel-ready): dout's strides and the selection context
         (the device description, FA2RT_FORCE_ARCH, the build)."""
-        return dout.stride(), config.raw_values(), devices.describe(self.shapes.device)
+        return dout.stride(), policy.environment_key(self.shapes.device)
 
 
 def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str):

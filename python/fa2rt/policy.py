@@ -175,6 +175,12 @@ def remember(cache: dict, key, compute):
     return value
 
 
+def environment_key(device) -> tuple:
+    """What a cached call or backward plan must be re-decided for: every fa2rt environment variable as set now (the
+    build, FA2RT_FORCE_ARCH, the threshold, the off switch) and the device's description."""
+    return config.raw_values(), devices.describe(device)
+
+
 def _context_key(info) -> tuple:
     """What selection depends on besides the problem: the device, FA2RT_FORCE_ARCH and the build."""
     return info.vendor, info.index, info.arch, config.force_arch(), id(builds.current_build())
