@@ -1,7 +1,7 @@
 """Tile tuning on a GPU: which (block_m, block_n, warps, stages) each arch, op and head-dim bucket should build.
 
     python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--op fwd] [--buckets 64,128] [--write]
-                                    [--tiles M,N,WARPS,STAGES;...] [--max-stack-bytes N]
+                                    [--tiles M,N,WARPS,STAGES;...] [--max-stack-bytes N] [--band full]
 
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
 only counts if all of them pass the AOT static checks: no spills (or at most --max-stack-bytes), shared memory within
@@ -10,6 +10,9 @@ tokens, hidden 2048), causal and not: the forward call for fwd; for a backward o
 (torch.autograd.grad), with the other kernels on their current tiles.
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
+With --band full only calls without causal or window are timed, the entry's own tile (and full-band tile) compete
+too, and --write stores a winner as the entry's full-band tile (variants.FULL_BAND) where it beats the entry's own
+tile by FULL_BAND_MIN_GAIN, and drops the full-band tile where it does not.
 """
 
 import argparse
@@ -43,16 +46,35 @@ CANDIDATES = {
                           (32, 64, 4, 2), (16, 64, 4, 1)]},
 }
 SEQLENS = (1024, 4096)
+# Whether the timed calls are causal, per --band: every call, or only those a full-band tile serves.
+BANDS = {"any": (False, True), "full": (False,)}
+# A full-band tile adds every image kind of its bucket to the build; it must earn them by at least this speedup.
+FULL_BAND_MIN_GAIN = 1.03
 
 
-def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None,
-                       max_stack_bytes: int = 0) -> list[tuple[tuple, list]]:
+def _tile(cfg: dict) -> tuple[int, int, int, int]:
+    return cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"]
+
+
+def current_tiles(arch: str, bucket: int, op: str) -> dict:
+    """{tile: its spill allowance} of the tiles.json entry: its own tile first, then its full-band tile if any."""
+    cfg = variants.arch_info(arch)[op][str(bucket)]
+    return {_tile(c): c.get("max_stack_bytes", 0) for c in (cfg, cfg.get(variants.FULL_BAND)) if c}
+
+
+def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None, max_stack_bytes: int = 0,
+                       band: str = "any") -> list[tuple[tuple, list]]:
+    """[(tile, its image kinds)] to build; with band "full" the entry's current tiles join, each allowed its own
+    spills."""
     base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only)
+    allowance = dict.fromkeys(tiles or CANDIDATES[op].get(base.vendor, []), max_stack_bytes)
+    if band == "full":
+        for tile, own in current_tiles(arch, bucket, op).items():
+            allowance[tile] = max(allowance.get(tile, 0), own)
     out = []
-    for m, n, w, s in tiles or CANDIDATES[op].get(base.vendor, []):
+    for (m, n, w, s), stack in allowance.items():
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
-                                     block_m=m, block_n=n, num_warps=w, num_stages=s,
-                                     max_stack_bytes=max_stack_bytes)
+                                     block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=stack)
                  for d_mask, features in variants.KINDS]
         out.append(((m, n, w, s), kinds))
     return out
@@ -74,11 +96,11 @@ def _companions(arch: str, bucket: int, op: str) -> list:
 
 
 def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, tiles: list | None = None,
-              max_stack_bytes: int = 0) -> dict:
+              max_stack_bytes: int = 0, band: str = "any") -> dict:
     """{(bucket, tile): (folder with a manifest of that tile's plain image and its companions, the largest stack
     frame of the tile's kinds), or the static-check failures}."""
     cands = [(b, tile, kinds) for b in buckets
-             for tile, kinds in candidate_variants(arch, b, op, tiles, max_stack_bytes)]
+             for tile, kinds in candidate_variants(arch, b, op, tiles, max_stack_bytes, band)]
     work = [(v, root / f"{op}-{arch}-d{b}-m{t[0]}n{t[1]}w{t[2]}s{t[3]}") for b, t, kinds in cands for v in kinds]
     fixed = [(v, root / f"companions-{arch}-d{b}") for b in buckets for v in _companions(arch, b, op)]
     with ProcessPoolExecutor(jobs) as pool:
@@ -109,7 +131,7 @@ def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, til
     return built
 
 
-def time_tile(folder: Path, arch: str, bucket: int, op: str) -> dict:
+def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any") -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -128,7 +150,7 @@ def time_tile(folder: Path, arch: str, bucket: int, op: str) -> dict:
         os.environ.pop("FA2RT_FORCE_ARCH", None)
     os.environ["FA2RT_MIN_SEQLEN"] = "0"
     times = {}
-    for causal in (False, True):
+    for causal in BANDS[band]:
         for seqlen in SEQLENS:
             batch, nheads = TOKENS // seqlen, max(1, HIDDEN // bucket)
             q, k, v = (torch.randn(batch, seqlen, nheads, bucket, device="cuda", dtype=torch.bfloat16,
@@ -165,51 +187,92 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", type=parse_tiles, help="candidates instead of the op's list: M,N,WARPS,STAGES;...")
     p.add_argument("--max-stack-bytes", type=int, default=0,
                    help="accept tiles that spill up to this many bytes (a winner that does is stored with it)")
+    p.add_argument("--band", choices=BANDS, default="any",
+                   help="full: tune the full-band tile (calls without causal or window) against the entry's own")
     p.add_argument("--out", type=Path, required=True, help="folder for tune.json")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--write", action="store_true", help="store the winning tiles in backends/<vendor>/tiles.json")
     args = p.parse_args(argv)
     buckets = [int(b) for b in args.buckets.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    results, winners = [], {}
+    results, winners, own = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="fa2rt-tune-") as tmp:
         os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         for arch in args.archs.split(","):
-            built_all = build_all(arch, buckets, Path(tmp), args.jobs, args.op, args.tiles, args.max_stack_bytes)
+            built_all = build_all(arch, buckets, Path(tmp), args.jobs, args.op, args.tiles, args.max_stack_bytes,
+                                  args.band)
             for (bucket, tile), built in built_all.items():
-                row = {"arch": arch, "op": args.op, "bucket": bucket, "tile": tile}
+                row = {"arch": arch, "op": args.op, "band": args.band, "bucket": bucket, "tile": tile}
                 if isinstance(built, list):
                     row["failed"] = built
                 else:
                     folder, row["stack_bytes"] = built
-                    row["tflops"] = time_tile(folder, arch, bucket, args.op)
+                    row["tflops"] = time_tile(folder, arch, bucket, args.op, args.band)
                     row["geomean"] = geomean(row["tflops"].values())
+                    if tile == next(iter(current_tiles(arch, bucket, args.op))):
+                        own[(arch, bucket)] = row
                     best = winners.get((arch, bucket))
                     if best is None or row["geomean"] > best["geomean"]:
                         winners[(arch, bucket)] = row
                 results.append(row)
                 print(json.dumps(row), flush=True)
     (args.out / "tune.json").write_text(json.dumps(results, indent=1))
-    print(f"{'arch':7}{'bucket':>7}  {'tile (m, n, warps, stages)':28}{'geomean TFLOP/s':>16}")
+    print(f"{'arch':7}{'bucket':>7}  {'tile (m, n, warps, stages)':28}{'geomean TFLOP/s':>16}{'own tile':>10}")
     for (arch, bucket), row in sorted(winners.items()):
-        print(f"{arch:7}{bucket:>7}  {str(row['tile']):28}{row['geomean']:16.1f}")
-    if args.write:
+        mine = own.get((arch, bucket))
+        print(f"{arch:7}{bucket:>7}  {str(row['tile']):28}{row['geomean']:16.1f}"
+              f"{mine['geomean'] if mine else float('nan'):10.1f}")
+    if args.write and args.band == "full":
+        write_full_band_tiles(winners, own, args.op)
+    elif args.write:
         write_tiles(winners, args.op)
     return 0
 
 
-def write_tiles(winners: dict, op: str) -> None:
+def _tile_entry(row: dict) -> dict:
+    m, n, w, s = row["tile"]
+    cfg = {"block_m": m, "block_n": n, "num_warps": w, "num_stages": s}
+    return cfg | ({"max_stack_bytes": row["stack_bytes"]} if row["stack_bytes"] else {})
+
+
+def _update_tiles(winners: dict, op: str, update) -> None:
+    """update(tiles.json entry, winner row) for each (arch, bucket) winner, in its vendor's tiles.json."""
     for vendor in ("cuda", "rocm"):
         path = variants.BACKENDS_DIR / vendor / "tiles.json"
         doc = json.loads(path.read_text())
         for (arch, bucket), row in winners.items():
             if arch in doc["archs"]:
-                m, n, w, s = row["tile"]
-                cfg = doc["archs"][arch][op][str(bucket)]
-                cfg.update(block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=row["stack_bytes"])
-                if not cfg["max_stack_bytes"]:
-                    del cfg["max_stack_bytes"]
+                update(doc["archs"][arch][op][str(bucket)], row)
         path.write_text(variants.dump_tiles(doc))
+
+
+def write_tiles(winners: dict, op: str) -> None:
+    def update(cfg, row):
+        cfg.pop("max_stack_bytes", None)
+        cfg.update(_tile_entry(row))
+
+    _update_tiles(winners, op, update)
+
+
+def full_band_choice(winner: dict, own: dict | None) -> dict | None:
+    """The full-band tile to store: the winner where it beats the entry's own tile by FULL_BAND_MIN_GAIN, else None
+    (the entry's own tile serves full-band calls too). Without a timing of the own tile (it failed), the winner."""
+    if own is None:
+        return _tile_entry(winner)
+    if winner["tile"] == own["tile"] or winner["geomean"] < own["geomean"] * FULL_BAND_MIN_GAIN:
+        return None
+    return _tile_entry(winner)
+
+
+def write_full_band_tiles(winners: dict, own: dict, op: str) -> None:
+    def update(cfg, row):
+        choice = full_band_choice(row, own.get((row["arch"], row["bucket"])))
+        if choice is None:
+            cfg.pop(variants.FULL_BAND, None)
+        else:
+            cfg[variants.FULL_BAND] = choice
+
+    _update_tiles(winners, op, update)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,27 @@ def test_tune_tiles_option():
     assert {v.max_stack_bytes for v in cands[0][1]} == {0}
     spilling = tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 128, 8, 1)], max_stack_bytes=224)
     assert {v.max_stack_bytes for v in spilling[0][1]} == {224}
+
+
+def test_tune_full_band():
+    import tune
+
+    # Full band: the entry's own tile and its full-band tile compete with the given ones, each with its own
+    # spill allowance.
+    current = tune.current_tiles("sm90", 64, "bwd_dkdv")
+    cfg = variants.arch_info("sm90")["bwd_dkdv"]["64"]
+    assert list(current) == [tune._tile(cfg), tune._tile(cfg[variants.FULL_BAND])]
+    cands = dict(tune.candidate_variants("sm90", 64, "bwd_dkdv", [(64, 64, 4, 1)], band="full"))
+    assert list(cands) == [(64, 64, 4, 1), *current]
+    assert [cands[t][0].max_stack_bytes for t in current] == list(current.values())
+    assert tune.BANDS["full"] == (False,)
+
+    def row(tile, geomean, stack=0):
+        return {"tile": tile, "geomean": geomean, "stack_bytes": stack}
+
+    own = row((32, 64, 4, 1), 100.0)
+    assert tune.full_band_choice(row((32, 64, 4, 1), 100.0), own) is None
+    assert tune.full_band_choice(row((64, 64, 4, 2), 100.0 * tune.FULL_BAND_MIN_GAIN - 0.1), own) is None
+    assert tune.full_band_choice(row((64, 64, 4, 2), 110.0, stack=16), own) == {
+        "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "max_stack_bytes": 16}
+    assert tune.full_band_choice(row((64, 64, 4, 2), 90.0), None)["block_m"] == 64
