@@ -240,10 +240,11 @@ def _update_tiles(winners: dict, op: str, update) -> None:
     for vendor in ("cuda", "rocm"):
         path = variants.BACKENDS_DIR / vendor / "tiles.json"
         doc = json.loads(path.read_text())
-        for (arch, bucket), row in winners.items():
-            if arch in doc["archs"]:
-                update(doc["archs"][arch][op][str(bucket)], row)
-        path.write_text(variants.dump_tiles(doc))
+        mine = [((arch, bucket), row) for (arch, bucket), row in winners.items() if arch in doc["archs"]]
+        for (arch, bucket), row in mine:
+            update(doc["archs"][arch][op][str(bucket)], row)
+        if mine:
+            path.write_text(variants.dump_tiles(doc))
 
 
 def write_tiles(winners: dict, op: str) -> None:
