@@ -10,9 +10,9 @@ tokens, hidden 2048), causal and not: the forward call for fwd; for a backward o
 (torch.autograd.grad), with the other kernels on their current tiles.
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
-With --band full only calls without causal or window are timed, the entry's own tile (and full-band tile) compete
-too, and --write stores a winner as the entry's full-band tile (variants.FULL_BAND) where it beats the entry's own
-tile by FULL_BAND_MIN_GAIN, and drops the full-band tile where it does not.
+The entry's own tile always competes ("own tile" column). With --band full only calls without causal or window are
+timed, the entry's full-band tile competes too, and --write stores a winner as the entry's full-band tile
+(variants.FULL_BAND) where it beats the entry's own tile by FULL_BAND_MIN_GAIN, and drops it where it does not.
 """
 
 import argparse
@@ -64,13 +64,14 @@ def current_tiles(arch: str, bucket: int, op: str) -> dict:
 
 def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None, max_stack_bytes: int = 0,
                        band: str = "any") -> list[tuple[tuple, list]]:
-    """[(tile, its image kinds)] to build; with band "full" the entry's current tiles join, each allowed its own
-    spills."""
+    """[(tile, its image kinds)] to build: the given tiles (default: the op's candidates), then the entry's own tile
+    (with band "full" its full-band tile too), so the current choice is timed in the same run; each current tile
+    keeps at least its own spill allowance."""
     base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only)
     allowance = dict.fromkeys(tiles or CANDIDATES[op].get(base.vendor, []), max_stack_bytes)
-    if band == "full":
-        for tile, own in current_tiles(arch, bucket, op).items():
-            allowance[tile] = max(allowance.get(tile, 0), own)
+    current = list(current_tiles(arch, bucket, op).items())
+    for tile, own in current if band == "full" else current[:1]:
+        allowance[tile] = max(allowance.get(tile, 0), own)
     out = []
     for (m, n, w, s), stack in allowance.items():
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,

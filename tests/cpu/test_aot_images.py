@@ -181,14 +181,20 @@ def test_tune_tiles_option():
     for bad in ("", "32,64,4", "32,64,4,1;x"):
         with pytest.raises((argparse.ArgumentTypeError, ValueError)):
             tune.parse_tiles(bad)
-    # Given tiles replace the op's candidate list; every image kind of the bucket is built for each.
-    cands = tune.candidate_variants("sm90", 64, "bwd_dkdv", [(32, 64, 4, 1)])
-    assert [tile for tile, _ in cands] == [(32, 64, 4, 1)]
-    assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in cands[0][1]} == {(32, 64, 4, 1)}
+    # Given tiles replace the op's candidate list, the entry's own tile joins them; every image kind of the bucket
+    # is built for each.
+    own = tune._tile(variants.arch_info("sm90")["bwd_dkdv"]["64"])
+    cands = tune.candidate_variants("sm90", 64, "bwd_dkdv", [(64, 64, 4, 2)])
+    assert [tile for tile, _ in cands] == [(64, 64, 4, 2), own]
+    assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in cands[0][1]} == {(64, 64, 4, 2)}
     assert len(cands[0][1]) == len(variants.KINDS)
     assert {v.max_stack_bytes for v in cands[0][1]} == {0}
-    spilling = tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 128, 8, 1)], max_stack_bytes=224)
+    spilling = tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 64, 4, 2)], max_stack_bytes=224)
     assert {v.max_stack_bytes for v in spilling[0][1]} == {224}
+    # The own tile keeps its own allowance where the given one is smaller.
+    own128 = variants.arch_info("sm90")["bwd_dkdv"]["128"]
+    assert dict(tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 64, 4, 2)]))[tune._tile(own128)][0] \
+        .max_stack_bytes == own128["max_stack_bytes"]
 
 
 def test_tune_full_band():
