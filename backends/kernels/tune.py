@@ -57,25 +57,28 @@ def _tile(cfg: dict) -> tuple[int, int, int, int]:
 
 
 def current_tiles(arch: str, bucket: int, op: str) -> dict:
-    """{tile: its spill allowance} of the tiles.json entry: its own tile first, then its full-band tile if any."""
+    """{tile: its tiles.json entry} of the bucket: the entry's own tile first, then its full-band tile if any."""
     cfg = variants.arch_info(arch)[op][str(bucket)]
-    return {_tile(c): c.get("max_stack_bytes", 0) for c in (cfg, cfg.get(variants.FULL_BAND)) if c}
+    return {_tile(c): c for c in (cfg, cfg.get(variants.FULL_BAND)) if c}
 
 
 def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = None, max_stack_bytes: int = 0,
                        band: str = "any") -> list[tuple[tuple, list]]:
     """[(tile, its image kinds)] to build: the given tiles (default: the op's candidates), then the entry's own tile
-    (with band "full" its full-band tile too), so the current choice is timed in the same run; each current tile
-    keeps at least its own spill allowance."""
+    (with band "full" its full-band tile too), so the current choice is timed in the same run. A current tile keeps
+    its entry's matrix-core instruction and at least its spill allowance."""
     base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only)
-    allowance = dict.fromkeys(tiles or CANDIDATES[op].get(base.vendor, []), max_stack_bytes)
     current = list(current_tiles(arch, bucket, op).items())
-    for tile, own in current if band == "full" else current[:1]:
-        allowance[tile] = max(allowance.get(tile, 0), own)
+    current = dict(current if band == "full" else current[:1])
+    tiles = list(dict.fromkeys([*(tiles or CANDIDATES[op].get(base.vendor, [])), *current]))
     out = []
-    for (m, n, w, s), stack in allowance.items():
+    for m, n, w, s in tiles:
+        entry = current.get((m, n, w, s), {})
+        stack = max(max_stack_bytes, entry.get("max_stack_bytes", 0))
+        instr = entry.get("mma_instr", variants.ARCHS[arch][3])
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
-                                     block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=stack)
+                                     block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=stack,
+                                     mma_instr=instr)
                  for d_mask, features in variants.KINDS]
         out.append(((m, n, w, s), kinds))
     return out

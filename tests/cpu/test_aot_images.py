@@ -207,7 +207,12 @@ def test_tune_full_band():
     assert list(current) == [tune._tile(cfg), tune._tile(cfg[variants.FULL_BAND])]
     cands = dict(tune.candidate_variants("sm90", 64, "bwd_dkdv", [(64, 64, 4, 1)], band="full"))
     assert list(cands) == [(64, 64, 4, 1), *current]
-    assert [cands[t][0].max_stack_bytes for t in current] == list(current.values())
+    assert [cands[t][0].max_stack_bytes for t in current] == [c.get("max_stack_bytes", 0) for c in current.values()]
+    # An entry's matrix-core override (sm90 d256 dK/dV runs mma.sync) stays with its own tile only.
+    d256 = variants.arch_info("sm90")["bwd_dkdv"]["256"]
+    cands = dict(tune.candidate_variants("sm90", 256, "bwd_dkdv", [(64, 64, 8, 1)]))
+    assert cands[tune._tile(d256)][0].mma_instr == d256["mma_instr"] == "HMMA"
+    assert cands[(64, 64, 8, 1)][0].mma_instr == "HGMMA"
     assert tune.BANDS["full"] == (False,)
 
     def row(tile, geomean, stack=0):
