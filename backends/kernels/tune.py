@@ -253,6 +253,8 @@ def _update_tiles(winners: dict, op: str, update) -> None:
 
 def write_tiles(winners: dict, op: str) -> None:
     def update(cfg, row):
+        if tuple(row["tile"]) != _tile(cfg):
+            cfg.pop("mma_instr", None)  # a new tile was built and checked with the arch's own instruction
         cfg.pop("max_stack_bytes", None)
         cfg.update(_tile_entry(row))
 
@@ -271,10 +273,10 @@ def full_band_choice(winner: dict, own: dict | None) -> dict | None:
 
 def write_full_band_tiles(winners: dict, own: dict, op: str) -> None:
     def update(cfg, row):
-        choice = full_band_choice(row, own.get((row["arch"], row["bucket"])))
+        choice, old = full_band_choice(row, own.get((row["arch"], row["bucket"]))), cfg.get(variants.FULL_BAND)
         if choice is None:
             cfg.pop(variants.FULL_BAND, None)
-        else:
+        elif old is None or _tile(old) != _tile(choice):  # one that won again keeps its entry as it is
             cfg[variants.FULL_BAND] = choice
 
     _update_tiles(winners, op, update)

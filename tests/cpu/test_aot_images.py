@@ -224,3 +224,38 @@ def test_tune_full_band():
     assert tune.full_band_choice(row((64, 64, 4, 2), 110.0, stack=16), own) == {
         "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "max_stack_bytes": 16}
     assert tune.full_band_choice(row((64, 64, 4, 2), 90.0), None)["block_m"] == 64
+
+
+def test_tune_writes_tiles(tmp_path, monkeypatch):
+    import shutil
+
+    import tune
+
+    for vendor in ("cuda", "rocm"):
+        (tmp_path / vendor).mkdir()
+        shutil.copy(variants.BACKENDS_DIR / vendor / "tiles.json", tmp_path / vendor / "tiles.json")
+    rocm_before = (tmp_path / "rocm" / "tiles.json").read_text()
+    monkeypatch.setattr(tune.variants, "BACKENDS_DIR", tmp_path)
+
+    def entry(arch, op, bucket):
+        return json.loads((tmp_path / "cuda" / "tiles.json").read_text())["archs"][arch][op][str(bucket)]
+
+    def row(arch, bucket, tile, stack=0, geomean=100.0):
+        return {"arch": arch, "bucket": bucket, "tile": tile, "stack_bytes": stack, "geomean": geomean}
+
+    # The same tile keeps its matrix-core override; a new tile drops it (it was checked with the arch's own).
+    own = tune._tile(entry("sm90", "bwd_dkdv", 256))
+    tune.write_tiles({("sm90", 256): row("sm90", 256, own, stack=8)}, "bwd_dkdv")
+    assert entry("sm90", "bwd_dkdv", 256)["mma_instr"] == "HMMA"
+    assert entry("sm90", "bwd_dkdv", 256)["max_stack_bytes"] == 8
+    tune.write_tiles({("sm90", 256): row("sm90", 256, (64, 64, 8, 1))}, "bwd_dkdv")
+    assert entry("sm90", "bwd_dkdv", 256) == {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 1}
+    assert (tmp_path / "rocm" / "tiles.json").read_text() == rocm_before  # untouched: no winner of its archs
+
+    # Full band: stored where it beats the own tile's timing by the margin, dropped where not.
+    own64 = row("sm80", 64, tune._tile(entry("sm80", "fwd", 64)))
+    better = row("sm80", 64, (64, 64, 4, 3), geomean=110.0)
+    tune.write_full_band_tiles({("sm80", 64): better}, {("sm80", 64): own64}, "fwd")
+    assert entry("sm80", "fwd", 64)[variants.FULL_BAND] == tune._tile_entry(better)
+    tune.write_full_band_tiles({("sm80", 64): own64}, {("sm80", 64): own64}, "fwd")
+    assert variants.FULL_BAND not in entry("sm80", "fwd", 64)
