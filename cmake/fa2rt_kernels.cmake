@@ -10,6 +10,8 @@ function(fa2rt_add_kernel_images archs)
     "${CMAKE_CURRENT_SOURCE_DIR}/backends/kernels/*.py"
     "${CMAKE_CURRENT_SOURCE_DIR}/backends/cuda/*.json"
     "${CMAKE_CURRENT_SOURCE_DIR}/backends/rocm/*.json")
+  # The manifest's schema version is defined there (read by aot.py).
+  list(APPEND kernel_sources "${CMAKE_CURRENT_SOURCE_DIR}/python/fa2rt/schema.py")
   add_custom_command(
     OUTPUT "${out}/manifest.json"
     COMMAND "${Python_EXECUTABLE}" "${CMAKE_CURRENT_SOURCE_DIR}/backends/kernels/aot.py" --archs "${archs}" --out "${out}"

@@ -10,6 +10,7 @@ Needs no GPU: Triton compiles for both vendors on a CPU machine.
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -27,8 +28,19 @@ from fwd import STRIDE_UNIT  # noqa: E402
 from variants import ARCHS, OPS, Variant, variants  # noqa: E402
 
 TRITON_VERSION = "3.6.0"  # pinned by the design; the launch ABI below was checked against it
-# 2: head-dim buckets with d_mask and features; strides in units of fwd.STRIDE_UNIT; 3: rows say full_band_only
-SCHEMA_VERSION = 3
+
+
+def _manifest_schema() -> int:
+    """python/fa2rt/schema.py's MANIFEST_SCHEMA, read without importing fa2rt (which needs torch and the native
+    module): the run time checks the manifest against the same number."""
+    spec = importlib.util.spec_from_file_location(
+        "_fa2rt_schema", Path(__file__).resolve().parents[2] / "python" / "fa2rt" / "schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MANIFEST_SCHEMA
+
+
+SCHEMA_VERSION = _manifest_schema()
 # Triton 3.6 appends global_scratch and profile_scratch pointers after the user params, on both vendors
 # (backends/nvidia/driver.py and backends/amd/driver.py: params.append("&global_scratch"), "&profile_scratch").
 SCRATCH_PARAMS = 2

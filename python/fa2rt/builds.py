@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _C, config
-
-MANIFEST_SCHEMA = 3
+from .schema import MANIFEST_SCHEMA
 
 
 @dataclass(frozen=True)

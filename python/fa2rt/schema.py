@@ -1,0 +1,8 @@
+"""The kernel manifest's layout version, the one contract between the AOT build and the run time: the build
+(backends/kernels/aot.py, which loads this file by path without importing fa2rt) writes it into manifest.json, and
+fa2rt refuses a build whose manifest carries another (builds.py).
+
+History: 2: head-dim buckets with d_mask and features, strides in units of 8 elements; 3: rows say full_band_only.
+"""
+
+MANIFEST_SCHEMA = 3
