@@ -875,7 +875,9 @@ def run_crossover(args, env, tag, settings) -> int:
                            args.crossover_seqlen, warmup=args.warmup_ms, rep=args.crossover_rep_ms,
                            progress=_progress("crossover"))
     ratios = ratio_by_seqlen(rows)
-    threshold = crossover_threshold(_geomeans(ratios))
+    geomeans = _geomeans(ratios)
+    threshold = crossover_threshold(geomeans)
+    verdict = {"slower_from": slower_from(geomeans), "note": crossover_note(geomeans, threshold)}
     arch, mode = crossover_arch(rows)
     status = 1 if kernel_errors(rows) else 0
     cfg = {"batches": args.crossover_batch, "nheads": CROSSOVER_NHEADS, "head_dims": args.crossover_head_dim,
@@ -883,8 +885,7 @@ def run_crossover(args, env, tag, settings) -> int:
     (args.out / f"crossover-{tag}.json").write_text(json.dumps(
         {"environment": env, "settings": {**settings, "rep_ms": args.crossover_rep_ms, **cfg},
          "rule": CROSSOVER_RULE, "arch": arch, "image_mode": mode, "min_seqlen_k": threshold,
-         "slower_from": slower_from(_geomeans(ratios)), "note": crossover_note(_geomeans(ratios), threshold),
-         "ratio_by_seqlen": {str(s): r for s, r in ratios.items()}, "rows": rows}, indent=1))
+         **verdict, "ratio_by_seqlen": {str(s): r for s, r in ratios.items()}, "rows": rows}, indent=1))
     print(crossover_table(ratios, threshold, arch or f"unknown arch ({mode})"), flush=True)
     if args.write_crossover:
         if arch is None or threshold is None:
@@ -893,8 +894,7 @@ def run_crossover(args, env, tag, settings) -> int:
             return 1
         measured = {**{k: env[k] for k in ("device", "capability", "driver", "torch", "cuda", "triton", "date")},
                     "image_mode": mode, **cfg, "rule": CROSSOVER_RULE,
-                    "ratio_by_seqlen": {str(s): r["geomean"] for s, r in ratios.items()},
-                    "slower_from": slower_from(_geomeans(ratios)), "note": crossover_note(_geomeans(ratios), threshold)}
+                    "ratio_by_seqlen": {str(s): r["geomean"] for s, r in ratios.items()}, **verdict}
         merge_crossover(args.write_crossover, arch, threshold, measured)
         print(f"wrote min_seqlen_k={threshold} for {arch} into {args.write_crossover}")
     return status
