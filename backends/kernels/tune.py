@@ -58,7 +58,7 @@ def _tile(cfg: dict) -> tuple[int, int, int, int]:
 
 def current_tiles(arch: str, bucket: int, op: str) -> dict:
     """{tile: its tiles.json entry} of the bucket: the entry's own tile first, then its full-band tile if any."""
-    cfg = variants.arch_info(arch)[op][str(bucket)]
+    cfg = variants.tile_config(arch, op, bucket)
     return {_tile(c): c for c in (cfg, cfg.get(variants.FULL_BAND)) if c}
 
 
@@ -264,10 +264,8 @@ def write_tiles(winners: dict, op: str) -> None:
 def full_band_choice(winner: dict, own: dict | None) -> dict | None:
     """The full-band tile to store: the winner where it beats the entry's own tile by FULL_BAND_MIN_GAIN, else None
     (the entry's own tile serves full-band calls too). Without a timing of the own tile (it failed), the winner."""
-    if own is None:
-        return _tile_entry(winner)
-    if winner["tile"] == own["tile"] or winner["geomean"] < own["geomean"] * FULL_BAND_MIN_GAIN:
-        return None
+    if own is not None and winner["geomean"] < own["geomean"] * FULL_BAND_MIN_GAIN:
+        return None  # also when the own tile itself won
     return _tile_entry(winner)
 
 
