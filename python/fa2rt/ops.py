@@ -472,6 +472,14 @@ def run_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     return forward(q, k, v, alibi, None, shapes, image, mode, cu)
 
 
+def run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi,
+                        softmax_scale, window_left, window_right, softcap, deterministic):
+    """varlen_bwd's body: as run_backward, for a packed call."""
+    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                            softcap, alibi)
+    return backward(dout, q, k, v, out, lse, alibi, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+
+
 @torch.library.custom_op("fa2rt::varlen_fwd", mutates_args=(), device_types="cuda")
 def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: torch.Tensor | None,
@@ -494,9 +502,8 @@ def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                max_seqlen_k: int, alibi_slopes: torch.Tensor | None, softmax_scale: float, window_left: int,
                window_right: int, softcap: float, deterministic: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-                            softcap, alibi_slopes)
-    return backward(dout, q, k, v, out, lse, alibi_slopes, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+    return run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic)
 
 
 @varlen_bwd.register_fake
