@@ -50,6 +50,8 @@ def test_forward_launches_a_varlen_image_with_the_named_arguments(recorded, name
     out, lse = fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, return_lse=True, **opts)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (4, sum(LENS_Q))
     (launch,) = recorded.launches
+    named = dict(zip(launch[0].pointers, launch[3], strict=True))
+    assert (named["CU_Q"], named["CU_K"], named["LSE"]) == (cq.data_ptr(), ck.data_ptr(), lse.data_ptr())
     shapes = check_varlen_inputs(q, k, v, cq, ck, mq, mk, softmax_scale=opts.pop("softmax_scale", None),
                                  causal=opts.pop("causal", False), **opts)
     args = ops.kernel_args(q, k, v, out, lse, opts.get("alibi_slopes"), shapes, (cq, ck))
