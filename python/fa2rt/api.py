@@ -1,9 +1,11 @@
 """The public calls: attention() and explain()."""
 
+import dataclasses
+
 import torch
 
 from . import calls, ops, policy
-from .fallback import sdpa_attention
+from .fallback import layout_copies, sdpa_attention
 from .validate import Shapes, check_inputs
 
 NO_WINDOW = (-1, -1)
@@ -24,7 +26,10 @@ def explain(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW,
     requires grad) or the fallback reason, with every candidate image the dispatcher rejected."""
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
-    return _decide(shapes, q, k, v, alibi_slopes, out)
+    decision = _decide(shapes, q, k, v, alibi_slopes, out)
+    if decision.path != "fallback":
+        return decision
+    return dataclasses.replace(decision, copies=layout_copies(q=q, k=k, v=v))
 
 
 def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:
