@@ -109,8 +109,9 @@ class _Override:
             _local.busy = False
 
 
-def activate(dispatch_key: str = DISPATCH_KEY) -> Handle:
-    """Install the overrides for dispatch_key (the registry calls this with the default key)."""
+def activate(dispatch_key: str | None = None) -> Handle:
+    """Install the overrides for dispatch_key (default DISPATCH_KEY; torch's registry calls this with no argument)."""
+    dispatch_key = dispatch_key or DISPATCH_KEY
     ops = {op: impl for op, impl in OVERRIDES.items() if hasattr(torch.ops.aten, op)}
     originals = {op: _original(op, dispatch_key) for op in ops}  # before the overrides replace them
     library = torch.library.Library("aten", "IMPL", dispatch_key)
