@@ -141,3 +141,46 @@ def test_misuse_raises_runtime_error_like_flash_attn_and_names_the_argument():
         fa.flash_attn_kvpacked_func(q, rand(2, 13, 3, 2, 16))
     with pytest.raises(TypeError, match="dropout_p"):
         fa.flash_attn_func(q, k, v, "0.1")
+
+
+def packed(lengths_q, lengths_k, h=4, hk=2, d=16):
+    cu = [torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32) for n in (lengths_q, lengths_k)]
+    q = rand(sum(lengths_q), h, d, seed=8)
+    k, v = rand(sum(lengths_k), hk, d, seed=9), rand(sum(lengths_k), hk, d, seed=10)
+    return q, k, v, cu[0], cu[1], max(lengths_q), max(lengths_k)
+
+
+@pytest.mark.parametrize("kw", FEATURES[:4], ids=lambda kw: "+".join(kw) or "plain")
+def test_varlen_func_equals_fa2rt_and_per_sequence_reference(kw):
+    q, k, v, cu_q, cu_k, max_q, max_k = packed([3, 0, 6], [5, 2, 4])
+    out, lse, probs = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **kw)
+    ref, ref_lse = fa2rt.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and probs is None
+    assert lse.shape == (4, 9) and lse.dtype == torch.float32  # flash-attn's varlen LSE: (nheads, total_q)
+    for b in range(3):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if rows.start == rows.stop:
+            continue
+        expected, _ = attention_reference(q[None, rows], k[None, keys], v[None, keys], **kw)
+        assert torch.allclose(out[rows].double(), expected[0], atol=1e-5)
+
+
+def test_varlen_packed_variants_read_views_of_the_packed_tensor():
+    q, k, v, cu_q, cu_k, max_q, max_k = packed([4, 5], [4, 5], hk=4)
+    qkv = torch.stack([q, k, v], 1)
+    out = fa.flash_attn_varlen_qkvpacked_func(qkv, cu_q, max_q, causal=True)
+    assert torch.equal(out, fa2rt.attention_varlen(q, k, v, cu_q, cu_q, max_q, max_q, causal=True))
+    kv = torch.stack([k, v], 1)
+    out = fa.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, max_q, max_k, 0.0, 0.5)
+    assert torch.equal(out, fa2rt.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=0.5))
+
+
+def test_varlen_refuses_block_table_and_bad_cu_seqlens():
+    q, k, v, cu_q, cu_k, max_q, max_k = packed([3, 4], [3, 4])
+    with pytest.raises(NotImplementedError, match="block_table: expected None"):
+        fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, block_table=torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="cu_seqlens_q") as info:
+        fa.flash_attn_varlen_func(q, k, v, cu_q.long(), cu_k, max_q, max_k)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, 0.1)
