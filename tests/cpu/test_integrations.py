@@ -324,3 +324,28 @@ def test_sdpa_declines_what_fa2rt_cannot_take_to_the_original_kernel(cpu_overrid
     with pytest.raises(RuntimeError, match=rf"fa2rt cannot take this aten::\S+ call \(.*{reason}"):
         call(heads(1, 2, 5))
     assert sdpa.calls[("_scaled_dot_product_flash_attention", "original")] == 1
+
+
+def test_a_declined_call_reaches_the_captured_original_kernel_with_its_keyword_arguments():
+    # The override machinery on an op that has a CPU kernel of torch's own: a declining implementation must hand
+    # the call, keyword arguments included, to the kernel captured before the override replaced it.
+    op = "_scaled_dot_product_flash_attention_for_cpu"
+    q = heads(1, 2, 6, seed=4)
+    expected = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True, scale=0.7)
+    original = sdpa._original(op, "CPU")
+    seen = []
+    library = torch.library.Library("aten", "IMPL", "CPU")
+    library.impl(op, sdpa._Override(op, lambda *a, **kw: seen.append(kw) or sdpa._Decline("test"), original), "CPU",
+                 with_keyset=True)
+    try:
+        got = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True, scale=0.7)
+    finally:
+        library._destroy()
+    assert seen == [{"scale": 0.7}]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_unknown_set_arguments_of_a_newer_torch_are_declined(cpu_overrides):
+    q = heads(1, 2, 5)
+    assert isinstance(sdpa.sdpa_flash_forward(q, q, q, future_option=True), sdpa._Decline)
+    assert not isinstance(sdpa.sdpa_flash_forward(q, q, q, future_option=None), sdpa._Decline)

@@ -124,7 +124,11 @@ def activate(dispatch_key: str | None = None) -> Handle:
 # What fa2rt can take
 
 
-def _decline_common(query, dropout_p, return_debug_mask=False):
+def _decline_common(query, dropout_p, return_debug_mask=False, extra=None):
+    # extra: keyword arguments a newer torch passes that this module does not know; set ones may change semantics.
+    unknown = sorted(name for name, value in (extra or {}).items() if value is not None)
+    if unknown:
+        return _Decline(f"arguments fa2rt does not know: {', '.join(unknown)}")
     if dropout_p != 0:
         return _Decline(f"dropout_p={dropout_p}: fa2rt has no dropout")
     if return_debug_mask:
@@ -135,7 +139,10 @@ def _decline_common(query, dropout_p, return_debug_mask=False):
 
 
 def _kernel_decision(*args, **kwargs):
-    decision = fa2rt.explain(*args, **kwargs)
+    try:
+        decision = fa2rt.explain(*args, **kwargs)
+    except (TypeError, ValueError) as err:  # fa2rt's validation: torch's own kernel gives its own verdict
+        return _Decline(f"fa2rt.explain: {err}")
     if decision.path != "kernel":
         return _Decline(f"fa2rt.explain: {decision.path} [{decision.reason}] {decision.message}")
     return None
@@ -179,9 +186,10 @@ def _autograd_enabled():
 # ---- SDPA's dense flash ops: (batch, nheads, seqlen, headdim)
 
 
-def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None,
+                       **extra):
     """aten::_scaled_dot_product_flash_attention through fa2rt.attention, or a _Decline."""
-    declined = _decline_common(query, dropout_p, return_debug_mask)
+    declined = _decline_common(query, dropout_p, return_debug_mask, extra)
     if declined is None and is_causal and query.shape[2] != key.shape[2]:
         declined = _Decline("causal with seqlen_q != seqlen_k (SDPA aligns it top-left, fa2rt bottom-right)")
     q, k, v = _bshd(query, key, value)
@@ -199,9 +207,9 @@ def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return
 
 
 def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
-                        is_causal, philox_seed, philox_offset, *, scale=None):
+                        is_causal, philox_seed, philox_offset, *, scale=None, **extra):
     """aten::_scaled_dot_product_flash_attention_backward by recomputing through fa2rt.attention, or a _Decline."""
-    declined = _decline_common(query, dropout_p)
+    declined = _decline_common(query, dropout_p, extra=extra)
     if declined is None and is_causal and query.shape[2] != key.shape[2]:
         declined = _Decline("causal with seqlen_q != seqlen_k (SDPA aligns it top-left, fa2rt bottom-right)")
     if declined is not None:
@@ -235,8 +243,8 @@ def _flash_call(query, key, value, varlen, options, **extra):
 
 
 def _flash_forward_declined(query, key, value, varlen, dropout_p, return_debug_mask, seqused_k, block_table,
-                            options, out=None):
-    declined = _decline_common(query, dropout_p, return_debug_mask)
+                            options, extra, out=None):
+    declined = _decline_common(query, dropout_p, return_debug_mask, extra)
     if declined is None and seqused_k is not None:
         declined = _Decline("seqused_k")
     if declined is None and block_table is not None:
@@ -248,12 +256,12 @@ def _flash_forward_declined(query, key, value, varlen, dropout_p, return_debug_m
 
 def flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask,
                   *, scale=None, window_size_left=None, window_size_right=None, seqused_k=None, alibi_slopes=None,
-                  block_table=None, num_splits=None):
+                  block_table=None, num_splits=None, **extra):
     """aten::_flash_attention_forward through fa2rt (num_splits, a scheduling hint, is not needed), or a _Decline."""
     varlen = _varlen_args(cum_seq_q, cum_seq_k, max_q, max_k)
     options = _flash_options(is_causal, scale, window_size_left, window_size_right, alibi_slopes)
     declined = _flash_forward_declined(query, key, value, varlen, dropout_p, return_debug_mask, seqused_k,
-                                       block_table, options)
+                                       block_table, options, extra)
     if declined is not None:
         return declined
     with torch.no_grad():
@@ -264,12 +272,12 @@ def flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout
 
 def flash_forward_inplace(out, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                           return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None,
-                          seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None):
+                          seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None, **extra):
     """aten::_flash_attention_forward_no_dropout_inplace (writes out, returns the LSE), or a _Decline."""
     varlen = _varlen_args(cum_seq_q, cum_seq_k, max_q, max_k)
     options = _flash_options(is_causal, scale, window_size_left, window_size_right, alibi_slopes)
     declined = _flash_forward_declined(query, key, value, varlen, dropout_p, return_debug_mask, seqused_k,
-                                       block_table, options, out=out)
+                                       block_table, options, extra, out=out)
     if declined is not None:
         return declined
     with torch.no_grad():
@@ -278,9 +286,10 @@ def flash_forward_inplace(out, query, key, value, cum_seq_q, cum_seq_k, max_q, m
 
 
 def flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
-                   is_causal, rng_state, unused, *, scale=None, window_size_left=None, window_size_right=None):
+                   is_causal, rng_state, unused, *, scale=None, window_size_left=None, window_size_right=None,
+                   **extra):
     """aten::_flash_attention_backward by recomputing through fa2rt, or a _Decline."""
-    declined = _decline_common(query, dropout_p)
+    declined = _decline_common(query, dropout_p, extra=extra)
     if declined is not None:
         return declined
     varlen = _varlen_args(cum_seq_q if cum_seq_q is not None and cum_seq_q.numel() else None, cum_seq_k, max_q,
