@@ -1,9 +1,11 @@
 """The public calls: attention(), attention_varlen() and explain()."""
 
+import dataclasses
+
 import torch
 
 from . import calls, ops, policy
-from .fallback import sdpa_attention, sdpa_varlen_attention
+from .fallback import layout_copies, sdpa_attention, sdpa_varlen_attention
 from .validate import Shapes, check_inputs, check_varlen_inputs
 
 NO_WINDOW = (-1, -1)
@@ -33,13 +35,16 @@ def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, ma
     given = [name for name, value in zip(VARLEN_ARGS, varlen, strict=True) if value is not None]
     if not given:
         shapes = check_inputs(q, k, v, **options)
-        return _decide(shapes, q, k, v, alibi_slopes, out)
-    if len(given) != len(VARLEN_ARGS):
+    elif len(given) != len(VARLEN_ARGS):
         missing = [name for name in VARLEN_ARGS if name not in given]
         raise TypeError(f"{missing[0]}: expected a value with {', '.join(given)} (a varlen call takes all of "
                         f"{', '.join(VARLEN_ARGS)}), got None")
-    shapes = check_varlen_inputs(q, k, v, *varlen, **options)
-    return _decide(shapes, q, k, v, alibi_slopes, out)
+    else:
+        shapes = check_varlen_inputs(q, k, v, *varlen, **options)
+    decision = _decide(shapes, q, k, v, alibi_slopes, out)
+    if decision.path != "fallback":
+        return decision
+    return dataclasses.replace(decision, copies=layout_copies(q=q, k=k, v=v))
 
 
 def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:

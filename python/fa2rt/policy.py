@@ -39,11 +39,13 @@ class Decision:
     device: dict = field(default_factory=dict)
     rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
     backward: tuple = ()  # (image, mode) per BACKWARD_OPS when the inputs require grad, on the kernel path
+    copies: tuple = ()  # (tensor name, why) for each input the fallback copies so SDPA's kernels can take it
 
     def __str__(self) -> str:
         head = (f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}" if self.path == "kernel"
                 else f"fallback to SDPA [{self.reason}]: {self.message}")
         lines = [head] + [f"  backward {img} ({mode})" for img, mode in self.backward]
+        lines += [f"  copies {name} for SDPA: {why}" for name, why in self.copies]
         lines += [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
         return "\n".join(lines)
 
