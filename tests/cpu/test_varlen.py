@@ -203,7 +203,7 @@ def test_the_fallback_checks_values_it_reads_anyway(fresh_announcements, monkeyp
     q, k, v, cq, ck, mq, mk = packed()
     with raises(ValueError, "cu_seqlens_k: expected last entry 14"), warnings.catch_warnings():
         warnings.simplefilter("ignore", fa2rt.FallbackWarning)
-        fa2rt.attention_varlen(q, k, v, cq, ck - 0 + torch.tensor([0, 0, 0, 0, 0, 1], dtype=torch.int32), mq, mk)
+        fa2rt.attention_varlen(q, k, v, cq, ck + torch.tensor([0, 0, 0, 0, 0, 1], dtype=torch.int32), mq, mk)
 
 
 class PackedBlock(torch.nn.Module):
