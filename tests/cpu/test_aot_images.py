@@ -203,6 +203,12 @@ def test_tune_tiles_option():
     own128 = variants.arch_info("sm90")["bwd_dkdv"]["128"]
     assert dict(tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 64, 4, 2)]))[tune._tile(own128)][0] \
         .max_stack_bytes == own128["max_stack_bytes"]
+    # AMD: every tile of a bucket takes that bucket entry's waves_per_eu (the register budget it was checked with).
+    for bucket in (64, 128, 256):
+        want = variants.tile_config("gfx90a", "bwd_dq", bucket)["waves_per_eu"]
+        for _tile, kinds in tune.candidate_variants("gfx90a", bucket, "bwd_dq", [(64, 32, 4, 1)]):
+            assert {v.waves_per_eu for v in kinds} == {want}, bucket
+    assert {variants.tile_config("gfx90a", "bwd_dq", b)["waves_per_eu"] for b in (64, 128)} == {1, 2}
 
 
 def test_tune_full_band():
