@@ -106,7 +106,8 @@ def test_racecheck_few():
     assert len(RACECHECK_SAMPLE) == 3
     proc = _sanitize("racecheck", RACECHECK_SAMPLE)
     records = _records(proc.stdout)
-    assert proc.returncode == 0 and "RACECHECK SUMMARY: 0 hazards displayed (0 errors" in proc.stdout, proc.stdout[-4000:]
+    summary = "RACECHECK SUMMARY: 0 hazards displayed (0 errors"
+    assert proc.returncode == 0 and summary in proc.stdout, proc.stdout[-4000:]
     assert len(records) == len(RACECHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
 
 
