@@ -18,6 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .reference import alibi_bias, allowed_mask, fold_causal
+from .validate import check_cu_seqlens_values
 
 # cuDNN attention is left out: on an H200 with torch 2.11+cu130 its backward gave wrong gradients (errors ~5, or NaN)
 # when grad_out is a transposed view, as ours always is (B, N, H, D -> B, H, N, D); flash, memory-efficient and math
@@ -299,3 +300,37 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1),
     lse = _lse(q, k, first, p) if lse is None else lse
     skipped = torch.full((batch, nheads, first), float("inf"), dtype=torch.float32, device=q.device)
     return out, torch.cat([skipped, lse.to(torch.float32)], dim=-1)
+
+
+def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, softmax_scale=None, window_size=(-1, -1),
+                          softcap=0.0, alibi_slopes=None, return_lse=False, deterministic=False):
+    """sdpa_attention applied to each sequence of a packed (varlen) call on its own; differentiable through autograd.
+
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_q/_k (batch + 1,) int32; inputs
+    validated by fa2rt.validate.check_varlen_inputs. The bounds are read to the host here (a sync the fallback
+    pays anyway), so their values are always checked on this path. alibi_slopes (batch, nheads) give sequence b
+    its row b. Returns (out, lse): out (total_q, nheads, headdim) contiguous in q's dtype; lse float32
+    (nheads, total_q) when return_lse, else None.
+    """
+    total_q, nheads, head_dim = q.shape
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    # The message names no max_seqlen: the fallback never reads it, so any value is accepted here.
+    check_cu_seqlens_values("cu_seqlens_q", bounds_q, total_q, total_q, "max_seqlen_q")
+    check_cu_seqlens_values("cu_seqlens_k", bounds_k, k.shape[0], k.shape[0], "max_seqlen_k")
+    if q.numel() == 0 or k.numel() == 0:
+        lse = torch.full((nheads, total_q), float("inf"), dtype=torch.float32, device=q.device)
+        return _zeros(q.shape, q, k, v), (lse if return_lse else None)
+    outs, lses = [], []
+    for b in range(len(bounds_q) - 1):
+        rows_q, rows_k = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, lse = sdpa_attention(q[None, rows_q], k[None, rows_k], v[None, rows_k], causal=causal,
+                                  softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                  alibi_slopes=slopes, return_lse=return_lse, deterministic=deterministic)
+        outs.append(out[0])
+        lses.append(lse[0] if return_lse else None)
+    out = torch.cat(outs) if outs else _zeros(q.shape, q, k, v)
+    if not return_lse:
+        return out, None
+    lse = torch.cat(lses, dim=-1) if lses else torch.empty((nheads, 0), dtype=torch.float32, device=q.device)
+    return out, lse

@@ -133,6 +133,8 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
         return _fallback("dtype", f"kernels take {names}; got {str(shapes.dtype).removeprefix('torch.')}", info)
     if slopes_need_grad:
         return _fallback("alibi_grad", "alibi_slopes requires grad; the kernels treat slopes as constants", info)
+    if shapes.layout != "dense":
+        return _fallback("layout", f"no kernel takes the {shapes.layout} layout yet", info)
     threshold = short_sequence_threshold(info.arch)
     if shapes.seqlen_k < threshold:
         return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
