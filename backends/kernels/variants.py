@@ -20,6 +20,11 @@ DTYPES = ("fp16", "bf16")
 # any head dim up to the bucket (a multiple of 8); an image with softcap also takes alibi (slope 0 when unused), which
 # keeps the grid at four kinds instead of six. Causal and window_size are run-time parameters of every image.
 KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
+# Layouts each op is built for (fwd.LAYOUTS): "dense" with every kind and full-band tile above; "varlen" (packed
+# sequences, a compile-time flag of the same kernels, so dense images are unchanged) with fewer kinds to keep the
+# build small: the exact head dim without extras (the common, fastest case), and masked images with alibi (any head
+# dim, slope 0 when unused) and with softcap. Its tile is the entry's own (the full-band tiles were tuned dense).
+LAYOUT_KINDS = {"dense": KINDS, "varlen": ((False, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))}
 
 # A tile table entry may carry a "full_band" entry: the tile for calls whose band covers every key (no causal, no
 # window), where it measured faster than the entry's own tile. It builds the same kinds, marked full_band_only and
@@ -88,6 +93,7 @@ class Variant:
     # measured faster spilling than every tile that does not spill.
     max_stack_bytes: int = 0
     full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
+    layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
 
     @property
     def feature_tag(self) -> str:
@@ -98,7 +104,8 @@ class Variant:
         dims = f"d{self.head_dim}{'m' if self.d_mask else ''}"
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
         band = "-fullband" if self.full_band_only else ""
-        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}-{tile}"
+        layout = "" if self.layout == "dense" else f"-{self.layout}"
+        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}-{tile}"
 
 
 def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False) -> dict:
@@ -114,16 +121,18 @@ def variants(archs: list[str]) -> list[Variant]:
         vendor, backend, target_arch, mma = ARCHS[arch]
         for op in OPS:
             for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
-                tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg else []
-                for dtype in DTYPES:
-                    for d_mask, features in KINDS:
-                        for full_band_only, c in tile_cfgs + [(False, cfg)]:
-                            out.append(Variant(
-                                op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
-                                warp_size=tiles(vendor)["warp_size"], mma_instr=c.get("mma_instr", mma),
-                                max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
-                                d_mask=d_mask, features=features, block_m=c["block_m"], block_n=c["block_n"],
-                                num_warps=c["num_warps"], num_stages=c["num_stages"],
-                                waves_per_eu=c.get("waves_per_eu"), max_stack_bytes=c.get("max_stack_bytes", 0),
-                                full_band_only=full_band_only))
+                for layout, kinds in LAYOUT_KINDS.items():
+                    tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout == "dense" else []
+                    for dtype in DTYPES:
+                        for d_mask, features in kinds:
+                            for full_band_only, c in tile_cfgs + [(False, cfg)]:
+                                out.append(Variant(
+                                    op=op, arch=arch, vendor=vendor, target_backend=backend,
+                                    target_arch=target_arch, warp_size=tiles(vendor)["warp_size"],
+                                    mma_instr=c.get("mma_instr", mma), max_shared_bytes=info["max_shared_bytes"],
+                                    dtype=dtype, head_dim=int(bucket), d_mask=d_mask, features=features,
+                                    block_m=c["block_m"], block_n=c["block_n"], num_warps=c["num_warps"],
+                                    num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
+                                    max_stack_bytes=c.get("max_stack_bytes", 0), full_band_only=full_band_only,
+                                    layout=layout))
     return out

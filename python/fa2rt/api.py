@@ -15,7 +15,7 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _decide(shapes: Shapes, q, k, v, alibi_slopes, out, cu_seqlens_q=None, cu_seqlens_k=None) -> policy.Decision:
+def _decide(shapes: Shapes, q, k, v, alibi_slopes, out) -> policy.Decision:
     return policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out,
                          slopes_need_grad=_needs_grad(alibi_slopes))
 
@@ -44,7 +44,7 @@ def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, ma
         raise TypeError(f"{missing[0]}: expected a value with {', '.join(given)} (a varlen call takes all of "
                         f"{', '.join(VARLEN_ARGS)}), got None")
     shapes = check_varlen_inputs(q, k, v, *varlen, **options)
-    return _decide(shapes, q, k, v, alibi_slopes, out, cu_seqlens_q, cu_seqlens_k)
+    return _decide(shapes, q, k, v, alibi_slopes, out)
 
 
 def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:
@@ -134,14 +134,30 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                  softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                                  alibi_slopes=alibi_slopes, out=out)
-    decision = _decide(shapes, q, k, v, alibi_slopes, out, cu_seqlens_q, cu_seqlens_k)
-    if decision.path == "fallback" and decision.reason:
-        policy.announce(decision)
-    res, lse = sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=shapes.causal,
-                                     softmax_scale=shapes.softmax_scale, window_size=shapes.window,
-                                     softcap=shapes.softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
-                                     deterministic=deterministic)
-    out = res if out is None else out.copy_(res)
+    cu = (cu_seqlens_q, cu_seqlens_k)
+    compiling = torch.compiler.is_compiling()
+    eager = not compiling and ops.can_run_eager(q, k, v, *cu, alibi_slopes, out)
+    if compiling:
+        decision = _decide_traced(shapes, q, k, v, alibi_slopes)
+    else:
+        decision = _decide(shapes, q, k, v, alibi_slopes, out)
+    if decision.path == "kernel" and eager:
+        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, ops.EagerCall(shapes, decision.image, decision.mode),
+                                 deterministic, cu)
+    elif decision.path == "kernel":
+        left, right = shapes.window
+        res, lse = ops.varlen_fwd(q, k, v, *cu, shapes.seqlen_q, shapes.seqlen_k, alibi_slopes, shapes.softmax_scale,
+                                  left, right, shapes.softcap, decision.image or "", decision.mode or "",
+                                  deterministic)
+        out = res if out is None else out.copy_(res)
+    else:
+        if decision.path == "fallback" and decision.reason:
+            policy.announce(decision)
+        res, lse = sdpa_varlen_attention(q, k, v, *cu, causal=shapes.causal, softmax_scale=shapes.softmax_scale,
+                                         window_size=shapes.window, softcap=shapes.softcap,
+                                         alibi_slopes=alibi_slopes, return_lse=return_lse,
+                                         deterministic=deterministic)
+        out = res if out is None else out.copy_(res)
     return (out, lse) if return_lse else out
 
 

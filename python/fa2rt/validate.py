@@ -238,11 +238,12 @@ def _check_cu_seqlens(name, cu, q):
 
 
 def _check_max_seqlen(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # torch.compile may hand an int argument over as a SymInt.
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         _fail(TypeError, name, "a Python int >= 0", f"{value!r} ({type(value).__name__})")
     if value < 0:
         _fail(ValueError, name, "a Python int >= 0", value)
-    return int(value)
+    return value
 
 
 def check_cu_seqlens_values(name, bounds, total, max_seqlen, max_name):
@@ -266,7 +267,8 @@ def check_cu_seqlens_values(name, bounds, total, max_seqlen, max_name):
 def should_check_values(cu) -> bool:
     """The values of an index tensor are read where that costs no device sync (on the CPU), or when
     FA2RT_CHECK_INDICES asks for it."""
-    return cu.device.type == "cpu" or config.check_indices()
+    # Under torch.compile the tensors are fakes, whose values are unknown until the graph runs.
+    return (cu.device.type == "cpu" or config.check_indices()) and not torch.compiler.is_compiling()
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,

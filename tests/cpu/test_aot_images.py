@@ -23,12 +23,12 @@ import aot  # noqa: E402
 import variants  # noqa: E402
 
 
-def _params(op, dtype):
+def _params(op, dtype, layout="dense"):
     # Loaded under a private name: other tests load fwd.py in the Triton interpreter.
     spec = importlib.util.spec_from_file_location("_aot_test_fwd", KERNELS / "fwd.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.fwd_params(dtype) if op == "fwd" else aot.kernel_spec(op)[1](dtype)
+    return mod.fwd_params(dtype, layout) if op == "fwd" else aot.kernel_spec(op)[1](dtype, layout)
 
 
 def _run(*args):
@@ -50,7 +50,7 @@ def _sha256(path):
 
 def test_manifest_header(build):
     _, manifest, _ = build
-    assert manifest["schema_version"] == 3
+    assert manifest["schema_version"] == 4
     assert manifest["triton_version"] == "3.6.0"
     assert manifest["archs"] == ARCHS
 
@@ -79,15 +79,20 @@ def test_files_and_sha256(build):
 def test_row_fields(build):
     _, manifest, _ = build
     for row in manifest["images"]:
-        assert row["params"] == [list(p) for p in _params(row["op"], row["dtype"])]
+        (layout,) = row["layouts"]
+        assert row["params"] == [list(p) for p in _params(row["op"], row["dtype"], layout)]
+        assert (layout == "varlen") == ("-varlen-" in row["name"])
+        # Varlen images take the cu_seqlens and totals last; dense ones compile without them.
+        assert (row["params"][-4][0] == "CU_Q") == (layout == "varlen")
         assert row["scratch_params"] == 2 and row["align16"] is True
         assert row["threads"] == row["num_warps"] * row["warp_size"]
         assert f"-{'+'.join(row['features']) or 'plain'}-" in row["name"]
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
         assert row["full_band_only"] == ("-fullband-" in row["name"])
-        assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"]))
-        # Slopes (and the backward's fp32 row vectors, LSE and delta) may have any alignment.
-        unhinted = {"ALIBI", "stride_ab", "stride_ah"} | ({"LSE", "DELTA"} if row["op"] != "fwd" else set())
+        assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"], layout))
+        # Slopes, cu_seqlens (and the backward's fp32 row vectors, LSE and delta) may have any alignment.
+        unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K"} | ({"LSE", "DELTA"} if row["op"] != "fwd"
+                                                                         else set())
         assert not unhinted & set(row["divisible16"])
         if row["vendor"] == "cuda":
             assert row["warp_size"] == 32 and row["binary"]["kind"] == "cubin"

@@ -84,7 +84,7 @@ def test_capabilities_report_is_json_and_lists_the_build():
 def test_bad_manifest_schema_is_a_build_error(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "images": []}))
     build = builds.load_build(tmp_path)
-    assert "schema_version: expected 3, got 99" in build.error and len(build.registry) == 0
+    assert "schema_version: expected 4, got 99" in build.error and len(build.registry) == 0
 
 
 # Policy on synthetic GPUs: the device probe is the one part that cannot run here, so it is replaced by a
