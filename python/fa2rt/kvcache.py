@@ -335,20 +335,39 @@ def kvcache_fallback(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_se
 
 # --- the call ---------------------------------------------------------------------------------------------------------
 
-def decide(shapes: KVShapes, q) -> "policy.Decision":
-    """Kernel or fallback for a validated KV-cache call, with the reason."""
+def _fallback(reason, message, info=None) -> "policy.Decision":
+    return policy.Decision("fallback", reason, message, device=policy._device_dict(info) if info else {})
+
+
+def _gate(shapes: KVShapes):
+    """(device info, None) when the kernels may take the call, else (None, the Decision saying why not)."""
     if config.disabled():
-        return policy.Decision("fallback", "disabled", f"{config.DISABLE} is set")
+        return None, _fallback("disabled", f"{config.DISABLE} is set")
+    if 0 in (shapes.batch, shapes.seqlen_q, shapes.nheads):
+        return None, policy.Decision("trivial", "empty_input", "an input has a zero-size dimension")
     info, code, why = devices.describe(shapes.device)
     if code:
-        return policy.Decision("fallback", code, why)
-    return policy.Decision("fallback", "no_kernel", "no decode kernel is built yet")
+        return None, _fallback(code, why)
+    if shapes.dtype not in policy.KERNEL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in policy.KERNEL_DTYPES)
+        return None, _fallback("dtype", f"kernels take {names}; got {str(shapes.dtype).removeprefix('torch.')}", info)
+    return info, None
 
 
 def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, alibi_slopes, shapes: KVShapes, return_lse: bool):
-    """A validated call on the path decide() picks: (out, lse or None)."""
-    decision = decide(shapes, q)
+    """A validated call on the decode kernels when they take it, else on the announced fallback: (out, lse or
+    None)."""
+    info, decision = _gate(shapes)
+    if decision is None:
+        from . import kvcache_ops  # the kernel path needs the native module's launch plans
+
+        result = kvcache_ops.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                                 cache_leftpad, block_table, alibi_slopes, shapes, info)
+        if not isinstance(result, policy.Decision):
+            out, lse = result
+            return out, (lse if return_lse else None)
+        decision = result
     if decision.path == "fallback":
         policy.announce(decision)
     return kvcache_fallback(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
