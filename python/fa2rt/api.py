@@ -197,3 +197,19 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=No
         out, lse = kvcache.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
     return (out, lse) if return_lse else out
+
+
+def explain_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None,
+                         cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                         softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
+                         rotary_interleaved=True, alibi_slopes=None, num_splits=0) -> policy.Decision:
+    """What attention_with_kvcache(...) with these arguments would run, and why, without touching the caches: the
+    decode image (Decision.backward holds the combine image when the call splits; Decision.message the split count)
+    or the fallback reason with the dispatcher's rejections."""
+    shapes = kvcache.check_kvcache_inputs(
+        q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+    return kvcache.decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                          alibi_slopes, shapes)

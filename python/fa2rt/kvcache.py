@@ -354,6 +354,18 @@ def _gate(shapes: KVShapes):
     return info, None
 
 
+def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes,
+           shapes: KVShapes) -> "policy.Decision":
+    """Kernel or fallback for a validated call, touching nothing (see fa2rt.explain_with_kvcache)."""
+    info, decision = _gate(shapes)
+    if decision is not None:
+        return decision
+    from . import kvcache_ops
+
+    return kvcache_ops.decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                              alibi_slopes, shapes, info)
+
+
 def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, alibi_slopes, shapes: KVShapes, return_lse: bool):
     """A validated call on the decode kernels when they take it, else on the announced fallback: (out, lse or

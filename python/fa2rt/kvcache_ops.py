@@ -267,6 +267,24 @@ def _plan_key(shapes, tensors, alibi, cache_seqlens, use_batch_idx, use_leftpad,
             config.raw_values(), info.vendor, info.index, info.arch, id(builds.current_build()))
 
 
+def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi,
+           shapes: KVShapes, info) -> policy.Decision:
+    """What run() would do, without touching the caches: the kernel Decision (image: the decode image; backward:
+    the combine's (image, mode) when the call splits) or the fallback one."""
+    splits = choose_splits(shapes, info.multiprocessors)
+    if shapes.rotary_dim:
+        q = torch.empty_like(q, memory_format=torch.contiguous_format)  # run() rotates into a fresh tensor
+    out, lse, o_part, lse_part = buffers(q, shapes, splits)
+    tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
+                             cache_leftpad, block_table)
+    chosen = select(shapes, tensors, info, splits)
+    if isinstance(chosen, policy.Decision):
+        return chosen
+    (image, mode), combine = chosen
+    return policy.Decision("kernel", image=image, mode=mode, device=policy._device_dict(info),
+                           message=f"{splits} split(s)", backward=(combine,) if combine else ())
+
+
 def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, alibi, shapes: KVShapes, info):
     """The call on the kernels: (out, lse), or the fallback Decision (the caches untouched) when no image fits."""

@@ -2,6 +2,7 @@
 (append in place, rotary, paged caches, cache_batch_idx, cache_leftpad, every attention option) against the float64
 reference fa2rt.reference.kvcache_reference."""
 
+import dataclasses
 import re
 
 import pytest
@@ -242,3 +243,126 @@ def test_rotary_needs_new_tokens_and_paged_refuses_batch_idx():
     paged = make_case(paged=True, seed=1)
     with raises(ValueError, "cache_batch_idx: expected None with block_table"):
         call(paged, cache_batch_idx=torch.zeros(3, dtype=torch.int32))
+
+
+# --- the dispatcher's view of decode calls (synthetic images; the real ones are tested by test_selection) ------------
+
+def decode_image(layout, features=("softcap", "alibi"), optional=("softcap", "alibi"), op="decode", head_dim=128):
+    from fa2rt import _C
+
+    img = _C.ImageInfo()
+    img.name = f"{op}-sm90-bf16-d{head_dim}m-{'+'.join(features) or 'plain'}-{layout}"
+    img.op, img.arch, img.dtype, img.head_dim, img.vendor = op, "sm90", "bf16", head_dim, "cuda"
+    img.d_mask, img.features, img.optional_features, img.layouts = True, list(features), list(optional), [layout]
+    img.page_multiple = 16 if layout == "paged" else 0
+    img.block_m, img.block_n, img.num_warps, img.warp_size, img.align16 = 16, 64, 4, 32, True
+    img.has_ptx = False
+    return img
+
+
+def decode_problem(layout="kvcache", page_size=0, features=(), splits=1, seqlen_q=1, nheads=32, nheads_k=8):
+    from conftest import problem
+
+    p = problem(head_dim=128, features=features, batch=4, seqlen_q=seqlen_q, seqlen_k=4096, nheads=nheads,
+                nheads_k=nheads_k, layout=layout)
+    p.op, p.page_size, p.splits = "decode", page_size, splits
+    return p
+
+
+def test_dispatcher_checks_layout_page_size_and_optional_features():
+    from conftest import DEVICES
+
+    from fa2rt import _C
+
+    registry = _C.Registry()
+    for img in (decode_image("kvcache"), decode_image("paged"),
+                decode_image("kvcache", features=("softcap", "alibi"), optional=("alibi",), op="decode_strict")):
+        registry.add(img)
+    device = DEVICES["sm90"]
+
+    def select(p):
+        sel = _C.select(p, device, registry, "")
+        return sel["image"], {r.image: (r.code, r.message) for r in sel["rejections"]}
+
+    chosen, rejected = select(decode_problem("paged", page_size=32))
+    assert chosen.endswith("-paged")
+    assert rejected["decode-sm90-bf16-d128m-softcap+alibi-kvcache"][0] == "layout"
+    chosen, rejected = select(decode_problem("paged", page_size=24))
+    assert chosen is None
+    assert rejected["decode-sm90-bf16-d128m-softcap+alibi-paged"] == (
+        "page_size", "page_size: image takes pages that are multiples of 16, problem has 24")
+    # softcap compiled in as a run-time switch: the image serves calls without it (and with it).
+    for features in ((), ("softcap",), ("softcap", "alibi")):
+        assert select(decode_problem(features=features))[0] == "decode-sm90-bf16-d128m-softcap+alibi-kvcache"
+    strict = decode_problem()
+    strict.op = "decode_strict"
+    assert select(strict)[1]["decode_strict-sm90-bf16-d128m-softcap+alibi-kvcache"] == (
+        "features", "features: image always applies softcap, problem has none")
+
+
+@pytest.mark.parametrize("splits, seqlen_q, heads, grid_x", [(1, 1, (32, 8), 1), (5, 1, (32, 8), 5),
+                                                              (3, 5, (32, 8), 6), (2, 1, (8, 8), 2)])
+def test_decode_grid_packs_query_heads_per_split(splits, seqlen_q, heads, grid_x):
+    from fa2rt import _C
+
+    registry = _C.Registry()
+    img = decode_image("kvcache")
+    registry.add(img)
+    p = decode_problem(splits=splits, seqlen_q=seqlen_q, nheads=heads[0], nheads_k=heads[1])
+    grid, block, _ = _C.launch_config(registry, img.name, p)
+    # rows = seqlen_q * (nheads / nheads_k) packed per KV head, 16 per program, once per split; y over KV heads.
+    assert tuple(grid) == (grid_x, 4 * heads[1], 1) and block == 128
+    p.splits = 0
+    with pytest.raises(ValueError, match="splits >= 1"):
+        _C.launch_config(registry, img.name, p)
+
+
+def test_split_heuristic():
+    from fa2rt.kvcache import check_kvcache_inputs
+    from fa2rt.kvcache_ops import MAX_SPLITS, choose_splits
+
+    args = make_case(batch=1, h=32, hk=8, d=16, seqlen_cache=32768, new=0)
+    shapes = check_kvcache_inputs(**args)
+    # batch 1, 8 KV heads: 8 programs per split; 132 SMs want 2 waves -> 33 splits, each >= 256 keys of 32768.
+    assert choose_splits(shapes, 132) == 33
+    assert choose_splits(dataclasses.replace(shapes, capacity=1024), 132) == 4  # no split under 256 keys
+    assert choose_splits(dataclasses.replace(shapes, batch=64), 132) == 1  # 512 programs fill the device
+    assert choose_splits(dataclasses.replace(shapes, num_splits=7), 132) == 7
+    assert choose_splits(dataclasses.replace(shapes, num_splits=1000), 132) == MAX_SPLITS
+
+
+def test_explain_names_the_fallback_reason(on_device):
+    args = make_case(seed=1)
+    positional, named = split(args)
+    before = args["k_cache"].clone()
+    assert fa2rt.explain_with_kvcache(*positional, **named).reason == "not_gpu"
+    on_device("sm90")
+    decision = fa2rt.explain_with_kvcache(*positional, **named)
+    assert decision.path == "fallback" and decision.reason == "dtype"  # float32 on a (synthetic) GPU
+    assert torch.equal(args["k_cache"], before)  # explain touches nothing
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm89", "sm90", "gfx90a", "gfx942"])
+def test_installed_decode_images_take_kvcache_calls(on_device, arch):
+    """The real build, on a synthetic device of each arch: contiguous and paged bf16 calls get a decode image of the
+    arch for their layout (and a combine image when they split); a head dim over every bucket falls back, named."""
+    from fa2rt import builds
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device(arch)
+    for paged, layout in ((False, "kvcache"), (True, "paged")):
+        args = make_case(batch=1, h=8, hk=2, d=128, seqlen_cache=4096, max_blocks=64, new=1, paged=paged,
+                         dtype=torch.bfloat16)
+        positional, named = split(args)
+        decision = fa2rt.explain_with_kvcache(*positional, **named, causal=True, softcap=5.0)
+        assert decision.path == "kernel", decision
+        assert decision.image.startswith(f"decode-{arch}-bf16-d128m-") and decision.image.split("-")[-2] == layout
+        splits = int(decision.message.split()[0])
+        assert splits > 1 and decision.backward[0][0].startswith(f"decode_combine-{arch}-bf16-d256m-")
+        single = fa2rt.explain_with_kvcache(*positional, **named, num_splits=1)
+        assert single.path == "kernel" and single.backward == ()
+    args = make_case(batch=1, h=2, hk=2, d=264, seqlen_cache=64, new=0, dtype=torch.bfloat16)
+    positional, named = split(args)
+    decision = fa2rt.explain_with_kvcache(*positional, **named)
+    assert decision.reason == "no_kernel" and "head_dim" in decision.message, decision
