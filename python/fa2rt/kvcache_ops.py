@@ -272,8 +272,8 @@ def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, b
     """What run() would do, without touching the caches: the kernel Decision (image: the decode image; backward:
     the combine's (image, mode) when the call splits) or the fallback one."""
     splits = choose_splits(shapes, info.multiprocessors)
-    if shapes.rotary_dim:
-        q = torch.empty_like(q, memory_format=torch.contiguous_format)  # run() rotates into a fresh tensor
+    if shapes.rotary_dim or not (_aligned(q) and _strides8(q)):
+        q = torch.empty_like(q, memory_format=torch.contiguous_format)  # run() rotates or copies into a fresh one
     out, lse, o_part, lse_part = buffers(q, shapes, splits)
     tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table)
@@ -292,6 +292,8 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
     seqlens = seqlens_tensor(cache_seqlens, shapes, q.device) if shapes.seqlen_new or shapes.rotary_dim else None
     if shapes.rotary_dim:
         q = rotate_q(q, rotary_cos, rotary_sin, seqlens, shapes)
+    elif not (_aligned(q) and _strides8(q)):
+        q = q.clone(memory_format=torch.contiguous_format)  # q is small: a copy keeps odd views on the kernels
     out, lse, o_part, lse_part = buffers(q, shapes, splits)
     tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table)
