@@ -243,9 +243,9 @@ def check_kvcache_inputs(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None
         page_size, capacity = _check_paging(q, k_cache, block_table, cache_batch_idx)
     else:
         page_size, capacity = 0, k_cache.shape[1]
-        if cache_batch_idx is None and k_cache.shape[0] != batch:
-            _fail(ValueError, "k_cache", f"batch size {batch} (same as q; pass cache_batch_idx to address rows of "
-                  "a larger cache)", f"{k_cache.shape[0]} (shape {tuple(k_cache.shape)})")
+        if cache_batch_idx is None and k_cache.shape[0] < batch:
+            _fail(ValueError, "k_cache", f"at least {batch} rows (q's batch; sequence b uses row b without "
+                  "cache_batch_idx)", f"{k_cache.shape[0]} (shape {tuple(k_cache.shape)})")
     if seqlen_new > capacity:
         _fail(ValueError, "k", f"at most {capacity} new tokens (the cache's length)", f"seqlen_new={seqlen_new}")
     seqlens_int = _check_cache_seqlens(cache_seqlens, q, capacity, seqlen_new)

@@ -115,6 +115,12 @@ def test_gqa_mqa_and_decode_step(heads, fresh_announcements):
     check_against_reference(make_case(seqlen_q=1, h=heads[0], hk=heads[1], new=1, seed=7))
 
 
+def test_larger_cache_without_batch_idx_uses_row_b(fresh_announcements):
+    args = make_case(batch_idx=True, seed=6)  # a cache of batch + 2 rows
+    args.pop("cache_batch_idx")
+    check_against_reference(args)
+
+
 def test_no_new_tokens_int_seqlens_and_whole_cache(fresh_announcements):
     args = make_case(new=0, seed=2)
     check_against_reference(dict(args, cache_seqlens=17))
@@ -193,8 +199,8 @@ MISUSE = [
      "k_cache: expected head dim 16 (same as q)"),
     (dict(k_cache=torch.zeros(3, 40, 3, 16), v_cache=torch.zeros(3, 40, 3, 16)), ValueError,
      "k_cache: expected a number of heads that divides q's nheads=4"),
-    (dict(k_cache=torch.zeros(4, 40, 2, 16), v_cache=torch.zeros(4, 40, 2, 16)), ValueError,
-     "k_cache: expected batch size 3 (same as q; pass cache_batch_idx"),
+    (dict(k_cache=torch.zeros(2, 40, 2, 16), v_cache=torch.zeros(2, 40, 2, 16)), ValueError,
+     "k_cache: expected at least 3 rows (q's batch; sequence b uses row b without cache_batch_idx), got 2"),
     (dict(k_cache=torch.zeros(3, 40, 2, 16, dtype=torch.float16)), ValueError, "k_cache: expected dtype torch.float32"),
     (dict(v=None), ValueError, "v: expected a tensor when k is given"),
     (dict(k=torch.zeros(3, 2, 4, 16)), ValueError, "k: expected shape (batch=3, seqlen_new, nheads_k=2, headdim=16)"),
