@@ -372,3 +372,36 @@ def test_installed_decode_images_take_kvcache_calls(on_device, arch):
     positional, named = split(args)
     decision = fa2rt.explain_with_kvcache(*positional, **named)
     assert decision.reason == "no_kernel" and "head_dim" in decision.message, decision
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
+    """attention_with_kvcache's kernel path up to the launch, on CPU tensors described as an sm90 device with the
+    installed build: the append and rotary write what the reference writes, the plans hold the chosen images, the
+    dispatcher's grid and every pointer of the image; the launch is recorded instead of run."""
+    from fa2rt import builds, kvcache_ops
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device("sm90")
+    launched = []
+    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, tensors, device: launched.append((plan, tensors)))
+    args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=2048, max_blocks=128, new=2, seqlen_q=2, paged=paged,
+                     dtype=torch.float16, rotary_dim=16)
+    _, _, ref_k, ref_v = kvcache_reference(**args, causal=True)
+    positional, named = split(args)
+    out, lse = fa2rt.attention_with_kvcache(*positional, **named, causal=True, return_lse=True)
+    (plan, tensors), = launched
+    assert out is tensors["O"] and lse is tensors["LSE"]
+    torch.testing.assert_close(args["k_cache"].double(), ref_k, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(args["v_cache"].double(), ref_v, atol=0, rtol=0)
+    layout = "paged" if paged else "kvcache"
+    assert plan.decode_plan.image.startswith(f"decode-sm90-fp16-d64m-softcap+alibi-{layout}-")
+    assert plan.decode_plan.pointers == list(tensors)
+    # 2 query rows x 4 query heads per KV head = 8 packed rows: one row block per split; y: batch x KV heads.
+    assert plan.decode_plan.grid == (plan.splits, 2 * 2, 1) and plan.splits > 1
+    assert plan.combine_plan.image.startswith("decode_combine-sm90-fp16-d256m-")
+    assert plan.combine_plan.grid == (1, 2 * 8, 1)
+    # A second call of the same geometry reuses the plan.
+    fa2rt.attention_with_kvcache(*positional, **named, causal=True)
+    assert launched[1][0] is plan
