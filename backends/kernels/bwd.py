@@ -158,7 +158,7 @@ def attn_bwd_dq(
         if pid_m * BLOCK_M >= seqlen_q:  # the grid spans the longest sequence
             return
         Q += q_start * (stride_qm * 8)
-        O += q_start * (stride_om * 8)  # noqa: E741 - the paper\'s names
+        O += q_start * (stride_om * 8)  # noqa: E741 - the paper's names
         DO += q_start * (stride_dom * 8)
         DQ += q_start * (stride_dqm * 8)
         K += k_start * (stride_kn * 8)

@@ -171,7 +171,7 @@ def attn_fwd(
         if pid_m * BLOCK_M >= seqlen_q:  # the grid spans the longest sequence
             return
         Q += q_start * stride_qm
-        O += q_start * stride_om  # noqa: E741 - the paper\'s names
+        O += q_start * stride_om  # noqa: E741 - the paper's names
         K += k_start * stride_kn
         V += k_start * stride_vn
 

@@ -12,7 +12,7 @@ from pathlib import Path
 BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
 # fwd, then the two backward kernels (bwd.py). An arch whose tiles.json entry has no table for an op gets no images
-# of it (the AMD archs have no backward yet), and the dispatcher says so.
+# of it, and the dispatcher says so.
 # decode and decode_combine: the split-KV kernels over a KV cache and the merge of their partials (decode.py).
 OPS = ("fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_combine")
 DTYPES = ("fp16", "bf16")
@@ -43,6 +43,17 @@ OPTIONAL_FEATURES = {"decode": ("softcap", "alibi")}
 DEFAULT_OPTIONAL_FEATURES = ("alibi",)
 # Page sizes the paged images take: multiples of this (vLLM's 16-token blocks and up); the manifest carries it.
 PAGE_MULTIPLE = 16
+# A tiles.json entry's spill allowance for its varlen images, where they spill more than the dense ones: a varlen
+# program keeps its sequence's bounds in registers that the dense kernel reads from constant memory, which on a tile
+# already at the register limit (sm80 d128) costs a few more spilled bytes. Not measured yet (the varlen benchmark
+# will say whether another tile is faster there).
+VARLEN_STACK_KEY = "varlen_max_stack_bytes"
+
+
+def stack_allowance(cfg: dict, layout: str) -> int:
+    """Spill bytes the static checks accept for an image of `layout` built from tiles.json entry `cfg`."""
+    dense = cfg.get("max_stack_bytes", 0)
+    return cfg.get(VARLEN_STACK_KEY, dense) if layout == "varlen" else dense
 
 # A tile table entry may carry a "full_band" entry: the tile for calls whose band covers every key (no causal, no
 # window), where it measured faster than the entry's own tile. It builds the same kinds, marked full_band_only and
@@ -110,7 +121,7 @@ class Variant:
     num_stages: int
     waves_per_eu: int | None  # AMD only
     # Spill bytes (the cubin's stack frame) the static checks accept; 0 unless tiles.json grants more for a tile that
-    # measured faster spilling than every tile that does not spill.
+    # measured faster spilling than every tile that does not spill (varlen images: VARLEN_STACK_KEY if given).
     max_stack_bytes: int = 0
     full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
@@ -153,6 +164,6 @@ def variants(archs: list[str]) -> list[Variant]:
                                     dtype=dtype, head_dim=int(bucket), d_mask=d_mask, features=features,
                                     block_m=c["block_m"], block_n=c["block_n"], num_warps=c["num_warps"],
                                     num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
-                                    max_stack_bytes=c.get("max_stack_bytes", 0), full_band_only=full_band_only,
+                                    max_stack_bytes=stack_allowance(c, layout), full_band_only=full_band_only,
                                     layout=layout))
     return out

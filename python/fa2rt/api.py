@@ -35,16 +35,16 @@ def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, ma
     given = [name for name, value in zip(VARLEN_ARGS, varlen, strict=True) if value is not None]
     if not given:
         shapes = check_inputs(q, k, v, **options)
-        decision = _decide(shapes, q, k, v, alibi_slopes, out)
-        if decision.path != "fallback":
-            return decision
-        return dataclasses.replace(decision, copies=layout_copies(q=q, k=k, v=v))
-    if len(given) != len(VARLEN_ARGS):
+    elif len(given) != len(VARLEN_ARGS):
         missing = [name for name in VARLEN_ARGS if name not in given]
         raise TypeError(f"{missing[0]}: expected a value with {', '.join(given)} (a varlen call takes all of "
                         f"{', '.join(VARLEN_ARGS)}), got None")
-    shapes = check_varlen_inputs(q, k, v, *varlen, **options)
-    return _decide(shapes, q, k, v, alibi_slopes, out)
+    else:
+        shapes = check_varlen_inputs(q, k, v, *varlen, **options)
+    decision = _decide(shapes, q, k, v, alibi_slopes, out)
+    if decision.path != "fallback":
+        return decision
+    return dataclasses.replace(decision, copies=layout_copies(q=q, k=k, v=v))
 
 
 def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:
@@ -137,19 +137,20 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     cu = (cu_seqlens_q, cu_seqlens_k)
     compiling = torch.compiler.is_compiling()
     eager = not compiling and ops.can_run_eager(q, k, v, *cu, alibi_slopes, out)
-    if compiling:
-        decision = _decide_traced(shapes, q, k, v, alibi_slopes)
-    else:
-        decision = _decide(shapes, q, k, v, alibi_slopes, out)
-    if decision.path == "kernel" and eager:
-        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, ops.EagerCall(shapes, decision.image, decision.mode),
-                                 deterministic, cu)
-    elif decision.path == "kernel":
+    if not eager and not _needs_grad(alibi_slopes):
+        # torch.compile, dispatch modes, transforms: the custom op (registered for every device) selects when it runs,
+        # and falls back there, announced: a fallback traced here would read cu_seqlens' values into the graph.
+        # (Slopes that require grad take the fallback below: the op gives them no gradient.)
         left, right = shapes.window
         res, lse = ops.varlen_fwd(q, k, v, *cu, shapes.seqlen_q, shapes.seqlen_k, alibi_slopes, shapes.softmax_scale,
-                                  left, right, shapes.softcap, decision.image or "", decision.mode or "",
-                                  deterministic)
+                                  left, right, shapes.softcap, "", "", deterministic)
         out = res if out is None else out.copy_(res)
+        return (out, lse) if return_lse else out
+    # Compiling here means slopes that require grad: no kernel takes them, and the dispatcher cannot be traced.
+    decision = policy.Decision("fallback") if compiling else _decide(shapes, q, k, v, alibi_slopes, out)
+    if decision.path == "kernel":
+        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, ops.EagerCall(shapes, decision.image, decision.mode),
+                                 deterministic, cu)
     else:
         if decision.path == "fallback" and decision.reason:
             policy.announce(decision)

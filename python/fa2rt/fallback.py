@@ -142,7 +142,10 @@ def _row_chunks(first, stop, max_rows, budget, batch, nheads, seqlen_k):
 def _bounded(fn, *args):
     # Under autograd each chunk would keep its (batch, nheads, rows, seqlen_k) intermediates for backward, adding up
     # to the whole score matrix; recomputing them chunk by chunk during backward keeps memory bounded.
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    # torch.func transforms (the fallback's gradients inside custom ops, fa2rt.ops.recompute_grads) refuse the saved
+    # tensor hooks checkpointing uses: there the chunks keep their intermediates.
+    if (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            and not torch._C._are_functorch_transforms_active()):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 

@@ -302,13 +302,23 @@ def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool, c
     """Gradients of the SDPA fallback, recomputing its forward: for backward calls no kernel takes."""
     options = dict(causal=shapes.causal, softmax_scale=shapes.softmax_scale, window_size=shapes.window,
                    softcap=shapes.softcap, alibi_slopes=alibi, deterministic=deterministic)
+
+    def attend(q, k, v):
+        return (sdpa_varlen_attention(q, k, v, *cu, **options) if cu else sdpa_attention(q, k, v, **options))[0]
+
+    if _autograd_records():
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            return torch.autograd.grad(attend(q, k, v), (q, k, v), dout)
+    # Inside a custom op's kernel (fa2rt::bwd, fa2rt::varlen_bwd, as torch.compile runs them) autograd records
+    # nothing, even under enable_grad(); torch.func's own transform still differentiates there.
+    _, vjp = torch.func.vjp(attend, *(t.detach() for t in (q, k, v)))
+    return vjp(dout)
+
+
+def _autograd_records() -> bool:
     with torch.enable_grad():
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        if cu:
-            res, _ = sdpa_varlen_attention(q, k, v, *cu, **options)
-        else:
-            res, _ = sdpa_attention(q, k, v, **options)
-        return torch.autograd.grad(res, (q, k, v), dout)
+        return torch.zeros((), requires_grad=True).mul(1).requires_grad
 
 
 # --- eager calls ------------------------------------------------------------------------------------------------------
@@ -472,7 +482,17 @@ def run_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     return forward(q, k, v, alibi, None, shapes, image, mode, cu)
 
 
-@torch.library.custom_op("fa2rt::varlen_fwd", mutates_args=(), device_types="cuda")
+def run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi,
+                        softmax_scale, window_left, window_right, softcap, deterministic):
+    """varlen_bwd's body: as run_backward, for a packed call."""
+    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                            softcap, alibi)
+    return backward(dout, q, k, v, out, lse, alibi, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+
+
+# Registered for every device (unlike the dense ops): under torch.compile every varlen call runs through them, since
+# the fallback reads cu_seqlens' values, which a traced graph cannot.
+@torch.library.custom_op("fa2rt::varlen_fwd", mutates_args=())
 def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: torch.Tensor | None,
                softmax_scale: float, window_left: int, window_right: int, softcap: float, image: str, mode: str,
@@ -488,15 +508,14 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op("fa2rt::varlen_bwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("fa2rt::varlen_bwd", mutates_args=())
 def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                max_seqlen_k: int, alibi_slopes: torch.Tensor | None, softmax_scale: float, window_left: int,
                window_right: int, softcap: float, deterministic: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-                            softcap, alibi_slopes)
-    return backward(dout, q, k, v, out, lse, alibi_slopes, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+    return run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic)
 
 
 @varlen_bwd.register_fake

@@ -203,4 +203,46 @@ def test_the_fallback_checks_values_it_reads_anyway(fresh_announcements, monkeyp
     q, k, v, cq, ck, mq, mk = packed()
     with raises(ValueError, "cu_seqlens_k: expected last entry 14"), warnings.catch_warnings():
         warnings.simplefilter("ignore", fa2rt.FallbackWarning)
-        fa2rt.attention_varlen(q, k, v, cq, ck - 0 + torch.tensor([0, 0, 0, 0, 0, 1], dtype=torch.int32), mq, mk)
+        fa2rt.attention_varlen(q, k, v, cq, ck + torch.tensor([0, 0, 0, 0, 0, 1], dtype=torch.int32), mq, mk)
+
+
+class PackedBlock(torch.nn.Module):
+    """qkv projection -> fa2rt.attention_varlen over packed sequences -> output projection (GQA, strided views)."""
+
+    def __init__(self, d_model=32, h=4, hk=2, **attn_kwargs):
+        super().__init__()
+        self.h, self.hk, self.d = h, hk, d_model // h
+        self.qkv = torch.nn.Linear(d_model, (h + 2 * hk) * self.d)
+        self.proj = torch.nn.Linear(h * self.d, d_model)
+        self.attn_kwargs = attn_kwargs
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        q, k, v = self.qkv(x).view(x.shape[0], -1, self.d).split([self.h, self.hk, self.hk], dim=1)
+        out = fa2rt.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **self.attn_kwargs)
+        return self.proj(out.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("attn_kwargs", [dict(causal=True), dict(window_size=(2, 0), softcap=2.0)],
+                         ids=["causal", "features"])
+def test_compile_fullgraph_matches_eager(attn_kwargs, fresh_announcements):
+    # Under torch.compile the call runs as the fa2rt::varlen_fwd / varlen_bwd custom ops (fake implementations and
+    # autograd registered), which fall back on the CPU when the graph runs: fullgraph tracing must not read
+    # cu_seqlens' values.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = PackedBlock(**attn_kwargs)
+    lens = (5, 0, 1, 9)
+    x = torch.randn(sum(lens), 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    c = cu(lens)
+
+    def loss_and_grads(fn):
+        out = fn(x, c, max(lens))
+        return out, torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        want_out, want_grads = loss_and_grads(model)
+        got_out, got_grads = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
