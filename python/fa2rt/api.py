@@ -1,10 +1,10 @@
-"""The public calls: attention(), attention_varlen() and explain()."""
+"""The public calls: attention(), attention_varlen(), attention_with_kvcache() and explain()."""
 
 import dataclasses
 
 import torch
 
-from . import calls, ops, policy
+from . import calls, kvcache, ops, policy
 from .fallback import layout_copies, sdpa_attention, sdpa_varlen_attention
 from .validate import Shapes, check_dropout, check_inputs, check_varlen_inputs
 
@@ -197,3 +197,57 @@ def _with_dropout(q, k, v, varlen, dropout_p, *, return_lse, out, deterministic,
         res, lse = sdpa_varlen_attention(q, k, v, varlen[0], varlen[1], **fallback_options)
     out = res if out is None else out.copy_(res)
     return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None,
+                           cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                           softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
+                           rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_lse=False):
+    """Attention of q against a KV cache, appending new keys/values in place first (flash-attn 2.8's
+    flash_attn_with_kvcache semantics). No autograd.
+
+    q: (batch, seqlen_q, nheads, headdim), seqlen_q 1 for a decode step, a few for speculative decoding, or more.
+    k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, headdim), or paged (num_blocks, page_size,
+    nheads_k, headdim) with block_table int32 (batch, max_blocks) and page_size a multiple of 16; any strides with a
+    contiguous last dim; nheads % nheads_k == 0 (GQA/MQA).
+    k, v: None or the new (batch, seqlen_new, nheads_k, headdim), written into the caches in place at logical
+    positions cache_seqlens[b] + i (through block_table when paged) before attending.
+    cache_seqlens: int or int32 (batch,): tokens already in each sequence's cache (None: the whole cache).
+    cache_batch_idx: int32 (batch,): the cache row of each sequence (contiguous caches only; default b).
+    cache_leftpad: int32 (batch,): where each sequence starts in its cache (default 0); sequence b attends to
+    positions [cache_leftpad[b], cache_seqlens[b] + seqlen_new).
+    rotary_cos, rotary_sin: (seqlen_ro >= cache length, rotary_dim / 2) in q's dtype, only with k and v: the new k
+    is rotated at positions cache_seqlens[b] + i, q at the same positions when causal or window_size != (-1, -1),
+    else every row of q at cache_seqlens[b]; rotary_interleaved pairs features (2j, 2j + 1), else (j, j +
+    rotary_dim / 2) (GPT-NeoX). The first rotary_dim features rotate, the rest pass through.
+    causal, window_size, softcap, alibi_slopes, softmax_scale: as attention(), aligned to the end of each
+    sequence's keys (bottom-right). num_splits: 0 chooses, n > 0 splits the cache into n chunks (kernel path only).
+    Index values are checked on the CPU or with FA2RT_CHECK_INDICES=1 (a sync); the kernel path clamps malformed
+    ones (wrong numbers at worst, never an access outside the given tensors), the fallback always checks them.
+    Returns out (like q) or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse.
+    """
+    with torch.no_grad():
+        shapes = kvcache.check_kvcache_inputs(
+            q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+        out, lse = kvcache.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                               cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def explain_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None,
+                         cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                         softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
+                         rotary_interleaved=True, alibi_slopes=None, num_splits=0) -> policy.Decision:
+    """What attention_with_kvcache(...) with these arguments would run, and why, without touching the caches: the
+    decode image (Decision.backward holds the combine image when the call splits; Decision.message the split count)
+    or the fallback reason with the dispatcher's rejections."""
+    shapes = kvcache.check_kvcache_inputs(
+        q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+    return kvcache.decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                          alibi_slopes, shapes)

@@ -39,6 +39,8 @@ def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
     img.features = row["features"]
     img.full_band_only = row["full_band_only"]
     img.layouts = row["layouts"]
+    img.page_multiple = row["page_multiple"]
+    img.optional_features = row["optional_features"]
     img.block_m = row["block_m"]
     img.block_n = row["block_n"]
     img.num_warps = row["num_warps"]
