@@ -6,10 +6,12 @@ hosts one), the reports through a gloo process group (CPU, any vendor, no NCCL).
 
 Steps. join: every rank checks in; rank 0 waits FA2RT_FLEET_JOIN_TIMEOUT (default 300 s) and goes on with those that
 came. probe: the ranks of one host probe one at a time (decisions, the seeded numerical checks, the speed probe), so
-ranks sharing a GPU or a CPU do not time each other's work. reports: rank 0 waits FA2RT_FLEET_TIMEOUT (default 120 s)
-for each rank's check-in, then the answering ranks form a gloo group (collective timeout FA2RT_FLEET_TIMEOUT), gather
-their reports to rank 0 and compare their outputs across ranks. A rank that never joins or stops answering is named
-in the report; no rank waits longer than twice its step's timeout for rank 0, so nothing hangs.
+ranks sharing a GPU or a CPU do not time each other's work. reports: rank 0 waits for the ranks' check-ins until none
+has come for FA2RT_FLEET_TIMEOUT (default 120 s); the answering ranks form a gloo group (collective timeout
+FA2RT_FLEET_TIMEOUT), gather their reports to rank 0 and compare their outputs across ranks. A rank that never joins
+or stops answering is named in the report. The other ranks give up on rank 0 after twice a step's timeout without
+progress, so nothing hangs: the run ends at most the join timeout plus one step timeout per rank after it starts
+(in practice the join timeout, or the step timeout after the last answer, past the probes).
 
 Exit codes (EXIT_CODES, the same on every rank): 0 every rank answered, healthy, no divergence; 10 divergences;
 11 an unhealthy rank (numerical check failed, --require unmet, corrupt images, a probe error); 12 a rank never joined
@@ -361,27 +363,38 @@ class Rendezvous:
         self.store.set(f"{step}/rank/{rank}", json.dumps(payload))
         self.store.add(f"{step}/count", 1)
         if rank == 0:
-            roster = self._close(step, self.join_timeout if step == "join" else self.timeout)
+            roster = self._close(step)
             self.store.set(f"{step}/roster", json.dumps(roster))
         else:
-            roster = json.loads(self._wait(f"{step}/roster", 2 * (self.join_timeout if step == "join" else
-                                                                   self.timeout), f"rank 0's roster of step {step}"))
+            patience = 2 * (self.join_timeout if step == "join" else self.timeout)
+            roster = json.loads(self._wait(f"{step}/roster", patience, f"rank 0's roster of step {step}",
+                                           progress=f"{step}/count"))
         if rank not in roster["members"]:
             raise NotAMember(f"rank 0 closed step {step} without rank {rank} (it came after the deadline)")
         self.members = roster["members"]
         return roster
 
-    def _close(self, step: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while self.store.add(f"{step}/count", 0) < len(self.members) and time.monotonic() < deadline:
+    def _close(self, step: str) -> dict:
+        """Wait for every member: at join until the join timeout; at a later step until no rank has checked in for
+        the step timeout (the ranks of a host arrive one after another, as they probe in turn)."""
+        counter, expected = f"{step}/count", len(self.members)
+        timeout = self.join_timeout if step == "join" else self.timeout
+        deadline, seen = time.monotonic() + timeout, 0
+        while (count := self.store.add(counter, 0)) < expected and time.monotonic() < deadline:
+            if count != seen and step != "join":
+                deadline, seen = time.monotonic() + timeout, count
             time.sleep(POLL_S)
         present = [r for r in self.members if self.store.check([f"{step}/rank/{r}"])]
         payloads = {str(r): json.loads(self.store.get(f"{step}/rank/{r}")) for r in present}
         return {"members": present, "missing": [r for r in self.members if r not in present], "payloads": payloads}
 
-    def _wait(self, key: str, timeout: float, what: str) -> str:
-        deadline = time.monotonic() + timeout
+    def _wait(self, key: str, timeout: float, what: str, progress: str = "") -> str:
+        """The value of `key` once set; TimeoutError after `timeout` s without it (counted from the last change of
+        the `progress` counter: rank 0 is still waiting for others then)."""
+        deadline, seen = time.monotonic() + timeout, None
         while not self.store.check([key]):
+            if progress and (count := self.store.add(progress, 0)) != seen:
+                deadline, seen = time.monotonic() + timeout, count
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what} did not come within {timeout:.0f} s: rank 0 stopped answering")
             time.sleep(POLL_S)
@@ -540,15 +553,13 @@ def rule_fa2rt_version(fleet: dict) -> list[dict]:
                         f"pip install fa2rt=={common} on those ranks")]
 
 
-def _source_of(report: dict, arch: str):
-    for package in report["kernel_packages"]:
-        if arch in package["archs"]:
-            return package["name"], package["version"], package["manifest_sha256"]
-    return None
+def _source_of(report: dict, arch: str) -> dict | None:
+    return next((p for p in report["kernel_packages"] if arch in p["archs"]), None)
 
 
 def rule_kernel_packages(fleet: dict) -> list[dict]:
-    """Ranks that load an arch's images from different packages or manifests (archs with the same split: once)."""
+    """Ranks that load an arch's images from a manifest other than most ranks' (archs split alike: reported once).
+    The manifest's digest decides: the images, not the package's name, make the numbers."""
     splits = defaultdict(list)
     archs = sorted({a for r in fleet["reports"] for p in r["kernel_packages"] for a in p["archs"]})
     for arch in archs:
@@ -556,21 +567,27 @@ def rule_kernel_packages(fleet: dict) -> list[dict]:
         for report in fleet["reports"]:
             source = _source_of(report, arch)
             if source is not None:
-                holders[source].append(report["rank"])
+                holders[source["manifest_sha256"]].append(report["rank"])
         if len(holders) > 1:
-            splits[tuple(sorted((tuple(v), k) for k, v in holders.items()))].append(arch)
+            splits[tuple(sorted(tuple(ranks) for ranks in holders.values()))].append(arch)
     out = []
+    by_rank = {r["rank"]: r for r in fleet["reports"]}
     for split, split_archs in splits.items():
-        common_ranks, common = max(split, key=lambda item: (len(item[0]), -min(item[0])))
-        odd = [r for ranks, _ in split if ranks != common_ranks for r in ranks]
-        seen = "; ".join(f"ranks {list(ranks)}: {name} {version or ''} manifest {(sha or 'none')[:12]}"
-                         for ranks, (name, version, sha) in split)
-        overridden = [r["rank"] for r in fleet["reports"] if r["rank"] in odd and config.KERNEL_DIR in r["settings"]]
+        common = max(split, key=lambda ranks: (len(ranks), -min(ranks)))
+        odd = [r for ranks in split if ranks != common for r in ranks]
+        seen = "; ".join(f"ranks {list(ranks)}: " + _source_text(_source_of(by_rank[ranks[0]], split_archs[0]))
+                         for ranks in split)
+        overridden = [r for r in odd if config.KERNEL_DIR in by_rank[r]["settings"]]
         fix = (f"unset {config.KERNEL_DIR} on ranks {overridden} or point it at the same images" if overridden else
-               f"install the same kernel packages ({common[0]} {common[1] or ''}) on every rank")
+               "install the kernel packages of ranks "
+               f"{list(common)} ({_source_text(_source_of(by_rank[common[0]], split_archs[0]))}) on those ranks")
         out.append(_divergence("kernel_package_mismatch", odd, f"{', '.join(split_archs)} images differ: {seen}",
                                fix))
     return out
+
+
+def _source_text(source: dict) -> str:
+    return f"{source['name']} {source['version'] or ''} manifest {(source['manifest_sha256'] or 'none')[:12]}"
 
 
 def rule_no_images(fleet: dict) -> list[dict]:
