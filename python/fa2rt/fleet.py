@@ -878,6 +878,7 @@ def main(as_json: bool = False, require: str | None = None, environ=None) -> int
               file=sys.stderr)
         return doctor.EXIT_INTERNAL
     if result is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the report is out: a launcher's stop now just ends us
         print(json.dumps(result, indent=1, default=str) if as_json else render_text(result), flush=True)
         code = result["verdict"]["exit_code"]
         try:
