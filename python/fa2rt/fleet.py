@@ -54,7 +54,7 @@ EXIT_CODES = {
 EXIT_PRECEDENCE = (EXIT_MISSING, EXIT_UNHEALTHY, EXIT_DIVERGENT)  # the most serious finding decides the exit code
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-STEPS = ("join", "probe", "reports")
+STEPS = ("join", "probe", "reports", "exchange")  # where FA2RT_FLEET_FAULT can strike
 POLL_S = 0.05
 
 # The problems every rank runs for the cross-rank comparison: (dtype, head_dim, causal, seed) on doctor.CHECK_SHAPE.
@@ -83,8 +83,8 @@ STAND_INS = {
 }
 # FA2RT_FLEET_FAULT: injected faults for tests, name -> what its argument is.
 FAULTS = {
-    "die": "exit at once (status 3) at this step: join, probe or reports",
-    "hang": "sleep at this step (join, probe or reports), 600 s or the seconds given after a second colon",
+    "die": "exit at once (status 3) at this step: join, probe, reports or exchange",
+    "hang": "sleep at this step (join, probe, reports or exchange), 600 s or the seconds given after a second colon",
     "slow": "run the speed probe's problem FACTOR times per counted call",
     "perturb": "add noise of this relative size to the outputs of the numerical checks",
 }
@@ -533,7 +533,8 @@ def rule_missing(fleet: dict) -> list[dict]:
             fix = "check the launcher's log for that rank and that it can reach MASTER_ADDR:MASTER_PORT"
         else:
             detail = (f"joined but did not answer at step {step} within {config.FLEET_TIMEOUT}="
-                      f"{fleet['timeouts']['step']:g} s (died or hung)")
+                      f"{fleet['timeouts']['step']:g} s (died or hung)" if step != "retry" else
+                      "answered until the exchange of reports, then stopped answering (died or hung)")
             fix = "look at that rank's own output; rerun with a longer timeout if its probe is only slow"
         out.append(_divergence("rank_missing", ranks, detail, fix))
     if fleet.get("error"):
@@ -840,9 +841,18 @@ def run(launch: Launch, require: str | None, fault: Fault, state: dict) -> tuple
     state["step"] = "reports"
     answered = rdv.check_in("reports", {})
     state["missing"]["reports"] = answered["missing"]
+    inject(fault, "exchange")
     state["step"] = "exchange"
-    gathered = exchange(answered["members"], launch.rank, report, outputs, rdv.timeout,
-                        "-".join(map(str, answered["members"])), rdv.store)
+    try:
+        gathered = exchange(answered["members"], launch.rank, report, outputs, rdv.timeout, "first", rdv.store)
+    except RuntimeError:
+        # A rank died or hung during the exchange (gloo raised or timed out on every rank): the survivors check in
+        # again, which names the lost ranks, and exchange once more among themselves.
+        state["step"] = "retry"
+        again = rdv.check_in("retry", {})
+        state["missing"]["retry"] = again["missing"]
+        state["step"] = "exchange again"
+        gathered = exchange(again["members"], launch.rank, report, outputs, rdv.timeout, "retry", rdv.store)
     if launch.rank != 0:
         return None, rdv
     reports, diffs = gathered

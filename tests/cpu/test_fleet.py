@@ -185,6 +185,20 @@ def test_rank_that_stops_answering_is_named_in_bounded_time():
     assert seconds < timeout + 90
 
 
+def test_rank_that_dies_during_the_exchange_is_named():
+    # Rank 1 dies after its report check-in, as the gloo group forms: the others' gloo calls fail (timeout), they
+    # check in again, which names rank 1, and exchange without it.
+    timeout = 8
+    ranks = [{}, {config.FLEET_FAULT: "die:exchange"}, {}]
+    code, out, err, seconds, codes = run_fleet(ranks, "--json", timeout=timeout)
+    assert code == fleet.EXIT_MISSING and codes == [fleet.EXIT_MISSING, 3, fleet.EXIT_MISSING], out + err[-3000:]
+    result = json.loads(out)
+    assert result["missing"] == {"join": [], "reports": [], "retry": [1]}
+    assert [r["rank"] for r in result["ranks"]] == [0, 2]
+    assert kinds(result)["rank_missing"]["ranks"] == [1]
+    assert seconds < 2 * timeout + 90
+
+
 def test_not_under_a_launcher():
     env = base_env(60, 30)
     r = subprocess.run([sys.executable, "-m", "fa2rt.doctor", "--fleet"], env=env, capture_output=True, text=True,
