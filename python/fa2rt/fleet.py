@@ -8,10 +8,12 @@ Steps. join: every rank checks in; rank 0 waits FA2RT_FLEET_JOIN_TIMEOUT (defaul
 came. probe: the ranks of one host probe one at a time (decisions, the seeded numerical checks, the speed probe), so
 ranks sharing a GPU or a CPU do not time each other's work. reports: rank 0 waits for the ranks' check-ins until none
 has come for FA2RT_FLEET_TIMEOUT (default 120 s); the answering ranks form a gloo group (collective timeout
-FA2RT_FLEET_TIMEOUT), gather their reports to rank 0 and compare their outputs across ranks. A rank that never joins
-or stops answering is named in the report. The other ranks give up on rank 0 after twice a step's timeout without
-progress, so nothing hangs: the run ends at most the join timeout plus one step timeout per rank after it starts
-(in practice the join timeout, or the step timeout after the last answer, past the probes).
+FA2RT_FLEET_TIMEOUT), gather their reports to rank 0 and compare their outputs across ranks; when a rank dies
+there, the survivors check in once more (step retry) and exchange without it. Every rank that never joins or stops
+answering is named in the report. The other ranks give up on rank 0 after twice a step's timeout without progress,
+so nothing hangs (short of rank 0's own probe hanging in a driver call): the run ends at most the join timeout plus
+one step timeout per rank and two more after it starts; in practice the join timeout, or the step timeout after the
+last answer, past the probes.
 
 Exit codes (EXIT_CODES, the same on every rank): 0 every rank answered, healthy, no divergence; 10 divergences;
 11 an unhealthy rank (numerical check failed, --require unmet, corrupt images, a probe error); 12 a rank never joined
