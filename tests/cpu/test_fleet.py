@@ -149,15 +149,18 @@ def test_versions_packages_and_missing_images(tmp_path):
     assert "[verdict] exit 10: divergences between ranks" in out
 
 
-def test_speed_outlier():
+def test_speed_outlier_and_require():
+    # Two stand-ins for MI300X, one slow; --require cuda: neither is a CUDA GPU, which is unhealthy (exit 11 wins).
     ranks = [{config.FLEET_STAND_IN: "gfx942"}, {config.FLEET_STAND_IN: "gfx942", config.FLEET_FAULT: "slow:4"}]
-    code, out, err, _, codes = run_fleet(ranks, "--json")
+    code, out, err, _, codes = run_fleet(ranks, "--json", "--require", "cuda")
     result = json.loads(out)
     found = kinds(result)
-    assert set(found) >= {"speed_outlier"} and found["speed_outlier"]["ranks"] == [1], found
+    assert found["speed_outlier"]["ranks"] == [1], found
     speeds = [r["speed"]["tflops"] for r in result["ranks"]]
     assert speeds[1] < fleet.SPEED_OUTLIER * (speeds[0] + speeds[1]) / 2
-    assert code == fleet.EXIT_DIVERGENT and codes == [code, code]
+    assert found["require_unmet"]["ranks"] == [0, 1] and found["require_unmet"]["exit_code"] == fleet.EXIT_UNHEALTHY
+    assert code == fleet.EXIT_UNHEALTHY and codes == [code, code]
+    assert result["verdict"] == {"exit_code": fleet.EXIT_UNHEALTHY, "status": "an unhealthy rank"}
 
 
 def test_rank_that_never_joins_is_named_in_bounded_time():
