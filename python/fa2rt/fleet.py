@@ -605,7 +605,8 @@ def rule_no_images(fleet: dict) -> list[dict]:
 
 
 def _decision_map(report: dict) -> dict:
-    return {(d["dtype"], d["head_dim"], d["causal"]): d for d in report["decisions"]}
+    """The doctor's decisions by problem (a layout too where the doctor gives one: dense, varlen)."""
+    return {(d["dtype"], d["head_dim"], d["causal"], d.get("layout", "dense")): d for d in report["decisions"]}
 
 
 def rule_fallback_where_others_run_kernels(fleet: dict) -> list[dict]:
@@ -630,22 +631,25 @@ def rule_fallback_where_others_run_kernels(fleet: dict) -> list[dict]:
 
 
 def rule_image_mismatch(fleet: dict) -> list[dict]:
+    """Ranks of one arch that run another image than most ranks of the arch for the same problem (ties: the lowest
+    rank's choice counts as most); problems a rank falls back on are the fallback rule's."""
     out = []
     for arch, reports in sorted(_by_arch(fleet["reports"]).items()):
-        choice = {r["rank"]: tuple(sorted((k, d["image"]) for k, d in _decision_map(r).items()
-                                          if d["path"] == "kernel")) for r in reports}
-        choice = {rank: c for rank, c in choice.items() if c}
-        counts = Counter(choice.values())
-        if len(counts) < 2:
+        maps = [(r["rank"], _decision_map(r)) for r in sorted(reports, key=lambda r: r["rank"])]
+        odd = {}
+        for key in sorted({k for _, m in maps for k in m}, key=str):
+            images = [(rank, m[key]["image"]) for rank, m in maps if key in m and m[key]["path"] == "kernel"]
+            counts = Counter(image for _, image in images)
+            common = max(counts, key=lambda img: (counts[img], -min(r for r, i in images if i == img)), default=None)
+            odd.update({rank: image for rank, image in images if image != common and rank not in odd})
+        if not odd:
             continue
-        common = max(counts, key=lambda c: (counts[c], -min(r for r, v in choice.items() if v == c)))
-        odd = [rank for rank, c in choice.items() if c != common]
         forced = {r["rank"]: r["settings"][config.FORCE_ARCH] for r in reports
                   if r["rank"] in odd and config.FORCE_ARCH in r["settings"]}
         fix = (f"{config.FORCE_ARCH} is set on ranks {forced}: unset it" if forced else
                "compare the kernel packages of these ranks with the others")
-        images = "; ".join(f"rank {rank}: {sorted({img for _, img in choice[rank]})[0]}" for rank in sorted(odd))
-        out.append(_divergence("image_mismatch", odd, f"{arch} ranks run other images than most {arch} ranks "
+        images = "; ".join(f"rank {rank}: {image}" for rank, image in sorted(odd.items()))
+        out.append(_divergence("image_mismatch", list(odd), f"{arch} ranks run other images than most {arch} ranks "
                                f"({images})", fix))
     return out
 

@@ -6,6 +6,7 @@ hangs, is slow or computes noisy numbers); then the divergence rules alone on sy
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_versions_packages_and_missing_images(tmp_path):
     assert "  [kernel_package_mismatch] ranks [1]: " in out
     assert f"      fix: unset {config.KERNEL_DIR} on ranks [1] or point it at the same images" in out
     assert out.count("  [") == 3, out
-    assert "H100 (stand-in)" in out and "fallback 8/8 [no_kernel]" in out
+    assert "H100 (stand-in)" in out and re.search(r"fallback (\d+)/\1 \[no_kernel\]", out), out
     assert "[verdict] exit 10: divergences between ranks" in out
 
 
@@ -265,6 +266,19 @@ def test_rules_speed_and_fallback_compare_within_an_arch_only():
     reports.append(report(3, kernel=False, reason="disabled", settings={config.DISABLE: "1"}))
     found, _ = judged(reports)
     assert [(d["kind"], d["ranks"]) for d in found] == [("fallback_where_others_run_kernels", [3])]
+
+
+def test_rules_tell_layouts_apart():
+    # The doctor decides each problem as a dense and as a varlen call: a rank whose varlen calls alone fall back.
+    def with_layouts(r, varlen_kernel=True):
+        dense = dict(r["decisions"][0], layout="dense")
+        varlen = dict(dense, layout="varlen")
+        if not varlen_kernel:
+            varlen.update(path="fallback", image=None, mode=None, reason="no_kernel")
+        r["decisions"] = [dense, varlen]
+        return r
+    found, _ = judged([with_layouts(report(0)), with_layouts(report(1)), with_layouts(report(2), False)])
+    assert [(d["kind"], d["ranks"]) for d in found] == [("fallback_where_others_run_kernels", [2])], found
 
 
 LAUNCH = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"}
