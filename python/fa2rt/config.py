@@ -69,3 +69,32 @@ def min_seqlen_override() -> int | None:
     if value < 0:
         raise ValueError(f"{MIN_SEQLEN}: expected a non-negative integer, got {value}")
     return value
+
+
+# The fleet doctor's settings (python -m fa2rt.doctor --fleet): not read by the call path, so not in ENV_VARS.
+FLEET_JOIN_TIMEOUT = "FA2RT_FLEET_JOIN_TIMEOUT"
+FLEET_TIMEOUT = "FA2RT_FLEET_TIMEOUT"
+FLEET_STAND_IN = "FA2RT_FLEET_STAND_IN"
+FLEET_FAULT = "FA2RT_FLEET_FAULT"
+FLEET_ENV_VARS = {
+    FLEET_JOIN_TIMEOUT: "seconds rank 0 waits for every rank to check in (default 300)",
+    FLEET_TIMEOUT: "seconds rank 0 waits for each rank at every later step, and the gloo collectives' timeout "
+                   "(default 120)",
+    FLEET_STAND_IN: "test knob: this rank describes itself as a GPU of this arch (decisions and facts; its numerical "
+                    "check and speed probe still run on its real device)",
+    FLEET_FAULT: "test knob: die:STEP, hang:STEP[:SECONDS], slow:FACTOR or perturb:RELATIVE (fa2rt.fleet.FAULTS)",
+}
+FLEET_TIMEOUT_DEFAULTS = {FLEET_JOIN_TIMEOUT: 300.0, FLEET_TIMEOUT: 120.0}
+
+
+def fleet_timeout(name: str) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return FLEET_TIMEOUT_DEFAULTS[name]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name}: expected a positive number of seconds, got {raw!r}")
+    return value

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import _C, __version__, builds, config, hip_probe, report
+from . import _C, __version__, builds, config, devices, hip_probe, report
 from .api import attention, explain
 from .policy import FallbackWarning
 from .reference import attention_reference
@@ -111,26 +111,48 @@ def decisions(device) -> list[dict]:
     return rows
 
 
+def numerical_check(device, dtype, head_dim, causal, seed, transform=None) -> tuple[dict, torch.Tensor]:
+    """One check on seeded inputs of CHECK_SHAPE against the float64 reference: its row and the output. transform
+    (the fleet doctor's fault injection) is applied to the output before it is compared."""
+    s = CHECK_SHAPE
+    q, k, v = _inputs(device, dtype, head_dim, s["seqlen_q"], s["seqlen_k"], s["batch"], s["nheads"], s["nheads_k"],
+                      seed=seed)
+    path = explain(q, k, v, causal=causal)
+    out, lse = attention(q, k, v, causal=causal, return_lse=True)
+    if transform is not None:
+        out = transform(out)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    finite = ref_lse.isfinite()
+    lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
+    ok = bool(torch.isfinite(out).all()) and err < CHECK_TOLERANCE[dtype] and lse_err < 1e-2
+    row = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim, "causal": causal,
+           "path": path.path, "image": path.image, "reason": path.reason, "rel_error": err,
+           "lse_max_abs_error": lse_err, "tolerance": CHECK_TOLERANCE[dtype], "ok": ok}
+    return row, out
+
+
 def numerical_checks(device) -> list[dict]:
     dtypes = (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
-    rows = []
-    for dtype in dtypes:
-        for head_dim in (64, 128):
-            for causal in (False, True):
-                s = CHECK_SHAPE
-                q, k, v = _inputs(device, dtype, head_dim, s["seqlen_q"], s["seqlen_k"], s["batch"], s["nheads"],
-                                  s["nheads_k"], seed=head_dim + causal)
-                path = explain(q, k, v, causal=causal)
-                out, lse = attention(q, k, v, causal=causal, return_lse=True)
-                ref, ref_lse = attention_reference(q, k, v, causal=causal)
-                err = ((out.double() - ref).norm() / ref.norm()).item()
-                finite = ref_lse.isfinite()
-                lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
-                ok = bool(torch.isfinite(out).all()) and err < CHECK_TOLERANCE[dtype] and lse_err < 1e-2
-                rows.append({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
-                             "causal": causal, "path": path.path, "image": path.image, "rel_error": err,
-                             "lse_max_abs_error": lse_err, "tolerance": CHECK_TOLERANCE[dtype], "ok": ok})
-    return rows
+    return [numerical_check(device, dtype, head_dim, causal, seed=head_dim + causal)[0] for dtype in dtypes
+            for head_dim in (64, 128) for causal in (False, True)]
+
+
+def device_facts(device, info=None) -> dict:
+    """One device as data, what the fleet doctor gathers per rank: report.device_entry's facts (name, arch, SM/CU
+    count, the images it runs, the short-sequence rule in force) plus its memory, driver and runtime versions and,
+    when fa2rt cannot use it, why. info: a DeviceInfo standing in for the device (the fleet's test knob)."""
+    why = ""
+    if info is None:
+        info, _, why = devices.describe(device)
+    entry = report.device_entry(info, builds.current_build())
+    real_gpu = device.type == "cuda" and info.vendor in report.VENDORS and not why
+    status = _C.backend_status(info.vendor) if info.vendor in report.VENDORS else {}
+    runtime = {"cuda": torch.version.cuda, "rocm": getattr(torch.version, "hip", None)}
+    entry.update({"memory_bytes": torch.cuda.get_device_properties(device).total_memory if real_gpu else None,
+                  "driver_version": status.get("driver_version"), "runtime_version": runtime.get(info.vendor),
+                  "unusable": why})
+    return entry
 
 
 def diagnose(require: str | None) -> dict:
@@ -267,7 +289,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--require", choices=report.VENDORS, help="fail (exit 3) unless a GPU of this vendor is usable")
+    parser.add_argument("--fleet", action="store_true", help="check every rank of a torch.distributed job (run under "
+                        "torchrun or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set); exit codes in fa2rt.fleet")
     args = parser.parse_args(argv)
+    if args.fleet:
+        from . import fleet  # torch.distributed only for the fleet mode
+
+        return fleet.main(as_json=args.json, require=args.require)
     try:
         result = diagnose(args.require)
     except Exception as exc:  # noqa: BLE001 - an internal error still ends with a report and its own exit code
