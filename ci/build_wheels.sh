@@ -36,8 +36,10 @@ build_core() {
   local t0 raw
   t0=$(now)
   rm -rf "$WORK/core" && mkdir -p "$WORK/core"
-  # FA2RT_ARCHS empty: the core carries no images (they come in the kernel wheels).
-  FA2RT_ARCHS="" "$PY" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/core" "$ROOT"
+  # FA2RT_ARCHS empty: the core carries no images (they come in the kernel wheels). A CMake build folder of its own,
+  # kept for incremental rebuilds: the source install's (build/<tag>) is configured with images.
+  FA2RT_ARCHS="" "$PY" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/core" \
+    --config-settings=build-dir="$WORK/cmake-{wheel_tag}" "$ROOT"
   raw=$(ls "$WORK/core"/fa2rt-*.whl)
   if "$PY" -m auditwheel --version >/dev/null 2>&1; then
     "$PY" -m auditwheel repair --plat "$PLAT" -w "$WORK/core/repaired" "$raw" >"$WORK/auditwheel.log" 2>&1 || {

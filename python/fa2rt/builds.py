@@ -178,8 +178,8 @@ def load_installed(core_version: str) -> Build:
     own = config.installed_kernel_dir()
     source, manifest, infos = read_source(KIND_SOURCE_INSTALL, KIND_SOURCE_INSTALL, None, own)
     candidates = [(source, infos)] + [_read_package(f, core_version) for f in packages.found()]
-    nothing = (f"no kernel images installed: no manifest in {own} (fa2rt built without FA2RT_ARCHS images) and no "
-               f"usable package in the entry-point group {packages.ENTRY_POINT_GROUP} (install fa2rt[<arch>] for "
+    nothing = (f"no kernel images installed: none inside fa2rt (a source install's) and no usable package in the "
+               f"entry-point group {packages.ENTRY_POINT_GROUP} (install fa2rt[<arch>] for "
                f"{', '.join(packages.kernel_archs())})")
     return _merge(own, manifest, candidates, nothing)
 

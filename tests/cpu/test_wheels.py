@@ -376,8 +376,10 @@ def test_no_images_anywhere_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(packages, "found", lambda: [])
     build = builds.load_installed(VERSION)
     assert len(build.registry) == 0
-    assert build.error.startswith(f"no kernel images installed: no manifest in {tmp_path}")
-    assert "install fa2rt[<arch>] for sm80, sm89, sm90, gfx90a, gfx942" in build.error
+    assert build.error == (
+        "no kernel images installed: none inside fa2rt (a source install's) and no usable package in the entry-point "
+        "group fa2rt.kernels (install fa2rt[<arch>] for sm80, sm89, sm90, gfx90a, gfx942); source install: no "
+        f"manifest at {tmp_path / 'manifest.json'}")
 
 
 def test_suggestions_follow_the_architecture_table():
