@@ -235,8 +235,10 @@ q = torch.randn(1, 1024, 4, 64, dtype=torch.bfloat16)
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     d = fa2rt.explain(q, q, q)
+from fa2rt import doctor  # its [build] section alone: the whole doctor runs numerical checks (seconds)
+listing = doctor._render_sources(doctor.verify_build(), [])
 print(json.dumps({"file": fa2rt.__file__, "build": report["build"] | {"images": len(report["build"]["images"])},
-                  "selected": selected, "explain": [d.path, d.reason, d.message]}))
+                  "selected": selected, "explain": [d.path, d.reason, d.message], "doctor_build": listing}))
 """
 
 
@@ -305,10 +307,7 @@ def test_a_kernel_package_of_another_version_is_refused_with_its_reason(wheelhou
     assert out["selected"][amd].startswith(f"fwd-{amd}-") and out["selected"][nvidia] is None
     assert f"fa2rt-kernels-{nvidia} is installed but refused: {why}" in out["explain"][2]
 
-    r = subprocess.run([str(python), "-m", "fa2rt.doctor"], env=_no_compiler_env(python), capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"fa2rt-kernels-{nvidia} 0.0.9: refused: {why}" in r.stdout
+    assert f"  fa2rt-kernels-{nvidia} 0.0.9: refused: {why}" in out["doctor_build"]
 
 
 # --- merging kernel sources in this process --------------------------------------------------------------------------
