@@ -37,8 +37,9 @@ const char* load_mode_name(LoadMode m) {
 
 const char* reject_name(Reject r) {
   static const char* const names[] = {
-      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable", "forced_out", "dtype", "head_dim",
-      "features",  "band",      "alignment",        "shared_memory", "index_range",  "grid_limit",
+      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable",  "forced_out", "layout",
+      "dtype",     "head_dim",  "features",         "band",          "alignment",     "shared_memory",
+      "index_range", "grid_limit",
   };
   return names[static_cast<int>(r)];
 }
@@ -78,6 +79,15 @@ std::string join(const std::vector<std::string>& items, const char* sep) {
 // A check returns an empty string when the image fits, else the message of its rejection.
 using Check = std::function<std::string(const Problem&, const DeviceInfo&, const ImageInfo&, LoadMode)>;
 
+bool contains(const std::vector<std::string>& items, const std::string& item) {
+  return std::find(items.begin(), items.end(), item) != items.end();
+}
+
+std::string check_layout(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
+  if (contains(img.layouts, p.layout)) return "";
+  return "layout: image takes " + join(img.layouts, "+") + " calls, problem is " + p.layout;
+}
+
 std::string check_dtype(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
   if (img.dtype == p.dtype) return "";
   return "dtype: image is " + img.dtype + ", problem is " + p.dtype;
@@ -98,10 +108,6 @@ std::string check_head_dim(const Problem& p, const DeviceInfo&, const ImageInfo&
 const std::vector<std::string>& optional_features() {
   static const std::vector<std::string> list = {"alibi"};
   return list;
-}
-
-bool contains(const std::vector<std::string>& items, const std::string& item) {
-  return std::find(items.begin(), items.end(), item) != items.end();
 }
 
 std::string check_features(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
@@ -164,6 +170,7 @@ struct NamedCheck {
 const std::vector<NamedCheck>& checks() {
   static const std::vector<NamedCheck> list = {
       {Reject::kPtxUnusable, check_ptx},
+      {Reject::kLayout, check_layout},
       {Reject::kDtype, check_dtype},
       {Reject::kHeadDim, check_head_dim},
       {Reject::kFeatures, check_features},

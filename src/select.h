@@ -17,6 +17,7 @@ enum class Reject {
   kArchMismatch,     // this image's arch cannot run on the device arch
   kPtxUnusable,      // the PTX is arch-specific or targets a newer arch than the device
   kForcedOut,        // FA2RT_FORCE_ARCH excludes this image
+  kLayout,           // the image does not take the call's layout (dense, varlen)
   kDtype,
   kHeadDim,
   kFeatures,

@@ -43,6 +43,7 @@ struct ImageInfo {
   bool d_mask = false;                // also takes head dims below the bucket (multiples of 8), masking the tail
   std::vector<std::string> features;  // optional score terms compiled in: "softcap", "alibi"
   bool full_band_only = false;        // tile tuned for calls whose band covers every key: serves only those
+  std::vector<std::string> layouts = {"dense"};  // call layouts the image takes: "dense", "varlen"
   int block_m = 0;
   int block_n = 0;
   int num_warps = 0;
@@ -61,9 +62,10 @@ struct ImageInfo {
 // One attention call, as the dispatcher sees it.
 struct Problem {
   std::string op = "fwd";
+  std::string layout = "dense";  // "dense" (batch, seqlen, nheads, headdim); "varlen" (total, nheads, headdim)
   std::string dtype;
-  int64_t batch = 0;
-  int64_t seqlen_q = 0;
+  int64_t batch = 0;     // varlen: the number of sequences
+  int64_t seqlen_q = 0;  // varlen: the longest sequences (max_seqlen_q, max_seqlen_k)
   int64_t seqlen_k = 0;
   int64_t nheads = 0;
   int64_t nheads_k = 0;

@@ -187,8 +187,8 @@ def compile_variant(v: Variant):
     from triton.compiler import ASTSource
 
     kernel, params_of, _ = kernel_spec(v.op)
-    params = params_of(v.dtype)
-    constexprs = fwd_constexprs(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features)
+    params = params_of(v.dtype, v.layout)
+    constexprs = fwd_constexprs(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features, v.layout)
     signature = dict(params) | {k: "constexpr" for k in constexprs}
     hinted = divisible_params(v.op, params)
     attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (name, _) in enumerate(params) if name in hinted}
@@ -231,6 +231,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
+        "layouts": [v.layout],
         "block_m": v.block_m, "block_n": v.block_n,
         "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,
         "threads": v.num_warps * v.warp_size,
@@ -251,7 +252,7 @@ def _build_star(args):
 
 def _select(vs: list[Variant], only: list[str]) -> list[Variant]:
     keys = {"op": "op", "arch": "arch", "dtype": "dtype", "head_dim": "head_dim", "d_mask": "d_mask",
-            "features": "feature_tag"}
+            "features": "feature_tag", "layout": "layout"}
     for item in only:
         key, _, value = item.partition("=")
         if key not in keys or not value:
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output directory for images and manifest.json")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
-                   help="build only variants whose KEY (op, arch, dtype, head_dim, d_mask, features) equals VALUE, "
-                        "e.g. --only dtype=fp16 --only features=plain; repeatable, all must match")
+                   help="build only variants whose KEY (op, arch, dtype, head_dim, d_mask, features, layout) equals "
+                        "VALUE, e.g. --only dtype=fp16 --only layout=varlen; repeatable, all must match")
     args = p.parse_args(argv)
 
     import triton

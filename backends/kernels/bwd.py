@@ -9,12 +9,13 @@ Two kernels, no atomics, so gradients are bitwise deterministic:
   it first writes delta for its rows.
 - attn_bwd_dkdv: one program per BLOCK_N keys of one (batch, KV head), looping over the query heads that share the
   KV head (GQA/MQA: their sum, in a fixed order) and over query blocks. Launched after attn_bwd_dq, which writes delta.
-Both share one parameter list (bwd_params), so one argument set serves both launches.
+Both share one parameter list (bwd_params), so one argument set serves both launches. Varlen images (VARLEN) find
+their sequence as the forward's do (fwd._sequence); DELTA is laid out as LSE.
 """
 
 import triton
 import triton.language as tl
-from fwd import LOG2E, _d_ok, _key_phases, _tanh
+from fwd import LOG2E, _d_ok, _key_phases, _lse_row, _sequence, _tanh, layout_params
 
 
 @triton.jit
@@ -142,6 +143,7 @@ def attn_bwd_dq(
     qk_scale_log2, softcap_in, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    VARLEN: tl.constexpr = False, CU_Q=None, CU_K=None, total_q=0, total_k=0,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -149,6 +151,18 @@ def attn_bwd_dq(
     off_h = (pid_bh % nheads).to(tl.int64)
     off_hk = off_h // head_ratio
     head_dim = head_dim_8 * 8
+    q_start = 0
+    if VARLEN:
+        q_start, seqlen_q = _sequence(CU_Q, off_b, total_q, seqlen_q)
+        k_start, seqlen_k = _sequence(CU_K, off_b, total_k, seqlen_k)
+        if pid_m * BLOCK_M >= seqlen_q:  # the grid spans the longest sequence
+            return
+        Q += q_start * (stride_qm * 8)
+        O += q_start * (stride_om * 8)  # noqa: E741 - the paper's names
+        DO += q_start * (stride_dom * 8)
+        DQ += q_start * (stride_dqm * 8)
+        K += k_start * (stride_kn * 8)
+        V += k_start * (stride_vn * 8)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -161,7 +175,7 @@ def attn_bwd_dq(
     q = tl.load(Q + rows_q, mask=tile_ok, other=0.0)
     do = tl.load(DO + rows_do, mask=tile_ok, other=0.0)
     o = tl.load(O + rows_o, mask=tile_ok, other=0.0)
-    row_vec = (off_b * nheads + off_h) * seqlen_q + offs_m
+    row_vec = _lse_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN) + offs_m
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + row_vec, delta, mask=row_ok)
     lse_log2 = tl.load(LSE + row_vec, mask=row_ok, other=float("inf")) * LOG2E
@@ -206,6 +220,7 @@ def attn_bwd_dkdv(
     qk_scale_log2, softcap_in, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    VARLEN: tl.constexpr = False, CU_Q=None, CU_K=None, total_q=0, total_k=0,
 ):
     # Key blocks with the most query rows (the first ones under a causal band) start first.
     pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -214,6 +229,19 @@ def attn_bwd_dkdv(
     off_b = (pid_bhk // nheads_k).to(tl.int64)
     off_hk = (pid_bhk % nheads_k).to(tl.int64)
     head_dim = head_dim_8 * 8
+    q_start = 0
+    if VARLEN:
+        # Keys of a sequence with no query rows still get their (zero) dK, dV; only programs past the keys stop.
+        q_start, seqlen_q = _sequence(CU_Q, off_b, total_q, seqlen_q)
+        k_start, seqlen_k = _sequence(CU_K, off_b, total_k, seqlen_k)
+        if pid_n * BLOCK_N >= seqlen_k:  # the grid spans the longest sequence
+            return
+        Q += q_start * (stride_qm * 8)
+        DO += q_start * (stride_dom * 8)
+        K += k_start * (stride_kn * 8)
+        V += k_start * (stride_vn * 8)
+        DK += k_start * (stride_dkn * 8)
+        DV += k_start * (stride_dvn * 8)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -239,8 +267,9 @@ def attn_bwd_dkdv(
         off_h = off_hk * head_ratio + r
         q_base = Q + off_b * stride_qb * 8 + off_h * stride_qh * 8
         do_base = DO + off_b * stride_dob * 8 + off_h * stride_doh * 8
-        lse_base = LSE + (off_b * nheads + off_h) * seqlen_q
-        delta_base = DELTA + (off_b * nheads + off_h) * seqlen_q
+        lse_row = _lse_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN)
+        lse_base = LSE + lse_row
+        delta_base = DELTA + lse_row
         alibi_log2 = 0.0
         if ALIBI_ON:
             alibi_log2 = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah) * LOG2E
@@ -259,11 +288,11 @@ def attn_bwd_dkdv(
 
 
 # Row vectors and slopes: small fp32 tensors of any alignment, read one value per row.
-UNHINTED_PARAMS = frozenset({"LSE", "DELTA", "ALIBI", "stride_ab", "stride_ah"})
+UNHINTED_PARAMS = frozenset({"LSE", "DELTA", "ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K"})
 GRAD_TENSORS = ("q", "k", "v", "o", "do", "dq", "dk", "dv")
 
 
-def bwd_params(dtype: str) -> list[tuple[str, str]]:
+def bwd_params(dtype: str, layout: str = "dense") -> list[tuple[str, str]]:
     """Run-time parameters of both backward kernels, in launch order, with their Triton types."""
     ptr = f"*{dtype}"
     params = [(name.upper(), ptr) for name in GRAD_TENSORS]
@@ -274,4 +303,4 @@ def bwd_params(dtype: str) -> list[tuple[str, str]]:
     params += [("stride_ab", "i32"), ("stride_ah", "i32")]
     params += [(name, "i32") for name in ("nheads", "head_ratio", "seqlen_q", "seqlen_k", "head_dim_8",
                                           "window_left", "window_right")]
-    return params + [("qk_scale_log2", "fp32"), ("softcap_in", "fp32"), ("sm_scale", "fp32")]
+    return params + [("qk_scale_log2", "fp32"), ("softcap_in", "fp32"), ("sm_scale", "fp32")] + layout_params(layout)

@@ -3,6 +3,11 @@
 Layout (batch, seqlen, nheads, headdim), last dim contiguous. One program computes BLOCK_M query rows of one
 (batch, head); the online softmax runs in base 2 with the scale folded in.
 
+Varlen images (VARLEN, a compile-time flag: dense images compile exactly as before) take packed sequences instead:
+(total, nheads, headdim) tensors with cu_seqlens; batch indexes the sequence, whose first row and length a program
+reads from CU_Q/CU_K (_sequence), and seqlen_q/seqlen_k arrive as the longest lengths (the grid's extent). The batch
+strides are 0 and LSE is (nheads, total_q). Only where a program finds its sequence differs; the rest is shared.
+
 Masking is one band, aligned to the bottom-right corner as in flash-attn 2: with shift = seqlen_k - seqlen_q, query
 i sees key j iff i + shift - window_left <= j <= i + shift + window_right (and j < seqlen_k). Causal is
 window_right = 0; "unlimited" arrives clamped to seqlen_k (left) and seqlen_q (right), so the band covers every key.
@@ -38,6 +43,26 @@ def _d_ok(offs_d, head_dim, D_MASK: tl.constexpr):
 def _tanh(x):
     # tanh from exp2 (portable across vendors); saturates to +-1 correctly as exp2 over/underflows.
     return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _sequence(CU, off_b, total, max_len):
+    """(first row as int64, length) of sequence off_b of a packed tensor of `total` rows. Clamped so that malformed
+    cu_seqlens (decreasing, out of range, longer than max_len) make a program read and write only rows of the given
+    tensors, and index inside a sequence no further than the dispatcher's int32 range check allowed."""
+    start = tl.minimum(tl.maximum(tl.load(CU + off_b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CU + off_b + 1), start), total)
+    return start.to(tl.int64), tl.minimum(end - start, max_len)
+
+
+@triton.jit
+def _lse_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN: tl.constexpr):
+    """Offset of a (sequence, head)'s first row in LSE (and the backward's DELTA): (batch, nheads, seqlen_q) dense,
+    (nheads, total_q) packed, as flash-attn lays them out."""
+    if VARLEN:
+        return off_h * total_q + q_start
+    else:
+        return (off_b * nheads + off_h) * seqlen_q
 
 
 @triton.jit
@@ -126,6 +151,7 @@ def attn_fwd(
     qk_scale_log2, softcap_in,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    VARLEN: tl.constexpr = False, CU_Q=None, CU_K=None, total_q=0, total_k=0,
 ):
     # Programs with the most keys (last query blocks under a causal band) start first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -138,6 +164,16 @@ def attn_fwd(
     off_h = (pid_bh % nheads).to(tl.int64)
     off_hk = off_h // head_ratio  # GQA/MQA: query heads share a KV head, no copy of K/V
     head_dim = head_dim_8 * 8
+    q_start = 0
+    if VARLEN:
+        q_start, seqlen_q = _sequence(CU_Q, off_b, total_q, seqlen_q)
+        k_start, seqlen_k = _sequence(CU_K, off_b, total_k, seqlen_k)
+        if pid_m * BLOCK_M >= seqlen_q:  # the grid spans the longest sequence
+            return
+        Q += q_start * stride_qm
+        O += q_start * stride_om  # noqa: E741 - the paper's names
+        K += k_start * stride_kn
+        V += k_start * stride_vn
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -188,17 +224,34 @@ def attn_fwd(
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok & d_ok)
-    tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+    lse_row = _lse_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN)
+    tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < seqlen_q)
 
 
-# Params the AOT build must not hint as 16-byte aligned: the ALiBi slopes are a small fp32 tensor of any alignment.
-# Every other pointer is hinted (aot.py), and the dispatcher checks the hint holds.
-UNHINTED_PARAMS = frozenset({"ALIBI", "stride_ab", "stride_ah"})
+# Params the AOT build must not hint as 16-byte aligned: the ALiBi slopes are a small fp32 tensor of any alignment,
+# cu_seqlens a small int32 one. Every other pointer is hinted (aot.py), and the dispatcher checks the hint holds.
+UNHINTED_PARAMS = frozenset({"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K"})
+LAYOUTS = ("dense", "varlen")
+# What a varlen image takes beyond a dense one, after the other params (the kernels' trailing parameters).
+VARLEN_PARAMS = [("CU_Q", "*i32"), ("CU_K", "*i32"), ("total_q", "i32"), ("total_k", "i32")]
+
+
+def layout_params(layout: str) -> list[tuple[str, str]]:
+    """The run-time params a layout adds to the kernels' own (fwd_params, bwd.bwd_params)."""
+    return VARLEN_PARAMS if layout == "varlen" else []
+
+
+def layout_constexprs(layout: str) -> dict:
+    """Compile-time params of a layout: a dense image fixes the varlen params (unused there) as constants, so it
+    compiles exactly as a kernel without them."""
+    if layout == "varlen":
+        return {"VARLEN": True}
+    return {"VARLEN": False} | {name: (None if ty.startswith("*") else 0) for name, ty in VARLEN_PARAMS}
 
 
 # The kernel's run-time parameters in launch order, with their Triton types. The dispatcher packs arguments by
 # these names (the manifest carries this list per image), so the kernel signature is stated here and nowhere else.
-def fwd_params(dtype: str) -> list[tuple[str, str]]:
+def fwd_params(dtype: str, layout: str = "dense") -> list[tuple[str, str]]:
     ptr = f"*{dtype}"
     return [
         ("Q", ptr), ("K", ptr), ("V", ptr), ("O", ptr), ("LSE", "*fp32"), ("ALIBI", "*fp32"),
@@ -209,13 +262,14 @@ def fwd_params(dtype: str) -> list[tuple[str, str]]:
         ("stride_ab", "i32"), ("stride_ah", "i32"),
         ("nheads", "i32"), ("head_ratio", "i32"), ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim_8", "i32"),
         ("window_left", "i32"), ("window_right", "i32"), ("qk_scale_log2", "fp32"), ("softcap_in", "fp32"),
-    ]
+    ] + layout_params(layout)
 
 
-def fwd_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...]) -> dict:
+def fwd_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
+                   layout: str = "dense") -> dict:
     """Compile-time parameters of one image (the variant grid's feature names map onto the kernel's flags)."""
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": bucket, "D_MASK": d_mask,
-            "SOFTCAP": "softcap" in features, "ALIBI_ON": "alibi" in features}
+            "SOFTCAP": "softcap" in features, "ALIBI_ON": "alibi" in features} | layout_constexprs(layout)
 
 
 def attn_fwd_grid(seqlen_q: int, batch: int, nheads: int, block_m: int) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
 # fwd, then the two backward kernels (bwd.py). An arch whose tiles.json entry has no table for an op gets no images
-# of it (the AMD archs have no backward yet), and the dispatcher says so.
+# of it, and the dispatcher says so.
 OPS = ("fwd", "bwd_dq", "bwd_dkdv")
 DTYPES = ("fp16", "bf16")
 # Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order
@@ -20,6 +20,22 @@ DTYPES = ("fp16", "bf16")
 # any head dim up to the bucket (a multiple of 8); an image with softcap also takes alibi (slope 0 when unused), which
 # keeps the grid at four kinds instead of six. Causal and window_size are run-time parameters of every image.
 KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
+# Layouts each op is built for (fwd.LAYOUTS): "dense" with every kind and full-band tile above; "varlen" (packed
+# sequences, a compile-time flag of the same kernels, so dense images are unchanged) with fewer kinds to keep the
+# build small: the exact head dim without extras (the common, fastest case), and masked images with alibi (any head
+# dim, slope 0 when unused) and with softcap. Its tile is the entry's own (the full-band tiles were tuned dense).
+LAYOUT_KINDS = {"dense": KINDS, "varlen": ((False, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))}
+# A tiles.json entry's spill allowance for its varlen images, where they spill more than the dense ones: a varlen
+# program keeps its sequence's bounds in registers that the dense kernel reads from constant memory, which on a tile
+# already at the register limit (sm80 d128) costs a few more spilled bytes. Not measured yet (the varlen benchmark
+# will say whether another tile is faster there).
+VARLEN_STACK_KEY = "varlen_max_stack_bytes"
+
+
+def stack_allowance(cfg: dict, layout: str) -> int:
+    """Spill bytes the static checks accept for an image of `layout` built from tiles.json entry `cfg`."""
+    dense = cfg.get("max_stack_bytes", 0)
+    return cfg.get(VARLEN_STACK_KEY, dense) if layout == "varlen" else dense
 
 # A tile table entry may carry a "full_band" entry: the tile for calls whose band covers every key (no causal, no
 # window), where it measured faster than the entry's own tile. It builds the same kinds, marked full_band_only and
@@ -85,9 +101,10 @@ class Variant:
     num_stages: int
     waves_per_eu: int | None  # AMD only
     # Spill bytes (the cubin's stack frame) the static checks accept; 0 unless tiles.json grants more for a tile that
-    # measured faster spilling than every tile that does not spill.
+    # measured faster spilling than every tile that does not spill (varlen images: VARLEN_STACK_KEY if given).
     max_stack_bytes: int = 0
     full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
+    layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
 
     @property
     def feature_tag(self) -> str:
@@ -98,7 +115,8 @@ class Variant:
         dims = f"d{self.head_dim}{'m' if self.d_mask else ''}"
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
         band = "-fullband" if self.full_band_only else ""
-        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}-{tile}"
+        layout = "" if self.layout == "dense" else f"-{self.layout}"
+        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}-{tile}"
 
 
 def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False) -> dict:
@@ -114,16 +132,18 @@ def variants(archs: list[str]) -> list[Variant]:
         vendor, backend, target_arch, mma = ARCHS[arch]
         for op in OPS:
             for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
-                tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg else []
-                for dtype in DTYPES:
-                    for d_mask, features in KINDS:
-                        for full_band_only, c in tile_cfgs + [(False, cfg)]:
-                            out.append(Variant(
-                                op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
-                                warp_size=tiles(vendor)["warp_size"], mma_instr=c.get("mma_instr", mma),
-                                max_shared_bytes=info["max_shared_bytes"], dtype=dtype, head_dim=int(bucket),
-                                d_mask=d_mask, features=features, block_m=c["block_m"], block_n=c["block_n"],
-                                num_warps=c["num_warps"], num_stages=c["num_stages"],
-                                waves_per_eu=c.get("waves_per_eu"), max_stack_bytes=c.get("max_stack_bytes", 0),
-                                full_band_only=full_band_only))
+                for layout, kinds in LAYOUT_KINDS.items():
+                    tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout == "dense" else []
+                    for dtype in DTYPES:
+                        for d_mask, features in kinds:
+                            for full_band_only, c in tile_cfgs + [(False, cfg)]:
+                                out.append(Variant(
+                                    op=op, arch=arch, vendor=vendor, target_backend=backend,
+                                    target_arch=target_arch, warp_size=tiles(vendor)["warp_size"],
+                                    mma_instr=c.get("mma_instr", mma), max_shared_bytes=info["max_shared_bytes"],
+                                    dtype=dtype, head_dim=int(bucket), d_mask=d_mask, features=features,
+                                    block_m=c["block_m"], block_n=c["block_n"], num_warps=c["num_warps"],
+                                    num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
+                                    max_stack_bytes=stack_allowance(c, layout), full_band_only=full_band_only,
+                                    layout=layout))
     return out

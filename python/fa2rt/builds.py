@@ -84,6 +84,7 @@ def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
     img.d_mask = row["d_mask"]
     img.features = row["features"]
     img.full_band_only = row["full_band_only"]
+    img.layouts = row["layouts"]
     img.block_m = row["block_m"]
     img.block_n = row["block_n"]
     img.num_warps = row["num_warps"]

@@ -10,6 +10,7 @@ KERNEL_DIR = "FA2RT_KERNEL_DIR"  # folder with manifest.json and images, instead
 FORCE_ARCH = "FA2RT_FORCE_ARCH"  # run the images of this arch (through PTX on NVIDIA): testing older builds
 MIN_SEQLEN = "FA2RT_MIN_SEQLEN"  # short-sequence threshold overriding the measured crossover data
 DISABLE = "FA2RT_DISABLE"  # "1": never use kernels, always the SDPA fallback
+CHECK_INDICES = "FA2RT_CHECK_INDICES"  # "1": check the values of index tensors on the GPU too (a device sync)
 
 ENV_VARS = {
     KERNEL_DIR: "folder holding manifest.json and the kernel images, used instead of the installed ones (default: "
@@ -17,6 +18,7 @@ ENV_VARS = {
     FORCE_ARCH: "restrict selection to images of this arch, loaded through their PTX on NVIDIA (e.g. sm80)",
     MIN_SEQLEN: "use the fallback when seqlen_k is below this (overrides the measured per-arch crossover)",
     DISABLE: "set to 1 to disable every kernel (always fall back to SDPA)",
+    CHECK_INDICES: "set to 1 to check the values of cu_seqlens on the GPU too (costs a device sync per call)",
 }
 
 
@@ -51,6 +53,10 @@ def force_arch() -> str:
 
 def disabled() -> bool:
     return os.environ.get(DISABLE, "").strip() not in ("", "0")
+
+
+def check_indices() -> bool:
+    return os.environ.get(CHECK_INDICES, "").strip() not in ("", "0")
 
 
 def min_seqlen_override() -> int | None:

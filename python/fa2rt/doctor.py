@@ -68,17 +68,19 @@ def verify_build() -> dict:
     build = builds.current_build()
     sources = report.kernel_sources(build)
     out = {"directory": str(build.directory), "error": build.error, "images": len(build.rows), "archs": {},
-           "bad_files": [f"{s['directory']}/{bad}" for s in sources for bad in s["sha256"]["bad_files"]],
+           "layouts": {}, "bad_files": [f"{s['directory']}/{bad}" for s in sources for bad in s["sha256"]["bad_files"]],
            "sources": sources}
     for row in build.rows:
         out["archs"][row["arch"]] = out["archs"].get(row["arch"], 0) + 1
+        for layout in row.get("layouts", ()):
+            out["layouts"][layout] = out["layouts"].get(layout, 0) + 1
     return out
 
 
 def _render_sources(build: dict, devices: list) -> list[str]:
     """One line per kernel source, then the pip line of every device whose images are missing."""
-    lines = [f"  {build['images']} images {build.get('archs', {})}" + (f"; {build['error']}" if build.get("error")
-                                                                        else "")]
+    lines = [f"  {build['images']} images {build.get('archs', {})} {build.get('layouts', {})}"
+             + (f"; {build['error']}" if build.get("error") else "")]
     for s in build.get("sources", []):
         what = f"{s['name']} {s['version']}" if s["version"] else s["name"]
         if s["status"] == "loaded":
@@ -109,13 +111,17 @@ def _inputs(device, dtype, head_dim, seqlen_q, seqlen_k, batch=1, nheads=8, nhea
 
 
 def decisions(device) -> list[dict]:
+    """What runs for each entry of DECISION_GRID, as a dense call and as a varlen call (the same tokens packed as one
+    sequence)."""
     rows = []
     for dtype, head_dim, causal in DECISION_GRID:
         q, k, v = _inputs(device, dtype, head_dim, DECISION_SEQLEN, DECISION_SEQLEN)
-        d = explain(q, k, v, causal=causal)
-        rows.append({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
-                     "causal": causal, "path": d.path, "image": d.image, "mode": d.mode, "reason": d.reason,
-                     "message": d.message})
+        cu = torch.tensor([0, DECISION_SEQLEN], dtype=torch.int32, device=device)
+        packed = (q[0], k[0], v[0], cu, cu, DECISION_SEQLEN, DECISION_SEQLEN)
+        for layout, d in (("dense", explain(q, k, v, causal=causal)), ("varlen", explain(*packed, causal=causal))):
+            rows.append({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
+                         "causal": causal, "layout": layout, "path": d.path, "image": d.image, "mode": d.mode,
+                         "reason": d.reason, "message": d.message})
     return rows
 
 
@@ -256,7 +262,8 @@ def render_text(result: dict) -> str:
     lines.append("\n[decisions] (seqlen 1024, 8 heads)")
     for d in result["decisions"]:
         what = f"{d['image']} ({d['mode']})" if d["path"] == "kernel" else f"SDPA fallback [{d['reason']}]"
-        lines.append(f"  {d['device']:8} {d['dtype']:9} d{d['head_dim']:<4} causal={d['causal']!s:5} -> {what}")
+        lines.append(f"  {d['device']:8} {d['dtype']:9} d{d['head_dim']:<4} causal={d['causal']!s:5} "
+                     f"{d['layout']:6} -> {what}")
     lines.append("\n[numerical check] (against a float64 reference)")
     for c in result["checks"]:
         mark = "ok  " if c["ok"] else "FAIL"

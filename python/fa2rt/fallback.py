@@ -8,6 +8,7 @@ One of three paths computes the rows that see at least one key (see PATHS and ch
 The masks and the alibi bias come from fa2rt.reference, the float64 oracle, so both share one definition.
 """
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .reference import alibi_bias, allowed_mask, fold_causal
+from .validate import check_cu_seqlens_values
 
 # cuDNN attention is left out: on an H200 with torch 2.11+cu130 its backward gave wrong gradients (errors ~5, or NaN)
 # when grad_out is a transposed view, as ours always is (B, N, H, D -> B, H, N, D); flash, memory-efficient and math
@@ -53,12 +55,57 @@ def _zeros(shape, q, k, v):
     return z
 
 
-def _aligned(t):
-    # torch's fused SDPA kernels fault (misaligned address, seen on an H200 with torch 2.11) on a GPU tensor whose
-    # storage offset breaks 16-byte alignment; a copy is aligned. Differentiable, and free for aligned inputs.
-    if t.is_cuda and t.numel() > 0 and t.data_ptr() % ALIGN_BYTES:
+def sdpa_layout_problem(t) -> str:
+    """Why torch's fused SDPA kernels cannot take GPU tensor `t` as it is ("" when they can).
+
+    Their vectorised loads assume a 16-byte aligned base and 16-byte aligned row strides; a view that breaks this
+    (a storage offset, a sliced last dim such as head stride 68) faults on the GPU ("misaligned address", H200,
+    torch 2.11) instead of being refused. A dim of size 1 never moves by its stride, so it is not checked.
+    """
+    unit = ALIGN_BYTES // t.element_size()
+    # A head dim that is no multiple of the unit never reaches the vectorised kernels as it is: torch pads it (a copy)
+    # or runs its math backend.
+    if not t.is_cuda or t.numel() == 0 or t.shape[-1] % unit:
+        return ""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return f"last-dim stride {t.stride(-1)} (not contiguous)"
+    if t.data_ptr() % ALIGN_BYTES:
+        return f"base address {t.data_ptr() % ALIGN_BYTES} bytes past a {ALIGN_BYTES}-byte boundary"
+    odd = [(dim, t.stride(dim)) for dim in range(t.dim() - 1) if t.shape[dim] > 1 and t.stride(dim) % unit]
+    if odd:
+        return "stride " + ", ".join(f"{s} of dim {dim}" for dim, s in odd) + f" not a multiple of {unit} elements"
+    return ""
+
+
+# How many tensors the fallback copied because SDPA could not take their layout, per argument name (see
+# sdpa_layout_problem); fa2rt.explain names the copies a call would make.
+LAYOUT_COPIES: collections.Counter = collections.Counter()
+
+
+def layout_copies(**tensors) -> tuple:
+    """(name, why) for each named tensor the fallback would copy before SDPA (see sdpa_layout_problem)."""
+    problems = ((name, sdpa_layout_problem(t)) for name, t in tensors.items() if t is not None)
+    return tuple((name, why) for name, why in problems if why)
+
+
+def _sdpa_ready(t, name):
+    """t, or a contiguous copy (differentiable) when SDPA's kernels cannot take its layout; counted per name."""
+    if sdpa_layout_problem(t):
+        LAYOUT_COPIES[name] += 1
         return t.clone(memory_format=torch.contiguous_format)
     return t
+
+
+class _SdpaReadyGrad(torch.autograd.Function):
+    """Identity whose backward hands SDPA's backward a gradient it can take: the caller's grad_out may be any view."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sdpa_ready(grad, "grad_out")
 
 
 def _compute_dtype(t):
@@ -95,7 +142,10 @@ def _row_chunks(first, stop, max_rows, budget, batch, nheads, seqlen_k):
 def _bounded(fn, *args):
     # Under autograd each chunk would keep its (batch, nheads, rows, seqlen_k) intermediates for backward, adding up
     # to the whole score matrix; recomputing them chunk by chunk during backward keeps memory bounded.
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    # torch.func transforms (the fallback's gradients inside custom ops, fa2rt.ops.recompute_grads) refuse the saved
+    # tensor hooks checkpointing uses: there the chunks keep their intermediates.
+    if (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            and not torch._C._are_functorch_transforms_active()):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -114,12 +164,14 @@ def _positive_scale(q, scale):
 def _sdpa(q_rows, k, v, p, *, attn_mask=None, is_causal=False):
     """One SDPA call, in and out in our layout (batch, seqlen, nheads, headdim)."""
     # Slicing rows can break the alignment of an aligned q, hence the check here.
-    q_rows, scale = _positive_scale(_aligned(q_rows), p.scale)
+    q_rows, scale = _positive_scale(_sdpa_ready(q_rows, "q"), p.scale)
     with sdpa_kernel(DETERMINISTIC_BACKENDS if p.deterministic else SDPA_BACKENDS):
         out = F.scaled_dot_product_attention(
             q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q_rows.shape[2] != k.shape[2],
         )
+    if out.requires_grad and out.is_cuda:
+        out = _SdpaReadyGrad.apply(out)
     return out.transpose(1, 2)
 
 
@@ -231,7 +283,7 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1),
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     p = _Problem(seqlen_q, seqlen_k, scale, fold_causal(window_size, causal), float(softcap), alibi_slopes,
                  deterministic)
-    q, k, v = (_aligned(t) for t in (q, k, v))
+    q, k, v = (_sdpa_ready(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
 
     if q.numel() == 0 or k.numel() == 0:
         out = _zeros(q.shape, q, k, v)
@@ -251,3 +303,37 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1),
     lse = _lse(q, k, first, p) if lse is None else lse
     skipped = torch.full((batch, nheads, first), float("inf"), dtype=torch.float32, device=q.device)
     return out, torch.cat([skipped, lse.to(torch.float32)], dim=-1)
+
+
+def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, softmax_scale=None, window_size=(-1, -1),
+                          softcap=0.0, alibi_slopes=None, return_lse=False, deterministic=False):
+    """sdpa_attention applied to each sequence of a packed (varlen) call on its own; differentiable through autograd.
+
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_q/_k (batch + 1,) int32; inputs
+    validated by fa2rt.validate.check_varlen_inputs. The bounds are read to the host here (a sync the fallback
+    pays anyway), so their values are always checked on this path. alibi_slopes (batch, nheads) give sequence b
+    its row b. Returns (out, lse): out (total_q, nheads, headdim) contiguous in q's dtype; lse float32
+    (nheads, total_q) when return_lse, else None.
+    """
+    total_q, nheads, head_dim = q.shape
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    # The message names no max_seqlen: the fallback never reads it, so any value is accepted here.
+    check_cu_seqlens_values("cu_seqlens_q", bounds_q, total_q, total_q, "max_seqlen_q")
+    check_cu_seqlens_values("cu_seqlens_k", bounds_k, k.shape[0], k.shape[0], "max_seqlen_k")
+    if q.numel() == 0 or k.numel() == 0:
+        lse = torch.full((nheads, total_q), float("inf"), dtype=torch.float32, device=q.device)
+        return _zeros(q.shape, q, k, v), (lse if return_lse else None)
+    outs, lses = [], []
+    for b in range(len(bounds_q) - 1):
+        rows_q, rows_k = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, lse = sdpa_attention(q[None, rows_q], k[None, rows_k], v[None, rows_k], causal=causal,
+                                  softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                  alibi_slopes=slopes, return_lse=return_lse, deterministic=deterministic)
+        outs.append(out[0])
+        lses.append(lse[0] if return_lse else None)
+    out = torch.cat(outs) if outs else _zeros(q.shape, q, k, v)
+    if not return_lse:
+        return out, None
+    lse = torch.cat(lses, dim=-1) if lses else torch.empty((nheads, 0), dtype=torch.float32, device=q.device)
+    return out, lse

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C, builds, policy
-from .fallback import sdpa_attention
+from .fallback import sdpa_attention, sdpa_varlen_attention
 from .validate import Shapes
 
 LOG2E = 1.0 / math.log(2.0)
@@ -58,11 +58,16 @@ def _row_axis(name: str) -> str:
 
 def _stride_args(tensors: dict) -> dict:
     """(batch, row, head) strides of layout (batch, seqlen, nheads, headdim) tensors, in units of STRIDE_MULTIPLE
-    elements (the dispatcher checked they divide)."""
+    elements (the dispatcher checked they divide). Packed (total, nheads, headdim) tensors have batch stride 0: the
+    kernels find each sequence's first row from cu_seqlens."""
     unit, args = _C.STRIDE_MULTIPLE, {}
     for name, t in tensors.items():
-        args[f"stride_{name}b"], args[f"stride_{name}h"] = t.stride(0) // unit, t.stride(2) // unit
-        args[f"stride_{name}{_row_axis(name)}"] = t.stride(1) // unit
+        if t.dim() == 3:
+            batch, (row, head) = 0, t.stride()[:2]
+        else:
+            batch, row, head = t.stride()[:3]
+        args[f"stride_{name}b"], args[f"stride_{name}h"] = batch // unit, head // unit
+        args[f"stride_{name}{_row_axis(name)}"] = row // unit
     return args
 
 
@@ -70,13 +75,17 @@ def _scalar_args(alibi, shapes: Shapes) -> dict:
     """The slope strides and scalar arguments both the forward and the backward kernels take."""
     stride_ab, stride_ah = _slope_strides(alibi)
     left, right = shapes.window
-    return dict(stride_ab=stride_ab, stride_ah=stride_ah, nheads=shapes.nheads,
+    args = dict(stride_ab=stride_ab, stride_ah=stride_ah, nheads=shapes.nheads,
                 head_ratio=shapes.nheads // shapes.nheads_k, seqlen_q=shapes.seqlen_q, seqlen_k=shapes.seqlen_k,
                 head_dim_8=shapes.head_dim // _C.HEAD_DIM_MULTIPLE,
                 # "Unlimited" (-1) and over-long windows become bounds that cover every key, keeping int32 math safe.
+                # (Varlen: seqlen_q/_k are the longest sequences', so the bounds cover every sequence.)
                 window_left=shapes.seqlen_k if left < 0 else min(left, shapes.seqlen_k),
                 window_right=shapes.seqlen_q if right < 0 else min(right, shapes.seqlen_q),
                 **_score_params(shapes.softmax_scale, shapes.softcap))
+    if shapes.layout == "varlen":
+        args |= {"total_q": shapes.total_q, "total_k": shapes.total_k}
+    return args
 
 
 def _problem_args(alibi, shapes: Shapes, device) -> dict:
@@ -105,16 +114,22 @@ def _addresses(pointers: dict) -> dict:
     return {name: t.data_ptr() for name, t in pointers.items()}
 
 
-def kernel_args(q, k, v, out, lse, alibi, shapes: Shapes) -> dict:
+def _cu_buffers(cu: tuple) -> dict:
+    """The cu_seqlens pointer arguments of a varlen call (cu = (cu_seqlens_q, cu_seqlens_k)); none for dense (())."""
+    return dict(zip(("CU_Q", "CU_K"), cu, strict=True)) if cu else {}
+
+
+def kernel_args(q, k, v, out, lse, alibi, shapes: Shapes, cu: tuple = ()) -> dict:
     """The forward kernel's arguments by name (fwd_params in backends/kernels/fwd.py)."""
     tensors = {"q": q, "k": k, "v": v, "o": out}
-    return _addresses(_pointers(tensors, {"LSE": lse}, alibi)) | _fwd_constants(tensors, alibi, shapes)
+    return (_addresses(_pointers(tensors, {"LSE": lse} | _cu_buffers(cu), alibi))
+            | _fwd_constants(tensors, alibi, shapes))
 
 
-def bwd_kernel_args(tensors: dict, lse, delta, alibi, shapes: Shapes) -> dict:
+def bwd_kernel_args(tensors: dict, lse, delta, alibi, shapes: Shapes, cu: tuple = ()) -> dict:
     """Both backward kernels' arguments by name (bwd_params in backends/kernels/bwd.py); tensors maps
     q, k, v, o, do, dq, dk, dv to their tensors."""
-    return (_addresses(_pointers(tensors, {"LSE": lse, "DELTA": delta}, alibi))
+    return (_addresses(_pointers(tensors, {"LSE": lse, "DELTA": delta} | _cu_buffers(cu), alibi))
             | _bwd_constants(tensors, alibi, shapes))
 
 
@@ -123,6 +138,15 @@ def _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi) -> S
                   nheads_k=k.shape[2], head_dim=q.shape[3], dtype=q.dtype, device=q.device,
                   softmax_scale=softmax_scale, causal=window_right == 0, window=(window_left, window_right),
                   softcap=softcap, has_alibi=alibi is not None)
+
+
+def _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                   alibi) -> Shapes:
+    return Shapes(batch=cu_seqlens_q.shape[0] - 1, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, nheads=q.shape[1],
+                  nheads_k=k.shape[1], head_dim=q.shape[2], dtype=q.dtype, device=q.device,
+                  softmax_scale=softmax_scale, causal=window_right == 0, window=(window_left, window_right),
+                  softcap=softcap, has_alibi=alibi is not None, layout="varlen", total_q=q.shape[0],
+                  total_k=k.shape[0])
 
 
 # --- launching --------------------------------------------------------------------------------------------------------
@@ -179,6 +203,8 @@ def _launch(plans, device: torch.device, tensors) -> None:
 def _kernel_ready(t: torch.Tensor) -> bool:
     # The layout rules the dispatcher checks (16-byte aligned base, strides in units of 8 where the size is not 1,
     # last dim contiguous), spelled out: every backward call checks its dO.
+    if t.dim() == 3:  # packed (varlen): no batch dim
+        t = t[None]
     (batch, seqlen, nheads, _), (stride_b, stride_n, stride_h, stride_d) = t.shape, t.stride()
     unit = _C.STRIDE_MULTIPLE
     return (stride_d == 1 and t.data_ptr() % _C.ALIGN_BYTES == 0 and (batch <= 1 or stride_b % unit == 0)
@@ -199,7 +225,8 @@ class EagerCall:
 
     def __init__(self, shapes: Shapes, image: str | None, mode: str | None):
         self.shapes, self.image, self.mode = shapes, image, mode
-        self.lse_shape = (shapes.batch, shapes.nheads, shapes.seqlen_q)
+        self.lse_shape = ((shapes.nheads, shapes.total_q) if shapes.layout == "varlen"
+                          else (shapes.batch, shapes.nheads, shapes.seqlen_q))
         self.no_slopes = _no_slopes(shapes.device)
         self.plans_source = _PLANS  # a replaced plan cache (tests record launches so) makes this call stale
         self.forward_plan = None
@@ -209,19 +236,20 @@ class EagerCall:
     def current(self) -> bool:
         return self.plans_source is _PLANS
 
-    def forward(self, q, k, v, alibi, out):
+    def forward(self, q, k, v, alibi, out, cu: tuple = ()):
         """Launch the forward image on torch's current stream, writing into `out` (allocated when None).
-        Returns (out, lse)."""
+        cu: (cu_seqlens_q, cu_seqlens_k) for a varlen call. Returns (out, lse)."""
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.shapes.device)
         if self.forward_plan is None:
-            args = KernelArgs(self.shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse}, alibi, _fwd_constants)
+            args = KernelArgs(self.shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse} | _cu_buffers(cu), alibi,
+                              _fwd_constants)
             self.forward_plan = args.plan("fwd", self.image, self.mode)
-        _launch((self.forward_plan,), self.shapes.device, (q, k, v, out, lse, self._slopes(alibi)))
+        _launch((self.forward_plan,), self.shapes.device, (q, k, v, out, lse, *cu, self._slopes(alibi)))
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, alibi, deterministic: bool):
+    def backward(self, dout, q, k, v, out, lse, alibi, deterministic: bool, cu: tuple = ()):
         """dq, dk, dv (contiguous, in the inputs' dtype) from the backward kernels on torch's current stream; when none
         fits, an announced recomputation through the SDPA fallback. The kernels use no atomics, so their gradients are
         bitwise deterministic whatever `deterministic` says; it only restricts the fallback."""
@@ -233,20 +261,20 @@ class EagerCall:
                                  lambda: policy.select_backward(shapes, (q, k, v, out, dout)))
         if isinstance(chosen, policy.Decision):
             policy.announce(chosen)
-            return recompute_grads(dout, q, k, v, alibi, shapes, deterministic)
+            return recompute_grads(dout, q, k, v, alibi, shapes, deterministic, cu)
         # The gradients are fresh contiguous allocations, which the dispatcher always takes.
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         lse = lse.contiguous()
         delta = torch.empty_like(lse)
         tensors = (q, k, v, out, dout, dq, dk, dv)
         plans = policy.remember(self.backward_plans, key,
-                                lambda: self._backward_plans(chosen, tensors, lse, delta, alibi))
-        _launch(plans, shapes.device, (q, k, v, out, dout, dq, dk, dv, lse, delta, self._slopes(alibi)))
+                                lambda: self._backward_plans(chosen, tensors, lse, delta, alibi, cu))
+        _launch(plans, shapes.device, (q, k, v, out, dout, dq, dk, dv, lse, delta, *cu, self._slopes(alibi)))
         return dq, dk, dv
 
-    def _backward_plans(self, chosen, tensors, lse, delta, alibi) -> tuple:
+    def _backward_plans(self, chosen, tensors, lse, delta, alibi, cu) -> tuple:
         named = dict(zip(("q", "k", "v", "o", "do", "dq", "dk", "dv"), tensors, strict=True))
-        args = KernelArgs(self.shapes, named, {"LSE": lse, "DELTA": delta}, alibi, _bwd_constants)
+        args = KernelArgs(self.shapes, named, {"LSE": lse, "DELTA": delta} | _cu_buffers(cu), alibi, _bwd_constants)
         return tuple(args.plan(op, image, mode) for op, image, mode in chosen)
 
     def _slopes(self, alibi) -> torch.Tensor:
@@ -259,25 +287,38 @@ class EagerCall:
         return dout.stride(), policy.environment_key(self.shapes.device)
 
 
-def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str):
+def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str, cu: tuple = ()):
     """Launch the forward `image` on torch's current stream, writing into `out` (allocated when None).
     Returns (out, lse)."""
-    return EagerCall(shapes, image, mode).forward(q, k, v, alibi, out)
+    return EagerCall(shapes, image, mode).forward(q, k, v, alibi, out, cu)
 
 
-def backward(dout, q, k, v, out, lse, alibi, shapes: Shapes, deterministic: bool):
+def backward(dout, q, k, v, out, lse, alibi, shapes: Shapes, deterministic: bool, cu: tuple = ()):
     """EagerCall.backward for one call."""
-    return EagerCall(shapes, None, None).backward(dout, q, k, v, out, lse, alibi, deterministic)
+    return EagerCall(shapes, None, None).backward(dout, q, k, v, out, lse, alibi, deterministic, cu)
 
 
-def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool):
+def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool, cu: tuple = ()):
     """Gradients of the SDPA fallback, recomputing its forward: for backward calls no kernel takes."""
+    options = dict(causal=shapes.causal, softmax_scale=shapes.softmax_scale, window_size=shapes.window,
+                   softcap=shapes.softcap, alibi_slopes=alibi, deterministic=deterministic)
+
+    def attend(q, k, v):
+        return (sdpa_varlen_attention(q, k, v, *cu, **options) if cu else sdpa_attention(q, k, v, **options))[0]
+
+    if _autograd_records():
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            return torch.autograd.grad(attend(q, k, v), (q, k, v), dout)
+    # Inside a custom op's kernel (fa2rt::bwd, fa2rt::varlen_bwd, as torch.compile runs them) autograd records
+    # nothing, even under enable_grad(); torch.func's own transform still differentiates there.
+    _, vjp = torch.func.vjp(attend, *(t.detach() for t in (q, k, v)))
+    return vjp(dout)
+
+
+def _autograd_records() -> bool:
     with torch.enable_grad():
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        res, _ = sdpa_attention(q, k, v, causal=shapes.causal, softmax_scale=shapes.softmax_scale,
-                                window_size=shapes.window, softcap=shapes.softcap, alibi_slopes=alibi,
-                                deterministic=deterministic)
-        return torch.autograd.grad(res, (q, k, v), dout)
+        return torch.zeros((), requires_grad=True).mul(1).requires_grad
 
 
 # --- eager calls ------------------------------------------------------------------------------------------------------
@@ -311,9 +352,9 @@ class _Attention(torch.autograd.Function):
     dispatch; backward() reuses the forward's EagerCall."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alibi, call, deterministic):
-        out, lse = call.forward(q, k, v, alibi, None)
-        ctx.save_for_backward(q, k, v, out, lse, alibi)
+    def forward(ctx, q, k, v, alibi, call, deterministic, cu):
+        out, lse = call.forward(q, k, v, alibi, None, cu)
+        ctx.save_for_backward(q, k, v, out, lse, alibi, *cu)
         ctx.call, ctx.deterministic = call, deterministic
         ctx.mark_non_differentiable(lse)  # lse is returned for inspection; no gradient flows through it
         return out, lse
@@ -321,18 +362,18 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @_once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, alibi = ctx.saved_tensors
-        dq, dk, dv = ctx.call.backward(dout, q, k, v, out, lse, alibi, ctx.deterministic)
+        q, k, v, out, lse, alibi, *cu = ctx.saved_tensors
+        dq, dk, dv = ctx.call.backward(dout, q, k, v, out, lse, alibi, ctx.deterministic, tuple(cu))
         needs = ctx.needs_input_grad
-        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None, None
 
 
-def run_eager(q, k, v, alibi, out, call: EagerCall, deterministic: bool):
+def run_eager(q, k, v, alibi, out, call: EagerCall, deterministic: bool, cu: tuple = ()):
     """An eager call on the kernel path (see can_run_eager): (out, lse), differentiable in q, k, v when one requires
-    grad (out= is refused then, by validation)."""
+    grad (out= is refused then, by validation). cu: (cu_seqlens_q, cu_seqlens_k) for a varlen call."""
     if out is None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Attention.apply(q, k, v, alibi, call, deterministic)
-    return call.forward(q, k, v, alibi, out)
+        return _Attention.apply(q, k, v, alibi, call, deterministic, cu)
+    return call.forward(q, k, v, alibi, out, cu)
 
 
 # --- custom ops (torch.compile, dispatch modes, torch.func) -----------------------------------------------------------
@@ -419,3 +460,84 @@ def _fwd_out_fake(q, k, v, alibi_slopes, out, softmax_scale, window_left, window
 
 def _lse_like(q):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+# --- varlen custom ops: the same kernels and launches, packed (total, nheads, headdim) tensors with cu_seqlens -------
+
+def run_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, softmax_scale,
+                       window_left, window_right, softcap, image, mode, deterministic):
+    """varlen_fwd's body: as run_forward, for a packed call."""
+    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                            softcap, alibi)
+    cu = (cu_seqlens_q, cu_seqlens_k)
+    if not image:
+        decision = policy.decide(shapes, q, k, v, needs_grad=False)
+        if decision.path != "kernel":
+            if decision.path == "fallback":
+                policy.announce(decision)
+            return sdpa_varlen_attention(q, k, v, *cu, causal=window_right == 0, softmax_scale=softmax_scale,
+                                         window_size=(window_left, window_right), softcap=softcap,
+                                         alibi_slopes=alibi, return_lse=True, deterministic=deterministic)
+        image, mode = decision.image, decision.mode
+    return forward(q, k, v, alibi, None, shapes, image, mode, cu)
+
+
+def run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi,
+                        softmax_scale, window_left, window_right, softcap, deterministic):
+    """varlen_bwd's body: as run_backward, for a packed call."""
+    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                            softcap, alibi)
+    return backward(dout, q, k, v, out, lse, alibi, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+
+
+# Registered for every device (unlike the dense ops): under torch.compile every varlen call runs through them, since
+# the fallback reads cu_seqlens' values, which a traced graph cannot.
+@torch.library.custom_op("fa2rt::varlen_fwd", mutates_args=())
+def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: torch.Tensor | None,
+               softmax_scale: float, window_left: int, window_right: int, softcap: float, image: str, mode: str,
+               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                              softmax_scale, window_left, window_right, softcap, image, mode, deterministic)
+
+
+@varlen_fwd.register_fake
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
+                     window_left, window_right, softcap, image, mode, deterministic):
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("fa2rt::varlen_bwd", mutates_args=())
+def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+               max_seqlen_k: int, alibi_slopes: torch.Tensor | None, softmax_scale: float, window_left: int,
+               window_right: int, softcap: float, deterministic: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic)
+
+
+@varlen_bwd.register_fake
+def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                     softmax_scale, window_left, window_right, softcap, deterministic):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, softmax_scale, window_left, window_right, softcap = inputs[:12]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
+    ctx.params = (max_q, max_k, softmax_scale, window_left, window_right, softcap, inputs[-1])
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+    max_q, max_k, *options = ctx.params
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi_slopes, *options)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None) + (None,) * 12
+
+
+varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)

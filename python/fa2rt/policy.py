@@ -39,11 +39,13 @@ class Decision:
     device: dict = field(default_factory=dict)
     rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
     backward: tuple = ()  # (image, mode) per BACKWARD_OPS when the inputs require grad, on the kernel path
+    copies: tuple = ()  # (tensor name, why) for each input the fallback copies so SDPA's kernels can take it
 
     def __str__(self) -> str:
         head = (f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}" if self.path == "kernel"
                 else f"fallback to SDPA [{self.reason}]: {self.message}")
         lines = [head] + [f"  backward {img} ({mode})" for img, mode in self.backward]
+        lines += [f"  copies {name} for SDPA: {why}" for name, why in self.copies]
         lines += [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
         return "\n".join(lines)
 
@@ -78,9 +80,11 @@ def _device_dict(info) -> dict:
 
 
 def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
-    """The dispatcher's view of a call; tensors: every (batch, seqlen, nheads, headdim) tensor the kernel touches."""
+    """The dispatcher's view of a call; tensors: every (batch, seqlen, nheads, headdim) tensor the kernel touches, or
+    (total, nheads, headdim) for a varlen call."""
     p = _C.Problem()
     p.op = op
+    p.layout = shapes.layout
     p.dtype = KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
     p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.seqlen_k
     p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
@@ -89,9 +93,20 @@ def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
     tensors = [t for t in tensors if t is not None]
     p.aligned16 = _aligned(tensors)
     # A dim of size 1 only ever multiplies its stride by 0, so its stride cannot break the assumption.
-    p.strides8 = all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for t in tensors for i in (0, 1, 2))
-    p.max_head_extent = max((t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors)
+    p.strides8 = all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0
+                     for t in tensors for i in range(t.dim() - 1))
+    p.max_head_extent = max(_head_extent(shapes, t) for t in tensors)
     return p
+
+
+def _head_extent(shapes: Shapes, t) -> int:
+    """The largest element offset a kernel computes in int32 inside one (sequence, head) slice of t: dense rows of
+    one batch entry; varlen rows of one sequence, which the kernels clamp to the longest given length (the slice's
+    start is an int64 offset)."""
+    if shapes.layout == "varlen":
+        rows = min(t.shape[0], max(shapes.seqlen_q, shapes.seqlen_k))
+        return (rows - 1) * t.stride(0) + t.shape[-1]
+    return (t.shape[1] - 1) * t.stride(1) + t.shape[3]
 
 
 def _aligned(tensors) -> bool:
@@ -131,7 +146,9 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
         return _fallback("dtype", f"kernels take {names}; got {str(shapes.dtype).removeprefix('torch.')}", info)
     if slopes_need_grad:
         return _fallback("alibi_grad", "alibi_slopes requires grad; the kernels treat slopes as constants", info)
-    threshold = short_sequence_threshold(info.arch)
+    # The crossover was measured against one SDPA call on a dense batch; a varlen call's fallback runs one per
+    # sequence, so packed calls always take a kernel that fits.
+    threshold = short_sequence_threshold(info.arch) if shapes.layout == "dense" else 0
     if shapes.seqlen_k < threshold:
         return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
                          f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
@@ -187,8 +204,8 @@ def _context_key(info) -> tuple:
 
 
 def _problem_key(p: "_C.Problem") -> tuple:
-    return (p.op, p.dtype, p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.nheads_k, p.head_dim, tuple(p.features),
-            p.full_band, p.aligned16, p.strides8, p.max_head_extent)
+    return (p.op, p.layout, p.dtype, p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.nheads_k, p.head_dim,
+            tuple(p.features), p.full_band, p.aligned16, p.strides8, p.max_head_extent)
 
 
 def _select(op: str, shapes: Shapes, tensors, info) -> tuple:

@@ -89,3 +89,21 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window_siz
     out = torch.einsum("bhqk,bkhd->bqhd", e / denom[..., None], v)
     lse = torch.where(has_key, row_max + torch.log(denom), float("inf"))
     return out, lse
+
+
+def attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, **options):
+    """attention_reference applied to each sequence of a packed call on its own (fa2rt.attention_varlen's
+    semantics): q (total_q, nheads, headdim), k, v (total_k, nheads_k, headdim), cu_seqlens_* (batch + 1,);
+    alibi_slopes (nheads,) or (batch, nheads), row b for sequence b; options as attention_reference.
+    Returns (out (total_q, nheads, headdim), lse (nheads, total_q)), float64."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = [q.new_zeros((0,) + q.shape[1:], dtype=torch.float64)]
+    lses = [q.new_zeros((q.shape[1], 0), dtype=torch.float64)]
+    for b in range(len(bounds_q) - 1):
+        rows_q, rows_k = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, lse = attention_reference(q[None, rows_q], k[None, rows_k], v[None, rows_k], alibi_slopes=slopes,
+                                       **options)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=-1)

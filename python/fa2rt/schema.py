@@ -2,7 +2,9 @@
 (backends/kernels/aot.py, which loads this file by path without importing fa2rt) writes it into manifest.json, and
 fa2rt refuses a build whose manifest carries another (builds.py).
 
-History: 2: head-dim buckets with d_mask and features, strides in units of 8 elements; 3: rows say full_band_only.
+History: 2: head-dim buckets with d_mask and features, strides in units of 8 elements; 3: rows say full_band_only;
+4: rows say which call layouts they take ("layouts": ["dense"] or ["varlen"]), varlen rows take CU_Q, CU_K, total_q
+and total_k after the other params.
 """
 
-MANIFEST_SCHEMA = 3
+MANIFEST_SCHEMA = 4

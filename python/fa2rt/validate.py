@@ -11,10 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from . import config
 from .reference import fold_causal
 
 TENSOR_RANK = 4
 LAYOUT = "(batch, seqlen, nheads, headdim)"
+VARLEN_RANK = 3
+VARLEN_LAYOUT = "(total_tokens, nheads, headdim)"
+CU_SEQLENS_DTYPE = torch.int32
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MIN_HEAD_DIM = 1
 ALIBI_DTYPE = torch.float32
@@ -36,11 +40,17 @@ class Shapes:
     window: tuple[int, int] = (-1, -1)  # effective (left, right), -1 unlimited; right is 0 when causal
     softcap: float = 0.0  # 0 means off
     has_alibi: bool = False
+    # "dense" (batch, seqlen, nheads, headdim), or "varlen": (total, nheads, headdim) tensors holding `batch`
+    # sequences laid end to end (cu_seqlens); seqlen_q/seqlen_k are then the callers' max_seqlen_q/max_seqlen_k.
+    layout: str = "dense"
+    total_q: int = 0  # varlen: q's and k's token counts
+    total_k: int = 0
 
     @property
     def trivial(self) -> bool:
         """No attention to compute: the output is empty, or seqlen_k == 0 (output zeros, lse +inf)."""
-        return 0 in (self.batch, self.seqlen_q, self.nheads, self.seqlen_k)
+        sizes = (self.batch, self.seqlen_q, self.nheads, self.seqlen_k)
+        return 0 in (sizes + (self.total_q, self.total_k) if self.layout == "varlen" else sizes)
 
 
 def _fail(exc, name, expected, actual):
@@ -51,13 +61,13 @@ def _dtype_names():
     return ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
 
 
-def _check_tensor(name, t):
+def _check_tensor(name, t, rank=TENSOR_RANK, layout=LAYOUT):
     if not isinstance(t, torch.Tensor):
         _fail(TypeError, name, "a torch.Tensor", type(t).__name__)
     if t.layout != torch.strided:
         _fail(ValueError, name, "a dense (strided) tensor", f"layout {t.layout}")
-    if t.dim() != TENSOR_RANK:
-        _fail(ValueError, name, f"a {TENSOR_RANK}-D tensor {LAYOUT}", f"shape {tuple(t.shape)}")
+    if t.dim() != rank:
+        _fail(ValueError, name, f"a {rank}-D tensor {layout}", f"shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
         _fail(ValueError, name, f"dtype in ({_dtype_names()})", t.dtype)
     # Strides of empty tensors are meaningless (and often odd), so they are not checked.
@@ -73,7 +83,7 @@ def _same_as_q(name, t, q):
         _fail(ValueError, name, f"device {q.device} (same as q)", t.device)
 
 
-def _check_out(out, q, k, v):
+def _check_out(out, q, k, v, rank=TENSOR_RANK, layout=LAYOUT):
     if out is None:
         return
     if not isinstance(out, torch.Tensor):
@@ -81,7 +91,7 @@ def _check_out(out, q, k, v):
     if out.shape != q.shape:
         _fail(ValueError, "out", f"shape {tuple(q.shape)} (same as q)", f"shape {tuple(out.shape)}")
     _same_as_q("out", out, q)
-    _check_tensor("out", out)
+    _check_tensor("out", out, rank, layout)
     # Writing into a caller's tensor cannot be recorded by autograd (as in flash-attn, out= is forward-only).
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         _fail(ValueError, "out", "None when q, k or v requires grad (out= does not support autograd)",
@@ -128,7 +138,7 @@ def _check_window(window_size, causal) -> tuple[int, int]:
     return fold_causal(tuple(int(side) for side in window_size), causal)
 
 
-def _check_alibi(alibi_slopes, q) -> bool:
+def _check_alibi(alibi_slopes, q, batch, nheads) -> bool:
     if alibi_slopes is None:
         return False
     name = "alibi_slopes"
@@ -139,7 +149,6 @@ def _check_alibi(alibi_slopes, q) -> bool:
     # flash-attn reads the slopes as fp32 whatever q's dtype; converting silently would hide a wrong input.
     if alibi_slopes.dtype != ALIBI_DTYPE:
         _fail(ValueError, name, f"dtype {ALIBI_DTYPE}", alibi_slopes.dtype)
-    batch, nheads = q.shape[0], q.shape[2]
     shapes = ((nheads,), (batch, nheads))
     if tuple(alibi_slopes.shape) not in shapes:
         _fail(ValueError, name, f"shape {shapes[0]} or {shapes[1]} ((nheads,) or (batch, nheads))",
@@ -147,6 +156,31 @@ def _check_alibi(alibi_slopes, q) -> bool:
     if alibi_slopes.device != q.device:
         _fail(ValueError, name, f"device {q.device} (same as q)", alibi_slopes.device)
     return True
+
+
+def _check_qkv(q, k, v, rank, layout):
+    """q, k, v as tensors of one dtype and device, `rank` dims ending in (nheads, headdim); k and v of one shape,
+    k with q's head dim and a head count dividing q's. The leading dims are the caller's to compare."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, rank, layout)
+    _same_as_q("k", k, q)
+    _same_as_q("v", v, q)
+    nheads, head_dim = q.shape[-2:]
+    nheads_k = k.shape[-2]
+    if head_dim < MIN_HEAD_DIM:
+        _fail(ValueError, "q", f"head dim >= {MIN_HEAD_DIM}", f"{head_dim} (shape {tuple(q.shape)})")
+    if k.shape[-1] != head_dim:
+        _fail(ValueError, "k", f"head dim {head_dim} (same as q)", f"{k.shape[-1]} (shape {tuple(k.shape)})")
+    if v.shape != k.shape:
+        _fail(ValueError, "v", f"shape {tuple(k.shape)} (same as k)", f"shape {tuple(v.shape)}")
+    if nheads_k == 0 and nheads != 0 or nheads_k != 0 and nheads % nheads_k != 0:
+        _fail(ValueError, "k", f"a number of heads that divides q's nheads={nheads} (MQA/GQA)",
+              f"nheads_k={nheads_k}")
+
+
+def _check_causal(causal):
+    if not isinstance(causal, bool):
+        _fail(TypeError, "causal", "a bool", f"{causal!r} ({type(causal).__name__})")
 
 
 def check_inputs(q, k, v, *, causal, softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -171,31 +205,103 @@ def check_inputs(q, k, v, *, causal, softmax_scale, window_size=(-1, -1), softca
     out: None or a tensor like q (shape, dtype, device, contiguous last dim); not allowed when q, k or v
     requires grad with grad mode on.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-    _same_as_q("k", k, q)
-    _same_as_q("v", v, q)
-
+    _check_qkv(q, k, v, TENSOR_RANK, LAYOUT)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    if head_dim < MIN_HEAD_DIM:
-        _fail(ValueError, "q", f"head dim >= {MIN_HEAD_DIM}", f"{head_dim} (shape {tuple(q.shape)})")
     if k.shape[0] != batch:
         _fail(ValueError, "k", f"batch size {batch} (same as q)", f"{k.shape[0]} (shape {tuple(k.shape)})")
-    if k.shape[3] != head_dim:
-        _fail(ValueError, "k", f"head dim {head_dim} (same as q)", f"{k.shape[3]} (shape {tuple(k.shape)})")
-    if v.shape != k.shape:
-        _fail(ValueError, "v", f"shape {tuple(k.shape)} (same as k)", f"shape {tuple(v.shape)}")
-    if nheads_k == 0 and nheads != 0 or nheads_k != 0 and nheads % nheads_k != 0:
-        _fail(ValueError, "k", f"a number of heads that divides q's nheads={nheads} (MQA/GQA)",
-              f"nheads_k={nheads_k}")
-
     _check_out(out, q, k, v)
-    if not isinstance(causal, bool):
-        _fail(TypeError, "causal", "a bool", f"{causal!r} ({type(causal).__name__})")
+    _check_causal(causal)
 
     return Shapes(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads, nheads_k=nheads_k,
                   head_dim=head_dim, dtype=q.dtype, device=q.device,
                   softmax_scale=_check_scale(softmax_scale, head_dim), causal=causal,
                   window=_check_window(window_size, causal), softcap=_check_softcap(softcap),
-                  has_alibi=_check_alibi(alibi_slopes, q))
+                  has_alibi=_check_alibi(alibi_slopes, q, batch, nheads))
+
+
+# --- variable-length (packed) sequences ------------------------------------------------------------------------------
+
+def _check_cu_seqlens(name, cu, q):
+    expected = f"a 1-D contiguous {CU_SEQLENS_DTYPE} tensor (batch + 1,) on q's device"
+    if not isinstance(cu, torch.Tensor):
+        _fail(TypeError, name, expected, type(cu).__name__)
+    if cu.layout != torch.strided or cu.dim() != 1 or cu.numel() < 1:
+        _fail(ValueError, name, expected + " holding at least one entry (0)",
+              f"shape {tuple(cu.shape)}, layout {cu.layout}")
+    if cu.dtype != CU_SEQLENS_DTYPE:
+        _fail(ValueError, name, f"dtype {CU_SEQLENS_DTYPE}", cu.dtype)
+    if cu.device != q.device:
+        _fail(ValueError, name, f"device {q.device} (same as q)", cu.device)
+    if cu.numel() > 1 and cu.stride(0) != 1:
+        _fail(ValueError, name, "a contiguous tensor (stride 1; call .contiguous())", f"stride {cu.stride(0)}")
+
+
+def _check_max_seqlen(name, value) -> int:
+    # torch.compile may hand an int argument over as a SymInt.
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        _fail(TypeError, name, "a Python int >= 0", f"{value!r} ({type(value).__name__})")
+    if value < 0:
+        _fail(ValueError, name, "a Python int >= 0", value)
+    return value
+
+
+def check_cu_seqlens_values(name, bounds, total, max_seqlen, max_name):
+    """bounds (cu_seqlens as a list): starts at 0, never decreases, ends at `total` (the packed tensor's first dim),
+    and no sequence is longer than `max_seqlen` (the caller's `max_name`)."""
+    if bounds[0] != 0:
+        _fail(ValueError, name, "first entry 0", bounds[0])
+    for i in range(len(bounds) - 1):
+        length = bounds[i + 1] - bounds[i]
+        if length < 0:
+            _fail(ValueError, name, "non-decreasing entries",
+                  f"{name}[{i + 1}]={bounds[i + 1]} < {name}[{i}]={bounds[i]}")
+        if length > max_seqlen:
+            _fail(ValueError, max_name, f">= every sequence's length ({name}[{i + 1}] - {name}[{i}] = {length})",
+                  max_seqlen)
+    if bounds[-1] != total:
+        _fail(ValueError, name, f"last entry {total} (the total number of tokens, dim 0 of the packed tensor)",
+              bounds[-1])
+
+
+def should_check_values(cu) -> bool:
+    """The values of an index tensor are read where that costs no device sync (on the CPU), or when
+    FA2RT_CHECK_INDICES asks for it."""
+    # Under torch.compile the tensors are fakes, whose values are unknown until the graph runs.
+    return (cu.device.type == "cpu" or config.check_indices()) and not torch.compiler.is_compiling()
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
+                        softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, out=None) -> Shapes:
+    """Validate a variable-length call (see fa2rt.attention_varlen) and return its Shapes (layout "varlen": batch
+    is the number of sequences, seqlen_q/seqlen_k the given max_seqlen_q/max_seqlen_k).
+
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_q/_k int32 (batch + 1,) on q's
+    device, the same length. Their values (start 0, non-decreasing, end at the total, no sequence longer than its
+    max_seqlen) are checked when they are on the CPU or config.CHECK_INDICES is set (a device sync); otherwise the
+    kernels keep every access inside the tensors, so malformed values give wrong numbers, never a fault.
+    The options follow check_inputs; alibi_slopes is (nheads,) or (batch, nheads), indexed by sequence.
+    """
+    _check_qkv(q, k, v, VARLEN_RANK, VARLEN_LAYOUT)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        _fail(ValueError, "cu_seqlens_k", f"shape ({cu_seqlens_q.numel()},) (same as cu_seqlens_q: one entry per "
+              "sequence plus one)", f"shape {tuple(cu_seqlens_k.shape)}")
+    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    total_q, nheads, head_dim = q.shape
+    total_k, nheads_k = k.shape[0], k.shape[1]
+    for name, cu, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, total_q, max_q, "max_seqlen_q"),
+                                               ("cu_seqlens_k", cu_seqlens_k, total_k, max_k, "max_seqlen_k")):
+        if should_check_values(cu):
+            check_cu_seqlens_values(name, cu.tolist(), total, max_len, max_name)
+    _check_out(out, q, k, v, VARLEN_RANK, VARLEN_LAYOUT)
+    _check_causal(causal)
+    batch = cu_seqlens_q.numel() - 1
+    return Shapes(batch=batch, seqlen_q=max_q, seqlen_k=max_k, nheads=nheads, nheads_k=nheads_k,
+                  head_dim=head_dim, dtype=q.dtype, device=q.device,
+                  softmax_scale=_check_scale(softmax_scale, head_dim), causal=causal,
+                  window=_check_window(window_size, causal), softcap=_check_softcap(softcap),
+                  has_alibi=_check_alibi(alibi_slopes, q, batch, nheads), layout="varlen",
+                  total_q=total_q, total_k=total_k)

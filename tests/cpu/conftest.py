@@ -29,11 +29,15 @@ PTX_TARGET = {"sm80": "sm_80", "sm89": "sm_89", "sm90": "sm_90a"}
 
 # Image kinds per bucket in preference order, as backends/kernels/variants.py builds them: (d_mask, features).
 KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
+# The kinds built for the varlen layout (variants.LAYOUT_KINDS).
+VARLEN_KINDS = ((False, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))
 
 
-def synthetic_image(arch, dtype, head_dim, d_mask=False, features=(), shared=None):
+def synthetic_image(arch, dtype, head_dim, d_mask=False, features=(), shared=None, layout="dense"):
     img = _C.ImageInfo()
     img.name = f"fwd-{arch}-{dtype}-d{head_dim}{'m' if d_mask else ''}-{'+'.join(features) or 'plain'}"
+    img.name += "" if layout == "dense" else f"-{layout}"
+    img.layouts = [layout]
     img.op, img.arch, img.dtype, img.head_dim = "fwd", arch, dtype, head_dim
     img.d_mask, img.features = d_mask, list(features)
     img.vendor = "rocm" if arch.startswith("gfx") else "cuda"
@@ -54,14 +58,16 @@ def synthetic_registry(archs=tuple(PTX_TARGET) + ("gfx90a", "gfx942")):
     for arch in archs:
         for dtype in ("fp16", "bf16"):
             for head_dim in (64, 128):
-                for d_mask, features in KINDS:
-                    reg.add(synthetic_image(arch, dtype, head_dim, d_mask, features))
+                for layout, kinds in (("dense", KINDS), ("varlen", VARLEN_KINDS)):
+                    for d_mask, features in kinds:
+                        reg.add(synthetic_image(arch, dtype, head_dim, d_mask, features, layout=layout))
     return reg
 
 
 def problem(dtype="bf16", head_dim=128, features=(), batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16,
-            nheads_k=16, aligned16=True, max_head_extent=None):
+            nheads_k=16, aligned16=True, max_head_extent=None, layout="dense"):
     p = _C.Problem()
+    p.layout = layout
     p.dtype, p.head_dim, p.features, p.batch, p.seqlen_q, p.seqlen_k = (dtype, head_dim, list(features), batch,
                                                                          seqlen_q, seqlen_k)
     p.nheads, p.nheads_k, p.aligned16 = nheads, nheads_k, aligned16

@@ -1,6 +1,6 @@
 """The AOT build (backends/kernels/aot.py): images + manifest for one arch per vendor, and its static checks.
 
-The build runs once per module (sm90 + gfx942, every variant: forward and backward for sm90, about 2 minutes on 2
+The build runs once per module (sm90 + gfx942, every variant: forward and backward for both, about 3 minutes on 2
 cores) in a subprocess, as CMake and CI run it. The check functions are also called directly with fabricated
 numbers, so a check that never fails would be caught.
 """
@@ -23,17 +23,17 @@ import aot  # noqa: E402
 import variants  # noqa: E402
 
 
-def _params(op, dtype):
+def _params(op, dtype, layout="dense"):
     # Loaded under a private name: other tests load fwd.py in the Triton interpreter.
     spec = importlib.util.spec_from_file_location("_aot_test_fwd", KERNELS / "fwd.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.fwd_params(dtype) if op == "fwd" else aot.kernel_spec(op)[1](dtype)
+    return mod.fwd_params(dtype, layout) if op == "fwd" else aot.kernel_spec(op)[1](dtype, layout)
 
 
 def _run(*args):
     return subprocess.run([sys.executable, str(KERNELS / "aot.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+                          cwd=ROOT, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _sha256(path):
 
 def test_manifest_header(build):
     _, manifest, _ = build
-    assert manifest["schema_version"] == 3
+    assert manifest["schema_version"] == 4
     assert manifest["triton_version"] == "3.6.0"
     assert manifest["archs"] == ARCHS
 
@@ -79,15 +79,20 @@ def test_files_and_sha256(build):
 def test_row_fields(build):
     _, manifest, _ = build
     for row in manifest["images"]:
-        assert row["params"] == [list(p) for p in _params(row["op"], row["dtype"])]
+        (layout,) = row["layouts"]
+        assert row["params"] == [list(p) for p in _params(row["op"], row["dtype"], layout)]
+        assert (layout == "varlen") == ("-varlen-" in row["name"])
+        # Varlen images take the cu_seqlens and totals last; dense ones compile without them.
+        assert (row["params"][-4][0] == "CU_Q") == (layout == "varlen")
         assert row["scratch_params"] == 2 and row["align16"] is True
         assert row["threads"] == row["num_warps"] * row["warp_size"]
         assert f"-{'+'.join(row['features']) or 'plain'}-" in row["name"]
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
         assert row["full_band_only"] == ("-fullband-" in row["name"])
-        assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"]))
-        # Slopes (and the backward's fp32 row vectors, LSE and delta) may have any alignment.
-        unhinted = {"ALIBI", "stride_ab", "stride_ah"} | ({"LSE", "DELTA"} if row["op"] != "fwd" else set())
+        assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"], layout))
+        # Slopes, cu_seqlens (and the backward's fp32 row vectors, LSE and delta) may have any alignment.
+        unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K"} | ({"LSE", "DELTA"} if row["op"] != "fwd"
+                                                                         else set())
         assert not unhinted & set(row["divisible16"])
         if row["vendor"] == "cuda":
             assert row["warp_size"] == 32 and row["binary"]["kind"] == "cubin"
@@ -104,13 +109,22 @@ def test_rows_passed_static_checks(build):
         if row["vendor"] == "cuda":
             # No spills, except up to the stack bytes a tile's tiles.json entry allows.
             tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
-            assert res["stack_bytes"] <= tile.get("max_stack_bytes", 0) and res["local_bytes"] == 0
+            allowed = variants.stack_allowance(tile, row["layouts"][0])
+            assert res["stack_bytes"] <= allowed and res["local_bytes"] == 0
             # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction.
             assert res["mma_instr"] == tile.get("mma_instr", "HGMMA") and res["mma_count"] > 0
         else:
             assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0
             assert res["mfma_count"] > 0 and res["lds_bytes"] <= limit
-            assert res["waves_per_eu"] == variants.arch_info(row["arch"])["fwd"][str(row["head_dim"])]["waves_per_eu"]
+            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
+            assert res["waves_per_eu"] == tile["waves_per_eu"]
+
+
+def test_both_vendors_built_backward(build):
+    # One arch per vendor, each with both backward kernels beside the forward.
+    _, manifest, _ = build
+    built = {(row["arch"], row["op"]) for row in manifest["images"]}
+    assert built == {(arch, op) for arch in ARCHS for op in variants.OPS}
 
 
 def test_unknown_arch_fails_clearly(tmp_path):
@@ -195,6 +209,12 @@ def test_tune_tiles_option():
     own128 = variants.arch_info("sm90")["bwd_dkdv"]["128"]
     assert dict(tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 64, 4, 2)]))[tune._tile(own128)][0] \
         .max_stack_bytes == own128["max_stack_bytes"]
+    # AMD: every tile of a bucket takes that bucket entry's waves_per_eu (the register budget it was checked with).
+    for bucket in (64, 128, 256):
+        want = variants.tile_config("gfx90a", "bwd_dq", bucket)["waves_per_eu"]
+        for _tile, kinds in tune.candidate_variants("gfx90a", bucket, "bwd_dq", [(64, 32, 4, 1)]):
+            assert {v.waves_per_eu for v in kinds} == {want}, bucket
+    assert {variants.tile_config("gfx90a", "bwd_dq", b)["waves_per_eu"] for b in (64, 128)} == {1, 2}
 
 
 def test_tune_full_band():

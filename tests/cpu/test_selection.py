@@ -13,6 +13,7 @@ GOLDEN = Path(__file__).parent / "golden" / "selection.json"
 DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (40, 64, 96, 100, 128, 136)
 FEATURES = ((), ("alibi",), ("softcap",), ("softcap", "alibi"))
+LAYOUTS = ("dense", "varlen")
 
 
 def outcome(device, p, registry, force_arch=""):
@@ -30,8 +31,10 @@ def current_table():
         for dtype in DTYPES:
             for head_dim in HEAD_DIMS:
                 for features in FEATURES:
-                    key = f"{dev_name}/{dtype}/d{head_dim}/{'+'.join(features) or 'plain'}"
-                    table[key] = outcome(device, problem(dtype, head_dim, features), reg)
+                    for layout in LAYOUTS:
+                        key = f"{dev_name}/{dtype}/d{head_dim}/{'+'.join(features) or 'plain'}"
+                        key += "" if layout == "dense" else f"/{layout}"
+                        table[key] = outcome(device, problem(dtype, head_dim, features, layout=layout), reg)
     return table
 
 
@@ -48,7 +51,7 @@ def test_selection_matches_golden():
     "device, expected",
     [
         ("sm80", "fwd-sm80-bf16-d128-plain [native]"),
-        ("sm86", "reject: arch_mismatch,dtype,features,head_dim,shared_memory"),  # sm80 d128: 128 KB, A10: 99 KB
+        ("sm86", "reject: arch_mismatch,dtype,features,head_dim,layout,shared_memory"),  # sm80 d128: 128 KB, A10: 99 KB
         ("sm89", "fwd-sm89-bf16-d128-plain [native]"),
         ("sm90", "fwd-sm90-bf16-d128-plain [native]"),
         ("sm100", "fwd-sm89-bf16-d128-plain [ptx-jit]"),  # newest portable PTX; sm_90a PTX is arch-specific
@@ -65,6 +68,23 @@ def test_key_decisions(device, expected):
 def test_sm86_runs_sm80_image_when_shared_memory_fits():
     chosen = outcome(DEVICES["sm86"], problem(head_dim=64), synthetic_registry())
     assert chosen == "fwd-sm80-bf16-d64-plain [binary-compat]"
+
+
+def test_layout_is_checked_like_any_property():
+    # A varlen call takes the varlen image of the same bucket; dense images reject it by layout, and the other way.
+    sel = _C.select(problem(layout="varlen"), DEVICES["sm90"], synthetic_registry(), "")
+    assert sel["image"] == "fwd-sm90-bf16-d128-plain-varlen"
+    reg = _C.Registry()
+    reg.add(synthetic_image("sm90", "bf16", 128))
+    sel = _C.select(problem(layout="varlen"), DEVICES["sm90"], reg, "")
+    assert sel["image"] is None
+    assert [(r.code, r.message) for r in sel["rejections"]] == [
+        ("layout", "layout: image takes dense calls, problem is varlen")]
+    reg.add(synthetic_image("sm90", "bf16", 64, layout="varlen"))
+    sel = _C.select(problem(head_dim=64), DEVICES["sm90"], reg, "")
+    assert sel["image"] is None and {r.code for r in sel["rejections"]} == {"head_dim", "layout"}
+    # A varlen call never falls back to the dense images' codes: layout runs before dtype, head_dim and features.
+    assert _C.reject_codes().index("layout") < _C.reject_codes().index("dtype")
 
 
 def test_rejection_messages_name_the_limit():
@@ -189,7 +209,7 @@ def test_each_installed_image_is_chosen_on_its_native_device():
     for img in build.registry.images():
         head_dim = img.head_dim - _C.HEAD_DIM_MULTIPLE if img.d_mask else img.head_dim
         features = ("softcap",) if "softcap" in img.features else img.features
-        p = problem(img.dtype, head_dim, features)
+        p = problem(img.dtype, head_dim, features, layout=img.layouts[0])
         p.op, p.full_band = img.op, img.full_band_only
         sel = _C.select(p, DEVICES[img.arch], build.registry, "")
         assert sel["image"] == img.name, (img.name, sel)

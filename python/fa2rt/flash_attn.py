@@ -1,0 +1,151 @@
+"""flash-attn 2.8's function names, parameter order, defaults and return conventions, mapped onto fa2rt's public calls.
+
+Code written against flash-attn switches by changing `from flash_attn import ...` to `from fa2rt.flash_attn import ...`.
+Semantics are those of fa2rt.attention / fa2rt.attention_varlen (flash-attn 2's: bottom-right causal, windows,
+softcap, ALiBi, MQA/GQA); this module only renames, unpacks packed tensors (through views, no copies) and shapes the
+results. Where the conventions differ, on purpose:
+- dropout_p > 0 raises NotImplementedError naming dropout_p: fa2rt has no dropout kernels (pass dropout_p=0.0 in
+  evaluation, as flash-attn's docstrings ask, or keep flash-attn/SDPA for training with attention dropout).
+- return_attn_probs=True returns (out, softmax_lse, None). flash-attn computes the probabilities only with dropout,
+  so with dropout_p=0 it returns no probabilities either (an empty placeholder tensor in 2.8; None here).
+- block_table (paged KV in flash_attn_varlen_func) raises NotImplementedError until fa2rt has a paged KV layout.
+- flash_attn_with_kvcache is not provided yet (no fa2rt.attention_with_kvcache).
+- Misuse (wrong shapes, dtypes, head counts, cu_seqlens) raises CompatError, which is both a ValueError (fa2rt's
+  errors, naming the argument) and a RuntimeError (what flash-attn's C++ checks raise), so either except clause works.
+- Inputs run on any device and dtype fa2rt accepts: where no fa2rt kernel fits (CPU, fp32, ...) the call runs fa2rt's
+  announced SDPA fallback, where flash-attn would refuse.
+"""
+
+import numbers
+
+import torch
+
+from . import api
+
+__all__ = [
+    "CompatError",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+]
+
+NO_WINDOW = (-1, -1)
+
+
+class CompatError(ValueError, RuntimeError):
+    """A call fa2rt rejects: fa2rt's message (naming the argument), catchable as flash-attn's RuntimeError."""
+
+
+def _check_dropout(dropout_p) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})")
+    if dropout_p != 0:
+        raise NotImplementedError(
+            f"dropout_p: expected 0.0 (fa2rt has no attention dropout; pass dropout_p=0.0, as in evaluation), "
+            f"got {dropout_p!r}")
+
+
+def _contiguous_last(t):
+    # flash-attn copies an input whose last dim is strided; fa2rt requires stride(-1) == 1, so do the same here.
+    return t.contiguous() if isinstance(t, torch.Tensor) and t.dim() > 0 and t.stride(-1) != 1 else t
+
+
+def _unpack(packed, name: str, axis: int, count: int):
+    """Views of the `count` tensors stacked along `axis` of a packed input (qkv or kv)."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() <= axis or packed.shape[axis] != count:
+        raise CompatError(f"{name}: expected size {count} in dim {axis}, got shape {tuple(packed.shape)}")
+    packed = _contiguous_last(packed)
+    return packed.unbind(axis)
+
+
+def _result(returned, return_attn_probs: bool):
+    # fa2rt returns (out, lse) when asked for the LSE; flash-attn's third element is the probabilities (see above).
+    return (*returned, None) if return_attn_probs else returned
+
+
+def _call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except CompatError:
+        raise
+    except ValueError as err:
+        raise CompatError(str(err)) from err
+
+
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+           return_attn_probs):
+    _check_dropout(dropout_p)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))
+    returned = _call(api.attention, q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                     softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+                     return_lse=bool(return_attn_probs))
+    return _result(returned, return_attn_probs)
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
+    _check_dropout(dropout_p)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))
+    returned = _call(api.attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                     alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=bool(return_attn_probs))
+    return _result(returned, return_attn_probs)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim). Returns out like q, or
+    (out, softmax_lse (batch, nheads, seqlen_q) float32, None) with return_attn_probs."""
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW,
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv: (batch, seqlen, 3, nheads, headdim). As flash_attn_func."""
+    q, k, v = _unpack(qkv, "qkv", 2, 3)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW,
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim). As flash_attn_func."""
+    k, v = _unpack(kv, "kv", 2, 2)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_*: int32 (batch + 1,).
+    Returns out like q, or (out, softmax_lse (nheads, total_q) float32, None) with return_attn_probs."""
+    if block_table is not None:
+        raise NotImplementedError("block_table: expected None (fa2rt has no paged KV layout yet), got a "
+                                  f"{type(block_table).__name__}")
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv: (total, 3, nheads, headdim); cu_seqlens serves queries and keys. As flash_attn_varlen_func."""
+    q, k, v = _unpack(qkv, "qkv", 1, 3)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim). As flash_attn_varlen_func."""
+    k, v = _unpack(kv, "kv", 1, 2)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)

@@ -1,0 +1,117 @@
+"""The varlen kernel path on CPU tensors described as an sm90 GPU: fa2rt.attention_varlen -> ops.run_eager (and the
+fa2rt::varlen_fwd / varlen_bwd custom ops) -> launch plans, with the launches recorded instead of run (as
+test_eager_path.py does for dense calls). Each launch is compared with the named arguments the library computes
+(ops.kernel_args, ops.bwd_kernel_args with the cu_seqlens) packed by the dispatcher's packer, on the image explain()
+names, which must be a varlen image."""
+
+import pytest
+import torch
+from test_eager_path import expect_launch, recorded  # noqa: F401 - the fixture
+
+import fa2rt
+from fa2rt import ops, policy
+from fa2rt.validate import check_varlen_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LENS_Q, LENS_K = (5, 0, 1, 40), (7, 3, 1, 30)
+
+
+def cu(lengths):
+    return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def make(h=4, hk=2, d=64, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lens), heads, d, generator=g).to(torch.bfloat16).requires_grad_(requires_grad)
+               for lens, heads in ((LENS_Q, h), (LENS_K, hk), (LENS_K, hk)))
+    return q, k, v, cu(LENS_Q), cu(LENS_K), max(LENS_Q), max(LENS_K)
+
+
+OPTIONS = {"causal": dict(causal=True), "alibi_window": dict(window_size=(5, 2), alibi_slopes=(4, 4)),
+           "softcap": dict(softcap=4.0, softmax_scale=0.2)}
+
+
+def options(name):
+    opts = dict(OPTIONS[name])
+    if "alibi_slopes" in opts:
+        opts["alibi_slopes"] = torch.rand(opts["alibi_slopes"]) + 0.05  # (batch, nheads)
+    return opts
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_forward_launches_a_varlen_image_with_the_named_arguments(recorded, name):  # noqa: F811
+    q, k, v, cq, ck, mq, mk = make()
+    opts = options(name)
+    decision = fa2rt.explain(q, k, v, cq, ck, mq, mk, **opts)
+    assert decision.path == "kernel" and decision.image.startswith("fwd-sm90-bf16-d64"), decision
+    assert "-varlen-" in decision.image
+    assert any(code == "layout" for _, code, _ in decision.rejections)  # the dense images, turned down by layout
+    out, lse = fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, return_lse=True, **opts)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (4, sum(LENS_Q))
+    (launch,) = recorded.launches
+    named = dict(zip(launch[0].pointers, launch[3], strict=True))
+    assert (named["CU_Q"], named["CU_K"], named["LSE"]) == (cq.data_ptr(), ck.data_ptr(), lse.data_ptr())
+    shapes = check_varlen_inputs(q, k, v, cq, ck, mq, mk, softmax_scale=opts.pop("softmax_scale", None),
+                                 causal=opts.pop("causal", False), **opts)
+    args = ops.kernel_args(q, k, v, out, lse, opts.get("alibi_slopes"), shapes, (cq, ck))
+    expect_launch(launch, decision.image, args, policy.problem_for(shapes, (q, k, v, out)))
+
+
+def test_out_is_written_in_place(recorded):  # noqa: F811
+    q, k, v, cq, ck, mq, mk = make()
+    out = torch.empty_like(q)
+    assert fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, out=out) is out
+    (launch,) = recorded.launches
+    assert dict(zip(launch[0].pointers, launch[3], strict=True))["O"] == out.data_ptr()
+
+
+def test_backward_launches_both_varlen_backward_images(recorded):  # noqa: F811
+    q, k, v, cq, ck, mq, mk = make(requires_grad=True)
+    decision = fa2rt.explain(q, k, v, cq, ck, mq, mk, causal=True)
+    assert [img.split("-")[0] for img, _ in decision.backward] == list(policy.BACKWARD_OPS)
+    assert all("-varlen-" in img for img, _ in decision.backward)
+    out, lse = fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True, return_lse=True)
+    dout = torch.randn(q.shape).to(q.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+    fwd_launch, *bwd_launches = recorded.launches
+    assert [launch[0].image for launch in bwd_launches] == [image for image, _ in decision.backward]
+    shapes = check_varlen_inputs(q.detach(), k.detach(), v.detach(), cq, ck, mq, mk, causal=True, softmax_scale=None)
+    tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout} | dict(zip(("dq", "dk", "dv"), grads, strict=True))
+    for op, launch in zip(policy.BACKWARD_OPS, bwd_launches, strict=True):
+        plan, _, _, addr = launch
+        named = dict(zip(plan.pointers, addr, strict=True))
+        assert named["CU_Q"] == cq.data_ptr() and named["CU_K"] == ck.data_ptr() and named["LSE"] == lse.data_ptr()
+        args = ops.bwd_kernel_args(tensors, lse, lse, None, shapes, (cq, ck)) | named
+        expect_launch(launch, plan.image, args, policy.problem_for(shapes, tensors.values(), op))
+
+
+def _masked(launch):
+    plan = launch[0]
+    return plan.image, plan.packed([0] * len(plan.pointers))
+
+
+@pytest.mark.parametrize("selected", [True, False], ids=["image", "selected-at-run-time"])
+def test_custom_ops_launch_what_eager_calls_launch(recorded, selected):  # noqa: F811
+    # The varlen ops are registered for every device, so they run here on the synthetic sm90 device as they are.
+    q, k, v, cq, ck, mq, mk = make(requires_grad=True)
+    dout = torch.randn(q.shape).to(q.dtype)
+    out = fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True)
+    torch.autograd.grad(out, (q, k, v), dout)
+    eager = [_masked(launch) for launch in recorded.launches]
+    recorded.launches.clear()
+    decision = fa2rt.explain(q, k, v, cq, ck, mq, mk, causal=True)
+    image, mode = (decision.image, decision.mode) if selected else ("", "")
+    out, lse = ops.varlen_fwd(q, k, v, cq, ck, mq, mk, None, 64**-0.5, -1, 0, 0.0, image, mode, False)
+    assert lse.shape == (4, q.shape[0])
+    torch.autograd.grad(out, (q, k, v), dout)
+    assert [_masked(launch) for launch in recorded.launches] == eager and len(eager) == 1 + len(decision.backward)
+
+
+def test_fake_implementations_give_flash_attn_shapes():
+    q, k, v, cq, ck, mq, mk = (t.to("meta") if isinstance(t, torch.Tensor) else t for t in make())
+    out, lse = ops.varlen_fwd(q, k, v, cq, ck, mq, mk, None, 0.125, -1, -1, 0.0, "", "", False)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
+    grads = ops.varlen_bwd(out, q, k, v, out, lse, cq, ck, mq, mk, None, 0.125, -1, -1, 0.0, False)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]

@@ -1,0 +1,316 @@
+"""The project's own seeded fuzz generator, shared by tests/cpu/test_fuzz.py and the GPU fuzz (tests/gpu).
+
+A case is a random attention call: shapes (lengths 0, 1, near tile edges, random), head dims (multiples of 8 and
+not), GQA/MQA ratios, dtypes, every feature alone and combined (causal, windows, softcap, ALiBi, softmax_scale),
+return_lse, out=, gradients, and how each of q, k, v is laid out in memory (see LAYOUTS): contiguous, a sliced last
+dim (odd row strides), a storage offset (misaligned base), a batch dim expanded with stride 0, transposed-and-back,
+packed qkv / kv. Inputs are drawn on the CPU from the case's own seed, then moved, so a case is the same call on
+every device. The generator never looks at which path will run: the dispatcher and the fallback must cope.
+
+BAD_INPUTS are misuse cases: each must raise, naming the argument.
+"""
+
+import random
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+import fa2rt
+from fa2rt.reference import attention_reference
+
+SEED = 20261202
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TILE_EDGES = (16, 32, 64, 128)
+# Head dims: every kernel bucket, masked-tail ones (multiples of 8 below a bucket) and ones no kernel takes.
+HEAD_DIMS = (8, 16, 24, 32, 40, 64, 72, 96, 128, 160, 256, 5, 12, 33)
+HEAD_RATIOS = ((1, 1), (2, 2), (4, 4), (2, 1), (4, 1), (4, 2), (6, 3), (3, 1))
+LAYOUTS = ("contig", "sliced", "offset", "expanded", "transposed", "packed")
+
+
+@dataclass(frozen=True)
+class FuzzCase:
+    index: int
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    dtype: str
+    layout: str  # one of LAYOUTS, for q, k and v together ("packed": q, k, v, or k and v, views of one tensor)
+    causal: bool = False
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi: str | None = None  # None, "h" (nheads,), "bh" (batch, nheads)
+    scale: float | None = None
+    grad: bool = False
+    grad_layout: str = "contig"  # grad_out: "contig" or "sliced"
+    return_lse: bool = False
+    out: str | None = None  # None, "contig", "sliced"
+
+    @property
+    def id(self) -> str:
+        parts = [f"{self.index:03d}", f"b{self.batch}q{self.seqlen_q}k{self.seqlen_k}h{self.nheads}kv{self.nheads_k}",
+                 f"d{self.head_dim}", self.dtype, self.layout]
+        parts += ["causal"] if self.causal else []
+        parts += [f"win{self.window[0]}_{self.window[1]}"] if self.window != (-1, -1) else []
+        parts += [f"cap{self.softcap:g}"] if self.softcap else []
+        parts += [f"alibi-{self.alibi}"] if self.alibi else []
+        parts += [f"scale{self.scale:g}"] if self.scale is not None else []
+        parts += [f"grad-{self.grad_layout}"] if self.grad else []
+        parts += ["lse"] if self.return_lse else []
+        parts += [f"out-{self.out}"] if self.out else []
+        return "-".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def options(self, slopes) -> dict:
+        opts = {"causal": self.causal, "window_size": self.window, "softcap": self.softcap,
+                "softmax_scale": self.scale}
+        if slopes is not None:
+            opts["alibi_slopes"] = slopes
+        return opts
+
+
+def _length(rng) -> int:
+    return rng.choice([0, 1, 2, rng.randint(3, 40), rng.randint(3, 129)]
+                      + [edge + rng.choice((-1, 0, 1)) for edge in TILE_EDGES])
+
+
+def _side(rng) -> int:
+    return rng.choice([-1, -1, 0, rng.randint(1, 8), rng.randint(9, 70)])
+
+
+def generate(count: int = 240, seed: int = SEED) -> list[FuzzCase]:
+    rng = random.Random(seed)
+    cases = []
+    for index in range(count):
+        h, hk = rng.choice(HEAD_RATIOS)
+        seqlen_q = _length(rng)
+        # Packed qkv needs one length for all three: half the time seqlen_k follows seqlen_q.
+        seqlen_k = seqlen_q if rng.random() < 0.3 else _length(rng)
+        grad = rng.random() < 0.35
+        cases.append(FuzzCase(
+            index=index, batch=rng.choice([1, 1, 2, 3]), seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=h, nheads_k=hk,
+            head_dim=rng.choice(HEAD_DIMS), dtype=rng.choice(["fp16", "bf16", "bf16", "fp32"]),
+            layout=rng.choice(LAYOUTS), causal=rng.random() < 0.4,
+            window=(_side(rng), _side(rng)) if rng.random() < 0.3 else (-1, -1),
+            softcap=rng.choice([0.0, 0.0, 0.0, 5.0, 30.0]), alibi=rng.choice([None, None, None, "h", "bh"]),
+            scale=rng.choice([None, None, None, 0.3, -0.2, 0.0]), grad=grad,
+            grad_layout=rng.choice(["contig", "sliced"]), return_lse=rng.random() < 0.5,
+            out=None if grad else rng.choice([None, None, "contig", "sliced"]),
+        ))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building a case's tensors: leaves ("bases") and the views of them the call gets.
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32)
+
+
+def _view(gen, layout, b, n, heads, d, pad):
+    """(base, fn): a float32 CPU base tensor and the function that turns it (or its copy on another device / in
+    another dtype) into the (b, n, heads, d) view of `layout`."""
+    if layout == "sliced":
+        return _randn(gen, b, n, heads, d + pad), lambda t: t[..., :d]
+    if layout == "offset":
+        size = b * n * heads * d
+        return _randn(gen, size + pad), lambda t: t[pad:pad + size].view(b, n, heads, d)
+    if layout == "expanded":
+        return _randn(gen, 1, n, heads, d), lambda t: t.expand(b, n, heads, d)
+    if layout == "transposed":
+        return _randn(gen, b, heads, n, d), lambda t: t.transpose(1, 2)
+    return _randn(gen, b, n, heads, d), lambda t: t
+
+
+def _pieces(case: FuzzCase, gen):
+    """[(base, [(name, fn)])]: each base with the tensors that are views of it."""
+    b, nq, nk, h, hk, d = (case.batch, case.seqlen_q, case.seqlen_k, case.nheads, case.nheads_k, case.head_dim)
+    pad = 1 + case.index % 7
+    if case.layout == "packed" and nq == nk and h == hk:
+        base = _randn(gen, b, nq, 3, h, d)
+        return [(base, [(name, lambda t, i=i: t[:, :, i]) for i, name in enumerate("qkv")])]
+    if case.layout == "packed":
+        q_base = _randn(gen, b, nq, h, d)
+        kv = _randn(gen, b, nk, 2, hk, d)
+        return [(q_base, [("q", lambda t: t)]), (kv, [("k", lambda t: t[:, :, 0]), ("v", lambda t: t[:, :, 1])])]
+    pieces = []
+    for name, n, heads in (("q", nq, h), ("k", nk, hk), ("v", nk, hk)):
+        base, fn = _view(gen, case.layout, b, n, heads, d, pad)
+        pieces.append((base, [(name, fn)]))
+    return pieces
+
+
+def _slopes(case: FuzzCase, gen):
+    if case.alibi is None:
+        return None
+    shape = (case.nheads,) if case.alibi == "h" else (case.batch, case.nheads)
+    return torch.rand(*shape, generator=gen) * 0.3 + 0.01
+
+
+@dataclass
+class Built:
+    """A case's inputs on a device: the leaves, the views the call takes, slopes, out= and grad_out."""
+
+    bases: list  # leaves (require grad when the case does)
+    views: dict  # name -> view of a leaf
+    slopes: torch.Tensor | None
+    out: torch.Tensor | None
+    out_buffer: torch.Tensor | None  # the tensor whose memory out is (columns past headdim must stay untouched)
+    grad_out: torch.Tensor | None
+    recipe: list  # [(base index, name, fn)] to rebuild the views from other bases (the float64 reference)
+
+
+def build(case: FuzzCase, device="cpu", dtype=None) -> Built:
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    dtype = case.torch_dtype if dtype is None else dtype
+    pieces = _pieces(case, gen)
+    bases = [base.to(device=device, dtype=dtype).requires_grad_(case.grad) for base, _ in pieces]
+    recipe = [(i, name, fn) for i, (_, named) in enumerate(pieces) for name, fn in named]
+    views = {name: fn(bases[i]) for i, name, fn in recipe}
+    slopes = _slopes(case, gen)
+    slopes = None if slopes is None else slopes.to(device)
+    out = out_buffer = grad_out = None
+    shape = (case.batch, case.seqlen_q, case.nheads, case.head_dim)
+    if case.out == "contig":
+        out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    elif case.out == "sliced":
+        out_buffer = torch.full(shape[:-1] + (case.head_dim + 3,), float("nan"), dtype=dtype, device=device)
+        out = out_buffer[..., :case.head_dim]
+    if case.grad:
+        g = _randn(gen, *shape[:-1], case.head_dim + 5).to(device=device, dtype=dtype)
+        grad_out = g[..., :case.head_dim] if case.grad_layout == "sliced" else g[..., :case.head_dim].contiguous()
+    return Built(bases, views, slopes, out, out_buffer, grad_out, recipe)
+
+
+def call(case: FuzzCase, built: Built):
+    """fa2rt.attention on the built views; returns (out, lse or None) and runs backward when the case has grad."""
+    q, k, v = (built.views[name] for name in "qkv")
+    kwargs = case.options(built.slopes)
+    if built.out is not None:
+        kwargs["out"] = built.out
+    res = fa2rt.attention(q, k, v, return_lse=case.return_lse, **kwargs)
+    out, lse = res if case.return_lse else (res, None)
+    if case.grad:
+        out.backward(built.grad_out)
+    return out, lse
+
+
+def explain(case: FuzzCase, built: Built):
+    q, k, v = (built.views[name] for name in "qkv")
+    kwargs = case.options(built.slopes)
+    if built.out is not None:
+        kwargs["out"] = built.out
+    return fa2rt.explain(q, k, v, **kwargs)
+
+
+def reference(case: FuzzCase, built: Built):
+    """float64 (out, lse, base grads or None) computed from the same leaves, through the same views."""
+    bases = [b.detach().double().requires_grad_(case.grad) for b in built.bases]
+    views = {name: fn(bases[i]) for i, name, fn in built.recipe}
+    slopes = built.slopes
+    out, lse = attention_reference(views["q"], views["k"], views["v"], **case.options(slopes))
+    grads = None
+    if case.grad:
+        grads = torch.autograd.grad(out, bases, built.grad_out.double(), allow_unused=True)
+        grads = [torch.zeros_like(b) if g is None else g for g, b in zip(grads, bases, strict=True)]
+    return out, lse, grads
+
+
+def rel_err(x, ref) -> float:
+    """Relative norm error; for a reference of norm 0 (empty, or all rows without keys) the largest |x|."""
+    if ref.norm() == 0:
+        return x.abs().max().item() if x.numel() else 0.0
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+# Relative (norm) error against float64 allowed for out and for gradients, per dtype: the inputs are exact in the
+# dtype, so this is the arithmetic's error (probabilities and output rounded to the dtype; fp32 math elsewhere).
+OUT_TOL = {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}
+GRAD_TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 6e-2}
+LSE_TOL = 2e-3
+# A kernel may use the hardware tanh (tanh.approx.f32, relative error up to 2**-11, as flash-attn does): a softcapped
+# score moves by up to softcap * 2**-11, allowed on top of the tolerances above.
+TANH_REL_ERR = 2.0**-11
+
+
+def check(case: FuzzCase, built: Built, out, lse) -> dict:
+    """Assert the call's results match the float64 reference; returns the errors measured."""
+    ref_out, ref_lse, ref_grads = reference(case, built)
+    shape = (case.batch, case.seqlen_q, case.nheads, case.head_dim)
+    assert tuple(out.shape) == shape and out.dtype == case_dtype(built), (tuple(out.shape), out.dtype)
+    if built.out is not None:
+        assert out is built.out, "attention(out=t) must return t itself"
+    if built.out_buffer is not None:
+        assert torch.isnan(built.out_buffer[..., case.head_dim:]).all(), "out's buffer written past headdim"
+    assert torch.isfinite(out).all(), "non-finite output"
+    tanh = case.softcap * TANH_REL_ERR
+    errors = {"out": rel_err(out, ref_out)}
+    assert errors["out"] <= OUT_TOL[case.dtype] + tanh, errors
+    empty = torch.isinf(ref_lse)  # (b, h, sq): rows that see no key
+    assert (out.transpose(1, 2)[empty] == 0).all(), "rows that see no key must be exactly 0"
+    if case.return_lse:
+        assert tuple(lse.shape) == (case.batch, case.nheads, case.seqlen_q) and lse.dtype == torch.float32
+        assert torch.equal(torch.isposinf(lse), empty), "lse must be +inf exactly on the rows that see no key"
+        finite = ~empty
+        errors["lse"] = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
+        assert errors["lse"] <= LSE_TOL + tanh, errors
+    if case.grad:
+        for i, (base, ref) in enumerate(zip(built.bases, ref_grads, strict=True)):
+            assert base.grad is not None and base.grad.dtype == base.dtype, f"base {i}: gradient missing or wrong dtype"
+            assert torch.isfinite(base.grad).all(), f"base {i}: non-finite gradient"
+            errors[f"grad{i}"] = err = rel_err(base.grad, ref)
+            assert err <= GRAD_TOL[case.dtype] + 2 * tanh, errors
+    return errors
+
+
+def case_dtype(built: Built) -> torch.dtype:
+    return built.bases[0].dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Misuse: (id, make kwargs for fa2rt.attention from a device, exception type, argument the message must name)
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _qkv(device, d=16, **over):
+    q, k, v = (_t(2, 9, 4, d, device=device) for _ in range(3))
+    return {"q": q, "k": k, "v": v, **over}
+
+
+BAD_INPUTS = [
+    ("q-3d", lambda dev: _qkv(dev, q=_t(2, 9, 64, device=dev)), ValueError, "q"),
+    ("q-list", lambda dev: _qkv(dev, q=[[1.0]]), TypeError, "q"),
+    ("q-int", lambda dev: _qkv(dev, q=torch.ones(2, 9, 4, 16, dtype=torch.int32, device=dev)), ValueError, "q"),
+    ("q-last-dim-strided", lambda dev: _qkv(dev, q=_t(2, 9, 4, 32, device=dev)[..., ::2]), ValueError, "q"),
+    ("k-dtype", lambda dev: _qkv(dev, k=_t(2, 9, 4, 16, dtype=torch.float64, device=dev)), ValueError, "k"),
+    ("k-batch", lambda dev: _qkv(dev, k=_t(3, 9, 4, 16, device=dev)), ValueError, "k"),
+    ("k-head-dim", lambda dev: _qkv(dev, k=_t(2, 9, 4, 8, device=dev)), ValueError, "k"),
+    ("k-heads-not-dividing", lambda dev: _qkv(dev, k=_t(2, 9, 3, 16, device=dev), v=_t(2, 9, 3, 16, device=dev)),
+     ValueError, "k"),
+    ("v-shape", lambda dev: _qkv(dev, v=_t(2, 8, 4, 16, device=dev)), ValueError, "v"),
+    ("causal-int", lambda dev: _qkv(dev, causal=1), TypeError, "causal"),
+    ("window-negative", lambda dev: _qkv(dev, window_size=(-2, 0)), ValueError, "window_size[0]"),
+    ("window-length", lambda dev: _qkv(dev, window_size=(1, 2, 3)), ValueError, "window_size"),
+    ("window-float", lambda dev: _qkv(dev, window_size=(1.5, 0)), TypeError, "window_size[0]"),
+    ("window-str", lambda dev: _qkv(dev, window_size="full"), TypeError, "window_size"),
+    ("softcap-negative", lambda dev: _qkv(dev, softcap=-1.0), ValueError, "softcap"),
+    ("softcap-nan", lambda dev: _qkv(dev, softcap=float("nan")), ValueError, "softcap"),
+    ("scale-inf", lambda dev: _qkv(dev, softmax_scale=float("inf")), ValueError, "softmax_scale"),
+    ("scale-str", lambda dev: _qkv(dev, softmax_scale="0.1"), TypeError, "softmax_scale"),
+    ("alibi-dtype", lambda dev: _qkv(dev, alibi_slopes=torch.rand(4, dtype=torch.float16, device=dev)), ValueError,
+     "alibi_slopes"),
+    ("alibi-shape", lambda dev: _qkv(dev, alibi_slopes=torch.rand(3, device=dev)), ValueError, "alibi_slopes"),
+    ("out-shape", lambda dev: _qkv(dev, out=_t(2, 9, 4, 8, device=dev)), ValueError, "out"),
+    ("out-dtype", lambda dev: _qkv(dev, out=_t(2, 9, 4, 16, dtype=torch.float64, device=dev)), ValueError, "out"),
+    ("out-with-grad", lambda dev: _qkv(dev, q=_t(2, 9, 4, 16, device=dev).requires_grad_(), out=_t(2, 9, 4, 16,
+                                                                                               device=dev)),
+     ValueError, "out"),
+]

@@ -1,0 +1,135 @@
+"""The seeded fuzz (tests/fuzz_cases.py) on the GPU: every case through the native images and through the sm89 and
+sm80 images' PTX, each checked against the float64 reference; compute-sanitizer memcheck on a sample of the cases
+and racecheck on a few.
+
+The cases run in worker processes (tests/gpu/fuzz_worker.py): a device fault kills the CUDA context, so a faulting
+case is reported as a fault (its test fails) and a fresh worker carries on with the next case, instead of every later
+case failing with it. FA2RT_FUZZ_REPORT=path writes every case's outcome (path, image, errors) as JSON.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from fuzz_cases import generate
+
+WORKER = Path(__file__).resolve().parent / "fuzz_worker.py"
+CASES = generate()
+PATHS = {"native": "", "sm89-ptx": "sm89", "sm80-ptx": "sm80"}
+MEMCHECK_SAMPLE = [c.index for c in CASES][::8]
+RACECHECK_SAMPLE = [c.index for c in CASES if c.seqlen_q > 60 and c.seqlen_k > 60][:3]
+WORKER_TIMEOUT_S = 600
+SANITIZER_TIMEOUT_S = 900
+
+
+def _env(forced: str) -> dict:
+    env = dict(os.environ, FA2RT_MIN_SEQLEN="0")  # the kernels at every length (the crossover is CPU-tested policy)
+    env.pop("FA2RT_FORCE_ARCH", None)
+    if forced:
+        env["FA2RT_FORCE_ARCH"] = forced
+    return env
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line[5:]) for line in stdout.splitlines() if line.startswith("FUZZ ")]
+
+
+def run_isolated(forced: str) -> dict:
+    """index -> outcome for every case, restarting the worker after a fault or a crash."""
+    results, start = {}, 0
+    while start < len(CASES):
+        proc = subprocess.run([sys.executable, str(WORKER), "--start", str(start)], env=_env(forced),
+                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        for record in _records(proc.stdout):
+            results[record["index"]] = record
+        done = [i for i in range(start, len(CASES)) if i in results]
+        last = max(done) if done else start - 1
+        if proc.returncode != 0 and last + 1 < len(CASES) and (last + 1) not in results:
+            # The worker died without a word on the next case (a crash, not a caught fault): that case faulted.
+            results[last + 1] = {"index": last + 1, "status": "fault",
+                                 "error": f"worker exited {proc.returncode}: {proc.stderr[-1500:]}"}
+            last += 1
+        start = last + 1
+    return results
+
+
+@pytest.fixture(scope="session")
+def outcomes():
+    found = {name: run_isolated(forced) for name, forced in PATHS.items()}
+    report = os.environ.get("FA2RT_FUZZ_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(found, indent=1))
+    for name, results in found.items():
+        statuses = Counter(r["status"] for r in results.values())
+        paths = Counter(r.get("path", "?") for r in results.values())
+        copies = sum(bool(r.get("copies")) for r in results.values())
+        print(f"\nfuzz {name}: {len(results)} cases, {dict(statuses)}, paths {dict(paths)}, "
+              f"fallback calls that copy for SDPA {copies}")
+    return found
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_fuzz_case_gpu(outcomes, path, case):
+    record = outcomes[path][case.index]
+    assert record["status"] == "pass", record
+
+
+def test_fuzz_reaches_kernels_and_fallback(outcomes):
+    # The generator must exercise both sides of the dispatcher on the GPU, and the layouts that need a copy.
+    native = outcomes["native"].values()
+    paths = Counter(r.get("path") for r in native)
+    assert paths["kernel"] >= 60 and paths["fallback"] >= 20, paths
+    assert any(r.get("copies") for r in native), "no fallback call needed a copy: the misaligned views are not covered"
+
+
+def _sanitize(tool: str, indices: list[int], extra=()) -> subprocess.CompletedProcess:
+    env = _env("")
+    env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # every allocation its own, so an overrun leaves it
+    cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9", *extra, sys.executable, str(WORKER),
+           "--no-check", "--only", ",".join(map(str, indices))]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SANITIZER_TIMEOUT_S)
+
+
+def test_memcheck_sample():
+    proc = _sanitize("memcheck", MEMCHECK_SAMPLE)
+    records = _records(proc.stdout)
+    assert proc.returncode == 0 and "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, proc.stdout[-4000:]
+    assert len(records) == len(MEMCHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
+
+
+def test_racecheck_few():
+    assert len(RACECHECK_SAMPLE) == 3
+    proc = _sanitize("racecheck", RACECHECK_SAMPLE)
+    records = _records(proc.stdout)
+    assert proc.returncode == 0 and "RACECHECK SUMMARY: 0 hazards displayed (0 errors" in proc.stdout, proc.stdout[-4000:]
+    assert len(records) == len(RACECHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
+
+
+def test_misaligned_head_stride_falls_back_without_fault(fresh_announcements):
+    # The report that started the fuzz: head stride 68 (a sliced last dim), which every image refuses (alignment);
+    # the fallback must copy it for SDPA (and say so) instead of faulting, forward and backward.
+    import torch
+
+    import fa2rt
+    from fa2rt.reference import attention_reference
+
+    g = torch.Generator(device="cuda").manual_seed(15)
+    q = torch.randn(2, 129, 4, 68, device="cuda", dtype=torch.float16, generator=g)[..., :64].requires_grad_()
+    k, v = (torch.randn(2, 129, 4, 64, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+            for _ in range(2))
+    decision = fa2rt.explain(q, k, v, causal=True)
+    assert decision.path == "fallback" and [name for name, _ in decision.copies] == ["q"], decision
+    assert "copies q for SDPA" in str(decision)
+    with pytest.warns(fa2rt.FallbackWarning):
+        out = fa2rt.attention(q, k, v, causal=True)
+    grad_out = torch.randn(2, 129, 4, 72, device="cuda", dtype=torch.float16, generator=g)[..., :64]
+    out.backward(grad_out)
+    torch.cuda.synchronize()
+    ref = attention_reference(q.detach(), k.detach(), v.detach(), causal=True)[0]
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 4e-3
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
