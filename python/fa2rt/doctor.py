@@ -8,7 +8,6 @@ on it; 3 --require names a vendor with no usable GPU here; 4 internal error of t
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import traceback
@@ -65,21 +64,36 @@ def rocm_view() -> dict:
 
 
 def verify_build() -> dict:
+    """The kernel sources (packages, a source install, FA2RT_KERNEL_DIR), each with its files hashed now."""
     build = builds.current_build()
+    sources = report.kernel_sources(build)
     out = {"directory": str(build.directory), "error": build.error, "images": len(build.rows), "archs": {},
-           "layouts": {}, "bad_files": []}
+           "layouts": {}, "bad_files": [f"{s['directory']}/{bad}" for s in sources for bad in s["sha256"]["bad_files"]],
+           "sources": sources}
     for row in build.rows:
         out["archs"][row["arch"]] = out["archs"].get(row["arch"], 0) + 1
         for layout in row.get("layouts", ()):
             out["layouts"][layout] = out["layouts"].get(layout, 0) + 1
-        for entry in (row["binary"], row.get("ptx")):
-            if not entry:
-                continue
-            path = build.directory / entry["file"]
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-            if digest != entry["sha256"]:
-                out["bad_files"].append(f"{entry['file']}: sha256 {digest}, manifest {entry['sha256']}")
     return out
+
+
+def _render_sources(build: dict, devices: list) -> list[str]:
+    """One line per kernel source, then the pip line of every device whose images are missing."""
+    lines = [f"  {build['images']} images {build.get('archs', {})} {build.get('layouts', {})}"
+             + (f"; {build['error']}" if build.get("error") else "")]
+    for s in build.get("sources", []):
+        what = f"{s['name']} {s['version']}" if s["version"] else s["name"]
+        if s["status"] == "loaded":
+            sha = s["sha256"]
+            sha_text = f"sha256 ok ({sha['files']} files)" if sha["state"] == "ok" else f"sha256: {sha['state']}"
+            lines.append(f"  {what}: {', '.join(s['archs'])}, {s['images']} images, {sha_text} ({s['directory']})")
+        elif s["status"] != "absent" or s["kind"] != "source install":
+            lines.append(f"  {what}: {s['status']}: {s['reason']}")
+    for d in devices:
+        if d.get("missing_package"):
+            lines.append(f"  {d['vendor']}:{d['index']} ({d['arch']}) has no kernel images: "
+                         f"{d['missing_package']['text']}")
+    return lines
 
 
 def _targets() -> list[torch.device]:
@@ -190,7 +204,9 @@ def verdict(result: dict, require: str | None) -> dict:
     gpu_kernels = [d for d in result["decisions"] if d["device"].startswith("cuda") and d["path"] == "kernel"]
     if gpu_present and not gpu_kernels:
         code = code or EXIT_NO_USABLE_BUILD
-        problems.append("a GPU is present but no installed kernel image runs on it (every call falls back to SDPA)")
+        install = sorted({d["missing_package"]["text"] for d in result["devices"] if d.get("missing_package")})
+        problems.append("a GPU is present but no installed kernel image runs on it (every call falls back to SDPA)"
+                        + "".join(f"; {text}" for text in install))
     if require and not any(d["vendor"] == require for d in result["devices"]):
         code = EXIT_REQUIRE_UNMET
         problems.append(f"--require {require}: no usable {require} GPU found" + _require_detail(result, require))
@@ -262,11 +278,9 @@ def render_text(result: dict) -> str:
         lines.append(f"  torch {t['version']} (cuda {t['cuda']}, hip {t['hip']}); GPUs: {gpus or 'none'}")
     lines.append("\n[rocm] (through hip-python)")
     lines += _render_rocm(result["rocm"])
-    b = result["build"]
-    lines.append("\n[build]")
-    lines.append(f"  {b.get('directory')}: {b.get('images', 0)} images {b.get('archs', {})} {b.get('layouts', {})}"
-                 + (f"; {b['error']}" if b.get("error") else "")
-                 + (f"; {len(b['bad_files'])} files fail sha256" if b.get("bad_files") else ""))
+    lines.append("\n[build] (kernel packages and other image sources)")
+    lines += [f"  {result['build']['error']}"] if "sources" not in result["build"] else _render_sources(
+        result["build"], result["devices"])
     lines.append("\n[decisions] (seqlen 1024, 8 heads)")
     for d in result["decisions"]:
         what = f"{d['image']} ({d['mode']})" if d["path"] == "kernel" else f"SDPA fallback [{d['reason']}]"
