@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 import fa2rt
 
-from . import _C, builds, config, devices, doctor, policy
+from . import _C, builds, config, devices, doctor, packages, policy
 from .api import attention, explain
 from .policy import FallbackWarning
 
@@ -198,17 +198,16 @@ def inject(fault: Fault, step: str) -> None:
 # ---------------------------------------------------------------------------------------------------- kernel builds
 
 def kernel_packages() -> list[dict]:
-    """The kernel images this rank loads, one entry per source: what the fleet compares across ranks (version and
-    manifest digest per arch). Today builds.py has one source, the folder it reads (FA2RT_KERNEL_DIR or the source
-    install); with per-arch kernel packages this is the one place to list each package instead."""
-    build = builds.current_build()
-    manifest = build.directory / "manifest.json"
-    override = bool(os.environ.get(config.KERNEL_DIR))
-    return [{"name": config.KERNEL_DIR if override else "source install",
-             "version": None if override else fa2rt.__version__,
-             "directory": str(build.directory),
-             "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
-             "archs": sorted({row["arch"] for row in build.rows}), "images": len(build.rows), "error": build.error}]
+    """The kernel images this rank sees, one entry per source (the source install's own images, each installed
+    fa2rt-kernels-<arch> package, FA2RT_KERNEL_DIR), loaded or not: what the fleet compares across ranks (version
+    and manifest digest per arch)."""
+    entries = []
+    for source in builds.current_build().sources:
+        manifest = source.directory / "manifest.json"
+        entries.append({**source.summary(), "error": source.reason,
+                        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()
+                        if manifest.is_file() else None})
+    return [e for e in entries if e["status"] == builds.LOADED] + [e for e in entries if e["status"] != builds.LOADED]
 
 
 def install_hint(arch: str, version: str) -> str:
@@ -216,7 +215,7 @@ def install_hint(arch: str, version: str) -> str:
     serving = [image for device, image, _ in _C.arch_compat_table() if device == arch]
     if not serving:
         return f"no fa2rt kernels exist for {arch}: this rank runs the SDPA fallback by design"
-    return f"pip install fa2rt-kernels-{serving[0]}=={version}"
+    return packages.pip_line(serving[0], version)
 
 
 # ------------------------------------------------------------------------------------------------------- the probe
@@ -557,14 +556,15 @@ def rule_fa2rt_version(fleet: dict) -> list[dict]:
 
 
 def _source_of(report: dict, arch: str) -> dict | None:
-    return next((p for p in report["kernel_packages"] if arch in p["archs"]), None)
+    return next((p for p in report["kernel_packages"] if arch in p["archs"] and p["status"] == builds.LOADED), None)
 
 
 def rule_kernel_packages(fleet: dict) -> list[dict]:
     """Ranks that load an arch's images from a manifest other than most ranks' (archs split alike: reported once).
     The manifest's digest decides: the images, not the package's name, make the numbers."""
     splits = defaultdict(list)
-    archs = sorted({a for r in fleet["reports"] for p in r["kernel_packages"] for a in p["archs"]})
+    archs = sorted({a for r in fleet["reports"] for p in r["kernel_packages"] for a in p["archs"]
+                    if p["status"] == builds.LOADED})
     for arch in archs:
         holders = defaultdict(list)
         for report in fleet["reports"]:
