@@ -131,7 +131,7 @@ def rotary(x, cos, sin, positions, interleaved):
 
 def kvcache_reference(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                       cache_batch_idx=None, cache_leftpad=None, block_table=None, rotary_interleaved=True,
-                      causal=False, window_size=(-1, -1), alibi_slopes=None, **options):
+                      causal=False, window_size=(-1, -1), alibi_slopes=None, num_splits=0, **options):
     """fa2rt.attention_with_kvcache's semantics in float64, one sequence at a time with plain indexing.
 
     Returns (out (batch, seqlen_q, nheads, headdim), lse (batch, nheads, seqlen_q), k_cache, v_cache): the caches
@@ -139,7 +139,9 @@ def kvcache_reference(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, r
     logical cache positions [cache_leftpad[b], cache_seqlens[b] + seqlen_new) of cache row cache_batch_idx[b] (or of
     the pages block_table[b]); the new k/v (k rotated at positions cache_seqlens[b] + i) land at cache_seqlens[b] + i
     first. q is rotated at cache_seqlens[b] + i when causal or windowed, else at cache_seqlens[b] for every row.
-    options (softmax_scale, softcap) go to attention_reference."""
+    options (softmax_scale, softcap) go to attention_reference; num_splits (how the kernel divides the work) changes
+    no value and is accepted so a call's arguments can be given as they are."""
+    del num_splits
     f64 = torch.float64
     k_cache, v_cache = k_cache.to(f64).clone(), v_cache.to(f64).clone()
     batch, seqlen_q = q.shape[:2]

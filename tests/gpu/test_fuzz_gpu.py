@@ -87,7 +87,7 @@ def test_fuzz_reaches_kernels_and_fallback(outcomes):
     # The generator must exercise both sides of the dispatcher on the GPU, and the layouts that need a copy.
     native = outcomes["native"].values()
     paths = Counter(r.get("path") for r in native)
-    assert paths["kernel"] >= 80 and paths["fallback"] >= 20 and paths["malformed"] >= 10, paths
+    assert paths["kernel"] >= 60 and paths["fallback"] >= 20 and paths["malformed"] >= 10, paths
     assert any(r.get("copies") for r in native), "no fallback call needed a copy: the misaligned views are not covered"
 
 
