@@ -9,7 +9,8 @@ results. Where the conventions differ, on purpose:
 - return_attn_probs=True returns (out, softmax_lse, None): fa2rt never materialises the (dropped) probabilities
   flash-attn returns for testing (with dropout_p=0 flash-attn 2.8 returns an empty placeholder tensor there).
 - block_table (paged KV in flash_attn_varlen_func) raises NotImplementedError until fa2rt has a paged KV layout.
-- flash_attn_with_kvcache is not provided yet (no fa2rt.attention_with_kvcache).
+- flash_attn_with_kvcache maps onto fa2rt.attention_with_kvcache (in-place append, rotary, paged caches); page sizes
+  need only be multiples of 16 there.
 - Misuse (wrong shapes, dtypes, head counts, cu_seqlens) raises CompatError, which is both a ValueError (fa2rt's
   errors, naming the argument) and a RuntimeError (what flash-attn's C++ checks raise), so either except clause works.
 - Inputs run on any device and dtype fa2rt accepts: where no fa2rt kernel fits (CPU, fp32, ...) the call runs fa2rt's
@@ -28,6 +29,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
 ]
 
 NO_WINDOW = (-1, -1)
@@ -137,3 +139,17 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     k, v = _unpack(kv, "kv", 1, 2)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                    causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=NO_WINDOW, softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """q: (batch, seqlen_q, nheads, headdim); caches (batch_cache, seqlen_cache, nheads_k, headdim), or paged
+    (num_blocks, page_size, nheads_k, headdim) with block_table. k, v appended in place at cache_seqlens first.
+    Returns out like q, or (out, softmax_lse (batch, nheads, seqlen_q) float32) with return_softmax_lse."""
+    return _call(api.attention_with_kvcache, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                 cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                 block_table=block_table, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                 softcap=softcap, rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes,
+                 num_splits=num_splits, return_lse=return_softmax_lse)

@@ -28,6 +28,12 @@ SIGNATURES = {
     "flash_attn_varlen_kvpacked_func": [("q", REQUIRED), ("kv", REQUIRED), ("cu_seqlens_q", REQUIRED),
                                         ("cu_seqlens_k", REQUIRED), ("max_seqlen_q", REQUIRED),
                                         ("max_seqlen_k", REQUIRED)] + COMMON_TAIL,
+    "flash_attn_with_kvcache": [("q", REQUIRED), ("k_cache", REQUIRED), ("v_cache", REQUIRED), ("k", None),
+                                ("v", None), ("rotary_cos", None), ("rotary_sin", None), ("cache_seqlens", None),
+                                ("cache_batch_idx", None), ("cache_leftpad", None), ("block_table", None),
+                                ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
+                                ("softcap", 0.0), ("rotary_interleaved", True), ("alibi_slopes", None),
+                                ("num_splits", 0), ("return_softmax_lse", False)],
 }
 
 
@@ -48,9 +54,27 @@ def test_signature_matches_flash_attn_2_8(name):
     assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
 
 
-def test_module_exports_the_six_functions_and_no_kvcache_stub():
-    assert set(SIGNATURES) <= set(fa.__all__)
-    assert not hasattr(fa, "flash_attn_with_kvcache")
+def test_module_exports_the_seven_functions():
+    assert set(SIGNATURES) == set(fa.__all__) - {"CompatError"}
+
+
+def test_with_kvcache_appends_and_equals_fa2rt():
+    # A decode step of two tokens appended in place, GQA, causal, rotary: the same as fa2rt's own call on copies.
+    q, k_new, v_new = rand(2, 2, 4, 16, seed=4), rand(2, 2, 2, 16, seed=5), rand(2, 2, 2, 16, seed=6)
+    k_cache, v_cache = rand(2, 12, 2, 16, seed=7), rand(2, 12, 2, 16, seed=8)
+    seqlens = torch.tensor([3, 9], dtype=torch.int32)
+    cos, sin = rand(12, 4, seed=9).cos(), rand(12, 4, seed=9).sin()
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cos, sin, seqlens, causal=True,
+                                          return_softmax_lse=True)
+    kc2, vc2 = k_cache.clone(), v_cache.clone()
+    ref, ref_lse = fa2rt.attention_with_kvcache(q, kc2, vc2, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+                                                cache_seqlens=seqlens, causal=True, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and lse.shape == (2, 4, 2)
+    assert torch.equal(kc, kc2) and torch.equal(vc[1, 9:11], v_new[1]) and not torch.equal(kc, k_cache)
+    with pytest.raises(RuntimeError, match="cache_seqlens") as info:
+        fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([3, 9], dtype=torch.int64))
+    assert isinstance(info.value, ValueError)
 
 
 def rand(*shape, seed=0, dtype=torch.float32):
