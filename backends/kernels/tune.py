@@ -66,8 +66,10 @@ def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = Non
                        band: str = "any") -> list[tuple[tuple, list]]:
     """[(tile, its image kinds)] to build: the given tiles (default: the op's candidates), then the entry's own tile
     (with band "full" its full-band tile too), so the current choice is timed in the same run. A current tile keeps
-    its entry's matrix-core instruction and at least its spill allowance."""
+    its entry's matrix-core instruction and at least its spill allowance. Every tile takes the bucket entry's
+    waves_per_eu (AMD; the first bucket's may differ)."""
     base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only and v.layout == "dense")
+    base = dataclasses.replace(base, waves_per_eu=variants.tile_config(arch, op, bucket).get("waves_per_eu"))
     current = list(current_tiles(arch, bucket, op).items())
     current = dict(current if band == "full" else current[:1])
     tiles = list(dict.fromkeys([*(tiles or CANDIDATES[op].get(base.vendor, [])), *current]))

@@ -12,7 +12,7 @@ from pathlib import Path
 BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
 # fwd, then the two backward kernels (bwd.py). An arch whose tiles.json entry has no table for an op gets no images
-# of it (the AMD archs have no backward yet), and the dispatcher says so.
+# of it, and the dispatcher says so.
 OPS = ("fwd", "bwd_dq", "bwd_dkdv")
 DTYPES = ("fp16", "bf16")
 # Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order

@@ -1,6 +1,6 @@
 """The AOT build (backends/kernels/aot.py): images + manifest for one arch per vendor, and its static checks.
 
-The build runs once per module (sm90 + gfx942, every variant: forward and backward for sm90, about 3 minutes on 2
+The build runs once per module (sm90 + gfx942, every variant: forward and backward for both, about 3 minutes on 2
 cores) in a subprocess, as CMake and CI run it. The check functions are also called directly with fabricated
 numbers, so a check that never fails would be caught.
 """
@@ -116,7 +116,15 @@ def test_rows_passed_static_checks(build):
         else:
             assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0
             assert res["mfma_count"] > 0 and res["lds_bytes"] <= limit
-            assert res["waves_per_eu"] == variants.arch_info(row["arch"])["fwd"][str(row["head_dim"])]["waves_per_eu"]
+            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
+            assert res["waves_per_eu"] == tile["waves_per_eu"]
+
+
+def test_both_vendors_built_backward(build):
+    # One arch per vendor, each with both backward kernels beside the forward.
+    _, manifest, _ = build
+    built = {(row["arch"], row["op"]) for row in manifest["images"]}
+    assert built == {(arch, op) for arch in ARCHS for op in variants.OPS}
 
 
 def test_unknown_arch_fails_clearly(tmp_path):
@@ -201,6 +209,12 @@ def test_tune_tiles_option():
     own128 = variants.arch_info("sm90")["bwd_dkdv"]["128"]
     assert dict(tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 64, 4, 2)]))[tune._tile(own128)][0] \
         .max_stack_bytes == own128["max_stack_bytes"]
+    # AMD: every tile of a bucket takes that bucket entry's waves_per_eu (the register budget it was checked with).
+    for bucket in (64, 128, 256):
+        want = variants.tile_config("gfx90a", "bwd_dq", bucket)["waves_per_eu"]
+        for _tile, kinds in tune.candidate_variants("gfx90a", bucket, "bwd_dq", [(64, 32, 4, 1)]):
+            assert {v.waves_per_eu for v in kinds} == {want}, bucket
+    assert {variants.tile_config("gfx90a", "bwd_dq", b)["waves_per_eu"] for b in (64, 128)} == {1, 2}
 
 
 def test_tune_full_band():

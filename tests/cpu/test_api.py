@@ -132,15 +132,41 @@ def test_grad_selects_backward_kernels_too(on_device):
         assert f"backward {image} (native)" in str(d)
 
 
-def test_grad_falls_back_where_no_backward_kernel_exists(on_device):
-    # The AMD archs have forward images only (no backward tile tables yet): inference runs the kernel, a call whose
-    # inputs require grad falls back, naming the first backward op that has no image.
+@pytest.mark.parametrize("arch", ["gfx90a", "gfx942"])
+@pytest.mark.parametrize(("head_dim", "bucket"), [(128, "d128"), (32, "d64m")])
+def test_amd_grad_selects_amd_backward_kernels(on_device, arch, head_dim, bucket):
+    # The AMD archs have backward images at buckets 64/128/256 (backends/rocm/tiles.json); a smaller head dim runs the
+    # forward's own bucket and the d64 masked-tail backward images.
+    on_device(arch)
+    q, k, v = qkv(dtype=torch.bfloat16, d=head_dim)
+    v.requires_grad_(True)
+    d = fa2rt.explain(q, k, v)
+    assert d.path == "kernel" and d.image.startswith(f"fwd-{arch}-bf16-d{head_dim}-plain-") and d.mode == "native"
+    assert len(d.backward) == len(policy.BACKWARD_OPS), d
+    for op, (image, mode) in zip(policy.BACKWARD_OPS, d.backward, strict=True):
+        assert image.startswith(f"{op}-{arch}-bf16-{bucket}-plain-") and mode == "native", d
+    entry = report.device_entry(DEVICES[arch], builds.current_build())
+    assert {image for image, _ in d.backward} <= set(entry["usable_images"])
+
+
+def test_grad_falls_back_where_no_backward_kernel_exists(on_device, tmp_path, monkeypatch):
+    # A build with forward images only (here: the installed manifest without its backward rows): inference runs the
+    # kernel, a call whose inputs require grad falls back, naming the first backward op that has no image.
+    src = builds.current_build()
+    manifest = dict(src.manifest, images=[row for row in src.manifest["images"] if row["op"] == "fwd"])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for row in manifest["images"]:
+        for blob in (row["binary"], row["ptx"]):
+            if blob:
+                (tmp_path / blob["file"]).symlink_to(src.directory / blob["file"])
+    monkeypatch.setenv(config.KERNEL_DIR, str(tmp_path))
     on_device("gfx942")
     q, k, v = qkv(dtype=torch.bfloat16, d=128)
     assert fa2rt.explain(q, k, v).path == "kernel"
     v.requires_grad_(True)
     d = fa2rt.explain(q, k, v)
     assert (d.path, d.reason) == ("fallback", "no_backward_kernel") and d.message.startswith("bwd_dq: "), d
+    assert "no_images" in d.message, d
 
 
 def test_short_sequence_threshold(on_device, monkeypatch):
