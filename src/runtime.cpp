@@ -95,13 +95,33 @@ std::vector<std::string> pack_params(const ImageInfo& image, const NamedArgs& ar
 
 namespace {
 
-// Launch geometry per op: which axis one program covers a block of (query rows or keys), and whether the grid's y
-// axis runs over query heads or KV heads (the dK/dV kernel sums the query heads of a KV head itself).
+// Launch geometry per op: what one program along x covers a block of, and whether the grid's y axis runs over query
+// heads or KV heads. Query rows: fwd, bwd_dq and decode_combine. Keys: the dK/dV kernel sums the query heads of a KV
+// head itself. Packed rows: a decode program takes the seqlen_q * (nheads / nheads_k) rows of one KV head's query
+// heads, once per split of the keys (problem.splits).
+enum class BlockAxis { kQueryRows, kKeys, kPackedRowsPerSplit };
 struct OpGeometry {
   const char* op;
-  bool over_keys;
+  BlockAxis axis;
+  bool kv_heads;
 };
-constexpr OpGeometry kOpGeometry[] = {{"fwd", false}, {"bwd_dq", false}, {"bwd_dkdv", true}};
+constexpr OpGeometry kOpGeometry[] = {{"fwd", BlockAxis::kQueryRows, false},
+                                      {"bwd_dq", BlockAxis::kQueryRows, false},
+                                      {"bwd_dkdv", BlockAxis::kKeys, true},
+                                      {"decode", BlockAxis::kPackedRowsPerSplit, true},
+                                      {"decode_combine", BlockAxis::kQueryRows, false}};
+
+int64_t blocks_along_x(const OpGeometry& geo, const ImageInfo& image, const Problem& p) {
+  switch (geo.axis) {
+    case BlockAxis::kQueryRows:
+      return ceil_div(p.seqlen_q, image.block_m);
+    case BlockAxis::kKeys:
+      return ceil_div(p.seqlen_k, image.block_n);
+    case BlockAxis::kPackedRowsPerSplit:
+      return p.splits * ceil_div(p.seqlen_q * (p.nheads_k > 0 ? p.nheads / p.nheads_k : 0), image.block_m);
+  }
+  return 0;
+}
 
 const OpGeometry& geometry_of(const std::string& op) {
   for (const auto& g : kOpGeometry)
@@ -116,14 +136,18 @@ LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void*
   // launch() takes any problem, not only selected ones: refuse what would wrap around the unsigned grid.
   if (problem.seqlen_q < 0 || problem.seqlen_k < 0 || problem.batch < 0 || problem.nheads < 0 || problem.nheads_k < 0)
     throw std::invalid_argument("problem: expected non-negative batch, seqlen_q, seqlen_k, nheads and nheads_k");
-  const int64_t heads = geo.over_keys ? problem.nheads_k : problem.nheads;
+  if (problem.splits < 1) throw std::invalid_argument("problem: expected splits >= 1");
+  const int64_t heads = geo.kv_heads ? problem.nheads_k : problem.nheads;
   if (problem.batch * heads > kMaxGridY)
     throw std::out_of_range("problem: batch * heads = " + std::to_string(problem.batch * heads) +
                             " exceeds the grid's y limit " + std::to_string(kMaxGridY));
   LaunchConfig cfg;
   // One program per block of query rows (or keys) of one (batch, head).
-  cfg.grid[0] = static_cast<unsigned>(geo.over_keys ? ceil_div(problem.seqlen_k, image.block_n)
-                                                    : ceil_div(problem.seqlen_q, image.block_m));
+  const int64_t blocks = blocks_along_x(geo, image, problem);
+  if (blocks > kMaxGridX)
+    throw std::out_of_range("problem: " + std::to_string(blocks) + " programs along x exceed the grid's x limit " +
+                            std::to_string(kMaxGridX));
+  cfg.grid[0] = static_cast<unsigned>(blocks);
   cfg.grid[1] = static_cast<unsigned>(problem.batch * heads);
   cfg.block = static_cast<unsigned>(image.num_warps * image.warp_size);
   cfg.shared_bytes = static_cast<unsigned>(image.shared_bytes);

@@ -37,7 +37,7 @@ const char* load_mode_name(LoadMode m) {
 
 const char* reject_name(Reject r) {
   static const char* const names[] = {
-      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable",  "forced_out", "layout",
+      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable",  "forced_out", "layout", "page_size",
       "dtype",     "head_dim",  "features",         "band",          "alignment",     "shared_memory",
       "index_range", "grid_limit",
   };
@@ -88,6 +88,14 @@ std::string check_layout(const Problem& p, const DeviceInfo&, const ImageInfo& i
   return "layout: image takes " + join(img.layouts, "+") + " calls, problem is " + p.layout;
 }
 
+std::string check_page_size(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
+  if (p.page_size == 0) return "";
+  if (img.page_multiple > 0 && p.page_size % img.page_multiple == 0) return "";
+  if (img.page_multiple == 0) return "page_size: image takes no paged cache, problem has pages of " + str(p.page_size);
+  return "page_size: image takes pages that are multiples of " + str(img.page_multiple) + ", problem has " +
+         str(p.page_size);
+}
+
 std::string check_dtype(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
   if (img.dtype == p.dtype) return "";
   return "dtype: image is " + img.dtype + ", problem is " + p.dtype;
@@ -103,20 +111,13 @@ std::string check_head_dim(const Problem& p, const DeviceInfo&, const ImageInfo&
          ", problem has " + str(p.head_dim);
 }
 
-// Features an image may carry that a call does not use: ALiBi with slope 0 adds nothing. A softcap image always
-// caps its scores, so it serves only calls with a softcap.
-const std::vector<std::string>& optional_features() {
-  static const std::vector<std::string> list = {"alibi"};
-  return list;
-}
-
 std::string check_features(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
   for (const auto& f : p.features)
     if (!contains(img.features, f))
       return "features: image has no " + f +
              " (compiled with: " + (img.features.empty() ? std::string("none") : join(img.features, "+")) + ")";
   for (const auto& f : img.features)
-    if (!contains(p.features, f) && !contains(optional_features(), f))
+    if (!contains(p.features, f) && !contains(img.optional_features, f))
       return "features: image always applies " + f + ", problem has none";
   return "";
 }
@@ -171,6 +172,7 @@ const std::vector<NamedCheck>& checks() {
   static const std::vector<NamedCheck> list = {
       {Reject::kPtxUnusable, check_ptx},
       {Reject::kLayout, check_layout},
+      {Reject::kPageSize, check_page_size},
       {Reject::kDtype, check_dtype},
       {Reject::kHeadDim, check_head_dim},
       {Reject::kFeatures, check_features},

@@ -17,7 +17,8 @@ enum class Reject {
   kArchMismatch,     // this image's arch cannot run on the device arch
   kPtxUnusable,      // the PTX is arch-specific or targets a newer arch than the device
   kForcedOut,        // FA2RT_FORCE_ARCH excludes this image
-  kLayout,           // the image does not take the call's layout (dense, varlen)
+  kLayout,           // the image does not take the call's layout (dense, varlen, kvcache, paged)
+  kPageSize,         // a paged call whose page size the image does not take
   kDtype,
   kHeadDim,
   kFeatures,
@@ -66,6 +67,7 @@ Selection select(const Problem& problem, const DeviceInfo& device, const std::ve
 // Limits the checks and their messages share.
 constexpr int64_t kMaxInt32Offset = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 2147483647;  // 2**31 - 1 on both vendors
 constexpr int kAlignBytes = 16;
 constexpr int kStrideMultiple = 8;   // kernels take q/k/v/out strides in units of this (kernels/fwd.py)
 constexpr int kHeadDimMultiple = 8;  // masked images take head dims that are multiples of this (kernels/fwd.py)

@@ -43,7 +43,11 @@ struct ImageInfo {
   bool d_mask = false;                // also takes head dims below the bucket (multiples of 8), masking the tail
   std::vector<std::string> features;  // optional score terms compiled in: "softcap", "alibi"
   bool full_band_only = false;        // tile tuned for calls whose band covers every key: serves only those
-  std::vector<std::string> layouts = {"dense"};  // call layouts the image takes: "dense", "varlen"
+  std::vector<std::string> layouts = {"dense"};  // call layouts the image takes: "dense", "varlen", "kvcache", ...
+  int page_multiple = 0;  // "paged" images: the page sizes they take are multiples of this (0: takes no pages)
+  // Features the image applies only when a call asks (ALiBi with slope 0; the decode kernels' run-time softcap), so
+  // it also serves calls without them; the others it always applies.
+  std::vector<std::string> optional_features = {"alibi"};
   int block_m = 0;
   int block_n = 0;
   int num_warps = 0;
@@ -75,6 +79,8 @@ struct Problem {
   bool aligned16 = true;              // every base pointer 16-byte aligned
   bool strides8 = true;               // every q/k/v/out stride a multiple of 8 elements
   int64_t max_head_extent = 0;        // largest element offset inside one (batch, head) slice of any tensor
+  int64_t page_size = 0;              // "paged" calls: tokens per cache page (0 otherwise)
+  int64_t splits = 1;                 // decode: chunks each sequence's keys are split into (programs along axis 0)
 };
 
 // How an image reaches the device.

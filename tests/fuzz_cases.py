@@ -314,3 +314,228 @@ BAD_INPUTS = [
                                                                                                device=dev)),
      ValueError, "out"),
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Varlen (packed sequences): the same options and dtypes over several sequences laid end to end, each of its own
+# lengths (0, 1, tile edges, random), through fa2rt.attention_varlen, checked per sequence against the float64
+# reference. VARLEN_LAYOUTS: how q, k, v sit in memory; MALFORMED: cu_seqlens that break a rule.
+
+VARLEN_LAYOUTS = ("contig", "sliced", "offset", "packed")
+VARLEN_OFFSET = 1000  # varlen case indices follow the dense ones' in reports
+MALFORMED = ("decreasing", "past_total", "short_total", "negative", "max_too_small")
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    index: int
+    lengths_q: tuple
+    lengths_k: tuple
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    dtype: str
+    layout: str
+    causal: bool = False
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi: str | None = None
+    scale: float | None = None
+    grad: bool = False
+    return_lse: bool = False
+    malformed: str | None = None  # one of MALFORMED: the values break a rule (the call may raise, never fault)
+
+    @property
+    def id(self) -> str:
+        lengths = ["q" + ".".join(map(str, self.lengths_q)), "k" + ".".join(map(str, self.lengths_k))]
+        parts = [f"v{self.index:03d}", *lengths, f"h{self.nheads}kv{self.nheads_k}", f"d{self.head_dim}", self.dtype,
+                 self.layout]
+        parts += ["causal"] if self.causal else []
+        parts += [f"win{self.window[0]}_{self.window[1]}"] if self.window != (-1, -1) else []
+        parts += [f"cap{self.softcap:g}"] if self.softcap else []
+        parts += [f"alibi-{self.alibi}"] if self.alibi else []
+        parts += [f"scale{self.scale:g}"] if self.scale is not None else []
+        parts += ["grad"] if self.grad else []
+        parts += ["lse"] if self.return_lse else []
+        parts += [f"malformed-{self.malformed}"] if self.malformed else []
+        return "-".join(parts)
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths_q)
+
+    @property
+    def softcap_allowance(self) -> float:
+        return self.softcap * TANH_REL_ERR
+
+
+def generate_varlen(count: int = 72, seed: int = SEED + 1) -> list[VarlenCase]:
+    rng = random.Random(seed)
+    cases = []
+    for index in range(count):
+        batch = rng.choice([1, 2, 3, 5])
+        lengths_q = tuple(_length(rng) for _ in range(batch))
+        lengths_k = lengths_q if rng.random() < 0.4 else tuple(_length(rng) for _ in range(batch))
+        h, hk = rng.choice(HEAD_RATIOS)
+        # Every sixth case breaks one rule of cu_seqlens / max_seqlen_q, each rule in turn.
+        malformed = MALFORMED[index // 6 % len(MALFORMED)] if index % 6 == 5 else None
+        if malformed:
+            lengths_q = (3,) + lengths_q[1:]
+        cases.append(VarlenCase(
+            index=VARLEN_OFFSET + index, lengths_q=lengths_q, lengths_k=lengths_k, nheads=h, nheads_k=hk,
+            head_dim=rng.choice(HEAD_DIMS), dtype=rng.choice(["fp16", "bf16", "bf16", "fp32"]),
+            layout=rng.choice(VARLEN_LAYOUTS), causal=rng.random() < 0.4,
+            window=(_side(rng), _side(rng)) if rng.random() < 0.3 else (-1, -1),
+            softcap=rng.choice([0.0, 0.0, 0.0, 5.0]), alibi=rng.choice([None, None, "h", "bh"]),
+            scale=rng.choice([None, None, 0.3, -0.2]), grad=malformed is None and rng.random() < 0.35,
+            return_lse=rng.random() < 0.5, malformed=malformed,
+        ))
+    return cases
+
+
+def _cu(lengths) -> list:
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return bounds
+
+
+def _malform(kind, bounds_q, lengths_q):
+    """(cu_seqlens_q values, max_seqlen_q) broken as `kind` says."""
+    bounds, max_q = list(bounds_q), max(lengths_q)
+    if kind == "decreasing":
+        bounds[1] = bounds[0] - 1
+    elif kind == "past_total":
+        bounds[-1] += 17
+    elif kind == "short_total":
+        bounds[-1] -= 1
+    elif kind == "negative":
+        bounds[0] = -5
+    elif kind == "max_too_small":
+        max_q = max(0, max_q - 1)
+    return bounds, max_q
+
+
+@dataclass
+class BuiltVarlen:
+    bases: list
+    views: dict
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    slopes: torch.Tensor | None
+    grad_out: torch.Tensor | None
+    recipe: list
+
+
+def _varlen_view(gen, layout, total, heads, d, pad):
+    if layout == "sliced":
+        return _randn(gen, total, heads, d + pad), lambda t: t[..., :d]
+    if layout == "offset":
+        size = total * heads * d
+        return _randn(gen, size + pad), lambda t: t[pad:pad + size].view(total, heads, d)
+    return _randn(gen, total, heads, d), lambda t: t
+
+
+def build_varlen(case: VarlenCase, device="cpu") -> BuiltVarlen:
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    dtype = DTYPES[case.dtype]
+    tq, tk, d = sum(case.lengths_q), sum(case.lengths_k), case.head_dim
+    pad = 1 + case.index % 7
+    if case.layout == "packed" and case.lengths_q == case.lengths_k and case.nheads == case.nheads_k:
+        pieces = [(_randn(gen, tq, 3, case.nheads, d), [(n, lambda t, i=i: t[:, i]) for i, n in enumerate("qkv")])]
+    else:
+        layout = "contig" if case.layout == "packed" else case.layout
+        pieces = []
+        for name, total, heads in (("q", tq, case.nheads), ("k", tk, case.nheads_k), ("v", tk, case.nheads_k)):
+            base, fn = _varlen_view(gen, layout, total, heads, d, pad)
+            pieces.append((base, [(name, fn)]))
+    bases = [base.to(device=device, dtype=dtype).requires_grad_(case.grad) for base, _ in pieces]
+    recipe = [(i, name, fn) for i, (_, named) in enumerate(pieces) for name, fn in named]
+    views = {name: fn(bases[i]) for i, name, fn in recipe}
+    bounds_q, bounds_k = _cu(case.lengths_q), _cu(case.lengths_k)
+    max_q, max_k = max(case.lengths_q), max(case.lengths_k)
+    if case.malformed:
+        bounds_q, max_q = _malform(case.malformed, bounds_q, case.lengths_q)
+    cu_q, cu_k = (torch.tensor(b, dtype=torch.int32, device=device) for b in (bounds_q, bounds_k))
+    slopes = None
+    if case.alibi:
+        shape = (case.nheads,) if case.alibi == "h" else (case.batch, case.nheads)
+        slopes = (torch.rand(*shape, generator=gen) * 0.3 + 0.01).to(device)
+    grad_out = _randn(gen, tq, case.nheads, d).to(device=device, dtype=dtype) if case.grad else None
+    return BuiltVarlen(bases, views, cu_q, cu_k, max_q, max_k, slopes, grad_out, recipe)
+
+
+def _varlen_options(case, built) -> dict:
+    opts = {"causal": case.causal, "window_size": case.window, "softcap": case.softcap, "softmax_scale": case.scale}
+    if built.slopes is not None:
+        opts["alibi_slopes"] = built.slopes
+    return opts
+
+
+def varlen_args(built: BuiltVarlen) -> tuple:
+    return (*(built.views[n] for n in "qkv"), built.cu_seqlens_q, built.cu_seqlens_k, built.max_seqlen_q,
+            built.max_seqlen_k)
+
+
+def call_varlen(case: VarlenCase, built: BuiltVarlen):
+    res = fa2rt.attention_varlen(*varlen_args(built), return_lse=case.return_lse, **_varlen_options(case, built))
+    out, lse = res if case.return_lse else (res, None)
+    if case.grad:
+        out.backward(built.grad_out)
+    return out, lse
+
+
+def explain_varlen(case: VarlenCase, built: BuiltVarlen):
+    return fa2rt.explain(*varlen_args(built), **_varlen_options(case, built))
+
+
+def check_varlen(case: VarlenCase, built: BuiltVarlen, out, lse) -> dict:
+    """Per sequence against the float64 reference (gradients of the leaves through the same views)."""
+    bases = [b.detach().double().requires_grad_(case.grad) for b in built.bases]
+    views = {name: fn(bases[i]) for i, name, fn in built.recipe}
+    bq, bk = _cu(case.lengths_q), _cu(case.lengths_k)
+    outs, lses = [], []
+    for b in range(case.batch):
+        slopes = built.slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
+        opts = _varlen_options(case, built) | {"alibi_slopes": slopes}
+        o, lse_b = attention_reference(views["q"][None, bq[b]:bq[b + 1]], views["k"][None, bk[b]:bk[b + 1]],
+                                       views["v"][None, bk[b]:bk[b + 1]], **opts)
+        outs.append(o[0])
+        lses.append(lse_b[0])
+    ref_out, ref_lse = torch.cat(outs), torch.cat(lses, dim=-1)
+    tanh = case.softcap_allowance
+    assert tuple(out.shape) == tuple(views["q"].shape) and out.dtype == DTYPES[case.dtype]
+    assert torch.isfinite(out).all(), "non-finite output"
+    errors = {"out": rel_err(out, ref_out)}
+    assert errors["out"] <= OUT_TOL[case.dtype] + tanh, errors
+    empty = torch.isinf(ref_lse)  # (nheads, total_q)
+    assert (out.transpose(0, 1)[empty] == 0).all(), "rows that see no key must be exactly 0"
+    if case.return_lse:
+        assert tuple(lse.shape) == tuple(ref_lse.shape) and lse.dtype == torch.float32
+        assert torch.equal(torch.isposinf(lse), empty), "lse must be +inf exactly on the rows that see no key"
+        errors["lse"] = (lse.double() - ref_lse)[~empty].abs().max().item() if (~empty).any() else 0.0
+        assert errors["lse"] <= LSE_TOL + tanh, errors
+    if case.grad:
+        ref_grads = torch.autograd.grad(ref_out, bases, built.grad_out.double(), allow_unused=True)
+        for i, (base, ref) in enumerate(zip(built.bases, ref_grads, strict=True)):
+            ref = torch.zeros_like(bases[i]) if ref is None else ref
+            assert base.grad is not None and torch.isfinite(base.grad).all(), f"base {i}: gradient missing or NaN"
+            errors[f"grad{i}"] = err = rel_err(base.grad, ref)
+            assert err <= GRAD_TOL[case.dtype] + 2 * tanh, errors
+    return errors
+
+
+# The argument a malformed call's error may name: a last entry past the total also makes the last sequence longer than
+# max_seqlen_q, and either rule may be checked first.
+MALFORMED_ARGUMENT = {"decreasing": ("cu_seqlens_q",), "past_total": ("cu_seqlens_q", "max_seqlen_q"),
+                      "short_total": ("cu_seqlens_q",), "negative": ("cu_seqlens_q",),
+                      "max_too_small": ("max_seqlen_q",)}
+
+
+def all_cases() -> list:
+    """Every fuzz case, dense then varlen (indices unique across both)."""
+    return [*generate(), *generate_varlen()]

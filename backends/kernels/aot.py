@@ -25,7 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fwd import STRIDE_UNIT  # noqa: E402
-from variants import ARCHS, OPS, Variant, variants  # noqa: E402
+from variants import (  # noqa: E402
+    ARCHS,
+    DEFAULT_OPTIONAL_FEATURES,
+    OPS,
+    OPTIONAL_FEATURES,
+    PAGE_MULTIPLE,
+    Variant,
+    variants,
+)
 
 TRITON_VERSION = "3.6.0"  # pinned by the design; the launch ABI below was checked against it
 
@@ -52,13 +60,18 @@ DIVISIBILITY = 16
 
 
 def kernel_spec(op: str):
-    """(Triton kernel, run-time parameter list of a dtype, params not hinted 16-byte aligned) of an op."""
+    """(Triton kernel, run-time parameter list of a dtype and layout, params not hinted 16-byte aligned, compile-time
+    parameters of a tile) of an op."""
     import bwd
+    import decode
     import fwd
 
-    return {"fwd": (fwd.attn_fwd, fwd.fwd_params, fwd.UNHINTED_PARAMS),
-            "bwd_dq": (bwd.attn_bwd_dq, bwd.bwd_params, bwd.UNHINTED_PARAMS),
-            "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS)}[op]
+    return {"fwd": (fwd.attn_fwd, fwd.fwd_params, fwd.UNHINTED_PARAMS, fwd.fwd_constexprs),
+            "bwd_dq": (bwd.attn_bwd_dq, bwd.bwd_params, bwd.UNHINTED_PARAMS, fwd.fwd_constexprs),
+            "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS, fwd.fwd_constexprs),
+            "decode": (decode.attn_decode, decode.decode_params, decode.UNHINTED_PARAMS, decode.decode_constexprs),
+            "decode_combine": (decode.attn_decode_combine, decode.combine_params, decode.COMBINE_UNHINTED_PARAMS,
+                               decode.combine_constexprs)}[op]
 
 
 def divisible_params(op: str, params: list[tuple[str, str]]) -> list[str]:
@@ -106,8 +119,9 @@ def check_shared_memory(shared_bytes: int, max_shared_bytes: int) -> str | None:
     return _at_most("shared_bytes", shared_bytes, max_shared_bytes)
 
 
-def check_mma(instr: str, count: int) -> str | None:
-    return _at_least(f"{instr} count", count, 1)
+def check_mma(instr: str | None, count: int) -> str | None:
+    # None: the op has no matrix product to check (its tiles.json entry says "mma_instr": null).
+    return None if instr is None else _at_least(f"{instr} count", count, 1)
 
 
 def cuda_checks(res: dict, shared_bytes: int, global_scratch: int, profile_scratch: int,
@@ -118,10 +132,11 @@ def cuda_checks(res: dict, shared_bytes: int, global_scratch: int, profile_scrat
     return [f for f in found if f]
 
 
-def rocm_checks(res: dict, profile_scratch: int, max_shared_bytes: int) -> list[str]:
+def rocm_checks(res: dict, profile_scratch: int, max_shared_bytes: int,
+                mma_instr: str | None = "v_mfma") -> list[str]:
     found = [check_scratch(res["scratch_bytes"]), check_vgpr_spills(res["vgpr_spill_count"]),
              check_profile_scratch(profile_scratch), check_shared_memory(res["lds_bytes"], max_shared_bytes),
-             check_mma("v_mfma", res["mfma_count"])]
+             check_mma(mma_instr, res["mfma_count"])]
     return [f for f in found if f]
 
 
@@ -182,13 +197,12 @@ def _tool(name: str) -> Path:
 
 def compile_variant(v: Variant):
     import triton
-    from fwd import fwd_constexprs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, params_of, _ = kernel_spec(v.op)
+    kernel, params_of, _, constexprs_of = kernel_spec(v.op)
     params = params_of(v.dtype, v.layout)
-    constexprs = fwd_constexprs(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features, v.layout)
+    constexprs = constexprs_of(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features, v.layout)
     signature = dict(params) | {k: "constexpr" for k in constexprs}
     hinted = divisible_params(v.op, params)
     attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (name, _) in enumerate(params) if name in hinted}
@@ -222,16 +236,18 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
                                   text=True).stdout
 
         res = parse_res_usage(cuobjdump("-res-usage"))
-        res |= {"mma_instr": v.mma_instr, "mma_count": count_sass(cuobjdump("-sass"), v.mma_instr)}
+        res |= {"mma_instr": v.mma_instr,
+                "mma_count": count_sass(cuobjdump("-sass"), v.mma_instr) if v.mma_instr else 0}
         failures = cuda_checks(res, md.shared, getattr(md, "global_scratch_size", 0) or 0,
                                getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes, v.max_stack_bytes)
     else:
         res = parse_amdgcn(compiled.asm["amdgcn"], md.shared) | {"waves_per_eu": v.waves_per_eu}
-        failures = rocm_checks(res, getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes)
+        failures = rocm_checks(res, getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes, v.mma_instr)
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
-        "layouts": [v.layout],
+        "layouts": [v.layout], "page_multiple": PAGE_MULTIPLE if v.layout == "paged" else 0,
+        "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,
         "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,
         "threads": v.num_warps * v.warp_size,

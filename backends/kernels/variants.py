@@ -13,7 +13,8 @@ BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
 # fwd, then the two backward kernels (bwd.py). An arch whose tiles.json entry has no table for an op gets no images
 # of it, and the dispatcher says so.
-OPS = ("fwd", "bwd_dq", "bwd_dkdv")
+# decode and decode_combine: the split-KV kernels over a KV cache and the merge of their partials (decode.py).
+OPS = ("fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_combine")
 DTYPES = ("fp16", "bf16")
 # Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order
 # and the dispatcher takes the first image that fits, so an exact head dim without extras wins. Masked images take
@@ -25,6 +26,23 @@ KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi"
 # build small: the exact head dim without extras (the common, fastest case), and masked images with alibi (any head
 # dim, slope 0 when unused) and with softcap. Its tile is the entry's own (the full-band tiles were tuned dense).
 LAYOUT_KINDS = {"dense": KINDS, "varlen": ((False, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))}
+# The decode kernels are memory-bound: a masked head dim, a zero ALiBi slope and a run-time softcap switch cost nothing
+# measurable beside the cache reads, so one kind per bucket serves every call, keeping the build small. They are built
+# per cache layout (decode.LAYOUTS; the page size is a run-time value, any multiple of the manifest's page_multiple);
+# the combine reads only the decode kernel's partials (decode.COMBINE_LAYOUT), has no options, and one masked
+# bucket (its tiles.json entry) takes every head dim.
+DECODE_KINDS = ((True, ("softcap", "alibi")),)
+OP_LAYOUT_KINDS = {op: LAYOUT_KINDS for op in ("fwd", "bwd_dq", "bwd_dkdv")} | {
+    "decode": {"kvcache": DECODE_KINDS, "paged": DECODE_KINDS},
+    "decode_combine": {"partials": ((True, ()),)},
+}
+# Features an image applies only when the call asks for them (so it also serves calls without them), per op; the
+# manifest rows carry them ("optional_features") for the dispatcher's feature check. ALiBi with slope 0 adds nothing;
+# a compiled-in softcap always caps the scores, except in the decode kernels, where it is a run-time switch.
+OPTIONAL_FEATURES = {"decode": ("softcap", "alibi")}
+DEFAULT_OPTIONAL_FEATURES = ("alibi",)
+# Page sizes the paged images take: multiples of this (vLLM's 16-token blocks and up); the manifest carries it.
+PAGE_MULTIPLE = 16
 # A tiles.json entry's spill allowance for its varlen images, where they spill more than the dense ones: a varlen
 # program keeps its sequence's bounds in registers that the dense kernel reads from constant memory, which on a tile
 # already at the register limit (sm80 d128) costs a few more spilled bytes. Not measured yet (the varlen benchmark
@@ -89,7 +107,9 @@ class Variant:
     target_backend: str  # GPUTarget(target_backend, target_arch, warp_size)
     target_arch: int | str
     warp_size: int
-    mma_instr: str
+    # The matrix-core instruction the static check requires; None for a kernel with no matrix product to check
+    # (tiles.json "mma_instr": null, e.g. decode_combine, a weighted sum of its partials).
+    mma_instr: str | None
     max_shared_bytes: int
     dtype: str
     head_dim: int  # the bucket (BLOCK_D)
@@ -132,7 +152,7 @@ def variants(archs: list[str]) -> list[Variant]:
         vendor, backend, target_arch, mma = ARCHS[arch]
         for op in OPS:
             for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
-                for layout, kinds in LAYOUT_KINDS.items():
+                for layout, kinds in OP_LAYOUT_KINDS[op].items():
                     tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout == "dense" else []
                     for dtype in DTYPES:
                         for d_mask, features in kinds:

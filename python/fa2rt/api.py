@@ -1,12 +1,12 @@
-"""The public calls: attention(), attention_varlen() and explain()."""
+"""The public calls: attention(), attention_varlen(), attention_with_kvcache() and explain()."""
 
 import dataclasses
 
 import torch
 
-from . import calls, ops, policy
+from . import calls, kvcache, ops, policy
 from .fallback import layout_copies, sdpa_attention, sdpa_varlen_attention
-from .validate import Shapes, check_inputs, check_varlen_inputs
+from .validate import Shapes, check_dropout, check_inputs, check_varlen_inputs
 
 NO_WINDOW = (-1, -1)
 
@@ -24,7 +24,8 @@ VARLEN_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
 def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
-            softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, out=None) -> policy.Decision:
+            softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, out=None,
+            dropout_p=0.0) -> policy.Decision:
     """What attention(q, k, v, ...) would run, or with the four varlen arguments what
     attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...) would, and why: the
     chosen image (and backward images when an input requires grad) or the fallback reason, with every candidate
@@ -41,10 +42,16 @@ def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, ma
                         f"{', '.join(VARLEN_ARGS)}), got None")
     else:
         shapes = check_varlen_inputs(q, k, v, *varlen, **options)
-    decision = _decide(shapes, q, k, v, alibi_slopes, out)
+    dropout_p = check_dropout(dropout_p)
+    decision = _dropout_decision(dropout_p) if dropout_p else _decide(shapes, q, k, v, alibi_slopes, out)
     if decision.path != "fallback":
         return decision
     return dataclasses.replace(decision, copies=layout_copies(q=q, k=k, v=v))
+
+
+def _dropout_decision(dropout_p: float) -> policy.Decision:
+    return policy.Decision("fallback", "dropout", f"dropout_p={dropout_p}: no fa2rt kernel applies attention dropout "
+                           "(SDPA runs it, with dropout)")
 
 
 def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:
@@ -56,7 +63,7 @@ def _decide_traced(shapes: Shapes, q, k, v, alibi_slopes) -> policy.Decision:
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
-              return_lse=False, out=None, deterministic=False):
+              return_lse=False, out=None, deterministic=False, dropout_p=0.0):
     """Exact attention, flash-attn 2 semantics.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with nheads % nheads_k == 0
@@ -72,10 +79,16 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     Returns out (like q), or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse; lse carries
     no gradient. Differentiable in q, k and v (FA2 backward kernels, recomputing from lse); alibi_slopes that
     require grad run on the fallback.
+    dropout_p: attention dropout (training), in [0, 1); > 0 runs the SDPA fallback with dropout (reason
+    `dropout`; no kernel has it), the returned lse staying that of the undropped scores.
     Runs an fa2rt kernel when one fits the device and problem, else PyTorch SDPA (announced once per reason,
     see explain()).
     """
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    if dropout_p != 0.0:
+        return _with_dropout(q, k, v, None, check_dropout(dropout_p), causal=causal, softmax_scale=softmax_scale,
+                             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                             return_lse=return_lse, out=out, deterministic=deterministic)
     compiling = torch.compiler.is_compiling()
     eager = not compiling and ops.can_run_eager(q, k, v, alibi_slopes, out)
     key = None
@@ -114,7 +127,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, deterministic=False,
-                     return_lse=False, out=None):
+                     return_lse=False, out=None, dropout_p=0.0):
     """Exact attention over variable-length sequences packed end to end (flash-attn's varlen call).
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), any strides with a contiguous last dim.
@@ -128,9 +141,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     device sync per call); unchecked malformed values give wrong numbers at worst, never an access outside the
     given tensors.
     Returns out (like q, contiguous when allocated here), or (out, lse) with lse float32 (nheads, total_q) when
-    return_lse. Differentiable in q, k and v; deterministic as attention().
+    return_lse. Differentiable in q, k and v; deterministic and dropout_p as attention().
     """
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    if dropout_p != 0.0:
+        varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _with_dropout(q, k, v, varlen, check_dropout(dropout_p), causal=causal, softmax_scale=softmax_scale,
+                             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                             return_lse=return_lse, out=out, deterministic=deterministic)
     shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                  softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                                  alibi_slopes=alibi_slopes, out=out)
@@ -160,3 +178,76 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                          deterministic=deterministic)
         out = res if out is None else out.copy_(res)
     return (out, lse) if return_lse else out
+
+
+def _with_dropout(q, k, v, varlen, dropout_p, *, return_lse, out, deterministic, **options):
+    """A call with attention dropout (dropout_p > 0 validated): the SDPA fallback, announced; varlen: the four varlen
+    arguments, or None for a dense call."""
+    if varlen is None:
+        shapes = check_inputs(q, k, v, out=out, **options)
+    else:
+        shapes = check_varlen_inputs(q, k, v, *varlen, out=out, **options)
+    policy.announce(_dropout_decision(dropout_p))
+    fallback_options = dict(causal=shapes.causal, softmax_scale=shapes.softmax_scale, window_size=shapes.window,
+                            softcap=shapes.softcap, alibi_slopes=options["alibi_slopes"], return_lse=return_lse,
+                            deterministic=deterministic, dropout_p=dropout_p)
+    if varlen is None:
+        res, lse = sdpa_attention(q, k, v, **fallback_options)
+    else:
+        res, lse = sdpa_varlen_attention(q, k, v, varlen[0], varlen[1], **fallback_options)
+    out = res if out is None else out.copy_(res)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None,
+                           cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                           softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
+                           rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_lse=False):
+    """Attention of q against a KV cache, appending new keys/values in place first (flash-attn 2.8's
+    flash_attn_with_kvcache semantics). No autograd.
+
+    q: (batch, seqlen_q, nheads, headdim), seqlen_q 1 for a decode step, a few for speculative decoding, or more.
+    k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, headdim), or paged (num_blocks, page_size,
+    nheads_k, headdim) with block_table int32 (batch, max_blocks) and page_size a multiple of 16; any strides with a
+    contiguous last dim; nheads % nheads_k == 0 (GQA/MQA).
+    k, v: None or the new (batch, seqlen_new, nheads_k, headdim), written into the caches in place at logical
+    positions cache_seqlens[b] + i (through block_table when paged) before attending.
+    cache_seqlens: int or int32 (batch,): tokens already in each sequence's cache (None: the whole cache).
+    cache_batch_idx: int32 (batch,): the cache row of each sequence (contiguous caches only; default b).
+    cache_leftpad: int32 (batch,): where each sequence starts in its cache (default 0); sequence b attends to
+    positions [cache_leftpad[b], cache_seqlens[b] + seqlen_new).
+    rotary_cos, rotary_sin: (seqlen_ro >= cache length, rotary_dim / 2) in q's dtype, only with k and v: the new k
+    is rotated at positions cache_seqlens[b] + i, q at the same positions when causal or window_size != (-1, -1),
+    else every row of q at cache_seqlens[b]; rotary_interleaved pairs features (2j, 2j + 1), else (j, j +
+    rotary_dim / 2) (GPT-NeoX). The first rotary_dim features rotate, the rest pass through.
+    causal, window_size, softcap, alibi_slopes, softmax_scale: as attention(), aligned to the end of each
+    sequence's keys (bottom-right). num_splits: 0 chooses, n > 0 splits the cache into n chunks (kernel path only).
+    Index values are checked on the CPU or with FA2RT_CHECK_INDICES=1 (a sync); the kernel path clamps malformed
+    ones (wrong numbers at worst, never an access outside the given tensors), the fallback always checks them.
+    Returns out (like q) or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse.
+    """
+    with torch.no_grad():
+        shapes = kvcache.check_kvcache_inputs(
+            q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+        out, lse = kvcache.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                               cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def explain_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None,
+                         cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                         softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
+                         rotary_interleaved=True, alibi_slopes=None, num_splits=0) -> policy.Decision:
+    """What attention_with_kvcache(...) with these arguments would run, and why, without touching the caches: the
+    decode image (Decision.backward holds the combine image when the call splits; Decision.message the split count)
+    or the fallback reason with the dispatcher's rejections."""
+    shapes = kvcache.check_kvcache_inputs(
+        q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+    return kvcache.decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                          alibi_slopes, shapes)

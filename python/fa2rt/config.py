@@ -3,18 +3,18 @@
 They are read on every call (tests and users change them between calls); only parsing is cached, by raw value.
 """
 
-import functools
 import os
 from pathlib import Path
 
-KERNEL_DIR = "FA2RT_KERNEL_DIR"  # folder with manifest.json and images, instead of the installed ones
+KERNEL_DIR = "FA2RT_KERNEL_DIR"  # folder with manifest.json and images, instead of every installed one
 FORCE_ARCH = "FA2RT_FORCE_ARCH"  # run the images of this arch (through PTX on NVIDIA): testing older builds
 MIN_SEQLEN = "FA2RT_MIN_SEQLEN"  # short-sequence threshold overriding the measured crossover data
 DISABLE = "FA2RT_DISABLE"  # "1": never use kernels, always the SDPA fallback
 CHECK_INDICES = "FA2RT_CHECK_INDICES"  # "1": check the values of index tensors on the GPU too (a device sync)
 
 ENV_VARS = {
-    KERNEL_DIR: "folder holding manifest.json and the kernel images (default: the installed fa2rt/kernels)",
+    KERNEL_DIR: "folder holding manifest.json and the kernel images, used instead of the installed ones (default: "
+                "fa2rt/kernels of a source install merged with every fa2rt-kernels-<arch> package)",
     FORCE_ARCH: "restrict selection to images of this arch, loaded through their PTX on NVIDIA (e.g. sm80)",
     MIN_SEQLEN: "use the fallback when seqlen_k is below this (overrides the measured per-arch crossover)",
     DISABLE: "set to 1 to disable every kernel (always fall back to SDPA)",
@@ -37,13 +37,14 @@ def raw_values() -> tuple:
     return tuple(map(os.environ.get, _NAMES))
 
 
-def kernel_dir() -> Path:
-    return _kernel_dir(os.environ.get(KERNEL_DIR, ""))
+def kernel_dir_override() -> str:
+    """FA2RT_KERNEL_DIR as set now ("" when unset)."""
+    return os.environ.get(KERNEL_DIR, "")
 
 
-@functools.lru_cache(maxsize=16)
-def _kernel_dir(override: str) -> Path:
-    return Path(override) if override else Path(__file__).parent / "kernels"
+def installed_kernel_dir() -> Path:
+    """The images a source install (`pip install .`) puts inside the package."""
+    return Path(__file__).parent / "kernels"
 
 
 def force_arch() -> str:
@@ -68,4 +69,33 @@ def min_seqlen_override() -> int | None:
         raise ValueError(f"{MIN_SEQLEN}: expected a non-negative integer, got {raw!r}") from None
     if value < 0:
         raise ValueError(f"{MIN_SEQLEN}: expected a non-negative integer, got {value}")
+    return value
+
+
+# The fleet doctor's settings (python -m fa2rt.doctor --fleet): not read by the call path, so not in ENV_VARS.
+FLEET_JOIN_TIMEOUT = "FA2RT_FLEET_JOIN_TIMEOUT"
+FLEET_TIMEOUT = "FA2RT_FLEET_TIMEOUT"
+FLEET_STAND_IN = "FA2RT_FLEET_STAND_IN"
+FLEET_FAULT = "FA2RT_FLEET_FAULT"
+FLEET_ENV_VARS = {
+    FLEET_JOIN_TIMEOUT: "seconds rank 0 waits for every rank to check in (default 300)",
+    FLEET_TIMEOUT: "seconds rank 0 waits for each rank at every later step, and the gloo collectives' timeout "
+                   "(default 120)",
+    FLEET_STAND_IN: "test knob: this rank describes itself as a GPU of this arch (decisions and facts; its numerical "
+                    "check and speed probe still run on its real device)",
+    FLEET_FAULT: "test knob: die:STEP, hang:STEP[:SECONDS], slow:FACTOR or perturb:RELATIVE (fa2rt.fleet.FAULTS)",
+}
+FLEET_TIMEOUT_DEFAULTS = {FLEET_JOIN_TIMEOUT: 300.0, FLEET_TIMEOUT: 120.0}
+
+
+def fleet_timeout(name: str) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return FLEET_TIMEOUT_DEFAULTS[name]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name}: expected a positive number of seconds, got {raw!r}")
     return value

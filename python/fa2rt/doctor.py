@@ -8,7 +8,6 @@ on it; 3 --require names a vendor with no usable GPU here; 4 internal error of t
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import traceback
@@ -16,7 +15,7 @@ import warnings
 
 import torch
 
-from . import _C, __version__, builds, config, hip_probe, report
+from . import _C, __version__, builds, config, devices, hip_probe, report
 from .api import attention, explain
 from .policy import FallbackWarning
 from .reference import attention_reference
@@ -65,21 +64,36 @@ def rocm_view() -> dict:
 
 
 def verify_build() -> dict:
+    """The kernel sources (packages, a source install, FA2RT_KERNEL_DIR), each with its files hashed now."""
     build = builds.current_build()
+    sources = report.kernel_sources(build)
     out = {"directory": str(build.directory), "error": build.error, "images": len(build.rows), "archs": {},
-           "layouts": {}, "bad_files": []}
+           "layouts": {}, "bad_files": [f"{s['directory']}/{bad}" for s in sources for bad in s["sha256"]["bad_files"]],
+           "sources": sources}
     for row in build.rows:
         out["archs"][row["arch"]] = out["archs"].get(row["arch"], 0) + 1
         for layout in row.get("layouts", ()):
             out["layouts"][layout] = out["layouts"].get(layout, 0) + 1
-        for entry in (row["binary"], row.get("ptx")):
-            if not entry:
-                continue
-            path = build.directory / entry["file"]
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-            if digest != entry["sha256"]:
-                out["bad_files"].append(f"{entry['file']}: sha256 {digest}, manifest {entry['sha256']}")
     return out
+
+
+def _render_sources(build: dict, devices: list) -> list[str]:
+    """One line per kernel source, then the pip line of every device whose images are missing."""
+    lines = [f"  {build['images']} images {build.get('archs', {})} {build.get('layouts', {})}"
+             + (f"; {build['error']}" if build.get("error") else "")]
+    for s in build.get("sources", []):
+        what = f"{s['name']} {s['version']}" if s["version"] else s["name"]
+        if s["status"] == "loaded":
+            sha = s["sha256"]
+            sha_text = f"sha256 ok ({sha['files']} files)" if sha["state"] == "ok" else f"sha256: {sha['state']}"
+            lines.append(f"  {what}: {', '.join(s['archs'])}, {s['images']} images, {sha_text} ({s['directory']})")
+        elif s["status"] != "absent" or s["kind"] != "source install":
+            lines.append(f"  {what}: {s['status']}: {s['reason']}")
+    for d in devices:
+        if d.get("missing_package"):
+            lines.append(f"  {d['vendor']}:{d['index']} ({d['arch']}) has no kernel images: "
+                         f"{d['missing_package']['text']}")
+    return lines
 
 
 def _targets() -> list[torch.device]:
@@ -111,26 +125,48 @@ def decisions(device) -> list[dict]:
     return rows
 
 
+def numerical_check(device, dtype, head_dim, causal, seed, transform=None) -> tuple[dict, torch.Tensor]:
+    """One check on seeded inputs of CHECK_SHAPE against the float64 reference: its row and the output. transform
+    (the fleet doctor's fault injection) is applied to the output before it is compared."""
+    s = CHECK_SHAPE
+    q, k, v = _inputs(device, dtype, head_dim, s["seqlen_q"], s["seqlen_k"], s["batch"], s["nheads"], s["nheads_k"],
+                      seed=seed)
+    path = explain(q, k, v, causal=causal)
+    out, lse = attention(q, k, v, causal=causal, return_lse=True)
+    if transform is not None:
+        out = transform(out)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    finite = ref_lse.isfinite()
+    lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
+    ok = bool(torch.isfinite(out).all()) and err < CHECK_TOLERANCE[dtype] and lse_err < 1e-2
+    row = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim, "causal": causal,
+           "path": path.path, "image": path.image, "reason": path.reason, "rel_error": err,
+           "lse_max_abs_error": lse_err, "tolerance": CHECK_TOLERANCE[dtype], "ok": ok}
+    return row, out
+
+
 def numerical_checks(device) -> list[dict]:
     dtypes = (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
-    rows = []
-    for dtype in dtypes:
-        for head_dim in (64, 128):
-            for causal in (False, True):
-                s = CHECK_SHAPE
-                q, k, v = _inputs(device, dtype, head_dim, s["seqlen_q"], s["seqlen_k"], s["batch"], s["nheads"],
-                                  s["nheads_k"], seed=head_dim + causal)
-                path = explain(q, k, v, causal=causal)
-                out, lse = attention(q, k, v, causal=causal, return_lse=True)
-                ref, ref_lse = attention_reference(q, k, v, causal=causal)
-                err = ((out.double() - ref).norm() / ref.norm()).item()
-                finite = ref_lse.isfinite()
-                lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
-                ok = bool(torch.isfinite(out).all()) and err < CHECK_TOLERANCE[dtype] and lse_err < 1e-2
-                rows.append({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
-                             "causal": causal, "path": path.path, "image": path.image, "rel_error": err,
-                             "lse_max_abs_error": lse_err, "tolerance": CHECK_TOLERANCE[dtype], "ok": ok})
-    return rows
+    return [numerical_check(device, dtype, head_dim, causal, seed=head_dim + causal)[0] for dtype in dtypes
+            for head_dim in (64, 128) for causal in (False, True)]
+
+
+def device_facts(device, info=None) -> dict:
+    """One device as data, what the fleet doctor gathers per rank: report.device_entry's facts (name, arch, SM/CU
+    count, the images it runs, the short-sequence rule in force) plus its memory, driver and runtime versions and,
+    when fa2rt cannot use it, why. info: a DeviceInfo standing in for the device (the fleet's test knob)."""
+    why = ""
+    if info is None:
+        info, _, why = devices.describe(device)
+    entry = report.device_entry(info, builds.current_build())
+    real_gpu = device.type == "cuda" and info.vendor in report.VENDORS and not why
+    status = _C.backend_status(info.vendor) if info.vendor in report.VENDORS else {}
+    runtime = {"cuda": torch.version.cuda, "rocm": getattr(torch.version, "hip", None)}
+    entry.update({"memory_bytes": torch.cuda.get_device_properties(device).total_memory if real_gpu else None,
+                  "driver_version": status.get("driver_version"), "runtime_version": runtime.get(info.vendor),
+                  "unusable": why})
+    return entry
 
 
 def diagnose(require: str | None) -> dict:
@@ -168,7 +204,9 @@ def verdict(result: dict, require: str | None) -> dict:
     gpu_kernels = [d for d in result["decisions"] if d["device"].startswith("cuda") and d["path"] == "kernel"]
     if gpu_present and not gpu_kernels:
         code = code or EXIT_NO_USABLE_BUILD
-        problems.append("a GPU is present but no installed kernel image runs on it (every call falls back to SDPA)")
+        install = sorted({d["missing_package"]["text"] for d in result["devices"] if d.get("missing_package")})
+        problems.append("a GPU is present but no installed kernel image runs on it (every call falls back to SDPA)"
+                        + "".join(f"; {text}" for text in install))
     if require and not any(d["vendor"] == require for d in result["devices"]):
         code = EXIT_REQUIRE_UNMET
         problems.append(f"--require {require}: no usable {require} GPU found" + _require_detail(result, require))
@@ -240,11 +278,9 @@ def render_text(result: dict) -> str:
         lines.append(f"  torch {t['version']} (cuda {t['cuda']}, hip {t['hip']}); GPUs: {gpus or 'none'}")
     lines.append("\n[rocm] (through hip-python)")
     lines += _render_rocm(result["rocm"])
-    b = result["build"]
-    lines.append("\n[build]")
-    lines.append(f"  {b.get('directory')}: {b.get('images', 0)} images {b.get('archs', {})} {b.get('layouts', {})}"
-                 + (f"; {b['error']}" if b.get("error") else "")
-                 + (f"; {len(b['bad_files'])} files fail sha256" if b.get("bad_files") else ""))
+    lines.append("\n[build] (kernel packages and other image sources)")
+    lines += [f"  {result['build']['error']}"] if "sources" not in result["build"] else _render_sources(
+        result["build"], result["devices"])
     lines.append("\n[decisions] (seqlen 1024, 8 heads)")
     for d in result["decisions"]:
         what = f"{d['image']} ({d['mode']})" if d["path"] == "kernel" else f"SDPA fallback [{d['reason']}]"
@@ -267,7 +303,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--require", choices=report.VENDORS, help="fail (exit 3) unless a GPU of this vendor is usable")
+    parser.add_argument("--fleet", action="store_true", help="check every rank of a torch.distributed job (run under "
+                        "torchrun or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set); exit codes in fa2rt.fleet")
     args = parser.parse_args(argv)
+    if args.fleet:
+        from . import fleet  # torch.distributed only for the fleet mode
+
+        return fleet.main(as_json=args.json, require=args.require)
     try:
         result = diagnose(args.require)
     except Exception as exc:  # noqa: BLE001 - an internal error still ends with a report and its own exit code

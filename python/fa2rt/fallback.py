@@ -45,6 +45,7 @@ class _Problem:
     softcap: float
     alibi_slopes: torch.Tensor | None
     deterministic: bool = False
+    dropout_p: float = 0.0  # attention dropout on the probabilities (training); LSE is that of the scores, undropped
 
 
 def _zeros(shape, q, k, v):
@@ -169,6 +170,7 @@ def _sdpa(q_rows, k, v, p, *, attn_mask=None, is_causal=False):
         out = F.scaled_dot_product_attention(
             q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q_rows.shape[2] != k.shape[2],
+            dropout_p=p.dropout_p,
         )
     if out.requires_grad and out.is_cuda:
         out = _SdpaReadyGrad.apply(out)
@@ -223,7 +225,10 @@ def _explicit_rows(q_rows, k, v, rows, p):
     s = _scores(q_rows, k, rows, p)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)  # finite: every row given here sees a key
     batch, n, nheads, head_dim = q_rows.shape
-    out = (_by_kv_head(torch.exp(s - lse), k.shape[2]) @ v.transpose(1, 2)).reshape(batch, nheads, n, head_dim)
+    probs = torch.exp(s - lse)
+    if p.dropout_p > 0:
+        probs = F.dropout(probs, p.dropout_p)
+    out = (_by_kv_head(probs, k.shape[2]) @ v.transpose(1, 2)).reshape(batch, nheads, n, head_dim)
     return out.transpose(1, 2), lse.squeeze(-1).detach()
 
 
@@ -267,7 +272,7 @@ def _lse(q, k, first, p):
 
 
 def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                   return_lse=False, deterministic=False):
+                   return_lse=False, deterministic=False, dropout_p=0.0):
     """Attention via torch.nn.functional.scaled_dot_product_attention (or, for softcap, written out); differentiable
     through autograd.
 
@@ -276,13 +281,14 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1),
     Causal mask is bottom-right aligned; rows that see no key get output 0 (zero gradient) and lse +inf.
     Returns (out, lse): out in q's dtype, (batch, seqlen_q, nheads, headdim) contiguous; lse float32
     (batch, nheads, seqlen_q) (not differentiable) when return_lse, else None. deterministic: SDPA's math backend
-    only, whose backward has no atomics.
+    only, whose backward has no atomics. dropout_p > 0: attention dropout on the probabilities (torch's RNG; the
+    checkpointed chunks replay it in backward), the LSE staying that of the scores.
     """
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     p = _Problem(seqlen_q, seqlen_k, scale, fold_causal(window_size, causal), float(softcap), alibi_slopes,
-                 deterministic)
+                 deterministic, float(dropout_p))
     q, k, v = (_sdpa_ready(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
 
     if q.numel() == 0 or k.numel() == 0:
@@ -306,7 +312,7 @@ def sdpa_attention(q, k, v, *, causal, softmax_scale=None, window_size=(-1, -1),
 
 
 def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, softmax_scale=None, window_size=(-1, -1),
-                          softcap=0.0, alibi_slopes=None, return_lse=False, deterministic=False):
+                          softcap=0.0, alibi_slopes=None, return_lse=False, deterministic=False, dropout_p=0.0):
     """sdpa_attention applied to each sequence of a packed (varlen) call on its own; differentiable through autograd.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_q/_k (batch + 1,) int32; inputs
@@ -329,7 +335,8 @@ def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, softma
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         out, lse = sdpa_attention(q[None, rows_q], k[None, rows_k], v[None, rows_k], causal=causal,
                                   softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                                  alibi_slopes=slopes, return_lse=return_lse, deterministic=deterministic)
+                                  alibi_slopes=slopes, return_lse=return_lse, deterministic=deterministic,
+                                  dropout_p=dropout_p)
         outs.append(out[0])
         lses.append(lse[0] if return_lse else None)
     out = torch.cat(outs) if outs else _zeros(q.shape, q, k, v)

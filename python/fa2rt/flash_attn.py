@@ -4,10 +4,10 @@ Code written against flash-attn switches by changing `from flash_attn import ...
 Semantics are those of fa2rt.attention / fa2rt.attention_varlen (flash-attn 2's: bottom-right causal, windows,
 softcap, ALiBi, MQA/GQA); this module only renames, unpacks packed tensors (through views, no copies) and shapes the
 results. Where the conventions differ, on purpose:
-- dropout_p > 0 raises NotImplementedError naming dropout_p: fa2rt has no dropout kernels (pass dropout_p=0.0 in
-  evaluation, as flash-attn's docstrings ask, or keep flash-attn/SDPA for training with attention dropout).
-- return_attn_probs=True returns (out, softmax_lse, None). flash-attn computes the probabilities only with dropout,
-  so with dropout_p=0 it returns no probabilities either (an empty placeholder tensor in 2.8; None here).
+- dropout_p > 0 runs fa2rt's SDPA fallback with attention dropout, announced (reason `dropout`): fa2rt has no dropout
+  kernels yet. The dropout pattern comes from torch's RNG, not flash-attn's Philox stream.
+- return_attn_probs=True returns (out, softmax_lse, None): fa2rt never materialises the (dropped) probabilities
+  flash-attn returns for testing (with dropout_p=0 flash-attn 2.8 returns an empty placeholder tensor there).
 - block_table (paged KV in flash_attn_varlen_func) raises NotImplementedError until fa2rt has a paged KV layout.
 - flash_attn_with_kvcache is not provided yet (no fa2rt.attention_with_kvcache).
 - Misuse (wrong shapes, dtypes, head counts, cu_seqlens) raises CompatError, which is both a ValueError (fa2rt's
@@ -15,8 +15,6 @@ results. Where the conventions differ, on purpose:
 - Inputs run on any device and dtype fa2rt accepts: where no fa2rt kernel fits (CPU, fp32, ...) the call runs fa2rt's
   announced SDPA fallback, where flash-attn would refuse.
 """
-
-import numbers
 
 import torch
 
@@ -37,15 +35,6 @@ NO_WINDOW = (-1, -1)
 
 class CompatError(ValueError, RuntimeError):
     """A call fa2rt rejects: fa2rt's message (naming the argument), catchable as flash-attn's RuntimeError."""
-
-
-def _check_dropout(dropout_p) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})")
-    if dropout_p != 0:
-        raise NotImplementedError(
-            f"dropout_p: expected 0.0 (fa2rt has no attention dropout; pass dropout_p=0.0, as in evaluation), "
-            f"got {dropout_p!r}")
 
 
 def _contiguous_last(t):
@@ -79,21 +68,20 @@ def _call(fn, *args, **kwargs):
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs):
-    _check_dropout(dropout_p)
     q, k, v = (_contiguous_last(t) for t in (q, k, v))
     returned = _call(api.attention, q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                      softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-                     return_lse=bool(return_attn_probs))
+                     return_lse=bool(return_attn_probs), dropout_p=dropout_p)
     return _result(returned, return_attn_probs)
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
-    _check_dropout(dropout_p)
     q, k, v = (_contiguous_last(t) for t in (q, k, v))
     returned = _call(api.attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                     alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=bool(return_attn_probs))
+                     alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=bool(return_attn_probs),
+                     dropout_p=dropout_p)
     return _result(returned, return_attn_probs)
 
 

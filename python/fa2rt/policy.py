@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch._subclasses import FakeTensor
 
-from . import _C, builds, config, devices
+from . import _C, builds, config, devices, packages
 from .validate import Shapes
 
 log = logging.getLogger("fa2rt")
@@ -161,7 +161,7 @@ def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool) -> Decisio
     q, k, v, _ = tensors
     image, mode, rejections = _select("fwd", shapes, tensors, info)
     if image is None:
-        return _fallback("no_kernel", builds.current_build().error or _summarise(rejections), info, rejections)
+        return _fallback("no_kernel", _no_image_message(info, rejections), info, rejections)
     backward = ()
     if needs_grad:
         chosen = select_backward(shapes, (q, k, v), info)
@@ -237,10 +237,19 @@ def _select_backward(shapes: Shapes, tensors, info):
     for op in BACKWARD_OPS:
         image, mode, rejections = _select(op, shapes, tensors, info)
         if image is None:
-            why = builds.current_build().error or _summarise(rejections)
+            why = _no_image_message(info, rejections)
             return _fallback("no_backward_kernel", f"{op}: {why}", info, rejections)
         chosen.append((op, image, mode))
     return tuple(chosen)
+
+
+def _no_image_message(info, rejections) -> str:
+    """Why no image serves a call: the build's error or the rejections, and, when no installed image is of an arch
+    the device runs, which kernel package would serve it."""
+    build = builds.current_build()
+    why = build.error or _summarise(rejections)
+    missing = packages.missing(info, build, builds.core_version())
+    return f"{why}; {missing['text']}" if missing else why
 
 
 def _summarise(rejections) -> str:

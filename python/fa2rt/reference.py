@@ -107,3 +107,85 @@ def attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slo
         outs.append(out[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+# --- KV cache (fa2rt.attention_with_kvcache) --------------------------------------------------------------------------
+
+def rotary(x, cos, sin, positions, interleaved):
+    """x (..., seqlen, nheads, headdim) with its first rotary_dim = 2 * cos.shape[1] features rotated by the angles of
+    table rows `positions` ((seqlen,) or (..., seqlen) int64): pairs (2j, 2j + 1) when interleaved, else (j, j +
+    rotary_dim / 2) (GPT-NeoX); the rest of the head unchanged. Computed in x's dtype."""
+    half = cos.shape[-1]
+    c = cos.to(x.dtype)[positions][..., None, :]  # (..., seqlen, 1, half): the same angle for every head
+    s = sin.to(x.dtype)[positions][..., None, :]
+    rot, rest = x[..., : 2 * half], x[..., 2 * half:]
+    if interleaved:
+        first, second = rot[..., 0::2], rot[..., 1::2]
+        pairs = torch.stack((first * c - second * s, second * c + first * s), dim=-1)
+        rot = pairs.flatten(-2)
+    else:
+        first, second = rot[..., :half], rot[..., half:]
+        rot = torch.cat((first * c - second * s, second * c + first * s), dim=-1)
+    return torch.cat((rot, rest), dim=-1)
+
+
+def kvcache_reference(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                      cache_batch_idx=None, cache_leftpad=None, block_table=None, rotary_interleaved=True,
+                      causal=False, window_size=(-1, -1), alibi_slopes=None, num_splits=0, **options):
+    """fa2rt.attention_with_kvcache's semantics in float64, one sequence at a time with plain indexing.
+
+    Returns (out (batch, seqlen_q, nheads, headdim), lse (batch, nheads, seqlen_q), k_cache, v_cache): the caches
+    as float64 copies with the new keys/values written (the given caches are not touched). Sequence b attends to the
+    logical cache positions [cache_leftpad[b], cache_seqlens[b] + seqlen_new) of cache row cache_batch_idx[b] (or of
+    the pages block_table[b]); the new k/v (k rotated at positions cache_seqlens[b] + i) land at cache_seqlens[b] + i
+    first. q is rotated at cache_seqlens[b] + i when causal or windowed, else at cache_seqlens[b] for every row.
+    options (softmax_scale, softcap) go to attention_reference; num_splits (how the kernel divides the work) changes
+    no value and is accepted so a call's arguments can be given as they are."""
+    del num_splits
+    f64 = torch.float64
+    k_cache, v_cache = k_cache.to(f64).clone(), v_cache.to(f64).clone()
+    batch, seqlen_q = q.shape[:2]
+    seqlen_new = 0 if k is None else k.shape[1]
+    page = k_cache.shape[1] if block_table is not None else None
+    capacity = block_table.shape[1] * page if page else k_cache.shape[1]
+
+    def per_batch(value, default):
+        if value is None:
+            return [default] * batch
+        return [int(value)] * batch if isinstance(value, int) else [int(x) for x in value.tolist()]
+
+    seqlens = per_batch(cache_seqlens, capacity)
+    rows = per_batch(cache_batch_idx, None)
+    pads = per_batch(cache_leftpad, 0)
+
+    def slot(b, pos):  # (cache row or page, index inside it) of logical position pos of sequence b
+        if page:
+            return int(block_table[b, pos // page]), pos % page
+        return (b if rows[b] is None else rows[b]), pos
+
+    local = causal or tuple(window_size) != (-1, -1)
+    outs, lses = [], []
+    for b in range(batch):
+        if k is not None:
+            new_k = k[b].to(f64)
+            if rotary_cos is not None:
+                new_k = rotary(new_k, rotary_cos.to(f64), rotary_sin.to(f64),
+                               torch.arange(seqlen_new) + seqlens[b], rotary_interleaved)
+            for i in range(seqlen_new):
+                k_cache[slot(b, seqlens[b] + i)] = new_k[i]
+                v_cache[slot(b, seqlens[b] + i)] = v[b, i].to(f64)
+    for b in range(batch):
+        qb = q[b].to(f64)
+        if rotary_cos is not None:
+            offsets = torch.arange(seqlen_q) if local else torch.zeros(seqlen_q, dtype=torch.int64)
+            qb = rotary(qb, rotary_cos.to(f64), rotary_sin.to(f64), offsets + seqlens[b], rotary_interleaved)
+        keys = range(pads[b], seqlens[b] + seqlen_new)
+        kb = torch.stack([k_cache[slot(b, p)] for p in keys]) if len(keys) else k_cache.new_zeros(
+            (0,) + k_cache.shape[2:])
+        vb = torch.stack([v_cache[slot(b, p)] for p in keys]) if len(keys) else kb
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, lse = attention_reference(qb[None], kb[None], vb[None], causal=causal, window_size=window_size,
+                                       alibi_slopes=slopes, **options)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.stack(outs), torch.stack(lses), k_cache, v_cache

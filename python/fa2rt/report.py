@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from . import _C, builds, config, policy
+from . import _C, builds, config, packages, policy
 
 REPORT_SCHEMA = 1
 VENDORS = ("cuda", "rocm")
@@ -18,6 +18,12 @@ def _image_summary(row: dict) -> dict:
     return summary
 
 
+def kernel_sources(build: builds.Build) -> list[dict]:
+    """Every kernel source (the kernel packages, a source install's images, FA2RT_KERNEL_DIR): name, version, archs,
+    image count, whether it is loaded (else why not) and the sha256 state of its files, checked now."""
+    return [{**source.summary(), "sha256": builds.sha256_state(source)} for source in build.sources]
+
+
 def device_entry(info: "_C.DeviceInfo", build: builds.Build) -> dict:
     compat = _C.compatible_archs(info, build.registry)
     usable = [img.name for img in build.registry.images()
@@ -27,7 +33,8 @@ def device_entry(info: "_C.DeviceInfo", build: builds.Build) -> dict:
             "arch_raw": info.arch_raw, "multiprocessors": info.multiprocessors, "warp_size": info.warp_size,
             "shared_optin_bytes": info.shared_optin_bytes,
             "compatible_archs": [{"arch": arch, "mode": mode} for arch, mode in compat],
-            "usable_images": usable, "short_sequence": policy.short_sequence_rule(info.arch)}
+            "usable_images": usable, "short_sequence": policy.short_sequence_rule(info.arch),
+            "missing_package": packages.missing(info, build, builds.core_version())}
 
 
 def probe_devices() -> tuple[dict, list]:
@@ -48,13 +55,13 @@ def capabilities() -> dict:
     """Which kernel images are installed, which devices are visible, and which images each device can run."""
     build = builds.current_build()
     statuses, devices = probe_devices()
-    manifest = build.manifest or {}
     return {
         "schema_version": REPORT_SCHEMA,
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)},
         "build": {"directory": str(build.directory), "error": build.error,
-                  "triton_version": manifest.get("triton_version"), "archs": manifest.get("archs", []),
-                  "images": [_image_summary(row) for row in build.rows]},
+                  "triton_version": ", ".join(build.triton_versions()) or None, "archs": build.archs(),
+                  "images": [_image_summary(row) for row in build.rows],
+                  "sources": kernel_sources(build)},
         "backends": statuses,
         "devices": [device_entry(info, build) for info in devices],
         "arch_table": [{"device": d, "image": i, "mode": m} for d, i, m in _C.arch_compat_table()],

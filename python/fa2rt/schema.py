@@ -4,7 +4,9 @@ fa2rt refuses a build whose manifest carries another (builds.py).
 
 History: 2: head-dim buckets with d_mask and features, strides in units of 8 elements; 3: rows say full_band_only;
 4: rows say which call layouts they take ("layouts": ["dense"] or ["varlen"]), varlen rows take CU_Q, CU_K, total_q
-and total_k after the other params.
+and total_k after the other params; 5: ops decode and decode_combine (layouts "kvcache", "paged", "partials"), rows
+say page_multiple (the page sizes a "paged" image takes, 0 for the others) and optional_features (features applied
+only when a call asks), mma_instr may be null.
 """
 
-MANIFEST_SCHEMA = 4
+MANIFEST_SCHEMA = 5

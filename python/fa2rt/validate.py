@@ -113,6 +113,15 @@ def _finite_real(name, value, expected) -> float:
     return value
 
 
+def check_dropout(dropout_p) -> float:
+    """dropout_p as a float in [0, 1): the probability of zeroing each attention probability (training)."""
+    expected = "a real number in [0, 1) (0 disables attention dropout)"
+    value = _finite_real("dropout_p", dropout_p, expected)
+    if not 0 <= value < 1:
+        _fail(ValueError, "dropout_p", expected, repr(value))
+    return value
+
+
 def _check_softcap(softcap) -> float:
     expected = "a finite real number >= 0 (0 disables it)"
     value = _finite_real("softcap", softcap, expected)
@@ -158,9 +167,10 @@ def _check_alibi(alibi_slopes, q, batch, nheads) -> bool:
     return True
 
 
-def _check_qkv(q, k, v, rank, layout):
+def _check_qkv(q, k, v, rank, layout, batched=False):
     """q, k, v as tensors of one dtype and device, `rank` dims ending in (nheads, headdim); k and v of one shape,
-    k with q's head dim and a head count dividing q's. The leading dims are the caller's to compare."""
+    k with q's head dim, q's batch size when `batched`, and a head count dividing q's (checked before v's shape, so
+    a wrong k is named as k)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, rank, layout)
     _same_as_q("k", k, q)
@@ -171,6 +181,8 @@ def _check_qkv(q, k, v, rank, layout):
         _fail(ValueError, "q", f"head dim >= {MIN_HEAD_DIM}", f"{head_dim} (shape {tuple(q.shape)})")
     if k.shape[-1] != head_dim:
         _fail(ValueError, "k", f"head dim {head_dim} (same as q)", f"{k.shape[-1]} (shape {tuple(k.shape)})")
+    if batched and k.shape[0] != q.shape[0]:
+        _fail(ValueError, "k", f"batch size {q.shape[0]} (same as q)", f"{k.shape[0]} (shape {tuple(k.shape)})")
     if v.shape != k.shape:
         _fail(ValueError, "v", f"shape {tuple(k.shape)} (same as k)", f"shape {tuple(v.shape)}")
     if nheads_k == 0 and nheads != 0 or nheads_k != 0 and nheads % nheads_k != 0:
@@ -205,11 +217,9 @@ def check_inputs(q, k, v, *, causal, softmax_scale, window_size=(-1, -1), softca
     out: None or a tensor like q (shape, dtype, device, contiguous last dim); not allowed when q, k or v
     requires grad with grad mode on.
     """
-    _check_qkv(q, k, v, TENSOR_RANK, LAYOUT)
+    _check_qkv(q, k, v, TENSOR_RANK, LAYOUT, batched=True)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    if k.shape[0] != batch:
-        _fail(ValueError, "k", f"batch size {batch} (same as q)", f"{k.shape[0]} (shape {tuple(k.shape)})")
     _check_out(out, q, k, v)
     _check_causal(causal)
 

@@ -50,7 +50,7 @@ def _sha256(path):
 
 def test_manifest_header(build):
     _, manifest, _ = build
-    assert manifest["schema_version"] == 4
+    assert manifest["schema_version"] == 5
     assert manifest["triton_version"] == "3.6.0"
     assert manifest["archs"] == ARCHS
 
@@ -90,10 +90,13 @@ def test_row_fields(build):
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
         assert row["full_band_only"] == ("-fullband-" in row["name"])
         assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"], layout))
-        # Slopes, cu_seqlens (and the backward's fp32 row vectors, LSE and delta) may have any alignment.
-        unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K"} | ({"LSE", "DELTA"} if row["op"] != "fwd"
-                                                                         else set())
+        # Slopes, cu_seqlens and the decode kernels' index tensors (and the backward's fp32 row vectors, LSE and
+        # delta) may have any alignment.
+        unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "SEQLENS", "BATCH_IDX", "LEFTPAD",
+                    "BLOCK_TABLE"} | ({"LSE", "DELTA"} if row["op"] in ("bwd_dq", "bwd_dkdv") else set())
         assert not unhinted & set(row["divisible16"])
+        assert row["page_multiple"] == (16 if layout == "paged" else 0)
+        assert row["optional_features"] == (["softcap", "alibi"] if row["op"] == "decode" else ["alibi"])
         if row["vendor"] == "cuda":
             assert row["warp_size"] == 32 and row["binary"]["kind"] == "cubin"
             assert row["ptx"]["target"] == "sm_90a" and row["ptx"]["portable"] is False
@@ -111,17 +114,19 @@ def test_rows_passed_static_checks(build):
             tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
             allowed = variants.stack_allowance(tile, row["layouts"][0])
             assert res["stack_bytes"] <= allowed and res["local_bytes"] == 0
-            # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction.
-            assert res["mma_instr"] == tile.get("mma_instr", "HGMMA") and res["mma_count"] > 0
+            # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction, or
+            # none (null: no matrix product to check, the decode combine).
+            assert res["mma_instr"] == tile.get("mma_instr", "HGMMA")
+            assert res["mma_count"] > 0 or res["mma_instr"] is None
         else:
-            assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0
-            assert res["mfma_count"] > 0 and res["lds_bytes"] <= limit
             tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
+            assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0 and res["lds_bytes"] <= limit
+            assert res["mfma_count"] > 0 or tile.get("mma_instr", "v_mfma") is None
             assert res["waves_per_eu"] == tile["waves_per_eu"]
 
 
 def test_both_vendors_built_backward(build):
-    # One arch per vendor, each with both backward kernels beside the forward.
+    # One arch per vendor, each with both backward kernels (and the decode kernels) beside the forward.
     _, manifest, _ = build
     built = {(row["arch"], row["op"]) for row in manifest["images"]}
     assert built == {(arch, op) for arch in ARCHS for op in variants.OPS}
@@ -158,6 +163,9 @@ def test_rocm_checks_reject_bad_record():
     assert aot.rocm_checks(good, 0, 65536) == []
     bad = {"scratch_bytes": 208, "vgpr_spill_count": 81, "lds_bytes": 70000, "mfma_count": 0}
     assert len(aot.rocm_checks(bad, 0, 65536)) == 4
+    # An op with no matrix product (tiles.json "mma_instr": null) is not asked for one; the other checks stay.
+    assert len(aot.rocm_checks(bad, 0, 65536, None)) == 3
+    assert aot.check_mma(None, 0) is None and aot.check_mma("HMMA", 0) == "HMMA count: measured 0, limit >= 1"
 
 
 def test_parsers():

@@ -10,6 +10,7 @@ from conftest import DEVICES
 import fa2rt
 from fa2rt import builds, config, doctor, policy, report
 from fa2rt.reference import attention_reference
+from fa2rt.schema import MANIFEST_SCHEMA
 
 
 def qkv(b=2, nq=33, nk=40, h=4, hk=2, d=64, dtype=torch.float32, seed=0):
@@ -84,7 +85,7 @@ def test_capabilities_report_is_json_and_lists_the_build():
 def test_bad_manifest_schema_is_a_build_error(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "images": []}))
     build = builds.load_build(tmp_path)
-    assert "schema_version: expected 4, got 99" in build.error and len(build.registry) == 0
+    assert f"schema_version: expected {MANIFEST_SCHEMA}, got 99" in build.error and len(build.registry) == 0
 
 
 # Policy on synthetic GPUs: the device probe is the one part that cannot run here, so it is replaced by a

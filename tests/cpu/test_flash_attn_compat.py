@@ -118,13 +118,37 @@ def test_strided_last_dim_is_copied_as_flash_attn_does():
     assert torch.equal(fa.flash_attn_func(qt, k, v), fa.flash_attn_func(q, k, v))
 
 
-@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
-def test_dropout_is_refused_naming_dropout_p(dropout_p):
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "window_size": (3, 0)}, {"softcap": 5.0}],
+                         ids=["plain", "window", "softcap"])
+def test_dropout_runs_the_announced_fallback_with_dropout(kw, fresh_announcements):
+    # flash-attn's dropout zeroes each probability with chance dropout_p and scales the rest by 1 / (1 - p): so the
+    # output is random, reproducible from torch's seed, and its mean over many draws is the output without dropout.
     q, k, v = dense()
-    with pytest.raises(NotImplementedError, match="dropout_p: expected 0.0"):
-        fa.flash_attn_func(q, k, v, dropout_p)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        fa.flash_attn_qkvpacked_func(torch.stack([q, q, q], 2), dropout_p=dropout_p)
+    with pytest.warns(fa2rt.FallbackWarning, match=r"\[dropout\]"):
+        torch.manual_seed(0)
+        first = fa.flash_attn_func(q, k, v, 0.3, **kw)
+    torch.manual_seed(0)
+    assert torch.equal(first, fa.flash_attn_func(q, k, v, 0.3, **kw))
+    exact = fa.flash_attn_func(q, k, v, 0.0, **kw)
+    assert not torch.equal(first, exact)
+    mean = torch.stack([fa.flash_attn_func(q, k, v, 0.3, **kw) for _ in range(400)]).mean(0)
+    assert ((mean - exact).norm() / exact.norm()).item() < 0.06
+    assert fa2rt.explain(q, k, v, dropout_p=0.3, **kw).reason == "dropout"
+
+
+def test_dropout_gradients_and_varlen():
+    q, k, v = (t.requires_grad_() for t in dense())
+    fa.flash_attn_func(q, k, v, dropout_p=0.2, causal=True).sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    qkv = torch.randn(2, 9, 3, 4, 16, requires_grad=True)
+    fa.flash_attn_qkvpacked_func(qkv, dropout_p=0.2).sum().backward()
+    assert torch.isfinite(qkv.grad).all()
+    qv, kv, vv, cu_q, cu_k, max_q, max_k = packed([3, 5], [4, 5])
+    torch.manual_seed(1)
+    out = fa.flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max_q, max_k, 0.5)
+    assert out.shape == qv.shape and (out == 0).any()  # with p=0.5 some rows lose every key they kept
+    with pytest.raises(ValueError, match="dropout_p: expected a real number in"):
+        fa.flash_attn_func(q, k, v, 1.0)
 
 
 def test_misuse_raises_runtime_error_like_flash_attn_and_names_the_argument():
@@ -182,5 +206,3 @@ def test_varlen_refuses_block_table_and_bad_cu_seqlens():
     with pytest.raises(RuntimeError, match="cu_seqlens_q") as info:
         fa.flash_attn_varlen_func(q, k, v, cu_q.long(), cu_k, max_q, max_k)
     assert isinstance(info.value, ValueError)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, 0.1)

@@ -7,7 +7,21 @@ that names its argument. The same generator runs on the GPU in tests/gpu/test_fu
 import pytest
 import test_kernel_interpreter as interp  # tests/cpu is on sys.path: pytest's default (prepend) import mode
 import torch
-from fuzz_cases import BAD_INPUTS, LAYOUTS, build, call, check, generate
+from fuzz_cases import (
+    BAD_INPUTS,
+    LAYOUTS,
+    MALFORMED,
+    MALFORMED_ARGUMENT,
+    VARLEN_LAYOUTS,
+    build,
+    build_varlen,
+    call,
+    call_varlen,
+    check,
+    check_varlen,
+    generate,
+    generate_varlen,
+)
 
 import fa2rt
 from fa2rt import ops, policy
@@ -25,6 +39,23 @@ def test_fuzz_case(case):
     built = build(case)
     out, lse = call(case, built)
     check(case, built, out, lse)
+
+
+VARLEN_CASES = generate_varlen()
+
+
+@pytest.mark.filterwarnings("ignore::fa2rt.FallbackWarning")
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
+def test_fuzz_varlen_case(case):
+    built = build_varlen(case)
+    if case.malformed:
+        # cu_seqlens on the CPU: their values are checked, and the error names the argument that breaks a rule.
+        with pytest.raises(ValueError) as info:
+            call_varlen(case, built)
+        assert str(info.value).split(":")[0] in MALFORMED_ARGUMENT[case.malformed], str(info.value)
+        return
+    out, lse = call_varlen(case, built)
+    check_varlen(case, built, out, lse)
 
 
 @pytest.mark.parametrize("name,make,exc,argument", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -113,6 +144,9 @@ def test_generator_covers_what_the_issue_names():
     assert len(features) >= 12, features
     assert any(c.grad and c.grad_layout == "sliced" for c in CASES) and any(c.out == "sliced" for c in CASES)
     assert len(INTERPRETER_CASES) >= 20, len(INTERPRETER_CASES)
+    assert len(VARLEN_CASES) >= 60 and {c.layout for c in VARLEN_CASES} == set(VARLEN_LAYOUTS)
+    assert {c.malformed for c in VARLEN_CASES} >= set(MALFORMED), "every kind of malformed cu_seqlens"
+    assert any(0 in c.lengths_q for c in VARLEN_CASES) and any(1 in c.lengths_k for c in VARLEN_CASES)
     assert {c.layout for c, _ in INTERPRETER_CASES} >= {"contig", "expanded", "transposed", "packed"}
 
 

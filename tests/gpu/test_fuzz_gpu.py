@@ -15,13 +15,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from fuzz_cases import generate
+from fuzz_cases import all_cases
 
 WORKER = Path(__file__).resolve().parent / "fuzz_worker.py"
-CASES = generate()
+CASES = all_cases()
 PATHS = {"native": "", "sm89-ptx": "sm89", "sm80-ptx": "sm80"}
-MEMCHECK_SAMPLE = [c.index for c in CASES][::8]
-RACECHECK_SAMPLE = [c.index for c in CASES if c.seqlen_q > 60 and c.seqlen_k > 60][:3]
+# Every eighth case, and every malformed one (unchecked cu_seqlens must not make a kernel leave its tensors).
+MEMCHECK_SAMPLE = sorted({c.index for c in CASES[::8]} | {c.index for c in CASES if getattr(c, "malformed", None)})
+RACECHECK_SAMPLE = [c.index for c in CASES if getattr(c, "seqlen_q", 0) > 60 and getattr(c, "seqlen_k", 0) > 60][:3]
 WORKER_TIMEOUT_S = 600
 SANITIZER_TIMEOUT_S = 900
 
@@ -39,21 +40,24 @@ def _records(stdout: str) -> list[dict]:
 
 
 def run_isolated(forced: str) -> dict:
-    """index -> outcome for every case, restarting the worker after a fault or a crash."""
-    results, start = {}, 0
-    while start < len(CASES):
-        proc = subprocess.run([sys.executable, str(WORKER), "--start", str(start)], env=_env(forced),
+    """case index -> outcome for every case, restarting the worker after a fault or a crash. The worker runs the
+    cases in CASES order from a position (--start), so positions, not indices, say where to go on."""
+    results, position = {}, 0
+    while position < len(CASES):
+        proc = subprocess.run([sys.executable, str(WORKER), "--start", str(position)], env=_env(forced),
                               capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
         for record in _records(proc.stdout):
             results[record["index"]] = record
-        done = [i for i in range(start, len(CASES)) if i in results]
-        last = max(done) if done else start - 1
-        if proc.returncode != 0 and last + 1 < len(CASES) and (last + 1) not in results:
-            # The worker died without a word on the next case (a crash, not a caught fault): that case faulted.
-            results[last + 1] = {"index": last + 1, "status": "fault",
-                                 "error": f"worker exited {proc.returncode}: {proc.stderr[-1500:]}"}
-            last += 1
-        start = last + 1
+        while position < len(CASES) and CASES[position].index in results:
+            position += 1
+        if position < len(CASES) and proc.returncode != 0:
+            # The worker died without a word on this case (a crash, not a caught fault): this case faulted.
+            index = CASES[position].index
+            results[index] = {"index": index, "status": "fault",
+                              "error": f"worker exited {proc.returncode}: {proc.stderr[-1500:]}"}
+            position += 1
+        elif position < len(CASES):
+            raise RuntimeError(f"worker exited 0 before case {CASES[position].id}: {proc.stderr[-1500:]}")
     return results
 
 
@@ -83,7 +87,7 @@ def test_fuzz_reaches_kernels_and_fallback(outcomes):
     # The generator must exercise both sides of the dispatcher on the GPU, and the layouts that need a copy.
     native = outcomes["native"].values()
     paths = Counter(r.get("path") for r in native)
-    assert paths["kernel"] >= 60 and paths["fallback"] >= 20, paths
+    assert paths["kernel"] >= 60 and paths["fallback"] >= 20 and paths["malformed"] >= 10, paths
     assert any(r.get("copies") for r in native), "no fallback call needed a copy: the misaligned views are not covered"
 
 
@@ -106,7 +110,8 @@ def test_racecheck_few():
     assert len(RACECHECK_SAMPLE) == 3
     proc = _sanitize("racecheck", RACECHECK_SAMPLE)
     records = _records(proc.stdout)
-    assert proc.returncode == 0 and "RACECHECK SUMMARY: 0 hazards displayed (0 errors" in proc.stdout, proc.stdout[-4000:]
+    summary = "RACECHECK SUMMARY: 0 hazards displayed (0 errors"
+    assert proc.returncode == 0 and summary in proc.stdout, proc.stdout[-4000:]
     assert len(records) == len(RACECHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
 
 

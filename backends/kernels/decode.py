@@ -1,0 +1,266 @@
+"""Split-KV ("flash-decoding") attention over a KV cache, one Triton source for NVIDIA and AMD.
+
+attn_decode: program (split, row block) x (batch, KV head). The query heads that share one KV head are packed into
+the program's rows (row r is query head hk * head_ratio + r // seqlen_q, query row r % seqlen_q), so each K/V byte is
+read once for all of them. Each sequence's keys are cut into num_splits chunks (of its own length, a multiple of
+BLOCK_N), one per program along axis 0, so a short batch still fills the device. With one split the program writes
+the final output and LSE; with more, each writes its partial (output normalised by its own softmax sum, natural-log
+LSE, -inf for a chunk with no visible key) and attn_decode_combine merges them, LSE-weighted.
+
+Caches: contiguous (rows, seqlen_cache, nheads_k, headdim), row cache_batch_idx[b] (or b); or PAGED (num_blocks,
+page_size, nheads_k, headdim) where logical position p of sequence b sits in block block_table[b, p // page_size] at
+p % page_size. Sequence b's keys are the positions [cache_leftpad[b], cache_seqlens[b] + seqlen_new) (the new
+tokens are already in the cache). Masking follows fwd.py: with shift = n_keys - seqlen_q, query row i sees key j iff
+i + shift - window_left <= j <= i + shift + window_right; rows with no key give 0 and LSE +inf.
+
+Index values are never trusted (DESIGN point 10): the sequence end is clamped into [0, capacity] (capacity = the
+positions one sequence can address), the start into [0, end], rows and block ids into [0, cache_rows); so every
+load stays inside the given tensors, whatever the index tensors hold.
+"""
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def _key_offsets(pos, ok, cache_row, BLOCK_TABLE, bt_row, page_size, cache_rows, stride_b, stride_n,
+                 PAGED: tl.constexpr):
+    """int64 offsets of cache positions `pos` (masked by `ok`) for one (row/block, position) stride pair."""
+    if PAGED:
+        block = tl.load(BLOCK_TABLE + bt_row + pos // page_size, mask=ok, other=0)
+        block = _clamp(block, 0, cache_rows - 1).to(tl.int64)
+        return block * stride_b + (pos % page_size).to(tl.int64) * stride_n
+    else:
+        return cache_row * stride_b + pos.to(tl.int64) * stride_n
+
+
+@triton.jit
+def attn_decode(
+    Q, K, V, O, LSE, O_PART, LSE_PART, ALIBI, SEQLENS, BATCH_IDX, LEFTPAD, BLOCK_TABLE,  # noqa: E741
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_ab, stride_ah, stride_bt,
+    batch, nheads, head_ratio, seqlen_q, seqlen_fixed, seqlen_new, capacity, cache_rows, page_size, num_splits,
+    use_batch_idx, use_leftpad, use_softcap, head_dim_8, window_left, window_right, qk_scale_log2, softcap_in,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr, PAGED: tl.constexpr,
+):
+    # SOFTCAP compiles the softcap in; use_softcap switches it on per call (a uniform branch, free beside the cache
+    # reads), so one image serves calls with and without it.
+    # Strides of q, the caches and out arrive in units of 8 elements (16-byte rows, as fwd.py); int64 offsets
+    # throughout, since a cache easily exceeds 2**31 elements.
+    stride_qb, stride_qh, stride_qm = stride_qb.to(tl.int64) * 8, stride_qh.to(tl.int64) * 8, stride_qm * 8
+    stride_kb, stride_kh, stride_kn = stride_kb.to(tl.int64) * 8, stride_kh.to(tl.int64) * 8, stride_kn * 8
+    stride_vb, stride_vh, stride_vn = stride_vb.to(tl.int64) * 8, stride_vh.to(tl.int64) * 8, stride_vn * 8
+    stride_ob, stride_oh, stride_om = stride_ob.to(tl.int64) * 8, stride_oh.to(tl.int64) * 8, stride_om * 8
+    head_dim = head_dim_8 * 8
+    rows_total = seqlen_q * head_ratio
+    n_mblocks = tl.cdiv(rows_total, BLOCK_M)
+    split = tl.program_id(0) // n_mblocks
+    mblock = tl.program_id(0) % n_mblocks
+    nheads_k = nheads // head_ratio
+    off_b = tl.program_id(1) // nheads_k
+    off_hk = (tl.program_id(1) % nheads_k).to(tl.int64)
+
+    # This sequence's keys, clamped into the cache whatever the index tensors hold.
+    cache_len = seqlen_fixed
+    if seqlen_fixed < 0:
+        cache_len = tl.load(SEQLENS + off_b)
+    end = _clamp(cache_len + seqlen_new, 0, capacity)
+    start = 0
+    if use_leftpad != 0:
+        start = _clamp(tl.load(LEFTPAD + off_b), 0, end)
+    n_keys = end - start
+    cache_row = off_b.to(tl.int64)
+    if use_batch_idx != 0:
+        cache_row = _clamp(tl.load(BATCH_IDX + off_b), 0, cache_rows - 1).to(tl.int64)
+    bt_row = off_b.to(tl.int64) * stride_bt
+    chunk = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
+    k_lo = split * chunk
+    k_hi = tl.minimum(k_lo + chunk, n_keys)
+
+    offs_r = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < rows_total
+    q_row = offs_r % seqlen_q
+    off_h = off_hk * head_ratio + offs_r // seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    if D_MASK:
+        d_ok = offs_d < head_dim
+    else:
+        d_ok = offs_d >= 0
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None] * stride_qh + q_row[:, None] * stride_qm
+                + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    alibi_log2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ALIBI_ON:
+        alibi_log2 = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah, mask=row_ok, other=0.0) * LOG2E
+
+    # Each row's band of keys, and the part of this split any row sees.
+    shift = n_keys - seqlen_q
+    key_lo = q_row + shift - window_left
+    key_hi = tl.minimum(q_row + shift + window_right, n_keys - 1)
+    lo = tl.maximum(tl.min(tl.where(row_ok, key_lo, n_keys), 0), k_lo)
+    hi = tl.minimum(tl.max(tl.where(row_ok, key_hi, -1), 0) + 1, k_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_head = K + off_hk * stride_kh
+    v_head = V + off_hk * stride_vh
+    for first in range(lo, hi, BLOCK_N):
+        cols = first + offs_n
+        col_ok = cols < hi
+        pos = start + cols
+        k_off = _key_offsets(pos, col_ok, cache_row, BLOCK_TABLE, bt_row, page_size, cache_rows, stride_kb,
+                             stride_kn, PAGED)
+        k = tl.load(k_head + k_off[None, :] + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k)
+        s = qk * qk_scale_log2
+        if SOFTCAP:
+            if use_softcap != 0:
+                s = _tanh(qk * softcap_in) * qk_scale_log2
+        if ALIBI_ON:
+            s -= alibi_log2[:, None] * tl.abs(cols[None, :] - (q_row + shift)[:, None]).to(tl.float32)
+        keep = (cols[None, :] >= key_lo[:, None]) & (cols[None, :] <= key_hi[:, None]) & col_ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_off = _key_offsets(pos, col_ok, cache_row, BLOCK_TABLE, bt_row, page_size, cache_rows, stride_vb,
+                             stride_vn, PAGED)
+        v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2
+    lse_row = (off_b * nheads + off_h).to(tl.int64) * seqlen_q + q_row
+    if num_splits == 1:
+        o_ptrs = O + off_b.to(tl.int64) * stride_ob + off_h[:, None] * stride_oh + q_row[:, None] * stride_om
+        tl.store(o_ptrs + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + lse_row, tl.where(empty, float("inf"), lse), mask=row_ok)
+    else:
+        # Partials: (num_splits, batch, nheads, seqlen_q) rows of head_dim fp32, contiguous.
+        part_row = split.to(tl.int64) * batch * nheads * seqlen_q + lse_row
+        tl.store(O_PART + part_row[:, None] * head_dim + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_PART + part_row, tl.where(empty, float("-inf"), lse), mask=row_ok)
+
+
+@triton.jit
+def attn_decode_combine(
+    O, LSE, O_PART, LSE_PART,  # noqa: E741
+    stride_ob, stride_oh, stride_om,
+    batch, nheads, seqlen_q, num_splits, head_dim_8,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
+):
+    """Merges attn_decode's partials of one (batch, head) and BLOCK_M query rows: out = sum_s w_s * out_s / sum_s
+    w_s with w_s = exp(lse_s - max_s lse_s); lse = max + log(sum w). A row no split saw gets 0 and LSE +inf."""
+    stride_ob, stride_oh, stride_om = stride_ob.to(tl.int64) * 8, stride_oh.to(tl.int64) * 8, stride_om * 8
+    head_dim = head_dim_8 * 8
+    off_b = tl.program_id(1) // nheads
+    off_h = tl.program_id(1) % nheads
+    q_row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = q_row < seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    if D_MASK:
+        d_ok = offs_d < head_dim
+    else:
+        d_ok = offs_d >= 0
+    lse_row = (off_b * nheads + off_h).to(tl.int64) * seqlen_q + q_row
+    plane = batch.to(tl.int64) * nheads * seqlen_q
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + s * plane + lse_row, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, num_splits):
+        part = s * plane + lse_row
+        w = tl.exp(tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")) - m_safe)
+        o = tl.load(O_PART + part[:, None] * head_dim + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc += w[:, None] * o
+        den += w
+    empty = den == 0.0
+    out = acc / tl.where(empty, 1.0, den)[:, None]
+    lse = tl.where(empty, float("inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
+    o_ptrs = O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh + q_row[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + lse_row, lse, mask=row_ok)
+
+
+# The index tensors (int32, any alignment a view may have) and the slopes are not hinted 16-byte aligned.
+UNHINTED_PARAMS = frozenset({"ALIBI", "SEQLENS", "BATCH_IDX", "LEFTPAD", "BLOCK_TABLE", "stride_ab", "stride_ah",
+                             "stride_bt"})
+COMBINE_UNHINTED_PARAMS = frozenset()
+# The layouts decode images are built for: a contiguous cache, or a paged one through a block table.
+LAYOUTS = ("kvcache", "paged")
+# The combine reads only the partials attn_decode wrote (its own layout, whatever the cache's).
+COMBINE_LAYOUT = "partials"
+
+
+def decode_params(dtype: str, layout: str = "kvcache") -> list[tuple[str, str]]:
+    """attn_decode's run-time parameters in launch order (the same for both layouts: a contiguous call passes a
+    block table pointer it never reads)."""
+    ptr = f"*{dtype}"
+    return [
+        ("Q", ptr), ("K", ptr), ("V", ptr), ("O", ptr), ("LSE", "*fp32"), ("O_PART", "*fp32"),
+        ("LSE_PART", "*fp32"), ("ALIBI", "*fp32"), ("SEQLENS", "*i32"), ("BATCH_IDX", "*i32"), ("LEFTPAD", "*i32"),
+        ("BLOCK_TABLE", "*i32"),
+        ("stride_qb", "i64"), ("stride_qh", "i64"), ("stride_qm", "i32"),
+        ("stride_kb", "i64"), ("stride_kh", "i64"), ("stride_kn", "i32"),
+        ("stride_vb", "i64"), ("stride_vh", "i64"), ("stride_vn", "i32"),
+        ("stride_ob", "i64"), ("stride_oh", "i64"), ("stride_om", "i32"),
+        ("stride_ab", "i32"), ("stride_ah", "i32"), ("stride_bt", "i64"),
+        ("batch", "i32"), ("nheads", "i32"), ("head_ratio", "i32"), ("seqlen_q", "i32"), ("seqlen_fixed", "i32"),
+        ("seqlen_new", "i32"), ("capacity", "i32"), ("cache_rows", "i32"), ("page_size", "i32"),
+        ("num_splits", "i32"), ("use_batch_idx", "i32"), ("use_leftpad", "i32"), ("use_softcap", "i32"),
+        ("head_dim_8", "i32"),
+        ("window_left", "i32"), ("window_right", "i32"), ("qk_scale_log2", "fp32"), ("softcap_in", "fp32"),
+    ]
+
+
+def combine_params(dtype: str, layout: str = COMBINE_LAYOUT) -> list[tuple[str, str]]:
+    return [
+        ("O", f"*{dtype}"), ("LSE", "*fp32"), ("O_PART", "*fp32"), ("LSE_PART", "*fp32"),
+        ("stride_ob", "i64"), ("stride_oh", "i64"), ("stride_om", "i32"),
+        ("batch", "i32"), ("nheads", "i32"), ("seqlen_q", "i32"), ("num_splits", "i32"), ("head_dim_8", "i32"),
+    ]
+
+
+def decode_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
+                      layout: str = "kvcache") -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": bucket, "D_MASK": d_mask,
+            "SOFTCAP": "softcap" in features, "ALIBI_ON": "alibi" in features, "PAGED": layout == "paged"}
+
+
+def combine_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
+                       layout: str = COMBINE_LAYOUT) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_D": bucket, "D_MASK": d_mask}
+
+
+def decode_grid(num_splits: int, seqlen_q: int, head_ratio: int, batch: int, nheads_k: int, block_m: int):
+    return (num_splits * triton.cdiv(seqlen_q * head_ratio, block_m), batch * nheads_k, 1)
+
+
+def combine_grid(seqlen_q: int, batch: int, nheads: int, block_m: int):
+    return (triton.cdiv(seqlen_q, block_m), batch * nheads, 1)

@@ -1,0 +1,317 @@
+"""The KV-cache kernel path: the in-place append and rotary, the split choice, and the decode + combine launches
+(backends/kernels/decode.py) through the dispatcher.
+
+A call never syncs with the host and allocates nothing whose size depends on index values: the append and rotary are
+a few torch ops on clamped indices (position, row and block ids clamped into the given tensors, so malformed values
+write wrong places of the cache at worst, never outside it); torch ops rather than a kernel of our own because they
+are already exact, run on both vendors and in CUDA graphs, and cost little beside the cache read they precede. The
+split count depends only on shapes and the device; each sequence's keys are cut into that many chunks of its own
+length inside the kernel.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _C, builds, config, policy, reference
+from .kvcache import KVShapes
+
+DECODE_OP, COMBINE_OP = "decode", "decode_combine"
+COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
+# The split heuristic (num_splits=0), first choices until measured on hardware: enough programs for WAVES programs
+# per SM/CU, no split shorter than MIN_KEYS_PER_SPLIT keys of the cache (a partial costs a write and a combine read),
+# at most MAX_SPLITS.
+WAVES = 2
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 128
+PACKED_ROWS = 16  # rows of the decode tiles (tiles.json block_m): query heads of one KV head packed per program
+
+
+def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_ROWS) -> int:
+    """Splits of each sequence's keys: the caller's num_splits (at most MAX_SPLITS), or for 0 the heuristic above."""
+    if shapes.num_splits:
+        return min(shapes.num_splits, MAX_SPLITS)
+    row_blocks = math.ceil(shapes.seqlen_q * (shapes.nheads // shapes.nheads_k) / block_m)
+    programs = max(1, shapes.batch * shapes.nheads_k * row_blocks)
+    wanted = math.ceil(WAVES * max(multiprocessors, 1) / programs)
+    return max(1, min(wanted, shapes.capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+# --- append and rotary (torch ops on clamped indices) ----------------------------------------------------------------
+
+def seqlens_tensor(cache_seqlens, shapes: KVShapes, device) -> torch.Tensor:
+    """(batch,) int64 tokens already cached per sequence (an int repeated; None: the whole cache)."""
+    if isinstance(cache_seqlens, torch.Tensor):
+        return cache_seqlens.long()
+    value = shapes.capacity if cache_seqlens is None else int(cache_seqlens)
+    return torch.full((shapes.batch,), value, dtype=torch.int64, device=device)
+
+
+def _rotate(x, rotary_cos, rotary_sin, positions, interleaved):
+    # In float32, stored in x's dtype; table rows clamped into the table.
+    positions = positions.clamp(0, rotary_cos.shape[0] - 1)
+    return reference.rotary(x.float(), rotary_cos, rotary_sin, positions, interleaved).to(x.dtype)
+
+
+def append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes: KVShapes):
+    """Write the new k (rotated when rotary is on) and v at positions seqlens[b] + i of each sequence, in place."""
+    new = torch.arange(shapes.seqlen_new, device=k.device)
+    positions = (seqlens[:, None] + new[None, :]).clamp(0, shapes.capacity - 1)  # (batch, seqlen_new)
+    if shapes.rotary_dim:
+        k = _rotate(k, rotary_cos, rotary_sin, seqlens[:, None] + new[None, :], shapes.rotary_interleaved)
+    if shapes.paged:
+        blocks = block_table.long().gather(1, positions // shapes.page_size).clamp(0, shapes.cache_rows - 1)
+        where = (blocks, positions % shapes.page_size)
+    else:
+        rows = (torch.arange(shapes.batch, device=k.device) if cache_batch_idx is None
+                else cache_batch_idx.long().clamp(0, shapes.cache_rows - 1))
+        where = (rows[:, None].expand_as(positions), positions)
+    k_cache[where] = k
+    v_cache[where] = v
+
+
+def rotate_q(q, rotary_cos, rotary_sin, seqlens, shapes: KVShapes):
+    """q rotated at seqlens[b] + i (causal or windowed calls) or at seqlens[b] for every row."""
+    offsets = torch.arange(shapes.seqlen_q, device=q.device) if shapes.rotate_q_per_token else torch.zeros(
+        shapes.seqlen_q, dtype=torch.int64, device=q.device)
+    return _rotate(q, rotary_cos, rotary_sin, seqlens[:, None] + offsets[None, :], shapes.rotary_interleaved)
+
+
+# --- kernel arguments ---------------------------------------------------------------------------------------------
+
+_dummies: dict = {}
+
+
+def _dummy(device, dtype) -> torch.Tensor:
+    """A one-element tensor standing in for a pointer the kernel does not read (an index tensor not given)."""
+    key = (device, dtype)
+    if key not in _dummies:
+        _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _dummies[key]
+
+
+def _rows_strides(name, t) -> dict:
+    """(batch or block, head, row) strides of a (rows, seqlen, nheads, headdim) tensor in units of STRIDE_MULTIPLE."""
+    unit = _C.STRIDE_MULTIPLE
+    return {f"stride_{name}b": t.stride(0) // unit, f"stride_{name}h": t.stride(2) // unit,
+            f"stride_{name}{'n' if name in ('k', 'v') else 'm'}": t.stride(1) // unit}
+
+
+def _window_bound(side: int, shapes: KVShapes) -> int:
+    # "Unlimited" (-1) and longer windows become a bound past every key, keeping the kernel's int32 math safe.
+    reach = shapes.capacity + shapes.seqlen_q
+    return reach if side < 0 else min(side, reach)
+
+
+def _index_or_dummy(t, device):
+    return _dummy(device, torch.int32) if t is None else t.contiguous()
+
+
+def decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
+                   cache_leftpad, block_table) -> dict:
+    """attn_decode's pointer arguments by name (unused ones point at small dummies)."""
+    device = q.device
+    seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    return {"Q": q, "K": k_cache, "V": v_cache, "O": out, "LSE": lse, "O_PART": o_part, "LSE_PART": lse_part,
+            "ALIBI": alibi if alibi is not None else _dummy(device, torch.float32),
+            "SEQLENS": _index_or_dummy(seqlens, device), "BATCH_IDX": _index_or_dummy(cache_batch_idx, device),
+            "LEFTPAD": _index_or_dummy(cache_leftpad, device), "BLOCK_TABLE": _index_or_dummy(block_table, device)}
+
+
+def decode_constants(tensors: dict, alibi, cache_seqlens, shapes: KVShapes, splits: int, use_batch_idx: bool,
+                     use_leftpad: bool) -> dict:
+    """attn_decode's arguments other than pointers (decode.decode_params); use_*: whether cache_batch_idx and
+    cache_leftpad were given (else their pointers are dummies the kernel does not read)."""
+    slope_b, slope_h = (0, 0) if alibi is None else (
+        (alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
+    if isinstance(cache_seqlens, torch.Tensor):
+        seqlen_fixed = -1
+    else:
+        seqlen_fixed = shapes.capacity - shapes.seqlen_new if cache_seqlens is None else int(cache_seqlens)
+    scale_log2, softcap_in = ((shapes.softcap / math.log(2.0), shapes.softmax_scale / shapes.softcap)
+                              if shapes.softcap > 0 else (shapes.softmax_scale / math.log(2.0), 0.0))
+    left, right = shapes.window
+    args = {}
+    for name, key in (("q", "Q"), ("k", "K"), ("v", "V"), ("o", "O")):
+        args |= _rows_strides(name, tensors[key])
+    return args | {
+        "stride_ab": slope_b, "stride_ah": slope_h,
+        "stride_bt": tensors["BLOCK_TABLE"].stride(0) if shapes.paged else 0,
+        "batch": shapes.batch, "nheads": shapes.nheads, "head_ratio": shapes.nheads // shapes.nheads_k,
+        "seqlen_q": shapes.seqlen_q, "seqlen_fixed": seqlen_fixed, "seqlen_new": shapes.seqlen_new,
+        "capacity": shapes.capacity, "cache_rows": shapes.cache_rows, "page_size": max(shapes.page_size, 1),
+        "num_splits": splits, "use_batch_idx": int(use_batch_idx), "use_leftpad": int(use_leftpad),
+        "use_softcap": int(shapes.softcap > 0),
+        "head_dim_8": shapes.head_dim // _C.HEAD_DIM_MULTIPLE,
+        "window_left": _window_bound(left, shapes), "window_right": _window_bound(right, shapes),
+        "qk_scale_log2": scale_log2, "softcap_in": softcap_in,
+    }
+
+
+def combine_tensors(out, lse, o_part, lse_part) -> dict:
+    return {"O": out, "LSE": lse, "O_PART": o_part, "LSE_PART": lse_part}
+
+
+def combine_constants(out, shapes: KVShapes, splits: int) -> dict:
+    unit = _C.STRIDE_MULTIPLE
+    return {"stride_ob": out.stride(0) // unit, "stride_oh": out.stride(2) // unit, "stride_om": out.stride(1) // unit,
+            "batch": shapes.batch, "nheads": shapes.nheads, "seqlen_q": shapes.seqlen_q, "num_splits": splits,
+            "head_dim_8": shapes.head_dim // _C.HEAD_DIM_MULTIPLE}
+
+
+def buffers(q, shapes: KVShapes, splits: int):
+    """(out, lse, o_part, lse_part): the output, its LSE and the split partials (one-element dummies for one
+    split); sizes from shapes and the split count only."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((shapes.batch, shapes.nheads, shapes.seqlen_q), dtype=torch.float32, device=q.device)
+    if splits == 1:
+        return out, lse, lse, lse
+    rows = (splits, shapes.batch, shapes.nheads, shapes.seqlen_q)
+    return out, lse, torch.empty(rows + (shapes.head_dim,), dtype=torch.float32, device=q.device), torch.empty(
+        rows, dtype=torch.float32, device=q.device)
+
+
+# --- selection and launch -----------------------------------------------------------------------------------------
+
+def _aligned(t) -> bool:
+    return t.data_ptr() % _C.ALIGN_BYTES == 0
+
+
+def _strides8(t) -> bool:
+    return all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0 for i in (0, 1, 2))
+
+
+def problem(op: str, shapes: KVShapes, tensors, splits: int) -> "_C.Problem":
+    """The dispatcher's view of a decode (or combine) launch; tensors: the (rows, seqlen, nheads, headdim) tensors
+    it reads or writes with hinted alignment and strides in units of 8."""
+    p = _C.Problem()
+    p.op = op
+    p.layout = shapes.layout if op == DECODE_OP else COMBINE_LAYOUT
+    p.dtype = policy.KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
+    p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.capacity
+    p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
+    p.features = ([name for name, on in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi)) if on]
+                  if op == DECODE_OP else [])
+    p.full_band = shapes.window == (-1, -1)
+    p.aligned16 = all(_aligned(t) for t in tensors)
+    p.strides8 = all(_strides8(t) for t in tensors)
+    # Only q's and out's row offsets are int32 products in the kernels (cache offsets are int64).
+    p.max_head_extent = max((t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors[:1] + tensors[-1:])
+    p.page_size = shapes.page_size if op == DECODE_OP else 0
+    p.splits = splits
+    return p
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The images chosen for one call geometry and their launch plans (combine only with more than one split)."""
+
+    splits: int
+    decode: tuple  # (image, mode)
+    combine: tuple | None
+    decode_plan: object = None
+    combine_plan: object = None
+
+
+def select(shapes: KVShapes, tensors: dict, info, splits: int):
+    """((decode image, mode), (combine image, mode) or None) or a fallback Decision with the dispatcher's reasons."""
+    build = builds.current_build()
+    cache_tensors = [tensors[name] for name in ("Q", "K", "V", "O")]
+    chosen = []
+    for op, ts in ((DECODE_OP, cache_tensors), (COMBINE_OP, [tensors["O"], tensors["O"]])):
+        if op == COMBINE_OP and splits == 1:
+            chosen.append(None)
+            continue
+        sel = _C.select(problem(op, shapes, ts, splits), info, build.registry, config.force_arch())
+        if sel["image"] is None:
+            rejections = tuple((r.image, r.code, r.message) for r in sel["rejections"])
+            why = build.error or "; ".join(sorted({m for _, _, m in rejections})[:4]) or "no image"
+            return policy.Decision("fallback", "no_kernel", f"{op}: {why}", device=policy._device_dict(info),
+                                   rejections=rejections)
+        chosen.append((sel["image"], sel["mode"]))
+    return tuple(chosen)
+
+
+def make_plan(shapes: KVShapes, tensors: dict, alibi, cache_seqlens, use_batch_idx: bool, use_leftpad: bool, info,
+              splits: int):
+    """A Plan for this call's geometry, or a fallback Decision."""
+    chosen = select(shapes, tensors, info, splits)
+    if isinstance(chosen, policy.Decision):
+        return chosen
+    (decode_image, decode_mode), combine = chosen
+    registry = builds.current_build().registry
+    cache_tensors = [tensors[name] for name in ("Q", "K", "V", "O")]
+    constants = decode_constants(tensors, alibi, cache_seqlens, shapes, splits, use_batch_idx, use_leftpad)
+    decode_plan = _C.LaunchPlan(registry, decode_image, decode_mode, problem(DECODE_OP, shapes, cache_tensors, splits),
+                                constants, list(tensors))
+    combine_plan = None
+    if combine is not None:
+        out = tensors["O"]
+        combine_plan = _C.LaunchPlan(registry, combine[0], combine[1], problem(COMBINE_OP, shapes, [out, out], splits),
+                                     combine_constants(out, shapes, splits), list(COMBINE_POINTERS))
+    return Plan(splits, (decode_image, decode_mode), combine, decode_plan, combine_plan)
+
+
+COMBINE_POINTERS = ("O", "LSE", "O_PART", "LSE_PART")
+# Plans by everything they are built from: the call's KVShapes and split count, every pointer tensor's shape, strides
+# and alignment, the slopes' strides, whether cache_seqlens is an int (and which), the optional indices given, and
+# the selection context (fa2rt's environment variables, the device, the build). Bounded as the dispatcher's caches.
+_PLANS: dict = {}
+
+
+def _plan_key(shapes, tensors, alibi, cache_seqlens, use_batch_idx, use_leftpad, info, splits) -> tuple:
+    layout = tuple((t.shape, t.stride(), _aligned(t)) for t in tensors.values())
+    seqlens = None if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens
+    return (shapes, splits, layout, None if alibi is None else alibi.stride(), seqlens, use_batch_idx, use_leftpad,
+            config.raw_values(), info.vendor, info.index, info.arch, id(builds.current_build()))
+
+
+def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi,
+           shapes: KVShapes, info) -> policy.Decision:
+    """What run() would do, without touching the caches: the kernel Decision (image: the decode image; backward:
+    the combine's (image, mode) when the call splits) or the fallback one."""
+    splits = choose_splits(shapes, info.multiprocessors)
+    if shapes.rotary_dim or not (_aligned(q) and _strides8(q)):
+        q = torch.empty_like(q, memory_format=torch.contiguous_format)  # run() rotates or copies into a fresh one
+    out, lse, o_part, lse_part = buffers(q, shapes, splits)
+    tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
+                             cache_leftpad, block_table)
+    chosen = select(shapes, tensors, info, splits)
+    if isinstance(chosen, policy.Decision):
+        return chosen
+    (image, mode), combine = chosen
+    return policy.Decision("kernel", image=image, mode=mode, device=policy._device_dict(info),
+                           message=f"{splits} split(s)", backward=(combine,) if combine else ())
+
+
+def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+        block_table, alibi, shapes: KVShapes, info):
+    """The call on the kernels: (out, lse), or the fallback Decision (the caches untouched) when no image fits."""
+    splits = choose_splits(shapes, info.multiprocessors)
+    seqlens = seqlens_tensor(cache_seqlens, shapes, q.device) if shapes.seqlen_new or shapes.rotary_dim else None
+    if shapes.rotary_dim:
+        q = rotate_q(q, rotary_cos, rotary_sin, seqlens, shapes)
+    elif not (_aligned(q) and _strides8(q)):
+        q = q.clone(memory_format=torch.contiguous_format)  # q is small: a copy keeps odd views on the kernels
+    out, lse, o_part, lse_part = buffers(q, shapes, splits)
+    tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
+                             cache_leftpad, block_table)
+    flags = (cache_batch_idx is not None, cache_leftpad is not None)
+    key = _plan_key(shapes, tensors, alibi, cache_seqlens, *flags, info, splits)
+    plan = policy.remember(_PLANS, key, lambda: make_plan(shapes, tensors, alibi, cache_seqlens, *flags, info, splits))
+    if isinstance(plan, policy.Decision):
+        return plan
+    if shapes.seqlen_new:
+        append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
+    launch(plan, tensors, q.device)
+    return out, lse
+
+
+def launch(plan: Plan, tensors: dict, device) -> None:
+    from .ops import device_and_stream
+
+    index, stream = device_and_stream(device)
+    plan.decode_plan.launch(index, stream, [t.data_ptr() for t in tensors.values()])
+    if plan.combine_plan is not None:
+        plan.combine_plan.launch(index, stream, [tensors[name].data_ptr() for name in COMBINE_POINTERS])

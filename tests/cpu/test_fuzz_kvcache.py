@@ -1,0 +1,73 @@
+"""The seeded KV-cache fuzz (tests/fuzz_kvcache.py) on the CPU: every generated call through
+fa2rt.attention_with_kvcache (the exact fallback here) against the float64 reference, caches included; the cases the
+decode kernels take (head dims multiples of 8) also through the kernel source in the Triton interpreter; and the
+malformed index values, each refused with an error naming the index entry, and through the interpreted kernels
+without an access outside the given tensors."""
+
+import re
+
+import pytest
+import test_kernel_interpreter_decode as decode_interp  # tests/cpu is on sys.path (pytest's prepend import mode)
+import torch
+from fuzz_kvcache import MALFORMED, OUT_TOL, build, generate, malformed_case, options, reference, rel_err
+
+import fa2rt
+from fa2rt import kvcache_ops
+from fa2rt.kvcache import check_kvcache_inputs
+
+CASES = generate()
+INTERPRETED = [c for c in CASES if c.head_dim % 8 == 0][:12]
+
+
+def _split(args):
+    return [args[n] for n in ("q", "k_cache", "v_cache")], {n: t for n, t in args.items()
+                                                             if n not in ("q", "k_cache", "v_cache")}
+
+
+def _check(case, out, lse, k_cache, v_cache, ref):
+    ref_out, ref_lse, ref_k, ref_v = ref
+    tol = OUT_TOL[case.dtype]
+    assert rel_err(out, ref_out) <= tol
+    finite = ref_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite)
+    assert ((lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0) <= 1e-3
+    assert rel_err(k_cache, ref_k) <= tol and rel_err(v_cache, ref_v) <= tol
+
+
+@pytest.mark.filterwarnings("ignore::fa2rt.FallbackWarning")
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_fuzz_kvcache_case(case):
+    args, opts = build(case), options(case)
+    ref = reference(case, args, opts)
+    positional, named = _split(args)
+    out, lse = fa2rt.attention_with_kvcache(*positional, **named, **opts, return_lse=True)
+    _check(case, out, lse, args["k_cache"], args["v_cache"], ref)
+
+
+@pytest.mark.parametrize("case", INTERPRETED, ids=[c.id for c in INTERPRETED])
+def test_fuzz_kvcache_case_interpreted(case):
+    args, opts = build(case), options(case)
+    ref = reference(case, args, opts)
+    shapes = check_kvcache_inputs(**args, **opts)
+    splits = kvcache_ops.choose_splits(shapes, 4)  # a small synthetic device: splits show up at these lengths
+    kernel_opts = {n: v for n, v in opts.items() if n != "num_splits"}
+    # The smallest tile whose bucket takes the head dim, as the dispatcher would choose.
+    tile = min((t for t in decode_interp.DECODE_TILES if t[2] >= case.head_dim), key=lambda t: (t[2], t[1]))
+    out, lse, k_cache, v_cache, bufs = decode_interp.run_kernels(args, tile, splits,
+                                                                 kernel_opts | {"num_splits": case.splits})
+    decode_interp._check_guards(out, lse, bufs)
+    _check(case, out, lse, k_cache, v_cache, ref)
+
+
+@pytest.mark.parametrize("name, paged, replace, argument", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_indices(name, paged, replace, argument):
+    case = malformed_case(paged)
+    args = build(case)
+    bad = replace(args)
+    positional, named = _split(dict(args, **bad))
+    with pytest.raises(ValueError, match="^" + re.escape(argument) + ": expected"):
+        fa2rt.attention_with_kvcache(*positional, **named)
+    # The kernels never see these values checked: they must keep every access inside the given tensors.
+    got = decode_interp.run_kernels(args, decode_interp.SMALL_TILE, 2, {}, malformed=bad)
+    decode_interp._check_guards(got[0], got[1], got[4])
+    assert torch.isfinite(got[0]).all()

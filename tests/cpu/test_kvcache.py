@@ -1,0 +1,407 @@
+"""fa2rt.attention_with_kvcache on a CPU machine: validation (arguments and index values), and the exact fallback
+(append in place, rotary, paged caches, cache_batch_idx, cache_leftpad, every attention option) against the float64
+reference fa2rt.reference.kvcache_reference."""
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+import fa2rt
+from fa2rt.reference import kvcache_reference
+
+PAGE = 16
+
+
+def make_case(batch=3, seqlen_q=1, h=4, hk=2, d=16, seqlen_cache=40, new=2, paged=False, max_blocks=3,
+              dtype=torch.float32, rotary_dim=0, batch_idx=False, leftpad=False, seed=0):
+    """Inputs of one call: a dict of attention_with_kvcache's arguments (cache_seqlens an int32 tensor of lengths
+    that leave room for the new tokens)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    if paged:
+        num_blocks = batch * max_blocks + 3
+        k_cache, v_cache = randn(num_blocks, PAGE, hk, d), randn(num_blocks, PAGE, hk, d)
+        table = torch.randperm(num_blocks, generator=g)[: batch * max_blocks].reshape(batch, max_blocks)
+        capacity = max_blocks * PAGE
+    else:
+        rows = batch + 2 if batch_idx else batch
+        k_cache, v_cache = randn(rows, seqlen_cache, hk, d), randn(rows, seqlen_cache, hk, d)
+        capacity = seqlen_cache
+    seqlens = torch.randint(0, capacity - new + 1, (batch,), generator=g, dtype=torch.int32)
+    args = dict(q=randn(batch, seqlen_q, h, d), k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens)
+    if new:
+        args.update(k=randn(batch, new, hk, d), v=randn(batch, new, hk, d))
+    if paged:
+        args["block_table"] = table.to(torch.int32)
+    if batch_idx:
+        args["cache_batch_idx"] = torch.randperm(batch + 2, generator=g)[:batch].to(torch.int32)
+    if leftpad:
+        args["cache_leftpad"] = (torch.rand(batch, generator=g) * (seqlens + 1)).to(torch.int32).clamp(max=seqlens)
+    if rotary_dim:
+        angles = torch.rand(capacity, rotary_dim // 2, generator=g, dtype=torch.float64) * 6.3
+        args.update(rotary_cos=angles.cos().to(dtype), rotary_sin=angles.sin().to(dtype))
+    return args
+
+
+def split(args):
+    positional = [args[name] for name in ("q", "k_cache", "v_cache")]
+    return positional, {name: value for name, value in args.items() if name not in ("q", "k_cache", "v_cache")}
+
+
+def check_against_reference(args, atol=2e-5, **options):
+    """Runs the call on copies of the caches and compares out, lse and both caches with the reference."""
+    expected_out, expected_lse, expected_k, expected_v = kvcache_reference(**args, **options)
+    args = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+    positional, named = split(args)
+    out, lse = fa2rt.attention_with_kvcache(*positional, **named, **options, return_lse=True)
+    assert out.dtype == args["q"].dtype and out.shape == args["q"].shape
+    assert lse.dtype == torch.float32 and lse.shape == (out.shape[0], out.shape[2], out.shape[1])
+    torch.testing.assert_close(out.double(), expected_out, atol=atol, rtol=atol)
+    finite = expected_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite)
+    torch.testing.assert_close(lse.double()[finite], expected_lse[finite], atol=atol, rtol=atol)
+    torch.testing.assert_close(args["k_cache"].double(), expected_k, atol=atol, rtol=atol)
+    torch.testing.assert_close(args["v_cache"].double(), expected_v, atol=atol, rtol=atol)
+
+
+LAYOUTS = {
+    "contiguous": {},
+    "paged": dict(paged=True),
+    "batch_idx": dict(batch_idx=True),
+    "leftpad": dict(leftpad=True),
+    "paged_leftpad": dict(paged=True, leftpad=True),
+}
+
+OPTIONS = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "window": dict(window_size=(5, 0)),
+    "softcap": dict(softcap=1.5, softmax_scale=0.6),
+    "alibi": dict(alibi=(4,)),
+    "alibi_batch_causal": dict(alibi=(3, 4), causal=True),
+}
+
+
+def resolve(options, seed=3):
+    options = dict(options)
+    shape = options.pop("alibi", None)
+    if shape is not None:
+        options["alibi_slopes"] = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.3
+    return options
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_fallback_matches_reference(layout, option, fresh_announcements):
+    check_against_reference(make_case(seqlen_q=2, **LAYOUTS[layout]), **resolve(OPTIONS[option]))
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("paged", [True, False])
+def test_rotary_both_styles(interleaved, causal, paged, fresh_announcements):
+    # seqlen_q 3: q rows rotate at cache_seqlens + i when causal, all at cache_seqlens otherwise.
+    args = make_case(seqlen_q=3, new=3, rotary_dim=8, paged=paged, seed=5)
+    check_against_reference(args, rotary_interleaved=interleaved, causal=causal)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1), (6, 2)])
+def test_gqa_mqa_and_decode_step(heads, fresh_announcements):
+    check_against_reference(make_case(seqlen_q=1, h=heads[0], hk=heads[1], new=1, seed=7))
+
+
+def test_larger_cache_without_batch_idx_uses_row_b(fresh_announcements):
+    args = make_case(batch_idx=True, seed=6)  # a cache of batch + 2 rows
+    args.pop("cache_batch_idx")
+    check_against_reference(args)
+
+
+def test_no_new_tokens_int_seqlens_and_whole_cache(fresh_announcements):
+    args = make_case(new=0, seed=2)
+    check_against_reference(dict(args, cache_seqlens=17))
+    args.pop("cache_seqlens")  # None: every position of the cache
+    check_against_reference(args)
+
+
+def test_fp16_within_rounding(fresh_announcements):
+    check_against_reference(make_case(dtype=torch.float16, rotary_dim=16, paged=True, seed=9), atol=3e-3,
+                            causal=True)
+
+
+def test_empty_sequences_give_zero_and_inf_lse(fresh_announcements):
+    args = make_case(new=0, leftpad=True, seed=4)
+    args["cache_seqlens"] = torch.tensor([0, 5, 7], dtype=torch.int32)
+    args["cache_leftpad"] = torch.tensor([0, 5, 2], dtype=torch.int32)
+    positional, named = split(args)
+    out, lse = fa2rt.attention_with_kvcache(*positional, **named, return_lse=True)
+    assert torch.all(out[:2] == 0) and torch.all(lse[:2] == float("inf"))
+    check_against_reference(args)
+
+
+def test_appends_in_place_and_returns_no_graph(fresh_announcements):
+    args = make_case(seed=11)
+    before = args["k_cache"].clone()
+    q = args["q"].requires_grad_()
+    positional, named = split(args)
+    out = fa2rt.attention_with_kvcache(*positional, **named)
+    assert out.grad_fn is None and not out.requires_grad
+    changed = (args["k_cache"] != before).any(dim=(2, 3))
+    for b, start in enumerate(args["cache_seqlens"].tolist()):
+        assert changed[b].nonzero().flatten().tolist() == [start, start + 1]
+        torch.testing.assert_close(args["k_cache"][b, start:start + 2], args["k"][b])
+    assert q.grad is None
+
+
+def raises(exc, text):
+    return pytest.raises(exc, match=re.escape(text))
+
+
+def call(args, **overrides):
+    positional, named = split(dict(args, **overrides))
+    return fa2rt.attention_with_kvcache(*positional, **named)
+
+
+def test_malformed_index_values_are_named():
+    args = make_case(seed=1)
+    with raises(ValueError, "cache_seqlens[1]: expected a value in [0, 38] (cache length 40, 2 new tokens"):
+        call(args, cache_seqlens=torch.tensor([0, 39, 3], dtype=torch.int32))
+    with raises(ValueError, "cache_seqlens[0]: expected a value in [0, 38]"):
+        call(args, cache_seqlens=torch.tensor([-1, 3, 3], dtype=torch.int32))
+    with raises(ValueError, "cache_seqlens: expected an int in [0, 38]"):
+        call(args, cache_seqlens=39)
+    with raises(ValueError, "cache_leftpad[2]: expected a value in [0, cache_seqlens[2]=3]"):
+        call(args, cache_seqlens=torch.tensor([3, 3, 3], dtype=torch.int32),
+             cache_leftpad=torch.tensor([0, 0, 4], dtype=torch.int32))
+    wide = make_case(batch_idx=True, seed=1)
+    with raises(ValueError, "cache_batch_idx[0]: expected a row of k_cache in [0, 5)"):
+        call(wide, cache_batch_idx=torch.tensor([5, 0, 1], dtype=torch.int32))
+    paged = make_case(paged=True, new=0, seed=1)
+    table = paged["block_table"].clone()
+    table[1, 0] = paged["k_cache"].shape[0]
+    with raises(ValueError, "block_table[1, 0]: expected a block of the pool in [0, 12)"):
+        call(paged, block_table=table, cache_seqlens=5)
+    table[1, 0], table[2, 2] = 0, -1
+    with raises(ValueError, "block_table[2, 2]: expected a block of the pool in [0, 12)"):
+        call(paged, block_table=table, cache_seqlens=40)
+    # Entries past a sequence's last page are never read, so they may hold anything (vLLM pads tables).
+    call(paged, block_table=table, cache_seqlens=16)
+
+
+MISUSE = [
+    (dict(k_cache=torch.zeros(3, 40, 2)), ValueError, "k_cache: expected a 4-D tensor"),
+    (dict(v_cache=torch.zeros(3, 41, 2, 16)), ValueError, "v_cache: expected shape (3, 40, 2, 16) (same as k_cache)"),
+    (dict(k_cache=torch.zeros(3, 40, 2, 8), v_cache=torch.zeros(3, 40, 2, 8)), ValueError,
+     "k_cache: expected head dim 16 (same as q)"),
+    (dict(k_cache=torch.zeros(3, 40, 3, 16), v_cache=torch.zeros(3, 40, 3, 16)), ValueError,
+     "k_cache: expected a number of heads that divides q's nheads=4"),
+    (dict(k_cache=torch.zeros(2, 40, 2, 16), v_cache=torch.zeros(2, 40, 2, 16)), ValueError,
+     "k_cache: expected at least 3 rows (q's batch; sequence b uses row b without cache_batch_idx), got 2"),
+    (dict(k_cache=torch.zeros(3, 40, 2, 16, dtype=torch.float16)), ValueError, "k_cache: expected dtype torch.float32"),
+    (dict(v=None), ValueError, "v: expected a tensor when k is given"),
+    (dict(k=torch.zeros(3, 2, 4, 16)), ValueError, "k: expected shape (batch=3, seqlen_new, nheads_k=2, headdim=16)"),
+    (dict(v=torch.zeros(3, 1, 2, 16)), ValueError, "v: expected shape (3, 2, 2, 16) (same as k)"),
+    (dict(k=torch.zeros(3, 41, 2, 16), v=torch.zeros(3, 41, 2, 16)), ValueError, "k: expected at most 40 new tokens"),
+    (dict(cache_seqlens=None), ValueError, "cache_seqlens: expected an int or a tensor when k and v are given"),
+    (dict(cache_seqlens=torch.zeros(3, dtype=torch.int64)), ValueError, "cache_seqlens: expected dtype torch.int32"),
+    (dict(cache_seqlens=torch.zeros(2, dtype=torch.int32)), ValueError, "cache_seqlens: expected shape (3,)"),
+    (dict(cache_seqlens=2.0), TypeError, "cache_seqlens: expected None, an int or an int32 tensor"),
+    (dict(cache_batch_idx=[0, 1, 2]), TypeError, "cache_batch_idx: expected None or a torch.int32 tensor"),
+    (dict(cache_leftpad=torch.zeros(3, 1, dtype=torch.int32)), ValueError, "cache_leftpad: expected shape (3,)"),
+    (dict(block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError,
+     "k_cache: expected a page size (dim 1 of a paged cache) that is a positive multiple of 16, got 40"),
+    (dict(block_table=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "block_table: expected shape (3, 2)"),
+    (dict(block_table=torch.zeros(3, dtype=torch.int32)), ValueError, "block_table: expected a 2-D torch.int32"),
+    (dict(rotary_cos=torch.zeros(40, 4)), ValueError, "rotary_sin: expected a tensor when rotary_cos is given"),
+    (dict(rotary_cos=torch.zeros(40, 9), rotary_sin=torch.zeros(40, 9)), ValueError,
+     "rotary_cos: expected shape (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= headdim=16"),
+    (dict(rotary_cos=torch.zeros(39, 4), rotary_sin=torch.zeros(39, 4)), ValueError,
+     "rotary_cos: expected at least 40 rows"),
+    (dict(rotary_cos=torch.zeros(40, 4), rotary_sin=torch.zeros(40, 2)), ValueError,
+     "rotary_sin: expected shape (40, 4) (same as rotary_cos)"),
+    (dict(rotary_cos=torch.zeros(40, 4, dtype=torch.float16), rotary_sin=torch.zeros(40, 4)), ValueError,
+     "rotary_cos: expected dtype torch.float32 (same as q)"),
+    (dict(rotary_interleaved=1), TypeError, "rotary_interleaved: expected a bool"),
+    (dict(num_splits=-1), ValueError, "num_splits: expected an int >= 0"),
+    (dict(num_splits=1.5), TypeError, "num_splits: expected an int >= 0"),
+    (dict(causal=1), TypeError, "causal: expected a bool"),
+    (dict(window_size=(-2, 0)), ValueError, "window_size[0]: expected an int >= -1"),
+    (dict(softcap=-1.0), ValueError, "softcap: expected a finite real number >= 0"),
+    (dict(alibi_slopes=torch.zeros(3)), ValueError, "alibi_slopes: expected shape (4,) or (3, 4)"),
+]
+
+
+@pytest.mark.parametrize("overrides, exc, text", MISUSE, ids=[text.split(":")[0] + str(i)
+                                                             for i, (_, _, text) in enumerate(MISUSE)])
+def test_bad_arguments_are_named(overrides, exc, text):
+    with raises(exc, text):
+        call(make_case(seed=1), **overrides)
+
+
+def test_rotary_needs_new_tokens_and_paged_refuses_batch_idx():
+    args = make_case(new=0, seed=1)
+    with raises(ValueError, "rotary_cos: expected None when k and v are not given"):
+        call(args, rotary_cos=torch.zeros(40, 4), rotary_sin=torch.zeros(40, 4))
+    paged = make_case(paged=True, seed=1)
+    with raises(ValueError, "cache_batch_idx: expected None with block_table"):
+        call(paged, cache_batch_idx=torch.zeros(3, dtype=torch.int32))
+
+
+# --- the dispatcher's view of decode calls (synthetic images; the real ones are tested by test_selection) ------------
+
+def decode_image(layout, features=("softcap", "alibi"), optional=("softcap", "alibi"), op="decode", head_dim=128):
+    from fa2rt import _C
+
+    img = _C.ImageInfo()
+    img.name = f"{op}-sm90-bf16-d{head_dim}m-{'+'.join(features) or 'plain'}-{layout}"
+    img.op, img.arch, img.dtype, img.head_dim, img.vendor = op, "sm90", "bf16", head_dim, "cuda"
+    img.d_mask, img.features, img.optional_features, img.layouts = True, list(features), list(optional), [layout]
+    img.page_multiple = 16 if layout == "paged" else 0
+    img.block_m, img.block_n, img.num_warps, img.warp_size, img.align16 = 16, 64, 4, 32, True
+    img.has_ptx = False
+    return img
+
+
+def decode_problem(layout="kvcache", page_size=0, features=(), splits=1, seqlen_q=1, nheads=32, nheads_k=8):
+    from conftest import problem
+
+    p = problem(head_dim=128, features=features, batch=4, seqlen_q=seqlen_q, seqlen_k=4096, nheads=nheads,
+                nheads_k=nheads_k, layout=layout)
+    p.op, p.page_size, p.splits = "decode", page_size, splits
+    return p
+
+
+def test_dispatcher_checks_layout_page_size_and_optional_features():
+    from conftest import DEVICES
+
+    from fa2rt import _C
+
+    registry = _C.Registry()
+    for img in (decode_image("kvcache"), decode_image("paged"),
+                decode_image("kvcache", features=("softcap", "alibi"), optional=("alibi",), op="decode_strict")):
+        registry.add(img)
+    device = DEVICES["sm90"]
+
+    def select(p):
+        sel = _C.select(p, device, registry, "")
+        return sel["image"], {r.image: (r.code, r.message) for r in sel["rejections"]}
+
+    chosen, rejected = select(decode_problem("paged", page_size=32))
+    assert chosen.endswith("-paged")
+    assert rejected["decode-sm90-bf16-d128m-softcap+alibi-kvcache"][0] == "layout"
+    chosen, rejected = select(decode_problem("paged", page_size=24))
+    assert chosen is None
+    assert rejected["decode-sm90-bf16-d128m-softcap+alibi-paged"] == (
+        "page_size", "page_size: image takes pages that are multiples of 16, problem has 24")
+    # softcap compiled in as a run-time switch: the image serves calls without it (and with it).
+    for features in ((), ("softcap",), ("softcap", "alibi")):
+        assert select(decode_problem(features=features))[0] == "decode-sm90-bf16-d128m-softcap+alibi-kvcache"
+    strict = decode_problem()
+    strict.op = "decode_strict"
+    assert select(strict)[1]["decode_strict-sm90-bf16-d128m-softcap+alibi-kvcache"] == (
+        "features", "features: image always applies softcap, problem has none")
+
+
+@pytest.mark.parametrize("splits, seqlen_q, heads, grid_x", [(1, 1, (32, 8), 1), (5, 1, (32, 8), 5),
+                                                              (3, 5, (32, 8), 6), (2, 1, (8, 8), 2)])
+def test_decode_grid_packs_query_heads_per_split(splits, seqlen_q, heads, grid_x):
+    from fa2rt import _C
+
+    registry = _C.Registry()
+    img = decode_image("kvcache")
+    registry.add(img)
+    p = decode_problem(splits=splits, seqlen_q=seqlen_q, nheads=heads[0], nheads_k=heads[1])
+    grid, block, _ = _C.launch_config(registry, img.name, p)
+    # rows = seqlen_q * (nheads / nheads_k) packed per KV head, 16 per program, once per split; y over KV heads.
+    assert tuple(grid) == (grid_x, 4 * heads[1], 1) and block == 128
+    p.splits = 0
+    with pytest.raises(ValueError, match="splits >= 1"):
+        _C.launch_config(registry, img.name, p)
+
+
+def test_split_heuristic():
+    from fa2rt.kvcache import check_kvcache_inputs
+    from fa2rt.kvcache_ops import MAX_SPLITS, choose_splits
+
+    args = make_case(batch=1, h=32, hk=8, d=16, seqlen_cache=32768, new=0)
+    shapes = check_kvcache_inputs(**args)
+    # batch 1, 8 KV heads: 8 programs per split; 132 SMs want 2 waves -> 33 splits, each >= 256 keys of 32768.
+    assert choose_splits(shapes, 132) == 33
+    assert choose_splits(dataclasses.replace(shapes, capacity=1024), 132) == 4  # no split under 256 keys
+    assert choose_splits(dataclasses.replace(shapes, batch=64), 132) == 1  # 512 programs fill the device
+    assert choose_splits(dataclasses.replace(shapes, num_splits=7), 132) == 7
+    assert choose_splits(dataclasses.replace(shapes, num_splits=1000), 132) == MAX_SPLITS
+
+
+def test_explain_names_the_fallback_reason(on_device):
+    args = make_case(seed=1)
+    positional, named = split(args)
+    before = args["k_cache"].clone()
+    assert fa2rt.explain_with_kvcache(*positional, **named).reason == "not_gpu"
+    on_device("sm90")
+    decision = fa2rt.explain_with_kvcache(*positional, **named)
+    assert decision.path == "fallback" and decision.reason == "dtype"  # float32 on a (synthetic) GPU
+    assert torch.equal(args["k_cache"], before)  # explain touches nothing
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm89", "sm90", "gfx90a", "gfx942"])
+def test_installed_decode_images_take_kvcache_calls(on_device, arch):
+    """The real build, on a synthetic device of each arch: contiguous and paged bf16 calls get a decode image of the
+    arch for their layout (and a combine image when they split); a head dim over every bucket falls back, named."""
+    from fa2rt import builds
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device(arch)
+    for paged, layout in ((False, "kvcache"), (True, "paged")):
+        args = make_case(batch=1, h=8, hk=2, d=128, seqlen_cache=4096, max_blocks=64, new=1, paged=paged,
+                         dtype=torch.bfloat16)
+        positional, named = split(args)
+        decision = fa2rt.explain_with_kvcache(*positional, **named, causal=True, softcap=5.0)
+        assert decision.path == "kernel", decision
+        assert decision.image.startswith(f"decode-{arch}-bf16-d128m-") and decision.image.split("-")[-2] == layout
+        splits = int(decision.message.split()[0])
+        assert splits > 1 and decision.backward[0][0].startswith(f"decode_combine-{arch}-bf16-d256m-")
+        single = fa2rt.explain_with_kvcache(*positional, **named, num_splits=1)
+        assert single.path == "kernel" and single.backward == ()
+    args = make_case(batch=1, h=2, hk=2, d=264, seqlen_cache=64, new=0, dtype=torch.bfloat16)
+    positional, named = split(args)
+    decision = fa2rt.explain_with_kvcache(*positional, **named)
+    assert decision.reason == "no_kernel" and "head_dim" in decision.message, decision
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
+    """attention_with_kvcache's kernel path up to the launch, on CPU tensors described as an sm90 device with the
+    installed build: the append and rotary write what the reference writes, the plans hold the chosen images, the
+    dispatcher's grid and every pointer of the image; the launch is recorded instead of run."""
+    from fa2rt import builds, kvcache_ops
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device("sm90")
+    launched = []
+    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, tensors, device: launched.append((plan, tensors)))
+    args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=2048, max_blocks=128, new=2, seqlen_q=2, paged=paged,
+                     dtype=torch.float16, rotary_dim=16)
+    _, _, ref_k, ref_v = kvcache_reference(**args, causal=True)
+    positional, named = split(args)
+    out, lse = fa2rt.attention_with_kvcache(*positional, **named, causal=True, return_lse=True)
+    (plan, tensors), = launched
+    assert out is tensors["O"] and lse is tensors["LSE"]
+    torch.testing.assert_close(args["k_cache"].double(), ref_k, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(args["v_cache"].double(), ref_v, atol=0, rtol=0)
+    layout = "paged" if paged else "kvcache"
+    assert plan.decode_plan.image.startswith(f"decode-sm90-fp16-d64m-softcap+alibi-{layout}-")
+    assert plan.decode_plan.pointers == list(tensors)
+    # 2 query rows x 4 query heads per KV head = 8 packed rows: one row block per split; y: batch x KV heads.
+    assert plan.decode_plan.grid == (plan.splits, 2 * 2, 1) and plan.splits > 1
+    assert plan.combine_plan.image.startswith("decode_combine-sm90-fp16-d256m-")
+    assert plan.combine_plan.grid == (1, 2 * 8, 1)
+    # A second call of the same geometry reuses the plan.
+    fa2rt.attention_with_kvcache(*positional, **named, causal=True)
+    assert launched[1][0] is plan
