@@ -287,3 +287,17 @@ def test_tune_writes_tiles(tmp_path, monkeypatch):
     assert entry("sm80", "fwd", 64)[variants.FULL_BAND] == tune._tile_entry(better)
     tune.write_full_band_tiles({("sm80", 64): own64}, {("sm80", 64): own64}, "fwd")
     assert variants.FULL_BAND not in entry("sm80", "fwd", 64)
+
+
+def test_varlen_images_take_their_own_spill_allowance():
+    # Only where tiles.json gives one; otherwise the dense allowance (by default none) holds for them too.
+    assert variants.stack_allowance({"max_stack_bytes": 48, variants.VARLEN_STACK_KEY: 64}, "varlen") == 64
+    assert variants.stack_allowance({"max_stack_bytes": 48, variants.VARLEN_STACK_KEY: 64}, "dense") == 48
+    assert variants.stack_allowance({"max_stack_bytes": 48}, "varlen") == 48
+    assert variants.stack_allowance({}, "varlen") == 0
+    grid = variants.variants(["sm80"])
+    varlen = [v for v in grid if v.layout == "varlen"]
+    assert varlen and {(v.d_mask, v.features) for v in varlen} == set(variants.LAYOUT_KINDS["varlen"])
+    assert not any(v.full_band_only for v in varlen)
+    for v in varlen:
+        assert v.max_stack_bytes == variants.stack_allowance(variants.tile_config("sm80", v.op, v.head_dim), "varlen")

@@ -228,4 +228,4 @@ def test_fp32_falls_back_with_the_same_semantics(fresh_announcements):
     with pytest.warns(fa2rt.FallbackWarning, match=r"\[dtype\]"):
         out, lse = fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, return_lse=True, **opts)
     ref, ref_lse = attention_reference_varlen(q, k, v, cq, ck, **opts)
-    assert rel_err(out, ref) < 1e-5 and lse.shape == ref_lse.shape
+    assert rel_err(out, ref) < 1e-4 and lse.shape == ref_lse.shape
