@@ -37,8 +37,8 @@ const char* load_mode_name(LoadMode m) {
 
 const char* reject_name(Reject r) {
   static const char* const names[] = {
-      "no_device", "no_images", "arch_unsupported", "arch_mismatch", "ptx_unusable",  "forced_out", "layout", "page_size",
-      "dtype",     "head_dim",  "features",         "band",          "alignment",     "shared_memory",
+      "no_device",   "no_images",  "arch_unsupported", "arch_mismatch", "ptx_unusable", "forced_out", "layout",
+      "page_size",   "dtype",      "head_dim",         "features",      "band",         "alignment",  "shared_memory",
       "index_range", "grid_limit",
   };
   return names[static_cast<int>(r)];
