@@ -555,16 +555,20 @@ def rule_fa2rt_version(fleet: dict) -> list[dict]:
                         f"pip install fa2rt=={common} on those ranks")]
 
 
+def _loaded(source: dict) -> bool:
+    # A report from a rank whose fa2rt predates per-source status lists only what it loaded.
+    return source.get("status", builds.LOADED) == builds.LOADED
+
+
 def _source_of(report: dict, arch: str) -> dict | None:
-    return next((p for p in report["kernel_packages"] if arch in p["archs"] and p["status"] == builds.LOADED), None)
+    return next((p for p in report["kernel_packages"] if arch in p["archs"] and _loaded(p)), None)
 
 
 def rule_kernel_packages(fleet: dict) -> list[dict]:
     """Ranks that load an arch's images from a manifest other than most ranks' (archs split alike: reported once).
     The manifest's digest decides: the images, not the package's name, make the numbers."""
     splits = defaultdict(list)
-    archs = sorted({a for r in fleet["reports"] for p in r["kernel_packages"] for a in p["archs"]
-                    if p["status"] == builds.LOADED})
+    archs = sorted({a for r in fleet["reports"] for p in r["kernel_packages"] for a in p["archs"] if _loaded(p)})
     for arch in archs:
         holders = defaultdict(list)
         for report in fleet["reports"]:
