@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tox environment (builds fa2rt there, runs tests/gpu), the doctor, memcheck samples (dense,
-# malformed varlen and kvcache indices) and the benchmarks (grid, decode) (native sm90 images, then sm80 images through PTX). Full logs go to $OUT. TESTS=0 skips the tests
-# (still builds), BENCH=0 the benchmark.
+# malformed varlen and kvcache indices) and the benchmarks (the grid with native sm90 images, then sm80 images
+# through PTX; decode). Full logs go to $OUT. TESTS=0 skips the tests (still builds), BENCH=0 the benchmarks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
