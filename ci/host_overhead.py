@@ -2,6 +2,12 @@
 that the host path decides the speed. Needs a CUDA GPU.
 
     python ci/host_overhead.py [--batch 1] [--seqlen 128] [--heads 8] [--head-dim 64] [--causal] [--calls 200]
+    python ci/host_overhead.py --decode [--batch 8] [--seqlen 4096] [--heads 32] [--kv-heads 8] [--head-dim 128]
+
+--decode measures one decode step instead (seqlen_q 1 against a KV cache of --seqlen tokens, causal):
+fa2rt.attention_with_kvcache without and with appending one token, against SDPA's flash, efficient and cuDNN
+backends on the same step (K/V as (batch, kv_heads, seqlen, headdim) views, enable_gqa), and an append done with
+torch indexing before SDPA flash (what the same serving step costs without fa2rt).
 
 Per case, after a warm-up, N calls back to back:
 - host: time.perf_counter around issuing the N calls, synchronising only after them;
@@ -11,6 +17,7 @@ Per case, after a warm-up, N calls back to back:
 """
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -53,19 +60,40 @@ def fwd_bwd(attn, q, k, v, dout):
     torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--calls", type=int, default=200)
-    a = p.parse_args()
+def decode_cases(a, make):
+    """The decode step's contenders, name -> (SDPA backend or None, call): seqlen_q 1 against a cache of a.seqlen
+    tokens holding a.seqlen - 1."""
+    batch, hk, d = a.batch, a.kv_heads, a.head_dim
+    q, k_cache, v_cache = make(batch, 1, a.heads, d), make(batch, a.seqlen, hk, d), make(batch, a.seqlen, hk, d)
+    k_new, v_new = make(batch, 1, hk, d), make(batch, 1, hk, d)
+    seqlens = torch.full((batch,), a.seqlen - 1, dtype=torch.int32, device="cuda")
+    rows = torch.arange(batch, device="cuda")
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True)
+    assert decision.path == "kernel", decision
 
-    def make(*shape, grad=False):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
 
+    def append_then_sdpa():
+        k_cache[rows, seqlens.long()] = k_new[:, 0]
+        v_cache[rows, seqlens.long()] = v_new[:, 0]
+        return sdpa()
+
+    cases = {"fa2rt decode": (None, lambda: fa2rt.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
+                                                                         causal=True)),
+             "fa2rt decode+append": (None, lambda: fa2rt.attention_with_kvcache(
+                 q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True)),
+             "torch append+sdpa flash": (SDPBackend.FLASH_ATTENTION, append_then_sdpa)}
+    cases |= {f"sdpa {name} decode": (backend, sdpa) for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION))}
+    header = (f"bf16 decode batch {batch}, cache {a.seqlen}, heads {a.heads}/{hk}, d{d}; fa2rt: {decision.image} "
+              f"({decision.message})")
+    return header, cases
+
+
+def dense_cases(a, make):
     bshd, bhsd = (a.batch, a.seqlen, a.heads, a.head_dim), (a.batch, a.heads, a.seqlen, a.head_dim)
     fa2 = lambda q, k, v: fa2rt.attention(q, k, v, causal=a.causal)  # noqa: E731
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=a.causal)  # noqa: E731
@@ -73,15 +101,43 @@ def main():
     grad = {layout: [make(*layout, grad=True) for _ in range(3)] + [make(*layout)] for layout in (bshd, bhsd)}
     decision = fa2rt.explain(*grad[bshd][:3], causal=a.causal)
     assert decision.path == "kernel", decision
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16 batch {a.batch}, seqlen {a.seqlen}, "
-          f"heads {a.heads}, d{a.head_dim}, causal {a.causal}; {a.calls} calls; fa2rt: {decision.image}")
-    cases = {"fa2rt fwd": lambda: fa2(*plain[bshd]), "fa2rt fwd+bwd": lambda: fwd_bwd(fa2, *grad[bshd]),
-             "sdpa flash fwd": lambda: sdpa(*plain[bhsd]), "sdpa flash fwd+bwd": lambda: fwd_bwd(sdpa, *grad[bhsd])}
-    print(f"{'case':20s} {'host us/call':>13s} {'gpu us/call':>12s} {'wall us/call':>13s}")
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        for name, fn in cases.items():
+    flash = SDPBackend.FLASH_ATTENTION
+    cases = {"fa2rt fwd": (None, lambda: fa2(*plain[bshd])), "fa2rt fwd+bwd": (None, lambda: fwd_bwd(fa2, *grad[bshd])),
+             "sdpa flash fwd": (flash, lambda: sdpa(*plain[bhsd])),
+             "sdpa flash fwd+bwd": (flash, lambda: fwd_bwd(sdpa, *grad[bhsd]))}
+    header = (f"bf16 batch {a.batch}, seqlen {a.seqlen}, heads {a.heads}, d{a.head_dim}, causal {a.causal}; "
+              f"fa2rt: {decision.image}")
+    return header, cases
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--decode", action="store_true")
+    p.add_argument("--batch", type=int, default=None, help="default 1 (8 with --decode)")
+    p.add_argument("--seqlen", type=int, default=None, help="default 128 (the cache length, 4096, with --decode)")
+    p.add_argument("--heads", type=int, default=None, help="default 8 (32 with --decode)")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads of the decode step")
+    p.add_argument("--head-dim", type=int, default=None, help="default 64 (128 with --decode)")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--calls", type=int, default=200)
+    a = p.parse_args()
+    defaults = dict(batch=8, seqlen=4096, heads=32, head_dim=128) if a.decode else dict(batch=1, seqlen=128, heads=8,
+                                                                                        head_dim=64)
+    for name, value in defaults.items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
+
+    def make(*shape, grad=False):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+
+    header, cases = (decode_cases if a.decode else dense_cases)(a, make)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {header}; {a.calls} calls")
+    print(f"{'case':24s} {'host us/call':>13s} {'gpu us/call':>12s} {'wall us/call':>13s}")
+    for name, (backend, fn) in cases.items():
+        # The backend is chosen outside the timed calls: SDPA's host time is that of its call alone.
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             host, gpu, wall = measure(fn, a.calls)
-            print(f"{name:20s} {host:13.1f} {gpu:12.1f} {wall:13.1f}")
+        print(f"{name:24s} {host:13.1f} {gpu:12.1f} {wall:13.1f}")
 
 
 if __name__ == "__main__":

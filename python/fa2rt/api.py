@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from . import calls, kvcache, ops, policy
+from . import calls, kvcache, kvcache_ops, ops, policy
 from .fallback import layout_copies, sdpa_attention, sdpa_varlen_attention
 from .validate import Shapes, check_dropout, check_inputs, check_varlen_inputs
 
@@ -149,12 +149,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         return _with_dropout(q, k, v, varlen, check_dropout(dropout_p), causal=causal, softmax_scale=softmax_scale,
                              window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                              return_lse=return_lse, out=out, deterministic=deterministic)
-    shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                 softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                                 alibi_slopes=alibi_slopes, out=out)
     cu = (cu_seqlens_q, cu_seqlens_k)
     compiling = torch.compiler.is_compiling()
     eager = not compiling and ops.can_run_eager(q, k, v, *cu, alibi_slopes, out)
+    key = None
+    if eager:
+        key, call = calls.find_varlen(q, k, v, *cu, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_size,
+                                      softcap, alibi_slopes, out)
+        if call is not None:
+            out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, cu)
+            return (out, lse) if return_lse else out
+    shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                 softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, out=out)
     if not eager and not _needs_grad(alibi_slopes):
         # torch.compile, dispatch modes, transforms: the custom op (registered for every device) selects when it runs,
         # and falls back there, announced: a fallback traced here would read cu_seqlens' values into the graph.
@@ -167,8 +174,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     # Compiling here means slopes that require grad: no kernel takes them, and the dispatcher cannot be traced.
     decision = policy.Decision("fallback") if compiling else _decide(shapes, q, k, v, alibi_slopes, out)
     if decision.path == "kernel":
-        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, ops.EagerCall(shapes, decision.image, decision.mode),
-                                 deterministic, cu)
+        call = ops.EagerCall(shapes, decision.image, decision.mode)
+        calls.remember(key, call, cu)
+        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, cu)
     else:
         if decision.path == "fallback" and decision.reason:
             policy.announce(decision)
@@ -226,14 +234,29 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=No
     ones (wrong numbers at worst, never an access outside the given tensors), the fallback always checks them.
     Returns out (like q) or (out, lse) with lse float32 (batch, nheads, seqlen_q) when return_lse.
     """
+    index_tensors = (cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None, cache_batch_idx,
+                     cache_leftpad, block_table)
+    key = None
+    if not torch.compiler.is_compiling() and ops.can_run_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                                               alibi_slopes, *index_tensors):
+        # A decode step repeats one call: like an earlier one that validated and ran the kernels, it would again.
+        options = (softmax_scale, causal, softcap, rotary_interleaved, num_splits, window_size)
+        key, call = calls.find_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                       cache_batch_idx, cache_leftpad, block_table, alibi_slopes, options)
+        if call is not None:
+            out, lse = kvcache_ops.run_call(call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                              cache_batch_idx, cache_leftpad, block_table, alibi_slopes)
+            return (out, lse) if return_lse else out
     with torch.no_grad():
         shapes = kvcache.check_kvcache_inputs(
             q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
             cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
             softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
             rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
-        out, lse = kvcache.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                               cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
+        out, lse, call = kvcache.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                     cache_batch_idx, cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
+    if call is not None:
+        calls.remember(key, call, index_tensors)
     return (out, lse) if return_lse else out
 
 

@@ -1,14 +1,17 @@
 """Repeated eager calls: one dict lookup instead of validation, the decision and the launch-plan lookups.
 
-Training loops repeat a few calls, and at short sequences validating, deciding and looking plans up cost more host
-time than the kernels run. A call's key holds everything check_inputs, policy.decide and the launch plans read of it;
-only calls that passed validation and took the eager kernel path are remembered, with their ops.EagerCall, so a hit
-is a call that would validate, decide and launch the same. Calls a key cannot describe take the validated path.
+Training loops and decode steps repeat a few calls, and at short sequences validating, deciding and looking plans up
+cost more host time than the kernels run. A call's key holds everything validation, the decision and the launch plans
+read of it; only calls that passed validation and took the eager kernel path are remembered, with their resolved call
+(ops.EagerCall, kvcache_ops.KVCall), so a hit is a call that would validate, decide and launch the same. Calls a key
+cannot describe take the validated path, and so do calls whose index values are checked (see remember): a key holds
+no values of index tensors.
 """
 
 import torch
 
-from . import _C, ops, policy
+from . import _C, policy
+from .validate import should_check_values
 
 _CALLS: dict = {}
 
@@ -39,21 +42,61 @@ def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tu
             _window(window_size), policy.environment_key(q.device))
 
 
-def find(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
-    """(key, ops.EagerCall or None) for an eager call (ops.can_run_eager holds): the key is None when the call cannot
-    be described by one (a tensor without strides, an unhashable option), the EagerCall None when none is remembered
-    for it."""
+def _varlen_key(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
+    return ("varlen", _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out), _tensor(cu_q),
+            _tensor(cu_k), _options(max_q, max_k))
+
+
+def _optional(t) -> tuple | None:
+    return None if t is None else _tensor(t)
+
+
+def _kvcache_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                 block_table, alibi, options) -> tuple:
+    # An int cache_seqlens is validated against the cache's length: its value is part of the key.
+    seqlens = _tensor(cache_seqlens) if isinstance(cache_seqlens, torch.Tensor) else _options(cache_seqlens)
+    tensors = tuple(map(_optional, (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad,
+                                    block_table, alibi)))
+    pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()
+    return ("kvcache", tensors, seqlens, pointers % _C.ALIGN_BYTES == 0, _options(*options[:-1]),
+            _window(options[-1]), policy.environment_key(q.device))
+
+
+def _lookup(make_key, *args) -> tuple:
     try:
-        key = _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out)
+        key = make_key(*args)
         call = _CALLS.get(key)
     except (RuntimeError, TypeError):  # sparse/nested tensors have no strides; lists and arrays no hash
         return None, None
     return key, call if call is not None and call.current() else None
 
 
-def remember(key, call: "ops.EagerCall") -> None:
-    """Keep `call` for later calls of `key` (a validated call on the eager kernel path); bounded as policy's caches."""
-    if key is None:
+def find(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
+    """(key, ops.EagerCall or None) for an eager call (ops.can_run_eager holds): the key is None when the call cannot
+    be described by one (a tensor without strides, an unhashable option), the EagerCall None when none is remembered
+    for it."""
+    return _lookup(_key, q, k, v, causal, softmax_scale, window_size, softcap, alibi, out)
+
+
+def find_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
+    """find() for an attention_varlen call."""
+    return _lookup(_varlen_key, q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window_size, softcap, alibi,
+                   out)
+
+
+def find_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                 block_table, alibi, options: tuple) -> tuple:
+    """find() for an attention_with_kvcache call; options: (softmax_scale, causal, softcap, rotary_interleaved,
+    num_splits, window_size)."""
+    return _lookup(_kvcache_key, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                   cache_leftpad, block_table, alibi, options)
+
+
+def remember(key, call, indices=()) -> None:
+    """Keep `call` for later calls of `key` (a validated call on the eager kernel path); bounded as policy's caches.
+    indices: the call's index tensors (None allowed); not kept when their values were checked (on the CPU, or
+    FA2RT_CHECK_INDICES), since a hit skips validation."""
+    if key is None or any(t is not None and should_check_values(t) for t in indices):
         return
     if len(_CALLS) >= policy.SELECTION_CACHE_SIZE:
         _CALLS.clear()

@@ -368,8 +368,8 @@ def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, b
 
 def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, alibi_slopes, shapes: KVShapes, return_lse: bool):
-    """A validated call on the decode kernels when they take it, else on the announced fallback: (out, lse or
-    None)."""
+    """A validated call on the decode kernels when they take it, else on the announced fallback: (out, lse or None,
+    the kvcache_ops.KVCall that ran it or None for the fallback)."""
     info, decision = _gate(shapes)
     if decision is None:
         from . import kvcache_ops  # the kernel path needs the native module's launch plans
@@ -377,10 +377,11 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
         result = kvcache_ops.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                  cache_leftpad, block_table, alibi_slopes, shapes, info)
         if not isinstance(result, policy.Decision):
-            out, lse = result
-            return out, (lse if return_lse else None)
+            out, lse, call = result
+            return out, (lse if return_lse else None), call
         decision = result
     if decision.path == "fallback":
         policy.announce(decision)
-    return kvcache_fallback(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                            cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
+    out, lse = kvcache_fallback(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                                cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
+    return out, lse, None

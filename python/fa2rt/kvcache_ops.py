@@ -9,6 +9,7 @@ split count depends only on shapes and the device; each sequence's keys are cut 
 length inside the kernel.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -285,15 +286,36 @@ def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, b
                            message=f"{splits} split(s)", backward=(combine,) if combine else ())
 
 
-def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-        block_table, alibi, shapes: KVShapes, info):
-    """The call on the kernels: (out, lse), or the fallback Decision (the caches untouched) when no image fits."""
-    splits = choose_splits(shapes, info.multiprocessors)
+@dataclass(frozen=True)
+class KVCall:
+    """A call resolved on the kernel path: its KVShapes and Plan, so a repeated call (calls.find_kvcache) only
+    prepares q, allocates its outputs, appends and launches."""
+
+    shapes: KVShapes
+    plan: Plan
+    plans_source: dict  # the plan cache it was resolved against (tests replace it to record launches)
+
+    def current(self) -> bool:
+        return self.plans_source is _PLANS
+
+
+def _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes: KVShapes):
+    """(q as the kernel reads it, seqlens as a (batch,) tensor or None): rotated when rotary is on, copied when its
+    layout is not the kernels' (q is small)."""
     seqlens = seqlens_tensor(cache_seqlens, shapes, q.device) if shapes.seqlen_new or shapes.rotary_dim else None
     if shapes.rotary_dim:
         q = rotate_q(q, rotary_cos, rotary_sin, seqlens, shapes)
     elif not (_aligned(q) and _strides8(q)):
-        q = q.clone(memory_format=torch.contiguous_format)  # q is small: a copy keeps odd views on the kernels
+        q = q.clone(memory_format=torch.contiguous_format)
+    return q, seqlens
+
+
+def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+        block_table, alibi, shapes: KVShapes, info):
+    """The call on the kernels: (out, lse, its KVCall), or the fallback Decision (the caches untouched) when no
+    image fits."""
+    splits = choose_splits(shapes, info.multiprocessors)
+    q, seqlens = _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes)
     out, lse, o_part, lse_part = buffers(q, shapes, splits)
     tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table)
@@ -304,6 +326,22 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
         return plan
     if shapes.seqlen_new:
         append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
+    launch(plan, tensors, q.device)
+    return out, lse, KVCall(shapes, plan, _PLANS)
+
+
+def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+             cache_leftpad, block_table, alibi):
+    """A repeated call (same key as the validated call that resolved `call`): (out, lse) with no validation or
+    selection. Grad mode is off only around the torch ops that write the caches or rotate q."""
+    shapes, plan = call.shapes, call.plan
+    with torch.no_grad() if shapes.seqlen_new or shapes.rotary_dim else contextlib.nullcontext():
+        q, seqlens = _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes)
+        if shapes.seqlen_new:
+            append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
+    out, lse, o_part, lse_part = buffers(q, shapes, plan.splits)
+    tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
+                             cache_leftpad, block_table)
     launch(plan, tensors, q.device)
     return out, lse
 

@@ -405,3 +405,40 @@ def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
     # A second call of the same geometry reuses the plan.
     fa2rt.attention_with_kvcache(*positional, **named, causal=True)
     assert launched[1][0] is plan
+
+
+def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatch):
+    """A decode step repeated with new tensors of the same layout is validated and selected once: the remembered
+    call (calls.find_kvcache) appends and launches with the new tensors. Another cache length or option, or index
+    tensors whose values are read on the host (CPU here), go through validation again."""
+    from fa2rt import api, builds, calls, kvcache, kvcache_ops
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device("sm90")
+    monkeypatch.setattr(calls, "_CALLS", {})
+    launched, validated = [], []
+    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, tensors, device: launched.append((plan, tensors)))
+    real = kvcache.check_kvcache_inputs
+    monkeypatch.setattr(api.kvcache, "check_kvcache_inputs", lambda *a, **kw: validated.append(1) or real(*a, **kw))
+    args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=512, new=1, dtype=torch.float16)
+
+    def step(seed, cache_seqlens=100, **options):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(args[name].shape, generator=g).to(torch.float16) for name in ("q", "k", "v"))
+        out = fa2rt.attention_with_kvcache(q, args["k_cache"], args["v_cache"], k, v, cache_seqlens=cache_seqlens,
+                                           causal=True, **options)
+        return q, k, out
+
+    step(0)
+    q, k, out = step(1)
+    assert len(validated) == 1 and len(launched) == 2 and launched[1][0] is launched[0][0]
+    assert launched[1][1]["Q"] is q and launched[1][1]["O"] is out
+    assert torch.equal(args["k_cache"][:, 100], k[:, 0])  # the hit appended in place
+    step(2, cache_seqlens=101)
+    step(3, softcap=2.0)
+    assert len(validated) == 3
+    seqlens = torch.full((2,), 50, dtype=torch.int32)  # on the CPU: its values are checked at every call
+    step(4, cache_seqlens=seqlens)
+    step(5, cache_seqlens=seqlens)
+    assert len(validated) == 5 and len(launched) == 6

@@ -115,3 +115,26 @@ def test_fake_implementations_give_flash_attn_shapes():
     assert out.shape == q.shape and lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
     grads = ops.varlen_bwd(out, q, k, v, out, lse, cq, ck, mq, mk, None, 0.125, -1, -1, 0.0, False)
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_repeated_calls_skip_validation_only_when_indices_are_not_read(recorded, monkeypatch):  # noqa: F811
+    """A repeated varlen call is validated once when its cu_seqlens' values are not read on the host (a GPU's, shown
+    here by should_check_values); CPU cu_seqlens are checked at every call. Another max_seqlen is a new key."""
+    from fa2rt import api, calls
+
+    monkeypatch.setattr(calls, "_CALLS", {})
+    validated = []
+    real = api.check_varlen_inputs
+    monkeypatch.setattr(api, "check_varlen_inputs", lambda *a, **kw: validated.append(1) or real(*a, **kw))
+    q, k, v, cq, ck, mq, mk = make()
+    for _ in range(2):
+        fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True)
+    assert len(validated) == 2
+    monkeypatch.setattr(calls, "should_check_values", lambda t: False)
+    queries = [q.clone() for _ in range(3)]  # alive together: three addresses
+    outs = [fa2rt.attention_varlen(query, k, v, cq, ck, mq, mk, causal=True) for query in queries]
+    assert len(validated) == 3 and len(recorded.launches) == 5
+    assert recorded.launches[4][3][0] != recorded.launches[3][3][0]  # a new q's address, the same plan
+    assert recorded.launches[4][0] is recorded.launches[3][0] and outs[2].shape == q.shape
+    fa2rt.attention_varlen(q, k, v, cq, ck, mq + 1, mk, causal=True)
+    assert len(validated) == 4
