@@ -47,15 +47,16 @@ def _varlen_key(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window
             _tensor(cu_k), _options(max_q, max_k))
 
 
-def _optional(t) -> tuple | None:
-    return None if t is None else _tensor(t)
+def _kv_tensor(t) -> tuple | None:
+    # What KV-cache validation reads: no autograd (requires_grad is irrelevant), and a tensor without strides raises.
+    return None if t is None else (type(t), t.dtype, t.device, t.shape, t.stride())
 
 
 def _kvcache_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                  block_table, alibi, options) -> tuple:
     # An int cache_seqlens is validated against the cache's length: its value is part of the key.
-    seqlens = _tensor(cache_seqlens) if isinstance(cache_seqlens, torch.Tensor) else _options(cache_seqlens)
-    tensors = tuple(map(_optional, (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad,
+    seqlens = _kv_tensor(cache_seqlens) if isinstance(cache_seqlens, torch.Tensor) else _options(cache_seqlens)
+    tensors = tuple(map(_kv_tensor, (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad,
                                     block_table, alibi)))
     pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()
     return ("kvcache", tensors, seqlens, pointers % _C.ALIGN_BYTES == 0, _options(*options[:-1]),

@@ -9,7 +9,6 @@ split count depends only on shapes and the device; each sequence's keys are cut 
 length inside the kernel.
 """
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -55,6 +54,14 @@ def _rotate(x, rotary_cos, rotary_sin, positions, interleaved):
     return reference.rotary(x.float(), rotary_cos, rotary_sin, positions, interleaved).to(x.dtype)
 
 
+def _slots(cache) -> torch.Tensor | None:
+    """cache as (rows * seqlen, nheads_k, headdim) when its first two dims merge into one without a copy, else None."""
+    rows, seqlen = cache.shape[:2]
+    if rows * seqlen and cache.stride(0) != seqlen * cache.stride(1):
+        return None
+    return cache.view(rows * seqlen, *cache.shape[2:])
+
+
 def append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes: KVShapes):
     """Write the new k (rotated when rotary is on) and v at positions seqlens[b] + i of each sequence, in place."""
     new = torch.arange(shapes.seqlen_new, device=k.device)
@@ -62,14 +69,21 @@ def append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_
     if shapes.rotary_dim:
         k = _rotate(k, rotary_cos, rotary_sin, seqlens[:, None] + new[None, :], shapes.rotary_interleaved)
     if shapes.paged:
-        blocks = block_table.long().gather(1, positions // shapes.page_size).clamp(0, shapes.cache_rows - 1)
-        where = (blocks, positions % shapes.page_size)
+        rows = block_table.long().gather(1, positions // shapes.page_size).clamp(0, shapes.cache_rows - 1)
+        positions = positions % shapes.page_size
     else:
-        rows = (torch.arange(shapes.batch, device=k.device) if cache_batch_idx is None
-                else cache_batch_idx.long().clamp(0, shapes.cache_rows - 1))
-        where = (rows[:, None].expand_as(positions), positions)
-    k_cache[where] = k
-    v_cache[where] = v
+        rows = (torch.arange(shapes.batch, device=k.device)[:, None] if cache_batch_idx is None
+                else cache_batch_idx.long().clamp(0, shapes.cache_rows - 1)[:, None])
+    flat_k, flat_v = _slots(k_cache), _slots(v_cache)
+    if flat_k is not None and flat_v is not None:
+        # One index_copy_ per cache: an indexed assignment costs several times its host time and a sort on the GPU.
+        where = (rows * k_cache.shape[1] + positions).view(-1)
+        flat_k.index_copy_(0, where, k.reshape(-1, *k.shape[2:]))
+        flat_v.index_copy_(0, where, v.reshape(-1, *v.shape[2:]))
+    else:
+        where = (rows.expand_as(positions), positions)
+        k_cache[where] = k
+        v_cache[where] = v
 
 
 def rotate_q(q, rotary_cos, rotary_sin, seqlens, shapes: KVShapes):
@@ -161,16 +175,26 @@ def combine_constants(out, shapes: KVShapes, splits: int) -> dict:
             "head_dim_8": shapes.head_dim // _C.HEAD_DIM_MULTIPLE}
 
 
+SCRATCH_ALIGN = 64  # floats: each part of the float32 scratch starts 256-byte aligned, as kernels' pointers expect
+
+
+def _aligned_floats(n: int) -> int:
+    return -(-n // SCRATCH_ALIGN) * SCRATCH_ALIGN
+
+
 def buffers(q, shapes: KVShapes, splits: int):
-    """(out, lse, o_part, lse_part): the output, its LSE and the split partials (one-element dummies for one
-    split); sizes from shapes and the split count only."""
+    """(out, lse, o_part, lse_part): the output, its LSE and the split partials (the LSE again for one split); sizes
+    from shapes and the split count only. The float32 ones share one allocation (host time per decode step)."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((shapes.batch, shapes.nheads, shapes.seqlen_q), dtype=torch.float32, device=q.device)
+    rows = (shapes.batch, shapes.nheads, shapes.seqlen_q)
+    n = shapes.batch * shapes.nheads * shapes.seqlen_q
     if splits == 1:
+        lse = torch.empty(rows, dtype=torch.float32, device=q.device)
         return out, lse, lse, lse
-    rows = (splits, shapes.batch, shapes.nheads, shapes.seqlen_q)
-    return out, lse, torch.empty(rows + (shapes.head_dim,), dtype=torch.float32, device=q.device), torch.empty(
-        rows, dtype=torch.float32, device=q.device)
+    start_o, start_l = _aligned_floats(n), _aligned_floats(n) + _aligned_floats(splits * n * shapes.head_dim)
+    scratch = torch.empty(start_l + splits * n, dtype=torch.float32, device=q.device)
+    return (out, scratch[:n].view(rows), scratch[start_o:start_o + splits * n * shapes.head_dim].view(
+        (splits, *rows, shapes.head_dim)), scratch[start_l:].view((splits, *rows)))
 
 
 # --- selection and launch -----------------------------------------------------------------------------------------
@@ -294,6 +318,7 @@ class KVCall:
     shapes: KVShapes
     plan: Plan
     plans_source: dict  # the plan cache it was resolved against (tests replace it to record launches)
+    q_strides8: bool  # q's strides (part of the key) are the kernels'; its address is checked per call
 
     def current(self) -> bool:
         return self.plans_source is _PLANS
@@ -315,6 +340,7 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
     """The call on the kernels: (out, lse, its KVCall), or the fallback Decision (the caches untouched) when no
     image fits."""
     splits = choose_splits(shapes, info.multiprocessors)
+    q_given = q
     q, seqlens = _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes)
     out, lse, o_part, lse_part = buffers(q, shapes, splits)
     tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
@@ -327,7 +353,7 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
     if shapes.seqlen_new:
         append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
     launch(plan, tensors, q.device)
-    return out, lse, KVCall(shapes, plan, _PLANS)
+    return out, lse, KVCall(shapes, plan, _PLANS, _strides8(q_given))
 
 
 def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -335,10 +361,13 @@ def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, ca
     """A repeated call (same key as the validated call that resolved `call`): (out, lse) with no validation or
     selection. Grad mode is off only around the torch ops that write the caches or rotate q."""
     shapes, plan = call.shapes, call.plan
-    with torch.no_grad() if shapes.seqlen_new or shapes.rotary_dim else contextlib.nullcontext():
-        q, seqlens = _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes)
-        if shapes.seqlen_new:
-            append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
+    if shapes.seqlen_new or shapes.rotary_dim:
+        with torch.no_grad():
+            q, seqlens = _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes)
+            if shapes.seqlen_new:
+                append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
+    elif not (call.q_strides8 and _aligned(q)):
+        q = q.clone(memory_format=torch.contiguous_format)
     out, lse, o_part, lse_part = buffers(q, shapes, plan.splits)
     tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table)

@@ -442,3 +442,24 @@ def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatc
     step(4, cache_seqlens=seqlens)
     step(5, cache_seqlens=seqlens)
     assert len(validated) == 5 and len(launched) == 6
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_kernel_path_append_writes_what_the_reference_writes(sliced):
+    """kvcache_ops.append (the kernel path's in-place write): through one index_copy_ per cache when its rows and
+    positions merge into one dim, else (a cache sliced along its length) through indexed assignment."""
+    from fa2rt import kvcache_ops
+    from fa2rt.kvcache import check_kvcache_inputs
+
+    args = make_case(batch=3, seqlen_cache=40, new=3, batch_idx=True, dtype=torch.float64)
+    if sliced:
+        for name in ("k_cache", "v_cache"):
+            wide = torch.zeros(args[name].shape[0], 50, *args[name].shape[2:], dtype=torch.float64)
+            wide[:, :40] = args[name]
+            args[name] = wide[:, :40]
+    assert (kvcache_ops._slots(args["k_cache"]) is None) == sliced
+    _, _, ref_k, ref_v = kvcache_reference(**args)
+    shapes = check_kvcache_inputs(**args)
+    kvcache_ops.append(args["k_cache"], args["v_cache"], args["k"], args["v"], None, None,
+                       args["cache_seqlens"].long(), args["cache_batch_idx"], None, shapes)
+    assert torch.equal(args["k_cache"], ref_k) and torch.equal(args["v_cache"], ref_v)
