@@ -331,6 +331,7 @@ def test_decode_mode_end_to_end(cpu_run, tmp_path, capsys):
         assert r["tbps"] == pytest.approx(decode.moved_bytes(r["batch"], r["cache"] + 1, 4, 2, 16) / 2.0 / 1e9)
     assert rows[0]["sdpa_flash_ms"] == 2.0 and rows[0]["sdpa_cudnn_ms"] is None  # no CPU cuDNN
     assert data["skipped"] == [] and data["settings"]["append"]
+    assert [(b["bar"], b["met"]) for b in data["bars"]] == [(0.85, None), (1.0, True), (0.9, None), (0.7, True)]
     assert "device copy:" in text and text.count("fallback (") == 8
 
 
@@ -355,6 +356,35 @@ def test_decode_records_a_raising_call(cpu_run, tmp_path, monkeypatch, capsys):
     assert row["ms"] is None and row["tbps"] is None and row["error"] == "RuntimeError: CUDA_ERROR_LAUNCH_FAILED"
     assert row["sdpa_flash_ms"] == 2.0
     assert "fa2rt decode error: b1 cache 32 contiguous" in capsys.readouterr().err
+
+
+def drow(batch, cache, layout, tbps, sdpa=(None, None, None), heads=(32, 8)):
+    """A fabricated decode row: TB/s and SDPA flash/efficient/cuDNN times (ms = 1 / tbps)."""
+    r = {"batch": batch, "cache": cache, "nheads": heads[0], "nheads_k": heads[1], "head_dim": 128,
+         "layout": layout, "append": False, "tbps": tbps, "ms": 1 / tbps if tbps else None}
+    if layout == "contiguous":
+        r.update({f"sdpa_{n}_ms": t for n, t in zip(("flash", "efficient", "cudnn"), sdpa, strict=True)})
+    return r
+
+
+def test_decode_bars():
+    rows = [drow(1, 32768, "contiguous", 3.6, (0.5, None, 0.25)), drow(1, 8192, "contiguous", 1.0, (2.0, 1.0, 1.0)),
+            drow(8, 8192, "contiguous", 4.0, (1.0, None, None)), drow(8, 4096, "contiguous", 2.0),
+            drow(1, 32768, "paged64", 3.4), drow(1, 32768, "paged256", 3.0), drow(8, 8192, "paged16", 2.9),
+            drow(8, 4096, "paged16", None), drow(1, 8192, "paged64", 1.0, heads=(32, 32))]  # no contiguous twin
+    copy, sdpa, paged, paged16 = decode.bar_checks(rows, 4.0)
+    assert (copy["n"], copy["min"], copy["at"], copy["met"]) == (2, pytest.approx(0.9),
+                                                                 "b1 cache 32768 32/8 d128 contiguous", True)
+    # fa2rt 1/3.6 ms against cuDNN's 0.25 ms; the row without SDPA times does not count
+    assert sdpa["n"] == 3 and sdpa["min"] == pytest.approx(0.25 * 3.6) and sdpa["met"] is False
+    assert paged["n"] == 2 and paged["min"] == pytest.approx(3.0 / 3.6) and paged["met"] is False
+    assert "paged256" in paged["at"]
+    assert paged16["n"] == 1 and paged16["min"] == pytest.approx(2.9 / 4.0) and paged16["met"] is True
+    text = decode.bars_table([copy, sdpa, paged, paged16])
+    assert "min 0.90 at b1 cache 32768 32/8 d128 contiguous over 2 points (bar >= 0.85): met" in text
+    assert text.count("NOT MET") == 2
+    assert all(b["met"] is None and b["n"] == 0 for b in decode.bar_checks([drow(1, 4096, "contiguous", 1.0)], 4.0)
+               if b["name"] != sdpa["name"])
 
 
 def test_decode_helpers():

@@ -10,7 +10,8 @@ exceed --decode-max-gib are skipped (listed in the output). Bytes moved = K + V 
 headdim * 2 tensors * 2 bytes) + q read + out written; rates in TB/s = bytes / median time. The copy's rate counts
 its read and its write. SDPA gets the same K/V as (batch, nheads_k, cache, headdim) views with enable_gqa=True,
 contiguous points only; a backend that refuses the call is reported as null. --decode-append also writes one new
-token per sequence (k, v given) in every fa2rt call. Writes decode-<tag>.json (environment, copy rate, rows)."""
+token per sequence (k, v given) in every fa2rt call. Writes decode-<tag>.json (environment, copy rate, rows, issue
+17's bars: bar_checks)."""
 
 import sys
 
@@ -147,6 +148,62 @@ def points(args):
     return run, skipped
 
 
+# Issue 17's bars (bar_checks): share of the copy rate, speed over the best SDPA backend, paged rate over contiguous.
+COPY_BAR, SDPA_BAR, PAGED_BAR, PAGED16_BAR = 0.85, 1.0, 0.9, 0.7
+
+
+def _point(row) -> tuple:
+    return row["batch"], row["cache"], row["nheads"], row["nheads_k"], row["head_dim"], row["append"]
+
+
+def bar_checks(rows, copy) -> list[dict]:
+    """Per bar: {"name", "bar", "n", "min", "at", "met"} over the rows it applies to where both figures exist
+    (met: every one reaches the bar; None when none was measured)."""
+    contiguous = {_point(r): r for r in rows if r["layout"] == "contiguous"}
+
+    def rate_over_contiguous(r):
+        c = contiguous.get(_point(r))
+        return r["tbps"] / c["tbps"] if c and c["tbps"] and r["tbps"] else None
+
+    def over_best_sdpa(r):
+        times = [r.get(f"sdpa_{n}_ms") for n in SDPA_BACKENDS if r.get(f"sdpa_{n}_ms")]
+        return common.speedup(r["ms"], min(times)) if times else None
+
+    def copy_share(r):
+        return r["tbps"] / copy if r["tbps"] and copy else None
+
+    checks = (
+        ("contiguous at batch 1 with cache >= 32k and batch >= 8 with cache >= 8k: share of the copy rate", COPY_BAR,
+         lambda r: r["layout"] == "contiguous" and ((r["batch"] == 1 and r["cache"] >= 32768)
+                                                    or (r["batch"] >= 8 and r["cache"] >= 8192)), copy_share),
+        ("contiguous: best SDPA backend's time / fa2rt's", SDPA_BAR, lambda r: r["layout"] == "contiguous",
+         over_best_sdpa),
+        ("paged, pages >= 64: rate / contiguous rate", PAGED_BAR,
+         lambda r: r["layout"] != "contiguous" and page_size(r["layout"]) >= 64, rate_over_contiguous),
+        ("paged, pages of 16: rate / contiguous rate", PAGED16_BAR, lambda r: r["layout"] == "paged16",
+         rate_over_contiguous))
+    out = []
+    for name, bar, applies, figure in checks:
+        values = [(figure(r), r) for r in rows if applies(r)]
+        values = [(x, r) for x, r in values if x is not None]
+        low, at = min(values, key=lambda v: v[0]) if values else (None, None)
+        out.append({"name": name, "bar": bar, "n": len(values), "min": low,
+                    "at": None if at is None else f"b{at['batch']} cache {at['cache']} {at['nheads']}/"
+                                                  f"{at['nheads_k']} d{at['head_dim']} {at['layout']}",
+                    "met": None if low is None else low >= bar})
+    return out
+
+
+def bars_table(records) -> str:
+    lines = ["decode bars (issue 17):"]
+    for b in records:
+        state = {True: "met", False: "NOT MET", None: "not measured"}[b["met"]]
+        where = f" at {b['at']}" if b["at"] else ""
+        lines.append(f"  {b['name']}: min {common.num(b['min'], 0)}{where} over {b['n']} points "
+                     f"(bar >= {b['bar']}): {state}")
+    return "\n".join(lines)
+
+
 def header() -> str:
     return (f"{'batch':>5} {'cache':>6} {'heads':>6} {'d':>4} {'layout':>10} {'TB/s':>6} {'copy%':>6} {'flash':>6} "
             f"{'effic':>6} {'cudnn':>6}  image")
@@ -182,9 +239,11 @@ def run(args, env, settings, path) -> int:
     if skipped:
         print(f"skipped {len(skipped)} points over {args.decode_max_gib} GiB of K and V: " + ", ".join(
             sorted({f"b{b} cache {c} {h}/{hk} d{d}" for b, c, h, hk, d, _ in skipped})))
+    records = bar_checks(rows, copy)
+    print(bars_table(records), flush=True)
     common.write_json(path, {"environment": env, "copy_tbps": copy, "rows": rows, "settings": {
         **settings, "dtype": DECODE_DTYPE, "max_gib": args.decode_max_gib, "append": args.decode_append},
-        "skipped": skipped_points})
+        "skipped": skipped_points, "bars": records})
     errors = [r for r in rows if "error" in r and r["path"] != "fallback"]
     for r in errors:
         print(f"fa2rt decode error: b{r['batch']} cache {r['cache']} {r['layout']}: {r['error']}", file=sys.stderr)
