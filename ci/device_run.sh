@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tox environment (builds fa2rt there, runs tests/gpu), the doctor, memcheck samples (dense,
 # malformed varlen and kvcache indices) and the benchmarks (the grid with native sm90 images, then sm80 images
-# through PTX; decode). Full logs go to $OUT. TESTS=0 skips the tests (still builds), BENCH=0 the benchmarks.
+# through PTX; varlen; decode). Full logs go to $OUT. TESTS=0 skips the tests (still builds), BENCH=0 the benchmarks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -32,7 +32,8 @@ if [ "${BENCH:-1}" = 1 ]; then
   cp python/fa2rt/data/crossover.json "$OUT/crossover.json"
   step bench $PY -m fa2rt.bench --grid --memory --crossover --passes ${PASSES:-fwd,bwd,fwd+bwd} --out "$OUT" \
        --write-crossover "$OUT/crossover.json" 2>&1 | tee "$OUT/bench-native.txt" | tail -45
-  step bench-decode $PY ci/bench_decode.py --out "$OUT/decode-h200.json" 2>&1 | tee "$OUT/bench-decode.txt" | tail -30
+  step bench-varlen $PY -m fa2rt.bench --varlen --out "$OUT/varlen-h200.json" 2>&1 | tee "$OUT/bench-varlen.txt" | tail -40
+  step bench-decode $PY -m fa2rt.bench --decode --out "$OUT/decode-h200.json" 2>&1 | tee "$OUT/bench-decode.txt" | tail -30
   FA2RT_FORCE_ARCH=sm80 step bench-sm80 $PY -m fa2rt.bench --grid --passes ${SM80_PASSES:-fwd,fwd+bwd} --dtype bfloat16 --head-dim 64 128 --out "$OUT/sm80" \
        2>&1 | tee "$OUT/bench-sm80.txt" | tail -15
 fi

@@ -143,7 +143,7 @@ def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any") 
 
     import fa2rt
     import fa2rt.devices
-    from fa2rt.bench import HIDDEN, TOKENS, fwd_flops
+    from fa2rt.bench.common import HIDDEN, TOKENS, fwd_flops
 
     backward = op != "fwd"
     os.environ["FA2RT_KERNEL_DIR"] = str(folder)
@@ -184,7 +184,7 @@ def parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
 
 
 def main(argv=None) -> int:
-    from fa2rt.bench import geomean
+    from fa2rt.bench.common import geomean
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="sm90,sm80,sm89")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fa2rt import bench, config, policy
+from fa2rt.bench import common, crossover, grid
 from fa2rt.policy import Decision
 
 KERNEL = Decision("kernel", image="fwd-sm90-bf16-d64-full-m128n128w8s3", mode="native", device={"arch": "sm90"})
@@ -101,19 +102,19 @@ def test_module_entry_point_without_gpu(tmp_path):
 # --- FLOPs, summaries ---------------------------------------------------------------------------------------------
 
 def test_flops():
-    assert bench.fwd_flops(2, 16, 1024, 128, False) == 4 * 2 * 16 * 1024 * 1024 * 128
-    assert bench.fwd_flops(2, 16, 1024, 128, True) == 2 * 2 * 16 * 1024 * 1024 * 128
-    assert bench.fwd_flops(1, 1, 8, 64, False, seqlen_k=16) == 4 * 8 * 16 * 64
-    assert bench.PASSES["fwd"].flop_factor == 1.0
-    assert [(p.name, p.flop_factor, p.grad, p.stem, p.explain_key) for p in bench.PASSES.values()] == [
+    assert common.fwd_flops(2, 16, 1024, 128, False) == 4 * 2 * 16 * 1024 * 1024 * 128
+    assert common.fwd_flops(2, 16, 1024, 128, True) == 2 * 2 * 16 * 1024 * 1024 * 128
+    assert common.fwd_flops(1, 1, 8, 64, False, seqlen_k=16) == 4 * 8 * 16 * 64
+    assert common.PASSES["fwd"].flop_factor == 1.0
+    assert [(p.name, p.flop_factor, p.grad, p.stem, p.explain_key) for p in common.PASSES.values()] == [
         ("fwd", 1.0, False, "fwd", "fa2rt_explain"), ("bwd", 2.5, True, "bwd", "fa2rt_explain_grad"),
         ("fwd+bwd", 3.5, True, "fwd_bwd", "fa2rt_explain_grad")]
 
 
 def test_geomean():
-    assert bench.geomean([2.0, 8.0]) == pytest.approx(4.0)
-    assert bench.geomean([4.0, None, 0.0, float("nan")]) == pytest.approx(4.0)
-    assert math.isnan(bench.geomean([]))
+    assert common.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    assert common.geomean([4.0, None, 0.0, float("nan")]) == pytest.approx(4.0)
+    assert math.isnan(common.geomean([]))
 
 
 def row(seqlen, fa2rt=None, flash=None, cudnn=None, efficient=None, dtype="bfloat16", head_dim=64, causal=False,
@@ -126,9 +127,9 @@ def row(seqlen, fa2rt=None, flash=None, cudnn=None, efficient=None, dtype="bfloa
     for name, ms in (("fa2rt", fa2rt), ("sdpa_flash", flash), ("sdpa_cudnn", cudnn), ("sdpa_efficient", efficient)):
         r[name] = {"ms": ms, "tflops": 1.0 / ms} if ms else {"error": f"RuntimeError: {name} refused"}
     if fallback:
-        r["fa2rt"] = bench.not_timed(r["fa2rt_explain"])
+        r["fa2rt"] = common.not_timed(r["fa2rt_explain"])
     if pass_name != "fwd":  # a backward pass: results under r[pass_name], fa2rt's explain for inputs requiring grad
-        r[pass_name] = {n: r.pop(n) for n in bench.CONTENDERS}
+        r[pass_name] = {n: r.pop(n) for n in common.CONTENDERS}
         backward = [{"image": img, "mode": "ptx-jit", "arch": "sm80"} for img, _ in BACKWARD]
         r["fa2rt_explain_grad"] = r["fa2rt_explain"] if fallback else {**r["fa2rt_explain"], "backward": backward}
     return r
@@ -138,7 +139,7 @@ def test_summary_per_group_and_overall():
     rows = [row(512, 1.0, 2.0, 0.5, 4.0), row(1024, 1.0, 0.5, 0.5, 4.0),
             row(512, 1.0, 1.0, None, 3.0, causal=True), row(1024, 2.0, None, 1.0, 3.0, causal=True),
             row(512, None, 1.0, 1.0, 1.0, head_dim=256, fallback=True)]
-    s = bench.summarize(rows)
+    s = grid.summarize(rows)
     g0, g1, g2 = s["groups"]
     assert (g0["dtype"], g0["head_dim"], g0["causal"]) == ("bfloat16", 64, False)
     assert g0["fa2rt_over_sdpa_flash"]["geomean"] == pytest.approx(1.0)
@@ -162,7 +163,7 @@ def test_summary_per_group_and_overall():
 def test_tables_with_errored_and_fallback_rows():
     rows = [row(512, 1.0, 2.0, None, 4.0), row(1024, None, 1.0, 1.0, 1.0, head_dim=256, fallback=True),
             row(2048, None, None, None, None)]
-    text = bench.table(rows)
+    text = grid.table(rows)
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["dtype", "d", "causal", "seqlen"] and "sdpa_cudnn" in lines[0]
     assert lines[1].split()[-1] == "2.00" and "err" in lines[1]
@@ -172,14 +173,14 @@ def test_tables_with_errored_and_fallback_rows():
     assert ("sdpa_cudnn bfloat16 d64 causal=False seqlen=512 (+1 more rows): RuntimeError: sdpa_cudnn refused"
             in text)
     assert "not timed: fa2rt would fall back [head_dim]" in text
-    summary = bench.summary_table(bench.summarize(rows))
+    summary = grid.summary_table(grid.summarize(rows))
     assert summary.splitlines()[-2].startswith("all")
     assert "fa2rt not timed on 2 of 3 rows" in summary
-    assert bench.kernel_errors(rows) == ["bfloat16 d64 causal=False seqlen=2048: RuntimeError: fa2rt refused"]
+    assert common.kernel_errors(rows) == ["bfloat16 d64 causal=False seqlen=2048: RuntimeError: fa2rt refused"]
 
 
 def test_summary_table_with_nothing_timed():
-    text = bench.summary_table(bench.summarize([row(512, None, None, None, None)]))
+    text = grid.summary_table(grid.summarize([row(512, None, None, None, None)]))
     assert "none ran" not in text and text.splitlines()[-2].split()[:2] == ["all", "0"]
 
 
@@ -192,19 +193,19 @@ def test_backward_passes_summarize_and_tabulate_like_the_forward(pass_name):
     fwd = [row(*a, **kw) for a, kw in args]
     rows = [row(*a, **kw, pass_name=pass_name) for a, kw in args]
     assert "fa2rt" not in rows[0] and rows[0][pass_name]["fa2rt"]["ms"] == 1.0
-    assert bench.result(rows[0], "fa2rt") == {"error": "not measured"}  # no forward in these rows
-    s, f = bench.summarize(rows, pass_name), bench.summarize(fwd)
+    assert common.result(rows[0], "fa2rt") == {"error": "not measured"}  # no forward in these rows
+    s, f = grid.summarize(rows, pass_name), grid.summarize(fwd)
     assert s["pass"] == pass_name and (s["groups"], s["overall"]) == (f["groups"], f["overall"])
     assert s["overall"]["fa2rt_timed"] == 3 and s["overall"]["fa2rt_over_sdpa_flash"]["n"] == 3
     assert s["images"] == ["sm80 ptx-jit", "sm90 native"]  # the forward's image and the backward's
-    assert bench.summarize(rows)["overall"]["fa2rt_timed"] == 0
-    assert bench.table(rows, pass_name) == bench.table(fwd)
-    assert "not timed: fa2rt would fall back [head_dim]" in bench.table(rows, pass_name)
-    text = bench.summary_table(s)
+    assert grid.summarize(rows)["overall"]["fa2rt_timed"] == 0
+    assert grid.table(rows, pass_name) == grid.table(fwd)
+    assert "not timed: fa2rt would fall back [head_dim]" in grid.table(rows, pass_name)
+    text = grid.summary_table(s)
     assert f"fa2rt / SDPA, {pass_name}:" in text and "fa2rt not timed on 2 of 5 rows" in text
-    assert bench.kernel_errors(rows, [pass_name]) == [
+    assert common.kernel_errors(rows, [pass_name]) == [
         f"{pass_name} bfloat16 d256 causal=False seqlen=1024: RuntimeError: fa2rt refused"]
-    assert bench.kernel_errors(fwd) == ["bfloat16 d256 causal=False seqlen=1024: RuntimeError: fa2rt refused"]
+    assert common.kernel_errors(fwd) == ["bfloat16 d256 causal=False seqlen=1024: RuntimeError: fa2rt refused"]
     json.dumps(s)
 
 
@@ -212,17 +213,17 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [row(s, 1.0, 2.0, None, 4.0, head_dim=d, causal=c) for d in (64, 128) for c in (False, True)
             for s in (512, 1024)]
-    assert bench.plot(rows, tmp_path / "fwd.png")
+    assert grid.plot(rows, tmp_path / "fwd.png")
     assert (tmp_path / "fwd.png").read_bytes()[:4] == b"\x89PNG"
     rows = [row(s, 1.0, 2.0, None, 4.0, pass_name="bwd") for s in (512, 1024)]
-    assert bench.plot(rows, tmp_path / "bwd.png", "bwd")
+    assert grid.plot(rows, tmp_path / "bwd.png", "bwd")
 
 
 # --- measurement helpers ------------------------------------------------------------------------------------------
 
 def test_measure_records_errors_with_warnings(monkeypatch):
-    monkeypatch.setattr(bench, "time_ms", lambda fn, warmup, rep: (fn(), 2.0)[1])
-    assert bench.measure(lambda: lambda: None, 4e9, 1, 1) == {"ms": 2.0, "tflops": pytest.approx(2.0)}
+    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (fn(), 2.0)[1])
+    assert common.measure(lambda: lambda: None, 4e9, 1, 1) == {"ms": 2.0, "tflops": pytest.approx(2.0)}
 
     def refuse():
         import warnings
@@ -231,35 +232,35 @@ def test_measure_records_errors_with_warnings(monkeypatch):
         raise RuntimeError("No available kernel. Aborting execution.\nmore")
     expected = {"error": "RuntimeError: No available kernel. Aborting execution. [Flash attention requires q,k,v "
                          "to have the same last dimension]"}
-    assert bench.measure(lambda: refuse, 1.0, 1, 1) == expected  # in the timed call
-    assert bench.measure(refuse, 1.0, 1, 1) == expected  # before it (the untimed forward of a backward pass)
+    assert common.measure(lambda: refuse, 1.0, 1, 1) == expected  # in the timed call
+    assert common.measure(refuse, 1.0, 1, 1) == expected  # before it (the untimed forward of a backward pass)
 
 
 def test_kernel_forced_turns_the_short_sequence_rule_off(monkeypatch):
     monkeypatch.setenv(config.MIN_SEQLEN, "4096")
     monkeypatch.setattr(policy, "_crossover", lambda: {"sm90": {"min_seqlen_k": 512}})
-    with bench.kernel_forced():
+    with common.kernel_forced():
         assert os.environ[config.MIN_SEQLEN] == "0"
         assert policy.short_sequence_threshold("sm90") == 0
     assert os.environ[config.MIN_SEQLEN] == "4096"
     monkeypatch.delenv(config.MIN_SEQLEN)
-    with pytest.raises(KeyError), bench.kernel_forced():
+    with pytest.raises(KeyError), common.kernel_forced():
         raise KeyError
     assert config.MIN_SEQLEN not in os.environ
     assert policy.short_sequence_threshold("sm90") == 512
 
 
 def test_explain_records():
-    assert bench.explain_record(KERNEL) == {"path": "kernel", "image": KERNEL.image, "mode": "native",
+    assert common.explain_record(KERNEL) == {"path": "kernel", "image": KERNEL.image, "mode": "native",
                                             "arch": "sm90"}
-    assert bench.explain_record(KERNEL_GRAD) == {
+    assert common.explain_record(KERNEL_GRAD) == {
         "path": "kernel", "image": KERNEL.image, "mode": "native", "arch": "sm90",
         "backward": [{"image": BACKWARD[0][0], "mode": "native", "arch": "sm90"},
                      {"image": BACKWARD[1][0], "mode": "native", "arch": "sm90"}]}
     fb = Decision("fallback", "short_sequence", "seqlen_k=16 is below the crossover 64")
-    assert bench.explain_record(fb) == {"path": "fallback", "reason": "short_sequence", "message": fb.message}
-    assert bench.image_arch("fwd-sm80-fp16-d128-causal-m128n64w4s2") == "sm80"
-    assert bench.image_arch(None) is None
+    assert common.explain_record(fb) == {"path": "fallback", "reason": "short_sequence", "message": fb.message}
+    assert common.image_arch("fwd-sm80-fp16-d128-causal-m128n64w4s2") == "sm80"
+    assert common.image_arch(None) is None
 
 
 # --- crossover ----------------------------------------------------------------------------------------------------
@@ -276,17 +277,17 @@ def test_explain_records():
     ({}, None, None),
 ])
 def test_crossover_threshold_rule(ratios, threshold, slower):
-    assert bench.crossover_threshold(ratios) == threshold
-    assert bench.slower_from(ratios) == slower
+    assert crossover.crossover_threshold(ratios) == threshold
+    assert crossover.slower_from(ratios) == slower
 
 
 def test_crossover_notes():
-    assert "measure longer" in bench.crossover_note({16: 0.5, 32: 0.7}, 33)
-    assert bench.crossover_note({16: 1.5}, 0).endswith("shortest measured seqlen 16: no short-sequence fallback")
-    assert "faster below seqlen 32, fa2rt from there on" in bench.crossover_note({16: 0.5, 32: 1.5}, 32)
-    note = bench.crossover_note({16: 1.1, 32: 0.9, 64: 0.8}, 0)
+    assert "measure longer" in crossover.crossover_note({16: 0.5, 32: 0.7}, 33)
+    assert crossover.crossover_note({16: 1.5}, 0).endswith("shortest measured seqlen 16: no short-sequence fallback")
+    assert "faster below seqlen 32, fa2rt from there on" in crossover.crossover_note({16: 0.5, 32: 1.5}, 32)
+    note = crossover.crossover_note({16: 1.1, 32: 0.9, 64: 0.8}, 0)
     assert "no short-sequence fallback" in note and "faster from seqlen 32 on: not a short-sequence effect" in note
-    assert "no threshold" in bench.crossover_note({}, None)
+    assert "no threshold" in crossover.crossover_note({}, None)
 
 
 def test_ratio_by_seqlen_is_a_geomean_over_configurations():
@@ -294,19 +295,19 @@ def test_ratio_by_seqlen_is_a_geomean_over_configurations():
             row(16, None, 1.0, 1.0, 1.0, head_dim=128, fallback=True), row(32, 1.0, None, None, None),
             row(64, 1.0, 2.0, 2.0, 2.0, dtype="float16")]
     for r in rows:
-        r["ratio"] = bench.ratio(r, "best_sdpa")
-        r["best_sdpa"] = bench.best_sdpa(r)[0]
+        r["ratio"] = common.ratio(r, "best_sdpa")
+        r["best_sdpa"] = common.best_sdpa(r)[0]
     assert rows[0]["best_sdpa"] == "sdpa_cudnn" and rows[0]["ratio"] == pytest.approx(0.25)
-    got = bench.ratio_by_seqlen(rows)
+    got = crossover.ratio_by_seqlen(rows)
     assert got[16]["n"] == 2 and got[16]["geomean"] == pytest.approx(1.0)
     assert got[16]["min"] == pytest.approx(0.25) and got[16]["max"] == pytest.approx(4.0)
     assert got[32] == {"geomean": None, "n": 0, "min": None, "max": None}
     assert got[64]["geomean"] == pytest.approx(2.0)
-    assert bench.crossover_threshold(bench._geomeans(got)) == 0
-    assert bench.crossover_arch(rows) == ("sm90", "native")
+    assert crossover.crossover_threshold(crossover._geomeans(got)) == 0
+    assert crossover.crossover_arch(rows) == ("sm90", "native")
     rows[1]["fa2rt_explain"] = {"path": "kernel", "image": "fwd-sm80-x", "mode": "ptx-jit", "arch": "sm80"}
-    assert bench.crossover_arch(rows)[0] is None
-    text = bench.crossover_table(got, 0, "sm90")
+    assert crossover.crossover_arch(rows)[0] is None
+    text = crossover.crossover_table(got, 0, "sm90")
     assert "min_seqlen_k for sm90: 0 (fa2rt was at least as fast" in text
     assert [line.split() for line in text.splitlines()][3] == ["32", "0", "-", "-", "-"]
 
@@ -316,13 +317,13 @@ def test_merge_keeps_schema_comment_and_other_archs(tmp_path):
     path.write_text(json.dumps({"schema_version": 1, "_comment": "keep me", "archs": {
         "sm80": {"min_seqlen_k": 128, "measured": {"device": "A100"}},
         "sm90": {"min_seqlen_k": 999}}, "extra": [1]}, indent=2))
-    bench.merge_crossover(path, "sm90", 64, {"device": "NVIDIA H200"})
+    crossover.merge_crossover(path, "sm90", 64, {"device": "NVIDIA H200"})
     data = json.loads(path.read_text())
     assert list(data) == ["schema_version", "_comment", "archs", "extra"]
     assert data["schema_version"] == 1 and data["_comment"] == "keep me" and data["extra"] == [1]
     assert data["archs"]["sm80"] == {"min_seqlen_k": 128, "measured": {"device": "A100"}}
     assert data["archs"]["sm90"] == {"min_seqlen_k": 64, "measured": {"device": "NVIDIA H200"}}
-    bench.merge_crossover(path, "sm89", 33, {})
+    crossover.merge_crossover(path, "sm89", 33, {})
     assert list(json.loads(path.read_text())["archs"]) == ["sm80", "sm90", "sm89"]
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -331,7 +332,7 @@ def test_merge_into_the_shipped_file_is_read_by_the_policy(tmp_path, monkeypatch
     path = tmp_path / "crossover.json"
     path.write_text(policy.CROSSOVER_FILE.read_text())
     shipped = json.loads(path.read_text())
-    bench.merge_crossover(path, "sm90", 256, {"device": "NVIDIA H200"})
+    crossover.merge_crossover(path, "sm90", 256, {"device": "NVIDIA H200"})
     data = json.loads(path.read_text())
     assert data["schema_version"] == shipped["schema_version"] and data["_comment"] == shipped["_comment"]
     monkeypatch.delenv(config.MIN_SEQLEN, raising=False)
@@ -347,16 +348,16 @@ def test_merge_into_the_shipped_file_is_read_by_the_policy(tmp_path, monkeypatch
 
 def test_merge_creates_a_missing_file_and_refuses_other_schemas(tmp_path):
     path = tmp_path / "new.json"
-    bench.merge_crossover(path, "sm90", 64, {})
+    crossover.merge_crossover(path, "sm90", 64, {})
     data = json.loads(path.read_text())
-    assert data["schema_version"] == 1 and data["_comment"] == bench.CROSSOVER_COMMENT
+    assert data["schema_version"] == 1 and data["_comment"] == crossover.CROSSOVER_COMMENT
     assert data["archs"] == {"sm90": {"min_seqlen_k": 64, "measured": {}}}
     path.write_text(json.dumps({"schema_version": 2, "archs": {}}))
     with pytest.raises(ValueError, match="schema_version"):
-        bench.merge_crossover(path, "sm90", 64, {})
+        crossover.merge_crossover(path, "sm90", 64, {})
     path.write_text(json.dumps({"schema_version": 1, "archs": []}))
     with pytest.raises(ValueError, match="archs"):
-        bench.merge_crossover(path, "sm90", 64, {})
+        crossover.merge_crossover(path, "sm90", 64, {})
 
 
 # --- a whole run of main() on the CPU ----------------------------------------------------------------------------
@@ -368,10 +369,10 @@ def cpu_stand_ins(monkeypatch):
     do_bench, and the CUDA memory counters faked. Returns the FA2RT_MIN_SEQLEN each explain call saw."""
     from fa2rt import api
 
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "TOKENS", 64)
-    monkeypatch.setattr(bench, "HIDDEN", 512)
-    monkeypatch.setattr(bench, "CROSSOVER_NHEADS", 2)
+    monkeypatch.setattr(common, "DEVICE", "cpu")
+    monkeypatch.setattr(common, "TOKENS", 64)
+    monkeypatch.setattr(common, "HIDDEN", 512)
+    monkeypatch.setattr(crossover, "CROSSOVER_NHEADS", 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU stand-in")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -379,7 +380,7 @@ def cpu_stand_ins(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1600)
-    monkeypatch.setattr(bench, "time_ms", lambda fn, warmup, rep: (fn(), 1.0)[1])
+    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (fn(), 1.0)[1])
     seen_env = []
 
     def explain(q, k, v, *, causal=False):
@@ -423,9 +424,9 @@ def test_main_runs_every_mode_end_to_end(cpu_stand_ins, tmp_path, capsys):
     assert fwd["summary"]["overall"]["fa2rt_over_sdpa_flash"]["geomean"] == pytest.approx(1.0)
 
     mem = json.loads((out / "memory-native.json").read_text())["rows"]
-    assert len(mem) == 2 * 2 * 2 * 4 and {r["impl"] for r in mem} == set(bench.CONTENDERS)
+    assert len(mem) == 2 * 2 * 2 * 4 and {r["impl"] for r in mem} == set(common.CONTENDERS)
     assert {(r["pass"], r["impl"], r["causal"], r["seqlen"]) for r in mem} == {
-        (p, n, c, s) for p in ("fwd", "fwd+bwd") for n in bench.CONTENDERS for c in (False, True) for s in (32, 64)}
+        (p, n, c, s) for p in ("fwd", "fwd+bwd") for n in common.CONTENDERS for c in (False, True) for s in (32, 64)}
     assert all(r["extra_bytes"] == 600 for r in mem if r["impl"] in ("fa2rt", "sdpa_flash"))
     assert mem[0]["inputs_bytes"] == 3 * 32 * 4 * 128 * 2 and mem[0]["fa2rt_explain"]["path"] == "kernel"
     assert [r["fa2rt_explain"].get("backward") for r in mem if r["impl"] == "fa2rt"][:8] == [None, [
@@ -463,12 +464,12 @@ class BrokenBackward(torch.autograd.Function):
 
 
 def test_main_runs_every_pass(cpu_stand_ins, tmp_path, monkeypatch, capsys):
-    sdpa_call = bench.sdpa_call
+    sdpa_call = common.sdpa_call
 
     def cudnn_fails_backward(q, k, v, causal, name):  # cuDNN: the flash forward, then a backward that raises
         run = sdpa_call(q, k, v, causal, "sdpa_flash" if name == "sdpa_cudnn" else name)
         return (lambda: BrokenBackward.apply(run())) if name == "sdpa_cudnn" else run
-    monkeypatch.setattr(bench, "sdpa_call", cudnn_fails_backward)
+    monkeypatch.setattr(common, "sdpa_call", cudnn_fails_backward)
     out = tmp_path / "out"
     status = bench.main(["--passes", "fwd+bwd,fwd", "bwd", "--dtype", "float16", "--head-dim", "64", "256",
                          "--seqlen", "16", "32", "--causal", "true", "--out", str(out)])
@@ -482,12 +483,12 @@ def test_main_runs_every_pass(cpu_stand_ins, tmp_path, monkeypatch, capsys):
     assert all(f["rows"] == rows and f["settings"]["passes"] == ["fwd", "bwd", "fwd+bwd"] for f in files.values())
     assert len(rows) == 2 * 2
     r = rows[0]
-    assert r["fa2rt_explain"] == bench.explain_record(KERNEL)
-    assert r["fa2rt_explain_grad"] == bench.explain_record(KERNEL_GRAD)
-    fwd_flops = bench.fwd_flops(r["batch"], r["nheads"], r["seqlen"], r["head_dim"], True)
+    assert r["fa2rt_explain"] == common.explain_record(KERNEL)
+    assert r["fa2rt_explain_grad"] == common.explain_record(KERNEL_GRAD)
+    fwd_flops = common.fwd_flops(r["batch"], r["nheads"], r["seqlen"], r["head_dim"], True)
     assert r["sdpa_cudnn"]["ms"] == 1.0  # its forward works
     for p in ("bwd", "fwd+bwd"):
-        assert r[p]["fa2rt"] == {"ms": 1.0, "tflops": pytest.approx(bench.PASSES[p].flop_factor * fwd_flops / 1e9)}
+        assert r[p]["fa2rt"] == {"ms": 1.0, "tflops": pytest.approx(common.PASSES[p].flop_factor * fwd_flops / 1e9)}
         assert r[p]["sdpa_flash"]["ms"] == 1.0 and "error" in r[p]["sdpa_efficient"]  # no CPU kernel
         assert r[p]["sdpa_cudnn"] == {"error": "RuntimeError: cuDNN backward failed"}
         assert files[p]["summary"]["overall"]["fa2rt_over_sdpa_flash"]["n"] == 2
@@ -513,7 +514,7 @@ def test_backward_passes_time_only_what_they_say(cpu_stand_ins, monkeypatch):
         forwards.append(q.requires_grad)
         return attention(q, k, v, causal=causal)
     monkeypatch.setattr(api, "attention", counted)
-    monkeypatch.setattr(bench, "SDPA_NAMES", ())  # fa2rt alone
+    monkeypatch.setattr(common, "SDPA_NAMES", ())  # fa2rt alone
     timed = []  # per timing: (forward calls inside it, what its last call returned)
 
     def time_ms(fn, warmup, rep):
@@ -521,14 +522,14 @@ def test_backward_passes_time_only_what_they_say(cpu_stand_ins, monkeypatch):
         results = [fn() for _ in range(3)]
         timed.append((len(forwards) - before, results[-1]))
         return 1.0
-    monkeypatch.setattr(bench, "time_ms", time_ms)
-    r = bench.bench_shape("float16", 64, True, 16, 2, 2, passes=("fwd", "bwd", "fwd+bwd"), warmup=1, rep=1)
+    monkeypatch.setattr(common, "time_ms", time_ms)
+    r = grid.bench_shape("float16", 64, True, 16, 2, 2, passes=("fwd", "bwd", "fwd+bwd"), warmup=1, rep=1)
     assert [n for n, _ in timed] == [3, 0, 3]  # the backward alone calls no forward
     assert forwards == [False] * 3 + [True] * (1 + 1 + 3)  # bwd and fwd+bwd: one untimed forward to set up each
     for _, grads in timed[1:]:
         assert [g.shape for g in grads] == [torch.Size([2, 16, 2, 64])] * 3 and all(g.abs().sum() > 0 for g in grads)
     assert r["fa2rt_explain_grad"]["backward"][0]["image"] == BACKWARD[0][0]
-    assert r["bwd"]["fa2rt"]["tflops"] == pytest.approx(2.5 * bench.fwd_flops(2, 2, 16, 64, True) / 1e9)
+    assert r["bwd"]["fa2rt"]["tflops"] == pytest.approx(2.5 * common.fwd_flops(2, 2, 16, 64, True) / 1e9)
 
 
 def test_main_reports_kernel_errors_and_a_crossover_it_cannot_write(cpu_stand_ins, tmp_path, monkeypatch, capsys):
@@ -551,7 +552,7 @@ def test_main_reports_kernel_errors_and_a_crossover_it_cannot_write(cpu_stand_in
 def test_a_crashing_mode_does_not_stop_the_others(cpu_stand_ins, tmp_path, monkeypatch, capsys):
     def crash(*args, **kwargs):
         raise ZeroDivisionError("bug")
-    monkeypatch.setattr(bench, "bench", crash)
+    monkeypatch.setattr(grid, "bench", crash)
     status = bench.main(["--grid", "--memory", "--memory-seqlen", "32", "--causal", "true", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert status == 1 and "the grid mode failed" in captured.err and "ZeroDivisionError: bug" in captured.err
@@ -574,35 +575,35 @@ def test_explain_raising_is_an_error_not_a_fallback(cpu_stand_ins, tmp_path, mon
 
 
 def test_bench_shape_with_the_real_explain_does_not_time_a_fallback(monkeypatch):
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(common, "DEVICE", "cpu")
     timed = []
-    monkeypatch.setattr(bench, "time_ms", lambda fn, warmup, rep: (timed.append(fn), fn(), 1.0)[2])
-    with bench.kernel_forced():
-        r = bench.bench_shape("float16", 64, True, 16, 2, 2, warmup=1, rep=1)
+    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (timed.append(fn), fn(), 1.0)[2])
+    with common.kernel_forced():
+        r = grid.bench_shape("float16", 64, True, 16, 2, 2, warmup=1, rep=1)
     assert r["fa2rt_explain"]["path"] == "fallback" and r["fa2rt_explain"]["reason"] == "not_gpu"
     assert r["fa2rt"]["fallback"] and "not timed: fa2rt would fall back [not_gpu]" in r["fa2rt"]["error"]
     assert len(timed) == 3 and r["sdpa_flash"]["ms"] == 1.0
-    assert r["sdpa_flash"]["tflops"] == pytest.approx(bench.fwd_flops(2, 2, 16, 64, True) / 1e9)
-    assert bench.kernel_errors([r]) == []
+    assert r["sdpa_flash"]["tflops"] == pytest.approx(common.fwd_flops(2, 2, 16, 64, True) / 1e9)
+    assert common.kernel_errors([r]) == []
 
 
 def test_backward_bench_shape_with_the_real_explain_does_not_time_a_fallback(monkeypatch):
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(common, "DEVICE", "cpu")
     grads = {}
 
     def time_ms(fn, warmup, rep):
         grads.setdefault(len(grads), fn())
         return 1.0
-    monkeypatch.setattr(bench, "time_ms", time_ms)
-    with bench.kernel_forced():
-        r = bench.bench_shape("float16", 64, False, 16, 2, 2, passes=("bwd", "fwd+bwd"), warmup=1, rep=1)
+    monkeypatch.setattr(common, "time_ms", time_ms)
+    with common.kernel_forced():
+        r = grid.bench_shape("float16", 64, False, 16, 2, 2, passes=("bwd", "fwd+bwd"), warmup=1, rep=1)
     assert "fa2rt" not in r and r["fa2rt_explain_grad"]["reason"] == "not_gpu"
     for p in ("bwd", "fwd+bwd"):
         assert r[p]["fa2rt"]["fallback"] and "not timed: fa2rt would fall back [not_gpu]" in r[p]["fa2rt"]["error"]
         assert r[p]["sdpa_flash"]["tflops"] == pytest.approx(
-            bench.PASSES[p].flop_factor * bench.fwd_flops(2, 2, 16, 64, False) / 1e9)
+            common.PASSES[p].flop_factor * common.fwd_flops(2, 2, 16, 64, False) / 1e9)
     assert grads and all(len(g) == 3 and g[0].shape == (2, 16, 2, 64) for g in grads.values())
-    assert bench.kernel_errors([r], ["bwd", "fwd+bwd"]) == []
+    assert common.kernel_errors([r], ["bwd", "fwd+bwd"]) == []
 
 
 def test_committed_results_of_the_older_format_still_summarize():
@@ -612,7 +613,7 @@ def test_committed_results_of_the_older_format_still_summarize():
     if not path.exists():
         pytest.skip("no committed results")
     rows = json.loads(path.read_text())["rows"]
-    s = bench.summarize(rows)
+    s = grid.summarize(rows)
     assert s["overall"]["fa2rt_over_sdpa_flash"]["n"] == sum(1 for r in rows if "ms" in r["fa2rt"])
     assert all(label.startswith("sm") for label in s["images"])
-    assert bench.table(rows) and bench.summary_table(s)
+    assert grid.table(rows) and grid.summary_table(s)
