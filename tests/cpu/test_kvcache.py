@@ -329,10 +329,13 @@ def test_split_heuristic():
 
     args = make_case(batch=1, h=32, hk=8, d=16, seqlen_cache=32768, new=0)
     shapes = check_kvcache_inputs(**args)
-    # batch 1, 8 KV heads: 8 programs per split; 132 SMs want 2 waves -> 33 splits, each >= 256 keys of 32768.
-    assert choose_splits(shapes, 132) == 33
+    # batch 1, 8 KV heads: 8 programs per split; 132 SMs x 3 resident = 396 slots -> one wave of 49 splits, to a
+    # power of two: 32 (each >= 256 keys of 32768).
+    assert choose_splits(shapes, 132) == 32
     assert choose_splits(dataclasses.replace(shapes, capacity=1024), 132) == 4  # no split under 256 keys
-    assert choose_splits(dataclasses.replace(shapes, batch=64), 132) == 1  # 512 programs fill the device
+    assert choose_splits(dataclasses.replace(shapes, batch=32), 132) == 1  # 256 programs: one wave already
+    # 512 programs: 1.29 waves (last wave 29% full); 2 and 4 splits 2.6 and 5.2 waves; 8 splits 10.3 (94%).
+    assert choose_splits(dataclasses.replace(shapes, batch=64), 132) == 8
     assert choose_splits(dataclasses.replace(shapes, num_splits=7), 132) == 7
     assert choose_splits(dataclasses.replace(shapes, num_splits=1000), 132) == MAX_SPLITS
 
