@@ -73,19 +73,18 @@ def _lse_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN: tl.conste
 
 
 @triton.jit
-def _paged_rows(cols, bt_row, page_size, pool_blocks, stride_kb, stride_kn, stride_vb, stride_vn, seqlen_k,
-                MASKED: tl.constexpr):
-    """int64 offsets of keys `cols` of one sequence in the K and V page pools: page bt_row[cols // page_size] (the
+def _paged_rows(cols, bt_row, page_size, pool_blocks, stride_b, stride_n, seqlen_k, MASKED: tl.constexpr):
+    """int64 offsets of keys `cols` of one sequence in a page pool (K or V): page bt_row[cols // page_size] (the
     sequence's block-table row), row cols % page_size. Keys past seqlen_k (masked tiles) read entry 0 of the row
-    instead of one past it; every block id is clamped into the pool."""
+    instead of one past it; every block id is clamped into the pool. Called once for K and once for V (the second
+    table read hits the cache), so no offsets stay live across the tile's products: fewer registers."""
     pages = cols // page_size
     if MASKED:
         block = tl.load(bt_row + pages, mask=cols < seqlen_k, other=0)
     else:
         block = tl.load(bt_row + pages)
     block = tl.minimum(tl.maximum(block, 0), pool_blocks - 1).to(tl.int64)
-    slot = cols % page_size
-    return block * stride_kb + slot * stride_kn, block * stride_vb + slot * stride_vn
+    return block * stride_b + cols % page_size * stride_n
 
 
 @triton.jit
@@ -106,10 +105,8 @@ def _fwd_block(
             start_n += tl.where(t >= gap_at, gap, 0)
         cols = start_n + offs_n
         if PAGED:
-            k_rows, v_rows = _paged_rows(cols, bt_row, page_size, pool_blocks, stride_kb, stride_kn, stride_vb,
-                                         stride_vn, seqlen_k, MASKED)
+            k_rows = _paged_rows(cols, bt_row, page_size, pool_blocks, stride_kb, stride_kn, seqlen_k, MASKED)
             k_ptrs = k_base + k_rows[None, :] + offs_d[:, None]
-            v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
         else:
             k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
@@ -143,6 +140,9 @@ def _fwd_block(
             p = tl.math.exp2(qk * qk_scale_log2 - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if PAGED:
+            v_rows = _paged_rows(cols, bt_row, page_size, pool_blocks, stride_vb, stride_vn, seqlen_k, MASKED)
+            v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
         if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         elif D_MASK:

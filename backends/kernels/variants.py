@@ -60,7 +60,8 @@ VARLEN_STACK_KEY = "varlen_max_stack_bytes"
 
 
 def stack_allowance(cfg: dict, layout: str) -> int:
-    """Spill bytes the static checks accept for an image of `layout` built from tiles.json entry `cfg`."""
+    """Spill bytes the static checks accept for an image of `layout` built from tiles.json entry `cfg` (paged
+    images: the varlen allowance, or none when built from the entry's PAGED_TILE)."""
     dense = cfg.get("max_stack_bytes", 0)
     return cfg.get(VARLEN_STACK_KEY, dense) if layout in ("varlen", "varlen_paged") else dense
 
@@ -68,6 +69,9 @@ def stack_allowance(cfg: dict, layout: str) -> int:
 # window), where it measured faster than the entry's own tile. It builds the same kinds, marked full_band_only and
 # listed first, so the dispatcher prefers them for such calls and never gives them a banded one.
 FULL_BAND = "full_band"
+# A tile table entry may carry a "paged" entry: the tile of its paged-prefill images, where the entry's own tile
+# spills with the gathered page offsets (first choices that pass the static checks, not measured on hardware yet).
+PAGED_TILE = "paged"
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
@@ -165,9 +169,10 @@ def variants(archs: list[str]) -> list[Variant]:
                     if int(bucket) not in LAYOUT_BUCKETS.get(layout, (int(bucket),)):
                         continue
                     tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout == "dense" else []
+                    own = cfg.get(PAGED_TILE, cfg) if layout == "varlen_paged" else cfg
                     for dtype in DTYPES:
                         for d_mask, features in kinds:
-                            for full_band_only, c in tile_cfgs + [(False, cfg)]:
+                            for full_band_only, c in tile_cfgs + [(False, own)]:
                                 out.append(Variant(
                                     op=op, arch=arch, vendor=vendor, target_backend=backend,
                                     target_arch=target_arch, warp_size=tiles(vendor)["warp_size"],

@@ -206,7 +206,7 @@ def _attention_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if dropout_p:
         policy.announce(_dropout_decision(dropout_p))
         res, lse = ops.paged_fallback(q, k, v, *index, shapes, alibi_slopes, dropout_p, deterministic)
-    elif not ops.can_run_eager(q, k, v, *index, alibi_slopes, out):
+    elif torch.compiler.is_compiling() or not ops.can_run_eager(q, k, v, *index, alibi_slopes, out):
         left, right = shapes.window
         res, lse = ops.varlen_paged_fwd(q, k, v, *index, shapes.seqlen_q, shapes.seqlen_k, alibi_slopes,
                                         shapes.softmax_scale, left, right, shapes.softcap, "", "")

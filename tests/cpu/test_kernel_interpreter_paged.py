@@ -79,6 +79,7 @@ def _paged_tiles():
         for arch, entry in json.loads(path.read_text())["archs"].items():
             for bucket in buckets:
                 cfg = entry["fwd"][str(bucket)]
+                cfg = cfg.get(variants.PAGED_TILE, cfg)
                 tiles.setdefault((cfg["block_m"], cfg["block_n"]), []).append(arch)
     return tiles
 
