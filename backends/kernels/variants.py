@@ -152,10 +152,12 @@ class Variant:
         return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}-{tile}"
 
 
-def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False) -> dict:
+def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False, layout: str = "dense") -> dict:
     """The tiles.json entry an image was built from."""
     cfg = arch_info(arch)[op][str(head_dim)]
-    return cfg[FULL_BAND] if full_band_only else cfg
+    if full_band_only:
+        return cfg[FULL_BAND]
+    return cfg.get(PAGED_TILE, cfg) if layout == "varlen_paged" else cfg
 
 
 def variants(archs: list[str]) -> list[Variant]:
@@ -169,7 +171,7 @@ def variants(archs: list[str]) -> list[Variant]:
                     if int(bucket) not in LAYOUT_BUCKETS.get(layout, (int(bucket),)):
                         continue
                     tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout == "dense" else []
-                    own = cfg.get(PAGED_TILE, cfg) if layout == "varlen_paged" else cfg
+                    own = tile_config(arch, op, int(bucket), layout=layout)
                     for dtype in DTYPES:
                         for d_mask, features in kinds:
                             for full_band_only, c in tile_cfgs + [(False, own)]:
