@@ -1,7 +1,9 @@
 """Varlen forward and backward calls for compute-sanitizer memcheck (DESIGN point 10): well-formed packed batches
 (empty and one-token sequences, GQA, causal, windows, softcap, ALiBi per sequence), then malformed cu_seqlens that
 validation cannot see on the GPU (decreasing, negative, past the total, longer than max_seqlen): the kernels must keep
-every access inside the tensors. Expect 0 errors:
+every access inside the tensors. Then paged-prefill calls (block_table, K/V in a page pool; forward only), well-formed
+at page sizes 16 and 64 and with malformed tables (blocks outside the pool, negative, cu_seqlens_k longer than a
+table row, decreasing). Expect 0 errors:
 
     compute-sanitizer --tool memcheck python ci/memcheck_varlen.py
 """
@@ -51,5 +53,30 @@ MALFORMED = [  # cu_seqlens (q and k), max_seqlen, over 700 tokens
 ]
 for bounds, max_len in MALFORMED:
     out = run(700, 700, 4, 2, 64, cu(bounds), cu(bounds), max_len, max_len, causal=True)
+
+
+def run_paged(lens_q, cu_k, table, page_size, num_blocks, max_k, hk=2, d=64, **kwargs):
+    q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=torch.bfloat16)
+    k_pool, v_pool = (torch.randn(num_blocks, page_size, hk, d, device="cuda", dtype=torch.bfloat16)
+                      for _ in range(2))
+    cu_q, table = cu(torch.tensor([0, *lens_q]).cumsum(0).tolist()), cu(table).view(len(lens_q), -1)
+    decision = fa2rt.explain(q, k_pool, v_pool, cu_q, cu(cu_k), max(lens_q), max_k, block_table=table, **kwargs)
+    assert decision.path == "kernel" and "-varlen_paged-" in decision.image, decision
+    return fa2rt.attention_varlen(q, k_pool, v_pool, cu_q, cu(cu_k), max(lens_q), max_k, block_table=table,
+                                  **kwargs)
+
+
+PAGED = [  # lengths of q, cu_seqlens_k, block table (flattened, one row per sequence), page size, pool pages, max_k
+    ((300, 0, 1), [0, 257, 262, 263], list(range(16, -1, -1)) + [17] + [0] * 16 + [18] + [0] * 16, 16, 19, 257),
+    ((129, 64), [0, 200, 264], [1, 3, 2, 0, 4, 0, 0, 0], 64, 5, 200),
+    ((40, 40), [0, 40, 80], [0, 9, 1, 1 << 30, 3, 4], 16, 8, 40),  # outside the pool
+    ((40, 40), [0, 40, 80], [-1, -(1 << 30), 0, 2, -5, 3], 16, 8, 40),  # negative
+    ((40, 40), [0, 5000, 1 << 30], [0, 1, 2, 3, 4, 5], 16, 8, 48),  # longer than a table row
+    ((40, 40), [0, 30, 5], [0, 1, 2, 3, 4, 5], 16, 8, 48),  # decreasing
+]
+with torch.no_grad():
+    for lens_q, cu_k, table, page_size, num_blocks, max_k in PAGED:
+        run_paged(lens_q, cu_k, table, page_size, num_blocks, max_k, causal=True)
 torch.cuda.synchronize()
-print("memcheck varlen ran", len(WELL_FORMED), "well-formed and", len(MALFORMED), "malformed calls")
+print("memcheck varlen ran", len(WELL_FORMED), "well-formed and", len(MALFORMED), "malformed calls;", len(PAGED),
+      "paged calls (4 malformed)")

@@ -31,6 +31,7 @@ from variants import (  # noqa: E402
     OPS,
     OPTIONAL_FEATURES,
     PAGE_MULTIPLE,
+    PAGED_LAYOUTS,
     Variant,
     variants,
 )
@@ -67,8 +68,8 @@ def kernel_spec(op: str):
     import fwd
 
     return {"fwd": (fwd.attn_fwd, fwd.fwd_params, fwd.UNHINTED_PARAMS, fwd.fwd_constexprs),
-            "bwd_dq": (bwd.attn_bwd_dq, bwd.bwd_params, bwd.UNHINTED_PARAMS, fwd.fwd_constexprs),
-            "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS, fwd.fwd_constexprs),
+            "bwd_dq": (bwd.attn_bwd_dq, bwd.bwd_params, bwd.UNHINTED_PARAMS, bwd.bwd_constexprs),
+            "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS, bwd.bwd_constexprs),
             "decode": (decode.attn_decode, decode.decode_params, decode.UNHINTED_PARAMS, decode.decode_constexprs),
             "decode_combine": (decode.attn_decode_combine, decode.combine_params, decode.COMBINE_UNHINTED_PARAMS,
                                decode.combine_constexprs)}[op]
@@ -246,7 +247,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
-        "layouts": [v.layout], "page_multiple": PAGE_MULTIPLE if v.layout == "paged" else 0,
+        "layouts": [v.layout], "page_multiple": PAGE_MULTIPLE if v.layout in PAGED_LAYOUTS else 0,
         "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,
         "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,

@@ -15,7 +15,7 @@ their sequence as the forward's do (fwd._sequence); DELTA is laid out as LSE.
 
 import triton
 import triton.language as tl
-from fwd import LOG2E, _d_ok, _key_phases, _lse_row, _sequence, _tanh, layout_params
+from fwd import LOG2E, _d_ok, _key_phases, _lse_row, _sequence, _tanh, layout_params, tile_constexprs
 
 
 @triton.jit
@@ -304,3 +304,8 @@ def bwd_params(dtype: str, layout: str = "dense") -> list[tuple[str, str]]:
     params += [(name, "i32") for name in ("nheads", "head_ratio", "seqlen_q", "seqlen_k", "head_dim_8",
                                           "window_left", "window_right")]
     return params + [("qk_scale_log2", "fp32"), ("softcap_in", "fp32"), ("sm_scale", "fp32")] + layout_params(layout)
+
+
+# Compile-time parameters of one backward image: the tile and layout flags shared with the forward (no paged layout:
+# paged prefill is inference).
+bwd_constexprs = tile_constexprs

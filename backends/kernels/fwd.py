@@ -8,6 +8,13 @@ Varlen images (VARLEN, a compile-time flag: dense images compile exactly as befo
 reads from CU_Q/CU_K (_sequence), and seqlen_q/seqlen_k arrive as the longest lengths (the grid's extent). The batch
 strides are 0 and LSE is (nheads, total_q). Only where a program finds its sequence differs; the rest is shared.
 
+Paged-KV images (PAGED, with VARLEN; forward only, for paged prefill) read K/V from a pool of pages (num_blocks,
+page_size, nheads_k, headdim) instead: key j of sequence b sits in page BLOCK_TABLE[b, j // page_size] at row
+j % page_size, and cu_seqlens_k gives only each sequence's key count. Each key tile gathers its rows through the
+table (_paged_rows); page_size is a run-time value. Block ids are clamped into the pool and the lengths to the
+table's capacity, so a malformed table or cu_seqlens_k gives wrong numbers at worst, never an access outside the
+tensors. The other images compile exactly as before (the paged branches are compile-time).
+
 Masking is one band, aligned to the bottom-right corner as in flash-attn 2: with shift = seqlen_k - seqlen_q, query
 i sees key j iff i + shift - window_left <= j <= i + shift + window_right (and j < seqlen_k). Causal is
 window_right = 0; "unlimited" arrives clamped to seqlen_k (left) and seqlen_q (right), so the band covers every key.
@@ -66,13 +73,30 @@ def _lse_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN: tl.conste
 
 
 @triton.jit
+def _paged_rows(cols, bt_row, page_size, pool_blocks, stride_b, stride_n, seqlen_k, MASKED: tl.constexpr):
+    """int64 offsets of keys `cols` of one sequence in a page pool (K or V): page bt_row[cols // page_size] (the
+    sequence's block-table row), row cols % page_size. Keys past seqlen_k (masked tiles) read entry 0 of the row
+    instead of one past it; every block id is clamped into the pool. Called once for K and once for V (the second
+    table read hits the cache), so no offsets stay live across the tile's products: fewer registers."""
+    pages = cols // page_size
+    if MASKED:
+        block = tl.load(bt_row + pages, mask=cols < seqlen_k, other=0)
+    else:
+        block = tl.load(bt_row + pages)
+    block = tl.minimum(tl.maximum(block, 0), pool_blocks - 1).to(tl.int64)
+    return block * stride_b + cols % page_size * stride_n
+
+
+@triton.jit
 def _fwd_block(
     acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, first, n_blocks, gap_at, gap, stride_kn, stride_vn, seqlen_k,
     shift, key_lo, key_hi, qk_scale_log2, softcap_in, alibi_log2, head_dim,
+    bt_row, page_size, pool_blocks, stride_kb, stride_vb,
     BLOCK_N: tl.constexpr, D_MASK: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
+    ALIBI: tl.constexpr, PAGED: tl.constexpr,
 ):
-    """n_blocks key blocks from key `first` on, skipping `gap` keys after the first gap_at blocks."""
+    """n_blocks key blocks from key `first` on, skipping `gap` keys after the first gap_at blocks. PAGED: keys are
+    gathered through the block-table row bt_row (_paged_rows); the other params of that line serve only it."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = _d_ok(offs_d, head_dim, D_MASK)
     for t in range(0, n_blocks):
@@ -80,8 +104,12 @@ def _fwd_block(
         if MASKED:
             start_n += tl.where(t >= gap_at, gap, 0)
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if PAGED:
+            k_rows = _paged_rows(cols, bt_row, page_size, pool_blocks, stride_kb, stride_kn, seqlen_k, MASKED)
+            k_ptrs = k_base + k_rows[None, :] + offs_d[:, None]
+        else:
+            k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
         if MASKED:
             k = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
         elif D_MASK:
@@ -112,6 +140,9 @@ def _fwd_block(
             p = tl.math.exp2(qk * qk_scale_log2 - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if PAGED:
+            v_rows = _paged_rows(cols, bt_row, page_size, pool_blocks, stride_vb, stride_vn, seqlen_k, MASKED)
+            v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
         if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         elif D_MASK:
@@ -152,6 +183,7 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     VARLEN: tl.constexpr = False, CU_Q=None, CU_K=None, total_q=0, total_k=0,
+    PAGED: tl.constexpr = False, BLOCK_TABLE=None, stride_bt=0, page_size=1, pool_blocks=1, max_blocks=0,
 ):
     # Programs with the most keys (last query blocks under a causal band) start first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -172,8 +204,13 @@ def attn_fwd(
             return
         Q += q_start * stride_qm
         O += q_start * stride_om  # noqa: E741 - the paper's names
-        K += k_start * stride_kn
-        V += k_start * stride_vn
+        if PAGED:
+            # Only the key count comes from cu_seqlens_k; no sequence reads past its row of the table.
+            seqlen_k = tl.minimum(seqlen_k, max_blocks * page_size)
+            bt_row = BLOCK_TABLE + off_b * stride_bt
+        else:
+            K += k_start * stride_kn
+            V += k_start * stride_vn
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -186,8 +223,14 @@ def attn_fwd(
     if ALIBI_ON:
         alibi_log2 = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah) * LOG2E
 
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    if PAGED:
+        # stride_kb / stride_vb step between pages of the pool (_paged_rows), not between sequences.
+        k_base = K + off_hk * stride_kh
+        v_base = V + off_hk * stride_vh
+    else:
+        k_base = K + off_b * stride_kb + off_hk * stride_kh
+        v_base = V + off_b * stride_vb + off_hk * stride_vh
+        bt_row = BLOCK_TABLE
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -213,11 +256,12 @@ def attn_fwd(
     n_right = tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)
     acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, full_lo, n_full, n_full, 0,
                                stride_kn, stride_vn, seqlen_k, shift, key_lo, key_hi, qk_scale_log2,
-                               softcap_in, alibi_log2, head_dim, BLOCK_N, D_MASK, False, SOFTCAP, ALIBI_ON)
+                               softcap_in, alibi_log2, head_dim, bt_row, page_size, pool_blocks, stride_kb,
+                               stride_vb, BLOCK_N, D_MASK, False, SOFTCAP, ALIBI_ON, PAGED)
     acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, lo, n_left + n_right, n_left,
                                full_hi - full_lo, stride_kn, stride_vn, seqlen_k, shift, key_lo, key_hi,
-                               qk_scale_log2, softcap_in, alibi_log2, head_dim, BLOCK_N, D_MASK, True, SOFTCAP,
-                               ALIBI_ON)
+                               qk_scale_log2, softcap_in, alibi_log2, head_dim, bt_row, page_size, pool_blocks,
+                               stride_kb, stride_vb, BLOCK_N, D_MASK, True, SOFTCAP, ALIBI_ON, PAGED)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -229,24 +273,45 @@ def attn_fwd(
 
 
 # Params the AOT build must not hint as 16-byte aligned: the ALiBi slopes are a small fp32 tensor of any alignment,
-# cu_seqlens a small int32 one. Every other pointer is hinted (aot.py), and the dispatcher checks the hint holds.
-UNHINTED_PARAMS = frozenset({"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K"})
-LAYOUTS = ("dense", "varlen")
+# cu_seqlens and the block table small int32 ones. Every other pointer is hinted (aot.py), and the dispatcher checks
+# the hint holds.
+UNHINTED_PARAMS = frozenset({"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "BLOCK_TABLE"})
+# "varlen_paged": varlen queries, K/V in a page pool through a block table (the forward only: paged prefill).
+LAYOUTS = ("dense", "varlen", "varlen_paged")
+PAGED_LAYOUT = "varlen_paged"
 # What a varlen image takes beyond a dense one, after the other params (the kernels' trailing parameters).
 VARLEN_PARAMS = [("CU_Q", "*i32"), ("CU_K", "*i32"), ("total_q", "i32"), ("total_k", "i32")]
+# What a paged image takes beyond a varlen one: the block table (int32 (batch, max_blocks), row stride stride_bt,
+# unit column stride), the page size, the pool's page count and the table's width. Its total_k is unused (no packed
+# K rows: the call passes the int32 maximum, so only cu_seqlens_k's differences count).
+PAGED_PARAMS = [("BLOCK_TABLE", "*i32"), ("stride_bt", "i32"), ("page_size", "i32"), ("pool_blocks", "i32"),
+                ("max_blocks", "i32")]
+
+
+def _fixed(params) -> dict:
+    """Params an image does not use, fixed as constants so it compiles exactly as a kernel without them."""
+    return {name: (None if ty.startswith("*") else 0) for name, ty in params}
 
 
 def layout_params(layout: str) -> list[tuple[str, str]]:
-    """The run-time params a layout adds to the kernels' own (fwd_params, bwd.bwd_params)."""
-    return VARLEN_PARAMS if layout == "varlen" else []
+    """The run-time params a layout adds to the kernels' own (fwd_params, bwd.bwd_params; only the forward has a
+    paged layout)."""
+    return {"varlen": VARLEN_PARAMS, PAGED_LAYOUT: VARLEN_PARAMS + PAGED_PARAMS}.get(layout, [])
 
 
 def layout_constexprs(layout: str) -> dict:
-    """Compile-time params of a layout: a dense image fixes the varlen params (unused there) as constants, so it
-    compiles exactly as a kernel without them."""
-    if layout == "varlen":
+    """Compile-time params of a layout, for the kernels of both families: a dense image fixes the varlen params
+    (unused there) as constants, so it compiles exactly as a kernel without them."""
+    if layout in ("varlen", PAGED_LAYOUT):
         return {"VARLEN": True}
-    return {"VARLEN": False} | {name: (None if ty.startswith("*") else 0) for name, ty in VARLEN_PARAMS}
+    return {"VARLEN": False} | _fixed(VARLEN_PARAMS)
+
+
+def paged_constexprs(layout: str) -> dict:
+    """The forward kernel's paging flag, with the paged params fixed (and 1 for the divisor) where it is off."""
+    if layout == PAGED_LAYOUT:
+        return {"PAGED": True}
+    return {"PAGED": False} | _fixed(PAGED_PARAMS) | {"page_size": 1, "pool_blocks": 1}
 
 
 # The kernel's run-time parameters in launch order, with their Triton types. The dispatcher packs arguments by
@@ -265,11 +330,18 @@ def fwd_params(dtype: str, layout: str = "dense") -> list[tuple[str, str]]:
     ] + layout_params(layout)
 
 
-def fwd_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
-                   layout: str = "dense") -> dict:
-    """Compile-time parameters of one image (the variant grid's feature names map onto the kernel's flags)."""
+def tile_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
+                    layout: str = "dense") -> dict:
+    """Compile-time parameters both kernel families share (the variant grid's feature names map onto the kernels'
+    flags); bwd.py's images take exactly these."""
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": bucket, "D_MASK": d_mask,
             "SOFTCAP": "softcap" in features, "ALIBI_ON": "alibi" in features} | layout_constexprs(layout)
+
+
+def fwd_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
+                   layout: str = "dense") -> dict:
+    """Compile-time parameters of one forward image."""
+    return tile_constexprs(block_m, block_n, bucket, d_mask, features, layout) | paged_constexprs(layout)
 
 
 def attn_fwd_grid(seqlen_q: int, batch: int, nheads: int, block_m: int) -> tuple[int, int, int]:

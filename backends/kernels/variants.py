@@ -26,13 +26,19 @@ KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi"
 # build small: the exact head dim without extras (the common, fastest case), and masked images with alibi (any head
 # dim, slope 0 when unused) and with softcap. Its tile is the entry's own (the full-band tiles were tuned dense).
 LAYOUT_KINDS = {"dense": KINDS, "varlen": ((False, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))}
+# Paged prefill ("varlen_paged": varlen queries, K/V gathered from a page pool through a block table; fwd.py PAGED) is
+# inference, so only the forward has it, and only at the head dims serving uses (those the decode images take): the
+# same three kinds as varlen, on the varlen tiles. Causal, windows and the page size are run-time values.
+PAGED_PREFILL_KINDS = LAYOUT_KINDS["varlen"]
+PAGED_PREFILL_BUCKETS = (64, 128, 256)
 # The decode kernels are memory-bound: a masked head dim, a zero ALiBi slope and a run-time softcap switch cost nothing
 # measurable beside the cache reads, so one kind per bucket serves every call, keeping the build small. They are built
 # per cache layout (decode.LAYOUTS; the page size is a run-time value, any multiple of the manifest's page_multiple);
 # the combine reads only the decode kernel's partials (decode.COMBINE_LAYOUT), has no options, and one masked
 # bucket (its tiles.json entry) takes every head dim.
 DECODE_KINDS = ((True, ("softcap", "alibi")),)
-OP_LAYOUT_KINDS = {op: LAYOUT_KINDS for op in ("fwd", "bwd_dq", "bwd_dkdv")} | {
+OP_LAYOUT_KINDS = {op: LAYOUT_KINDS for op in ("bwd_dq", "bwd_dkdv")} | {
+    "fwd": LAYOUT_KINDS | {"varlen_paged": PAGED_PREFILL_KINDS},
     "decode": {"kvcache": DECODE_KINDS, "paged": DECODE_KINDS},
     "decode_combine": {"partials": ((True, ()),)},
 }
@@ -43,6 +49,9 @@ OPTIONAL_FEATURES = {"decode": ("softcap", "alibi")}
 DEFAULT_OPTIONAL_FEATURES = ("alibi",)
 # Page sizes the paged images take: multiples of this (vLLM's 16-token blocks and up); the manifest carries it.
 PAGE_MULTIPLE = 16
+PAGED_LAYOUTS = ("paged", "varlen_paged")
+# Layouts built only at some head-dim buckets (the others at every bucket of the op's tiles.json table).
+LAYOUT_BUCKETS = {"varlen_paged": PAGED_PREFILL_BUCKETS}
 # A tiles.json entry's spill allowance for its varlen images, where they spill more than the dense ones: a varlen
 # program keeps its sequence's bounds in registers that the dense kernel reads from constant memory, which on a tile
 # already at the register limit (sm80 d128) costs a few more spilled bytes. Not measured yet (the varlen benchmark
@@ -51,14 +60,18 @@ VARLEN_STACK_KEY = "varlen_max_stack_bytes"
 
 
 def stack_allowance(cfg: dict, layout: str) -> int:
-    """Spill bytes the static checks accept for an image of `layout` built from tiles.json entry `cfg`."""
+    """Spill bytes the static checks accept for an image of `layout` built from tiles.json entry `cfg` (paged
+    images: the varlen allowance, or none when built from the entry's PAGED_TILE)."""
     dense = cfg.get("max_stack_bytes", 0)
-    return cfg.get(VARLEN_STACK_KEY, dense) if layout == "varlen" else dense
+    return cfg.get(VARLEN_STACK_KEY, dense) if layout in ("varlen", "varlen_paged") else dense
 
 # A tile table entry may carry a "full_band" entry: the tile for calls whose band covers every key (no causal, no
 # window), where it measured faster than the entry's own tile. It builds the same kinds, marked full_band_only and
 # listed first, so the dispatcher prefers them for such calls and never gives them a banded one.
 FULL_BAND = "full_band"
+# A tile table entry may carry a "paged" entry: the tile of its paged-prefill images, where the entry's own tile
+# spills with the gathered page offsets (first choices that pass the static checks, not measured on hardware yet).
+PAGED_TILE = "paged"
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
@@ -139,10 +152,12 @@ class Variant:
         return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}-{tile}"
 
 
-def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False) -> dict:
+def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False, layout: str = "dense") -> dict:
     """The tiles.json entry an image was built from."""
     cfg = arch_info(arch)[op][str(head_dim)]
-    return cfg[FULL_BAND] if full_band_only else cfg
+    if full_band_only:
+        return cfg[FULL_BAND]
+    return cfg.get(PAGED_TILE, cfg) if layout == "varlen_paged" else cfg
 
 
 def variants(archs: list[str]) -> list[Variant]:
@@ -153,10 +168,13 @@ def variants(archs: list[str]) -> list[Variant]:
         for op in OPS:
             for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
                 for layout, kinds in OP_LAYOUT_KINDS[op].items():
+                    if int(bucket) not in LAYOUT_BUCKETS.get(layout, (int(bucket),)):
+                        continue
                     tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout == "dense" else []
+                    own = tile_config(arch, op, int(bucket), layout=layout)
                     for dtype in DTYPES:
                         for d_mask, features in kinds:
-                            for full_band_only, c in tile_cfgs + [(False, cfg)]:
+                            for full_band_only, c in tile_cfgs + [(False, own)]:
                                 out.append(Variant(
                                     op=op, arch=arch, vendor=vendor, target_backend=backend,
                                     target_arch=target_arch, warp_size=tiles(vendor)["warp_size"],

@@ -25,15 +25,18 @@ VARLEN_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
             softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, out=None,
-            dropout_p=0.0) -> policy.Decision:
+            dropout_p=0.0, block_table=None) -> policy.Decision:
     """What attention(q, k, v, ...) would run, or with the four varlen arguments what
-    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...) would, and why: the
-    chosen image (and backward images when an input requires grad) or the fallback reason, with every candidate
-    image the dispatcher rejected."""
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...) would (block_table too:
+    a paged call), and why: the chosen image (and backward images when an input requires grad) or the fallback
+    reason, with every candidate image the dispatcher rejected."""
     varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     options = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes, out=out)
     given = [name for name, value in zip(VARLEN_ARGS, varlen, strict=True) if value is not None]
+    if block_table is not None and len(given) != len(VARLEN_ARGS):
+        raise TypeError(f"block_table: expected None without {', '.join(VARLEN_ARGS)} (a paged call is a varlen "
+                        "call), got a value")
     if not given:
         shapes = check_inputs(q, k, v, **options)
     elif len(given) != len(VARLEN_ARGS):
@@ -41,7 +44,7 @@ def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, ma
         raise TypeError(f"{missing[0]}: expected a value with {', '.join(given)} (a varlen call takes all of "
                         f"{', '.join(VARLEN_ARGS)}), got None")
     else:
-        shapes = check_varlen_inputs(q, k, v, *varlen, **options)
+        shapes = check_varlen_inputs(q, k, v, *varlen, **options, block_table=block_table)
     dropout_p = check_dropout(dropout_p)
     decision = _dropout_decision(dropout_p) if dropout_p else _decide(shapes, q, k, v, alibi_slopes, out)
     if decision.path != "fallback":
@@ -127,7 +130,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, deterministic=False,
-                     return_lse=False, out=None, dropout_p=0.0):
+                     return_lse=False, out=None, dropout_p=0.0, block_table=None):
     """Exact attention over variable-length sequences packed end to end (flash-attn's varlen call).
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), any strides with a contiguous last dim.
@@ -142,8 +145,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     given tensors.
     Returns out (like q, contiguous when allocated here), or (out, lse) with lse float32 (nheads, total_q) when
     return_lse. Differentiable in q, k and v; deterministic and dropout_p as attention().
+    block_table: paged K/V (paged prefill, as flash-attn's varlen call with block_table): k, v are page pools
+    (num_blocks, page_size, nheads_k, headdim) with page_size a multiple of 16, block_table int32
+    (batch, max_blocks) on q's device with max_blocks * page_size >= max_seqlen_k; key j of sequence b is
+    k[block_table[b, j // page_size], j % page_size] for j < cu_seqlens_k[b + 1] - cu_seqlens_k[b] (cu_seqlens_k
+    gives only the key counts). Forward only: inputs that require grad are refused. Block ids are checked with the
+    cu_seqlens (CPU or FA2RT_CHECK_INDICES=1); the kernels clamp them into the pool otherwise.
     """
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    if block_table is not None:
+        return _attention_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                                causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=return_lse,
+                                out=out, dropout_p=dropout_p)
     if dropout_p != 0.0:
         varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         return _with_dropout(q, k, v, varlen, check_dropout(dropout_p), causal=causal, softmax_scale=softmax_scale,
@@ -185,6 +199,34 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                          alibi_slopes=alibi_slopes, return_lse=return_lse,
                                          deterministic=deterministic)
         out = res if out is None else out.copy_(res)
+    return (out, lse) if return_lse else out
+
+
+def _attention_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, *, alibi_slopes,
+                     deterministic, return_lse, out, dropout_p, **options):
+    """attention_varlen with block_table: the paged-prefill images, or the exact fallback (the pages gathered, then
+    the varlen fallback), announced; under torch.compile and dispatch modes the custom op fa2rt::varlen_paged_fwd,
+    which selects (or falls back) when it runs."""
+    shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 alibi_slopes=alibi_slopes, out=out, block_table=block_table, **options)
+    dropout_p = check_dropout(dropout_p)
+    index = (cu_seqlens_q, cu_seqlens_k, block_table)
+    if dropout_p:
+        policy.announce(_dropout_decision(dropout_p))
+        res, lse = ops.paged_fallback(q, k, v, *index, shapes, alibi_slopes, dropout_p, deterministic)
+    elif torch.compiler.is_compiling() or not ops.can_run_eager(q, k, v, *index, alibi_slopes, out):
+        left, right = shapes.window
+        res, lse = ops.varlen_paged_fwd(q, k, v, *index, shapes.seqlen_q, shapes.seqlen_k, alibi_slopes,
+                                        shapes.softmax_scale, left, right, shapes.softcap, "", "")
+    else:
+        decision = _decide(shapes, q, k, v, alibi_slopes, out)
+        if decision.path == "kernel":
+            out, lse = ops.EagerCall(shapes, decision.image, decision.mode).forward(q, k, v, alibi_slopes, out, index)
+            return (out, lse) if return_lse else out
+        if decision.path == "fallback" and decision.reason:
+            policy.announce(decision)
+        res, lse = ops.paged_fallback(q, k, v, *index, shapes, alibi_slopes, deterministic=deterministic)
+    out = res if out is None else out.copy_(res)
     return (out, lse) if return_lse else out
 
 

@@ -8,7 +8,8 @@ results. Where the conventions differ, on purpose:
   kernels yet. The dropout pattern comes from torch's RNG, not flash-attn's Philox stream.
 - return_attn_probs=True returns (out, softmax_lse, None): fa2rt never materialises the (dropped) probabilities
   flash-attn returns for testing (with dropout_p=0 flash-attn 2.8 returns an empty placeholder tensor there).
-- block_table (paged KV in flash_attn_varlen_func) raises NotImplementedError until fa2rt has a paged KV layout.
+- block_table (paged KV in flash_attn_varlen_func) maps onto fa2rt.attention_varlen(block_table=...): page sizes need
+  only be multiples of 16 (flash-attn 2.8's varlen kernel asks for multiples of 256), and it is forward-only there.
 - flash_attn_with_kvcache maps onto fa2rt.attention_with_kvcache (in-place append, rotary, paged caches); page sizes
   need only be multiples of 16 there.
 - Misuse (wrong shapes, dtypes, head counts, cu_seqlens) raises CompatError, which is both a ValueError (fa2rt's
@@ -78,12 +79,12 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None):
     q, k, v = (_contiguous_last(t) for t in (q, k, v))
     returned = _call(api.attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                      alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=bool(return_attn_probs),
-                     dropout_p=dropout_p)
+                     dropout_p=dropout_p, block_table=block_table)
     return _result(returned, return_attn_probs)
 
 
@@ -115,12 +116,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     """q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_*: int32 (batch + 1,).
+    With block_table int32 (batch, max_blocks): k, v are paged (num_blocks, page_size, nheads_k, headdim) and
+    cu_seqlens_k gives each sequence's key count (fa2rt.attention_varlen's block_table; forward only).
     Returns out like q, or (out, softmax_lse (nheads, total_q) float32, None) with return_attn_probs."""
-    if block_table is not None:
-        raise NotImplementedError("block_table: expected None (fa2rt has no paged KV layout yet), got a "
-                                  f"{type(block_table).__name__}")
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

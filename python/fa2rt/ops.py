@@ -18,10 +18,11 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C, builds, policy
-from .fallback import sdpa_attention, sdpa_varlen_attention
-from .validate import Shapes
+from .fallback import gather_pages, sdpa_attention, sdpa_varlen_attention
+from .validate import VARLEN_LAYOUTS, Shapes
 
 LOG2E = 1.0 / math.log(2.0)
+INT32_MAX = 2**31 - 1
 _zero_slopes: dict[torch.device, torch.Tensor] = {}
 
 
@@ -85,6 +86,11 @@ def _scalar_args(alibi, shapes: Shapes) -> dict:
                 **_score_params(shapes.softmax_scale, shapes.softcap))
     if shapes.layout == "varlen":
         args |= {"total_q": shapes.total_q, "total_k": shapes.total_k}
+    elif shapes.layout == "varlen_paged":
+        # No packed K rows to stay inside: only cu_seqlens_k's differences count (fwd.PAGED_PARAMS).
+        args |= {"total_q": shapes.total_q, "total_k": INT32_MAX, "stride_bt": shapes.block_stride,
+                 "page_size": shapes.page_size, "pool_blocks": shapes.total_k // shapes.page_size,
+                 "max_blocks": shapes.max_blocks}
     return args
 
 
@@ -114,9 +120,13 @@ def _addresses(pointers: dict) -> dict:
     return {name: t.data_ptr() for name, t in pointers.items()}
 
 
+INDEX_POINTERS = ("CU_Q", "CU_K", "BLOCK_TABLE")
+
+
 def _cu_buffers(cu: tuple) -> dict:
-    """The cu_seqlens pointer arguments of a varlen call (cu = (cu_seqlens_q, cu_seqlens_k)); none for dense (())."""
-    return dict(zip(("CU_Q", "CU_K"), cu, strict=True)) if cu else {}
+    """The index pointer arguments of a varlen call (cu = (cu_seqlens_q, cu_seqlens_k), and block_table for a paged
+    one); none for dense (())."""
+    return dict(zip(INDEX_POINTERS[:len(cu)], cu, strict=True))
 
 
 def kernel_args(q, k, v, out, lse, alibi, shapes: Shapes, cu: tuple = ()) -> dict:
@@ -147,6 +157,17 @@ def _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale
                   softmax_scale=softmax_scale, causal=window_right == 0, window=(window_left, window_right),
                   softcap=softcap, has_alibi=alibi is not None, layout="varlen", total_q=q.shape[0],
                   total_k=k.shape[0])
+
+
+def _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                  window_right, softcap, alibi) -> Shapes:
+    num_blocks, page_size = k.shape[:2]
+    return Shapes(batch=cu_seqlens_q.shape[0] - 1, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, nheads=q.shape[1],
+                  nheads_k=k.shape[2], head_dim=q.shape[2], dtype=q.dtype, device=q.device,
+                  softmax_scale=softmax_scale, causal=window_right == 0, window=(window_left, window_right),
+                  softcap=softcap, has_alibi=alibi is not None, layout="varlen_paged", total_q=q.shape[0],
+                  total_k=num_blocks * page_size, page_size=page_size, max_blocks=block_table.shape[1],
+                  block_stride=block_table.stride(0))
 
 
 # --- launching --------------------------------------------------------------------------------------------------------
@@ -225,7 +246,7 @@ class EagerCall:
 
     def __init__(self, shapes: Shapes, image: str | None, mode: str | None):
         self.shapes, self.image, self.mode = shapes, image, mode
-        self.lse_shape = ((shapes.nheads, shapes.total_q) if shapes.layout == "varlen"
+        self.lse_shape = ((shapes.nheads, shapes.total_q) if shapes.layout in VARLEN_LAYOUTS
                           else (shapes.batch, shapes.nheads, shapes.seqlen_q))
         self.no_slopes = _no_slopes(shapes.device)
         self.plans_source = _PLANS  # a replaced plan cache (tests record launches so) makes this call stale
@@ -238,7 +259,7 @@ class EagerCall:
 
     def forward(self, q, k, v, alibi, out, cu: tuple = ()):
         """Launch the forward image on torch's current stream, writing into `out` (allocated when None).
-        cu: (cu_seqlens_q, cu_seqlens_k) for a varlen call. Returns (out, lse)."""
+        cu: (cu_seqlens_q, cu_seqlens_k) for a varlen call, then block_table for a paged one. Returns (out, lse)."""
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.shapes.device)
@@ -541,3 +562,49 @@ def _varlen_backward(ctx, dout, _dlse):
 
 
 varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+# --- paged prefill: varlen queries, K/V from a page pool through a block table (forward only, no autograd) -----------
+
+def run_paged_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k, alibi,
+                      softmax_scale, window_left, window_right, softcap, image, mode):
+    """varlen_paged_fwd's body: as run_varlen_forward; the fallback gathers the pages (fallback.gather_pages)."""
+    shapes = _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                           window_right, softcap, alibi)
+    if not image:
+        decision = policy.decide(shapes, q, k, v, needs_grad=False)
+        if decision.path != "kernel":
+            if decision.path == "fallback":
+                policy.announce(decision)
+            return paged_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, shapes, alibi)
+        image, mode = decision.image, decision.mode
+    return forward(q, k, v, alibi, None, shapes, image, mode, (cu_seqlens_q, cu_seqlens_k, block_table))
+
+
+def paged_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, shapes: Shapes, alibi, dropout_p=0.0,
+                   deterministic=False):
+    """The exact fallback of a paged call: the pages gathered into packed K/V, then the varlen fallback.
+    Returns (out, lse)."""
+    k_packed, v_packed = gather_pages(k, v, cu_seqlens_k, block_table)
+    return sdpa_varlen_attention(q, k_packed, v_packed, cu_seqlens_q, cu_seqlens_k, causal=shapes.window[1] == 0,
+                                 softmax_scale=shapes.softmax_scale, window_size=shapes.window, softcap=shapes.softcap,
+                                 alibi_slopes=alibi, return_lse=True, deterministic=deterministic,
+                                 dropout_p=dropout_p)
+
+
+# Registered for every device, as varlen_fwd: the fallback reads the index values, which a traced graph cannot. No
+# autograd formula: paged prefill is inference (validation refuses inputs that require grad).
+@torch.library.custom_op("fa2rt::varlen_paged_fwd", mutates_args=())
+def varlen_paged_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, block_table: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                     alibi_slopes: torch.Tensor | None, softmax_scale: float, window_left: int, window_right: int,
+                     softcap: float, image: str, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return run_paged_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k,
+                             alibi_slopes, softmax_scale, window_left, window_right, softcap, image, mode)
+
+
+@varlen_paged_fwd.register_fake
+def _varlen_paged_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k,
+                           alibi_slopes, softmax_scale, window_left, window_right, softcap, image, mode):
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse

@@ -96,14 +96,15 @@ def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
     p.strides8 = all(t.shape[i] <= 1 or t.stride(i) % _C.STRIDE_MULTIPLE == 0
                      for t in tensors for i in range(t.dim() - 1))
     p.max_head_extent = max(_head_extent(shapes, t) for t in tensors)
+    p.page_size = shapes.page_size
     return p
 
 
 def _head_extent(shapes: Shapes, t) -> int:
     """The largest element offset a kernel computes in int32 inside one (sequence, head) slice of t: dense rows of
     one batch entry; varlen rows of one sequence, which the kernels clamp to the longest given length (the slice's
-    start is an int64 offset)."""
-    if shapes.layout == "varlen":
+    start is an int64 offset); the rows of one page of a paged pool (4-D, as a dense tensor's batch entry)."""
+    if t.dim() == 3:
         rows = min(t.shape[0], max(shapes.seqlen_q, shapes.seqlen_k))
         return (rows - 1) * t.stride(0) + t.shape[-1]
     return (t.shape[1] - 1) * t.stride(1) + t.shape[3]
@@ -205,7 +206,7 @@ def _context_key(info) -> tuple:
 
 def _problem_key(p: "_C.Problem") -> tuple:
     return (p.op, p.layout, p.dtype, p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.nheads_k, p.head_dim,
-            tuple(p.features), p.full_band, p.aligned16, p.strides8, p.max_head_extent)
+            tuple(p.features), p.full_band, p.aligned16, p.strides8, p.max_head_extent, p.page_size)
 
 
 def _select(op: str, shapes: Shapes, tensors, info) -> tuple:

@@ -6,7 +6,9 @@ History: 2: head-dim buckets with d_mask and features, strides in units of 8 ele
 4: rows say which call layouts they take ("layouts": ["dense"] or ["varlen"]), varlen rows take CU_Q, CU_K, total_q
 and total_k after the other params; 5: ops decode and decode_combine (layouts "kvcache", "paged", "partials"), rows
 say page_multiple (the page sizes a "paged" image takes, 0 for the others) and optional_features (features applied
-only when a call asks), mma_instr may be null.
+only when a call asks), mma_instr may be null. Still 5 with the forward's "varlen_paged" rows (paged prefill: the
+varlen params, then BLOCK_TABLE, stride_bt, page_size, pool_blocks, max_blocks; page_multiple 16): a runtime that does
+not know the layout never selects them (its layout check), so no older reader misreads them.
 """
 
 MANIFEST_SCHEMA = 5

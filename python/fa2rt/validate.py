@@ -19,6 +19,11 @@ LAYOUT = "(batch, seqlen, nheads, headdim)"
 VARLEN_RANK = 3
 VARLEN_LAYOUT = "(total_tokens, nheads, headdim)"
 CU_SEQLENS_DTYPE = torch.int32
+# Paged prefill: varlen queries, keys/values in a pool of pages addressed through a block table.
+PAGED_KV_LAYOUT = "(num_blocks, page_size, nheads_k, headdim)"
+BLOCK_TABLE_DTYPE = torch.int32
+PAGE_MULTIPLE = 16  # page sizes the paged kernels take (vLLM's 16-token blocks and multiples)
+VARLEN_LAYOUTS = ("varlen", "varlen_paged")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MIN_HEAD_DIM = 1
 ALIBI_DTYPE = torch.float32
@@ -42,15 +47,19 @@ class Shapes:
     has_alibi: bool = False
     # "dense" (batch, seqlen, nheads, headdim), or "varlen": (total, nheads, headdim) tensors holding `batch`
     # sequences laid end to end (cu_seqlens); seqlen_q/seqlen_k are then the callers' max_seqlen_q/max_seqlen_k.
+    # "varlen_paged": varlen q, k/v a pool (num_blocks, page_size, nheads_k, headdim) read through block_table.
     layout: str = "dense"
-    total_q: int = 0  # varlen: q's and k's token counts
+    total_q: int = 0  # varlen: q's and k's token counts (varlen_paged: total_k counts the pool's rows)
     total_k: int = 0
+    page_size: int = 0  # varlen_paged: rows per page, the block table's width and its row stride
+    max_blocks: int = 0
+    block_stride: int = 0
 
     @property
     def trivial(self) -> bool:
         """No attention to compute: the output is empty, or seqlen_k == 0 (output zeros, lse +inf)."""
         sizes = (self.batch, self.seqlen_q, self.nheads, self.seqlen_k)
-        return 0 in (sizes + (self.total_q, self.total_k) if self.layout == "varlen" else sizes)
+        return 0 in (sizes + (self.total_q, self.total_k) if self.layout in VARLEN_LAYOUTS else sizes)
 
 
 def _fail(exc, name, expected, actual):
@@ -167,12 +176,13 @@ def _check_alibi(alibi_slopes, q, batch, nheads) -> bool:
     return True
 
 
-def _check_qkv(q, k, v, rank, layout, batched=False):
-    """q, k, v as tensors of one dtype and device, `rank` dims ending in (nheads, headdim); k and v of one shape,
-    k with q's head dim, q's batch size when `batched`, and a head count dividing q's (checked before v's shape, so
-    a wrong k is named as k)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, rank, layout)
+def _check_qkv(q, k, v, rank, layout, batched=False, kv_rank=None, kv_layout=None):
+    """q, k, v as tensors of one dtype and device, `rank` dims ending in (nheads, headdim) (k and v: kv_rank dims
+    in kv_layout when given); k and v of one shape, k with q's head dim, q's batch size when `batched`, and a head
+    count dividing q's (checked before v's shape, so a wrong k is named as k)."""
+    _check_tensor("q", q, rank, layout)
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(name, t, kv_rank or rank, kv_layout or layout)
     _same_as_q("k", k, q)
     _same_as_q("v", v, q)
     nheads, head_dim = q.shape[-2:]
@@ -282,7 +292,8 @@ def should_check_values(cu) -> bool:
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
-                        softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, out=None) -> Shapes:
+                        softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, out=None,
+                        block_table=None) -> Shapes:
     """Validate a variable-length call (see fa2rt.attention_varlen) and return its Shapes (layout "varlen": batch
     is the number of sequences, seqlen_q/seqlen_k the given max_seqlen_q/max_seqlen_k).
 
@@ -291,7 +302,12 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     max_seqlen) are checked when they are on the CPU or config.CHECK_INDICES is set (a device sync); otherwise the
     kernels keep every access inside the tensors, so malformed values give wrong numbers, never a fault.
     The options follow check_inputs; alibi_slopes is (nheads,) or (batch, nheads), indexed by sequence.
+    With block_table (paged prefill, layout "varlen_paged"): see check_paged_inputs.
     """
+    if block_table is not None:
+        return check_paged_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                                  causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                  softcap=softcap, alibi_slopes=alibi_slopes, out=out)
     _check_qkv(q, k, v, VARLEN_RANK, VARLEN_LAYOUT)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
@@ -315,3 +331,95 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                   window=_check_window(window_size, causal), softcap=_check_softcap(softcap),
                   has_alibi=_check_alibi(alibi_slopes, q, batch, nheads), layout="varlen",
                   total_q=total_q, total_k=total_k)
+
+
+# --- paged prefill: varlen queries, K/V read from a page pool through a block table ---------------------------------
+
+def _check_block_table(block_table, q, batch) -> None:
+    expected = f"a 2-D {BLOCK_TABLE_DTYPE} tensor (batch, max_blocks) with batch={batch} on q's device"
+    if not isinstance(block_table, torch.Tensor):
+        _fail(TypeError, "block_table", "None or " + expected, type(block_table).__name__)
+    if block_table.layout != torch.strided or block_table.dim() != 2 or block_table.shape[0] != batch:
+        _fail(ValueError, "block_table", expected + " (one row per sequence of cu_seqlens_q)",
+              f"shape {tuple(block_table.shape)}, layout {block_table.layout}")
+    if block_table.dtype != BLOCK_TABLE_DTYPE:
+        _fail(ValueError, "block_table", f"dtype {BLOCK_TABLE_DTYPE}", block_table.dtype)
+    if block_table.device != q.device:
+        _fail(ValueError, "block_table", f"device {q.device} (same as q)", block_table.device)
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+        _fail(ValueError, "block_table", "a contiguous last dimension (stride(-1) == 1; call .contiguous())",
+              f"stride {tuple(block_table.stride())}")
+
+
+def check_block_table_values(table, lengths, page_size, num_blocks) -> None:
+    """Every page a sequence reads lies in the pool: table (a CPU tensor (batch, max_blocks)) holds blocks in
+    [0, num_blocks) in the first ceil(lengths[b] / page_size) entries of row b."""
+    for b, length in enumerate(lengths):
+        pages = table[b, :-(-length // page_size)]
+        bad = ((pages < 0) | (pages >= num_blocks)).nonzero()
+        if len(bad):
+            j = int(bad[0, 0])
+            _fail(ValueError, f"block_table[{b}, {j}]", f"a block of the pool in [0, {num_blocks}) (sequence {b} "
+                  f"reads {length} keys through {len(pages)} pages)", int(pages[j]))
+
+
+def check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, page_size, num_blocks) -> None:
+    """cu_seqlens_k (start 0, non-decreasing, no sequence longer than max_seqlen_k; its last entry is the keys'
+    total, which no tensor's shape gives) and the block table's entries, read to the host."""
+    bounds = cu_seqlens_k.tolist()
+    check_cu_seqlens_values("cu_seqlens_k", bounds, bounds[-1], max_seqlen_k, "max_seqlen_k")
+    lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+    check_block_table_values(block_table.cpu(), lengths, page_size, num_blocks)
+
+
+def _check_no_grad(q, k, v, alibi_slopes) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, alibi_slopes)):
+        _fail(ValueError, "block_table", "None when q, k, v or alibi_slopes requires grad (paged K/V is "
+              "inference-only: no backward; run under torch.no_grad() or pass packed k, v)", "a tensor")
+
+
+def check_paged_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, *, causal,
+                       softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, out=None) -> Shapes:
+    """Validate a paged prefill call (attention_varlen with block_table) and return its Shapes (layout
+    "varlen_paged").
+
+    q: (total_q, nheads, headdim); k, v: the pool (num_blocks, page_size, nheads_k, headdim), page_size a positive
+    multiple of 16; block_table int32 (batch, max_blocks) on q's device, contiguous last dim, with
+    max_blocks * page_size >= max_seqlen_k. cu_seqlens_k gives each sequence's key count (its differences; keys
+    0..n-1 of sequence b sit in page block_table[b, j // page_size], row j % page_size). Values (cu_seqlens as in
+    check_varlen_inputs, but cu_seqlens_k may end anywhere; the pages each sequence reads inside the pool) are
+    checked on the CPU or with config.CHECK_INDICES; the kernels clamp them otherwise. No input may require grad.
+    """
+    _check_qkv(q, k, v, VARLEN_RANK, VARLEN_LAYOUT, kv_rank=TENSOR_RANK, kv_layout=PAGED_KV_LAYOUT)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        _fail(ValueError, "cu_seqlens_k", f"shape ({cu_seqlens_q.numel()},) (same as cu_seqlens_q: one entry per "
+              "sequence plus one)", f"shape {tuple(cu_seqlens_k.shape)}")
+    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    total_q, nheads, head_dim = q.shape
+    num_blocks, page_size, nheads_k = k.shape[:3]
+    if page_size == 0 or page_size % PAGE_MULTIPLE:
+        _fail(ValueError, "k", f"a page size (dim 1 of a paged k/v {PAGED_KV_LAYOUT}) that is a positive multiple "
+              f"of {PAGE_MULTIPLE}", f"{page_size} (shape {tuple(k.shape)})")
+    batch = cu_seqlens_q.numel() - 1
+    _check_block_table(block_table, q, batch)
+    max_blocks = block_table.shape[1]
+    if max_blocks * page_size < max_k:
+        _fail(ValueError, "block_table", f"max_blocks * page_size >= max_seqlen_k={max_k} (room in each row for "
+              f"the longest sequence's keys)", f"{max_blocks} blocks of {page_size} = {max_blocks * page_size}")
+    if should_check_values(cu_seqlens_q):
+        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), total_q, max_q, "max_seqlen_q")
+    if should_check_values(cu_seqlens_k) or should_check_values(block_table):
+        check_paged_values(cu_seqlens_k, block_table, max_k, page_size, num_blocks)
+    _check_out(out, q, k, v, VARLEN_RANK, VARLEN_LAYOUT)
+    _check_causal(causal)
+    _check_no_grad(q, k, v, alibi_slopes)
+    return Shapes(batch=batch, seqlen_q=max_q, seqlen_k=max_k, nheads=nheads, nheads_k=nheads_k,
+                  head_dim=head_dim, dtype=q.dtype, device=q.device,
+                  softmax_scale=_check_scale(softmax_scale, head_dim), causal=causal,
+                  window=_check_window(window_size, causal), softcap=_check_softcap(softcap),
+                  has_alibi=_check_alibi(alibi_slopes, q, batch, nheads), layout="varlen_paged",
+                  total_q=total_q, total_k=num_blocks * page_size, page_size=page_size, max_blocks=max_blocks,
+                  block_stride=block_table.stride(0))

@@ -115,6 +115,12 @@ def test_row_fields(build):
         assert (layout == "varlen") == ("-varlen-" in row["name"])
         # Varlen images take the cu_seqlens and totals last; dense ones compile without them.
         assert (row["params"][-4][0] == "CU_Q") == (layout == "varlen")
+        # Paged-prefill images (forward only) take the block table, page size, pool and table sizes after those.
+        assert (layout == "varlen_paged") == ("-varlen_paged-" in row["name"])
+        if layout == "varlen_paged":
+            assert row["op"] == "fwd" and [p[0] for p in row["params"][-9:]] == [
+                "CU_Q", "CU_K", "total_q", "total_k", "BLOCK_TABLE", "stride_bt", "page_size", "pool_blocks",
+                "max_blocks"]
         assert row["scratch_params"] == 2 and row["align16"] is True
         assert row["threads"] == row["num_warps"] * row["warp_size"]
         assert f"-{'+'.join(row['features']) or 'plain'}-" in row["name"]
@@ -126,7 +132,7 @@ def test_row_fields(build):
         unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "SEQLENS", "BATCH_IDX", "LEFTPAD",
                     "BLOCK_TABLE"} | ({"LSE", "DELTA"} if row["op"] in ("bwd_dq", "bwd_dkdv") else set())
         assert not unhinted & set(row["divisible16"])
-        assert row["page_multiple"] == (16 if layout == "paged" else 0)
+        assert row["page_multiple"] == (16 if layout in ("paged", "varlen_paged") else 0)
         assert row["optional_features"] == (["softcap", "alibi"] if row["op"] == "decode" else ["alibi"])
         if row["vendor"] == "cuda":
             assert row["warp_size"] == 32 and row["binary"]["kind"] == "cubin"
@@ -142,7 +148,8 @@ def test_rows_passed_static_checks(build):
         assert row["shared_bytes"] <= limit
         if row["vendor"] == "cuda":
             # No spills, except up to the stack bytes a tile's tiles.json entry allows.
-            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
+            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
+                                        row["layouts"][0])
             allowed = variants.stack_allowance(tile, row["layouts"][0])
             assert res["stack_bytes"] <= allowed and res["local_bytes"] == 0
             # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction, or
@@ -150,7 +157,8 @@ def test_rows_passed_static_checks(build):
             assert res["mma_instr"] == tile.get("mma_instr", "HGMMA")
             assert res["mma_count"] > 0 or res["mma_instr"] is None
         else:
-            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
+            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
+                                        row["layouts"][0])
             assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0 and res["lds_bytes"] <= limit
             assert res["mfma_count"] > 0 or tile.get("mma_instr", "v_mfma") is None
             assert res["waves_per_eu"] == tile["waves_per_eu"]
@@ -332,3 +340,24 @@ def test_varlen_images_take_their_own_spill_allowance():
     assert not any(v.full_band_only for v in varlen)
     for v in varlen:
         assert v.max_stack_bytes == variants.stack_allowance(variants.tile_config("sm80", v.op, v.head_dim), "varlen")
+
+
+def test_paged_prefill_images_are_forward_only_at_the_serving_buckets():
+    grid = variants.variants(list(variants.ARCHS))
+    paged = [v for v in grid if v.layout == "varlen_paged"]
+    for arch in variants.ARCHS:
+        mine = [v for v in paged if v.arch == arch]
+        # Three kinds x two dtypes x the buckets the decode images take: 18 per arch.
+        assert len(mine) == len(variants.PAGED_PREFILL_KINDS) * len(variants.DTYPES) * len(
+            variants.PAGED_PREFILL_BUCKETS) == 18
+        assert {v.op for v in mine} == {"fwd"} and {v.head_dim for v in mine} == set(variants.PAGED_PREFILL_BUCKETS)
+        assert {(v.d_mask, v.features) for v in mine} == set(variants.PAGED_PREFILL_KINDS)
+        assert not any(v.full_band_only for v in mine)
+        for v in mine:
+            # The entry's "paged" tile where it has one (then no spill allowance), else the entry's own tile.
+            entry = variants.tile_config(arch, "fwd", v.head_dim)
+            tile = entry.get(variants.PAGED_TILE, entry)
+            assert (v.block_m, v.block_n, v.num_warps, v.num_stages) == (
+                tile["block_m"], tile["block_n"], tile["num_warps"], tile["num_stages"])
+            assert v.max_stack_bytes == variants.stack_allowance(tile, "varlen_paged")
+    assert set(variants.PAGED_PREFILL_BUCKETS) <= {int(b) for b in variants.arch_info("sm90")["decode"]}

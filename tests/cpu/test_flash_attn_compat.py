@@ -223,9 +223,10 @@ def test_varlen_packed_variants_read_views_of_the_packed_tensor():
     assert torch.equal(out, fa2rt.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=0.5))
 
 
-def test_varlen_refuses_block_table_and_bad_cu_seqlens():
+def test_varlen_refuses_a_block_table_with_packed_kv_and_bad_cu_seqlens():
+    # block_table takes paged k/v (tests/cpu/test_varlen_paged.py); with packed ones it is misuse, named.
     q, k, v, cu_q, cu_k, max_q, max_k = packed([3, 4], [3, 4])
-    with pytest.raises(NotImplementedError, match="block_table: expected None"):
+    with pytest.raises(RuntimeError, match="k: expected a 4-D tensor"):
         fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, block_table=torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="cu_seqlens_q") as info:
         fa.flash_attn_varlen_func(q, k, v, cu_q.long(), cu_k, max_q, max_k)

@@ -458,7 +458,7 @@ def _launch(case, tensors, lse, delta, alibi):
         over = triton.cdiv(sq, image.block_m) if op == "bwd_dq" else triton.cdiv(sk, image.block_n)
         assert tuple(grid) == (over, b * (h if op == "bwd_dq" else hk), 1), f"{op}: grid {grid}"
         with _interpret_mode(), _single_threaded_blas():
-            kernel[grid](**launch, **fwd.fwd_constexprs(image.block_m, image.block_n, bucket, d_mask, features))
+            kernel[grid](**launch, **bwd.bwd_constexprs(image.block_m, image.block_n, bucket, d_mask, features))
 
 
 def _check_written(name, t, buf):

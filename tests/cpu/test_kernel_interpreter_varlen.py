@@ -222,7 +222,8 @@ def _launch(module, op, block_m, block_n, case, shapes, args, pointers, tensors)
         else:
             launch[name] = args[name]
     d_mask, features = case.kind
-    constexprs = fwd.fwd_constexprs(block_m, block_n, case.bucket, d_mask, features, "varlen")
+    constexprs = (fwd.fwd_constexprs if op == "fwd" else bwd.bwd_constexprs)(block_m, block_n, case.bucket, d_mask,
+                                                                             features, "varlen")
     with _interpret_mode(), _single_threaded_blas():
         getattr(module, KERNELS[op])[tuple(grid)](**launch, **constexprs)
     return grid

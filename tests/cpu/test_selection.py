@@ -87,6 +87,25 @@ def test_layout_is_checked_like_any_property():
     assert _C.reject_codes().index("layout") < _C.reject_codes().index("dtype")
 
 
+def test_paged_prefill_layout_and_page_size_are_checked_like_any_property():
+    # A paged prefill call (varlen q, K/V through a block table) takes only varlen_paged images, whose manifest rows
+    # say which page sizes they take; a varlen call never takes them.
+    reg = _C.Registry()
+    reg.add(synthetic_image("sm90", "bf16", 128, layout="varlen"))
+    paged = synthetic_image("sm90", "bf16", 128, layout="varlen_paged")
+    paged.page_multiple = 16
+    reg.add(paged)
+    call = problem(layout="varlen_paged")
+    call.page_size = 64
+    assert _C.select(call, DEVICES["sm90"], reg, "")["image"] == "fwd-sm90-bf16-d128-plain-varlen_paged"
+    assert _C.select(problem(layout="varlen"), DEVICES["sm90"], reg, "")["image"] == "fwd-sm90-bf16-d128-plain-varlen"
+    call.page_size = 24
+    sel = _C.select(call, DEVICES["sm90"], reg, "")
+    assert sel["image"] is None and sorted((r.code, r.message) for r in sel["rejections"]) == [
+        ("layout", "layout: image takes varlen calls, problem is varlen_paged"),
+        ("page_size", "page_size: image takes pages that are multiples of 16, problem has 24")]
+
+
 def test_rejection_messages_name_the_limit():
     sel = _C.select(problem(), DEVICES["sm86"], synthetic_registry(), "")
     smem = [r for r in sel["rejections"] if r.code == "shared_memory"]
@@ -210,6 +229,6 @@ def test_each_installed_image_is_chosen_on_its_native_device():
         head_dim = img.head_dim - _C.HEAD_DIM_MULTIPLE if img.d_mask else img.head_dim
         features = ("softcap",) if "softcap" in img.features else img.features
         p = problem(img.dtype, head_dim, features, layout=img.layouts[0])
-        p.op, p.full_band = img.op, img.full_band_only
+        p.op, p.full_band, p.page_size = img.op, img.full_band_only, img.page_multiple
         sel = _C.select(p, DEVICES[img.arch], build.registry, "")
         assert sel["image"] == img.name, (img.name, sel)

@@ -138,3 +138,55 @@ def test_repeated_calls_skip_validation_only_when_indices_are_not_read(recorded,
     assert recorded.launches[4][0] is recorded.launches[3][0] and outs[2].shape == q.shape
     fa2rt.attention_varlen(q, k, v, cq, ck, mq + 1, mk, causal=True)
     assert len(validated) == 4
+
+
+def make_paged(page_size=16, hk=2, d=64):
+    """q, packed k/v and the same keys in a pool of pages (sequence b's pages in reverse order), its block table."""
+    q, k, v, cq, ck, mq, mk = make(hk=hk, d=d)
+    pages = [-(-n // page_size) for n in LENS_K]
+    num_blocks = sum(pages)
+    order = list(range(num_blocks))[::-1]
+    table = torch.zeros(len(LENS_K), max(pages), dtype=torch.int32)
+    pools = [torch.zeros(num_blocks, page_size, hk, d, dtype=k.dtype) for _ in range(2)]
+    page, row = 0, 0
+    for b, n in enumerate(LENS_K):
+        table[b, :pages[b]] = torch.tensor(order[page:page + pages[b]])
+        for j in range(n):
+            for pool, src in zip(pools, (k, v), strict=True):
+                pool[order[page + j // page_size], j % page_size] = src[row + j]
+        page, row = page + pages[b], row + n
+    return q, pools[0], pools[1], table, cq, ck, mq, mk
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_paged_forward_launches_a_paged_image_with_the_named_arguments(recorded, name):  # noqa: F811
+    q, kp, vp, table, cq, ck, mq, mk = make_paged()
+    opts = options(name)
+    decision = fa2rt.explain(q, kp, vp, cq, ck, mq, mk, block_table=table, **opts)
+    assert decision.path == "kernel" and decision.image.startswith("fwd-sm90-bf16-d64"), decision
+    assert "-varlen_paged-" in decision.image and not decision.backward
+    assert any(code == "layout" for _, code, _ in decision.rejections)  # dense and varlen images
+    out, lse = fa2rt.attention_varlen(q, kp, vp, cq, ck, mq, mk, block_table=table, return_lse=True, **opts)
+    assert out.shape == q.shape and lse.shape == (4, sum(LENS_Q))
+    (launch,) = recorded.launches
+    named = dict(zip(launch[0].pointers, launch[3], strict=True))
+    assert (named["K"], named["BLOCK_TABLE"], named["CU_K"]) == (kp.data_ptr(), table.data_ptr(), ck.data_ptr())
+    shapes = check_varlen_inputs(q, kp, vp, cq, ck, mq, mk, softmax_scale=opts.pop("softmax_scale", None),
+                                 causal=opts.pop("causal", False), block_table=table, **opts)
+    args = ops.kernel_args(q, kp, vp, out, lse, opts.get("alibi_slopes"), shapes, (cq, ck, table))
+    assert (args["page_size"], args["pool_blocks"], args["max_blocks"], args["stride_bt"]) == (
+        16, kp.shape[0], table.shape[1], table.stride(0))
+    expect_launch(launch, decision.image, args, policy.problem_for(shapes, (q, kp, vp, out)))
+
+
+@pytest.mark.parametrize("selected", [True, False], ids=["image", "selected-at-run-time"])
+def test_paged_custom_op_launches_what_eager_calls_launch(recorded, selected):  # noqa: F811
+    q, kp, vp, table, cq, ck, mq, mk = make_paged()
+    fa2rt.attention_varlen(q, kp, vp, cq, ck, mq, mk, causal=True, block_table=table)
+    eager = [_masked(launch) for launch in recorded.launches]
+    recorded.launches.clear()
+    decision = fa2rt.explain(q, kp, vp, cq, ck, mq, mk, causal=True, block_table=table)
+    image, mode = (decision.image, decision.mode) if selected else ("", "")
+    out, lse = ops.varlen_paged_fwd(q, kp, vp, cq, ck, table, mq, mk, None, 64**-0.5, -1, 0, 0.0, image, mode)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    assert [_masked(launch) for launch in recorded.launches] == eager and len(eager) == 1
