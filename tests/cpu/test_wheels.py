@@ -141,6 +141,68 @@ def _check_record(zf: zipfile.ZipFile) -> None:
             assert kernel_wheel._record_line(name, zf.read(name)) == f"{name},{digest},{size}"
 
 
+# --- FA2RT_PYTHONS: which interpreters get a core wheel (--dry-run: resolved, nothing built) --------------------------
+
+FAKE_PYTHON = """#!/bin/sh
+# Answers build_wheels.sh's interpreter probe as {impl} {major}.{minor}; lacks the build tools (every other -c fails).
+case "$2" in *version_info*) echo "{impl} {major} {minor} $0" ;; *) exit 1 ;; esac
+"""
+
+
+def _fake_python(folder: Path, name: str, impl: str = "cpython", major: int = 3, minor: int = 13) -> Path:
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(FAKE_PYTHON.format(impl=impl, major=major, minor=minor))
+    path.chmod(0o755)
+    return path
+
+
+def _dry_run(tmp_path: Path, pythons: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FA2RT_")}
+    env.update(PYTHON=sys.executable, FA2RT_ARCHS="sm90,gfx942", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    if pythons is not None:
+        env["FA2RT_PYTHONS"] = pythons
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(ROOT / "ci" / "build_wheels.sh"), "--dry-run", str(out)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert not out.exists()
+    return r
+
+
+def test_build_wheels_builds_a_core_per_python_named(tmp_path):
+    here = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    r = _dry_run(tmp_path, None)  # the default: the running Python only (CI's one core build)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"plan core {here} {sys.executable} (build tools: present)",
+                                     "plan kernels sm90", "plan kernels gfx942"]
+
+    other = 12 if sys.version_info[:2] == (3, 13) else 13
+    by_path = _fake_python(tmp_path / "bin", f"python3.{other}", minor=other)
+    _fake_python(tmp_path / "bin", "python3.10-release", minor=10)
+    r = _dry_run(tmp_path, f" {by_path},{sys.executable}  python3.10-release ")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:3] == [
+        f"plan core cp3{other} {by_path} (build tools: missing, set FA2RT_BUILD_VENVS=1)",
+        f"plan core {here} {sys.executable} (build tools: present)",
+        f"plan core cp310 {tmp_path / 'bin' / 'python3.10-release'} (build tools: missing, set FA2RT_BUILD_VENVS=1)"]
+
+
+@pytest.mark.parametrize("case", ["unknown", "old", "pypy", "twice", "empty"])
+def test_build_wheels_refuses_pythons_it_cannot_build_for(tmp_path, case):
+    bin_dir = tmp_path / "bin"
+    pythons, expected = {
+        "unknown": ("python3.99", "FA2RT_PYTHONS: expected interpreter paths or names on PATH, got 'python3.99'"),
+        "old": (str(_fake_python(bin_dir, "py39", minor=9)), "expected CPython 3.10 or newer, got '"),
+        "pypy": (str(_fake_python(bin_dir, "pypy3", impl="pypy", minor=10)), ": pypy 3.10"),
+        "twice": (f"{_fake_python(bin_dir, 'a', minor=12)} {_fake_python(bin_dir, 'b', minor=12)}",
+                  f"two interpreters give the cp312 wheel: {bin_dir / 'a'} and '{bin_dir / 'b'}'"),
+        "empty": (" , ", "FA2RT_PYTHONS: expected at least one interpreter, got ' , '"),
+    }[case]
+    r = _dry_run(tmp_path, pythons)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert expected in r.stderr, r.stderr
+
+
 # --- installed into a fresh environment that has torch ---------------------------------------------------------------
 
 def _requirement_closure(roots) -> list[importlib.metadata.Distribution]:
