@@ -77,21 +77,26 @@ def _slots(cache) -> torch.Tensor | None:
 
 
 def append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes: KVShapes):
-    """Write the new k (rotated when rotary is on) and v at positions seqlens[b] + i of each sequence, in place."""
-    new = torch.arange(shapes.seqlen_new, device=k.device)
-    positions = (seqlens[:, None] + new[None, :]).clamp(0, shapes.capacity - 1)  # (batch, seqlen_new)
+    """Write the new k (rotated when rotary is on) and v at positions seqlens[b] + i of each sequence, in place.
+    Few torch ops: each costs host time in a decode step (a decode step appends one token: no arange then)."""
+    logical = seqlens[:, None]  # (batch, seqlen_new)
+    if shapes.seqlen_new > 1:
+        logical = logical + torch.arange(shapes.seqlen_new, device=k.device)
+    positions = logical.clamp(0, shapes.capacity - 1)
     if shapes.rotary_dim:
-        k = _rotate(k, rotary_cos, rotary_sin, seqlens[:, None] + new[None, :], shapes.rotary_interleaved)
+        k = _rotate(k, rotary_cos, rotary_sin, logical, shapes.rotary_interleaved)
+    rows_of = shapes.page_size if shapes.paged else shapes.capacity  # positions per cache row (page or sequence)
     if shapes.paged:
-        rows = block_table.long().gather(1, positions // shapes.page_size).clamp(0, shapes.cache_rows - 1)
-        positions = positions % shapes.page_size
+        rows = block_table.long().gather(1, positions // rows_of).clamp_(0, shapes.cache_rows - 1)
+        positions = positions % rows_of
+    elif cache_batch_idx is None:
+        rows = torch.arange(shapes.batch, device=k.device)[:, None]
     else:
-        rows = (torch.arange(shapes.batch, device=k.device)[:, None] if cache_batch_idx is None
-                else cache_batch_idx.long().clamp(0, shapes.cache_rows - 1)[:, None])
+        rows = cache_batch_idx.long().clamp(0, shapes.cache_rows - 1)[:, None]
     flat_k, flat_v = _slots(k_cache), _slots(v_cache)
     if flat_k is not None and flat_v is not None:
         # One index_copy_ per cache: an indexed assignment costs several times its host time and a sort on the GPU.
-        where = (rows * k_cache.shape[1] + positions).view(-1)
+        where = positions.add(rows, alpha=rows_of).view(-1)
         flat_k.index_copy_(0, where, k.reshape(-1, *k.shape[2:]))
         flat_v.index_copy_(0, where, v.reshape(-1, *v.shape[2:]))
     else:
@@ -207,8 +212,12 @@ def buffers(q, shapes: KVShapes, splits: int):
         return out, lse, lse, lse
     start_o, start_l = _aligned_floats(n), _aligned_floats(n) + _aligned_floats(splits * n * shapes.head_dim)
     scratch = torch.empty(start_l + splits * n, dtype=torch.float32, device=q.device)
-    return (out, scratch[:n].view(rows), scratch[start_o:start_o + splits * n * shapes.head_dim].view(
-        (splits, *rows, shapes.head_dim)), scratch[start_l:].view((splits, *rows)))
+    # as_strided: one view op each (a slice and a view are two)
+    d, plane = shapes.head_dim, shapes.nheads * shapes.seqlen_q
+    row_strides = (plane, shapes.seqlen_q, 1)
+    return (out, scratch.as_strided(rows, row_strides),
+            scratch.as_strided((splits, *rows, d), (n * d, *(x * d for x in row_strides), 1), start_o),
+            scratch.as_strided((splits, *rows), (n, *row_strides), start_l))
 
 
 # --- selection and launch -----------------------------------------------------------------------------------------
