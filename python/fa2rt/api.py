@@ -6,7 +6,7 @@ import torch
 
 from . import calls, kvcache, kvcache_ops, ops, policy
 from .fallback import layout_copies, sdpa_attention, sdpa_varlen_attention
-from .validate import Shapes, check_dropout, check_inputs, check_varlen_inputs
+from .validate import Shapes, check_backward_inputs, check_dropout, check_inputs, check_varlen_inputs
 
 NO_WINDOW = (-1, -1)
 
@@ -126,6 +126,23 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
                                   return_lse=return_lse, deterministic=deterministic)
         out = res if out is None else out.copy_(res)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=NO_WINDOW,
+                       softcap=0.0, alibi_slopes=None, deterministic=False):
+    """Gradients (dq, dk, dv) of attention(q, k, v, ...) with the same options, from its out and lse
+    (return_lse=True) and the gradient dout of out: the FA2 backward kernels, without recomputing the forward. For
+    callers that keep the forward's results themselves instead of autograd (torch's SDPA registry); others
+    differentiate attention() directly. Where no backward kernel fits, the SDPA fallback's gradients by
+    recomputation (announced). Returns contiguous dq, dk, dv in the inputs' dtype; no graph is recorded."""
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                          softcap=softcap, alibi_slopes=alibi_slopes)
+    check_backward_inputs(dout, out, lse, q, shapes)
+    with torch.no_grad():
+        if shapes.trivial:
+            return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        return ops.backward(dout, q, k, v, out, lse, alibi_slopes, shapes, deterministic)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,

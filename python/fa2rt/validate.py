@@ -107,6 +107,24 @@ def _check_out(out, q, k, v, rank=TENSOR_RANK, layout=LAYOUT):
               "a tensor")
 
 
+def check_backward_inputs(dout, out, lse, q, shapes: "Shapes") -> None:
+    """dout and out of attention_backward: shaped like q, in its dtype and device, last dim contiguous; lse: the
+    forward's float32 (batch, nheads, seqlen_q) on q's device."""
+    for name, t in (("dout", dout), ("out", out)):
+        _check_tensor(name, t)
+        if t.shape != q.shape:
+            _fail(ValueError, name, f"shape {tuple(q.shape)} (same as q)", f"shape {tuple(t.shape)}")
+        _same_as_q(name, t, q)
+    expected = (shapes.batch, shapes.nheads, shapes.seqlen_q)
+    if not isinstance(lse, torch.Tensor):
+        _fail(TypeError, "lse", f"a float32 tensor of shape {expected}", type(lse).__name__)
+    if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.layout != torch.strided:
+        _fail(ValueError, "lse", f"a dense float32 tensor of shape {expected} (attention's return_lse=True)",
+              f"{lse.layout} {lse.dtype} of shape {tuple(lse.shape)}")
+    if lse.device != q.device:
+        _fail(ValueError, "lse", f"device {q.device} (same as q)", lse.device)
+
+
 def _check_scale(softmax_scale, head_dim) -> float:
     if softmax_scale is None:
         return head_dim**-0.5
