@@ -309,6 +309,16 @@ def should_check_values(cu) -> bool:
     return (cu.device.type == "cpu" or config.check_indices()) and not torch.compiler.is_compiling()
 
 
+def _check_varlen_indices(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    """The cu_seqlens tensors (not their values) and the max_seqlen ints of a varlen call: (max_q, max_k)."""
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        _fail(ValueError, "cu_seqlens_k", f"shape ({cu_seqlens_q.numel()},) (same as cu_seqlens_q: one entry per "
+              "sequence plus one)", f"shape {tuple(cu_seqlens_k.shape)}")
+    return _check_max_seqlen("max_seqlen_q", max_seqlen_q), _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+
+
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                         softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, out=None,
                         block_table=None) -> Shapes:
@@ -327,13 +337,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                                   causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                                   softcap=softcap, alibi_slopes=alibi_slopes, out=out)
     _check_qkv(q, k, v, VARLEN_RANK, VARLEN_LAYOUT)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
-    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-        _fail(ValueError, "cu_seqlens_k", f"shape ({cu_seqlens_q.numel()},) (same as cu_seqlens_q: one entry per "
-              "sequence plus one)", f"shape {tuple(cu_seqlens_k.shape)}")
-    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    max_q, max_k = _check_varlen_indices(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     total_q, nheads, head_dim = q.shape
     total_k, nheads_k = k.shape[0], k.shape[1]
     for name, cu, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, total_q, max_q, "max_seqlen_q"),
@@ -409,13 +413,7 @@ def check_paged_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     checked on the CPU or with config.CHECK_INDICES; the kernels clamp them otherwise. No input may require grad.
     """
     _check_qkv(q, k, v, VARLEN_RANK, VARLEN_LAYOUT, kv_rank=TENSOR_RANK, kv_layout=PAGED_KV_LAYOUT)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
-    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-        _fail(ValueError, "cu_seqlens_k", f"shape ({cu_seqlens_q.numel()},) (same as cu_seqlens_q: one entry per "
-              "sequence plus one)", f"shape {tuple(cu_seqlens_k.shape)}")
-    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    max_q, max_k = _check_varlen_indices(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     total_q, nheads, head_dim = q.shape
     num_blocks, page_size, nheads_k = k.shape[:3]
     if page_size == 0 or page_size % PAGE_MULTIPLE:
