@@ -15,9 +15,8 @@ dropout, no debug mask, no paged KV or seqused_k); everything else runs the kern
 with torch.library.get_kernel at activation. fa2rt's own SDPA fallback is never used from inside an override (it
 would call SDPA, and so the override, again).
 
-The dense backward override runs fa2rt.attention_backward on the forward's out and LSE; the flash-attn-style backward
-recomputes the forward with fa2rt.attention / fa2rt.attention_varlen under autograd and takes its gradients (the
-public backward entry is dense only): one extra forward kernel per backward there.
+The backward overrides recompute the forward with fa2rt.attention / fa2rt.attention_varlen under autograd and take
+its gradients (fa2rt's public API has no separate backward entry): one extra forward kernel per backward.
 """
 
 import contextlib
@@ -209,22 +208,19 @@ def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return
 
 def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
                         is_causal, philox_seed, philox_offset, *, scale=None, **extra):
-    """aten::_scaled_dot_product_flash_attention_backward through fa2rt.attention_backward (the backward kernels on
-    the forward's out and LSE, no recomputation), or a _Decline."""
+    """aten::_scaled_dot_product_flash_attention_backward by recomputing through fa2rt.attention, or a _Decline."""
     declined = _decline_common(query, dropout_p, extra=extra)
     if declined is None and is_causal and query.shape[2] != key.shape[2]:
         declined = _Decline("causal with seqlen_q != seqlen_k (SDPA aligns it top-left, fa2rt bottom-right)")
-    if declined is None and tuple(logsumexp.shape) != tuple(query.shape[:3]):
-        declined = _Decline(f"logsumexp of shape {tuple(logsumexp.shape)}, not (batch, nheads, seqlen_q)")
     if declined is not None:
         return declined
-    q, k, v = _bshd(query, key, value)
-    with torch.enable_grad():  # explain on inputs that require grad: whether the backward kernels take the call
-        declined = _kernel_decision(*_leaves(q, k, v), causal=is_causal, softmax_scale=scale)
-    if declined is not None:
-        return declined
-    grads = fa2rt.attention_backward(grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), logsumexp,
-                                     causal=is_causal, softmax_scale=scale)
+    q, k, v = _leaves(*_bshd(query, key, value))
+    with _autograd_enabled():
+        declined = _kernel_decision(q, k, v, causal=is_causal, softmax_scale=scale)
+        if declined is not None:
+            return declined
+        recomputed = fa2rt.attention(q, k, v, causal=is_causal, softmax_scale=scale)
+        grads = torch.autograd.grad(recomputed, (q, k, v), grad_out.transpose(1, 2))
     return tuple(g.transpose(1, 2) for g in grads)
 
 
