@@ -30,6 +30,7 @@ from test_kernel_interpreter_varlen import (
     _cu,
     _guarded,
     _guards_intact,
+    launch_arguments,
 )
 
 from fa2rt import _C, ops, policy
@@ -186,13 +187,7 @@ def _forward(tile, case, q, k_pool, v_pool, cu_q, cu_k, table, alibi, shapes):
     assert tuple(grid) == (triton.cdiv(shapes.seqlen_q, tile[0]), shapes.batch * shapes.nheads, 1)
     pointers = {"Q": q, "K": k_pool, "V": v_pool, "O": o, "LSE": lse, "CU_Q": cu_q, "CU_K": cu_k,
                 "BLOCK_TABLE": table, "ALIBI": alibi if alibi is not None else ops._no_slopes(q.device)}
-    launch = {}
-    for name, ty in params:
-        if ty.startswith("*"):
-            assert args[name] == pointers[name].data_ptr(), f"{name}: the library passes another pointer"
-            launch[name] = pointers[name]
-        else:
-            launch[name] = args[name]
+    launch = launch_arguments(params, args, pointers)
     d_mask, features = case.kind
     constexprs = fwd.fwd_constexprs(tile[0], tile[1], 64, d_mask, features, LAYOUT)
     with _interpret_mode(), _single_threaded_blas():

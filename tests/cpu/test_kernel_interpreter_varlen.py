@@ -46,6 +46,19 @@ KERNELS = {"fwd": "attn_fwd", "bwd_dq": "attn_bwd_dq", "bwd_dkdv": "attn_bwd_dkd
 PLAIN, ALIBI, SOFTCAP = (False, ()), (True, ("alibi",)), (True, ("softcap", "alibi"))
 
 
+def launch_arguments(params, args, pointers) -> dict:
+    """The kernel's arguments in the interpreter: the tensors for pointer parameters (each checked to be at the
+    address the library passes), the library's values for the rest."""
+    launch = {}
+    for name, ty in params:
+        if ty.startswith("*"):
+            assert args[name] == pointers[name].data_ptr(), f"{name}: the library passes another pointer"
+            launch[name] = pointers[name]
+        else:
+            launch[name] = args[name]
+    return launch
+
+
 def _arch_tiles(op):
     """{(block_m, block_n, bucket): [arch, ...]} of one op over both vendors' tiles.json (full-band tiles aside: the
     varlen images are built on the entries' own tiles)."""
@@ -214,13 +227,7 @@ def _launch(module, op, block_m, block_n, case, shapes, args, pointers, tensors)
     assert _C.select(problem, _DEVICE, registry, "")["image"] == image.name, "the dispatcher refuses this call"
     _C.pack_params(registry, image.name, args)  # every argument by name and type
     grid, _block, _shared = _C.launch_config(registry, image.name, problem)
-    launch = {}
-    for name, ty in params:
-        if ty.startswith("*"):
-            assert args[name] == pointers[name].data_ptr(), f"{name}: the library passes another pointer"
-            launch[name] = pointers[name]
-        else:
-            launch[name] = args[name]
+    launch = launch_arguments(params, args, pointers)
     d_mask, features = case.kind
     constexprs = (fwd.fwd_constexprs if op == "fwd" else bwd.bwd_constexprs)(block_m, block_n, case.bucket, d_mask,
                                                                              features, "varlen")
