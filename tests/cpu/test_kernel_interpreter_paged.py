@@ -30,6 +30,7 @@ from test_kernel_interpreter_varlen import (
     _cu,
     _guarded,
     _guards_intact,
+    _packed_qkv,
     launch_arguments,
 )
 
@@ -122,18 +123,14 @@ def _block_table(lengths, page_size, order, width):
 
 
 def _inputs(case, seed_key):
-    gen = torch.Generator().manual_seed(zlib.crc32(seed_key.encode()))
-    h, hk = case.heads
-    q, _ = _guarded(sum(case.lens_q), h, case.head_dim, case.dtype, gen)
-    k, _ = _guarded(sum(case.lens_k), hk, case.head_dim, case.dtype, gen)
-    v, _ = _guarded(sum(case.lens_k), hk, case.head_dim, case.dtype, gen)
+    q, k, v, gen = _packed_qkv(case, seed_key)
     num_blocks = sum(_pages(case.lens_k, case.page_size)) + case.spare_pages
     order = torch.randperm(num_blocks, generator=gen).tolist()
     k_pool, _ = _paged(k, case.lens_k, case.page_size, order)
     v_pool, _ = _paged(v, case.lens_k, case.page_size, order)
     width = max(_pages(case.lens_k, case.page_size)) + 1  # one entry more than the longest sequence needs
     table = _block_table(case.lens_k, case.page_size, order, width)
-    alibi = torch.rand(len(case.lens_q), h, generator=gen) * 0.3 if case.alibi else None
+    alibi = torch.rand(len(case.lens_q), case.heads[0], generator=gen) * 0.3 if case.alibi else None
     return q, k, v, k_pool, v_pool, table, alibi
 
 

@@ -176,13 +176,19 @@ def _guards_intact(name, buf):
     assert torch.isnan(buf[:GUARD]).all() and torch.isnan(buf[-GUARD:]).all(), f"the kernel wrote outside {name}"
 
 
-def _inputs(case, seed_key):
+def _packed_qkv(case, seed_key):
+    """Guarded packed q, k, v of a case and the generator that drew them (seeded by seed_key), to draw on from."""
     gen = torch.Generator().manual_seed(zlib.crc32(seed_key.encode()))
     h, hk = case.heads
     q, _ = _guarded(sum(case.lens_q), h, case.head_dim, case.dtype, gen)
     k, _ = _guarded(sum(case.lens_k), hk, case.head_dim, case.dtype, gen)
     v, _ = _guarded(sum(case.lens_k), hk, case.head_dim, case.dtype, gen)
-    alibi = torch.rand(len(case.lens_q), h, generator=gen) * 0.3 if case.alibi else None
+    return q, k, v, gen
+
+
+def _inputs(case, seed_key):
+    q, k, v, gen = _packed_qkv(case, seed_key)
+    alibi = torch.rand(len(case.lens_q), case.heads[0], generator=gen) * 0.3 if case.alibi else None
     return q, k, v, alibi
 
 
