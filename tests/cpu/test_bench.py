@@ -362,17 +362,12 @@ def test_merge_creates_a_missing_file_and_refuses_other_schemas(tmp_path):
 
 # --- a whole run of main() on the CPU ----------------------------------------------------------------------------
 
-@pytest.fixture
-def cpu_stand_ins(monkeypatch):
-    """main() as on a GPU: inputs on the CPU, tiny shapes, fa2rt's kernel replaced by CPU SDPA (its explain says
-    kernel, with backward images for inputs requiring grad, except for head dim 256), one untimed call instead of
-    do_bench, and the CUDA memory counters faked. Returns the FA2RT_MIN_SEQLEN each explain call saw."""
-    from fa2rt import api
-
+def cpu_as_gpu(monkeypatch):
+    """The benchmark's GPU on the CPU: inputs there, 64 tokens of hidden 512, torch.cuda's device queries answering
+    for a CPU stand-in (sm90) and its memory counters faked (1000 bytes live, a 1600-byte peak)."""
     monkeypatch.setattr(common, "DEVICE", "cpu")
     monkeypatch.setattr(common, "TOKENS", 64)
     monkeypatch.setattr(common, "HIDDEN", 512)
-    monkeypatch.setattr(crossover, "CROSSOVER_NHEADS", 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU stand-in")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -380,6 +375,17 @@ def cpu_stand_ins(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1600)
+
+
+@pytest.fixture
+def cpu_stand_ins(monkeypatch):
+    """main() as on a GPU: inputs on the CPU, tiny shapes, fa2rt's kernel replaced by CPU SDPA (its explain says
+    kernel, with backward images for inputs requiring grad, except for head dim 256), one untimed call instead of
+    do_bench, and the CUDA memory counters faked. Returns the FA2RT_MIN_SEQLEN each explain call saw."""
+    from fa2rt import api
+
+    cpu_as_gpu(monkeypatch)
+    monkeypatch.setattr(crossover, "CROSSOVER_NHEADS", 2)
     monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (fn(), 1.0)[1])
     seen_env = []
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from test_bench import cpu_as_gpu
 
 from fa2rt import api, bench
 from fa2rt.bench import cli, common, decode, varlen
@@ -205,19 +206,10 @@ def cpu_run(monkeypatch):
     """main() as on a GPU: inputs on the CPU, tiny sizes (64 tokens, hidden 512, lengths 4..32), one untimed call
     instead of do_bench, the CUDA memory counters faked. fa2rt's kernels are its fallback (which runs on the CPU);
     the returned list collects the (args, kwargs) of explain calls, made to say "kernel" by the kernel fixture."""
-    monkeypatch.setattr(common, "DEVICE", "cpu")
-    monkeypatch.setattr(common, "TOKENS", 64)
-    monkeypatch.setattr(common, "HIDDEN", 512)
+    cpu_as_gpu(monkeypatch)
     monkeypatch.setattr(varlen, "MIN_LEN", 4)
     monkeypatch.setattr(varlen, "MAX_LEN", 32)
     monkeypatch.setattr(decode, "COPY_BYTES", 1 << 12)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU stand-in")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
-        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1600)
     calls = []
     monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (calls.append(fn()), 2.0)[1])
     return calls
