@@ -24,7 +24,8 @@ KINDS = ((False, ()), (True, ()), (True, ("alibi",)), (True, ("softcap", "alibi"
 # Layouts each op is built for (fwd.LAYOUTS): "dense" with every kind and full-band tile above; "varlen" (packed
 # sequences, a compile-time flag of the same kernels, so dense images are unchanged) with fewer kinds to keep the
 # build small: the exact head dim without extras (the common, fastest case), and masked images with alibi (any head
-# dim, slope 0 when unused) and with softcap. Its tile is the entry's own (the full-band tiles were tuned dense).
+# dim, slope 0 when unused) and with softcap. It takes the entry's own tile and, like dense, its full-band tile
+# (FULL_BAND), so a packed batch of equal sequences runs what the dense call runs.
 LAYOUT_KINDS = {"dense": KINDS, "varlen": ((False, ()), (True, ("alibi",)), (True, ("softcap", "alibi")))}
 # Paged prefill ("varlen_paged": varlen queries, K/V gathered from a page pool through a block table; fwd.py PAGED) is
 # inference, so only the forward has it, and only at the head dims serving uses (those the decode images take): the
@@ -67,8 +68,10 @@ def stack_allowance(cfg: dict, layout: str) -> int:
 
 # A tile table entry may carry a "full_band" entry: the tile for calls whose band covers every key (no causal, no
 # window), where it measured faster than the entry's own tile. It builds the same kinds, marked full_band_only and
-# listed first, so the dispatcher prefers them for such calls and never gives them a banded one.
+# listed first, so the dispatcher prefers them for such calls and never gives them a banded one. Built for the
+# layouts below (paged prefill keeps its own tiles).
 FULL_BAND = "full_band"
+FULL_BAND_LAYOUTS = ("dense", "varlen")
 # A tile table entry may carry a "paged" entry: the tile of its paged-prefill images, where the entry's own tile
 # spills with the gathered page offsets (first choices that pass the static checks, not measured on hardware yet).
 PAGED_TILE = "paged"
@@ -170,7 +173,7 @@ def variants(archs: list[str]) -> list[Variant]:
                 for layout, kinds in OP_LAYOUT_KINDS[op].items():
                     if int(bucket) not in LAYOUT_BUCKETS.get(layout, (int(bucket),)):
                         continue
-                    tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout == "dense" else []
+                    tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout in FULL_BAND_LAYOUTS else []
                     own = tile_config(arch, op, int(bucket), layout=layout)
                     for dtype in DTYPES:
                         for d_mask, features in kinds:

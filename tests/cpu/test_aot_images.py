@@ -340,6 +340,12 @@ def test_varlen_images_take_their_own_spill_allowance():
     assert not any(v.full_band_only for v in varlen)
     for v in varlen:
         assert v.max_stack_bytes == variants.stack_allowance(variants.tile_config("sm80", v.op, v.head_dim), "varlen")
+    # A full-band tile builds varlen images too, with its own varlen allowance.
+    full = [v for v in variants.variants(["sm90"]) if v.layout == "varlen" and v.full_band_only]
+    assert {(v.op, v.head_dim) for v in full} == {("bwd_dkdv", 64)}
+    assert len(full) == len(variants.LAYOUT_KINDS["varlen"]) * len(variants.DTYPES)
+    for v in full:
+        assert v.max_stack_bytes == variants.tile_config("sm90", v.op, v.head_dim, True)[variants.VARLEN_STACK_KEY]
 
 
 def test_paged_prefill_images_are_forward_only_at_the_serving_buckets():

@@ -184,14 +184,18 @@ def test_full_band_tiles_serve_only_calls_without_band(on_device):
     assert full, "no full-band image in the build: test a tiles.json entry with a full_band tile"
     q, k, v = qkv(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[full[0].dtype], d=full[0].head_dim)
     q.requires_grad_(True)
+    # The same tokens as one packed batch: the varlen images have the full-band tiles too.
+    cu_q, cu_k = (torch.arange(0, (q.shape[0] + 1) * n, n, dtype=torch.int32) for n in (q.shape[1], k.shape[1]))
+    packed = [t.flatten(0, 1) for t in (q, k, v)] + [cu_q, cu_k, q.shape[1], k.shape[1]]
 
-    def images(causal, window_size):
-        d = fa2rt.explain(q, k, v, causal=causal, window_size=window_size)
+    def images(args, causal, window_size):
+        d = fa2rt.explain(*args, causal=causal, window_size=window_size)
         return [d.image] + [image for image, _ in d.backward]
 
-    assert any("-fullband-" in name for name in images(False, (-1, -1)))
-    for causal, window_size in ((True, (-1, -1)), (False, (8, -1)), (False, (-1, 0))):
-        assert not any("-fullband-" in name for name in images(causal, window_size))
+    for args, suffix in (((q, k, v), "-fullband-m"), (packed, "-fullband-varlen-")):
+        assert any(suffix in name for name in images(args, False, (-1, -1)))
+        for causal, window_size in ((True, (-1, -1)), (False, (8, -1)), (False, (-1, 0))):
+            assert not any("-fullband-" in name for name in images(args, causal, window_size))
 
 
 def test_short_sequence_rule_names_its_source(monkeypatch):

@@ -60,8 +60,8 @@ def launch_arguments(params, args, pointers) -> dict:
 
 
 def _arch_tiles(op):
-    """{(block_m, block_n, bucket): [arch, ...]} of one op over both vendors' tiles.json (full-band tiles aside: the
-    varlen images are built on the entries' own tiles)."""
+    """{(block_m, block_n, bucket): [arch, ...]} of one op's own tiles over both vendors' tiles.json (the full-band
+    tiles are backward-only: _bwd_tiles)."""
     tiles = {}
     for path in TILES.values():
         for arch, entry in json.loads(path.read_text())["archs"].items():
@@ -78,20 +78,26 @@ def _fwd_tiles():
     return sorted(out.values())
 
 
-def _bwd_tiles(bucket=64):
-    """{(dq tile, dkdv tile, bucket): vendor} over the archs with backward tiles at `bucket`, distinct pairs once."""
+def _bwd_tiles(bucket=64, full_band=True):
+    """{(dq tile, dkdv tile, bucket): vendor} over the archs with backward tiles at `bucket`, distinct pairs once;
+    with full_band, also the pairs of the full-band dK/dV tiles."""
     pairs = {}
     for vendor, path in TILES.items():
         for _arch, entry in json.loads(path.read_text())["archs"].items():
             if str(bucket) in entry.get("bwd_dq", {}) and str(bucket) in entry.get("bwd_dkdv", {}):
                 dq, dkdv = entry["bwd_dq"][str(bucket)], entry["bwd_dkdv"][str(bucket)]
-                pairs[((dq["block_m"], dq["block_n"]), (dkdv["block_m"], dkdv["block_n"]), bucket)] = vendor
+                # A full-band dK/dV tile runs with the bucket's dQ tile, on calls without causal or window (the
+                # "tile" cases have neither).
+                for tile in (dkdv, dkdv.get("full_band") if full_band else None):
+                    if tile:
+                        pairs[((dq["block_m"], dq["block_n"]), (tile["block_m"], tile["block_n"]), bucket)] = vendor
     return dict(sorted(pairs.items()))
 
 
 def _bwd_feature_pairs():
-    """One backward tile pair per vendor with backward tiles (its last arch's), for the feature crosses."""
-    return sorted({vendor: pair for pair, vendor in _bwd_tiles().items()}.values())
+    """One backward tile pair per vendor with backward tiles (its last arch's own tiles, which serve banded calls),
+    for the feature crosses."""
+    return sorted({vendor: pair for pair, vendor in _bwd_tiles(full_band=False).items()}.values())
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ run every case; sm80 and sm89 images through their PTX a subset. Also: autograd 
 deterministic gradients, torch.compile with backward, memory of forward+backward linear in seqlen.
 """
 
+import warnings
+
 import pytest
 import torch
 from gpu_helpers import DEVICE, PATHS, Case, make, poison_allocator, rel_err, seed_of, use_path
@@ -127,6 +129,26 @@ PTX_CASES = [CASES[i] for i in (1, 2, 6, 10, 12, 14, 19, 21)]
 def test_gradients_ptx(monkeypatch, path, case):
     use_path(monkeypatch, path[0])
     check_grads(case, seed_of("bwd-ptx", path[1], case.id), arch=path[1])
+
+
+# fa2rt.attention_backward runs the backward kernels from a forward's out and lse: the gradients autograd gives
+# through fa2rt.attention, bitwise (same images, no atomics), which test_gradients_native checks against float64.
+BACKWARD_CALL_CASES = [CASES[i] for i in (0, 2, 6, 7, 14, 19, 20, 21)]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CALL_CASES, ids=lambda c: c.id)
+def test_attention_backward_equals_autograd(case):
+    q, k, v, opts = case.inputs(seed_of("bwd-call", case.id))
+    dout = torch.randn(q.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(7)).to(q.dtype)
+    leaves = _leaves(q, k, v)
+    out, lse = fa2rt.attention(*leaves, return_lse=True, **opts)
+    expected = torch.autograd.grad(out, leaves, dout)
+    poison_allocator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fa2rt.FallbackWarning)  # the kernels must take it
+        got = fa2rt.attention_backward(dout, q, k, v, out.detach(), lse, **opts)
+    for name, g, e in zip(("dq", "dk", "dv"), got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e), name
 
 
 def test_strided_inputs_and_grad_out():

@@ -15,8 +15,9 @@ dropout, no debug mask, no paged KV or seqused_k); everything else runs the kern
 with torch.library.get_kernel at activation. fa2rt's own SDPA fallback is never used from inside an override (it
 would call SDPA, and so the override, again).
 
-The backward overrides recompute the forward with fa2rt.attention / fa2rt.attention_varlen under autograd and take
-its gradients (fa2rt's public API has no separate backward entry): one extra forward kernel per backward.
+The dense SDPA backward runs fa2rt.attention_backward on the forward's out and LSE (the backward kernels alone). The
+flash-attn-style backward recomputes the forward with fa2rt.attention / fa2rt.attention_varlen under autograd and
+takes its gradients (no public varlen backward entry yet): one extra forward kernel per backward.
 """
 
 import contextlib
@@ -208,19 +209,20 @@ def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return
 
 def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
                         is_causal, philox_seed, philox_offset, *, scale=None, **extra):
-    """aten::_scaled_dot_product_flash_attention_backward by recomputing through fa2rt.attention, or a _Decline."""
+    """aten::_scaled_dot_product_flash_attention_backward through fa2rt.attention_backward, or a _Decline."""
     declined = _decline_common(query, dropout_p, extra=extra)
     if declined is None and is_causal and query.shape[2] != key.shape[2]:
         declined = _Decline("causal with seqlen_q != seqlen_k (SDPA aligns it top-left, fa2rt bottom-right)")
+    q, k, v = _bshd(query, key, value)
+    if declined is None:  # leaves that require grad: the decision covers the backward kernels
+        declined = _kernel_decision(*_leaves(q, k, v), causal=is_causal, softmax_scale=scale)
     if declined is not None:
         return declined
-    q, k, v = _leaves(*_bshd(query, key, value))
-    with _autograd_enabled():
-        declined = _kernel_decision(q, k, v, causal=is_causal, softmax_scale=scale)
-        if declined is not None:
-            return declined
-        recomputed = fa2rt.attention(q, k, v, causal=is_causal, softmax_scale=scale)
-        grads = torch.autograd.grad(recomputed, (q, k, v), grad_out.transpose(1, 2))
+    try:
+        grads = fa2rt.attention_backward(grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), logsumexp,
+                                         causal=is_causal, softmax_scale=scale)
+    except (TypeError, ValueError) as err:  # raised before any launch, e.g. an LSE fa2rt's kernels cannot read
+        return _Decline(f"fa2rt.attention_backward: {err}")
     return tuple(g.transpose(1, 2) for g in grads)
 
 
