@@ -40,7 +40,12 @@ where() {  # comma-separated archs
 # scikit-build-core reuses build/ incrementally, and a copied tree's timestamps can make stale outputs look current.
 rm -rf build "$WHEELS" "$VENV"
 FA2RT_ARCHS=sm80,sm89,sm90 step wheels bash ci/build_wheels.sh "$WHEELS" 2>&1 | tee "$OUT/build-wheels.log" || exit 1
-python3 -m venv --system-site-packages "$VENV" || exit 1  # torch, Triton, pytest: this machine's
+# torch, Triton and pytest are this machine's. Its python3 may itself be a virtual environment, whose packages a
+# --system-site-packages venv would not see: a .pth file in the new venv puts them on its path, where pip sees them.
+python3 -m venv "$VENV" || exit 1
+SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+"$VENV/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/machine.pth", "w").write(sys.argv[1])' \
+  "$SITE" || exit 1
 install sm90
 step where-sm90 where sm90 || exit 1
 step doctor "$VENV/bin/python" -m fa2rt.doctor --require cuda 2>&1 | tee "$OUT/doctor.txt" | tail -30
