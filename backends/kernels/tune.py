@@ -2,6 +2,7 @@
 
     python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--op fwd] [--buckets 64,128] [--write]
                                     [--tiles M,N,WARPS,STAGES;...] [--max-stack-bytes N] [--band full]
+    python backends/kernels/tune.py --op decode --archs sm90 --buckets 64,128 --out DIR [--write]
 
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
 only counts if all of them pass the AOT static checks: no spills (or at most --max-stack-bytes), shared memory within
@@ -10,6 +11,9 @@ tokens, hidden 2048), causal and not: the forward call for fwd; for a backward o
 (torch.autograd.grad), with the other kernels on their current tiles.
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
+For decode (memory-bound, 16 packed query rows per program), every layout's kind is built (contiguous and paged
+caches take one tile) and the contiguous image is timed through fa2rt.attention_with_kvcache on DECODE_POINTS, each
+call a CUDA graph replay (the kernels without host time), in TB/s of K and V read.
 The entry's own tile always competes ("own tile" column). With --band full only calls without causal or window are
 timed, the entry's full-band tile competes too, and --write stores a winner as the entry's full-band tile
 (variants.FULL_BAND) where it beats the entry's own tile by FULL_BAND_MIN_GAIN, and drops it where it does not.
@@ -41,6 +45,9 @@ CANDIDATES = {
     },
     "bwd_dq": {"cuda": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 4, 2),
                         (128, 64, 8, 1), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
+    "decode": {"cuda": [(16, 32, 4, 2), (16, 32, 4, 4), (16, 64, 4, 3), (16, 64, 4, 4), (16, 64, 2, 3),
+                        (16, 64, 8, 3), (16, 128, 4, 2), (16, 128, 4, 3), (16, 128, 8, 2), (16, 128, 8, 3),
+                        (16, 256, 8, 2)]},
     "bwd_dkdv": {"cuda": [(32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2),
                           (64, 64, 8, 1), (64, 64, 8, 2), (16, 128, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1),
                           (32, 64, 4, 2), (16, 64, 4, 1)]},
@@ -48,6 +55,10 @@ CANDIDATES = {
 SEQLENS = (1024, 4096)
 # Whether the timed calls are causal, per --band: every call, or only those a full-band tile serves.
 BANDS = {"any": (False, True), "full": (False,)}
+# Decode steps timed per tile (batch, cache length, nheads, nheads_k): one sequence (the split regime) and batches,
+# GQA and MHA; TB/s of K and V read, geomean over them.
+DECODE_POINTS = ((1, 4096, 32, 8), (1, 32768, 32, 8), (1, 32768, 32, 32), (8, 8192, 32, 8), (32, 8192, 32, 8),
+                 (64, 32768, 32, 8))
 # A full-band tile adds every image kind of its bucket to the build; it must earn them by at least this speedup.
 FULL_BAND_MIN_GAIN = 1.03
 
@@ -68,7 +79,9 @@ def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = Non
     (with band "full" its full-band tile too), so the current choice is timed in the same run. A current tile keeps
     its entry's matrix-core instruction and at least its spill allowance. Every tile takes the bucket entry's
     waves_per_eu (AMD; the first bucket's may differ)."""
-    base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only and v.layout == "dense")
+    layouts = _layout_kinds(op)
+    base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only
+                and v.layout == layouts[0][0])
     base = dataclasses.replace(base, waves_per_eu=variants.tile_config(arch, op, bucket).get("waves_per_eu"))
     current = list(current_tiles(arch, bucket, op).items())
     current = dict(current if band == "full" else current[:1])
@@ -77,13 +90,24 @@ def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = Non
     for m, n, w, s in tiles:
         entry = current.get((m, n, w, s), {})
         stack = max(max_stack_bytes, entry.get("max_stack_bytes", 0))
-        instr = entry.get("mma_instr", variants.ARCHS[arch][3])
+        # Decode's 16-row tiles run mma.sync everywhere: every candidate takes the bucket entry's instruction.
+        own_instr = variants.tile_config(arch, op, bucket).get("mma_instr") if op == "decode" else None
+        instr = entry.get("mma_instr", own_instr or variants.ARCHS[arch][3])
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
                                      block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=stack,
-                                     mma_instr=instr)
-                 for d_mask, features in variants.KINDS]
+                                     mma_instr=instr, layout=layout)
+                 for layout, d_mask, features in layouts]
         out.append(((m, n, w, s), kinds))
     return out
+
+
+def _layout_kinds(op: str) -> list[tuple[str, bool, tuple]]:
+    """(layout, d_mask, features) of every image a candidate tile must build, the timed one first: the dense kinds, or
+    for decode its one kind in each cache layout."""
+    if op != "decode":
+        return [("dense", d_mask, features) for d_mask, features in variants.KINDS]
+    return [(layout, d_mask, features) for layout, kinds in variants.OP_LAYOUT_KINDS[op].items()
+            for d_mask, features in kinds]
 
 
 def _build(args):
@@ -97,6 +121,8 @@ def _companions(arch: str, bucket: int, op: str) -> list:
     the forward and both backward kernels."""
     if op == "fwd":
         return []
+    if op == "decode":  # the merge of the split partials
+        return [v for v in variants.variants([arch]) if v.op == "decode_combine" and v.dtype == "bf16"]
     return [v for v in variants.variants([arch]) if v.op != op and v.head_dim == bucket and v.dtype == "bf16"
             and (v.d_mask, v.features) == variants.KINDS[0] and v.layout == "dense"]
 
@@ -113,11 +139,11 @@ def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, til
         results = iter(pool.map(_build, work + fixed))
     cand_results = [next(results) for _ in work]
     companion_rows = {}
-    for v, _ in fixed:
+    for v, folder in fixed:
         row, fails, _ = next(results)
         if fails:
             raise RuntimeError(f"companion image {v.name} fails the static checks: {fails}")
-        companion_rows.setdefault(v.head_dim, []).append(row)
+        companion_rows.setdefault(folder.name, []).append(row)
     built, results = {}, iter(cand_results)
     for i, (b, tile, kinds) in enumerate(cands):
         rows_fails = [next(results)[:2] for _ in kinds]
@@ -126,26 +152,25 @@ def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, til
         if fails:
             built[(b, tile)] = fails
         else:
-            # The plain exact image (KINDS[0]) is what gets timed; companion files are copied next to it.
-            for row in companion_rows.get(b, []):
+            # The first kind (the plain exact image; decode's contiguous one) is what gets timed; companion files
+            # are copied next to it.
+            companions = f"companions-{arch}-d{b}"
+            for row in companion_rows.get(companions, []):
                 for kind in ("binary", "ptx"):
                     if row.get(kind):
                         name = row[kind]["file"]
-                        (folder / name).write_bytes((root / f"companions-{arch}-d{b}" / name).read_bytes())
-            aot.write_manifest(folder, [rows_fails[0][0]] + companion_rows.get(b, []))
+                        (folder / name).write_bytes((root / companions / name).read_bytes())
+            aot.write_manifest(folder, [rows_fails[0][0]] + companion_rows.get(companions, []))
             built[(b, tile)] = (folder, max(row["resources"].get("stack_bytes", 0) for row, _ in rows_fails))
     return built
 
 
-def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any") -> dict:
+def _use_images(folder: Path, arch: str) -> None:
+    """fa2rt loads only the images in folder, on the local GPU as `arch` (through PTX for an older arch)."""
     import torch
-    from triton.testing import do_bench
 
-    import fa2rt
     import fa2rt.devices
-    from fa2rt.bench.common import HIDDEN, TOKENS, fwd_flops
 
-    backward = op != "fwd"
     os.environ["FA2RT_KERNEL_DIR"] = str(folder)
     info, code, why = fa2rt.devices.describe(torch.device("cuda", torch.cuda.current_device()))
     if code:
@@ -155,6 +180,44 @@ def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any") 
     else:
         os.environ.pop("FA2RT_FORCE_ARCH", None)
     os.environ["FA2RT_MIN_SEQLEN"] = "0"
+
+
+def time_decode_tile(folder: Path, arch: str, bucket: int) -> dict:
+    """{point: TB/s of K and V read} of the tile's contiguous decode image, each call a CUDA graph replay."""
+    import torch
+    from triton.testing import do_bench
+
+    import fa2rt
+    from fa2rt.bench.common import graphed
+
+    _use_images(folder, arch)
+    rates = {}
+    for batch, cache, h, hk in DECODE_POINTS:
+        q = torch.randn(batch, 1, h, bucket, device="cuda", dtype=torch.bfloat16)
+        k_cache, v_cache = (torch.randn(batch, cache, hk, bucket, device="cuda", dtype=torch.bfloat16)
+                            for _ in range(2))
+        seqlens = torch.full((batch,), cache, dtype=torch.int32, device="cuda")
+        decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True)
+        if decision.path != "kernel":
+            raise RuntimeError(f"{folder.name}: not the kernel path: {decision}")
+        call = graphed(lambda: fa2rt.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,  # noqa: B023
+                                                            causal=True))
+        ms = do_bench(call, warmup=10, rep=40, return_mode="median")
+        rates[f"b{batch}-n{cache}-{h}/{hk}"] = 2 * k_cache.numel() * k_cache.element_size() / ms / 1e9
+    return rates
+
+
+def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any") -> dict:
+    import torch
+    from triton.testing import do_bench
+
+    import fa2rt
+    from fa2rt.bench.common import HIDDEN, TOKENS, fwd_flops
+
+    if op == "decode":
+        return time_decode_tile(folder, arch, bucket)
+    backward = op != "fwd"
+    _use_images(folder, arch)
     times = {}
     for causal in BANDS[band]:
         for seqlen in SEQLENS:
@@ -213,8 +276,9 @@ def main(argv=None) -> int:
                     row["failed"] = built
                 else:
                     folder, row["stack_bytes"] = built
-                    row["tflops"] = time_tile(folder, arch, bucket, args.op, args.band)
-                    row["geomean"] = geomean(row["tflops"].values())
+                    unit_key = "tbps" if args.op == "decode" else "tflops"
+                    row[unit_key] = time_tile(folder, arch, bucket, args.op, args.band)
+                    row["geomean"] = geomean(row[unit_key].values())
                     if tile == next(iter(current_tiles(arch, bucket, args.op))):
                         own[(arch, bucket)] = row
                     best = winners.get((arch, bucket))
@@ -223,7 +287,8 @@ def main(argv=None) -> int:
                 results.append(row)
                 print(json.dumps(row), flush=True)
     (args.out / "tune.json").write_text(json.dumps(results, indent=1))
-    print(f"{'arch':7}{'bucket':>7}  {'tile (m, n, warps, stages)':28}{'geomean TFLOP/s':>16}{'own tile':>10}")
+    unit = "TB/s" if args.op == "decode" else "TFLOP/s"
+    print(f"{'arch':7}{'bucket':>7}  {'tile (m, n, warps, stages)':28}{'geomean ' + unit:>16}{'own tile':>10}")
     for (arch, bucket), row in sorted(winners.items()):
         mine = own.get((arch, bucket))
         print(f"{arch:7}{bucket:>7}  {str(row['tile']):28}{row['geomean']:16.1f}"
@@ -255,7 +320,7 @@ def _update_tiles(winners: dict, op: str, update) -> None:
 
 def write_tiles(winners: dict, op: str) -> None:
     def update(cfg, row):
-        if tuple(row["tile"]) != _tile(cfg):
+        if tuple(row["tile"]) != _tile(cfg) and op != "decode":
             cfg.pop("mma_instr", None)  # a new tile was built and checked with the arch's own instruction
         cfg.pop("max_stack_bytes", None)
         cfg.update(_tile_entry(row))

@@ -264,6 +264,21 @@ def test_tune_tiles_option():
     assert {variants.tile_config("gfx90a", "bwd_dq", b)["waves_per_eu"] for b in (64, 128)} == {1, 2}
 
 
+def test_tune_decode_builds_every_cache_layout_and_the_combine():
+    import tune
+
+    # A decode tile serves the contiguous and the paged images: it must build both; the contiguous one is timed.
+    (tile, kinds), *_ = tune.candidate_variants("sm90", 128, "decode", [(16, 128, 4, 3)])
+    assert tile == (16, 128, 4, 3)
+    assert [(v.layout, v.d_mask, v.features) for v in kinds] == [
+        (layout, d_mask, features) for layout, ks in variants.OP_LAYOUT_KINDS["decode"].items()
+        for d_mask, features in ks]
+    assert kinds[0].layout == "kvcache" and {v.op for v in kinds} == {"decode"}
+    assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in kinds} == {tile}
+    assert [v.op for v in tune._companions("sm90", 128, "decode")] == ["decode_combine"]
+    assert all(all(v.layout == "dense" for v in ks) for _, ks in tune.candidate_variants("sm90", 64, "fwd"))
+
+
 def test_tune_full_band():
     import tune
 

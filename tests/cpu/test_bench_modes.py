@@ -327,6 +327,21 @@ def test_decode_mode_end_to_end(cpu_run, tmp_path, capsys):
     assert "device copy:" in text and text.count("fallback (") == 8
 
 
+def test_decode_graphs_time_every_contender_as_a_replay(cpu_run, tmp_path, monkeypatch):
+    captured = []
+
+    def graphed(fn):  # no CUDA graphs on the CPU: the replay is the call, counted
+        captured.append(fn)
+        return lambda: fn()
+    monkeypatch.setattr(common, "graphed", graphed)
+    assert bench.main([*DECODE_ARGV, "--decode-batch", "1", "--decode-graphs", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "decode-native.json").read_text())
+    assert data["settings"]["timing"] == "cuda graph replay"
+    # Every fa2rt call and each SDPA backend's on the contiguous points (cuDNN, absent on the CPU, fails when run).
+    contiguous = sum(r["layout"] == "contiguous" for r in data["rows"])
+    assert len(captured) == len(data["rows"]) + len(decode.SDPA_BACKENDS) * contiguous == 10
+
+
 def test_decode_skips_points_over_the_cap(cpu_run, tmp_path, capsys):
     cap = decode.cache_bytes(2, 32, 2, 16) / 2 ** 30  # batch 2 at cache 32 fits exactly, cache 48 does not
     assert bench.main([*DECODE_ARGV, "--decode-max-gib", str(cap), "--out", str(tmp_path)]) == 0

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "paged256)")
     p.add_argument("--decode-append", action="store_true",
                    help="decode: append one token per sequence in each fa2rt call")
+    p.add_argument("--decode-graphs", action="store_true",
+                   help="decode: time every contender as a CUDA graph replay of its call (no host time)")
     p.add_argument("--decode-max-gib", type=float, default=decode.DECODE_MAX_GIB,
                    help=f"decode: skip points whose K and V exceed this many GiB (default {decode.DECODE_MAX_GIB})")
     p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warmup per timing (default 25)")

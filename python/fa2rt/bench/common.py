@@ -232,6 +232,20 @@ def recover() -> None:
         torch.cuda.empty_cache()
 
 
+def graphed(fn: Callable) -> Callable:
+    """A callable replaying fn's work from a CUDA graph (fn captured once, after a warm-up call on a side stream as
+    capture needs): the kernels' time without the host's, as a serving loop that replays graphs sees it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(prepare, work, warmup, rep, unit="tflops") -> dict:
     """{"ms", unit} of the callable prepare() returns (prepare itself untimed), or {"error"} when either raises
     (a backend that refuses the shape or fails in its backward, an OOM). unit's value is work / ms / 1e9: TFLOP/s

@@ -10,8 +10,10 @@ exceed --decode-max-gib are skipped (listed in the output). Bytes moved = K + V 
 headdim * 2 tensors * 2 bytes) + q read + out written; rates in TB/s = bytes / median time. The copy's rate counts
 its read and its write. SDPA gets the same K/V as (batch, nheads_k, cache, headdim) views with enable_gqa=True,
 contiguous points only; a backend that refuses the call is reported as null. --decode-append also writes one new
-token per sequence (k, v given) in every fa2rt call. Writes decode-<tag>.json (environment, copy rate, rows, issue
-17's bars: bar_checks)."""
+token per sequence (k, v given) in every fa2rt call. --decode-graphs times every contender (fa2rt and each SDPA
+backend) as a CUDA graph replay of its call, as serving loops run decode steps: the kernels without host time (the
+eager default counts the host's time wherever it exceeds the kernels'). Writes decode-<tag>.json (environment, copy
+rate, rows, issue 17's bars: bar_checks; settings.timing says which timing)."""
 
 import sys
 
@@ -96,6 +98,11 @@ def make_point(batch, cache, h, hk, d, layout, append):
     return q, k_cache, v_cache, dict(cache_seqlens=seqlens, causal=True, **extra)
 
 
+def timed(fn, graphs: bool):
+    """What measure() times for the call fn: fn itself, or the replay of its CUDA graph."""
+    return common.graphed(fn) if graphs else fn
+
+
 def sdpa_decode(q, k, v, name):
     """SDPA's `name` backend on one decode step, (batch, seqlen, heads, d) inputs as transposed views."""
     from torch.nn.attention import sdpa_kernel
@@ -109,8 +116,9 @@ def sdpa_decode(q, k, v, name):
     return run
 
 
-def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100) -> dict:
-    """One row: fa2rt's time and rate (or its error), and SDPA's per backend on contiguous points."""
+def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100, graphs=False) -> dict:
+    """One row: fa2rt's time and rate (or its error), and SDPA's per backend on contiguous points; graphs: each timed
+    as a CUDA graph replay."""
     q, k_cache, v_cache, kw = make_point(batch, cache, h, hk, d, layout, append)
     try:
         decision = api.explain_with_kvcache(q, k_cache, v_cache, **kw)
@@ -119,8 +127,8 @@ def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100) -> d
         path, image, splits = "error", None, common.error_text(exc)
     keys = cache + (1 if append else 0)
     nbytes = moved_bytes(batch, keys, h, hk, d)
-    res = common.measure(lambda: lambda: api.attention_with_kvcache(q, k_cache, v_cache, **kw), nbytes, warmup,
-                         rep, unit="tbps")
+    res = common.measure(lambda: timed(lambda: api.attention_with_kvcache(q, k_cache, v_cache, **kw), graphs),
+                         nbytes, warmup, rep, unit="tbps")
     row = {"batch": batch, "cache": cache, "nheads": h, "nheads_k": hk, "head_dim": d, "layout": layout,
            "append": append, "path": path, "image": image, "splits": splits, "ms": res.get("ms"),
            "tbps": res.get("tbps")}
@@ -129,7 +137,8 @@ def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100) -> d
     if layout == "contiguous":
         k, v = k_cache[:, :keys], v_cache[:, :keys]
         for name in SDPA_BACKENDS:
-            sdpa = common.measure(lambda name=name: sdpa_decode(q, k, v, name), nbytes, warmup, rep, unit="tbps")
+            sdpa = common.measure(lambda name=name: timed(sdpa_decode(q, k, v, name), graphs), nbytes, warmup, rep,
+                                  unit="tbps")
             row[f"sdpa_{name}_ms"] = sdpa.get("ms")
             row[f"sdpa_{name}_tbps"] = sdpa.get("tbps")
     return row
@@ -226,12 +235,13 @@ def run(args, env, settings, path) -> int:
     call meant to run a kernel raised."""
     copy = copy_rate(args.warmup_ms, args.rep_ms)
     print(f"{env['device']} driver {env['driver']} torch {env['torch']} triton {env['triton']} {env['date']}")
-    print(f"device copy: {copy:.2f} TB/s (read + write)")
+    print(f"device copy: {copy:.2f} TB/s (read + write); timing: "
+          f"{'CUDA graph replays' if args.decode_graphs else 'eager calls'}")
     todo, skipped = points(args)
     print(header(), flush=True)
     rows = []
     for point in todo:
-        rows.append(bench_point(*point, args.decode_append, args.warmup_ms, args.rep_ms))
+        rows.append(bench_point(*point, args.decode_append, args.warmup_ms, args.rep_ms, args.decode_graphs))
         common.recover()  # the point's caches are gone: give their memory back
         print(row_line(rows[-1], copy), flush=True)
     skipped_points = [dict(zip(("batch", "cache", "nheads", "nheads_k", "head_dim", "layout"), p, strict=True))
@@ -242,7 +252,8 @@ def run(args, env, settings, path) -> int:
     records = bar_checks(rows, copy)
     print(bars_table(records), flush=True)
     common.write_json(path, {"environment": env, "copy_tbps": copy, "rows": rows, "settings": {
-        **settings, "dtype": DECODE_DTYPE, "max_gib": args.decode_max_gib, "append": args.decode_append},
+        **settings, "dtype": DECODE_DTYPE, "max_gib": args.decode_max_gib, "append": args.decode_append,
+        "timing": "cuda graph replay" if args.decode_graphs else "eager calls"},
         "skipped": skipped_points, "bars": records})
     errors = [r for r in rows if "error" in r and r["path"] != "fallback"]
     for r in errors:
