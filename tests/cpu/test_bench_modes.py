@@ -226,6 +226,18 @@ def kernel(monkeypatch):
     return seen
 
 
+def test_equal_rounds_keep_each_contenders_median_round():
+    def round_row(dense_ms, varlen_ms):
+        return {"fa2rt_dense": {"ms": dense_ms, "tflops": 1 / dense_ms}, "fa2rt_varlen": {"ms": varlen_ms},
+                "fwd+bwd": {"fa2rt_dense": {"error": "x"}, "fa2rt_varlen": {"ms": 1.0}}, "explain": varlen_ms}
+    rounds = [round_row(3.0, 1.0), round_row(1.0, 5.0), round_row(2.0, 4.0)]
+    row = varlen.merge_rounds(rounds, {"fa2rt_dense": None, "fa2rt_varlen": None}, ["fwd", "fwd+bwd"])
+    assert row["fa2rt_dense"] == {"ms": 2.0, "tflops": 0.5, "rounds_ms": [3.0, 1.0, 2.0]}
+    assert row["fa2rt_varlen"] == {"ms": 4.0, "rounds_ms": [1.0, 5.0, 4.0]}
+    assert row["fwd+bwd"]["fa2rt_dense"] == {"error": "x"}  # an error in any round: the first round's result
+    assert row["explain"] == 1.0 and rounds[0]["fa2rt_dense"] == {"ms": 3.0, "tflops": 1 / 3.0}
+
+
 VARLEN_ARGV = ["--varlen", "--varlen-seqlen", "16,32", "--varlen-head-dim", "16", "--varlen-seeds", "0", "3",
                "--warmup-ms", "1", "--rep-ms", "1"]
 
@@ -247,7 +259,8 @@ def test_varlen_mode_end_to_end(cpu_run, kernel, tmp_path, capsys):
     r = eq[0]
     assert r["fa2rt_dense_explain"]["path"] == "kernel" and "fa2rt_varlen_explain_grad" in r
     flops = common.fwd_flops(4, 32, 16, 16, False)
-    assert r["fa2rt_varlen"] == {"ms": 2.0, "tflops": pytest.approx(flops / 2.0 / 1e9)}
+    assert r["fa2rt_varlen"] == {"ms": 2.0, "tflops": pytest.approx(flops / 2.0 / 1e9),
+                                 "rounds_ms": [2.0] * varlen.EQUAL_ROUNDS}
     assert r["fwd+bwd"]["fa2rt_dense"]["tflops"] == pytest.approx(3.5 * flops / 2.0 / 1e9)
     assert r["dense_over_varlen"] == {"fwd": 1.0, "fwd+bwd": 1.0}
     assert (3, {"causal": False}) in kernel and (7, {"causal": False}) in kernel  # dense and varlen explains

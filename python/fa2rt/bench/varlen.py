@@ -4,8 +4,9 @@ Three parts, bf16, head dims 64/128 (--varlen-head-dim), causal and not (--causa
 
 equal   the grid's batches packed: batch = 16384 // seqlen sequences of seqlen tokens (--varlen-seqlen, the grid's
         512..16k), nheads = 2048 // headdim; fa2rt's dense call on (batch, seqlen, nheads, headdim) against its
-        varlen call on the same memory viewed as (batch * seqlen, nheads, headdim) with equal cu_seqlens. Ratio:
-        dense_ms / varlen_ms (bar: >= 0.95 at every point).
+        varlen call on the same memory viewed as (batch * seqlen, nheads, headdim) with equal cu_seqlens, both
+        timed in turn for EQUAL_ROUNDS rounds, each keeping its median round. Ratio: dense_ms / varlen_ms (bar:
+        >= 0.95 at every point).
 mixed   per seed (--varlen-seeds) a draw of sequence lengths between 64 and 8192 summing to 16384 tokens (see
         draw_lengths), nheads = 2048 // headdim. Contenders on the same packed batch: fa2rt_varlen; SDPA's flash,
         efficient and cuDNN backends through nested jagged tensors (torch.nested.nested_tensor_from_jagged over the
@@ -24,6 +25,7 @@ memory  peak memory (beyond the inputs, after a warm-up call) of one forward+bac
 
 Writes varlen-<tag>.json (environment, settings, the three parts' rows, bars) and prints the tables."""
 
+import copy
 import functools
 import importlib
 import inspect
@@ -38,6 +40,9 @@ from . import common
 from .common import PASSES, fwd_flops, num, result, speedup
 
 VARLEN_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+# The equal-lengths part compares two fa2rt calls a few percent apart: each point times both in turn this many
+# rounds and keeps the median round of each (a drift in the device's clocks hits both alike).
+EQUAL_ROUNDS = 3
 VARLEN_HEAD_DIMS = (64, 128)
 VARLEN_SEEDS = (0,)
 VARLEN_DTYPE = "bfloat16"
@@ -256,6 +261,21 @@ def _prepare(p, build, inputs):
     return p.prepare(build(*inputs), inputs)
 
 
+def merge_rounds(rounds: list[dict], contenders, passes) -> dict:
+    """One row from rounds of the same timings: per contender and pass, the result of the round with the median
+    time, and every round's time under "rounds_ms" (the spread: a ratio within it is noise). The first round's
+    explain records and errors stand."""
+    row = copy.deepcopy(rounds[0])
+    for pass_name in passes:
+        for name in contenders:
+            results = [common.result(r, name, pass_name) for r in rounds]
+            if all("ms" in res for res in results):
+                ordered = sorted(results, key=lambda res: res["ms"])
+                merged = dict(ordered[len(ordered) // 2], rounds_ms=[res["ms"] for res in results])
+                common.store(row, name, pass_name, merged)
+    return row
+
+
 def equal_row(head_dim, causal, seqlen, *, passes=VARLEN_PASSES, warmup=25, rep=100) -> dict:
     """One equal-lengths point: fa2rt's dense and varlen calls on the same (packed) memory."""
     batch, nheads = max(1, common.TOKENS // seqlen), common.HIDDEN // head_dim
@@ -270,8 +290,10 @@ def equal_row(head_dim, causal, seqlen, *, passes=VARLEN_PASSES, warmup=25, rep=
                 "fa2rt_varlen": lambda q, k, v: explain_varlen(q, k, v, lengths, causal)}
     row = {"part": "equal", "dtype": VARLEN_DTYPE, "head_dim": head_dim, "causal": causal, "seqlen": seqlen,
            "batch": batch, "nheads": nheads, "tokens": batch * seqlen}
-    time_contenders(row, contenders, passes, varlen_flops(lengths, nheads, head_dim, causal), explains, warmup,
-                    rep)
+    flops = varlen_flops(lengths, nheads, head_dim, causal)
+    rounds = [time_contenders(dict(row), contenders, passes, flops, explains, warmup, rep)
+              for _ in range(EQUAL_ROUNDS)]
+    row.update(merge_rounds(rounds, contenders, passes))
     for pass_name in passes:
         row.setdefault("dense_over_varlen", {})[pass_name] = speedup(
             common.ms_of(row, "fa2rt_varlen", pass_name), common.ms_of(row, "fa2rt_dense", pass_name))
