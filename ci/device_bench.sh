@@ -6,7 +6,7 @@
 #   decode-graphs python -m fa2rt.bench --decode --decode-graphs, contiguous caches -> $OUT/decode-graphs-h200.json
 #   integrations  ci/bench_integrations.py -> $OUT/integrations-h200.json
 #   host          ci/host_overhead.py, dense and --decode
-#   decode        the decode grid timed as eager calls (rep 50 ms), contiguous caches -> $OUT/decode-eager-h200.json
+#   decode        the whole decode grid (contiguous and paged caches) as eager calls, rep 50 ms -> $OUT/decode-h200.json
 # Console output of every step goes to $OUT/bench.log (files back from a device call are few: one log, JSON results).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -36,6 +36,5 @@ has decode-graphs && step decode-graphs 120 python3 -m fa2rt.bench --decode --de
 has integrations && step integrations 100 python3 "$ROOT/ci/bench_integrations.py" --out "$OUT/integrations-h200.json"
 has host && step host 40 python3 "$ROOT/ci/host_overhead.py"
 has host && step host-decode 40 python3 "$ROOT/ci/host_overhead.py" --decode
-has decode && step decode 90 python3 -m fa2rt.bench --decode --decode-layouts contiguous --rep-ms 50 \
-  --out "$OUT/decode-eager-h200.json"
+has decode && step decode 200 python3 -m fa2rt.bench --decode --rep-ms 50 --out "$OUT/decode-h200.json"
 exit 0
