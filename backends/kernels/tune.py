@@ -12,8 +12,9 @@ tokens, hidden 2048), causal and not: the forward call for fwd; for a backward o
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
 For decode (memory-bound, 16 packed query rows per program), every layout's kind is built (contiguous and paged
-caches take one tile) and the contiguous image is timed through fa2rt.attention_with_kvcache on DECODE_POINTS, each
-call a CUDA graph replay (the kernels without host time), in TB/s of K and V read.
+caches take one tile) and timed through fa2rt.attention_with_kvcache on DECODE_POINTS, contiguous and paged (a stage
+more measured 4% faster on contiguous caches and 8-27% slower on paged ones), each call a CUDA graph replay (the
+kernels without host time), in TB/s of K and V read.
 The entry's own tile always competes ("own tile" column). With --band full only calls without causal or window are
 timed, the entry's full-band tile competes too, and --write stores a winner as the entry's full-band tile
 (variants.FULL_BAND) where it beats the entry's own tile by FULL_BAND_MIN_GAIN, and drops it where it does not.
@@ -55,10 +56,12 @@ CANDIDATES = {
 SEQLENS = (1024, 4096)
 # Whether the timed calls are causal, per --band: every call, or only those a full-band tile serves.
 BANDS = {"any": (False, True), "full": (False,)}
-# Decode steps timed per tile (batch, cache length, nheads, nheads_k): one sequence (the split regime) and batches,
-# GQA and MHA; TB/s of K and V read, geomean over them.
-DECODE_POINTS = ((1, 4096, 32, 8), (1, 32768, 32, 8), (1, 32768, 32, 32), (8, 8192, 32, 8), (32, 8192, 32, 8),
-                 (64, 32768, 32, 8))
+# Decode steps timed per tile (batch, cache length, nheads, nheads_k, layout as fa2rt.bench --decode names it): one
+# sequence (the split regime) and batches, GQA and MHA, contiguous and paged; TB/s of K and V read, geomean over them.
+DECODE_POINTS = ((1, 4096, 32, 8, "contiguous"), (1, 32768, 32, 8, "contiguous"), (1, 32768, 32, 32, "contiguous"),
+                 (8, 8192, 32, 8, "contiguous"), (32, 8192, 32, 8, "contiguous"), (64, 32768, 32, 8, "contiguous"),
+                 (1, 32768, 32, 8, "paged16"), (8, 8192, 32, 8, "paged64"), (64, 8192, 32, 8, "paged16"),
+                 (32, 8192, 32, 32, "paged256"))
 # A full-band tile adds every image kind of its bucket to the build; it must earn them by at least this speedup.
 FULL_BAND_MIN_GAIN = 1.03
 
@@ -183,27 +186,23 @@ def _use_images(folder: Path, arch: str) -> None:
 
 
 def time_decode_tile(folder: Path, arch: str, bucket: int) -> dict:
-    """{point: TB/s of K and V read} of the tile's contiguous decode image, each call a CUDA graph replay."""
-    import torch
+    """{point: TB/s of K and V read} of the tile's decode images, each call a CUDA graph replay."""
     from triton.testing import do_bench
 
     import fa2rt
+    from fa2rt.bench import decode
     from fa2rt.bench.common import graphed
 
     _use_images(folder, arch)
     rates = {}
-    for batch, cache, h, hk in DECODE_POINTS:
-        q = torch.randn(batch, 1, h, bucket, device="cuda", dtype=torch.bfloat16)
-        k_cache, v_cache = (torch.randn(batch, cache, hk, bucket, device="cuda", dtype=torch.bfloat16)
-                            for _ in range(2))
-        seqlens = torch.full((batch,), cache, dtype=torch.int32, device="cuda")
-        decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True)
+    for batch, cache, h, hk, layout in DECODE_POINTS:
+        q, k_cache, v_cache, kw = decode.make_point(batch, cache, h, hk, bucket, layout, append=False)
+        decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, **kw)
         if decision.path != "kernel":
             raise RuntimeError(f"{folder.name}: not the kernel path: {decision}")
-        call = graphed(lambda: fa2rt.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,  # noqa: B023
-                                                            causal=True))
+        call = graphed(lambda: fa2rt.attention_with_kvcache(q, k_cache, v_cache, **kw))  # noqa: B023
         ms = do_bench(call, warmup=10, rep=40, return_mode="median")
-        rates[f"b{batch}-n{cache}-{h}/{hk}"] = 2 * k_cache.numel() * k_cache.element_size() / ms / 1e9
+        rates[f"b{batch}-n{cache}-{h}/{hk}-{layout}"] = decode.cache_bytes(batch, cache, hk, bucket) / ms / 1e9
     return rates
 
 

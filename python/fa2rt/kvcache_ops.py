@@ -55,11 +55,27 @@ def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_
 # --- append and rotary (torch ops on clamped indices) ----------------------------------------------------------------
 
 def seqlens_tensor(cache_seqlens, shapes: KVShapes, device) -> torch.Tensor:
-    """(batch,) int64 tokens already cached per sequence (an int repeated; None: the whole cache)."""
+    """(batch,) tokens already cached per sequence: the given int32 tensor, or an int (None: the whole cache)
+    repeated as int64. Index arithmetic with an int64 operand gives int64; alone it stays int32."""
     if isinstance(cache_seqlens, torch.Tensor):
-        return cache_seqlens.long()
+        return cache_seqlens
     value = shapes.capacity if cache_seqlens is None else int(cache_seqlens)
     return torch.full((shapes.batch,), value, dtype=torch.int64, device=device)
+
+
+_ROW_STARTS: dict = {}
+
+
+def _row_starts(batch: int, rows_of: int, device) -> torch.Tensor:
+    """(batch, 1) int64: the first slot of cache row b in the merged (rows * seqlen) view, b * rows_of; made once
+    per shape (a decode step appends with two torch ops, not four)."""
+    key = (batch, rows_of, device)
+    starts = _ROW_STARTS.get(key)
+    if starts is None:
+        if len(_ROW_STARTS) >= 64:
+            _ROW_STARTS.clear()
+        starts = _ROW_STARTS[key] = torch.arange(batch, device=device)[:, None] * rows_of
+    return starts
 
 
 def _rotate(x, rotary_cos, rotary_sin, positions, interleaved):
@@ -87,20 +103,24 @@ def append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_
         k = _rotate(k, rotary_cos, rotary_sin, logical, shapes.rotary_interleaved)
     rows_of = shapes.page_size if shapes.paged else shapes.capacity  # positions per cache row (page or sequence)
     if shapes.paged:
-        rows = block_table.long().gather(1, positions // rows_of).clamp_(0, shapes.cache_rows - 1)
+        rows = block_table.long().gather(1, (positions // rows_of).long()).clamp_(0, shapes.cache_rows - 1)
         positions = positions % rows_of
-    elif cache_batch_idx is None:
-        rows = torch.arange(shapes.batch, device=k.device)[:, None]
-    else:
+    elif cache_batch_idx is not None:
         rows = cache_batch_idx.long().clamp(0, shapes.cache_rows - 1)[:, None]
+    else:
+        rows = None  # row b: the sequence's own
     flat_k, flat_v = _slots(k_cache), _slots(v_cache)
     if flat_k is not None and flat_v is not None:
         # One index_copy_ per cache: an indexed assignment costs several times its host time and a sort on the GPU.
-        where = positions.add(rows, alpha=rows_of).view(-1)
+        if rows is None:
+            where = positions.add(_row_starts(shapes.batch, rows_of, k.device)).view(-1)
+        else:
+            where = positions.add(rows, alpha=rows_of).view(-1)
         flat_k.index_copy_(0, where, k.reshape(-1, *k.shape[2:]))
         flat_v.index_copy_(0, where, v.reshape(-1, *v.shape[2:]))
     else:
-        where = (rows.expand_as(positions), positions)
+        rows = torch.arange(shapes.batch, device=k.device)[:, None] if rows is None else rows
+        where = (rows.expand_as(positions), positions.long())
         k_cache[where] = k
         v_cache[where] = v
 
@@ -352,6 +372,7 @@ def _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes: KVShapes):
     layout is not the kernels' (q is small)."""
     seqlens = seqlens_tensor(cache_seqlens, shapes, q.device) if shapes.seqlen_new or shapes.rotary_dim else None
     if shapes.rotary_dim:
+        seqlens = seqlens.long()  # rotary table rows (reference.rotary takes int64 positions)
         q = rotate_q(q, rotary_cos, rotary_sin, seqlens, shapes)
     elif not (_aligned(q) and _strides8(q)):
         q = q.clone(memory_format=torch.contiguous_format)
