@@ -155,15 +155,15 @@ def build_all(arch: str, buckets: list[int], root: Path, jobs: int, op: str, til
         if fails:
             built[(b, tile)] = fails
         else:
-            # The first kind (the plain exact image; decode's contiguous one) is what gets timed; companion files
-            # are copied next to it.
+            # Every kind's image is listed (the dispatcher takes the first that fits: the plain exact one for the
+            # timed calls; for decode the one of the call's cache layout); companion files are copied next to them.
             companions = f"companions-{arch}-d{b}"
             for row in companion_rows.get(companions, []):
                 for kind in ("binary", "ptx"):
                     if row.get(kind):
                         name = row[kind]["file"]
                         (folder / name).write_bytes((root / companions / name).read_bytes())
-            aot.write_manifest(folder, [rows_fails[0][0]] + companion_rows.get(companions, []))
+            aot.write_manifest(folder, [row for row, _ in rows_fails] + companion_rows.get(companions, []))
             built[(b, tile)] = (folder, max(row["resources"].get("stack_bytes", 0) for row, _ in rows_fails))
     return built
 
