@@ -135,14 +135,30 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     callers that keep the forward's results themselves instead of autograd (torch's SDPA registry); others
     differentiate attention() directly. Where no backward kernel fits, the SDPA fallback's gradients by
     recomputation (announced). Returns contiguous dq, dk, dv in the inputs' dtype; no graph is recorded."""
-    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes)
+    return _backward(dout, q, k, v, out, lse, alibi_slopes, shapes, deterministic)
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                              causal=False, softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
+                              deterministic=False):
+    """attention_backward for attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    ...): lse is its float32 (nheads, total_q); the varlen backward kernels, or the fallback's gradients by
+    recomputation (announced). Index values are checked as attention_varlen checks them."""
+    shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                 softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                 alibi_slopes=alibi_slopes)
+    return _backward(dout, q, k, v, out, lse, alibi_slopes, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+
+
+def _backward(dout, q, k, v, out, lse, alibi_slopes, shapes: Shapes, deterministic, cu=()):
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     check_backward_inputs(dout, out, lse, q, shapes)
     with torch.no_grad():
         if shapes.trivial:
             return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-        return ops.backward(dout, q, k, v, out, lse, alibi_slopes, shapes, deterministic)
+        return ops.backward(dout, q, k, v, out, lse, alibi_slopes, shapes, deterministic, cu)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,

@@ -108,14 +108,15 @@ def _check_out(out, q, k, v, rank=TENSOR_RANK, layout=LAYOUT):
 
 
 def check_backward_inputs(dout, out, lse, q, shapes: "Shapes") -> None:
-    """dout and out of attention_backward: shaped like q, in its dtype and device, last dim contiguous; lse: the
-    forward's float32 (batch, nheads, seqlen_q) on q's device."""
+    """dout and out of attention_backward / attention_varlen_backward: shaped like q, in its dtype and device, last
+    dim contiguous; lse: the forward's float32 (batch, nheads, seqlen_q), varlen (nheads, total_q), on q's device."""
+    varlen = shapes.layout in VARLEN_LAYOUTS
     for name, t in (("dout", dout), ("out", out)):
-        _check_tensor(name, t)
+        _check_tensor(name, t, *((VARLEN_RANK, VARLEN_LAYOUT) if varlen else (TENSOR_RANK, LAYOUT)))
         if t.shape != q.shape:
             _fail(ValueError, name, f"shape {tuple(q.shape)} (same as q)", f"shape {tuple(t.shape)}")
         _same_as_q(name, t, q)
-    expected = (shapes.batch, shapes.nheads, shapes.seqlen_q)
+    expected = (shapes.nheads, shapes.total_q) if varlen else (shapes.batch, shapes.nheads, shapes.seqlen_q)
     if not isinstance(lse, torch.Tensor):
         _fail(TypeError, "lse", f"a float32 tensor of shape {expected}", type(lse).__name__)
     if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.layout != torch.strided:

@@ -1,7 +1,7 @@
-"""fa2rt.attention_backward: the backward kernels from a forward's out and lse, without autograd (what torch's SDPA
-registry integration calls). On the CPU: its fallback against autograd through fa2rt.attention in float64, the
-misuse it names, and on a synthetic sm90 (launches recorded, as test_eager_path.py) the same backward launches that
-autograd makes."""
+"""fa2rt.attention_backward and attention_varlen_backward: the backward kernels from a forward's out and lse, without
+autograd (what torch's SDPA registry integration calls). On the CPU: their fallback against autograd through
+fa2rt.attention / attention_varlen in float64, the misuse they name, and on a synthetic sm90 (launches recorded, as
+test_eager_path.py) the same backward launches that autograd makes."""
 
 import warnings
 
@@ -87,3 +87,69 @@ def test_kernel_path_launches_what_autograd_launches(recorded):  # noqa: F811
         for pointer in ("Q", "K", "V", "O", "DO", "LSE"):
             assert named[pointer] == expected[pointer], pointer
         assert named["DQ"] == dq.data_ptr()
+
+
+# --- attention_varlen_backward --------------------------------------------------------------------------------------
+
+LENS_Q, LENS_K = (5, 0, 1, 9), (7, 3, 1, 6)
+
+
+def packed(seed, d=16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(sum(lens), heads, d, generator=g, dtype=dtype).requires_grad_()
+               for lens, heads in ((LENS_Q, 4), (LENS_K, 2), (LENS_K, 2)))
+    cu = [torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32) for lens in (LENS_Q, LENS_K)]
+    return q, k, v, (*cu, max(LENS_Q), max(LENS_K))
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_varlen_fallback_equals_autograd(name):
+    options = dict(OPTIONS[name])
+    if "alibi_slopes" in options:
+        options["alibi_slopes"] = torch.rand(len(LENS_Q), 4, dtype=torch.float32) + 0.1  # (batch, nheads)
+    q, k, v, varlen = packed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        out, lse = fa2rt.attention_varlen(q, k, v, *varlen, return_lse=True, **options)
+        dout = torch.randn_like(out)
+        expected = torch.autograd.grad(out, (q, k, v), dout)
+        got = fa2rt.attention_varlen_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *varlen,
+                                              **options)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype and not g.requires_grad
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(lse=a["lse"].transpose(0, 1).contiguous()), r"lse: expected .* shape \(4, 15\)"),
+    (lambda a: a.update(dout=a["dout"][None]), r"dout: expected a 3-D tensor \(total_tokens"),
+    (lambda a: a.update(out=a["out"][:-1]), "out: expected shape"),
+])
+def test_varlen_misuse_is_named(change, match):
+    q, k, v, varlen = (*(t.detach().half() for t in packed(5)[:3]), packed(5)[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        out, lse = fa2rt.attention_varlen(q, k, v, *varlen, return_lse=True)
+    args = dict(dout=torch.ones_like(out), out=out, lse=lse)
+    change(args)
+    with pytest.raises((TypeError, ValueError), match=match):
+        fa2rt.attention_varlen_backward(args["dout"], q, k, v, args["out"], args["lse"], *varlen)
+
+
+def test_varlen_kernel_path_launches_what_autograd_launches(recorded):  # noqa: F811
+    q, k, v, varlen = packed(6, d=64, dtype=torch.bfloat16)
+    out, lse = fa2rt.attention_varlen(q, k, v, *varlen, causal=True, return_lse=True)
+    dout = torch.randn(out.shape).to(out.dtype)
+    out.backward(dout)
+    _, *autograd_launches = recorded.launches
+    assert len(autograd_launches) == len(policy.BACKWARD_OPS)
+    recorded.launches.clear()
+    got = fa2rt.attention_varlen_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *varlen,
+                                          causal=True)
+    assert [t.shape for t in got] == [q.shape, k.shape, v.shape]
+    assert [launch[0].image for launch in recorded.launches] == [launch[0].image for launch in autograd_launches]
+    assert all("-varlen-" in launch[0].image for launch in recorded.launches)
+    for mine, theirs in zip(recorded.launches, autograd_launches, strict=True):
+        named, expected = (dict(zip(launch[0].pointers, launch[3], strict=True)) for launch in (mine, theirs))
+        for pointer in ("Q", "K", "V", "O", "DO", "LSE", "CU_Q", "CU_K"):
+            assert named[pointer] == expected[pointer], pointer

@@ -287,6 +287,14 @@ def test_sdpa_dense_forward_and_backward_match_sdpa(cpu_overrides):
     assert sdpa.calls[("_scaled_dot_product_flash_attention_backward", "fa2rt")] == 1
 
 
+def test_sdpa_backward_declines_what_fa2rt_backward_cannot_read(cpu_overrides):
+    # An LSE of another shape (a torch kernel's padded one, say) goes to torch's own kernel, with the reason.
+    q = heads(1, 2, 5, seed=4)
+    out, lse = q.clone(), torch.zeros(1, 2, 6)
+    declined = sdpa.sdpa_flash_backward(q, q, q, q, out, lse, None, None, 5, 5, 0.0, False, None, None)
+    assert isinstance(declined, sdpa._Decline) and "lse: expected a dense float32 tensor of shape (1, 2, 5)" in declined
+
+
 def test_sdpa_varlen_forward_backward_and_inplace_match_fa2rt(cpu_overrides):
     q = torch.randn(10, 4, 16, requires_grad=True)
     k, v = torch.randn(12, 2, 16, requires_grad=True), torch.randn(12, 2, 16, requires_grad=True)

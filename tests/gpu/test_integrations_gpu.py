@@ -104,6 +104,33 @@ def test_flash_attention_forward_varlen_matches_torch_flash():
     assert torch.allclose(ours_lse, theirs_lse, atol=1e-2)
 
 
+def test_flash_attention_backward_varlen_runs_fa2rt_and_matches_torch_flash():
+    # torch's own varlen forward, then the backward op with and without fa2rt's override: fa2rt's varlen backward
+    # kernels (attention_varlen_backward on that forward's out and LSE) within SDPA's error of the float32 gradients.
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    lengths = [300, 17, 1000]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lengths), heads, 128, device=DEVICE, generator=g).to(DTYPE) for heads in (8, 2, 2))
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max(lengths), max(lengths),
+                                                                         0.0, True, False)
+    dout = torch.randn(out.shape, device=DEVICE, generator=g).to(DTYPE)
+    args = (dout, q, k, v, out, lse, cu, cu, max(lengths), max(lengths), 0.0, True, seed, offset)
+    theirs = torch.ops.aten._flash_attention_backward(*args)
+    sdpa.register()
+    sdpa.calls.clear()
+    torch.nn.attention.activate_flash_attention_impl("fa2rt")
+    try:
+        ours = torch.ops.aten._flash_attention_backward(*args)
+    finally:
+        torch.nn.attention.restore_flash_attention_impl()
+    assert sdpa.calls[("_flash_attention_backward", "fa2rt")] == 1, sdpa.calls
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    exact_out, _ = fa2rt.reference.attention_reference_varlen(*leaves, cu, cu, causal=True)
+    exact = torch.autograd.grad(exact_out, leaves, dout.double())
+    for name, a, b, ref in zip(("dq", "dk", "dv"), ours, theirs, exact, strict=True):
+        within_sdpa_error(a, b, ref, name)
+
+
 # ---- transformers
 
 COMMON = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

@@ -9,6 +9,8 @@ torch.compile(fullgraph=True) with backward, CUDA graph capture of a forward, ma
 error with FA2RT_CHECK_INDICES=1), explain() naming the varlen images.
 """
 
+import warnings
+
 import pytest
 import torch
 from gpu_helpers import (
@@ -157,6 +159,23 @@ def test_backward_matches_reference(path, name, monkeypatch):
         bound = 2 * yardstick + ABS_FLOOR + 2 * TANH_REL_ERR * softcap
         err = rel_err(got[i], ref[i])
         assert err <= bound, {"grad": name_, "err": err, "bound": bound}
+
+
+@pytest.mark.parametrize("name", ["plain", "causal_gqa", "window", "softcap", "alibi_bh_causal", "strided_qkv_causal"])
+def test_attention_varlen_backward_equals_autograd(name):
+    # The backward kernels from the forward's out and lse (what the SDPA registry's varlen backward calls): the
+    # gradients autograd gives through attention_varlen, bitwise, with no fallback.
+    q, k, v, cq, ck, mq, mk, opts = make_case(name, seed_of("varlen-bwd-call", name))
+    dout = torch.randn(q.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(9)).to(q.dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fa2rt.attention_varlen(*leaves, cq, ck, mq, mk, return_lse=True, **opts)
+    expected = torch.autograd.grad(out, leaves, dout)
+    poison_allocator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fa2rt.FallbackWarning)
+        got = fa2rt.attention_varlen_backward(dout, q, k, v, out.detach(), lse, cq, ck, mq, mk, **opts)
+    for grad, g, e in zip(("dq", "dk", "dv"), got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e), grad
 
 
 def test_gradients_are_bitwise_repeatable():

@@ -15,12 +15,10 @@ dropout, no debug mask, no paged KV or seqused_k); everything else runs the kern
 with torch.library.get_kernel at activation. fa2rt's own SDPA fallback is never used from inside an override (it
 would call SDPA, and so the override, again).
 
-The dense SDPA backward runs fa2rt.attention_backward on the forward's out and LSE (the backward kernels alone). The
-flash-attn-style backward recomputes the forward with fa2rt.attention / fa2rt.attention_varlen under autograd and
-takes its gradients (no public varlen backward entry yet): one extra forward kernel per backward.
+The backward overrides run fa2rt.attention_backward / fa2rt.attention_varlen_backward on the forward's out and LSE:
+the backward kernels alone, as torch's own flash backward.
 """
 
-import contextlib
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -169,19 +167,18 @@ def _leaves(*tensors):
     return tuple(t.detach().requires_grad_() for t in tensors)
 
 
-# An override runs below the autograd dispatch keys, which the dispatcher excludes for the duration of the kernel, so
-# the recomputation records no graph unless they are let back in (torch has no public guard for this).
-_AUTOGRAD_KEYS = ("ADInplaceOrView", "AutogradOther", "AutogradNestedTensor", "AutogradFunctionality")
-
-
-@contextlib.contextmanager
-def _autograd_enabled():
-    include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
-    for name in _AUTOGRAD_KEYS:
-        key = getattr(torch._C.DispatchKey, name)
-        include, exclude = include.remove(key), exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
-        yield
+def _backward(grad_out, query, key, value, out, logsumexp, varlen, options):
+    """fa2rt's backward entry for a call fa2rt.explain gave to the kernels (leaves that require grad: the decision
+    covers the backward images), or a _Decline."""
+    declined = _kernel_decision(*_leaves(query, key, value), *varlen, **options)
+    if declined is not None:
+        return declined
+    try:
+        if varlen:
+            return fa2rt.attention_varlen_backward(grad_out, query, key, value, out, logsumexp, *varlen, **options)
+        return fa2rt.attention_backward(grad_out, query, key, value, out, logsumexp, **options)
+    except (TypeError, ValueError) as err:  # raised before any launch, e.g. an LSE fa2rt's kernels cannot read
+        return _Decline(f"fa2rt backward: {err}")
 
 
 # ---- SDPA's dense flash ops: (batch, nheads, seqlen, headdim)
@@ -213,17 +210,11 @@ def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, 
     declined = _decline_common(query, dropout_p, extra=extra)
     if declined is None and is_causal and query.shape[2] != key.shape[2]:
         declined = _Decline("causal with seqlen_q != seqlen_k (SDPA aligns it top-left, fa2rt bottom-right)")
-    q, k, v = _bshd(query, key, value)
-    if declined is None:  # leaves that require grad: the decision covers the backward kernels
-        declined = _kernel_decision(*_leaves(q, k, v), causal=is_causal, softmax_scale=scale)
     if declined is not None:
         return declined
-    try:
-        grads = fa2rt.attention_backward(grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), logsumexp,
-                                         causal=is_causal, softmax_scale=scale)
-    except (TypeError, ValueError) as err:  # raised before any launch, e.g. an LSE fa2rt's kernels cannot read
-        return _Decline(f"fa2rt.attention_backward: {err}")
-    return tuple(g.transpose(1, 2) for g in grads)
+    grads = _backward(*_bshd(grad_out, query, key, value, out), logsumexp, (),
+                      dict(causal=is_causal, softmax_scale=scale))
+    return grads if isinstance(grads, _Decline) else tuple(g.transpose(1, 2) for g in grads)
 
 
 # ---- flash-attn-style ops: (batch, seqlen, nheads, headdim), or varlen (total, nheads, headdim) with cum_seq_*
@@ -290,20 +281,14 @@ def flash_forward_inplace(out, query, key, value, cum_seq_q, cum_seq_k, max_q, m
 def flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
                    is_causal, rng_state, unused, *, scale=None, window_size_left=None, window_size_right=None,
                    **extra):
-    """aten::_flash_attention_backward by recomputing through fa2rt, or a _Decline."""
+    """aten::_flash_attention_backward through fa2rt's backward entries, or a _Decline."""
     declined = _decline_common(query, dropout_p, extra=extra)
     if declined is not None:
         return declined
     varlen = _varlen_args(cum_seq_q if cum_seq_q is not None and cum_seq_q.numel() else None, cum_seq_k, max_q,
                           max_k)
     options = _flash_options(is_causal, scale, window_size_left, window_size_right)
-    q, k, v = _leaves(query, key, value)
-    with _autograd_enabled():
-        declined = _kernel_decision(q, k, v, *varlen, **options)
-        if declined is not None:
-            return declined
-        recomputed = _flash_call(q, k, v, varlen, options)
-        return torch.autograd.grad(recomputed, (q, k, v), grad_out)
+    return _backward(grad_out, query, key, value, out, logsumexp, varlen, options)
 
 
 OVERRIDES = {
