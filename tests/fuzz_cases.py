@@ -344,6 +344,7 @@ class VarlenCase:
     grad: bool = False
     return_lse: bool = False
     malformed: str | None = None  # one of MALFORMED: the values break a rule (the call may raise, never fault)
+    page_size: int = 0  # > 0: paged prefill, K/V read from a page pool through a block table (forward only)
 
     @property
     def id(self) -> str:
@@ -357,6 +358,7 @@ class VarlenCase:
         parts += [f"scale{self.scale:g}"] if self.scale is not None else []
         parts += ["grad"] if self.grad else []
         parts += ["lse"] if self.return_lse else []
+        parts += [f"page{self.page_size}"] if self.page_size else []
         parts += [f"malformed-{self.malformed}"] if self.malformed else []
         return "-".join(parts)
 
@@ -389,6 +391,36 @@ def generate_varlen(count: int = 72, seed: int = SEED + 1) -> list[VarlenCase]:
             softcap=rng.choice([0.0, 0.0, 0.0, 5.0]), alibi=rng.choice([None, None, "h", "bh"]),
             scale=rng.choice([None, None, 0.3, -0.2]), grad=malformed is None and rng.random() < 0.35,
             return_lse=rng.random() < 0.5, malformed=malformed,
+        ))
+    return cases
+
+
+PAGED_OFFSET = 2000  # paged-prefill case indices follow the varlen ones'
+PAGE_SIZES = (16, 32, 64, 256)
+PAGED_LAYOUTS = ("contig", "sliced", "offset")  # of q; the K/V pool is built page by page
+
+
+def generate_paged(count: int = 24, seed: int = SEED + 2) -> list[VarlenCase]:
+    """Paged-prefill calls (attention_varlen with block_table): the varlen draw with a page size, forward only; every
+    sixth names a block outside the pool in a page its first sequence reads."""
+    rng = random.Random(seed)
+    cases = []
+    for index in range(count):
+        batch = rng.choice([1, 2, 3, 5])
+        lengths_q = tuple(_length(rng) for _ in range(batch))
+        lengths_k = tuple(_length(rng) for _ in range(batch))
+        malformed = "table_outside" if index % 6 == 5 else None
+        if malformed:
+            lengths_k = (3,) + lengths_k[1:]
+        h, hk = rng.choice(HEAD_RATIOS)
+        cases.append(VarlenCase(
+            index=PAGED_OFFSET + index, lengths_q=lengths_q, lengths_k=lengths_k, nheads=h, nheads_k=hk,
+            head_dim=rng.choice(HEAD_DIMS), dtype=rng.choice(["fp16", "bf16", "bf16", "fp32"]),
+            layout=rng.choice(PAGED_LAYOUTS), causal=rng.random() < 0.4,
+            window=(_side(rng), _side(rng)) if rng.random() < 0.3 else (-1, -1),
+            softcap=rng.choice([0.0, 0.0, 0.0, 5.0]), alibi=rng.choice([None, None, "h", "bh"]),
+            scale=rng.choice([None, None, 0.3, -0.2]), return_lse=rng.random() < 0.5, malformed=malformed,
+            page_size=rng.choice(PAGE_SIZES),
         ))
     return cases
 
@@ -427,6 +459,7 @@ class BuiltVarlen:
     slopes: torch.Tensor | None
     grad_out: torch.Tensor | None
     recipe: list
+    pages: tuple | None = None  # paged cases: (k pool, v pool, block_table) the call reads; views keep the logical K/V
 
 
 def _varlen_view(gen, layout, total, heads, d, pad):
@@ -464,7 +497,30 @@ def build_varlen(case: VarlenCase, device="cpu") -> BuiltVarlen:
         shape = (case.nheads,) if case.alibi == "h" else (case.batch, case.nheads)
         slopes = (torch.rand(*shape, generator=gen) * 0.3 + 0.01).to(device)
     grad_out = _randn(gen, tq, case.nheads, d).to(device=device, dtype=dtype) if case.grad else None
-    return BuiltVarlen(bases, views, cu_q, cu_k, max_q, max_k, slopes, grad_out, recipe)
+    pages = _pages(case, gen, views["k"], views["v"], device) if case.page_size else None
+    return BuiltVarlen(bases, views, cu_q, cu_k, max_q, max_k, slopes, grad_out, recipe, pages)
+
+
+def _pages(case: VarlenCase, gen, k, v, device) -> tuple:
+    """The logical k, v laid into a pool of pages in a random order, plus spare pages of noise; table entries past a
+    sequence's last page are -1 (never read). table_outside: sequence 0's first page names the block past the pool."""
+    page, (_, hk, d) = case.page_size, k.shape
+    blocks = [-(-n // page) for n in case.lengths_k]
+    pool = sum(blocks) + 2
+    order = iter(torch.randperm(pool, generator=gen).tolist())
+    table = torch.full((case.batch, max(blocks + [1])), -1, dtype=torch.int32)
+    k_pool, v_pool = (_randn(gen, pool, page, hk, d).to(k.dtype) for _ in range(2))
+    start = 0
+    for b, n in enumerate(case.lengths_k):
+        for j in range(blocks[b]):
+            table[b, j] = block = next(order)
+            rows = slice(start + j * page, min(start + (j + 1) * page, start + n))
+            k_pool[block, :rows.stop - rows.start] = k[rows].detach().cpu()
+            v_pool[block, :rows.stop - rows.start] = v[rows].detach().cpu()
+        start += n
+    if case.malformed == "table_outside":
+        table[0, 0] = pool
+    return k_pool.to(device), v_pool.to(device), table.to(device)
 
 
 def _varlen_options(case, built) -> dict:
@@ -475,12 +531,17 @@ def _varlen_options(case, built) -> dict:
 
 
 def varlen_args(built: BuiltVarlen) -> tuple:
-    return (*(built.views[n] for n in "qkv"), built.cu_seqlens_q, built.cu_seqlens_k, built.max_seqlen_q,
-            built.max_seqlen_k)
+    k, v = built.pages[:2] if built.pages else (built.views["k"], built.views["v"])
+    return built.views["q"], k, v, built.cu_seqlens_q, built.cu_seqlens_k, built.max_seqlen_q, built.max_seqlen_k
+
+
+def _paging(built: BuiltVarlen) -> dict:
+    return {"block_table": built.pages[2]} if built.pages else {}
 
 
 def call_varlen(case: VarlenCase, built: BuiltVarlen):
-    res = fa2rt.attention_varlen(*varlen_args(built), return_lse=case.return_lse, **_varlen_options(case, built))
+    res = fa2rt.attention_varlen(*varlen_args(built), return_lse=case.return_lse, **_varlen_options(case, built),
+                                 **_paging(built))
     out, lse = res if case.return_lse else (res, None)
     if case.grad:
         out.backward(built.grad_out)
@@ -488,7 +549,7 @@ def call_varlen(case: VarlenCase, built: BuiltVarlen):
 
 
 def explain_varlen(case: VarlenCase, built: BuiltVarlen):
-    return fa2rt.explain(*varlen_args(built), **_varlen_options(case, built))
+    return fa2rt.explain(*varlen_args(built), **_varlen_options(case, built), **_paging(built))
 
 
 def check_varlen(case: VarlenCase, built: BuiltVarlen, out, lse) -> dict:
@@ -533,9 +594,9 @@ def check_varlen(case: VarlenCase, built: BuiltVarlen, out, lse) -> dict:
 # max_seqlen_q, and either rule may be checked first.
 MALFORMED_ARGUMENT = {"decreasing": ("cu_seqlens_q",), "past_total": ("cu_seqlens_q", "max_seqlen_q"),
                       "short_total": ("cu_seqlens_q",), "negative": ("cu_seqlens_q",),
-                      "max_too_small": ("max_seqlen_q",)}
+                      "max_too_small": ("max_seqlen_q",), "table_outside": ("block_table[0, 0]",)}
 
 
 def all_cases() -> list:
-    """Every fuzz case, dense then varlen (indices unique across both)."""
-    return [*generate(), *generate_varlen()]
+    """Every fuzz case, dense, varlen, then paged prefill (indices unique across them)."""
+    return [*generate(), *generate_varlen(), *generate_paged()]

@@ -12,6 +12,7 @@ from fuzz_cases import (
     LAYOUTS,
     MALFORMED,
     MALFORMED_ARGUMENT,
+    PAGE_SIZES,
     VARLEN_LAYOUTS,
     build,
     build_varlen,
@@ -20,6 +21,7 @@ from fuzz_cases import (
     check,
     check_varlen,
     generate,
+    generate_paged,
     generate_varlen,
 )
 
@@ -42,14 +44,15 @@ def test_fuzz_case(case):
 
 
 VARLEN_CASES = generate_varlen()
+PAGED_CASES = generate_paged()
 
 
 @pytest.mark.filterwarnings("ignore::fa2rt.FallbackWarning")
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
+@pytest.mark.parametrize("case", VARLEN_CASES + PAGED_CASES, ids=[c.id for c in VARLEN_CASES + PAGED_CASES])
 def test_fuzz_varlen_case(case):
     built = build_varlen(case)
     if case.malformed:
-        # cu_seqlens on the CPU: their values are checked, and the error names the argument that breaks a rule.
+        # Index tensors on the CPU: their values are checked, and the error names the argument that breaks a rule.
         with pytest.raises(ValueError) as info:
             call_varlen(case, built)
         assert str(info.value).split(":")[0] in MALFORMED_ARGUMENT[case.malformed], str(info.value)
@@ -148,6 +151,8 @@ def test_generator_covers_what_the_issue_names():
     assert {c.malformed for c in VARLEN_CASES} >= set(MALFORMED), "every kind of malformed cu_seqlens"
     assert any(0 in c.lengths_q for c in VARLEN_CASES) and any(1 in c.lengths_k for c in VARLEN_CASES)
     assert {c.layout for c, _ in INTERPRETER_CASES} >= {"contig", "expanded", "transposed", "packed"}
+    assert {c.page_size for c in PAGED_CASES} == set(PAGE_SIZES) and not any(c.grad for c in PAGED_CASES)
+    assert any(c.malformed == "table_outside" for c in PAGED_CASES) and any(c.causal for c in PAGED_CASES)
 
 
 def test_sdpa_layout_rule():
