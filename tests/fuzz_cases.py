@@ -385,14 +385,19 @@ def generate_varlen(count: int = 72, seed: int = SEED + 1) -> list[VarlenCase]:
             lengths_q = (3,) + lengths_q[1:]
         cases.append(VarlenCase(
             index=VARLEN_OFFSET + index, lengths_q=lengths_q, lengths_k=lengths_k, nheads=h, nheads_k=hk,
-            head_dim=rng.choice(HEAD_DIMS), dtype=rng.choice(["fp16", "bf16", "bf16", "fp32"]),
-            layout=rng.choice(VARLEN_LAYOUTS), causal=rng.random() < 0.4,
-            window=(_side(rng), _side(rng)) if rng.random() < 0.3 else (-1, -1),
-            softcap=rng.choice([0.0, 0.0, 0.0, 5.0]), alibi=rng.choice([None, None, "h", "bh"]),
-            scale=rng.choice([None, None, 0.3, -0.2]), grad=malformed is None and rng.random() < 0.35,
+            **_varlen_draw(rng, VARLEN_LAYOUTS), grad=malformed is None and rng.random() < 0.35,
             return_lse=rng.random() < 0.5, malformed=malformed,
         ))
     return cases
+
+
+def _varlen_draw(rng, layouts) -> dict:
+    """A varlen case's head dim, dtype, layout and features, drawn in this order."""
+    return dict(head_dim=rng.choice(HEAD_DIMS), dtype=rng.choice(["fp16", "bf16", "bf16", "fp32"]),
+                layout=rng.choice(layouts), causal=rng.random() < 0.4,
+                window=(_side(rng), _side(rng)) if rng.random() < 0.3 else (-1, -1),
+                softcap=rng.choice([0.0, 0.0, 0.0, 5.0]), alibi=rng.choice([None, None, "h", "bh"]),
+                scale=rng.choice([None, None, 0.3, -0.2]))
 
 
 PAGED_OFFSET = 2000  # paged-prefill case indices follow the varlen ones'
@@ -415,11 +420,7 @@ def generate_paged(count: int = 24, seed: int = SEED + 2) -> list[VarlenCase]:
         h, hk = rng.choice(HEAD_RATIOS)
         cases.append(VarlenCase(
             index=PAGED_OFFSET + index, lengths_q=lengths_q, lengths_k=lengths_k, nheads=h, nheads_k=hk,
-            head_dim=rng.choice(HEAD_DIMS), dtype=rng.choice(["fp16", "bf16", "bf16", "fp32"]),
-            layout=rng.choice(PAGED_LAYOUTS), causal=rng.random() < 0.4,
-            window=(_side(rng), _side(rng)) if rng.random() < 0.3 else (-1, -1),
-            softcap=rng.choice([0.0, 0.0, 0.0, 5.0]), alibi=rng.choice([None, None, "h", "bh"]),
-            scale=rng.choice([None, None, 0.3, -0.2]), return_lse=rng.random() < 0.5, malformed=malformed,
+            **_varlen_draw(rng, PAGED_LAYOUTS), return_lse=rng.random() < 0.5, malformed=malformed,
             page_size=rng.choice(PAGE_SIZES),
         ))
     return cases
