@@ -18,7 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .reference import alibi_bias, allowed_mask, fold_causal
-from .validate import check_block_table_values, check_cu_seqlens_values
+from .validate import check_cu_seqlens_values, check_paged_values
 
 # cuDNN attention is left out: on an H200 with torch 2.11+cu130 its backward gave wrong gradients (errors ~5, or NaN)
 # when grad_out is a transposed view, as ours always is (B, N, H, D -> B, H, N, D); flash, memory-efficient and math
@@ -352,11 +352,7 @@ def gather_pages(k, v, cu_seqlens_k, block_table):
     cu_seqlens_k then indexes as in a varlen call: the paged fallback is this gather, then sdpa_varlen_attention.
     Reads the index values to the host and checks them (the sync the fallback pays anyway); differentiable in k, v."""
     num_blocks, page_size = k.shape[:2]
-    bounds = cu_seqlens_k.tolist()
-    check_cu_seqlens_values("cu_seqlens_k", bounds, bounds[-1], bounds[-1], "max_seqlen_k")
-    lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    table = block_table.cpu()
-    check_block_table_values(table, lengths, page_size, num_blocks)
+    lengths, table = check_paged_values(cu_seqlens_k, block_table, None, page_size, num_blocks)
     counts = torch.tensor(lengths, dtype=torch.long)
     seq = torch.repeat_interleave(torch.arange(len(lengths)), counts)
     # Position of each packed row inside its sequence: its index minus its sequence's first row.

@@ -11,6 +11,7 @@ Launches go through launch plans (_C.LaunchPlan), built once per image and call 
 tensors' addresses and the stream change.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -159,15 +160,14 @@ def _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale
                   total_k=k.shape[0])
 
 
-def _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                  window_right, softcap, alibi) -> Shapes:
-    num_blocks, page_size = k.shape[:2]
-    return Shapes(batch=cu_seqlens_q.shape[0] - 1, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, nheads=q.shape[1],
-                  nheads_k=k.shape[2], head_dim=q.shape[2], dtype=q.dtype, device=q.device,
-                  softmax_scale=softmax_scale, causal=window_right == 0, window=(window_left, window_right),
-                  softcap=softcap, has_alibi=alibi is not None, layout="varlen_paged", total_q=q.shape[0],
-                  total_k=num_blocks * page_size, page_size=page_size, max_blocks=block_table.shape[1],
-                  block_stride=block_table.stride(0))
+def _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, *options) -> Shapes:
+    """_varlen_shapes for K/V in a page pool (num_blocks, page_size, nheads_k, headdim) read through block_table;
+    options: softmax_scale, window_left, window_right, softcap, alibi."""
+    num_blocks, page_size, nheads_k = k.shape[:3]
+    return dataclasses.replace(_varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, *options),
+                               nheads_k=nheads_k, layout="varlen_paged", total_k=num_blocks * page_size,
+                               page_size=page_size, max_blocks=block_table.shape[1],
+                               block_stride=block_table.stride(0))
 
 
 # --- launching --------------------------------------------------------------------------------------------------------

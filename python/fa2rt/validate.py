@@ -386,13 +386,17 @@ def check_block_table_values(table, lengths, page_size, num_blocks) -> None:
                   f"reads {length} keys through {len(pages)} pages)", int(pages[j]))
 
 
-def check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, page_size, num_blocks) -> None:
-    """cu_seqlens_k (start 0, non-decreasing, no sequence longer than max_seqlen_k; its last entry is the keys'
-    total, which no tensor's shape gives) and the block table's entries, read to the host."""
+def check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, page_size, num_blocks) -> tuple[list, torch.Tensor]:
+    """cu_seqlens_k (start 0, non-decreasing, no sequence longer than max_seqlen_k, or than the total for None; its
+    last entry is the keys' total, which no tensor's shape gives) and the block table's entries, read to the host.
+    Returns what was read: each sequence's key count and the table as a CPU tensor."""
     bounds = cu_seqlens_k.tolist()
-    check_cu_seqlens_values("cu_seqlens_k", bounds, bounds[-1], max_seqlen_k, "max_seqlen_k")
+    max_len = bounds[-1] if max_seqlen_k is None else max_seqlen_k
+    check_cu_seqlens_values("cu_seqlens_k", bounds, bounds[-1], max_len, "max_seqlen_k")
     lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    check_block_table_values(block_table.cpu(), lengths, page_size, num_blocks)
+    table = block_table.cpu()
+    check_block_table_values(table, lengths, page_size, num_blocks)
+    return lengths, table
 
 
 def _check_no_grad(q, k, v, alibi_slopes) -> None:
