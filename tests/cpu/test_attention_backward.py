@@ -71,22 +71,30 @@ def test_misuse_is_named(change, match):
                                  args.pop("lse"))
 
 
-def test_kernel_path_launches_what_autograd_launches(recorded):  # noqa: F811
-    q, k, v = make(requires_grad=True)
-    out, lse = fa2rt.attention(q, k, v, causal=True, return_lse=True)
+def expect_autograd_launches(recorded, forward, backward, leaves, index=(), index_pointers=()):  # noqa: F811
+    """backward(dout, q, k, v, out, lse, *index, causal=True) after forward(q, k, v, *index, causal=True,
+    return_lse=True) launches the images autograd's backward launches, with the same input pointers (and index
+    pointers); returns its launches."""
+    q, k, v = leaves
+    out, lse = forward(q, k, v, *index, causal=True, return_lse=True)
     dout = torch.randn(out.shape).to(out.dtype)
     out.backward(dout)
     _, *autograd_launches = recorded.launches
     assert len(autograd_launches) == len(policy.BACKWARD_OPS)
     recorded.launches.clear()
-    dq, dk, dv = fa2rt.attention_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, causal=True)
+    dq, dk, dv = backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *index, causal=True)
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, v.shape]
     assert [launch[0].image for launch in recorded.launches] == [launch[0].image for launch in autograd_launches]
     for mine, theirs in zip(recorded.launches, autograd_launches, strict=True):
         named, expected = (dict(zip(launch[0].pointers, launch[3], strict=True)) for launch in (mine, theirs))
-        for pointer in ("Q", "K", "V", "O", "DO", "LSE"):
+        for pointer in ("Q", "K", "V", "O", "DO", "LSE", *index_pointers):
             assert named[pointer] == expected[pointer], pointer
         assert named["DQ"] == dq.data_ptr()
+    return recorded.launches
+
+
+def test_kernel_path_launches_what_autograd_launches(recorded):  # noqa: F811
+    expect_autograd_launches(recorded, fa2rt.attention, fa2rt.attention_backward, make(requires_grad=True))
 
 
 # --- attention_varlen_backward --------------------------------------------------------------------------------------
@@ -138,18 +146,6 @@ def test_varlen_misuse_is_named(change, match):
 
 def test_varlen_kernel_path_launches_what_autograd_launches(recorded):  # noqa: F811
     q, k, v, varlen = packed(6, d=64, dtype=torch.bfloat16)
-    out, lse = fa2rt.attention_varlen(q, k, v, *varlen, causal=True, return_lse=True)
-    dout = torch.randn(out.shape).to(out.dtype)
-    out.backward(dout)
-    _, *autograd_launches = recorded.launches
-    assert len(autograd_launches) == len(policy.BACKWARD_OPS)
-    recorded.launches.clear()
-    got = fa2rt.attention_varlen_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *varlen,
-                                          causal=True)
-    assert [t.shape for t in got] == [q.shape, k.shape, v.shape]
-    assert [launch[0].image for launch in recorded.launches] == [launch[0].image for launch in autograd_launches]
-    assert all("-varlen-" in launch[0].image for launch in recorded.launches)
-    for mine, theirs in zip(recorded.launches, autograd_launches, strict=True):
-        named, expected = (dict(zip(launch[0].pointers, launch[3], strict=True)) for launch in (mine, theirs))
-        for pointer in ("Q", "K", "V", "O", "DO", "LSE", "CU_Q", "CU_K"):
-            assert named[pointer] == expected[pointer], pointer
+    launches = expect_autograd_launches(recorded, fa2rt.attention_varlen, fa2rt.attention_varlen_backward, (q, k, v),
+                                        varlen, ("CU_Q", "CU_K"))
+    assert all("-varlen-" in launch[0].image for launch in launches)
