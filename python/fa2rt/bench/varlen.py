@@ -52,7 +52,6 @@ MIN_LEN, MAX_LEN = 64, 8192  # the mixed draw's bounds (the patchable module glo
 NESTED_SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 PADDED_SDPA = ("padded_flash", "padded_efficient", "padded_cudnn")
 MIXED_CONTENDERS = ("fa2rt_varlen", *NESTED_SDPA, "torch_varlen", *PADDED_SDPA)
-EQUAL_CONTENDERS = ("fa2rt_dense", "fa2rt_varlen")
 MEMORY_CONTENDERS = ("fa2rt_varlen", "sdpa_flash")
 # Contender passes not run, with why: each would break the rest of the run.
 NOT_RUN = {("sdpa_cudnn", "fwd+bwd"): "not run: cuDNN's backward on nested jagged tensors fails ('mha_graph.execute "
@@ -229,9 +228,8 @@ def explain_key(contender, pass_name) -> str:
 
 
 def explain_varlen(q, k, v, lengths, causal) -> dict:
-    max_len = max(lengths)
-    return common.explain_safely(q, k, v, cu_seqlens(lengths, q.device), cu_seqlens(lengths, q.device), max_len,
-                                 max_len, causal=causal)
+    cu, max_len = cu_seqlens(lengths, q.device), max(lengths)
+    return common.explain_safely(q, k, v, cu, cu, max_len, max_len, causal=causal)
 
 
 def time_contenders(row, contenders, passes, flops, explains, warmup, rep) -> dict:
