@@ -7,6 +7,11 @@
 #   integrations  ci/bench_integrations.py -> $OUT/integrations-h200.json
 #   host          ci/host_overhead.py, dense and --decode
 #   decode        the whole decode grid (contiguous and paged caches) as eager calls, rep 50 ms -> $OUT/decode-h200.json
+#   routing-tests tests/gpu/test_routing_gpu.py
+#   routing       python -m fa2rt.bench --routing (both dtypes), written into the installed table
+#                 -> $OUT/routing-h200.json, $OUT/routing.json (the table, for python/fa2rt/data)
+#   routing-check the same for bf16 with the table installed (fa2rt as routed; issue 21's bar)
+#                 -> $OUT/routing-check-h200.json
 # Console output of every step goes to $OUT/bench.log (files back from a device call are few: one log, JSON results).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -36,5 +41,11 @@ has decode-graphs && step decode-graphs 120 python3 -m fa2rt.bench --decode --de
 has integrations && step integrations 100 python3 "$ROOT/ci/bench_integrations.py" --out "$OUT/integrations-h200.json"
 has host && step host 40 python3 "$ROOT/ci/host_overhead.py"
 has host && step host-decode 40 python3 "$ROOT/ci/host_overhead.py" --decode
+has routing-tests && step routing-tests 90 python3 -m pytest -q -p no:cacheprovider "$ROOT/tests/gpu/test_routing_gpu.py"
+TABLE=$(python3 -c "import fa2rt.routing as r; print(r.ROUTING_FILE)")
+has routing && step routing 420 python3 -m fa2rt.bench --routing --warmup-ms 10 --rep-ms 40 \
+  --write-routing "$TABLE" --out "$OUT/routing-h200.json" && cp "$TABLE" "$OUT/routing.json"
+has routing-check && step routing-check 200 python3 -m fa2rt.bench --routing --dtype bfloat16 --warmup-ms 10 \
+  --rep-ms 50 --routing-rounds 2 --out "$OUT/routing-check-h200.json"
 has decode && step decode 200 python3 -m fa2rt.bench --decode --rep-ms 50 --out "$OUT/decode-h200.json"
 exit 0

@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from . import calls, kvcache, kvcache_ops, ops, policy
+from . import calls, kvcache, kvcache_ops, ops, policy, routing
 from .fallback import layout_copies, sdpa_attention, sdpa_varlen_attention
 from .validate import Shapes, check_backward_inputs, check_dropout, check_inputs, check_varlen_inputs
 
@@ -15,9 +15,10 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _decide(shapes: Shapes, q, k, v, alibi_slopes, out) -> policy.Decision:
+def _decide(shapes: Shapes, q, k, v, alibi_slopes, out, deterministic=False, return_lse=False) -> policy.Decision:
     return policy.decide(shapes, q, k, v, needs_grad=_needs_grad(q, k, v), out=out,
-                         slopes_need_grad=_needs_grad(alibi_slopes))
+                         slopes_need_grad=_needs_grad(alibi_slopes), deterministic=deterministic,
+                         return_lse=return_lse)
 
 
 VARLEN_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
@@ -25,11 +26,12 @@ VARLEN_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
             softmax_scale=None, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, out=None,
-            dropout_p=0.0, block_table=None) -> policy.Decision:
+            dropout_p=0.0, block_table=None, return_lse=False, deterministic=False) -> policy.Decision:
     """What attention(q, k, v, ...) would run, or with the four varlen arguments what
     attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...) would (block_table too:
-    a paged call), and why: the chosen image (and backward images when an input requires grad) or the fallback
-    reason, with every candidate image the dispatcher rejected."""
+    a paged call), and why: the chosen image (and backward images when an input requires grad), the SDPA backend
+    the measured routing table sends the call to (with the measurement), or the fallback reason, with every
+    candidate image the dispatcher rejected."""
     varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     options = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes, out=out)
@@ -46,7 +48,9 @@ def explain(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, ma
     else:
         shapes = check_varlen_inputs(q, k, v, *varlen, **options, block_table=block_table)
     dropout_p = check_dropout(dropout_p)
-    decision = _dropout_decision(dropout_p) if dropout_p else _decide(shapes, q, k, v, alibi_slopes, out)
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    decision = (_dropout_decision(dropout_p) if dropout_p
+                else _decide(shapes, q, k, v, alibi_slopes, out, deterministic, bool(return_lse)))
     if decision.path != "fallback":
         return decision
     return dataclasses.replace(decision, copies=layout_copies(q=q, k=k, v=v))
@@ -85,7 +89,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     dropout_p: attention dropout (training), in [0, 1); > 0 runs the SDPA fallback with dropout (reason
     `dropout`; no kernel has it), the returned lse staying that of the undropped scores.
     Runs an fa2rt kernel when one fits the device and problem, else PyTorch SDPA (announced once per reason,
-    see explain()).
+    see explain()); an eager call in a problem class where an SDPA backend with the same semantics was measured
+    faster on this arch runs that backend (fa2rt.routing; FA2RT_ROUTING=0 turns it off).
     """
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if dropout_p != 0.0:
@@ -97,7 +102,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     key = None
     if eager:
         # A call like an earlier one that validated and took the kernel path: it would again, with the same plans.
-        key, call = calls.find(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, out)
+        key, call = calls.find(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, out,
+                               (deterministic, bool(return_lse)))
         if call is not None:
             out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)
             return (out, lse) if return_lse else out
@@ -106,8 +112,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     if compiling:
         decision = _decide_traced(shapes, q, k, v, alibi_slopes)
     else:
-        decision = _decide(shapes, q, k, v, alibi_slopes, out)
-    if decision.path == "kernel" and eager:
+        decision = _decide(shapes, q, k, v, alibi_slopes, out, deterministic, bool(return_lse))
+    if decision.path == "routed":
+        # Routed calls ask no LSE and give no out= (fa2rt.routing.routable).
+        out, lse = routing.run(decision.provider, q, k, v, causal=shapes.window == (-1, 0),
+                               softmax_scale=shapes.softmax_scale), None
+    elif decision.path == "kernel" and eager:
         call = ops.EagerCall(shapes, decision.image, decision.mode)
         calls.remember(key, call)
         out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)

@@ -33,13 +33,13 @@ def _window(window_size) -> tuple:
     return _options(window_size)
 
 
-def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
+def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out, flags=()) -> tuple:
     tensors = (_tensor(q), _tensor(k), _tensor(v), None if out is None else _tensor(out),
                None if alibi is None else _tensor(alibi))
     # Decisions assume what they saw of the base addresses (policy.layout_key); the addresses change every call.
     pointers = q.data_ptr() | k.data_ptr() | v.data_ptr() | (0 if out is None else out.data_ptr())
     return (tensors, pointers % _C.ALIGN_BYTES == 0, torch.is_grad_enabled(), _options(causal, softmax_scale, softcap),
-            _window(window_size), policy.environment_key(q.device))
+            _window(window_size), flags, policy.environment_key(q.device))
 
 
 def _varlen_key(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
@@ -72,11 +72,11 @@ def _lookup(make_key, *args) -> tuple:
     return key, call if call is not None and call.current() else None
 
 
-def find(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:
+def find(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out, flags: tuple) -> tuple:
     """(key, ops.EagerCall or None) for an eager call (ops.can_run_eager holds): the key is None when the call cannot
     be described by one (a tensor without strides, an unhashable option), the EagerCall None when none is remembered
-    for it."""
-    return _lookup(_key, q, k, v, causal, softmax_scale, window_size, softcap, alibi, out)
+    for it. flags: (deterministic, return_lse), which decide whether the routing table applies."""
+    return _lookup(_key, q, k, v, causal, softmax_scale, window_size, softcap, alibi, out, flags)
 
 
 def find_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:

@@ -11,6 +11,7 @@ FORCE_ARCH = "FA2RT_FORCE_ARCH"  # run the images of this arch (through PTX on N
 MIN_SEQLEN = "FA2RT_MIN_SEQLEN"  # short-sequence threshold overriding the measured crossover data
 DISABLE = "FA2RT_DISABLE"  # "1": never use kernels, always the SDPA fallback
 CHECK_INDICES = "FA2RT_CHECK_INDICES"  # "1": check the values of index tensors on the GPU too (a device sync)
+ROUTING = "FA2RT_ROUTING"  # "0": never route a call to an SDPA backend by the measured routing table
 
 ENV_VARS = {
     KERNEL_DIR: "folder holding manifest.json and the kernel images, used instead of the installed ones (default: "
@@ -19,6 +20,8 @@ ENV_VARS = {
     MIN_SEQLEN: "use the fallback when seqlen_k is below this (overrides the measured per-arch crossover)",
     DISABLE: "set to 1 to disable every kernel (always fall back to SDPA)",
     CHECK_INDICES: "set to 1 to check the values of cu_seqlens on the GPU too (costs a device sync per call)",
+    ROUTING: "set to 0 to run fa2rt's own kernel where the measured routing table (fa2rt/data/routing.json) "
+             "sends a problem class to a faster SDPA backend",
 }
 
 
@@ -53,6 +56,13 @@ def force_arch() -> str:
 
 def disabled() -> bool:
     return os.environ.get(DISABLE, "").strip() not in ("", "0")
+
+
+def routing_enabled() -> bool:
+    raw = os.environ.get(ROUTING, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{ROUTING}: expected 0 (off) or 1 (on, the default), got {raw!r}")
+    return raw != "0"
 
 
 def check_indices() -> bool:

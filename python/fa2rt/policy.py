@@ -4,6 +4,7 @@ The rules run in the order of RULES; the first that applies decides. Every reaso
 explain(), the doctor and the tests read.
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch._subclasses import FakeTensor
 
-from . import _C, builds, config, devices, packages
+from . import _C, builds, config, devices, packages, routing
 from .validate import Shapes
 
 log = logging.getLogger("fa2rt")
@@ -31,19 +32,22 @@ class FallbackWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Decision:
-    path: str  # "kernel", "fallback", or "trivial" (empty input: nothing to compute)
-    reason: str = ""  # stable code of the fallback reason; "" on the kernel path
-    message: str = ""
+    path: str  # "kernel", "routed" (to an SDPA backend by the measured table), "fallback", or "trivial" (empty input)
+    reason: str = ""  # stable code of the fallback reason; "" on the kernel and routed paths
+    message: str = ""  # routed: the measurement behind the choice
     image: str | None = None
     mode: str | None = None  # native, binary-compat or ptx-jit
     device: dict = field(default_factory=dict)
     rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
     backward: tuple = ()  # (image, mode) per BACKWARD_OPS when the inputs require grad, on the kernel path
     copies: tuple = ()  # (tensor name, why) for each input the fallback copies so SDPA's kernels can take it
+    provider: str | None = None  # routed: the SDPA backend (fa2rt.routing.PROVIDERS); image: fa2rt's, not run
 
     def __str__(self) -> str:
-        head = (f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}" if self.path == "kernel"
-                else f"fallback to SDPA [{self.reason}]: {self.message}")
+        heads = {"kernel": f"kernel {self.image} ({self.mode}) on {self.device.get('arch', '?')}",
+                 "routed": f"routed to {self.provider} on {self.device.get('arch', '?')} by measurement: "
+                           f"{self.message}\n  instead of fa2rt's kernel {self.image} ({self.mode})"}
+        head = heads.get(self.path, f"fallback to SDPA [{self.reason}]: {self.message}")
         lines = [head] + [f"  backward {img} ({mode})" for img, mode in self.backward]
         lines += [f"  copies {name} for SDPA: {why}" for name, why in self.copies]
         lines += [f"  rejected {img or '<device>'}: {msg}" for img, _, msg in self.rejections]
@@ -131,9 +135,12 @@ def _fallback(reason: str, message: str, device=None, rejections=()) -> Decision
                     rejections=tuple(rejections))
 
 
-def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_grad: bool = False) -> Decision:
-    """Kernel or fallback for one validated call, with every reason. With needs_grad the backward kernels must fit
-    too; the tensors the backward allocates itself (dO aside, copied when it breaks the layout rules) always do."""
+def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_grad: bool = False,
+           deterministic: bool = False, return_lse: bool = False) -> Decision:
+    """Kernel, routed or fallback for one validated call, with every reason. With needs_grad the backward kernels
+    must fit too; the tensors the backward allocates itself (dO aside, copied when it breaks the layout rules) always
+    do. A call the kernel path serves goes to an SDPA backend instead where the measured routing table says so
+    (fa2rt.routing)."""
     if config.disabled():
         return _fallback("disabled", f"{config.DISABLE} is set")
     if shapes.trivial:
@@ -155,7 +162,30 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
                          f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
     tensors = (q, k, v, out)
     key = (shapes, layout_key(tensors), needs_grad, _context_key(info))
-    return remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad))
+    decision = remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad))
+    if decision.path != "kernel" or shapes.layout != "dense":
+        return decision
+    flags = (deterministic, return_lse, out is None, _sdpa_flags(), config.raw_values())
+    routed = remember(_ROUTE_CACHE, (key, flags), lambda: _routed(decision, shapes, tensors, info, needs_grad,
+                                                                  deterministic, return_lse))
+    return routed or decision
+
+
+def _sdpa_flags() -> tuple:
+    # The user's torch.backends.cuda.enable_*_sdp settings: a routed backend must be one they leave enabled.
+    cuda = torch.backends.cuda
+    return cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.mem_efficient_sdp_enabled()
+
+
+def _routed(decision: Decision, shapes: Shapes, tensors, info, needs_grad, deterministic, return_lse):
+    """The routed Decision for a kernel decision the routing table overrides, else False (cached, never None)."""
+    q, k, v, out = tensors
+    chosen = routing.route(shapes, info.arch, (q, k, v), needs_grad=needs_grad, deterministic=deterministic,
+                           return_lse=return_lse, out=out)
+    if chosen is None:
+        return False
+    provider, message = chosen
+    return dataclasses.replace(decision, path="routed", provider=provider, message=message)
 
 
 def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool) -> Decision:
@@ -180,6 +210,7 @@ def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool) -> Decisio
 _SELECTION_CACHE: dict = {}
 _DECISION_CACHE: dict = {}
 _BACKWARD_CACHE: dict = {}
+_ROUTE_CACHE: dict = {}
 SELECTION_CACHE_SIZE = 1024
 
 

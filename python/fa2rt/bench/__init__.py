@@ -24,6 +24,11 @@ Modes (any combination runs in one process; with none named, --grid runs), one m
 --decode     (decode.py) fa2rt.attention_with_kvcache, one decode step (bf16, seqlen_q 1): batch x cache length x
              GQA 32/8 and MHA 32/32 x head dim x contiguous and paged caches; TB/s of K+V read beside a device copy
              measured in the same run, and SDPA's flash, efficient and cuDNN backends. Writes decode-<tag>.json.
+--routing    (routes.py) The routing table's measurements (fa2rt.routing): the grid's problems plus GQA 32/8 prefill
+             at d128, forward and forward+backward, fa2rt's kernel against each SDPA backend run as a routed call
+             runs it, in alternating rounds (winner, lead, noise per class), and fa2rt as routed when the installed
+             table has this arch. Writes routing-<tag>.json; --write-routing PATH puts the classes into a
+             routing.json such as python/fa2rt/data/routing.json.
 
 Passes of the grid (--passes, comma- or space-separated; default fwd):
   fwd        the forward call; FLOPs = 4*B*H*Nq*Nk*D (two matmuls), halved for causal.
@@ -35,12 +40,13 @@ A backend that raises (refuses the shape, fails in its backward, runs out of mem
 place of a time. Example, a budget run: --passes fwd+bwd --dtype bfloat16 --head-dim 64 128.
 
 <tag> is FA2RT_FORCE_ARCH's arch (e.g. sm80: its images through PTX) or "native"; --out FILE.json names the file
-instead when a single one-file mode (memory, crossover, varlen or decode) runs. Times are medians of
+instead when a single one-file mode (memory, crossover, varlen, decode or routing) runs. Times are medians of
 triton.testing.do_bench (which flushes L2 before every call); common.py holds the timing, the passes, the environment
 record (device, driver, torch, Triton, date) every file carries, and the shared table helpers.
 fa2rt is timed only where fa2rt.explain() says a kernel runs (recorded per row, with the fallback reason where not:
 fa2rt_explain for the forward, fa2rt_explain_grad, with the backward images, for inputs requiring grad), and with
-the short-sequence rule off (FA2RT_MIN_SEQLEN=0 while measuring): the benchmark measures the kernels.
+the short-sequence rule and routing off (FA2RT_MIN_SEQLEN=0, FA2RT_ROUTING=0 while measuring): the benchmark
+measures the kernels (--routing times "fa2rt as routed" separately).
 Exit status: 0; 1 when an fa2rt kernel call raised, a mode crashed, or a requested crossover could not be
 determined or written; 2 for bad arguments or no GPU.
 

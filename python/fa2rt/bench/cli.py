@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import config
-from . import common, crossover, decode, grid, memory, varlen
+from . import common, crossover, decode, grid, memory, routes, varlen
 from .common import DTYPES, PASSES
 
 # Each list option's value when not given: DEFAULTS, or QUICK's under --quick (a smoke run), or FULL's (falling back
@@ -32,8 +32,8 @@ QUICK = {"seqlen": [512, 1024], "head_dim": [64], "dtype": ["bfloat16"], "memory
 FULL = {"varlen_seeds": [0, 1, 2], "decode_head_dim": [128, 64]}
 POSITIVE = ("seqlen", "head_dim", "memory_seqlen", "crossover_seqlen", "crossover_batch", "crossover_head_dim",
             "varlen_seqlen", "varlen_head_dim", "decode_batch", "decode_cache", "decode_head_dim")
-MODES = ("grid", "memory", "crossover", "varlen", "decode")
-ONE_FILE_MODES = ("memory", "crossover", "varlen", "decode")  # one JSON each: --out FILE.json can name it
+MODES = ("grid", "memory", "crossover", "varlen", "decode", "routing")
+ONE_FILE_MODES = ("memory", "crossover", "varlen", "decode", "routing")  # one JSON each: --out FILE.json can name it
 
 
 def _listed(kind):
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="packed sequences: equal lengths vs dense, mixed lengths vs SDPA, memory "
                        "(varlen-<tag>.json)")
     modes.add_argument("--decode", action="store_true", help="decode steps against a KV cache (decode-<tag>.json)")
+    modes.add_argument("--routing", action="store_true",
+                       help="the routing table's measurements: fa2rt's kernel, SDPA's backends and fa2rt as routed on "
+                       "the grid and GQA 32/8 prefill, forward and forward+backward (routing-<tag>.json)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="smoke run: each list option not given takes a tiny value (" +
@@ -69,17 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", nargs="+", default=["fwd"], metavar="PASS",
                    help=f"grid: the passes to time, comma- or space-separated, of {', '.join(PASSES)} (default fwd; "
                    "e.g. --passes fwd,bwd,fwd+bwd)")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="grid and crossover (default: both)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="grid, crossover and routing (default: both)")
     p.add_argument("--causal", nargs="+", default=["false", "true"], choices=["false", "true"],
-                   help="grid, memory, crossover and varlen (default: both)")
-    p.add_argument("--head-dim", nargs="+", type=int, help="grid (default 64 128 256)")
-    p.add_argument("--seqlen", nargs="+", type=int, help="grid (default 512 .. 16384)")
+                   help="grid, memory, crossover, varlen and routing (default: both)")
+    p.add_argument("--head-dim", nargs="+", type=int, help="grid and routing (default 64 128 256)")
+    p.add_argument("--seqlen", nargs="+", type=int, help="grid and routing (default 512 .. 16384)")
     p.add_argument("--memory-seqlen", nargs="+", type=int, help="memory (default 8192 16384 32768 65536)")
     p.add_argument("--crossover-seqlen", nargs="+", type=int, help="crossover (default 16 32 .. 1024)")
     p.add_argument("--crossover-batch", nargs="+", type=int, help="crossover (default 1 8)")
     p.add_argument("--crossover-head-dim", nargs="+", type=int, help="crossover (default 64 128)")
     p.add_argument("--write-crossover", type=Path, metavar="PATH",
                    help="merge the measured threshold into this crossover.json (needs --crossover, not --quick)")
+    p.add_argument("--write-routing", type=Path, metavar="PATH",
+                   help="put the measured classes into this routing.json (needs --routing, not --quick)")
+    p.add_argument("--routing-rounds", type=int, default=routes.ROUNDS,
+                   help=f"routing: alternating timing rounds per contender (default {routes.ROUNDS})")
     p.add_argument("--varlen-seqlen", nargs="+", type=_listed(int),
                    help="varlen, equal lengths: the sequence length (default 512 .. 16384)")
     p.add_argument("--varlen-head-dim", nargs="+", type=_listed(int), help="varlen (default 64 128)")
@@ -102,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"decode: skip points whose K and V exceed this many GiB (default {decode.DECODE_MAX_GIB})")
     p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warmup per timing (default 25)")
     p.add_argument("--rep-ms", type=float, default=100,
-                   help="do_bench repetition time per timing of the grid, varlen and decode (default 100)")
+                   help="do_bench repetition time per timing of the grid, varlen, decode and routing (default 100)")
     p.add_argument("--crossover-rep-ms", type=float, default=crossover.CROSSOVER_REP_MS,
                    help=f"the same for the crossover (default {crossover.CROSSOVER_REP_MS})")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="folder for JSON and PNG (default bench-results); a path ending in .json names the result "
-                   "file of a run of one one-file mode (memory, crossover, varlen or decode)")
+                   "file of a run of one one-file mode (memory, crossover, varlen, decode or routing)")
     return p
 
 
@@ -153,6 +160,12 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
         parser.error("--write-crossover needs --crossover")
     if args.write_crossover and args.quick:
         parser.error("--write-crossover takes a full crossover measurement; drop --quick")
+    if args.routing_rounds < 1:
+        parser.error(f"--routing-rounds: expected a positive integer, got {args.routing_rounds}")
+    if args.write_routing and not args.routing:
+        parser.error("--write-routing needs --routing")
+    if args.write_routing and args.quick:
+        parser.error("--write-routing takes a full measurement; drop --quick")
     if min(args.warmup_ms, args.rep_ms, args.crossover_rep_ms, args.decode_max_gib) <= 0:
         parser.error("--warmup-ms, --rep-ms, --crossover-rep-ms, --decode-max-gib: expected positive numbers")
     running = [mode for mode in MODES if getattr(args, mode)]
@@ -183,6 +196,8 @@ def plan(args) -> dict:
                        + len(args.varlen_seeds)) * len(varlen.VARLEN_PASSES))
     if args.decode:
         n["decode"] = len(decode.points(args)[0])
+    if args.routing:
+        n["routing"] = len(routes.shapes(args)) * len(routes.ROUTING_PASSES) * args.routing_rounds
     return n
 
 
@@ -195,6 +210,11 @@ def _progress(label, passes=("fwd",)):
         print(f"  {label} {row['dtype']} d{row['head_dim']} causal={row['causal']} b{row['batch']} "
               f"s{row['seqlen']}: fa2rt {', '.join(states)}", file=sys.stderr, flush=True)
     return report
+
+
+def _progress_routing(row):
+    verdicts = ", ".join(f"{p} {row[p].get('winner', '-')}" for p in routes.ROUTING_PASSES)
+    print(f"  routing {routes._label(row)}: {verdicts}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -226,6 +246,9 @@ def main(argv=None) -> int:
         if args.decode:
             status = max(status, _guarded("decode", decode.run, args, env, settings,
                                           result_path(args, "decode", tag))[1])
+        if args.routing:
+            status = max(status, _guarded("routing", routes.run, args, env, settings,
+                                          result_path(args, "routing", tag), _progress_routing)[1])
     if summaries is not None:
         print("\n\n".join(map(grid.summary_table, summaries)))
     return status

@@ -158,6 +158,7 @@ def environment() -> dict:
         capability = torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
     return {"device": torch.cuda.get_device_name(), "capability": capability, "driver": driver,
             "torch": torch.__version__, "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
+            "cudnn": torch.backends.cudnn.version(),
             "triton": triton.__version__, "fa2rt": __version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "force_arch": config.force_arch() or None}
@@ -171,18 +172,25 @@ def time_ms(fn, warmup=25, rep=100) -> float:
 
 
 @contextlib.contextmanager
-def kernel_forced():
-    """The short-sequence rule off (FA2RT_MIN_SEQLEN=0, read by the policy at every call) for the measurements;
-    the caller's value restored after."""
-    saved = os.environ.get(config.MIN_SEQLEN)
-    os.environ[config.MIN_SEQLEN] = "0"
+def env_set(name: str, value: str):
+    """Environment variable `name` set to value inside (the policy reads fa2rt's at every call); restored after."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop(config.MIN_SEQLEN, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[config.MIN_SEQLEN] = saved
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
+def kernel_forced():
+    """fa2rt's own kernels for the measurements: the short-sequence rule (FA2RT_MIN_SEQLEN=0) and the routing table
+    (FA2RT_ROUTING=0) off; the --routing mode turns routing on for its "as routed" contender."""
+    with env_set(config.MIN_SEQLEN, "0"), env_set(config.ROUTING, "0"):
+        yield
 
 
 def explain_record(decision) -> dict:

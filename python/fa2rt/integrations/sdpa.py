@@ -138,8 +138,9 @@ def _decline_common(query, dropout_p, return_debug_mask=False, extra=None):
 
 
 def _kernel_decision(*args, **kwargs):
+    # Every op replaced here returns the LSE, which the routing table never routes: the question is the kernel's.
     try:
-        decision = fa2rt.explain(*args, **kwargs)
+        decision = fa2rt.explain(*args, **kwargs, return_lse=True)
     except (TypeError, ValueError) as err:  # fa2rt's validation: torch's own kernel gives its own verdict
         return _Decline(f"fa2rt.explain: {err}")
     if decision.path != "kernel":

@@ -1,0 +1,190 @@
+"""Measured routing (DESIGN point 13): problem classes where an SDPA backend with exactly fa2rt's semantics was
+measured faster than fa2rt's own image on an arch's own hardware run on that backend.
+
+The table, data/routing.json, is written by `python -m fa2rt.bench --routing --write-routing PATH`: per arch, the
+measurement's environment and, per problem class, the time of fa2rt's image and of each SDPA backend, the winner,
+its lead and the measurement's noise. A call is routed when all of these hold:
+- it is an eager dense call whose semantics SDPA reproduces exactly (ROUTABLE below: no window beyond causal, causal
+  only with seqlen_q == seqlen_k where SDPA's top-left alignment is fa2rt's bottom-right one, no softcap or ALiBi, no
+  LSE asked, no out=, a positive scale, layouts SDPA's fused kernels take as they are);
+- its class (pass, dtype, head dim, causal, GQA group, seqlen band) is in the table for the device's arch, and the
+  winner there is an SDPA backend leading fa2rt by more than the measurement's noise;
+- with deterministic gradients asked, the backend's backward is deterministic (none of SDPA's fused ones is);
+- torch says the backend takes these tensors (its own checks, and the user's torch.backends.cuda.enable_*_sdp).
+FA2RT_ROUTING=0 turns routing off. torch.compile graphs run fa2rt's own ops (the choice needs the device, which a
+trace does not query).
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import config
+
+ROUTING_FILE = Path(__file__).parent / "data" / "routing.json"
+SCHEMA = 1
+# The SDPA backends a class may be routed to, by the name the benchmark and the table use.
+PROVIDERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+# Providers whose backward is bitwise reproducible: flash and memory-efficient accumulate dQ with atomics, and cuDNN
+# is refused by torch itself under deterministic algorithms. fa2rt's kernels always are.
+DETERMINISTIC_BACKWARD: frozenset = frozenset()
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _backend(provider: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[provider]
+
+
+def _can_use(provider: str):
+    cuda = torch.backends.cuda
+    return {"sdpa_flash": cuda.can_use_flash_attention, "sdpa_cudnn": cuda.can_use_cudnn_attention,
+            "sdpa_efficient": cuda.can_use_efficient_attention}[provider]
+
+
+def seqlen_band(seqlen: int) -> list[int]:
+    """The power-of-two band [lo, 2 lo) holding seqlen: a class is measured at its band's lower end."""
+    lo = 1 << (max(1, seqlen).bit_length() - 1)
+    return [lo, 2 * lo]
+
+
+def class_key(pass_name: str, dtype: str, head_dim: int, causal: bool, group: int, seqlen: int) -> tuple:
+    """The problem class of a square (seqlen_q == seqlen_k) call: pass ("fwd" without gradients, "fwd+bwd" with),
+    dtype name, exact head dim, causal, GQA group (nheads // nheads_k; 1 is MHA), the seqlen band's lower end."""
+    return pass_name, dtype, int(head_dim), bool(causal), int(group), seqlen_band(seqlen)[0]
+
+
+def describe_class(key: tuple) -> str:
+    pass_name, dtype, head_dim, causal, group, lo = key
+    heads = "MHA" if group == 1 else f"GQA group {group}"
+    return (f"{pass_name} {dtype} d{head_dim} {'causal' if causal else 'non-causal'} {heads} "
+            f"seqlen {lo}-{2 * lo - 1}")
+
+
+def routable(shapes, *, return_lse: bool, out) -> str:
+    """Why SDPA cannot reproduce this call exactly ("" when it can)."""
+    rules = (
+        (shapes.layout != "dense", "a varlen or paged call"),
+        (shapes.dtype not in DTYPE_NAMES, "a dtype the table does not hold"),
+        (shapes.window not in ((-1, -1), (-1, 0)), "a window beyond causal"),
+        (shapes.window == (-1, 0) and shapes.seqlen_q != shapes.seqlen_k,
+         "causal with seqlen_q != seqlen_k (SDPA's fused causal is top-left aligned)"),
+        (shapes.softcap > 0, "softcap"),
+        (shapes.has_alibi, "ALiBi"),
+        (return_lse, "the LSE asked for"),
+        (out is not None, "out= given"),
+        (not shapes.softmax_scale > 0, "a scale that is not positive"),
+    )
+    return next((why for failed, why in rules if failed), "")
+
+
+def call_class(shapes, needs_grad: bool) -> tuple | None:
+    """The class of a routable call, None when it is not square (the table measures seqlen_q == seqlen_k)."""
+    if shapes.seqlen_q != shapes.seqlen_k or shapes.nheads % shapes.nheads_k:
+        return None
+    return class_key("fwd+bwd" if needs_grad else "fwd", DTYPE_NAMES[shapes.dtype], shapes.head_dim,
+                     shapes.window == (-1, 0), shapes.nheads // shapes.nheads_k, shapes.seqlen_k)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        return {}
+    data = json.loads(p.read_text())
+    if data.get("schema_version") != SCHEMA:
+        raise ValueError(f"{p}: schema_version: expected {SCHEMA}, got {data.get('schema_version')!r}")
+    return {arch: _index(entry) for arch, entry in data.get("archs", {}).items()}
+
+
+def _index(entry: dict) -> dict:
+    classes = {}
+    for c in entry.get("classes", ()):
+        k = c["class"]
+        classes[class_key(k["pass"], k["dtype"], k["head_dim"], k["causal"], k["group"], k["seqlen_lo"])] = c
+    return {"measured": entry.get("measured", {}), "classes": classes}
+
+
+def table(arch: str) -> dict | None:
+    """{"measured": environment of the measurement, "classes": {class key: entry}} for arch, or None."""
+    return _load(str(ROUTING_FILE)).get(arch)
+
+
+def leads(entry: dict) -> bool:
+    """Whether a measured class goes to its winner: an SDPA backend, ahead of fa2rt by more than the noise."""
+    return entry["winner"] in PROVIDERS and entry["lead"] > 1.0 + entry["noise"]
+
+
+def route(shapes, arch: str, tensors, *, needs_grad: bool, deterministic: bool, return_lse: bool, out):
+    """(provider, the measurement as one line) when this call is routed, else None (see the module's rules)."""
+    if not config.routing_enabled() or routable(shapes, return_lse=return_lse, out=out):
+        return None
+    key = call_class(shapes, needs_grad)
+    data = table(arch)
+    entry = None if key is None or data is None else data["classes"].get(key)
+    if entry is None or not leads(entry):
+        return None
+    provider = entry["winner"]
+    if needs_grad and deterministic and provider not in DETERMINISTIC_BACKWARD:
+        return None
+    if not _takes(provider, *tensors):
+        return None
+    return provider, measurement_text(key, entry, data["measured"])
+
+
+def measurement_text(key: tuple, entry: dict, measured: dict) -> str:
+    ms = entry["ms"]
+    when = str(measured.get("date", "?"))[:10]
+    return (f"{describe_class(key)}: {entry['winner']} {ms[entry['winner']]:.3f} ms vs fa2rt {ms['fa2rt']:.3f} ms "
+            f"({entry['lead']:.2f}x, noise {entry['noise']:.1%}) at batch {entry['shape']['batch']}, "
+            f"{entry['shape']['nheads']}/{entry['shape']['nheads_k']} heads, seqlen {entry['shape']['seqlen']} on "
+            f"{measured.get('device', '?')}, torch {measured.get('torch', '?')}, cuDNN {measured.get('cudnn', '?')}, "
+            f"{when} ({config.ROUTING}=0 turns routing off)")
+
+
+def _takes(provider: str, q, k, v) -> bool:
+    """Whether SDPA's backend runs these tensors as they are: torch's own check of the backend (with the user's
+    enable flags), and strides its vectorised loads take (fa2rt.fallback.sdpa_layout_problem)."""
+    from .fallback import sdpa_layout_problem
+
+    if any(sdpa_layout_problem(t) for t in (q, k, v)) or not q.is_cuda:
+        return False
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    params = torch.backends.cuda.SDPAParams(qt, kt, vt, None, 0.0, False, q.shape[2] != k.shape[2])
+    return bool(_can_use(provider)(params, False))
+
+
+class _GradLikeOutput(torch.autograd.Function):
+    """Identity whose backward hands SDPA's backward a gradient laid out as the output it produced: cuDNN's backward
+    gave wrong gradients for a grad_out whose strides differ from its output's (H200, torch 2.11)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.layout = x.shape, x.stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, stride = ctx.layout
+        if grad.stride() == stride:
+            return grad
+        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def run(provider: str, q, k, v, *, causal: bool, softmax_scale: float):
+    """attention(q, k, v) on one SDPA backend: (batch, seqlen, nheads, headdim) in and out, differentiable."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_backend(provider)):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, scale=softmax_scale,
+                                             enable_gqa=q.shape[2] != k.shape[2])
+    if out.requires_grad:
+        out = _GradLikeOutput.apply(out)
+    # fa2rt returns a contiguous output; a backend that wrote (batch, nheads, seqlen, headdim) is copied to it.
+    return out.transpose(1, 2).contiguous()
