@@ -3,6 +3,7 @@
 They are read on every call (tests and users change them between calls); only parsing is cached, by raw value.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -38,6 +39,21 @@ def raw_values() -> tuple:
     if os.name == "posix" and type(data) is dict:
         return tuple(map(data.get, _RAW_NAMES))
     return tuple(map(os.environ.get, _NAMES))
+
+
+@contextlib.contextmanager
+def overridden(name: str, value: str):
+    """Environment variable `name` set to value inside (fa2rt reads its variables at every call), restored after:
+    for tools that must see fa2rt's own kernels (the doctor, the benchmark)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def kernel_dir_override() -> str:

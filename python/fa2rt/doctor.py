@@ -112,17 +112,22 @@ def _inputs(device, dtype, head_dim, seqlen_q, seqlen_k, batch=1, nheads=8, nhea
 
 def decisions(device) -> list[dict]:
     """What runs for each entry of DECISION_GRID, as a dense call and as a varlen call (the same tokens packed as one
-    sequence)."""
+    sequence): fa2rt's own kernels, with the routing table off (the devices' routing line says what it routes)."""
     rows = []
-    for dtype, head_dim, causal in DECISION_GRID:
-        q, k, v = _inputs(device, dtype, head_dim, DECISION_SEQLEN, DECISION_SEQLEN)
-        cu = torch.tensor([0, DECISION_SEQLEN], dtype=torch.int32, device=device)
-        packed = (q[0], k[0], v[0], cu, cu, DECISION_SEQLEN, DECISION_SEQLEN)
-        for layout, d in (("dense", explain(q, k, v, causal=causal)), ("varlen", explain(*packed, causal=causal))):
-            rows.append({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
-                         "causal": causal, "layout": layout, "path": d.path, "image": d.image, "mode": d.mode,
-                         "reason": d.reason, "message": d.message})
+    with config.overridden(config.ROUTING, "0"):
+        for dtype, head_dim, causal in DECISION_GRID:
+            rows += _decisions(device, dtype, head_dim, causal)
     return rows
+
+
+def _decisions(device, dtype, head_dim, causal) -> list[dict]:
+    q, k, v = _inputs(device, dtype, head_dim, DECISION_SEQLEN, DECISION_SEQLEN)
+    cu = torch.tensor([0, DECISION_SEQLEN], dtype=torch.int32, device=device)
+    packed = (q[0], k[0], v[0], cu, cu, DECISION_SEQLEN, DECISION_SEQLEN)
+    return [{"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim, "causal": causal,
+             "layout": layout, "path": d.path, "image": d.image, "mode": d.mode, "reason": d.reason,
+             "message": d.message}
+            for layout, d in (("dense", explain(q, k, v, causal=causal)), ("varlen", explain(*packed, causal=causal)))]
 
 
 def numerical_check(device, dtype, head_dim, causal, seed, transform=None) -> tuple[dict, torch.Tensor]:
@@ -252,6 +257,15 @@ def _short_sequence_text(rule: dict) -> str:
     return f"{head} ({'set by ' + source if source == config.MIN_SEQLEN else source})"
 
 
+def _routing_text(summary: dict) -> str:
+    if summary["source"] != "measured":
+        return "no measured routing table for this arch: fa2rt's kernels run"
+    state = "on" if summary["enabled"] else f"off ({config.ROUTING}=0)"
+    return (f"{state}; {summary['routed']} of {summary['classes']} measured problem classes go to a faster SDPA "
+            f"backend (measured on {summary.get('device', '?')}, {str(summary.get('date', '?'))[:10]}, cuDNN "
+            f"{summary.get('cudnn', '?')}; fa2rt.explain names it per call)")
+
+
 def render_text(result: dict) -> str:
     lines = [f"fa2rt {result['fa2rt_version']} doctor"]
     lines.append("\n[drivers]")
@@ -269,6 +283,7 @@ def render_text(result: dict) -> str:
                      f"{d['multiprocessors']} SMs/CUs, shared opt-in {d['shared_optin_bytes']} B; runs builds: "
                      f"{compat}; {len(d['usable_images'])} usable images")
         lines.append(f"    short sequences: {_short_sequence_text(d['short_sequence'])}")
+        lines.append(f"    routing: {_routing_text(d['routing'])}")
     t = result["torch"]
     lines.append("\n[torch]")
     if t.get("error"):

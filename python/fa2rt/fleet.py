@@ -274,15 +274,16 @@ def speed_probe(device, fault: Fault) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(p["batch"], p["seqlen"], p["nheads"], p["head_dim"], generator=gen).to(device, p["dtype"])
                for _ in range(3))
-    decision = explain(q, k, v, causal=p["causal"])
     repeat = int(fault.value) if fault.kind == "slow" else 1
 
     def calls(n):
         for _ in range(n):
             attention(q, k, v, causal=p["causal"])
 
-    _timed(device, lambda: calls(2))  # warm-up: first loads, allocator
-    best = min(_timed(device, lambda: calls(SPEED_CALLS * repeat)) for _ in range(SPEED_ROUNDS)) / SPEED_CALLS
+    with config.overridden(config.ROUTING, "0"):  # the probe times fa2rt's own kernels
+        decision = explain(q, k, v, causal=p["causal"])
+        _timed(device, lambda: calls(2))  # warm-up: first loads, allocator
+        best = min(_timed(device, lambda: calls(SPEED_CALLS * repeat)) for _ in range(SPEED_ROUNDS)) / SPEED_CALLS
     flops = 4 * p["batch"] * p["nheads"] * p["seqlen"] ** 2 * p["head_dim"] / (2 if p["causal"] else 1)
     name = (f"{str(p['dtype']).removeprefix('torch.')} b{p['batch']} s{p['seqlen']} h{p['nheads']} d{p['head_dim']}"
             + (" causal" if p["causal"] else ""))

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from . import _C, builds, config, packages, policy
+from . import _C, builds, config, packages, policy, routing
 
 REPORT_SCHEMA = 1
 VENDORS = ("cuda", "rocm")
@@ -34,6 +34,7 @@ def device_entry(info: "_C.DeviceInfo", build: builds.Build) -> dict:
             "shared_optin_bytes": info.shared_optin_bytes,
             "compatible_archs": [{"arch": arch, "mode": mode} for arch, mode in compat],
             "usable_images": usable, "short_sequence": policy.short_sequence_rule(info.arch),
+            "routing": routing.summary(info.arch),
             "missing_package": packages.missing(info, build, builds.core_version())}
 
 

@@ -8,7 +8,8 @@ its lead and the measurement's noise. A call is routed when all of these hold:
   only with seqlen_q == seqlen_k where SDPA's top-left alignment is fa2rt's bottom-right one, no softcap or ALiBi, no
   LSE asked, no out=, a positive scale, layouts SDPA's fused kernels take as they are);
 - its class (pass, dtype, head dim, causal, GQA group, seqlen band) is in the table for the device's arch, and the
-  winner there is an SDPA backend leading fa2rt by more than the measurement's noise;
+  winner there is an SDPA backend leading fa2rt by more than the measurement's noise (its slowest timing round
+  faster than fa2rt's fastest);
 - with deterministic gradients asked, the backend's backward is deterministic (none of SDPA's fused ones is);
 - torch says the backend takes these tensors (its own checks, and the user's torch.backends.cuda.enable_*_sdp).
 FA2RT_ROUTING=0 turns routing off. torch.compile graphs run fa2rt's own ops (the choice needs the device, which a
@@ -115,9 +116,23 @@ def table(arch: str) -> dict | None:
     return _load(str(ROUTING_FILE)).get(arch)
 
 
+def summary(arch: str) -> dict:
+    """The routing an arch gets, for reports: on or off, and what the table holds for it (and where it was
+    measured)."""
+    data = table(arch)
+    enabled = config.routing_enabled()
+    if data is None:
+        return {"enabled": enabled, "source": "not measured", "classes": 0, "routed": 0}
+    m = data["measured"]
+    return {"enabled": enabled, "source": "measured", "classes": len(data["classes"]),
+            "routed": sum(map(leads, data["classes"].values())),
+            **{key: m[key] for key in ("device", "date", "torch", "cudnn") if key in m}}
+
+
 def leads(entry: dict) -> bool:
-    """Whether a measured class goes to its winner: an SDPA backend, ahead of fa2rt by more than the noise."""
-    return entry["winner"] in PROVIDERS and entry["lead"] > 1.0 + entry["noise"]
+    """Whether a measured class goes to its winner: an SDPA backend ahead of fa2rt by more than the measurement's
+    noise, i.e. its slowest timing round faster than fa2rt's fastest (worst_lead > 1)."""
+    return entry["winner"] in PROVIDERS and entry["worst_lead"] > 1.0
 
 
 def route(shapes, arch: str, tensors, *, needs_grad: bool, deterministic: bool, return_lse: bool, out):
@@ -138,13 +153,12 @@ def route(shapes, arch: str, tensors, *, needs_grad: bool, deterministic: bool, 
 
 
 def measurement_text(key: tuple, entry: dict, measured: dict) -> str:
-    ms = entry["ms"]
-    when = str(measured.get("date", "?"))[:10]
-    return (f"{describe_class(key)}: {entry['winner']} {ms[entry['winner']]:.3f} ms vs fa2rt {ms['fa2rt']:.3f} ms "
-            f"({entry['lead']:.2f}x, noise {entry['noise']:.1%}) at batch {entry['shape']['batch']}, "
-            f"{entry['shape']['nheads']}/{entry['shape']['nheads_k']} heads, seqlen {entry['shape']['seqlen']} on "
-            f"{measured.get('device', '?')}, torch {measured.get('torch', '?')}, cuDNN {measured.get('cudnn', '?')}, "
-            f"{when} ({config.ROUTING}=0 turns routing off)")
+    ms, shape, winner = entry["ms"], entry["shape"], entry["winner"]
+    return (f"{describe_class(key)}: {winner} {ms[winner]:.3f} ms vs fa2rt {ms['fa2rt']:.3f} ms ({entry['lead']:.2f}x; "
+            f"{entry['worst_lead']:.2f}x slowest round against fastest) at batch {shape['batch']}, "
+            f"{shape['nheads']}/{shape['nheads_k']} heads, seqlen {shape['seqlen']} on {measured.get('device', '?')}, "
+            f"torch {measured.get('torch', '?')}, cuDNN {measured.get('cudnn', '?')}, "
+            f"{str(measured.get('date', '?'))[:10]} ({config.ROUTING}=0 turns routing off)")
 
 
 def _takes(provider: str, q, k, v) -> bool:

@@ -23,11 +23,11 @@ def qkv(b=2, n=64, h=4, hk=4, d=64, dtype=torch.bfloat16, seed=0):
 
 
 def entry(pass_name="fwd", dtype="bf16", head_dim=64, causal=True, group=1, seqlen_lo=64, winner="sdpa_flash",
-          lead=1.3, noise=0.02):
+          lead=1.3, worst_lead=1.2):
     ms = {"fa2rt": 1.3, "sdpa_flash": 1.0, "sdpa_cudnn": 1.1}
     return {"class": {"pass": pass_name, "dtype": dtype, "head_dim": head_dim, "causal": causal, "group": group,
                       "seqlen_lo": seqlen_lo},
-            "winner": winner, "lead": lead, "noise": noise, "ms": ms,
+            "winner": winner, "lead": lead, "worst_lead": worst_lead, "noise": 0.05, "ms": ms,
             "shape": {"batch": 2, "nheads": 4, "nheads_k": 4, "seqlen": seqlen_lo}}
 
 
@@ -90,7 +90,8 @@ def test_explain_names_provider_and_measurement(table):
     d = fa2rt.explain(q, k, v, causal=True)
     assert d.path == "routed" and d.provider == "sdpa_flash" and d.image and d.reason == ""
     text = str(d)
-    for part in ("routed to sdpa_flash on sm90", "fwd bf16 d64 causal MHA seqlen 64-127", "1.30x", "NVIDIA H200",
+    for part in ("routed to sdpa_flash on sm90", "fwd bf16 d64 causal MHA seqlen 64-127", "1.30x", "1.20x slowest",
+                 "NVIDIA H200",
                  "cuDNN 91900", "2026-12-02", "FA2RT_ROUTING=0", f"instead of fa2rt's kernel {d.image}"):
         assert part in text, (part, text)
 
@@ -98,7 +99,7 @@ def test_explain_names_provider_and_measurement(table):
 @pytest.mark.parametrize("case", ["lse", "noise", "fa2rt_wins", "other_class", "grad_class", "deterministic",
                                   "off", "not_taken"])
 def test_calls_the_table_does_not_route(table, monkeypatch, case):
-    table(entry(noise=0.35 if case == "noise" else 0.02, winner="fa2rt" if case == "fa2rt_wins" else "sdpa_flash"),
+    table(entry(worst_lead=0.98 if case == "noise" else 1.2, winner="fa2rt" if case == "fa2rt_wins" else "sdpa_flash"),
           entry(pass_name="fwd+bwd"))
     q, k, v = qkv()
     kwargs = {"causal": True}
@@ -169,15 +170,16 @@ def test_verdict_winner_lead_noise():
     v = routes.verdict({"fa2rt": timed(2.0, [2.0, 2.1, 1.9]), "sdpa_cudnn": timed(1.0, [1.0, 1.0, 1.05]),
                         "sdpa_flash": {"error": "refused"}, "fa2rt_routed": timed(0.5, [0.5, 0.5, 0.5])})
     assert v["winner"] == "sdpa_cudnn" and v["lead"] == 2.0 and v["noise"] == pytest.approx(0.2 / 1.9)
+    assert v["worst_lead"] == pytest.approx(1.9 / 1.05)
     v = routes.verdict({"fa2rt": timed(1.0, [1.0, 1.0, 1.0]), "sdpa_cudnn": timed(1.2, [1.2, 1.2, 1.2])})
-    assert v == {"winner": "fa2rt", "lead": pytest.approx(1.2), "noise": 0.0}
+    assert v == {"winner": "fa2rt", "lead": pytest.approx(1.2), "worst_lead": pytest.approx(1.2), "noise": 0.0}
     assert routes.verdict({"fa2rt": {"error": "x"}, "sdpa_cudnn": timed(1.0, [1.0])}) == {}
 
 
 def test_class_entries_round_trip_through_the_file(tmp_path):
     row = {"dtype": "bfloat16", "head_dim": 128, "causal": True, "seqlen": 4096, "batch": 4, "nheads": 32,
            "nheads_k": 8, "fwd": {"fa2rt": timed(2.0, [2.0]), "sdpa_cudnn": timed(1.0, [1.0]),
-                                  "winner": "sdpa_cudnn", "lead": 2.0, "noise": 0.01}}
+                                  "winner": "sdpa_cudnn", "lead": 2.0, "worst_lead": 1.9, "noise": 0.01}}
     c = routes.class_entry(row, "fwd")
     assert c["class"] == {"pass": "fwd", "dtype": "bf16", "head_dim": 128, "causal": True, "group": 4,
                           "seqlen_lo": 4096}
@@ -218,6 +220,7 @@ def test_main_writes_the_table_from_a_run(tmp_path, monkeypatch, capsys):
     # real (cuDNN's and the efficient one's refusals are recorded), every timing is scripted.
     times = iter(x for _ in range(1000) for x in (2.0, 1.0, 2.2, 0.9))
     monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (fn(), next(times))[1])
+    monkeypatch.setattr(routing, "table", lambda arch: None)  # no table yet: no "as routed" contender
     path = tmp_path / "routing.json"
     status = bench.main(["--routing", "--dtype", "float16", "--head-dim", "64", "--seqlen", "32", "--causal", "true",
                          "--routing-rounds", "2", "--write-routing", str(path), "--out", str(tmp_path / "r.json")])
@@ -231,3 +234,20 @@ def test_main_writes_the_table_from_a_run(tmp_path, monkeypatch, capsys):
     assert [c["class"]["pass"] for c in table["classes"]] == ["fwd", "fwd+bwd"]
     assert table["measured"]["device"] == "CPU stand-in" and table["measured"]["rounds"] == 2
     assert "wrote 2 classes for sm90" in capsys.readouterr().out
+
+
+def test_reports_state_the_routing_and_the_doctor_checks_kernels(table, monkeypatch):
+    from fa2rt import doctor
+
+    table(entry(dtype="fp16", head_dim=64, causal=False, seqlen_lo=1024))
+    s = routing.summary("sm90")
+    assert s == {"enabled": True, "source": "measured", "classes": 1, "routed": 1, "device": "NVIDIA H200",
+                 "date": MEASURED["date"], "torch": MEASURED["torch"], "cudnn": MEASURED["cudnn"]}
+    assert doctor._routing_text(s).startswith("on; 1 of 1 measured problem classes go to a faster SDPA backend")
+    assert routing.summary("sm80")["source"] == "not measured"
+    # The doctor's decision grid holds that class (fp16 d64 non-causal, seqlen 1024): it reports the kernel.
+    rows = doctor.decisions(torch.device("cpu"))
+    assert any(r["dtype"] == "float16" and r["head_dim"] == 64 and not r["causal"] for r in rows)
+    assert {r["path"] for r in rows} == {"kernel"}
+    monkeypatch.setenv(config.ROUTING, "0")
+    assert doctor._routing_text(routing.summary("sm90")).startswith("off (FA2RT_ROUTING=0)")

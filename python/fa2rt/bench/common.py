@@ -9,7 +9,6 @@ import datetime
 import functools
 import json
 import math
-import os
 import platform
 import subprocess
 import warnings
@@ -172,24 +171,10 @@ def time_ms(fn, warmup=25, rep=100) -> float:
 
 
 @contextlib.contextmanager
-def env_set(name: str, value: str):
-    """Environment variable `name` set to value inside (the policy reads fa2rt's at every call); restored after."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
-@contextlib.contextmanager
 def kernel_forced():
     """fa2rt's own kernels for the measurements: the short-sequence rule (FA2RT_MIN_SEQLEN=0) and the routing table
     (FA2RT_ROUTING=0) off; the --routing mode turns routing on for its "as routed" contender."""
-    with env_set(config.MIN_SEQLEN, "0"), env_set(config.ROUTING, "0"):
+    with config.overridden(config.MIN_SEQLEN, "0"), config.overridden(config.ROUTING, "0"):
         yield
 
 

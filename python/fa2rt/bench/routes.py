@@ -27,13 +27,14 @@ GQA_MIN_SEQLEN = 2048
 OWN, ROUTED = "fa2rt", "fa2rt_routed"
 RULE = ("per class (one measured point): each contender timed in alternating rounds, its median round kept; "
         "winner = the fastest; lead = the runner-up's time / the winner's when fa2rt wins, fa2rt's time / the "
-        "winner's otherwise; noise = max over fa2rt and the winner of (max - min) / min of their rounds; the policy "
-        "routes to an SDPA winner when lead > 1 + noise")
+        "winner's otherwise; worst_lead = the same with the loser's fastest round and the winner's slowest; noise = "
+        "max over fa2rt and the winner of (max - min) / min of their rounds; the policy routes to an SDPA winner "
+        "when worst_lead > 1 (every round of the winner faster than every round of fa2rt)")
 
 
 def routing_set(on: bool):
     """FA2RT_ROUTING for the calls inside (benchmark modes run with routing off, see common.kernel_forced)."""
-    return common.env_set(config.ROUTING, "1" if on else "0")
+    return config.overridden(config.ROUTING, "1" if on else "0")
 
 
 def shapes(args) -> list[dict]:
@@ -101,19 +102,18 @@ def spread(ms: list[float]) -> float:
 
 
 def verdict(results: dict) -> dict:
-    """winner, lead and noise of one point (see RULE); {} when fa2rt's kernel did not run."""
+    """winner, lead, worst_lead and noise of one point (see RULE); {} when fa2rt's kernel did not run."""
     timed = {n: r for n, r in results.items() if n in (OWN, *routing.PROVIDERS) and "ms" in r}
     if OWN not in timed:
         return {}
     order = sorted(timed, key=lambda n: timed[n]["ms"])
     winner = order[0]
-    runner_up = order[1] if len(order) > 1 else None
-    if winner == OWN:
-        lead = timed[runner_up]["ms"] / timed[OWN]["ms"] if runner_up else None
-    else:
-        lead = timed[OWN]["ms"] / timed[winner]["ms"]
-    noise = max(spread(timed[OWN]["rounds_ms"]), spread(timed[winner]["rounds_ms"]))
-    return {"winner": winner, "lead": lead, "noise": noise}
+    loser = OWN if winner != OWN else (order[1] if len(order) > 1 else None)
+    if loser is None:
+        return {"winner": winner, "lead": None, "worst_lead": None, "noise": spread(timed[OWN]["rounds_ms"])}
+    return {"winner": winner, "lead": timed[loser]["ms"] / timed[winner]["ms"],
+            "worst_lead": min(timed[loser]["rounds_ms"]) / max(timed[winner]["rounds_ms"]),
+            "noise": max(spread(timed[OWN]["rounds_ms"]), spread(timed[winner]["rounds_ms"]))}
 
 
 def class_entry(row: dict, pass_name: str) -> dict | None:
@@ -124,7 +124,8 @@ def class_entry(row: dict, pass_name: str) -> dict | None:
     return {"class": {"pass": pass_name, "dtype": routing.DTYPE_NAMES[getattr(torch, row["dtype"])],
                       "head_dim": row["head_dim"], "causal": row["causal"], "group": row["nheads"] // row["nheads_k"],
                       "seqlen_lo": routing.seqlen_band(row["seqlen"])[0]},
-            "winner": res["winner"], "lead": round(res["lead"], 4), "noise": round(res["noise"], 4),
+            "winner": res["winner"], "lead": round(res["lead"], 4), "worst_lead": round(res["worst_lead"], 4),
+            "noise": round(res["noise"], 4),
             "ms": {n: round(r["ms"], 5) for n, r in res.items() if isinstance(r, dict) and "ms" in r and n != ROUTED},
             "shape": {key: row[key] for key in ("batch", "nheads", "nheads_k", "seqlen")}}
 
@@ -156,13 +157,13 @@ def _label(row) -> str:
 def table(rows) -> str:
     names = (OWN, *routing.PROVIDERS, ROUTED)
     lines = [f"{'pass':8}{'point':44}" + "".join(f"{n.removeprefix('sdpa_'):>11}" for n in names)
-             + f"{'winner':>15}{'lead':>6}{'noise':>7}"]
+             + f"{'winner':>15}{'lead':>6}{'worst':>6}{'noise':>7}"]
     for r in rows:
         for pass_name in ROUTING_PASSES:
             res = r[pass_name]
             cells = "".join(num(res.get(n, {}).get("ms"), 11, ".3f") for n in names)
             lines.append(f"{pass_name:8}{_label(r):44}{cells}{res.get('winner', '-'):>15}"
-                         f"{num(res.get('lead'), 6)}{num(res.get('noise'), 7, '.1%')}")
+                         f"{num(res.get('lead'), 6)}{num(res.get('worst_lead'), 6)}{num(res.get('noise'), 7, '.1%')}")
     return "\n".join(lines)
 
 
