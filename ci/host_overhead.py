@@ -3,11 +3,16 @@ that the host path decides the speed. Needs a CUDA GPU.
 
     python ci/host_overhead.py [--batch 1] [--seqlen 128] [--heads 8] [--head-dim 64] [--causal] [--calls 200]
     python ci/host_overhead.py --decode [--batch 8] [--seqlen 4096] [--heads 32] [--kv-heads 8] [--head-dim 128]
+    python ci/host_overhead.py --routed [--batch 32] [--seqlen 512] [--heads 16] [--head-dim 128] [--causal]
 
 --decode measures one decode step instead (seqlen_q 1 against a KV cache of --seqlen tokens, causal):
 fa2rt.attention_with_kvcache without and with appending one token, against SDPA's flash, efficient and cuDNN
 backends on the same step (K/V as (batch, kv_heads, seqlen, headdim) views, enable_gqa), and an append done with
 torch indexing before SDPA flash (what the same serving step costs without fa2rt).
+
+--routed measures a call the routing table sends to an SDPA backend (fa2rt.routing): fa2rt.attention as routed,
+fa2rt.routing.run (the runner alone) and SDPA called directly on (batch, heads, seqlen, headdim) tensors, forward and
+forward+backward.
 
 Per case, after a warm-up, N calls back to back:
 - host: time.perf_counter around issuing the N calls, synchronising only after them;
@@ -28,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import fa2rt  # noqa: E402
+from fa2rt import routing  # noqa: E402
 
 WARMUP = 20
 SLEEP_CYCLES_PER_S = 4e9  # twice a ~2 GHz clock: the sleep outlasts the host's issue time
@@ -110,9 +116,38 @@ def dense_cases(a, make):
     return header, cases
 
 
+def routed_cases(a, make):
+    bshd, bhsd = (a.batch, a.seqlen, a.heads, a.head_dim), (a.batch, a.heads, a.seqlen, a.head_dim)
+    plain = [make(*bshd) for _ in range(3)]
+    grad = [make(*bshd, grad=True) for _ in range(3)] + [make(*bshd)]
+    direct = [make(*bhsd) for _ in range(3)]
+    direct_grad = [make(*bhsd, grad=True) for _ in range(3)] + [make(*bhsd)]
+    decision = fa2rt.explain(*grad[:3], causal=a.causal)
+    assert decision.path == "routed", decision
+    provider = decision.provider
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[provider]
+    fa2 = lambda q, k, v: fa2rt.attention(q, k, v, causal=a.causal)  # noqa: E731
+    runner = lambda q, k, v: routing.run(provider, q, k, v, causal=a.causal, softmax_scale=a.head_dim**-0.5)  # noqa
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=a.causal)  # noqa: E731
+    with sdpa_kernel(backend):
+        raw = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in plain), is_causal=a.causal)
+    cases = {"fa2rt routed fwd": (None, lambda: fa2(*plain)),
+             "fa2rt routed fwd+bwd": (None, lambda: fwd_bwd(fa2, *grad)),
+             "routing.run fwd": (None, lambda: runner(*plain)),
+             "routing.run fwd+bwd": (None, lambda: fwd_bwd(runner, *grad)),
+             f"sdpa {provider[5:]} fwd": (backend, lambda: sdpa(*direct)),
+             f"sdpa {provider[5:]} fwd+bwd": (backend, lambda: fwd_bwd(sdpa, *direct_grad))}
+    header = (f"bf16 batch {a.batch}, seqlen {a.seqlen}, heads {a.heads}, d{a.head_dim}, causal {a.causal}; routed to "
+              f"{provider}; its output from (b, s, h, d) inputs, transposed back, contiguous: "
+              f"{raw.transpose(1, 2).is_contiguous()}")
+    return header, cases
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--decode", action="store_true")
+    p.add_argument("--routed", action="store_true")
     p.add_argument("--batch", type=int, default=None, help="default 1 (8 with --decode)")
     p.add_argument("--seqlen", type=int, default=None, help="default 128 (the cache length, 4096, with --decode)")
     p.add_argument("--heads", type=int, default=None, help="default 8 (32 with --decode)")
@@ -121,8 +156,9 @@ def main():
     p.add_argument("--causal", action="store_true")
     p.add_argument("--calls", type=int, default=200)
     a = p.parse_args()
-    defaults = dict(batch=8, seqlen=4096, heads=32, head_dim=128) if a.decode else dict(batch=1, seqlen=128, heads=8,
-                                                                                        head_dim=64)
+    defaults = (dict(batch=8, seqlen=4096, heads=32, head_dim=128) if a.decode else
+                dict(batch=32, seqlen=512, heads=16, head_dim=128) if a.routed else
+                dict(batch=1, seqlen=128, heads=8, head_dim=64))
     for name, value in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, value)
@@ -130,7 +166,7 @@ def main():
     def make(*shape, grad=False):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
 
-    header, cases = (decode_cases if a.decode else dense_cases)(a, make)
+    header, cases = (decode_cases if a.decode else routed_cases if a.routed else dense_cases)(a, make)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {header}; {a.calls} calls")
     print(f"{'case':24s} {'host us/call':>13s} {'gpu us/call':>12s} {'wall us/call':>13s}")
     for name, (backend, fn) in cases.items():

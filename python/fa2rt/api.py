@@ -103,7 +103,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     if eager:
         # A call like an earlier one that validated and took the kernel path: it would again, with the same plans.
         key, call = calls.find(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, out,
-                               (deterministic, bool(return_lse)))
+                               (deterministic, bool(return_lse), policy.sdpa_flags()))
+        if type(call) is routing.RoutedCall:
+            return call.run(q, k, v)  # routed calls ask no LSE
         if call is not None:
             out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)
             return (out, lse) if return_lse else out
@@ -115,8 +117,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
         decision = _decide(shapes, q, k, v, alibi_slopes, out, deterministic, bool(return_lse))
     if decision.path == "routed":
         # Routed calls ask no LSE and give no out= (fa2rt.routing.routable).
-        out, lse = routing.run(decision.provider, q, k, v, causal=shapes.window == (-1, 0),
-                               softmax_scale=shapes.softmax_scale), None
+        call = routing.RoutedCall(decision.provider, shapes.window == (-1, 0), shapes.softmax_scale)
+        if eager:
+            calls.remember(key, call)
+        out, lse = call.run(q, k, v), None
     elif decision.path == "kernel" and eager:
         call = ops.EagerCall(shapes, decision.image, decision.mode)
         calls.remember(key, call)

@@ -2,8 +2,9 @@
 
 Training loops and decode steps repeat a few calls, and at short sequences validating, deciding and looking plans up
 cost more host time than the kernels run. A call's key holds everything validation, the decision and the launch plans
-read of it; only calls that passed validation and took the eager kernel path are remembered, with their resolved call
-(ops.EagerCall, kvcache_ops.KVCall), so a hit is a call that would validate, decide and launch the same. Calls a key
+read of it; only calls that passed validation and took the eager kernel path or were routed are remembered, with their
+resolved call (ops.EagerCall, kvcache_ops.KVCall, routing.RoutedCall), so a hit is a call that would validate, decide
+and launch the same. Calls a key
 cannot describe take the validated path, and so do calls whose index values are checked (see remember): a key holds
 no values of index tensors.
 """
@@ -75,7 +76,8 @@ def _lookup(make_key, *args) -> tuple:
 def find(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out, flags: tuple) -> tuple:
     """(key, ops.EagerCall or None) for an eager call (ops.can_run_eager holds): the key is None when the call cannot
     be described by one (a tensor without strides, an unhashable option), the EagerCall None when none is remembered
-    for it. flags: (deterministic, return_lse), which decide whether the routing table applies."""
+    for it (or the routing.RoutedCall of a routed call). flags: (deterministic, return_lse, policy.sdpa_flags()),
+    which decide whether the routing table applies."""
     return _lookup(_key, q, k, v, causal, softmax_scale, window_size, softcap, alibi, out, flags)
 
 

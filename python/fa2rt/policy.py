@@ -165,13 +165,13 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
     decision = remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad))
     if decision.path != "kernel" or shapes.layout != "dense":
         return decision
-    flags = (deterministic, return_lse, out is None, _sdpa_flags(), config.raw_values())
+    flags = (deterministic, return_lse, out is None, sdpa_flags(), config.raw_values())
     routed = remember(_ROUTE_CACHE, (key, flags), lambda: _routed(decision, shapes, tensors, info, needs_grad,
                                                                   deterministic, return_lse))
     return routed or decision
 
 
-def _sdpa_flags() -> tuple:
+def sdpa_flags() -> tuple:
     # The user's torch.backends.cuda.enable_*_sdp settings: a routed backend must be one they leave enabled.
     cuda = torch.backends.cuda
     return cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.mem_efficient_sdp_enabled()

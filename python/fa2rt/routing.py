@@ -18,6 +18,7 @@ trace does not query).
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -171,6 +172,21 @@ def _takes(provider: str, q, k, v) -> bool:
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     params = torch.backends.cuda.SDPAParams(qt, kt, vt, None, 0.0, False, q.shape[2] != k.shape[2])
     return bool(_can_use(provider)(params, False))
+
+
+@dataclass(frozen=True)
+class RoutedCall:
+    """A remembered routed call (fa2rt.calls): a repeated eager call with the same key runs the backend directly."""
+
+    provider: str
+    causal: bool
+    softmax_scale: float
+
+    def current(self) -> bool:
+        return True  # the table and the backend check depend only on what the call's key holds
+
+    def run(self, q, k, v):
+        return run(self.provider, q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
 
 
 class _GradLikeOutput(torch.autograd.Function):

@@ -9,7 +9,7 @@ import torch
 from test_bench import cpu_stand_ins  # noqa: F401  (a fixture)
 
 import fa2rt
-from fa2rt import bench, config, policy, routing
+from fa2rt import bench, calls, config, policy, routing
 from fa2rt.bench import common, routes
 from fa2rt.reference import attention_reference
 from fa2rt.validate import check_inputs
@@ -125,7 +125,7 @@ def test_routing_switch_is_checked(monkeypatch):
         config.routing_enabled()
 
 
-def test_routed_call_runs_the_backend_for_real(table):
+def test_routed_call_runs_the_backend_for_real(table, monkeypatch):
     # SDPA's flash backend runs on the CPU too: the runner the policy uses, against float64 (float32 inputs, whose
     # calls the policy itself sends to the fallback), with a gradient laid out unlike the output.
     q, k, v = (t.requires_grad_() for t in qkv(dtype=torch.float32, hk=2))
@@ -141,8 +141,15 @@ def test_routed_call_runs_the_backend_for_real(table):
     table(entry(dtype="fp16", group=2))
     h = [t.detach().half() for t in (q, k, v)]
     assert fa2rt.explain(*h, causal=True).path == "routed"
-    out = fa2rt.attention(*h, causal=True)
-    assert torch.equal(out, routing.run("sdpa_flash", *h, causal=True, softmax_scale=h[0].shape[-1] ** -0.5))
+    expected = routing.run("sdpa_flash", *h, causal=True, softmax_scale=h[0].shape[-1] ** -0.5)
+    assert torch.equal(fa2rt.attention(*h, causal=True), expected)
+    # Repeated, the call is found by its key and runs the backend without validating and deciding again.
+    key, call = calls.find(*h, True, None, (-1, -1), 0.0, None, None, (False, False, policy.sdpa_flags()))
+    assert call == routing.RoutedCall("sdpa_flash", True, h[0].shape[-1] ** -0.5)
+    assert torch.equal(fa2rt.attention(*h, causal=True), expected)
+    # Another environment is another key: routing off runs fa2rt's kernel path again.
+    monkeypatch.setenv(config.ROUTING, "0")
+    assert calls.find(*h, True, None, (-1, -1), 0.0, None, None, (False, False, policy.sdpa_flags()))[1] is None
 
 
 def test_gqa_and_other_dtypes_are_their_own_classes(table):
