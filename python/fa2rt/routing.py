@@ -206,14 +206,34 @@ class _GradLikeOutput(torch.autograd.Function):
         return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
-def run(provider: str, q, k, v, *, causal: bool, softmax_scale: float):
-    """attention(q, k, v) on one SDPA backend: (batch, seqlen, nheads, headdim) in and out, differentiable."""
-    from torch.nn.attention import sdpa_kernel
+# The backends' own ops, which F.scaled_dot_product_attention calls once it has chosen one: a routed call has chosen
+# (and _takes asked torch whether the backend runs the tensors), and the sdpa_kernel context that would make SDPA
+# choose it costs more host time than a short call's kernels (H200: routing.run 56-81 us against SDPA's 25 us).
+# Each returns out first; lse is computed when a gradient will be asked (SDPA's own rule). GQA: flash and cuDNN read
+# K/V with fewer heads as they are; the efficient backend has no GQA (torch refuses it, so it is never routed one).
+_OPS = {
+    "sdpa_flash": lambda q, k, v, causal, scale, lse: torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, causal, False, scale=scale),
+    "sdpa_cudnn": lambda q, k, v, causal, scale, lse: torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, lse, 0.0, causal, False, scale=scale),
+    "sdpa_efficient": lambda q, k, v, causal, scale, lse: torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, lse, 0.0, causal, scale=scale),
+}
 
-    with sdpa_kernel(_backend(provider)):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal, scale=softmax_scale,
-                                             enable_gqa=q.shape[2] != k.shape[2])
+
+def run(provider: str, q, k, v, *, causal: bool, softmax_scale: float):
+    """attention(q, k, v) on one SDPA backend: (batch, seqlen, nheads, headdim) in and out, differentiable. GPU
+    tensors go to the backend's op directly; others through SDPA restricted to that backend (its CPU flash)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda:
+        lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        out = _OPS[provider](qt, kt, vt, causal, softmax_scale, lse)[0]
+    else:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(_backend(provider)):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=softmax_scale,
+                                                 enable_gqa=q.shape[2] != k.shape[2])
     if out.requires_grad:
         out = _GradLikeOutput.apply(out)
     # fa2rt returns a contiguous output; a backend that wrote (batch, nheads, seqlen, headdim) is copied to it.
