@@ -101,7 +101,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     eager = not compiling and ops.can_run_eager(q, k, v, alibi_slopes, out)
     key = None
     if eager:
-        # A call like an earlier one that validated and took the kernel path: it would again, with the same plans.
+        # A call like an earlier one that validated and took the kernel path (or was routed): it would again.
         key, call = calls.find(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, out,
                                (deterministic, bool(return_lse), policy.sdpa_flags()))
         if type(call) is routing.RoutedCall:

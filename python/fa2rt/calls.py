@@ -4,9 +4,8 @@ Training loops and decode steps repeat a few calls, and at short sequences valid
 cost more host time than the kernels run. A call's key holds everything validation, the decision and the launch plans
 read of it; only calls that passed validation and took the eager kernel path or were routed are remembered, with their
 resolved call (ops.EagerCall, kvcache_ops.KVCall, routing.RoutedCall), so a hit is a call that would validate, decide
-and launch the same. Calls a key
-cannot describe take the validated path, and so do calls whose index values are checked (see remember): a key holds
-no values of index tensors.
+and launch the same. Calls a key cannot describe take the validated path, and so do calls whose index values are
+checked (see remember): a key holds no values of index tensors.
 """
 
 import torch

@@ -1,10 +1,10 @@
-"""Measured routing (DESIGN point 13): problem classes where an SDPA backend with exactly fa2rt's semantics was
-measured faster than fa2rt's own image on an arch's own hardware run on that backend.
+"""Measured routing (DESIGN point 13): a problem class in which an SDPA backend with exactly fa2rt's semantics was
+measured faster than fa2rt's own image, on the arch's own hardware, runs on that backend.
 
 The table, data/routing.json, is written by `python -m fa2rt.bench --routing --write-routing PATH`: per arch, the
 measurement's environment and, per problem class, the time of fa2rt's image and of each SDPA backend, the winner,
 its lead and the measurement's noise. A call is routed when all of these hold:
-- it is an eager dense call whose semantics SDPA reproduces exactly (ROUTABLE below: no window beyond causal, causal
+- it is an eager dense call whose semantics SDPA reproduces exactly (routable() below: no window beyond causal, causal
   only with seqlen_q == seqlen_k where SDPA's top-left alignment is fa2rt's bottom-right one, no softcap or ALiBi, no
   LSE asked, no out=, a positive scale, layouts SDPA's fused kernels take as they are);
 - its class (pass, dtype, head dim, causal, GQA group, seqlen band) is in the table for the device's arch, and the
