@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 import fa2rt
 
-from . import _C, builds, config, devices, doctor, packages, policy
+from . import _C, builds, config, devices, doctor, packages, policy, routing
 from .api import attention, explain
 from .policy import FallbackWarning
 
@@ -339,6 +339,7 @@ def probe_rank(launch: Launch, require: str | None, fault: Fault) -> tuple[dict,
                      if name in os.environ},
         "decisions": decisions or [], "checks": checks, "speed": speed,
         "short_sequence": policy.short_sequence_rule(facts["arch"]),
+        "routing": routing.summary(facts["arch"]),
         "probe_errors": {layer: error for layer, error in errors.items() if error},
     }
     report["require_met"] = require is None or facts.get("vendor") == require and not facts.get("unusable")
@@ -695,6 +696,39 @@ def rule_speed_outlier(fleet: dict) -> list[dict]:
     return out
 
 
+def _routing_state(report: dict) -> tuple:
+    # A report from a rank whose fa2rt predates routing has none: it runs fa2rt's kernels, as routing off does.
+    s = report.get("routing") or {"enabled": False}
+    return (False,) if not s["enabled"] else (True, s.get("source"), s.get("routed"), s.get("classes"), s.get("date"))
+
+
+def _routing_text(report: dict) -> str:
+    s = report.get("routing") or {}
+    if not s.get("enabled"):
+        return "off"
+    return f"on {s['routed']}/{s['classes']}" if s.get("source") == "measured" else "on, no table"
+
+
+def rule_routing_mismatch(fleet: dict) -> list[dict]:
+    """Ranks of one arch that route problems otherwise than most ranks of the arch (routing off, or another table):
+    they run another backend for the same call, at another speed."""
+    out = []
+    for arch, reports in sorted(_by_arch(fleet["reports"]).items()):
+        groups = defaultdict(list)
+        for report in sorted(reports, key=lambda r: r["rank"]):
+            groups[_routing_state(report)].append(report)
+        if len(groups) < 2:
+            continue
+        common = max(groups.values(), key=lambda g: (len(g), -g[0]["rank"]))
+        odd = [r for g in groups.values() if g is not common for r in g]
+        switched = [r["rank"] for r in odd if r["settings"].get(config.ROUTING) == "0"]
+        seen = "; ".join(f"ranks {_ranks(g)}: routing {_routing_text(g[0])}" for g in groups.values())
+        fix = (f"unset {config.ROUTING} on ranks {switched}" if switched else
+               "install the fa2rt of the other ranks (its routing table) on those ranks")
+        out.append(_divergence("routing_mismatch", _ranks(odd), f"{arch} ranks route differently: {seen}", fix))
+    return out
+
+
 def rule_unhealthy(fleet: dict) -> list[dict]:
     out = []
     failed = {r["rank"]: [c["id"] for c in r["checks"] if not c["ok"]] for r in fleet["reports"]}
@@ -728,6 +762,7 @@ RULES = (
     (rule_no_images, EXIT_DIVERGENT),
     (rule_fallback_where_others_run_kernels, EXIT_DIVERGENT),
     (rule_image_mismatch, EXIT_DIVERGENT),
+    (rule_routing_mismatch, EXIT_DIVERGENT),
     (rule_numerics_outlier, EXIT_DIVERGENT),
     (rule_speed_outlier, EXIT_DIVERGENT),
 )
@@ -784,6 +819,7 @@ COLUMNS = (  # header, width, cell
     ("vs first", 8, lambda r: _fmt(r.get("max_rel_diff_vs_first"), ".1e")),
     ("TFLOP/s", 8, lambda r: _fmt((r["speed"] or {}).get("tflops"), ".3g")),
     ("short-seq", 9, lambda r: str(r["short_sequence"]["min_seqlen_k"])),
+    ("routing", 11, _routing_text),
 )
 
 

@@ -224,7 +224,8 @@ def report(rank, arch="sm90", vendor="cuda", kernel=True, image="fwd-sm90-x", er
             "kernel_packages": [{"name": "source install", "version": "0.1.0", "manifest_sha256": "a" * 64,
                                  "archs": [arch]}],
             "settings": {}, "decisions": [decision], "checks": [check], "speed": {"tflops": tflops},
-            "bad_files": [], "probe_errors": {}, "require_met": True}
+            "bad_files": [], "probe_errors": {}, "require_met": True,
+            "routing": {"enabled": True, "source": "measured", "classes": 176, "routed": 169, "date": "2026-12-02"}}
     base.update(extra)
     return base
 
@@ -249,6 +250,20 @@ def test_rules_each_kind():
                        "speed_outlier": [1]}, found
     assert code == fleet.EXIT_DIVERGENT
     assert next(d for d in found if d["kind"] == "no_images")["fix"] == "pip install fa2rt-kernels-sm80==0.1.0"
+
+
+def test_rules_routing_mismatch_names_the_switch():
+    off = {"enabled": False, "source": "measured", "classes": 176, "routed": 169}
+    found, code = judged([report(0), report(1), report(2, routing=off, settings={"FA2RT_ROUTING": "0"}),
+                          report(3, arch="sm80", routing={"enabled": True, "source": "not measured", "classes": 0,
+                                                          "routed": 0})])
+    assert [(d["kind"], d["ranks"]) for d in found] == [("routing_mismatch", [2])] and code == fleet.EXIT_DIVERGENT
+    assert found[0]["fix"] == "unset FA2RT_ROUTING on ranks [2]"
+    assert "ranks [0, 1]: routing on 169/176; ranks [2]: routing off" in found[0]["detail"]
+    older = report(1)
+    del older["routing"]  # a rank whose fa2rt predates routing
+    found, _ = judged([report(0), older, report(2)])
+    assert found[0]["ranks"] == [1] and "install the fa2rt of the other ranks" in found[0]["fix"]
 
 
 def test_rules_exit_precedence():
