@@ -214,7 +214,7 @@ def _progress(label, passes=("fwd",)):
 
 def _progress_routing(row):
     verdicts = ", ".join(f"{p} {row[p].get('winner', '-')}" for p in routes.ROUTING_PASSES)
-    print(f"  routing {routes._label(row)}: {verdicts}", file=sys.stderr, flush=True)
+    print(f"  routing {routes.label(row)}: {verdicts}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

@@ -141,7 +141,7 @@ def bars(rows) -> dict:
                 res = r[pass_name]
                 best = min((res[n]["ms"] for n in routing.PROVIDERS if "ms" in res.get(n, {})), default=None)
                 if best and "ms" in res.get(who, {}):
-                    pairs.append((best / res[who]["ms"], _label(r)))
+                    pairs.append((best / res[who]["ms"], label(r)))
             if pairs:
                 low, at = min(pairs)
                 out[pass_name][who] = {"geomean": common.geomean([x for x, _ in pairs]), "min": low, "min_at": at,
@@ -149,7 +149,7 @@ def bars(rows) -> dict:
     return out
 
 
-def _label(row) -> str:
+def label(row) -> str:
     heads = "" if row["nheads"] == row["nheads_k"] else f" {row['nheads']}/{row['nheads_k']}"
     return f"{row['dtype']} d{row['head_dim']}{heads} causal={row['causal']} s{row['seqlen']}"
 
@@ -162,7 +162,7 @@ def table(rows) -> str:
         for pass_name in ROUTING_PASSES:
             res = r[pass_name]
             cells = "".join(num(res.get(n, {}).get("ms"), 11, ".3f") for n in names)
-            lines.append(f"{pass_name:8}{_label(r):44}{cells}{res.get('winner', '-'):>15}"
+            lines.append(f"{pass_name:8}{label(r):44}{cells}{res.get('winner', '-'):>15}"
                          f"{num(res.get('lead'), 6)}{num(res.get('worst_lead'), 6)}{num(res.get('noise'), 7, '.1%')}")
     return "\n".join(lines)
 
