@@ -5,7 +5,8 @@ prefill at head dim 128 (the grid's seqlens from 2048 on, 16k tokens per batch),
 Contenders: fa2rt's own kernel (routing off), each SDPA backend run exactly as a routed call runs it
 (fa2rt.routing.run), and, when the installed table has entries for this arch, fa2rt as routed (routing on).
 Every contender is timed in --routing-rounds alternating rounds (default ROUNDS) and keeps its median round; a
-point's noise is the larger relative spread ((max - min) / min) of the rounds of fa2rt and of the point's winner.
+point's worst_lead sets the loser's fastest round against the winner's slowest (the policy routes to an SDPA winner
+when it is > 1, see RULE), and its noise is the larger relative spread of the rounds of fa2rt and of the winner.
 Writes routing-<tag>.json (rows, per-pass bars: best SDPA time / fa2rt's, own and as routed); --write-routing PATH
 puts this arch's classes into a routing.json such as python/fa2rt/data/routing.json (replacing that arch's entry,
 keeping the others)."""
