@@ -253,6 +253,15 @@ def measure(prepare, work, warmup, rep, unit="tflops") -> dict:
     return {"ms": ms, unit: work / ms / 1e9}
 
 
+def median_round(results: list[dict]) -> dict | None:
+    """Rounds of one timing merged: the round with the median time, with every round's time under "rounds_ms" (their
+    spread is the noise); None when a round has no time (an error)."""
+    if not all("ms" in res for res in results):
+        return None
+    ordered = sorted(results, key=lambda res: res["ms"])
+    return dict(ordered[len(ordered) // 2], rounds_ms=[res["ms"] for res in results])
+
+
 def peak_memory(prepare) -> dict:
     """Bytes of one call of the callable prepare() returns beyond what was live before it (after a warm-up call, so
     one-time workspaces and handles are already there): max_memory_allocated() after reset_peak_memory_stats(),

@@ -80,22 +80,14 @@ def bench_point(shape: dict, *, with_routed: bool, warmup, rep, rounds) -> dict:
             for name, prepare in prepared.items():
                 with routing_set(name == ROUTED):
                     times[name].append(common.measure(prepare, flops, warmup, rep))
-        row[pass_name] = {name: _merge(results) for name, results in times.items()}
+        # The median round of each contender, or its first error.
+        row[pass_name] = {name: common.median_round(results) or next(r for r in results if "error" in r)
+                          for name, results in times.items()}
         row[pass_name].update(verdict(row[pass_name]))
         with routing_set(True):
             row[pass_name]["routed_explain"] = common.explain_safely(*inputs, causal=shape["causal"])
         del inputs
     return row
-
-
-def _merge(results: list[dict]) -> dict:
-    """The median round of one contender (and every round's ms), or the first error."""
-    errors = [r for r in results if "error" in r]
-    if errors:
-        return errors[0]
-    ms = [r["ms"] for r in results]
-    median = sorted(results, key=lambda r: r["ms"])[len(results) // 2]
-    return {**median, "rounds_ms": ms}
 
 
 def spread(ms: list[float]) -> float:

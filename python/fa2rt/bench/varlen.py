@@ -266,10 +266,8 @@ def merge_rounds(rounds: list[dict], contenders, passes) -> dict:
     row = copy.deepcopy(rounds[0])
     for pass_name in passes:
         for name in contenders:
-            results = [common.result(r, name, pass_name) for r in rounds]
-            if all("ms" in res for res in results):
-                ordered = sorted(results, key=lambda res: res["ms"])
-                merged = dict(ordered[len(ordered) // 2], rounds_ms=[res["ms"] for res in results])
+            merged = common.median_round([common.result(r, name, pass_name) for r in rounds])
+            if merged is not None:
                 common.store(row, name, pass_name, merged)
     return row
 
