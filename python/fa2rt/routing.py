@@ -36,7 +36,8 @@ DETERMINISTIC_BACKWARD: frozenset = frozenset()
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _backend(provider: str):
+def sdpa_backend(provider: str):
+    """torch's SDPBackend of a provider name (PROVIDERS)."""
     from torch.nn.attention import SDPBackend
 
     return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -232,7 +233,7 @@ def run(provider: str, q, k, v, *, causal: bool, softmax_scale: float):
     else:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(_backend(provider)):
+        with sdpa_kernel(sdpa_backend(provider)):
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=softmax_scale,
                                                  enable_gqa=q.shape[2] != k.shape[2])
     if out.requires_grad:

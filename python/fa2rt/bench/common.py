@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import api, config
+from .. import api, config, routing
 
 TOKENS = 16384  # tokens per batch of the FA2 grid (batch = TOKENS // seqlen), and of the varlen batches
 HIDDEN = 2048  # nheads = HIDDEN // head_dim
@@ -39,14 +39,15 @@ def fwd_flops(batch, nheads, seqlen, head_dim, causal, seqlen_k=None):
 
 
 def sdpa_backend(name):
-    """The SDPBackend of a contender name (sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math)."""
+    """The SDPBackend of a contender name: a routing provider (sdpa_flash, sdpa_cudnn, sdpa_efficient) or
+    sdpa_math."""
     from torch.nn.attention import SDPBackend
 
-    backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-                "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
-    if name not in backends:
-        raise ValueError(f"backend name: expected one of {', '.join(backends)}, got {name!r}")
-    return backends[name]
+    if name == "sdpa_math":
+        return SDPBackend.MATH
+    if name not in routing.PROVIDERS:
+        raise ValueError(f"backend name: expected one of {', '.join(routing.PROVIDERS)}, sdpa_math, got {name!r}")
+    return routing.sdpa_backend(name)
 
 
 def sdpa_call(q, k, v, causal, backend_name):
