@@ -36,15 +36,10 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _key_offsets(pos, ok, cache_row, BLOCK_TABLE, bt_row, page_size, cache_rows, stride_b, stride_n,
-                 PAGED: tl.constexpr):
-    """int64 offsets of cache positions `pos` (masked by `ok`) for one (row/block, position) stride pair."""
-    if PAGED:
-        block = tl.load(BLOCK_TABLE + bt_row + pos // page_size, mask=ok, other=0)
-        block = _clamp(block, 0, cache_rows - 1).to(tl.int64)
-        return block * stride_b + (pos % page_size).to(tl.int64) * stride_n
-    else:
-        return cache_row * stride_b + pos.to(tl.int64) * stride_n
+def _page_blocks(pos, ok, BLOCK_TABLE, bt_row, page_size, cache_rows):
+    """int64 pool blocks holding cache positions `pos` (masked by `ok`), clamped into the pool."""
+    block = tl.load(BLOCK_TABLE + bt_row + pos // page_size, mask=ok, other=0)
+    return _clamp(block, 0, cache_rows - 1).to(tl.int64)
 
 
 @triton.jit
@@ -122,12 +117,23 @@ def attn_decode(
     offs_n = tl.arange(0, BLOCK_N)
     k_head = K + off_hk * stride_kh
     v_head = V + off_hk * stride_vh
+    # Paged: each tile's block ids are loaded once for K and V, one iteration ahead of its copies (with 3 stages that
+    # read paged caches 9-15% faster at batch 1-8 than per-key offsets computed in the iteration; decode-ab-h200.json).
+    blocks = tl.zeros([BLOCK_N], dtype=tl.int64)
+    if PAGED:
+        blocks = _page_blocks(start + lo + offs_n, lo + offs_n < hi, BLOCK_TABLE, bt_row, page_size, cache_rows)
     for first in range(lo, hi, BLOCK_N):
         cols = first + offs_n
         col_ok = cols < hi
         pos = start + cols
-        k_off = _key_offsets(pos, col_ok, cache_row, BLOCK_TABLE, bt_row, page_size, cache_rows, stride_kb,
-                             stride_kn, PAGED)
+        if PAGED:
+            within = (pos % page_size).to(tl.int64)
+            k_off = blocks * stride_kb + within * stride_kn
+            v_off = blocks * stride_vb + within * stride_vn
+            blocks = _page_blocks(pos + BLOCK_N, cols + BLOCK_N < hi, BLOCK_TABLE, bt_row, page_size, cache_rows)
+        else:
+            k_off = cache_row * stride_kb + pos.to(tl.int64) * stride_kn
+            v_off = cache_row * stride_vb + pos.to(tl.int64) * stride_vn
         k = tl.load(k_head + k_off[None, :] + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         qk = tl.dot(q, k)
         s = qk * qk_scale_log2
@@ -143,8 +149,6 @@ def attn_decode(
         p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = _key_offsets(pos, col_ok, cache_row, BLOCK_TABLE, bt_row, page_size, cache_rows, stride_vb,
-                             stride_vn, PAGED)
         v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -170,42 +174,49 @@ def attn_decode_combine(
     O, LSE, O_PART, LSE_PART,  # noqa: E741
     stride_ob, stride_oh, stride_om,
     batch, nheads, seqlen_q, num_splits, head_dim_8,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
 ):
-    """Merges attn_decode's partials of one (batch, head) and BLOCK_M query rows: out = sum_s w_s * out_s / sum_s
-    w_s with w_s = exp(lse_s - max_s lse_s); lse = max + log(sum w). A row no split saw gets 0 and LSE +inf."""
+    """Merges attn_decode's partials of one query row (batch, head, row) per program: out = sum_s w_s * out_s /
+    sum_s w_s with w_s = exp(lse_s - max_s lse_s); lse = max + log(sum w). A row no split saw gets 0 and LSE +inf.
+    The partials are read BLOCK_S splits at a time as one tile, so their loads are in flight together: a loop of one
+    split per step waited once per split (two L2 round trips each), about 9 of the 60 us of a batch-1 32k step with
+    32 splits (docs/bench/decode-ab-h200.json)."""
     stride_ob, stride_oh, stride_om = stride_ob.to(tl.int64) * 8, stride_oh.to(tl.int64) * 8, stride_om * 8
     head_dim = head_dim_8 * 8
     off_b = tl.program_id(1) // nheads
     off_h = tl.program_id(1) % nheads
-    q_row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = q_row < seqlen_q
+    q_row = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     if D_MASK:
         d_ok = offs_d < head_dim
     else:
         d_ok = offs_d >= 0
+    offs_s = tl.arange(0, BLOCK_S)
     lse_row = (off_b * nheads + off_h).to(tl.int64) * seqlen_q + q_row
     plane = batch.to(tl.int64) * nheads * seqlen_q
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(0, num_splits):
-        m = tl.maximum(m, tl.load(LSE_PART + s * plane + lse_row, mask=row_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(0, num_splits):
-        part = s * plane + lse_row
-        w = tl.exp(tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")) - m_safe)
-        o = tl.load(O_PART + part[:, None] * head_dim + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        acc += w[:, None] * o
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for first in range(0, num_splits, BLOCK_S):
+        split = first + offs_s
+        m = tl.maximum(m, tl.load(LSE_PART + split * plane + lse_row, mask=split < num_splits, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for first in range(0, num_splits, BLOCK_S):
+        split = first + offs_s
+        part = split * plane + lse_row
+        ok = split < num_splits
+        w = tl.exp(tl.load(LSE_PART + part, mask=ok, other=float("-inf")) - m_safe)
+        acc += w[:, None] * tl.load(O_PART + part[:, None] * head_dim + offs_d[None, :],
+                                    mask=ok[:, None] & d_ok[None, :], other=0.0)
         den += w
-    empty = den == 0.0
-    out = acc / tl.where(empty, 1.0, den)[:, None]
-    lse = tl.where(empty, float("inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
-    o_ptrs = O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh + q_row[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + lse_row, lse, mask=row_ok)
+    total = tl.sum(den, 0)
+    empty = total == 0.0
+    out = tl.sum(acc, 0) / tl.where(empty, 1.0, total)
+    lse = tl.where(empty, float("inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
+    o_ptrs = O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh + q_row * stride_om + offs_d
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + lse_row, lse)
 
 
 # The index tensors (int32, any alignment a view may have) and the slopes are not hinted 16-byte aligned.
@@ -255,7 +266,8 @@ def decode_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, fea
 
 def combine_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
                        layout: str = COMBINE_LAYOUT) -> dict:
-    return {"BLOCK_M": block_m, "BLOCK_D": bucket, "D_MASK": d_mask}
+    # The tile's block_n is the splits read per step; its block_m is 1 (one query row per program, combine_grid).
+    return {"BLOCK_S": block_n, "BLOCK_D": bucket, "D_MASK": d_mask}
 
 
 def decode_grid(num_splits: int, seqlen_q: int, head_ratio: int, batch: int, nheads_k: int, block_m: int):

@@ -19,14 +19,16 @@ from .kvcache import KVShapes
 
 DECODE_OP, COMBINE_OP = "decode", "decode_combine"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
-# The split heuristic (num_splits=0), from the sweep in docs/bench/decode-splits-h200.json (H200, bf16 d128, GQA
-# 32/8 and MHA 32/32, batch 1-64, caches 4k-128k, splits 1-128): about RESIDENT decode programs run at once per SM,
-# and a last wave that fills only part of those slots idles the rest (e.g. 512 programs on 132 x 3 slots: 3.5 TB/s
-# with 1 split, 4.1-4.5 with 2-16). Fewer programs than slots: the largest power-of-two split that still fits in one
-# wave; more: the power-of-two split up to MAX_WAVE_SPLITS whose last wave is fullest. No split is shorter than
-# MIN_KEYS_PER_SPLIT keys (a partial costs a write and a combine read), none beyond MAX_SPLITS.
+# The split heuristic (num_splits=0), from the sweep in docs/bench/decode-splits-h200.json (ci/decode_splits.py: H200,
+# bf16 d128, GQA 32/8 and MHA 32/32, batch 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA
+# graph replays): about RESIDENT decode programs run at once per SM. Fewer programs than slots: the largest
+# power-of-two split that still fits in one wave. More: on contiguous caches the power-of-two split up to
+# MAX_WAVE_SPLITS whose last wave is fullest (512 programs on 132 x 3 slots: 3.7-3.9 TB/s with 1 split, 4.0-4.6 with
+# 4); paged caches take 1 split there (at caches of 4k-8k they read 6-17% slower with 8 splits than with 1, the cause
+# not isolated). Within 2% of the sweep's best split at every point. No split is shorter
+# than MIN_KEYS_PER_SPLIT keys (a partial costs a write and a combine read), none beyond MAX_SPLITS.
 RESIDENT = 3
-MAX_WAVE_SPLITS = 8
+MAX_WAVE_SPLITS = {"kvcache": 8, "paged": 1}  # by KVShapes.layout
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 128
 PACKED_ROWS = 16  # rows of the decode tiles (tiles.json block_m): query heads of one KV head packed per program
@@ -47,7 +49,7 @@ def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_
     if programs < slots:
         wanted = 1 << (slots // programs).bit_length() - 1
     else:
-        candidates = [1 << i for i in range(MAX_WAVE_SPLITS.bit_length())]
+        candidates = [1 << i for i in range(MAX_WAVE_SPLITS[shapes.layout].bit_length())]
         wanted = max(candidates, key=lambda s: (round(_wave_fill(programs * s, slots), 2), -s))
     return max(1, min(wanted, shapes.capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 

@@ -37,7 +37,7 @@ def _load():
     spec = importlib.util.spec_from_file_location("fa2rt_kernels_decode_interp", DECODE_SRC)
     mod = importlib.util.module_from_spec(spec)
     exec_interpreted(spec, mod, "fa2rt_kernels_decode_interp")
-    for name in ("attn_decode", "attn_decode_combine", "_key_offsets"):
+    for name in ("attn_decode", "attn_decode_combine", "_page_blocks"):
         assert isinstance(getattr(mod, name), InterpretedFunction), f"{name} would not run in the interpreter"
     return mod
 
@@ -157,8 +157,8 @@ def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBIN
                                         **decode.decode_constexprs(block_m, block_n, bucket, True, features,
                                                                    shapes.layout))
         if splits > 1:
-            cm, _, cbucket = combine_tile
-            comb = _image("decode_combine", cm, 16, cbucket, dtype, (), "partials")
+            cm, cn, cbucket = combine_tile
+            comb = _image("decode_combine", cm, cn, cbucket, dtype, (), "partials")
             registry.add(comb)
             ctensors = kvcache_ops.combine_tensors(out, lse, o_part, lse_part)
             cconst = kvcache_ops.combine_constants(out, shapes, splits)
@@ -166,7 +166,7 @@ def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBIN
             cgrid, _, _ = _C.launch_config(registry, comb.name, cproblem)
             assert tuple(cgrid) == decode.combine_grid(shapes.seqlen_q, shapes.batch, shapes.nheads, cm)
             decode.attn_decode_combine[tuple(cgrid)](**_launch_args(comb.params, ctensors, cconst),
-                                                     **decode.combine_constexprs(cm, 16, cbucket, True, ()))
+                                                     **decode.combine_constexprs(cm, cn, cbucket, True, ()))
     return out, lse, k_cache, v_cache, (out_buf, lse_buf, k_buf, v_buf)
 
 
@@ -252,6 +252,8 @@ def test_split_count_beyond_keys_and_empty_sequences():
     args["cache_seqlens"] = torch.tensor([0, 3, 40], dtype=torch.int32)
     args["cache_leftpad"] = torch.tensor([0, 3, 1], dtype=torch.int32)
     _compare(args, {}, run_kernels(args, SMALL_TILE, 7, {}), atol=2e-4)
+    # The combine reading its 7 partials 4 splits at a time (two steps, the second part masked).
+    _compare(args, {}, run_kernels(args, SMALL_TILE, 7, {}, combine_tile=(1, 4, COMBINE_TILE[2])), atol=2e-4)
     out, lse = run_kernels(args, SMALL_TILE, 1, {})[:2]
     assert torch.all(out[:2] == 0) and torch.all(lse[:2] == math.inf)
 

@@ -336,6 +336,10 @@ def test_split_heuristic():
     assert choose_splits(dataclasses.replace(shapes, batch=32), 132) == 1  # 256 programs: one wave already
     # 512 programs: 1.29 waves (last wave 29% full); 2 and 4 splits 2.6 and 5.2 waves; 8 splits 10.3 (94%).
     assert choose_splits(dataclasses.replace(shapes, batch=64), 132) == 8
+    # Paged caches take no splits beyond one full wave; under it the same as contiguous ones.
+    paged = dataclasses.replace(shapes, paged=True, page_size=64)
+    assert choose_splits(dataclasses.replace(paged, batch=64), 132) == 1
+    assert choose_splits(paged, 132) == 32
     assert choose_splits(dataclasses.replace(shapes, num_splits=7), 132) == 7
     assert choose_splits(dataclasses.replace(shapes, num_splits=1000), 132) == MAX_SPLITS
 
@@ -404,7 +408,8 @@ def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
     # 2 query rows x 4 query heads per KV head = 8 packed rows: one row block per split; y: batch x KV heads.
     assert plan.decode_plan.grid == (plan.splits, 2 * 2, 1) and plan.splits > 1
     assert plan.combine_plan.image.startswith("decode_combine-sm90-fp16-d256m-")
-    assert plan.combine_plan.grid == (1, 2 * 8, 1)
+    # The combine takes one query row per program: x: 2 query rows; y: batch x query heads.
+    assert plan.combine_plan.grid == (2, 2 * 8, 1)
     # A second call of the same geometry reuses the plan.
     fa2rt.attention_with_kvcache(*positional, **named, causal=True)
     assert launched[1][0] is plan

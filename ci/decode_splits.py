@@ -1,0 +1,66 @@
+"""The split-count sweep behind kvcache_ops.choose_splits: fa2rt.attention_with_kvcache's decode step (bf16 d128, one
+query token, causal) at every power-of-two num_splits from 1 to 128 (none under kvcache_ops.MIN_KEYS_PER_SPLIT keys)
+and at num_splits=0, each timed as a CUDA graph replay; batch x cache x heads x layout as issue 17's grid.
+
+    python ci/decode_splits.py OUT.json [--layouts contiguous paged64]
+
+Prints per point the best split, the heuristic's split and the heuristic's rate as a share of the best.
+"""
+
+import argparse
+import json
+
+import torch
+
+import fa2rt
+from fa2rt import kvcache_ops
+from fa2rt.bench import common
+from fa2rt.bench import decode as bdec
+
+BATCHES, CACHES, HEADS = (1, 8, 32, 64), (4096, 8192, 32768, 131072), ((32, 8), (32, 32))
+MAX_BYTES = 40e9  # K and V of one point
+
+
+def rate(q, k_cache, v_cache, kw, splits, nbytes) -> float:
+    def step():
+        return fa2rt.attention_with_kvcache(q, k_cache, v_cache, num_splits=splits, **kw)
+    return nbytes / common.time_ms(common.graphed(step)) / 1e9
+
+
+def sweep_point(batch, cache, h, hk, layout) -> dict:
+    q, k_cache, v_cache, kw = bdec.make_point(batch, cache, h, hk, 128, layout, append=False)
+    nbytes = bdec.moved_bytes(batch, cache, h, hk, 128)
+    splits = [1 << i for i in range(8) if cache >> i >= kvcache_ops.MIN_KEYS_PER_SPLIT]
+    rates = {s: round(rate(q, k_cache, v_cache, kw, s, nbytes), 3) for s in splits}
+    auto = fa2rt.explain_with_kvcache(q, k_cache, v_cache, **kw).message
+    row = {"batch": batch, "cache": cache, "nheads": h, "nheads_k": hk, "layout": layout, "rates": rates,
+           "auto": round(rate(q, k_cache, v_cache, kw, 0, nbytes), 3), "auto_splits": auto}
+    del q, k_cache, v_cache, kw
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--layouts", nargs="+", default=["contiguous", "paged64"])
+    args = p.parse_args()
+    rows = []
+    for layout in args.layouts:
+        for h, hk in HEADS:
+            for batch in BATCHES:
+                for cache in CACHES:
+                    if bdec.cache_bytes(batch, cache, hk, 128) > MAX_BYTES:
+                        continue
+                    row = sweep_point(batch, cache, h, hk, layout)
+                    best = max(row["rates"], key=row["rates"].get)
+                    rows.append(row)
+                    print(f"{layout:>10} {h}/{hk:<2} b{batch:<3} n{cache:<6} best {best:>3} {row['rates'][best]:.2f} "
+                          f"auto {row['auto']:.2f} ({row['auto'] / row['rates'][best]:.2f}) {row['auto_splits']} "
+                          + " ".join(f"{s}:{r:.2f}" for s, r in row["rates"].items()), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"environment": common.environment(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
