@@ -14,7 +14,8 @@ torch indexing before SDPA flash (what the same serving step costs without fa2rt
 fa2rt.routing.run (the runner alone) and SDPA called directly on (batch, heads, seqlen, headdim) tensors, forward and
 forward+backward.
 
-Per case, after a warm-up, N calls back to back:
+The cases take turns in --rounds rounds (lent machines' hosts drift by tens of percent within a minute); each
+figure is the median over the rounds. Per case and round, after a warm-up, N calls back to back:
 - host: time.perf_counter around issuing the N calls, synchronising only after them;
 - gpu: the same N calls queued behind a sleep kernel long enough for the host to enqueue them all, timed by CUDA
   events: the kernels' time alone;
@@ -24,6 +25,7 @@ Per case, after a warm-up, N calls back to back:
 import argparse
 import contextlib
 import os
+import statistics
 import time
 
 os.environ.setdefault("FA2RT_MIN_SEQLEN", "0")  # the kernel at any length: its host path is what is measured
@@ -155,6 +157,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=None, help="default 64 (128 with --decode)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
     defaults = (dict(batch=8, seqlen=4096, heads=32, head_dim=128) if a.decode else
                 dict(batch=32, seqlen=512, heads=16, head_dim=128) if a.routed else
@@ -167,16 +170,25 @@ def main():
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
 
     header, cases = (decode_cases if a.decode else routed_cases if a.routed else dense_cases)(a, make)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {header}; {a.calls} calls")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {header}; {a.calls} calls, median of "
+          f"{a.rounds} rounds")
     print(f"{'case':24s} {'host us/call':>13s} {'gpu us/call':>12s} {'wall us/call':>13s}")
-    for name, (backend, fn) in cases.items():
-        # The backend is chosen outside the timed calls: SDPA's host time is that of its call alone.
-        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-            try:
-                host, gpu, wall = measure(fn, a.calls)
-            except RuntimeError as err:  # a backend that refuses the call (SDPA's efficient/cuDNN with GQA)
-                print(f"{name:24s} refused: {str(err).splitlines()[0][:80]}")
+    results = {name: [] for name in cases}
+    for _ in range(a.rounds):
+        for name, (backend, fn) in cases.items():
+            if isinstance(results[name], str):
                 continue
+            # The backend is chosen outside the timed calls: SDPA's host time is that of its call alone.
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                try:
+                    results[name].append(measure(fn, a.calls))
+                except RuntimeError as err:  # a backend that refuses the call (SDPA's efficient/cuDNN with GQA)
+                    results[name] = f"refused: {str(err).splitlines()[0][:80]}"
+    for name, rounds in results.items():
+        if isinstance(rounds, str):
+            print(f"{name:24s} {rounds}")
+            continue
+        host, gpu, wall = (statistics.median(column) for column in zip(*rounds, strict=True))
         print(f"{name:24s} {host:13.1f} {gpu:12.1f} {wall:13.1f}")
 
 

@@ -334,7 +334,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=No
                                        cache_batch_idx, cache_leftpad, block_table, alibi_slopes, options)
         if call is not None:
             out, lse = kvcache_ops.run_call(call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                                              cache_batch_idx, cache_leftpad, block_table, alibi_slopes)
+                                            cache_batch_idx, cache_leftpad, block_table, alibi_slopes, return_lse)
             return (out, lse) if return_lse else out
     with torch.no_grad():
         shapes = kvcache.check_kvcache_inputs(

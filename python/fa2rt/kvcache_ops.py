@@ -164,15 +164,27 @@ def _index_or_dummy(t, device):
     return _dummy(device, torch.int32) if t is None else t.contiguous()
 
 
+# attn_decode's pointer arguments in order (decode.decode_params); the combine's are a run of them.
+DECODE_POINTERS = ("Q", "K", "V", "O", "LSE", "O_PART", "LSE_PART", "ALIBI", "SEQLENS", "BATCH_IDX", "LEFTPAD",
+                   "BLOCK_TABLE")
+COMBINE_POINTERS = ("O", "LSE", "O_PART", "LSE_PART")
+_COMBINE_RUN = slice(DECODE_POINTERS.index(COMBINE_POINTERS[0]), DECODE_POINTERS.index(COMBINE_POINTERS[-1]) + 1)
+assert DECODE_POINTERS[_COMBINE_RUN] == COMBINE_POINTERS
+
+
+def _inputs(alibi, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, device) -> tuple:
+    """The slopes and index tensors as attn_decode reads them (unused ones: small dummies)."""
+    seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    return (alibi if alibi is not None else _dummy(device, torch.float32), _index_or_dummy(seqlens, device),
+            _index_or_dummy(cache_batch_idx, device), _index_or_dummy(cache_leftpad, device),
+            _index_or_dummy(block_table, device))
+
+
 def decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
                    cache_leftpad, block_table) -> dict:
-    """attn_decode's pointer arguments by name (unused ones point at small dummies)."""
-    device = q.device
-    seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
-    return {"Q": q, "K": k_cache, "V": v_cache, "O": out, "LSE": lse, "O_PART": o_part, "LSE_PART": lse_part,
-            "ALIBI": alibi if alibi is not None else _dummy(device, torch.float32),
-            "SEQLENS": _index_or_dummy(seqlens, device), "BATCH_IDX": _index_or_dummy(cache_batch_idx, device),
-            "LEFTPAD": _index_or_dummy(cache_leftpad, device), "BLOCK_TABLE": _index_or_dummy(block_table, device)}
+    """attn_decode's pointer arguments by name, in DECODE_POINTERS order."""
+    inputs = _inputs(alibi, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, q.device)
+    return dict(zip(DECODE_POINTERS, (q, k_cache, v_cache, out, lse, o_part, lse_part, *inputs), strict=True))
 
 
 def decode_constants(tensors: dict, alibi, cache_seqlens, shapes: KVShapes, splits: int, use_batch_idx: bool,
@@ -206,7 +218,7 @@ def decode_constants(tensors: dict, alibi, cache_seqlens, shapes: KVShapes, spli
 
 
 def combine_tensors(out, lse, o_part, lse_part) -> dict:
-    return {"O": out, "LSE": lse, "O_PART": o_part, "LSE_PART": lse_part}
+    return dict(zip(COMBINE_POINTERS, (out, lse, o_part, lse_part), strict=True))
 
 
 def combine_constants(out, shapes: KVShapes, splits: int) -> dict:
@@ -223,23 +235,37 @@ def _aligned_floats(n: int) -> int:
     return -(-n // SCRATCH_ALIGN) * SCRATCH_ALIGN
 
 
+def scratch_layout(shapes: KVShapes, splits: int) -> tuple[int, int, int]:
+    """(floats, start of the partial outputs, start of their LSEs) of the float32 scratch that holds the LSE first,
+    then with more than one split the partials; with one split they are the LSE itself (the kernel writes out)."""
+    n = shapes.batch * shapes.nheads * shapes.seqlen_q
+    if splits == 1:
+        return n, 0, 0
+    start_o = _aligned_floats(n)
+    start_l = start_o + _aligned_floats(splits * n * shapes.head_dim)
+    return start_l + splits * n, start_o, start_l
+
+
+def lse_view(scratch: torch.Tensor, shapes: KVShapes) -> torch.Tensor:
+    """The (batch, nheads, seqlen_q) LSE at the start of the scratch (as_strided: one view op, a slice and a view
+    are two)."""
+    return scratch.as_strided((shapes.batch, shapes.nheads, shapes.seqlen_q), (shapes.nheads * shapes.seqlen_q,
+                                                                               shapes.seqlen_q, 1))
+
+
 def buffers(q, shapes: KVShapes, splits: int):
     """(out, lse, o_part, lse_part): the output, its LSE and the split partials (the LSE again for one split); sizes
     from shapes and the split count only. The float32 ones share one allocation (host time per decode step)."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    rows = (shapes.batch, shapes.nheads, shapes.seqlen_q)
-    n = shapes.batch * shapes.nheads * shapes.seqlen_q
+    floats, start_o, start_l = scratch_layout(shapes, splits)
+    scratch = torch.empty(floats, dtype=torch.float32, device=q.device)
+    lse = lse_view(scratch, shapes)
     if splits == 1:
-        lse = torch.empty(rows, dtype=torch.float32, device=q.device)
         return out, lse, lse, lse
-    start_o, start_l = _aligned_floats(n), _aligned_floats(n) + _aligned_floats(splits * n * shapes.head_dim)
-    scratch = torch.empty(start_l + splits * n, dtype=torch.float32, device=q.device)
-    # as_strided: one view op each (a slice and a view are two)
-    d, plane = shapes.head_dim, shapes.nheads * shapes.seqlen_q
-    row_strides = (plane, shapes.seqlen_q, 1)
-    return (out, scratch.as_strided(rows, row_strides),
-            scratch.as_strided((splits, *rows, d), (n * d, *(x * d for x in row_strides), 1), start_o),
-            scratch.as_strided((splits, *rows), (n, *row_strides), start_l))
+    rows, d = lse.shape, shapes.head_dim
+    n = lse.numel()
+    return (out, lse, scratch.as_strided((splits, *rows, d), (n * d, *(x * d for x in lse.stride()), 1), start_o),
+            scratch.as_strided((splits, *rows), (n, *lse.stride()), start_l))
 
 
 # --- selection and launch -----------------------------------------------------------------------------------------
@@ -323,7 +349,6 @@ def make_plan(shapes: KVShapes, tensors: dict, alibi, cache_seqlens, use_batch_i
     return Plan(splits, (decode_image, decode_mode), combine, decode_plan, combine_plan)
 
 
-COMBINE_POINTERS = ("O", "LSE", "O_PART", "LSE_PART")
 # Plans by everything they are built from: the call's KVShapes and split count, every pointer tensor's shape, strides
 # and alignment, the slopes' strides, whether cache_seqlens is an int (and which), the optional indices given, and
 # the selection context (fa2rt's environment variables, the device, the build). Bounded as the dispatcher's caches.
@@ -364,6 +389,7 @@ class KVCall:
     plan: Plan
     plans_source: dict  # the plan cache it was resolved against (tests replace it to record launches)
     q_strides8: bool  # q's strides (part of the key) are the kernels'; its address is checked per call
+    scratch: tuple  # scratch_layout(shapes, plan.splits)
 
     def current(self) -> bool:
         return self.plans_source is _PLANS
@@ -398,14 +424,15 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
         return plan
     if shapes.seqlen_new:
         append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
-    launch(plan, tensors, q.device)
-    return out, lse, KVCall(shapes, plan, _PLANS, _strides8(q_given))
+    launch(plan, [t.data_ptr() for t in tensors.values()], q.device)
+    return out, lse, KVCall(shapes, plan, _PLANS, _strides8(q_given), scratch_layout(shapes, splits))
 
 
 def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-             cache_leftpad, block_table, alibi):
-    """A repeated call (same key as the validated call that resolved `call`): (out, lse) with no validation or
-    selection. Grad mode is off only around the torch ops that write the caches or rotate q."""
+             cache_leftpad, block_table, alibi, return_lse: bool):
+    """A repeated call (same key as the validated call that resolved `call`): (out, lse or None) with no validation
+    or selection, launched from raw pointers (no views of the scratch unless the LSE is returned). Grad mode is off
+    only around the torch ops that write the caches or rotate q."""
     shapes, plan = call.shapes, call.plan
     if shapes.seqlen_new or shapes.rotary_dim:
         with torch.no_grad():
@@ -414,17 +441,21 @@ def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, ca
                 append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
     elif not (call.q_strides8 and _aligned(q)):
         q = q.clone(memory_format=torch.contiguous_format)
-    out, lse, o_part, lse_part = buffers(q, shapes, plan.splits)
-    tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
-                             cache_leftpad, block_table)
-    launch(plan, tensors, q.device)
-    return out, lse
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    floats, start_o, start_l = call.scratch
+    scratch = torch.empty(floats, dtype=torch.float32, device=q.device)
+    base = scratch.data_ptr()
+    inputs = _inputs(alibi, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, q.device)
+    launch(plan, [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), base, base + 4 * start_o,
+                  base + 4 * start_l, *(t.data_ptr() for t in inputs)], q.device)
+    return out, (lse_view(scratch, shapes) if return_lse else None)
 
 
-def launch(plan: Plan, tensors: dict, device) -> None:
+def launch(plan: Plan, pointers: list, device) -> None:
+    """Both kernels of a call on torch's current stream; pointers: addresses in DECODE_POINTERS order."""
     from .ops import device_and_stream
 
     index, stream = device_and_stream(device)
-    plan.decode_plan.launch(index, stream, [t.data_ptr() for t in tensors.values()])
+    plan.decode_plan.launch(index, stream, pointers)
     if plan.combine_plan is not None:
-        plan.combine_plan.launch(index, stream, [tensors[name].data_ptr() for name in COMBINE_POINTERS])
+        plan.combine_plan.launch(index, stream, pointers[_COMBINE_RUN])

@@ -392,27 +392,33 @@ def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
         pytest.fail(f"no installed kernel build: {builds.current_build().error}")
     on_device("sm90")
     launched = []
-    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, tensors, device: launched.append((plan, tensors)))
+    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, pointers, device: launched.append((plan, pointers)))
     args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=2048, max_blocks=128, new=2, seqlen_q=2, paged=paged,
                      dtype=torch.float16, rotary_dim=16)
     _, _, ref_k, ref_v = kvcache_reference(**args, causal=True)
     positional, named = split(args)
     out, lse = fa2rt.attention_with_kvcache(*positional, **named, causal=True, return_lse=True)
-    (plan, tensors), = launched
-    assert out is tensors["O"] and lse is tensors["LSE"]
+    (plan, pointers), = launched
+    named_pointers = dict(zip(kvcache_ops.DECODE_POINTERS, pointers, strict=True))
+    assert named_pointers["O"] == out.data_ptr() and named_pointers["LSE"] == lse.data_ptr()
+    assert named_pointers["K"] == args["k_cache"].data_ptr() and named_pointers["V"] == args["v_cache"].data_ptr()
     torch.testing.assert_close(args["k_cache"].double(), ref_k, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(args["v_cache"].double(), ref_v, atol=0, rtol=0)
     layout = "paged" if paged else "kvcache"
     assert plan.decode_plan.image.startswith(f"decode-sm90-fp16-d64m-softcap+alibi-{layout}-")
-    assert plan.decode_plan.pointers == list(tensors)
+    assert plan.decode_plan.pointers == list(kvcache_ops.DECODE_POINTERS)
     # 2 query rows x 4 query heads per KV head = 8 packed rows: one row block per split; y: batch x KV heads.
     assert plan.decode_plan.grid == (plan.splits, 2 * 2, 1) and plan.splits > 1
     assert plan.combine_plan.image.startswith("decode_combine-sm90-fp16-d256m-")
     # The combine takes one query row per program: x: 2 query rows; y: batch x query heads.
     assert plan.combine_plan.grid == (2, 2 * 8, 1)
-    # A second call of the same geometry reuses the plan.
-    fa2rt.attention_with_kvcache(*positional, **named, causal=True)
-    assert launched[1][0] is plan
+    # A second call of the same geometry (a remembered call: pointers built without views) reuses the plan, with
+    # the scratch laid out as the first call's: the LSE first, the partials at the same offsets from it.
+    out2, lse2 = fa2rt.attention_with_kvcache(*positional, **named, causal=True, return_lse=True)
+    plan2, pointers2 = launched[1]
+    assert plan2 is plan and pointers2[3:5] == [out2.data_ptr(), lse2.data_ptr()]
+    assert [p - pointers[4] for p in pointers[4:7]] == [p - pointers2[4] for p in pointers2[4:7]]
+    assert pointers2[7:] == pointers[7:]  # the same slopes dummy and index tensors
 
 
 def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatch):
@@ -426,7 +432,7 @@ def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatc
     on_device("sm90")
     monkeypatch.setattr(calls, "_CALLS", {})
     launched, validated = [], []
-    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, tensors, device: launched.append((plan, tensors)))
+    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, pointers, device: launched.append((plan, pointers)))
     real = kvcache.check_kvcache_inputs
     monkeypatch.setattr(api.kvcache, "check_kvcache_inputs", lambda *a, **kw: validated.append(1) or real(*a, **kw))
     args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=512, new=1, dtype=torch.float16)
@@ -441,7 +447,7 @@ def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatc
     step(0)
     q, k, out = step(1)
     assert len(validated) == 1 and len(launched) == 2 and launched[1][0] is launched[0][0]
-    assert launched[1][1]["Q"] is q and launched[1][1]["O"] is out
+    assert launched[1][1][:4] == [q.data_ptr(), args["k_cache"].data_ptr(), args["v_cache"].data_ptr(), out.data_ptr()]
     assert torch.equal(args["k_cache"][:, 100], k[:, 0])  # the hit appended in place
     step(2, cache_seqlens=101)
     step(3, softcap=2.0)
