@@ -96,9 +96,9 @@ std::vector<std::string> pack_params(const ImageInfo& image, const NamedArgs& ar
 namespace {
 
 // Launch geometry per op: what one program along x covers a block of, and whether the grid's y axis runs over query
-// heads or KV heads. Query rows: fwd, bwd_dq and decode_combine. Keys: the dK/dV kernel sums the query heads of a KV
-// head itself. Packed rows: a decode program takes the seqlen_q * (nheads / nheads_k) rows of one KV head's query
-// heads, once per split of the keys (problem.splits).
+// heads or KV heads. Query rows: fwd, bwd_dq, decode_combine, and append (its problem's seqlen_q is the new tokens of
+// one KV head). Keys: the dK/dV kernel sums the query heads of a KV head itself. Packed rows: a decode program takes
+// the seqlen_q * (nheads / nheads_k) rows of one KV head's query heads, once per split of the keys (problem.splits).
 enum class BlockAxis { kQueryRows, kKeys, kPackedRowsPerSplit };
 struct OpGeometry {
   const char* op;
@@ -109,7 +109,8 @@ constexpr OpGeometry kOpGeometry[] = {{"fwd", BlockAxis::kQueryRows, false},
                                       {"bwd_dq", BlockAxis::kQueryRows, false},
                                       {"bwd_dkdv", BlockAxis::kKeys, true},
                                       {"decode", BlockAxis::kPackedRowsPerSplit, true},
-                                      {"decode_combine", BlockAxis::kQueryRows, false}};
+                                      {"decode_combine", BlockAxis::kQueryRows, false},
+                                      {"append", BlockAxis::kQueryRows, true}};
 
 int64_t blocks_along_x(const OpGeometry& geo, const ImageInfo& image, const Problem& p) {
   switch (geo.axis) {

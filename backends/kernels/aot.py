@@ -72,7 +72,9 @@ def kernel_spec(op: str):
             "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS, bwd.bwd_constexprs),
             "decode": (decode.attn_decode, decode.decode_params, decode.UNHINTED_PARAMS, decode.decode_constexprs),
             "decode_combine": (decode.attn_decode_combine, decode.combine_params, decode.COMBINE_UNHINTED_PARAMS,
-                               decode.combine_constexprs)}[op]
+                               decode.combine_constexprs),
+            "append": (decode.attn_append, decode.append_params, decode.APPEND_UNHINTED_PARAMS,
+                       decode.append_constexprs)}[op]
 
 
 def divisible_params(op: str, params: list[tuple[str, str]]) -> list[str]:

@@ -219,10 +219,63 @@ def attn_decode_combine(
     tl.store(LSE + lse_row, lse)
 
 
+@triton.jit
+def attn_append(
+    K, V, K_NEW, V_NEW, SEQLENS, BATCH_IDX, BLOCK_TABLE,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_knb, stride_knh, stride_knm,
+    stride_vnb, stride_vnh, stride_vnm,
+    stride_bt,
+    nheads_k, seqlen_new, seqlen_fixed, capacity, cache_rows, page_size, use_batch_idx, head_dim_8,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+):
+    """Writes BLOCK_M new tokens of one (batch, KV head) into the caches in place, at logical positions
+    cache_seqlens[b] + i: one launch where the torch ops it replaces were four, for the append before attn_decode.
+    Positions, rows and block ids are clamped as attn_decode clamps them, so malformed indices write wrong places
+    of the caches at worst, never outside them. Cache strides arrive in units of 8 elements; the new keys' and
+    values' strides in elements (any view with a contiguous last dim)."""
+    stride_kb, stride_kh, stride_kn = stride_kb.to(tl.int64) * 8, stride_kh.to(tl.int64) * 8, stride_kn.to(tl.int64) * 8
+    stride_vb, stride_vh, stride_vn = stride_vb.to(tl.int64) * 8, stride_vh.to(tl.int64) * 8, stride_vn.to(tl.int64) * 8
+    off_b = tl.program_id(1) // nheads_k
+    off_hk = (tl.program_id(1) % nheads_k).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_new
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (offs_d < head_dim_8 * 8)[None, :]
+    first = seqlen_fixed
+    if seqlen_fixed < 0:
+        first = tl.load(SEQLENS + off_b)
+    pos = _clamp(first + rows, 0, capacity - 1)
+    if PAGED:
+        page = pos // page_size  # one division per position: the offset in the page from it
+        block = tl.load(BLOCK_TABLE + off_b.to(tl.int64) * stride_bt + page, mask=row_ok, other=0)
+        block = _clamp(block, 0, cache_rows - 1).to(tl.int64)
+        within = (pos - page * page_size).to(tl.int64)
+        k_off = block * stride_kb + within * stride_kn
+        v_off = block * stride_vb + within * stride_vn
+    else:
+        cache_row = off_b.to(tl.int64)
+        if use_batch_idx != 0:
+            cache_row = _clamp(tl.load(BATCH_IDX + off_b), 0, cache_rows - 1).to(tl.int64)
+        k_off = cache_row * stride_kb + pos.to(tl.int64) * stride_kn
+        v_off = cache_row * stride_vb + pos.to(tl.int64) * stride_vn
+    new_row = rows.to(tl.int64)[:, None]
+    k = tl.load(K_NEW + off_b.to(tl.int64) * stride_knb + off_hk * stride_knh + new_row * stride_knm
+                + offs_d[None, :], mask=ok)
+    v = tl.load(V_NEW + off_b.to(tl.int64) * stride_vnb + off_hk * stride_vnh + new_row * stride_vnm
+                + offs_d[None, :], mask=ok)
+    tl.store(K + off_hk * stride_kh + k_off[:, None] + offs_d[None, :], k, mask=ok)
+    tl.store(V + off_hk * stride_vh + v_off[:, None] + offs_d[None, :], v, mask=ok)
+
+
 # The index tensors (int32, any alignment a view may have) and the slopes are not hinted 16-byte aligned.
 UNHINTED_PARAMS = frozenset({"ALIBI", "SEQLENS", "BATCH_IDX", "LEFTPAD", "BLOCK_TABLE", "stride_ab", "stride_ah",
                              "stride_bt"})
 COMBINE_UNHINTED_PARAMS = frozenset()
+# The new keys and values may be any views (their bases and strides unaligned); the index tensors as above.
+APPEND_UNHINTED_PARAMS = frozenset({"K_NEW", "V_NEW", "SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "stride_knb",
+                                    "stride_knh", "stride_knm", "stride_vnb", "stride_vnh", "stride_vnm", "stride_bt"})
 # The layouts decode images are built for: a contiguous cache, or a paged one through a block table.
 LAYOUTS = ("kvcache", "paged")
 # The combine reads only the partials attn_decode wrote (its own layout, whatever the cache's).
@@ -258,6 +311,22 @@ def combine_params(dtype: str, layout: str = COMBINE_LAYOUT) -> list[tuple[str, 
     ]
 
 
+def append_params(dtype: str, layout: str = "kvcache") -> list[tuple[str, str]]:
+    """attn_append's run-time parameters in launch order (the same for both layouts)."""
+    ptr = f"*{dtype}"
+    return [
+        ("K", ptr), ("V", ptr), ("K_NEW", ptr), ("V_NEW", ptr), ("SEQLENS", "*i32"), ("BATCH_IDX", "*i32"),
+        ("BLOCK_TABLE", "*i32"),
+        ("stride_kb", "i64"), ("stride_kh", "i64"), ("stride_kn", "i32"),
+        ("stride_vb", "i64"), ("stride_vh", "i64"), ("stride_vn", "i32"),
+        ("stride_knb", "i64"), ("stride_knh", "i64"), ("stride_knm", "i64"),
+        ("stride_vnb", "i64"), ("stride_vnh", "i64"), ("stride_vnm", "i64"),
+        ("stride_bt", "i64"),
+        ("nheads_k", "i32"), ("seqlen_new", "i32"), ("seqlen_fixed", "i32"), ("capacity", "i32"),
+        ("cache_rows", "i32"), ("page_size", "i32"), ("use_batch_idx", "i32"), ("head_dim_8", "i32"),
+    ]
+
+
 def decode_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
                       layout: str = "kvcache") -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": bucket, "D_MASK": d_mask,
@@ -268,6 +337,16 @@ def combine_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, fe
                        layout: str = COMBINE_LAYOUT) -> dict:
     # The tile's block_n is the splits read per step; its block_m is 1 (one query row per program, combine_grid).
     return {"BLOCK_S": block_n, "BLOCK_D": bucket, "D_MASK": d_mask}
+
+
+def append_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
+                      layout: str = "kvcache") -> dict:
+    # The tile's block_m is the new tokens per program (block_n unused: no keys loop).
+    return {"BLOCK_M": block_m, "BLOCK_D": bucket, "PAGED": layout == "paged"}
+
+
+def append_grid(seqlen_new: int, batch: int, nheads_k: int, block_m: int):
+    return (triton.cdiv(seqlen_new, block_m), batch * nheads_k, 1)
 
 
 def decode_grid(num_splits: int, seqlen_q: int, head_ratio: int, batch: int, nheads_k: int, block_m: int):

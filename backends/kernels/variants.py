@@ -13,8 +13,9 @@ BACKENDS_DIR = Path(__file__).resolve().parent.parent
 
 # fwd, then the two backward kernels (bwd.py). An arch whose tiles.json entry has no table for an op gets no images
 # of it, and the dispatcher says so.
-# decode and decode_combine: the split-KV kernels over a KV cache and the merge of their partials (decode.py).
-OPS = ("fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_combine")
+# decode and decode_combine: the split-KV kernels over a KV cache and the merge of their partials; append: the in-place
+# write of a call's new keys and values into the cache before them (decode.py).
+OPS = ("fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_combine", "append")
 DTYPES = ("fp16", "bf16")
 # Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order
 # and the dispatcher takes the first image that fits, so an exact head dim without extras wins. Masked images take
@@ -36,17 +37,18 @@ PAGED_PREFILL_BUCKETS = (64, 128, 256)
 # measurable beside the cache reads, so one kind per bucket serves every call, keeping the build small. They are built
 # per cache layout (decode.LAYOUTS; the page size is a run-time value, any multiple of the manifest's page_multiple);
 # the combine reads only the decode kernel's partials (decode.COMBINE_LAYOUT), has no options, and one masked
-# bucket (its tiles.json entry) takes every head dim.
+# bucket (its tiles.json entry) takes every head dim; so does the append, per cache layout.
 DECODE_KINDS = ((True, ("softcap", "alibi")),)
 OP_LAYOUT_KINDS = {op: LAYOUT_KINDS for op in ("bwd_dq", "bwd_dkdv")} | {
     "fwd": LAYOUT_KINDS | {"varlen_paged": PAGED_PREFILL_KINDS},
     "decode": {"kvcache": DECODE_KINDS, "paged": DECODE_KINDS},
     "decode_combine": {"partials": ((True, ()),)},
+    "append": {"kvcache": ((True, ()),), "paged": ((True, ()),)},
 }
 # Features an image applies only when the call asks for them (so it also serves calls without them), per op; the
 # manifest rows carry them ("optional_features") for the dispatcher's feature check. ALiBi with slope 0 adds nothing;
 # a compiled-in softcap always caps the scores, except in the decode kernels, where it is a run-time switch.
-OPTIONAL_FEATURES = {"decode": ("softcap", "alibi")}
+OPTIONAL_FEATURES = {"decode": ("softcap", "alibi"), "append": ()}
 DEFAULT_OPTIONAL_FEATURES = ("alibi",)
 # Page sizes the paged images take: multiples of this (vLLM's 16-token blocks and up); the manifest carries it.
 PAGE_MULTIPLE = 16

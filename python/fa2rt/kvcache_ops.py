@@ -17,7 +17,7 @@ import torch
 from . import _C, builds, config, policy, reference
 from .kvcache import KVShapes
 
-DECODE_OP, COMBINE_OP = "decode", "decode_combine"
+DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
 # The split heuristic (num_splits=0), from the sweep in docs/bench/decode-splits-h200.json (ci/decode_splits.py: H200,
 # bf16 d128, GQA 32/8 and MHA 32/32, batch 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA
@@ -187,16 +187,20 @@ def decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache
     return dict(zip(DECODE_POINTERS, (q, k_cache, v_cache, out, lse, o_part, lse_part, *inputs), strict=True))
 
 
+def _seqlen_fixed(cache_seqlens, shapes: KVShapes) -> int:
+    """The kernels' seqlen_fixed: -1 when cache_seqlens is a tensor (read per sequence), else its value."""
+    if isinstance(cache_seqlens, torch.Tensor):
+        return -1
+    return shapes.capacity - shapes.seqlen_new if cache_seqlens is None else int(cache_seqlens)
+
+
 def decode_constants(tensors: dict, alibi, cache_seqlens, shapes: KVShapes, splits: int, use_batch_idx: bool,
                      use_leftpad: bool) -> dict:
     """attn_decode's arguments other than pointers (decode.decode_params); use_*: whether cache_batch_idx and
     cache_leftpad were given (else their pointers are dummies the kernel does not read)."""
     slope_b, slope_h = (0, 0) if alibi is None else (
         (alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
-    if isinstance(cache_seqlens, torch.Tensor):
-        seqlen_fixed = -1
-    else:
-        seqlen_fixed = shapes.capacity - shapes.seqlen_new if cache_seqlens is None else int(cache_seqlens)
+    seqlen_fixed = _seqlen_fixed(cache_seqlens, shapes)
     scale_log2, softcap_in = ((shapes.softcap / math.log(2.0), shapes.softmax_scale / shapes.softcap)
                               if shapes.softcap > 0 else (shapes.softmax_scale / math.log(2.0), 0.0))
     left, right = shapes.window
@@ -214,6 +218,39 @@ def decode_constants(tensors: dict, alibi, cache_seqlens, shapes: KVShapes, spli
         "head_dim_8": shapes.head_dim // _C.HEAD_DIM_MULTIPLE,
         "window_left": _window_bound(left, shapes), "window_right": _window_bound(right, shapes),
         "qk_scale_log2": scale_log2, "softcap_in": softcap_in,
+    }
+
+
+# attn_append's pointer arguments in order (decode.append_params).
+APPEND_POINTERS = ("K", "V", "K_NEW", "V_NEW", "SEQLENS", "BATCH_IDX", "BLOCK_TABLE")
+
+
+def kernel_append(shapes: KVShapes) -> bool:
+    """Whether the append kernel writes the call's new keys and values: plain copies. Rotated keys take the torch
+    ops, whose float32 arithmetic the fallback shares, so both paths write the same bits."""
+    return shapes.seqlen_new > 0 and not shapes.rotary_dim
+
+
+def append_tensors(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> dict:
+    """attn_append's pointer arguments by name, in APPEND_POINTERS order."""
+    seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    device = k.device
+    return dict(zip(APPEND_POINTERS, (k_cache, v_cache, k, v, _index_or_dummy(seqlens, device),
+                                      _index_or_dummy(cache_batch_idx, device), _index_or_dummy(block_table, device)),
+                    strict=True))
+
+
+def append_constants(tensors: dict, cache_seqlens, shapes: KVShapes, use_batch_idx: bool) -> dict:
+    """attn_append's arguments other than pointers (decode.append_params)."""
+    k_new, v_new = tensors["K_NEW"], tensors["V_NEW"]
+    return _rows_strides("k", tensors["K"]) | _rows_strides("v", tensors["V"]) | {
+        "stride_knb": k_new.stride(0), "stride_knh": k_new.stride(2), "stride_knm": k_new.stride(1),
+        "stride_vnb": v_new.stride(0), "stride_vnh": v_new.stride(2), "stride_vnm": v_new.stride(1),
+        "stride_bt": tensors["BLOCK_TABLE"].stride(0) if shapes.paged else 0,
+        "nheads_k": shapes.nheads_k, "seqlen_new": shapes.seqlen_new,
+        "seqlen_fixed": _seqlen_fixed(cache_seqlens, shapes), "capacity": shapes.capacity,
+        "cache_rows": shapes.cache_rows, "page_size": max(shapes.page_size, 1), "use_batch_idx": int(use_batch_idx),
+        "head_dim_8": shapes.head_dim // _C.HEAD_DIM_MULTIPLE,
     }
 
 
@@ -279,22 +316,26 @@ def _strides8(t) -> bool:
 
 
 def problem(op: str, shapes: KVShapes, tensors, splits: int) -> "_C.Problem":
-    """The dispatcher's view of a decode (or combine) launch; tensors: the (rows, seqlen, nheads, headdim) tensors
-    it reads or writes with hinted alignment and strides in units of 8."""
+    """The dispatcher's view of a decode, combine or append launch; tensors: the (rows, seqlen, nheads, headdim)
+    tensors it reads or writes with hinted alignment and strides in units of 8 (the append's: the caches; its
+    seqlen_q is the new tokens)."""
     p = _C.Problem()
     p.op = op
-    p.layout = shapes.layout if op == DECODE_OP else COMBINE_LAYOUT
+    p.layout = COMBINE_LAYOUT if op == COMBINE_OP else shapes.layout
     p.dtype = policy.KERNEL_DTYPES.get(shapes.dtype, str(shapes.dtype))
-    p.batch, p.seqlen_q, p.seqlen_k = shapes.batch, shapes.seqlen_q, shapes.capacity
+    p.batch, p.seqlen_k = shapes.batch, shapes.capacity
+    p.seqlen_q = shapes.seqlen_new if op == APPEND_OP else shapes.seqlen_q
     p.nheads, p.nheads_k, p.head_dim = shapes.nheads, shapes.nheads_k, shapes.head_dim
     p.features = ([name for name, on in (("softcap", shapes.softcap > 0), ("alibi", shapes.has_alibi)) if on]
                   if op == DECODE_OP else [])
     p.full_band = shapes.window == (-1, -1)
     p.aligned16 = all(_aligned(t) for t in tensors)
     p.strides8 = all(_strides8(t) for t in tensors)
-    # Only q's and out's row offsets are int32 products in the kernels (cache offsets are int64).
-    p.max_head_extent = max((t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors[:1] + tensors[-1:])
-    p.page_size = shapes.page_size if op == DECODE_OP else 0
+    # Only q's and out's row offsets are int32 products in the kernels (cache offsets are int64, and all of the
+    # append's).
+    p.max_head_extent = 0 if op == APPEND_OP else max(
+        (t.shape[1] - 1) * t.stride(1) + t.shape[3] for t in tensors[:1] + tensors[-1:])
+    p.page_size = 0 if op == COMBINE_OP else shapes.page_size
     p.splits = splits
     return p
 
@@ -308,6 +349,8 @@ class Plan:
     combine: tuple | None
     decode_plan: object = None
     combine_plan: object = None
+    append: tuple | str | None = None  # (image, mode) of the append kernel, or why the torch ops append instead
+    append_plan: object = None
 
 
 def select(shapes: KVShapes, tensors: dict, info, splits: int):
@@ -329,9 +372,24 @@ def select(shapes: KVShapes, tensors: dict, info, splits: int):
     return tuple(chosen)
 
 
-def make_plan(shapes: KVShapes, tensors: dict, alibi, cache_seqlens, use_batch_idx: bool, use_leftpad: bool, info,
-              splits: int):
-    """A Plan for this call's geometry, or a fallback Decision."""
+def select_append(shapes: KVShapes, caches: list, info) -> tuple | str | None:
+    """The append kernel's (image, mode) for a call that appends into `caches` (k_cache, v_cache), else why the
+    torch ops append (None: nothing to append). A rejected append image never sends the call to the fallback: the
+    torch ops write the same cache."""
+    if not shapes.seqlen_new:
+        return None
+    if not kernel_append(shapes):
+        return "rotary keys"
+    build = builds.current_build()
+    sel = _C.select(problem(APPEND_OP, shapes, caches, 1), info, build.registry, config.force_arch())
+    if sel["image"] is None:
+        return "; ".join(sorted({r.message for r in sel["rejections"]})[:2]) or "no image"
+    return sel["image"], sel["mode"]
+
+
+def make_plan(shapes: KVShapes, tensors: dict, new: dict | None, alibi, cache_seqlens, use_batch_idx: bool,
+              use_leftpad: bool, info, splits: int):
+    """A Plan for this call's geometry, or a fallback Decision. new: append_tensors(...) of a call that appends."""
     chosen = select(shapes, tensors, info, splits)
     if isinstance(chosen, policy.Decision):
         return chosen
@@ -346,7 +404,11 @@ def make_plan(shapes: KVShapes, tensors: dict, alibi, cache_seqlens, use_batch_i
         out = tensors["O"]
         combine_plan = _C.LaunchPlan(registry, combine[0], combine[1], problem(COMBINE_OP, shapes, [out, out], splits),
                                      combine_constants(out, shapes, splits), list(COMBINE_POINTERS))
-    return Plan(splits, (decode_image, decode_mode), combine, decode_plan, combine_plan)
+    append, append_plan = (None, None) if new is None else (select_append(shapes, [new["K"], new["V"]], info), None)
+    if isinstance(append, tuple):
+        append_plan = _C.LaunchPlan(registry, append[0], append[1], problem(APPEND_OP, shapes, [new["K"], new["V"]], 1),
+                                    append_constants(new, cache_seqlens, shapes, use_batch_idx), list(APPEND_POINTERS))
+    return Plan(splits, (decode_image, decode_mode), combine, decode_plan, combine_plan, append, append_plan)
 
 
 # Plans by everything they are built from: the call's KVShapes and split count, every pointer tensor's shape, strides
@@ -355,8 +417,8 @@ def make_plan(shapes: KVShapes, tensors: dict, alibi, cache_seqlens, use_batch_i
 _PLANS: dict = {}
 
 
-def _plan_key(shapes, tensors, alibi, cache_seqlens, use_batch_idx, use_leftpad, info, splits) -> tuple:
-    layout = tuple((t.shape, t.stride(), _aligned(t)) for t in tensors.values())
+def _plan_key(shapes, tensors, new, alibi, cache_seqlens, use_batch_idx, use_leftpad, info, splits) -> tuple:
+    layout = tuple((t.shape, t.stride(), _aligned(t)) for t in (*tensors.values(), *(new or {}).values()))
     seqlens = None if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens
     return (shapes, splits, layout, None if alibi is None else alibi.stride(), seqlens, use_batch_idx, use_leftpad,
             config.raw_values(), info.vendor, info.index, info.arch, id(builds.current_build()))
@@ -376,8 +438,12 @@ def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, b
     if isinstance(chosen, policy.Decision):
         return chosen
     (image, mode), combine = chosen
-    return policy.Decision("kernel", image=image, mode=mode, device=policy._device_dict(info),
-                           message=f"{splits} split(s)", backward=(combine,) if combine else ())
+    message = f"{splits} split(s)"
+    if shapes.seqlen_new:
+        append = select_append(shapes, [k_cache, v_cache], info)
+        message += f"; append: {append[0] if isinstance(append, tuple) else 'torch ops (' + append + ')'}"
+    return policy.Decision("kernel", image=image, mode=mode, device=policy._device_dict(info), message=message,
+                           backward=(combine,) if combine else ())
 
 
 @dataclass(frozen=True)
@@ -417,12 +483,17 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
     out, lse, o_part, lse_part = buffers(q, shapes, splits)
     tensors = decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table)
+    new = (append_tensors(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+           if shapes.seqlen_new else None)
     flags = (cache_batch_idx is not None, cache_leftpad is not None)
-    key = _plan_key(shapes, tensors, alibi, cache_seqlens, *flags, info, splits)
-    plan = policy.remember(_PLANS, key, lambda: make_plan(shapes, tensors, alibi, cache_seqlens, *flags, info, splits))
+    key = _plan_key(shapes, tensors, new, alibi, cache_seqlens, *flags, info, splits)
+    plan = policy.remember(_PLANS, key, lambda: make_plan(shapes, tensors, new, alibi, cache_seqlens, *flags, info,
+                                                          splits))
     if isinstance(plan, policy.Decision):
         return plan
-    if shapes.seqlen_new:
+    if plan.append_plan is not None:
+        launch_append(plan, [t.data_ptr() for t in new.values()], q.device)
+    elif shapes.seqlen_new:
         append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
     launch(plan, [t.data_ptr() for t in tensors.values()], q.device)
     return out, lse, KVCall(shapes, plan, _PLANS, _strides8(q_given), scratch_layout(shapes, splits))
@@ -434,13 +505,17 @@ def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, ca
     or selection, launched from raw pointers (no views of the scratch unless the LSE is returned). Grad mode is off
     only around the torch ops that write the caches or rotate q."""
     shapes, plan = call.shapes, call.plan
-    if shapes.seqlen_new or shapes.rotary_dim:
+    if plan.append_plan is None and (shapes.seqlen_new or shapes.rotary_dim):
         with torch.no_grad():
             q, seqlens = _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes)
             if shapes.seqlen_new:
                 append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
-    elif not (call.q_strides8 and _aligned(q)):
-        q = q.clone(memory_format=torch.contiguous_format)
+    else:
+        if not (call.q_strides8 and _aligned(q)):
+            q = q.clone(memory_format=torch.contiguous_format)
+        if plan.append_plan is not None:
+            new = append_tensors(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+            launch_append(plan, [t.data_ptr() for t in new.values()], q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     floats, start_o, start_l = call.scratch
     scratch = torch.empty(floats, dtype=torch.float32, device=q.device)
@@ -449,6 +524,13 @@ def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, ca
     launch(plan, [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), base, base + 4 * start_o,
                   base + 4 * start_l, *(t.data_ptr() for t in inputs)], q.device)
     return out, (lse_view(scratch, shapes) if return_lse else None)
+
+
+def launch_append(plan: Plan, pointers: list, device) -> None:
+    """The append kernel on torch's current stream (before the decode kernels); pointers in APPEND_POINTERS order."""
+    from .ops import device_and_stream
+
+    plan.append_plan.launch(*device_and_stream(device), pointers)
 
 
 def launch(plan: Plan, pointers: list, device) -> None:

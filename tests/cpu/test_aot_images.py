@@ -127,13 +127,13 @@ def test_row_fields(build):
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
         assert row["full_band_only"] == ("-fullband-" in row["name"])
         assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"], layout))
-        # Slopes, cu_seqlens and the decode kernels' index tensors (and the backward's fp32 row vectors, LSE and
-        # delta) may have any alignment.
-        unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "SEQLENS", "BATCH_IDX", "LEFTPAD",
-                    "BLOCK_TABLE"} | ({"LSE", "DELTA"} if row["op"] in ("bwd_dq", "bwd_dkdv") else set())
+        # Slopes, cu_seqlens, the decode kernels' index tensors, the appended keys and values (and the backward's fp32
+        # row vectors, LSE and delta) may have any alignment.
+        unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "SEQLENS", "BATCH_IDX", "LEFTPAD", "BLOCK_TABLE",
+                    "K_NEW", "V_NEW"} | ({"LSE", "DELTA"} if row["op"] in ("bwd_dq", "bwd_dkdv") else set())
         assert not unhinted & set(row["divisible16"])
         assert row["page_multiple"] == (16 if layout in ("paged", "varlen_paged") else 0)
-        assert row["optional_features"] == (["softcap", "alibi"] if row["op"] == "decode" else ["alibi"])
+        assert row["optional_features"] == {"decode": ["softcap", "alibi"], "append": []}.get(row["op"], ["alibi"])
         if row["vendor"] == "cuda":
             assert row["warp_size"] == 32 and row["binary"]["kind"] == "cubin"
             assert row["ptx"]["target"] == "sm_90a" and row["ptx"]["portable"] is False

@@ -1,5 +1,6 @@
-"""The decode kernels (backends/kernels/decode.py: split-KV attn_decode and attn_decode_combine) run in the Triton
-interpreter against the float64 KV-cache reference.
+"""The decode kernels (backends/kernels/decode.py: split-KV attn_decode and attn_decode_combine, and attn_append) run
+in the Triton interpreter against the float64 KV-cache reference (attn_append: against the caches the torch append
+writes).
 
 Each distinct decode tile of backends/cuda/tiles.json and backends/rocm/tiles.json (block_m, block_n, bucket; the
 interpreter ignores warps and stages) runs contiguous and paged caches, GQA packing, one and several splits, with
@@ -37,7 +38,7 @@ def _load():
     spec = importlib.util.spec_from_file_location("fa2rt_kernels_decode_interp", DECODE_SRC)
     mod = importlib.util.module_from_spec(spec)
     exec_interpreted(spec, mod, "fa2rt_kernels_decode_interp")
-    for name in ("attn_decode", "attn_decode_combine", "_page_blocks"):
+    for name in ("attn_decode", "attn_decode_combine", "attn_append", "_page_blocks"):
         assert isinstance(getattr(mod, name), InterpretedFunction), f"{name} would not run in the interpreter"
     return mod
 
@@ -57,6 +58,7 @@ def _tiles(op):
 
 DECODE_TILES = _tiles("decode")
 COMBINE_TILES = _tiles("decode_combine")
+APPEND_TILES = _tiles("append")
 # Every decode image compiles softcap and ALiBi in, applied only when a call asks (variants.OPTIONAL_FEATURES), and
 # one masked combine tile serves every head dim.
 FEATURES_COMPILED = ("softcap", "alibi")
@@ -65,7 +67,7 @@ ALL_ARCHS = ("sm80", "sm89", "sm90", "gfx90a", "gfx942")
 
 
 def test_every_arch_has_decode_tiles():
-    for tiles in (DECODE_TILES, COMBINE_TILES):
+    for tiles in (DECODE_TILES, COMBINE_TILES, APPEND_TILES):
         covered = {arch for archs in tiles.values() for arch in archs}
         assert covered == set(ALL_ARCHS)
 
@@ -79,7 +81,8 @@ def _image(op, block_m, block_n, bucket, dtype, features, layout):
     img.block_m, img.block_n, img.num_warps, img.warp_size, img.shared_bytes, img.align16 = (
         block_m, block_n, 4, 32, 0, True)
     img.kernel_name = "attn_" + op
-    img.params = (decode.decode_params if op == "decode" else decode.combine_params)(dtype)
+    img.params = {"decode": decode.decode_params, "decode_combine": decode.combine_params,
+                  "append": decode.append_params}[op](dtype)
     return img
 
 
@@ -277,6 +280,71 @@ def test_malformed_indices_stay_inside_the_tensors(kind, splits):
     out, lse = got[:2]
     _check_guards(out, lse, got[4])
     assert torch.isfinite(out).all(), "a read outside the caches (NaN guards) reached the output"
+
+
+def run_append(args, tile, malformed=None):
+    """attn_append in the interpreter with the library's arguments (kvcache_ops.append_tensors/append_constants, the
+    dispatcher's packer and grid) on copies of the caches between NaN guards. Returns (k_cache, v_cache, buffers)."""
+    shapes = check_kvcache_inputs(**args)
+    args = {**args, **(malformed or {})}
+    k_cache, k_buf = _guarded(args["k_cache"])
+    v_cache, v_buf = _guarded(args["v_cache"])
+    tensors = kvcache_ops.append_tensors(k_cache, v_cache, args["k"], args["v"], args["cache_seqlens"],
+                                         args.get("cache_batch_idx"), args.get("block_table"))
+    constants = kvcache_ops.append_constants(tensors, args["cache_seqlens"], shapes, "cache_batch_idx" in args)
+    block_m, _, bucket = tile
+    registry = _C.Registry()
+    image = _image("append", block_m, block_m, bucket, TL_DTYPE[k_cache.dtype], (), shapes.layout)
+    registry.add(image)
+    _C.pack_params(registry, image.name, {**constants, **{n: 0 for n in tensors}})
+    grid, _, _ = _C.launch_config(registry, image.name, kvcache_ops.problem("append", shapes, [k_cache, v_cache], 1))
+    assert tuple(grid) == decode.append_grid(shapes.seqlen_new, shapes.batch, shapes.nheads_k, block_m)
+    with _interpret_mode():
+        decode.attn_append[tuple(grid)](**_launch_args(image.params, tensors, constants),
+                                        **decode.append_constexprs(block_m, block_m, bucket, True, (), shapes.layout))
+    return k_cache, v_cache, (k_buf, v_buf)
+
+
+def _caches_guarded(k_buf, v_buf):
+    for name, buf in (("k_cache", k_buf), ("v_cache", v_buf)):
+        n = (buf.numel() - 64) // 3
+        assert torch.isnan(buf[: n + 32]).all() and torch.isnan(buf[2 * n + 32:]).all(), f"a write outside {name}"
+
+
+APPEND_CASES = {
+    "contiguous": dict(),
+    "batch_idx": dict(batch_idx=True),
+    "paged": dict(paged=True, max_blocks=4),
+    "int_seqlens": dict(),
+    "fp16_many_tokens": dict(dtype=torch.float16, new=37, seqlen_cache=90),
+}
+
+
+@pytest.mark.parametrize("tile", list(APPEND_TILES), ids=[f"m{m}d{d}" for m, _, d in APPEND_TILES])
+@pytest.mark.parametrize("case", APPEND_CASES)
+def test_append_writes_what_the_torch_append_writes(tile, case):
+    # New tokens crossing pages and the tile's token blocks; the caches must equal the torch append's to the bit.
+    options = {"batch": 3, "hk": 2, "d": _head_dim(tile[2]), "seqlen_cache": 60, "new": 5, **APPEND_CASES[case]}
+    args = make_case(**options, seed=31)
+    if case == "int_seqlens":
+        args["cache_seqlens"] = 17
+    shapes = check_kvcache_inputs(**args)
+    want_k, want_v = args["k_cache"].clone(), args["v_cache"].clone()
+    seqlens = kvcache_ops.seqlens_tensor(args["cache_seqlens"], shapes, want_k.device)
+    kvcache_ops.append(want_k, want_v, args["k"], args["v"], None, None, seqlens, args.get("cache_batch_idx"),
+                       args.get("block_table"), shapes)
+    k_cache, v_cache, bufs = run_append(args, tile)
+    _caches_guarded(*bufs)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("kind", ["seqlens_past_cache", "batch_idx_outside", "blocks_outside_pool"])
+def test_append_with_malformed_indices_writes_inside_the_caches(kind):
+    paged = kind == "blocks_outside_pool"
+    args = make_case(batch=3, hk=2, d=_head_dim(SMALL_TILE[2]), seqlen_cache=48, new=2, paged=paged,
+                     batch_idx=kind == "batch_idx_outside", seed=22)
+    (tile,) = [t for t in APPEND_TILES][:1]
+    _caches_guarded(*run_append(args, tile, malformed=MALFORMED[kind](args))[2])
 
 
 def test_module_is_interpreted():

@@ -358,7 +358,8 @@ def test_explain_names_the_fallback_reason(on_device):
 @pytest.mark.parametrize("arch", ["sm80", "sm89", "sm90", "gfx90a", "gfx942"])
 def test_installed_decode_images_take_kvcache_calls(on_device, arch):
     """The real build, on a synthetic device of each arch: contiguous and paged bf16 calls get a decode image of the
-    arch for their layout (and a combine image when they split); a head dim over every bucket falls back, named."""
+    arch for their layout (and a combine image when they split, an append image for their new token); a head dim over
+    every bucket falls back, named."""
     from fa2rt import builds
 
     if builds.current_build().manifest is None:
@@ -373,6 +374,7 @@ def test_installed_decode_images_take_kvcache_calls(on_device, arch):
         assert decision.image.startswith(f"decode-{arch}-bf16-d128m-") and decision.image.split("-")[-2] == layout
         splits = int(decision.message.split()[0])
         assert splits > 1 and decision.backward[0][0].startswith(f"decode_combine-{arch}-bf16-d256m-")
+        assert f"append: append-{arch}-bf16-d256m-plain-{layout}-" in decision.message  # the one new token
         single = fa2rt.explain_with_kvcache(*positional, **named, num_splits=1)
         assert single.path == "kernel" and single.backward == ()
     args = make_case(batch=1, h=2, hk=2, d=264, seqlen_cache=64, new=0, dtype=torch.bfloat16)
@@ -421,6 +423,25 @@ def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
     assert pointers2[7:] == pointers[7:]  # the same slopes dummy and index tensors
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_append_kernel_unless_rotary(on_device, paged):
+    """A call that appends plain keys has them written by the build's append image (one launch); rotated keys by the
+    torch ops, which the fallback shares (explain says which)."""
+    from fa2rt import builds
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device("sm90")
+    layout = "paged" if paged else "kvcache"
+    cases = ((0, f"append: append-sm90-fp16-d256m-plain-{layout}-"), (16, "append: torch ops (rotary keys)"))
+    for rotary_dim, expected in cases:
+        args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=256, max_blocks=16, new=3, paged=paged,
+                         dtype=torch.float16, rotary_dim=rotary_dim)
+        positional, named = split(args)
+        decision = fa2rt.explain_with_kvcache(*positional, **named, causal=True)
+        assert decision.path == "kernel" and expected in decision.message, decision.message
+
+
 def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatch):
     """A decode step repeated with new tensors of the same layout is validated and selected once: the remembered
     call (calls.find_kvcache) appends and launches with the new tensors. Another cache length or option, or index
@@ -431,8 +452,9 @@ def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatc
         pytest.fail(f"no installed kernel build: {builds.current_build().error}")
     on_device("sm90")
     monkeypatch.setattr(calls, "_CALLS", {})
-    launched, validated = [], []
+    launched, appended, validated = [], [], []
     monkeypatch.setattr(kvcache_ops, "launch", lambda plan, pointers, device: launched.append((plan, pointers)))
+    monkeypatch.setattr(kvcache_ops, "launch_append", lambda plan, pointers, device: appended.append(pointers))
     real = kvcache.check_kvcache_inputs
     monkeypatch.setattr(api.kvcache, "check_kvcache_inputs", lambda *a, **kw: validated.append(1) or real(*a, **kw))
     args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=512, new=1, dtype=torch.float16)
@@ -442,13 +464,15 @@ def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatc
         q, k, v = (torch.randn(args[name].shape, generator=g).to(torch.float16) for name in ("q", "k", "v"))
         out = fa2rt.attention_with_kvcache(q, args["k_cache"], args["v_cache"], k, v, cache_seqlens=cache_seqlens,
                                            causal=True, **options)
-        return q, k, out
+        return q, k, v, out
 
     step(0)
-    q, k, out = step(1)
+    q, k, v, out = step(1)
     assert len(validated) == 1 and len(launched) == 2 and launched[1][0] is launched[0][0]
     assert launched[1][1][:4] == [q.data_ptr(), args["k_cache"].data_ptr(), args["v_cache"].data_ptr(), out.data_ptr()]
-    assert torch.equal(args["k_cache"][:, 100], k[:, 0])  # the hit appended in place
+    # The new token goes through the installed build's append image, on the hit too (recorded here, not run).
+    assert launched[1][0].append_plan is not None and len(appended) == 2
+    assert appended[1][:4] == [args["k_cache"].data_ptr(), args["v_cache"].data_ptr(), k.data_ptr(), v.data_ptr()]
     step(2, cache_seqlens=101)
     step(3, softcap=2.0)
     assert len(validated) == 3
