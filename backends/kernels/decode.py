@@ -13,6 +13,9 @@ p % page_size. Sequence b's keys are the positions [cache_leftpad[b], cache_seql
 tokens are already in the cache). Masking follows fwd.py: with shift = n_keys - seqlen_q, query row i sees key j iff
 i + shift - window_left <= j <= i + shift + window_right; rows with no key give 0 and LSE +inf.
 
+attn_append: program (block of new tokens) x (batch, KV head); writes a call's new keys and values into the caches
+at cache_seqlens[b] + i before attn_decode reads them (plain copies: rotated keys are written by torch ops).
+
 Index values are never trusted (DESIGN point 10): the sequence end is clamped into [0, capacity] (capacity = the
 positions one sequence can address), the start into [0, end], rows and block ids into [0, cache_rows); so every
 load stays inside the given tensors, whatever the index tensors hold.

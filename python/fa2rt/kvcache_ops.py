@@ -1,12 +1,12 @@
-"""The KV-cache kernel path: the in-place append and rotary, the split choice, and the decode + combine launches
-(backends/kernels/decode.py) through the dispatcher.
+"""The KV-cache kernel path: the in-place append and rotary, the split choice, and the append, decode and combine
+launches (backends/kernels/decode.py) through the dispatcher.
 
-A call never syncs with the host and allocates nothing whose size depends on index values: the append and rotary are
-a few torch ops on clamped indices (position, row and block ids clamped into the given tensors, so malformed values
-write wrong places of the cache at worst, never outside it); torch ops rather than a kernel of our own because they
-are already exact, run on both vendors and in CUDA graphs, and cost little beside the cache read they precede. The
-split count depends only on shapes and the device; each sequence's keys are cut into that many chunks of its own
-length inside the kernel.
+A call never syncs with the host and allocates nothing whose size depends on index values. New keys and values are
+written by the append kernel, one launch (a decode step's torch ops for it cost about 70 us of host time and 14 us of
+GPU time on the H200); rotated keys and the rotary of q are torch ops on clamped indices, exact and shared with the
+fallback. Either way positions, rows and block ids are clamped into the given tensors, so malformed values write
+wrong places of the cache at worst, never outside it. The split count depends only on shapes and the device; each
+sequence's keys are cut into that many chunks of its own length inside the kernel.
 """
 
 import math

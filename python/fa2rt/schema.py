@@ -8,7 +8,8 @@ and total_k after the other params; 5: ops decode and decode_combine (layouts "k
 say page_multiple (the page sizes a "paged" image takes, 0 for the others) and optional_features (features applied
 only when a call asks), mma_instr may be null. Still 5 with the forward's "varlen_paged" rows (paged prefill: the
 varlen params, then BLOCK_TABLE, stride_bt, page_size, pool_blocks, max_blocks; page_multiple 16): a runtime that does
-not know the layout never selects them (its layout check), so no older reader misreads them.
+not know the layout never selects them (its layout check), so no older reader misreads them. Still 5 with the
+"append" op's rows (layouts "kvcache" and "paged"): a runtime that does not know the op never asks for it.
 """
 
 MANIFEST_SCHEMA = 5
