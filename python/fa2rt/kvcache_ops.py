@@ -25,8 +25,9 @@ COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the
 # power-of-two split that still fits in one wave. More: on contiguous caches the power-of-two split up to
 # MAX_WAVE_SPLITS whose last wave is fullest (512 programs on 132 x 3 slots: 3.7-3.9 TB/s with 1 split, 4.0-4.6 with
 # 4); paged caches take 1 split there (at caches of 4k-8k they read 6-17% slower with 8 splits than with 1; probably
-# since the sm90 paged image's 200 registers fit 2 programs per SM, not 3: docs/bench/ncu-decode-paged-h200.txt). Within 2% of the sweep's best split at every point. No split is shorter
-# than MIN_KEYS_PER_SPLIT keys (a partial costs a write and a combine read), none beyond MAX_SPLITS.
+# since the sm90 paged image's 200 registers fit 2 programs per SM, not 3: docs/bench/ncu-decode-paged-h200.txt).
+# Within 2% of the sweep's best split at every point. No split is shorter than MIN_KEYS_PER_SPLIT keys (a partial
+# costs a write and a combine read), none beyond MAX_SPLITS.
 RESIDENT = 3
 MAX_WAVE_SPLITS = {"kvcache": 8, "paged": 1}  # by KVShapes.layout
 MIN_KEYS_PER_SPLIT = 256
