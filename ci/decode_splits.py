@@ -21,20 +21,14 @@ BATCHES, CACHES, HEADS = (1, 8, 32, 64), (4096, 8192, 32768, 131072), ((32, 8), 
 MAX_BYTES = 40e9  # K and V of one point
 
 
-def rate(q, k_cache, v_cache, kw, splits, nbytes) -> float:
-    def step():
-        return fa2rt.attention_with_kvcache(q, k_cache, v_cache, num_splits=splits, **kw)
-    return nbytes / common.time_ms(common.graphed(step)) / 1e9
-
-
 def sweep_point(batch, cache, h, hk, layout) -> dict:
     q, k_cache, v_cache, kw = bdec.make_point(batch, cache, h, hk, 128, layout, append=False)
     nbytes = bdec.moved_bytes(batch, cache, h, hk, 128)
     splits = [1 << i for i in range(8) if cache >> i >= kvcache_ops.MIN_KEYS_PER_SPLIT]
-    rates = {s: round(rate(q, k_cache, v_cache, kw, s, nbytes), 3) for s in splits}
+    rates = {s: round(bdec.graphed_rate(q, k_cache, v_cache, {**kw, "num_splits": s}, nbytes), 3) for s in splits}
     auto = fa2rt.explain_with_kvcache(q, k_cache, v_cache, **kw).message
     row = {"batch": batch, "cache": cache, "nheads": h, "nheads_k": hk, "layout": layout, "rates": rates,
-           "auto": round(rate(q, k_cache, v_cache, kw, 0, nbytes), 3), "auto_splits": auto}
+           "auto": round(bdec.graphed_rate(q, k_cache, v_cache, kw, nbytes), 3), "auto_splits": auto}
     del q, k_cache, v_cache, kw
     torch.cuda.empty_cache()
     return row

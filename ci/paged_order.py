@@ -12,17 +12,10 @@ import sys
 
 import torch
 
-import fa2rt
 from fa2rt.bench import common
 from fa2rt.bench import decode as bdec
 
 POINTS = ((1, 131072, 32, 8), (8, 32768, 32, 8), (64, 4096, 32, 8), (32, 32768, 32, 32), (64, 32768, 32, 32))
-
-
-def rate(q, k_cache, v_cache, kw, nbytes) -> float:
-    def step():
-        return fa2rt.attention_with_kvcache(q, k_cache, v_cache, **kw)
-    return nbytes / common.time_ms(common.graphed(step)) / 1e9
 
 
 def main():
@@ -37,7 +30,7 @@ def main():
                 if order == "ordered":
                     kw["block_table"] = torch.arange(kw["block_table"].numel(), dtype=torch.int32,
                                                      device=q.device).view_as(kw["block_table"])
-                row["tbps"][f"{layout} {order}".strip()] = round(rate(q, k_cache, v_cache, kw, nbytes), 3)
+                row["tbps"][f"{layout} {order}".strip()] = round(bdec.graphed_rate(q, k_cache, v_cache, kw, nbytes), 3)
             del q, k_cache, v_cache, kw
             torch.cuda.empty_cache()
         rows.append(row)

@@ -338,7 +338,10 @@ def decode_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, fea
 
 def combine_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
                        layout: str = COMBINE_LAYOUT) -> dict:
-    # The tile's block_n is the splits read per step; its block_m is 1 (one query row per program, combine_grid).
+    # The tile's block_n is the splits read per step; one query row per program (combine_grid), so block_m must be 1:
+    # the kernel takes row program_id(0), and a larger block would leave rows unwritten.
+    if block_m != 1:
+        raise ValueError(f"decode_combine tile: expected block_m 1 (one query row per program), got {block_m}")
     return {"BLOCK_S": block_n, "BLOCK_D": bucket, "D_MASK": d_mask}
 
 

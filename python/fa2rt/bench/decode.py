@@ -103,6 +103,13 @@ def timed(fn, graphs: bool):
     return common.graphed(fn) if graphs else fn
 
 
+def graphed_rate(q, k_cache, v_cache, kw, nbytes) -> float:
+    """TB/s of one attention_with_kvcache call (kw: its keyword arguments) timed as a CUDA graph replay."""
+    def step():
+        return api.attention_with_kvcache(q, k_cache, v_cache, **kw)
+    return nbytes / common.time_ms(common.graphed(step)) / 1e9
+
+
 def sdpa_decode(q, k, v, name):
     """SDPA's `name` backend on one decode step, (batch, seqlen, heads, d) inputs as transposed views."""
     from torch.nn.attention import sdpa_kernel
