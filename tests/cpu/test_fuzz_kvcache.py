@@ -1,8 +1,8 @@
 """The seeded KV-cache fuzz (tests/fuzz_kvcache.py) on the CPU: every generated call through
 fa2rt.attention_with_kvcache (the exact fallback here) against the float64 reference, caches included; the cases the
-decode kernels take (head dims multiples of 8) also through the kernel source in the Triton interpreter; and the
-malformed index values, each refused with an error naming the index entry, and through the interpreted kernels
-without an access outside the given tensors."""
+decode kernels take (head dims multiples of 8) also through the kernel source in the Triton interpreter (and, for
+plain appends, attn_append); and the malformed index values, each refused with an error naming the index entry, and
+through the interpreted kernels without an access outside the given tensors."""
 
 import re
 
@@ -57,6 +57,10 @@ def test_fuzz_kvcache_case_interpreted(case):
                                                                  kernel_opts | {"num_splits": case.splits})
     decode_interp._check_guards(out, lse, bufs)
     _check(case, out, lse, k_cache, v_cache, ref)
+    if shapes.seqlen_new and not shapes.rotary_dim:  # the append kernel's case: its caches are the reference's
+        k_cache, v_cache, bufs = decode_interp.run_append(args, min(decode_interp.APPEND_TILES))
+        decode_interp._caches_guarded(*bufs)
+        assert torch.equal(k_cache.double(), ref[2]) and torch.equal(v_cache.double(), ref[3])
 
 
 @pytest.mark.parametrize("name, paged, replace, argument", MALFORMED, ids=[m[0] for m in MALFORMED])
@@ -71,3 +75,6 @@ def test_malformed_indices(name, paged, replace, argument):
     got = decode_interp.run_kernels(args, decode_interp.SMALL_TILE, 2, {}, malformed=bad)
     decode_interp._check_guards(got[0], got[1], got[4])
     assert torch.isfinite(got[0]).all()
+    if "k" in args and "rotary_cos" not in args:
+        decode_interp._caches_guarded(*decode_interp.run_append(args, min(decode_interp.APPEND_TILES),
+                                                                malformed=bad)[2])
