@@ -1,8 +1,8 @@
 """KV-cache calls with malformed index values for compute-sanitizer memcheck: cache_seqlens past the cache and
 negative, cache_leftpad past the end, cache_batch_idx and block_table entries outside the cache / pool, each with
-and without new tokens appended, one and several splits, contiguous and paged (pages 16 and 64). The kernel path
-never checks these values on the GPU (no sync; FA2RT_CHECK_INDICES unset), so every access must stay inside the
-given tensors: memcheck must report 0 errors.
+and without new tokens appended, one and several splits, contiguous and paged (pages of 16 through the per-key
+images, of 64 through the page-aligned ones). The kernel path never checks these values on the GPU (no sync;
+FA2RT_CHECK_INDICES unset), so every access must stay inside the given tensors: memcheck must report 0 errors.
 
     compute-sanitizer --tool memcheck --error-exitcode 9 python ci/memcheck_kvcache.py
 """
@@ -35,6 +35,8 @@ MALFORMED = [  # (name, page size, arguments)
     ("blocks_outside_pool", 16, lambda t: {"block_table": torch.full_like(t, -7).index_fill_(
         1, torch.tensor([1], device=DEV), 10**6)}),
     ("blocks_huge", 64, lambda t: {"block_table": torch.full_like(t, 2**31 - 1)}),
+    ("blocks_outside_pool_aligned", 64, lambda t: {"block_table": torch.full_like(t, -7).index_fill_(
+        1, torch.tensor([1], device=DEV), 10**6)}),
 ]
 ran = 0
 for name, page, malformed in MALFORMED:

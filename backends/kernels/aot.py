@@ -30,8 +30,6 @@ from variants import (  # noqa: E402
     DEFAULT_OPTIONAL_FEATURES,
     OPS,
     OPTIONAL_FEATURES,
-    PAGE_MULTIPLE,
-    PAGED_LAYOUTS,
     Variant,
     variants,
 )
@@ -205,7 +203,8 @@ def compile_variant(v: Variant):
 
     kernel, params_of, _, constexprs_of = kernel_spec(v.op)
     params = params_of(v.dtype, v.layout)
-    constexprs = constexprs_of(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features, v.layout)
+    aligned = {"page_aligned": True} if v.page_aligned else {}  # a decode option only (variants.PAGE_ALIGNED_OPS)
+    constexprs = constexprs_of(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features, v.layout, **aligned)
     signature = dict(params) | {k: "constexpr" for k in constexprs}
     hinted = divisible_params(v.op, params)
     attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (name, _) in enumerate(params) if name in hinted}
@@ -249,7 +248,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
-        "layouts": [v.layout], "page_multiple": PAGE_MULTIPLE if v.layout in PAGED_LAYOUTS else 0,
+        "layouts": [v.layout], "page_multiple": v.page_multiple,
         "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,
         "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,

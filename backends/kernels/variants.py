@@ -77,6 +77,12 @@ FULL_BAND_LAYOUTS = ("dense", "varlen")
 # A tile table entry may carry a "paged" entry: the tile of its paged-prefill images, where the entry's own tile
 # spills with the gathered page offsets (first choices that pass the static checks, not measured on hardware yet).
 PAGED_TILE = "paged"
+# The decode op's paged layout is built twice: page-aligned images first (decode.py PAGE_ALIGNED: each tile of
+# block_n keys lies in one page, so they take page sizes that are multiples of block_n, and the dispatcher prefers
+# them), then images that take any multiple of PAGE_MULTIPLE. A decode entry may carry a "page_aligned" entry: the
+# tile of its page-aligned images, where another measured faster (else the entry's own).
+PAGE_ALIGNED_OPS = ("decode",)
+PAGE_ALIGNED_TILE = "page_aligned"
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
@@ -143,6 +149,14 @@ class Variant:
     max_stack_bytes: int = 0
     full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
+    page_aligned: bool = False  # a paged decode image whose tiles lie in one page each (PAGE_ALIGNED_OPS)
+
+    @property
+    def page_multiple(self) -> int:
+        """The page sizes the image takes are multiples of this (0: no paged cache)."""
+        if self.page_aligned:
+            return self.block_n
+        return PAGE_MULTIPLE if self.layout in PAGED_LAYOUTS else 0
 
     @property
     def feature_tag(self) -> str:
@@ -154,15 +168,30 @@ class Variant:
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
         band = "-fullband" if self.full_band_only else ""
         layout = "" if self.layout == "dense" else f"-{self.layout}"
-        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}-{tile}"
+        aligned = "-aligned" if self.page_aligned else ""
+        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}{aligned}-{tile}"
 
 
-def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False, layout: str = "dense") -> dict:
+def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False, layout: str = "dense",
+                page_aligned: bool = False) -> dict:
     """The tiles.json entry an image was built from."""
     cfg = arch_info(arch)[op][str(head_dim)]
     if full_band_only:
         return cfg[FULL_BAND]
+    if page_aligned:
+        return cfg.get(PAGE_ALIGNED_TILE, cfg)
     return cfg.get(PAGED_TILE, cfg) if layout == "varlen_paged" else cfg
+
+
+def _tile_choices(arch: str, op: str, bucket: int, cfg: dict, layout: str) -> list[tuple[bool, bool, dict]]:
+    """(full_band_only, page_aligned, tile) of the images built per kind, in the dispatcher's preference order: a
+    full-band or page-aligned tile first, where it applies, then the entry's own."""
+    extra = []
+    if FULL_BAND in cfg and layout in FULL_BAND_LAYOUTS:
+        extra.append((True, False, cfg[FULL_BAND]))
+    if op in PAGE_ALIGNED_OPS and layout == "paged":
+        extra.append((False, True, tile_config(arch, op, bucket, layout=layout, page_aligned=True)))
+    return extra + [(False, False, tile_config(arch, op, bucket, layout=layout))]
 
 
 def variants(archs: list[str]) -> list[Variant]:
@@ -175,11 +204,10 @@ def variants(archs: list[str]) -> list[Variant]:
                 for layout, kinds in OP_LAYOUT_KINDS[op].items():
                     if int(bucket) not in LAYOUT_BUCKETS.get(layout, (int(bucket),)):
                         continue
-                    tile_cfgs = [(True, cfg[FULL_BAND])] if FULL_BAND in cfg and layout in FULL_BAND_LAYOUTS else []
-                    own = tile_config(arch, op, int(bucket), layout=layout)
+                    choices = _tile_choices(arch, op, int(bucket), cfg, layout)
                     for dtype in DTYPES:
                         for d_mask, features in kinds:
-                            for full_band_only, c in tile_cfgs + [(False, own)]:
+                            for full_band_only, page_aligned, c in choices:
                                 out.append(Variant(
                                     op=op, arch=arch, vendor=vendor, target_backend=backend,
                                     target_arch=target_arch, warp_size=tiles(vendor)["warp_size"],
@@ -188,5 +216,5 @@ def variants(archs: list[str]) -> list[Variant]:
                                     block_m=c["block_m"], block_n=c["block_n"], num_warps=c["num_warps"],
                                     num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
                                     max_stack_bytes=stack_allowance(c, layout), full_band_only=full_band_only,
-                                    layout=layout))
+                                    layout=layout, page_aligned=page_aligned))
     return out

@@ -132,7 +132,10 @@ def test_row_fields(build):
         unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "SEQLENS", "BATCH_IDX", "LEFTPAD", "BLOCK_TABLE",
                     "K_NEW", "V_NEW"} | ({"LSE", "DELTA"} if row["op"] in ("bwd_dq", "bwd_dkdv") else set())
         assert not unhinted & set(row["divisible16"])
-        assert row["page_multiple"] == (16 if layout in ("paged", "varlen_paged") else 0)
+        # Page-aligned decode images (each tile in one page) take pages that are multiples of their key block.
+        aligned = "-aligned-" in row["name"]
+        assert not aligned or (row["op"], layout) == ("decode", "paged")
+        assert row["page_multiple"] == (row["block_n"] if aligned else 16 if layout in ("paged", "varlen_paged") else 0)
         assert row["optional_features"] == {"decode": ["softcap", "alibi"], "append": []}.get(row["op"], ["alibi"])
         if row["vendor"] == "cuda":
             assert row["warp_size"] == 32 and row["binary"]["kind"] == "cubin"
@@ -149,7 +152,7 @@ def test_rows_passed_static_checks(build):
         if row["vendor"] == "cuda":
             # No spills, except up to the stack bytes a tile's tiles.json entry allows.
             tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
-                                        row["layouts"][0])
+                                        row["layouts"][0], "-aligned-" in row["name"])
             allowed = variants.stack_allowance(tile, row["layouts"][0])
             assert res["stack_bytes"] <= allowed and res["local_bytes"] == 0
             # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction, or
@@ -158,7 +161,7 @@ def test_rows_passed_static_checks(build):
             assert res["mma_count"] > 0 or res["mma_instr"] is None
         else:
             tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
-                                        row["layouts"][0])
+                                        row["layouts"][0], "-aligned-" in row["name"])
             assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0 and res["lds_bytes"] <= limit
             assert res["mfma_count"] > 0 or tile.get("mma_instr", "v_mfma") is None
             assert res["waves_per_eu"] == tile["waves_per_eu"]

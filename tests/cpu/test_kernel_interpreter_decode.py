@@ -72,12 +72,12 @@ def test_every_arch_has_decode_tiles():
         assert covered == set(ALL_ARCHS)
 
 
-def _image(op, block_m, block_n, bucket, dtype, features, layout):
+def _image(op, block_m, block_n, bucket, dtype, features, layout, page_aligned=False):
     img = _C.ImageInfo()
-    img.name = f"{op}-interp-{dtype}-d{bucket}-{layout}"
+    img.name = f"{op}-interp-{dtype}-d{bucket}-{layout}{'-aligned' if page_aligned else ''}"
     img.op, img.arch, img.dtype, img.head_dim, img.vendor = op, "sm80", dtype, bucket, "cuda"
     img.d_mask, img.features, img.layouts, img.optional_features = True, list(features), [layout], list(features)
-    img.page_multiple = 16 if layout == "paged" else 0
+    img.page_multiple = block_n if page_aligned else 16 if layout == "paged" else 0
     img.block_m, img.block_n, img.num_warps, img.warp_size, img.shared_bytes, img.align16 = (
         block_m, block_n, 4, 32, 0, True)
     img.kernel_name = "attn_" + op
@@ -115,9 +115,10 @@ def _launch_args(params, tensors, constants):
     return launch
 
 
-def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBINE_TILE):
+def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBINE_TILE, page_aligned=False):
     """The library's kernel path for one call, kernels in the interpreter. args: make_case's dict (caches are
-    replaced by guarded copies); malformed: index tensors to swap in after validation. Returns (out, lse, k_cache,
+    replaced by guarded copies); malformed: index tensors to swap in after validation; page_aligned: the paged
+    image whose tiles lie in one page each (pages a multiple of the tile's block_n). Returns (out, lse, k_cache,
     v_cache, guard buffers)."""
     args = dict(args)
     shapes = check_kvcache_inputs(**args, **options)
@@ -148,7 +149,7 @@ def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBIN
     dtype = TL_DTYPE[q.dtype]
     registry = _C.Registry()
     block_m, block_n, bucket = tile
-    image = _image("decode", block_m, block_n, bucket, dtype, features, shapes.layout)
+    image = _image("decode", block_m, block_n, bucket, dtype, features, shapes.layout, page_aligned)
     registry.add(image)
     _C.pack_params(registry, image.name, {**constants, **{n: 0 for n in tensors}})
     problem = kvcache_ops.problem("decode", shapes, [tensors[n] for n in ("Q", "K", "V", "O")], splits)
@@ -158,7 +159,7 @@ def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBIN
     with _interpret_mode():
         decode.attn_decode[tuple(grid)](**_launch_args(image.params, tensors, constants),
                                         **decode.decode_constexprs(block_m, block_n, bucket, True, features,
-                                                                   shapes.layout))
+                                                                   shapes.layout, page_aligned))
         if splits > 1:
             cm, cn, cbucket = combine_tile
             comb = _image("decode_combine", cm, cn, cbucket, dtype, (), "partials")
@@ -207,15 +208,23 @@ def _head_dim(bucket):
 TILE_IDS = [f"m{m}n{n}d{d}-" + "+".join(archs) for (m, n, d), archs in DECODE_TILES.items()]
 
 
+# Paged caches: 16-token pages through the per-key images; pages of 2 * block_n through the page-aligned images, with
+# sequences starting mid-page (cache_leftpad), so a split's first tile begins before its keys.
+PAGED_CASES = {"contiguous": {}, "paged": dict(paged=True), "paged_aligned": dict(paged=True, leftpad=True)}
+
+
 @pytest.mark.parametrize("tile", list(DECODE_TILES), ids=TILE_IDS)
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("layout", PAGED_CASES)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_decode_tiles_match_reference(tile, paged, splits):
+def test_decode_tiles_match_reference(tile, layout, splits):
     # GQA 6/2 with two query rows: 6 packed rows per KV head; keys cross several BLOCK_N blocks and splits.
+    aligned = layout == "paged_aligned"
+    page = 2 * tile[1] if aligned else 16
     args = make_case(batch=2, seqlen_q=2, h=6, hk=2, d=_head_dim(tile[2]), seqlen_cache=3 * tile[1] + 5,
-                     max_blocks=max(2, 3 * tile[1] // 16), new=2, paged=paged, seed=tile[1] + tile[2])
+                     max_blocks=max(2, -(-(3 * tile[1] + 5) // page)), new=2, seed=tile[1] + tile[2], page=page,
+                     **PAGED_CASES[layout])
     options = dict(causal=True)
-    _compare(args, options, run_kernels(args, tile, splits, options), atol=2e-4)
+    _compare(args, options, run_kernels(args, tile, splits, options, page_aligned=aligned), atol=2e-4)
 
 
 SMALL_TILE = min(DECODE_TILES, key=lambda t: (t[2], t[1]))
@@ -238,19 +247,20 @@ def _options(feature):
 
 
 @pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("layout", ["batch_idx_leftpad", "paged_leftpad_rotary", "mha_fp16"])
+@pytest.mark.parametrize("layout", ["batch_idx_leftpad", "paged_leftpad_rotary", "paged_aligned_leftpad", "mha_fp16"])
 def test_decode_features(feature, layout):
     d = _head_dim(SMALL_TILE[2])
     cases = {
         "batch_idx_leftpad": dict(batch_idx=True, leftpad=True),
         "paged_leftpad_rotary": dict(paged=True, leftpad=True, rotary_dim=16, seqlen_q=3, new=3),
+        "paged_aligned_leftpad": dict(paged=True, leftpad=True, page=SMALL_TILE[1], max_blocks=3, seqlen_q=3, new=3),
         "mha_fp16": dict(hk=4, dtype=torch.float16, seqlen_q=1, new=1),
     }
     args = make_case(**{"batch": 3, "h": 4, "hk": 2, "d": d, "seqlen_cache": 70, "seqlen_q": 2, **cases[layout]},
                      seed=17)
     options = _options(feature)
     atol = 3e-3 if args["q"].dtype == torch.float16 else 2e-4
-    _compare(args, options, run_kernels(args, SMALL_TILE, 2, options), atol=atol)
+    _compare(args, options, run_kernels(args, SMALL_TILE, 2, options, page_aligned="aligned" in layout), atol=atol)
 
 
 def test_split_count_beyond_keys_and_empty_sequences():
@@ -274,13 +284,16 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("kind", MALFORMED)
+@pytest.mark.parametrize("kind", [*MALFORMED, "blocks_outside_pool_aligned"])
 @pytest.mark.parametrize("splits", [1, 2])
 def test_malformed_indices_stay_inside_the_tensors(kind, splits):
+    aligned = kind.endswith("_aligned")
+    kind = kind.removesuffix("_aligned")
     paged = kind == "blocks_outside_pool"
+    page = dict(page=SMALL_TILE[1], max_blocks=2) if aligned else {}
     args = make_case(batch=3, h=4, hk=2, d=_head_dim(SMALL_TILE[2]), seqlen_cache=48, new=2, paged=paged,
-                     batch_idx=kind == "batch_idx_outside", leftpad=kind == "leftpad_past_end", seed=21)
-    got = run_kernels(args, SMALL_TILE, splits, {}, malformed=MALFORMED[kind](args))
+                     batch_idx=kind == "batch_idx_outside", leftpad=kind == "leftpad_past_end", seed=21, **page)
+    got = run_kernels(args, SMALL_TILE, splits, {}, malformed=MALFORMED[kind](args), page_aligned=aligned)
     out, lse = got[:2]
     _check_guards(out, lse, got[4])
     assert torch.isfinite(out).all(), "a read outside the caches (NaN guards) reached the output"

@@ -15,7 +15,7 @@ PAGE = 16
 
 
 def make_case(batch=3, seqlen_q=1, h=4, hk=2, d=16, seqlen_cache=40, new=2, paged=False, max_blocks=3,
-              dtype=torch.float32, rotary_dim=0, batch_idx=False, leftpad=False, seed=0):
+              dtype=torch.float32, rotary_dim=0, batch_idx=False, leftpad=False, seed=0, page=PAGE):
     """Inputs of one call: a dict of attention_with_kvcache's arguments (cache_seqlens an int32 tensor of lengths
     that leave room for the new tokens)."""
     g = torch.Generator().manual_seed(seed)
@@ -25,9 +25,9 @@ def make_case(batch=3, seqlen_q=1, h=4, hk=2, d=16, seqlen_cache=40, new=2, page
 
     if paged:
         num_blocks = batch * max_blocks + 3
-        k_cache, v_cache = randn(num_blocks, PAGE, hk, d), randn(num_blocks, PAGE, hk, d)
+        k_cache, v_cache = randn(num_blocks, page, hk, d), randn(num_blocks, page, hk, d)
         table = torch.randperm(num_blocks, generator=g)[: batch * max_blocks].reshape(batch, max_blocks)
-        capacity = max_blocks * PAGE
+        capacity = max_blocks * page
     else:
         rows = batch + 2 if batch_idx else batch
         k_cache, v_cache = randn(rows, seqlen_cache, hk, d), randn(rows, seqlen_cache, hk, d)
@@ -365,15 +365,17 @@ def test_installed_decode_images_take_kvcache_calls(on_device, arch):
     if builds.current_build().manifest is None:
         pytest.fail(f"no installed kernel build: {builds.current_build().error}")
     on_device(arch)
-    for paged, layout in ((False, "kvcache"), (True, "paged")):
-        args = make_case(batch=1, h=8, hk=2, d=128, seqlen_cache=4096, max_blocks=64, new=1, paged=paged,
-                         dtype=torch.bfloat16)
+    # (paged, page size, the image's layout tag): pages of whole 64-key tiles take the page-aligned images.
+    for paged, page, tag in ((False, 16, "kvcache"), (True, 16, "paged"), (True, 64, "aligned")):
+        args = make_case(batch=1, h=8, hk=2, d=128, seqlen_cache=4096, max_blocks=4096 // page, new=1, paged=paged,
+                         dtype=torch.bfloat16, page=page)
         positional, named = split(args)
         decision = fa2rt.explain_with_kvcache(*positional, **named, causal=True, softcap=5.0)
         assert decision.path == "kernel", decision
-        assert decision.image.startswith(f"decode-{arch}-bf16-d128m-") and decision.image.split("-")[-2] == layout
+        assert decision.image.startswith(f"decode-{arch}-bf16-d128m-") and decision.image.split("-")[-2] == tag
         splits = int(decision.message.split()[0])
         assert splits > 1 and decision.backward[0][0].startswith(f"decode_combine-{arch}-bf16-d256m-")
+        layout = "paged" if paged else "kvcache"
         assert f"append: append-{arch}-bf16-d256m-plain-{layout}-" in decision.message  # the one new token
         single = fa2rt.explain_with_kvcache(*positional, **named, num_splits=1)
         assert single.path == "kernel" and single.backward == ()

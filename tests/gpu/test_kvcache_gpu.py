@@ -120,6 +120,7 @@ LAYOUTS = {
     "paged16": dict(paged=16),
     "paged64": dict(paged=64),
     "paged256": dict(paged=256),
+    "paged64_leftpad": dict(paged=64, leftpad=True),  # page-aligned tiles starting before a sequence's first key
     "batch_idx_leftpad": dict(batch_idx=True, leftpad=True),
 }
 
@@ -163,6 +164,15 @@ def test_split_counts(splits):
     decision = expect_kernel(args, num_splits=splits)
     assert (decision.backward == ()) == (splits == 1)
     check(args, dict(num_splits=splits))
+
+
+@pytest.mark.parametrize("page", [16, 32, 64, 128, 256])
+def test_page_aligned_images_take_pages_of_whole_tiles(page):
+    # d128's decode tile reads 64 keys per step: pages holding whole tiles get the page-aligned image.
+    positional, named = split(make_call(seed_of("aligned", page), paged=page))
+    decision = fa2rt.explain_with_kvcache(*positional, **named)
+    assert decision.path == "kernel", decision
+    assert ("-paged-aligned-" in decision.image) == (page % 64 == 0), decision.image
 
 
 def test_paged_equals_contiguous_for_the_same_logical_cache():
@@ -230,13 +240,15 @@ MALFORMED = {
     "blocks_outside_pool": lambda a: {"block_table": torch.full_like(a["block_table"], -7).index_fill_(
         1, torch.tensor([1], device=DEVICE), 10**6)},
 }
+MALFORMED["blocks_outside_pool_aligned"] = MALFORMED["blocks_outside_pool"]
+PAGES = {"blocks_outside_pool": 16, "blocks_outside_pool_aligned": 64}  # the per-key and the page-aligned images
 
 
 @pytest.mark.parametrize("kind", MALFORMED)
 def test_malformed_indices_do_not_fault(monkeypatch, kind):
     monkeypatch.delenv("FA2RT_CHECK_INDICES", raising=False)
-    args = make_call(seed_of("malformed", kind), batch=3, capacity=512, paged=16 if kind == "blocks_outside_pool"
-                     else 0, batch_idx=kind == "batch_idx_outside")
+    args = make_call(seed_of("malformed", kind), batch=3, capacity=512, paged=PAGES.get(kind, 0),
+                     batch_idx=kind == "batch_idx_outside")
     args.update(MALFORMED[kind](args))
     expect_kernel(args)
     out, lse = run(args)
