@@ -10,6 +10,9 @@ fa2rt.attention_with_kvcache without and with appending one token, against SDPA'
 backends on the same step (K/V as (batch, kv_heads, seqlen, headdim) views, enable_gqa), and an append done with
 torch indexing before SDPA flash (what the same serving step costs without fa2rt).
 
+The dense mode also times an empty Python autograd.Function (allocations only, no kernels): the host time any
+differentiable op defined in Python pays, which fa2rt's autograd path is.
+
 --routed measures a call the routing table sends to an SDPA backend (fa2rt.routing): fa2rt.attention as routed,
 fa2rt.routing.run (the runner alone) and SDPA called directly on (batch, heads, seqlen, headdim) tensors, forward and
 forward+backward.
@@ -101,6 +104,26 @@ def decode_cases(a, make):
     return header, cases
 
 
+class _PythonFunctionFloor(torch.autograd.Function):
+    """A differentiable op written as a Python autograd.Function, as fa2rt's must be (DESIGN point 2: the native
+    module links no libtorch, so it cannot register a C++ autograd node), that allocates what fa2rt's allocates (out
+    and LSE; dQ, dK, dV and delta) and launches nothing: the host time any such op pays before its own work."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        torch.empty_like(lse)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def dense_cases(a, make):
     bshd, bhsd = (a.batch, a.seqlen, a.heads, a.head_dim), (a.batch, a.heads, a.seqlen, a.head_dim)
     fa2 = lambda q, k, v: fa2rt.attention(q, k, v, causal=a.causal)  # noqa: E731
@@ -112,7 +135,10 @@ def dense_cases(a, make):
     flash = SDPBackend.FLASH_ATTENTION
     cases = {"fa2rt fwd": (None, lambda: fa2(*plain[bshd])), "fa2rt fwd+bwd": (None, lambda: fwd_bwd(fa2, *grad[bshd])),
              "sdpa flash fwd": (flash, lambda: sdpa(*plain[bhsd])),
-             "sdpa flash fwd+bwd": (flash, lambda: fwd_bwd(sdpa, *grad[bhsd]))}
+             "sdpa flash fwd+bwd": (flash, lambda: fwd_bwd(sdpa, *grad[bhsd])),
+             "python Function fwd": (None, lambda: _PythonFunctionFloor.apply(*grad[bshd][:3])),
+             "python Function fwd+bwd": (None, lambda: fwd_bwd(lambda q, k, v: _PythonFunctionFloor.apply(q, k, v)[0],
+                                                                 *grad[bshd]))}
     header = (f"bf16 batch {a.batch}, seqlen {a.seqlen}, heads {a.heads}, d{a.head_dim}, causal {a.causal}; "
               f"fa2rt: {decision.image}")
     return header, cases

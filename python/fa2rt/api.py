@@ -6,9 +6,7 @@ import torch
 
 from . import calls, kvcache, kvcache_ops, ops, policy, routing
 from .fallback import layout_copies, sdpa_attention, sdpa_varlen_attention
-from .validate import Shapes, check_backward_inputs, check_dropout, check_inputs, check_varlen_inputs
-
-NO_WINDOW = (-1, -1)
+from .validate import NO_WINDOW, Shapes, check_backward_inputs, check_dropout, check_inputs, check_varlen_inputs
 
 
 def _needs_grad(*tensors) -> bool:

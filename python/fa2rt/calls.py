@@ -11,15 +11,16 @@ checked (see remember): a key holds no values of index tensors.
 import torch
 
 from . import _C, policy
-from .validate import should_check_values
+from .validate import NO_WINDOW, should_check_values
 
 _CALLS: dict = {}
 
 
 def _tensor(t) -> tuple:
-    # What validation reads (type, layout, dtype, device, shape, strides) and requires_grad, which with grad mode
-    # decides whether the call is differentiable, out= refused, or slopes send it to the fallback.
-    return type(t), t.layout, t.dtype, t.device, t.shape, t.stride(), t.requires_grad
+    # What validation reads (dtype, device, shape, strides) and requires_grad, which with grad mode decides whether the
+    # call is differentiable, out= refused, or slopes send it to the fallback. The type is not read: callers pass only
+    # plain tensors (ops.can_run_eager), and a tensor of another layout has no strides (stride() raises, see _lookup).
+    return t.dtype, t.device, t.shape, t.stride(), t.requires_grad
 
 
 def _options(*values) -> tuple:
@@ -28,18 +29,26 @@ def _options(*values) -> tuple:
 
 
 def _window(window_size) -> tuple:
+    if window_size is NO_WINDOW:  # the default
+        return NO_WINDOW
     if type(window_size) is tuple or type(window_size) is list:
         return type(window_size), _options(*window_size)
     return _options(window_size)
 
 
 def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out, flags=()) -> tuple:
-    tensors = (_tensor(q), _tensor(k), _tensor(v), None if out is None else _tensor(out),
-               None if alibi is None else _tensor(alibi))
+    # One flat tuple, spelled out: the repeated call's host time is mostly building this key (_tensor three times and
+    # nested tuples cost ~2x).
+    pointers = q.data_ptr() | k.data_ptr() | v.data_ptr()
+    if out is not None:
+        pointers |= out.data_ptr()
     # Decisions assume what they saw of the base addresses (policy.layout_key); the addresses change every call.
-    pointers = q.data_ptr() | k.data_ptr() | v.data_ptr() | (0 if out is None else out.data_ptr())
-    return (tensors, pointers % _C.ALIGN_BYTES == 0, torch.is_grad_enabled(), _options(causal, softmax_scale, softcap),
-            _window(window_size), flags, policy.environment_key(q.device))
+    return (q.dtype, q.device, q.shape, q.stride(), q.requires_grad, k.dtype, k.device, k.shape, k.stride(),
+            k.requires_grad, v.dtype, v.device, v.shape, v.stride(), v.requires_grad,
+            None if out is None else _tensor(out), None if alibi is None else _tensor(alibi),
+            pointers % _C.ALIGN_BYTES == 0, torch.is_grad_enabled(), causal, type(causal), softmax_scale,
+            type(softmax_scale), softcap, type(softcap), _window(window_size), flags,
+            policy.environment_key(q.device))
 
 
 def _varlen_key(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window_size, softcap, alibi, out) -> tuple:

@@ -33,7 +33,7 @@ __all__ = [
     "flash_attn_with_kvcache",
 ]
 
-NO_WINDOW = (-1, -1)
+NO_WINDOW = api.NO_WINDOW
 
 
 class CompatError(ValueError, RuntimeError):

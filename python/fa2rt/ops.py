@@ -345,6 +345,8 @@ def _autograd_records() -> bool:
 # --- eager calls ------------------------------------------------------------------------------------------------------
 
 _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
+# What torch.jit.is_tracing() asks once it knows it is not in TorchScript (eager Python never is).
+_jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 
 
 def can_run_eager(*tensors) -> bool:
@@ -352,7 +354,7 @@ def can_run_eager(*tensors) -> bool:
     (FakeTensorMode, make_fx, ...), no torch.func transform and no torch.jit.trace active. Those see fa2rt as the
     custom ops instead (a trace would not record a direct launch)."""
     return (all(map(_PLAIN_TYPES.__contains__, map(type, tensors))) and not is_in_torch_dispatch_mode()
-            and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing())
+            and not torch._C._are_functorch_transforms_active() and not _jit_tracing())
 
 
 def _once_differentiable(backward):

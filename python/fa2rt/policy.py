@@ -171,10 +171,16 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
     return routed or decision
 
 
+# torch._C's getters that torch.backends.cuda.{flash,cudnn,mem_efficient}_sdp_enabled wrap (those where a torch has
+# none): every eager call reads them, 0.1 us against 0.5-0.8 through the wrappers.
+_FLASH_ON, _CUDNN_ON, _EFFICIENT_ON = (getattr(torch._C, f"_get_{name}_sdp_enabled", None)
+                                       or getattr(torch.backends.cuda, f"{name}_sdp_enabled")
+                                       for name in ("flash", "cudnn", "mem_efficient"))
+
+
 def sdpa_flags() -> tuple:
     # The user's torch.backends.cuda.enable_*_sdp settings: a routed backend must be one they leave enabled.
-    cuda = torch.backends.cuda
-    return cuda.flash_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.mem_efficient_sdp_enabled()
+    return _FLASH_ON(), _CUDNN_ON(), _EFFICIENT_ON()
 
 
 def _routed(decision: Decision, shapes: Shapes, tensors, info, needs_grad, deterministic, return_lse):

@@ -22,6 +22,7 @@ CU_SEQLENS_DTYPE = torch.int32
 # Paged prefill: varlen queries, keys/values in a pool of pages addressed through a block table.
 PAGED_KV_LAYOUT = "(num_blocks, page_size, nheads_k, headdim)"
 BLOCK_TABLE_DTYPE = torch.int32
+NO_WINDOW = (-1, -1)  # window_size's default (no window); one object, so a repeated call's key can test identity
 PAGE_MULTIPLE = 16  # page sizes the paged kernels take (vLLM's 16-token blocks and multiples)
 VARLEN_LAYOUTS = ("varlen", "varlen_paged")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

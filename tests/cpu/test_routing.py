@@ -12,7 +12,7 @@ import fa2rt
 from fa2rt import bench, calls, config, policy, routing
 from fa2rt.bench import common, routes
 from fa2rt.reference import attention_reference
-from fa2rt.validate import check_inputs
+from fa2rt.validate import NO_WINDOW, check_inputs
 
 MEASURED = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "cudnn": 91900, "date": "2026-12-02T16:00:00+00:00"}
 
@@ -143,13 +143,14 @@ def test_routed_call_runs_the_backend_for_real(table, monkeypatch):
     assert fa2rt.explain(*h, causal=True).path == "routed"
     expected = routing.run("sdpa_flash", *h, causal=True, softmax_scale=h[0].shape[-1] ** -0.5)
     assert torch.equal(fa2rt.attention(*h, causal=True), expected)
-    # Repeated, the call is found by its key and runs the backend without validating and deciding again.
-    key, call = calls.find(*h, True, None, (-1, -1), 0.0, None, None, (False, False, policy.sdpa_flags()))
+    # Repeated, the call is found by its key (window_size the default object) and runs the backend without validating
+    # and deciding again.
+    key, call = calls.find(*h, True, None, NO_WINDOW, 0.0, None, None, (False, False, policy.sdpa_flags()))
     assert call == routing.RoutedCall("sdpa_flash", True, h[0].shape[-1] ** -0.5)
     assert torch.equal(fa2rt.attention(*h, causal=True), expected)
     # Another environment is another key: routing off runs fa2rt's kernel path again.
     monkeypatch.setenv(config.ROUTING, "0")
-    assert calls.find(*h, True, None, (-1, -1), 0.0, None, None, (False, False, policy.sdpa_flags()))[1] is None
+    assert calls.find(*h, True, None, NO_WINDOW, 0.0, None, None, (False, False, policy.sdpa_flags()))[1] is None
 
 
 def test_gqa_and_other_dtypes_are_their_own_classes(table):
