@@ -57,19 +57,22 @@ def _varlen_key(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window
 
 
 def _kv_tensor(t) -> tuple | None:
-    # What KV-cache validation reads: no autograd (requires_grad is irrelevant), and a tensor without strides raises.
-    return None if t is None else (type(t), t.dtype, t.device, t.shape, t.stride())
+    # What KV-cache validation reads (no autograd: requires_grad is irrelevant); as _tensor, no type.
+    return None if t is None else (t.dtype, t.device, t.shape, t.stride())
 
 
 def _kvcache_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                  block_table, alibi, options) -> tuple:
+    # Flat, as _key: q and the caches spelled out, the optional tensors (mostly None) through _kv_tensor.
     # An int cache_seqlens is validated against the cache's length: its value is part of the key.
     seqlens = _kv_tensor(cache_seqlens) if isinstance(cache_seqlens, torch.Tensor) else _options(cache_seqlens)
-    tensors = tuple(map(_kv_tensor, (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad,
-                                    block_table, alibi)))
     pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()
-    return ("kvcache", tensors, seqlens, pointers % _C.ALIGN_BYTES == 0, _options(*options[:-1]),
-            _window(options[-1]), policy.environment_key(q.device))
+    return ("kvcache", q.dtype, q.device, q.shape, q.stride(), k_cache.dtype, k_cache.device, k_cache.shape,
+            k_cache.stride(), v_cache.dtype, v_cache.device, v_cache.shape, v_cache.stride(), _kv_tensor(k),
+            _kv_tensor(v), _kv_tensor(rotary_cos), _kv_tensor(rotary_sin), _kv_tensor(cache_batch_idx),
+            _kv_tensor(cache_leftpad), _kv_tensor(block_table), _kv_tensor(alibi), seqlens,
+            pointers % _C.ALIGN_BYTES == 0, _options(*options[:-1]), _window(options[-1]),
+            policy.environment_key(q.device))
 
 
 def _lookup(make_key, *args) -> tuple:

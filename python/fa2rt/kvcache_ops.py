@@ -140,12 +140,14 @@ def rotate_q(q, rotary_cos, rotary_sin, seqlens, shapes: KVShapes):
 _dummies: dict = {}
 
 
-def _dummy(device, dtype) -> torch.Tensor:
-    """A one-element tensor standing in for a pointer the kernel does not read (an index tensor not given)."""
-    key = (device, dtype)
-    if key not in _dummies:
-        _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _dummies[key]
+def _dummies_on(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-element float32 and int32 tensors standing in for pointers the kernels do not read (slopes and index tensors
+    not given); made once per device (one lookup per call)."""
+    pair = _dummies.get(device)
+    if pair is None:
+        pair = _dummies[device] = tuple(torch.zeros(1, dtype=dtype, device=device)
+                                        for dtype in (torch.float32, torch.int32))
+    return pair
 
 
 def _rows_strides(name, t) -> dict:
@@ -161,8 +163,8 @@ def _window_bound(side: int, shapes: KVShapes) -> int:
     return reach if side < 0 else min(side, reach)
 
 
-def _index_or_dummy(t, device):
-    return _dummy(device, torch.int32) if t is None else t.contiguous()
+def _index_or(t, dummy):
+    return dummy if t is None else t.contiguous()
 
 
 # attn_decode's pointer arguments in order (decode.decode_params); the combine's are a run of them.
@@ -176,9 +178,9 @@ assert DECODE_POINTERS[_COMBINE_RUN] == COMBINE_POINTERS
 def _inputs(alibi, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, device) -> tuple:
     """The slopes and index tensors as attn_decode reads them (unused ones: small dummies)."""
     seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
-    return (alibi if alibi is not None else _dummy(device, torch.float32), _index_or_dummy(seqlens, device),
-            _index_or_dummy(cache_batch_idx, device), _index_or_dummy(cache_leftpad, device),
-            _index_or_dummy(block_table, device))
+    no_floats, no_ints = _dummies_on(device)
+    return (no_floats if alibi is None else alibi, _index_or(seqlens, no_ints), _index_or(cache_batch_idx, no_ints),
+            _index_or(cache_leftpad, no_ints), _index_or(block_table, no_ints))
 
 
 def decode_tensors(q, k_cache, v_cache, out, lse, o_part, lse_part, alibi, cache_seqlens, cache_batch_idx,
@@ -235,9 +237,9 @@ def kernel_append(shapes: KVShapes) -> bool:
 def append_tensors(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> dict:
     """attn_append's pointer arguments by name, in APPEND_POINTERS order."""
     seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
-    device = k.device
-    return dict(zip(APPEND_POINTERS, (k_cache, v_cache, k, v, _index_or_dummy(seqlens, device),
-                                      _index_or_dummy(cache_batch_idx, device), _index_or_dummy(block_table, device)),
+    no_ints = _dummies_on(k.device)[1]
+    return dict(zip(APPEND_POINTERS, (k_cache, v_cache, k, v, _index_or(seqlens, no_ints),
+                                      _index_or(cache_batch_idx, no_ints), _index_or(block_table, no_ints)),
                     strict=True))
 
 
