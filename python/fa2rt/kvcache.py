@@ -20,6 +20,7 @@ import torch
 from . import config, devices, policy, reference
 from .fallback import sdpa_attention
 from .validate import (
+    PAGE_MULTIPLE,
     _check_alibi,
     _check_causal,
     _check_scale,
@@ -32,7 +33,6 @@ from .validate import (
 )
 
 INDEX_DTYPE = torch.int32
-PAGE_MULTIPLE = 16  # page sizes the paged kernels take (vLLM's 16-token blocks and multiples)
 CACHE_LAYOUT = "(batch_cache, seqlen_cache, nheads_k, headdim)"
 PAGED_LAYOUT = "(num_blocks, page_size, nheads_k, headdim)"
 
