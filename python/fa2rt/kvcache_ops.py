@@ -16,6 +16,7 @@ import torch
 
 from . import _C, builds, config, policy, reference
 from .kvcache import KVShapes
+from .ops import device_and_stream
 
 DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
@@ -457,7 +458,7 @@ class KVCall:
     shapes: KVShapes
     plan: Plan
     plans_source: dict  # the plan cache it was resolved against (tests replace it to record launches)
-    q_strides8: bool  # q's strides (part of the key) are the kernels'; its address is checked per call
+    q_strides8: bool  # q's strides (part of the key) are the kernels'; the key also holds that its base is aligned
     scratch: tuple  # scratch_layout(shapes, plan.splits)
 
     def current(self) -> bool:
@@ -514,7 +515,7 @@ def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, ca
             if shapes.seqlen_new:
                 append(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table, shapes)
     else:
-        if not (call.q_strides8 and _aligned(q)):
+        if not call.q_strides8:  # q's base is aligned: the key holds that (calls._kvcache_key)
             q = q.clone(memory_format=torch.contiguous_format)
         if plan.append_plan is not None:
             new = append_tensors(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
@@ -531,15 +532,11 @@ def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, ca
 
 def launch_append(plan: Plan, pointers: list, device) -> None:
     """The append kernel on torch's current stream (before the decode kernels); pointers in APPEND_POINTERS order."""
-    from .ops import device_and_stream
-
     plan.append_plan.launch(*device_and_stream(device), pointers)
 
 
 def launch(plan: Plan, pointers: list, device) -> None:
     """Both kernels of a call on torch's current stream; pointers: addresses in DECODE_POINTERS order."""
-    from .ops import device_and_stream
-
     index, stream = device_and_stream(device)
     plan.decode_plan.launch(index, stream, pointers)
     if plan.combine_plan is not None:

@@ -223,7 +223,10 @@ def _launch(plans, device: torch.device, tensors) -> None:
 
 def _kernel_ready(t: torch.Tensor) -> bool:
     # The layout rules the dispatcher checks (16-byte aligned base, strides in units of 8 where the size is not 1,
-    # last dim contiguous), spelled out: every backward call checks its dO.
+    # last dim contiguous), spelled out: every backward call checks its dO. A contiguous one (autograd's usual) has
+    # them when its base is aligned: its head dim, as the kernels' (a multiple of 8), makes every stride one.
+    if t.is_contiguous() and t.data_ptr() % _C.ALIGN_BYTES == 0:
+        return True
     if t.dim() == 3:  # packed (varlen): no batch dim
         t = t[None]
     (batch, seqlen, nheads, _), (stride_b, stride_n, stride_h, stride_d) = t.shape, t.stride()
