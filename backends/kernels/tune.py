@@ -11,10 +11,11 @@ tokens, hidden 2048), causal and not: the forward call for fwd; for a backward o
 (torch.autograd.grad), with the other kernels on their current tiles.
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
-For decode (memory-bound, 16 packed query rows per program), every layout's kind is built (contiguous and paged
-caches take one tile) and timed through fa2rt.attention_with_kvcache on DECODE_POINTS, contiguous and paged (a stage
-more measured 4% faster on contiguous caches and 8-27% slower on paged ones), each call a CUDA graph replay (the
-kernels without host time), in TB/s of K and V read.
+For decode (memory-bound, 16 packed query rows per program), every layout's kind is built with the candidate tile
+(contiguous, page-aligned paged and paged; --write leaves an entry's own "page_aligned" tile as it is) and timed
+through fa2rt.attention_with_kvcache on DECODE_POINTS, contiguous and paged (a stage more measured 4% faster on
+contiguous caches and 8-27% slower on paged ones), each call a CUDA graph replay (the kernels without host time), in
+TB/s of K and V read.
 The entry's own tile always competes ("own tile" column). With --band full only calls without causal or window are
 timed, the entry's full-band tile competes too, and --write stores a winner as the entry's full-band tile
 (variants.FULL_BAND) where it beats the entry's own tile by FULL_BAND_MIN_GAIN, and drops it where it does not.
@@ -98,19 +99,21 @@ def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = Non
         instr = entry.get("mma_instr", own_instr or variants.ARCHS[arch][3])
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
                                      block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=stack,
-                                     mma_instr=instr, layout=layout)
-                 for layout, d_mask, features in layouts]
+                                     mma_instr=instr, layout=layout, page_aligned=aligned)
+                 for layout, d_mask, features, aligned in layouts]
         out.append(((m, n, w, s), kinds))
     return out
 
 
-def _layout_kinds(op: str) -> list[tuple[str, bool, tuple]]:
-    """(layout, d_mask, features) of every image a candidate tile must build, the timed one first: the dense kinds, or
-    for decode its one kind in each cache layout."""
+def _layout_kinds(op: str) -> list[tuple[str, bool, tuple, bool]]:
+    """(layout, d_mask, features, page_aligned) of every image a candidate tile must build, the timed one first: the
+    dense kinds, or for decode its one kind in each cache layout, the paged one also page-aligned (listed first, as
+    variants.variants lists it), so the timed paged points run the images the dispatcher would pick."""
     if op != "decode":
-        return [("dense", d_mask, features) for d_mask, features in variants.KINDS]
-    return [(layout, d_mask, features) for layout, kinds in variants.OP_LAYOUT_KINDS[op].items()
-            for d_mask, features in kinds]
+        return [("dense", d_mask, features, False) for d_mask, features in variants.KINDS]
+    return [(layout, d_mask, features, aligned) for layout, kinds in variants.OP_LAYOUT_KINDS[op].items()
+            for d_mask, features in kinds
+            for aligned in ((True, False) if op in variants.PAGE_ALIGNED_OPS and layout == "paged" else (False,))]
 
 
 def _build(args):

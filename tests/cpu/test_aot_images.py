@@ -270,12 +270,14 @@ def test_tune_tiles_option():
 def test_tune_decode_builds_every_cache_layout_and_the_combine():
     import tune
 
-    # A decode tile serves the contiguous and the paged images: it must build both; the contiguous one is timed.
+    # A decode tile serves the contiguous and the paged images (page-aligned first): it must build all of them, in
+    # the manifest's order; the contiguous one is timed.
     (tile, kinds), *_ = tune.candidate_variants("sm90", 128, "decode", [(16, 128, 4, 3)])
     assert tile == (16, 128, 4, 3)
-    assert [(v.layout, v.d_mask, v.features) for v in kinds] == [
-        (layout, d_mask, features) for layout, ks in variants.OP_LAYOUT_KINDS["decode"].items()
-        for d_mask, features in ks]
+    built = [v for v in variants.variants(["sm90"]) if v.op == "decode" and v.dtype == "bf16" and v.head_dim == 128]
+    assert [(v.layout, v.d_mask, v.features, v.page_aligned) for v in kinds] == [
+        (v.layout, v.d_mask, v.features, v.page_aligned) for v in built]
+    assert [v.page_aligned for v in kinds] == [False, True, False]
     assert kinds[0].layout == "kvcache" and {v.op for v in kinds} == {"decode"}
     assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in kinds} == {tile}
     assert [v.op for v in tune._companions("sm90", 128, "decode")] == ["decode_combine"]
