@@ -51,10 +51,13 @@ def test_fuzz_kvcache_case_interpreted(case):
     shapes = check_kvcache_inputs(**args, **opts)
     splits = kvcache_ops.choose_splits(shapes, 4)  # a small synthetic device: splits show up at these lengths
     kernel_opts = {n: v for n, v in opts.items() if n != "num_splits"}
-    # The smallest tile whose bucket takes the head dim, as the dispatcher would choose.
+    # The smallest tile whose bucket takes the head dim, and its page-aligned image where the pages hold whole tiles,
+    # as the dispatcher would choose.
     tile = min((t for t in decode_interp.DECODE_TILES if t[2] >= case.head_dim), key=lambda t: (t[2], t[1]))
+    aligned = "block_table" in args and args["k_cache"].shape[1] % tile[1] == 0
     out, lse, k_cache, v_cache, bufs = decode_interp.run_kernels(args, tile, splits,
-                                                                 kernel_opts | {"num_splits": case.splits})
+                                                                 kernel_opts | {"num_splits": case.splits},
+                                                                 page_aligned=aligned)
     decode_interp._check_guards(out, lse, bufs)
     _check(case, out, lse, k_cache, v_cache, ref)
     if shapes.seqlen_new and not shapes.rotary_dim:  # the append kernel's case: its caches are the reference's
