@@ -20,25 +20,23 @@ from .ops import device_and_stream
 
 DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
-# The split heuristic (num_splits=0), from the sweep in docs/bench/decode-splits-h200.json (ci/decode_splits.py: H200,
-# bf16 d128, GQA 32/8 and MHA 32/32, batch 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA
-# graph replays): about RESIDENT decode programs run at once per SM. Fewer programs than slots: the largest
-# power-of-two split that still fits in one wave. More: on contiguous caches the power-of-two split up to
-# MAX_WAVE_SPLITS whose last wave is fullest (512 programs on 132 x 3 slots: 3.7-3.9 TB/s with 1 split, 4.0-4.6 with
-# 4); paged caches take 1 split there (at caches of 4k-8k they read 6-17% slower with 8 splits than with 1; probably
-# since the sm90 paged image's 200 registers fit 2 programs per SM, not 3: docs/bench/ncu-decode-paged-h200.txt).
-# Within 2% of the sweep's best split at every point. No split is shorter than MIN_KEYS_PER_SPLIT keys (a partial
-# costs a write and a combine read), none beyond MAX_SPLITS.
+# The split heuristic (num_splits=0), from the sweeps in docs/bench/decode-splits-h200.json and
+# decode-splits-fill-h200.json (ci/decode_splits.py: H200, bf16 d128, GQA 32/8 and MHA 32/32, batch 1-64, caches
+# 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA graph replays). About RESIDENT decode programs run at once
+# per SM. Two counts of programs read fast: all in one wave (the largest power-of-two split that fits), or at least
+# MANY_WAVES waves (the smallest power-of-two split that reaches them), where the last wave's tail is short. Between
+# them (1.3-3 waves) the tail costs up to 15%. One wave wins unless the many-wave split still gives each split
+# LONG_SPLIT_KEYS keys; without a one-wave split, many waves. Paged caches never split beyond one wave (at batch 32-64
+# one split read 7-17% faster than 4-8). The rule reads within 2.5% of the sweeps' best split at every point
+# (tests/cpu/test_kvcache.py checks it against both files). No split is shorter than MIN_KEYS_PER_SPLIT keys (a
+# partial costs a write and a combine read), none beyond MAX_SPLITS.
 RESIDENT = 3
-MAX_WAVE_SPLITS = {"kvcache": 8, "paged": 1}  # by KVShapes.layout
+MANY_WAVES = 4
+LONG_SPLIT_KEYS = 4096
+SPLITS_BEYOND_A_WAVE = {"kvcache": True, "paged": False}  # by KVShapes.layout
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 128
 PACKED_ROWS = 16  # rows of the decode tiles (tiles.json block_m): query heads of one KV head packed per program
-
-
-def _wave_fill(programs: int, slots: int) -> float:
-    waves = programs / slots
-    return waves / math.ceil(waves)
 
 
 def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_ROWS) -> int:
@@ -48,11 +46,12 @@ def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_
     row_blocks = math.ceil(shapes.seqlen_q * (shapes.nheads // shapes.nheads_k) / block_m)
     programs = max(1, shapes.batch * shapes.nheads_k * row_blocks)
     slots = RESIDENT * max(multiprocessors, 1)
-    if programs < slots:
-        wanted = 1 << (slots // programs).bit_length() - 1
-    else:
-        candidates = [1 << i for i in range(MAX_WAVE_SPLITS[shapes.layout].bit_length())]
-        wanted = max(candidates, key=lambda s: (round(_wave_fill(programs * s, slots), 2), -s))
+    one_wave = 1 << (slots // programs).bit_length() - 1 if programs <= slots else None
+    many_waves = 1 << max(0, math.ceil(math.log2(MANY_WAVES * slots / programs)))
+    if not SPLITS_BEYOND_A_WAVE[shapes.layout]:
+        many_waves = 1
+    long_splits = shapes.capacity // many_waves >= LONG_SPLIT_KEYS
+    wanted = one_wave if one_wave is not None and not (many_waves > 1 and long_splits) else many_waves
     return max(1, min(wanted, shapes.capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 

@@ -40,9 +40,10 @@ A backend that raises (refuses the shape, fails in its backward, runs out of mem
 place of a time. Example, a budget run: --passes fwd+bwd --dtype bfloat16 --head-dim 64 128.
 
 <tag> is FA2RT_FORCE_ARCH's arch (e.g. sm80: its images through PTX) or "native"; --out FILE.json names the file
-instead when a single one-file mode (memory, crossover, varlen, decode or routing) runs. Times are medians of
-triton.testing.do_bench (which flushes L2 before every call); common.py holds the timing, the passes, the environment
-record (device, driver, torch, Triton, date) every file carries, and the shared table helpers.
+instead when a single one-file mode (memory, crossover, varlen, decode or routing) runs. Times are medians of single
+calls between CUDA events, each after a 256 MB read that leaves the L2 cold and clean (common.TIMING); common.py
+holds the timing, the passes, the environment record (device, driver, torch, Triton, date, timing) every file
+carries, and the shared table helpers.
 fa2rt is timed only where fa2rt.explain() says a kernel runs (recorded per row, with the fallback reason where not:
 fa2rt_explain for the forward, fa2rt_explain_grad, with the backward images, for inputs requiring grad), and with
 the short-sequence rule and routing off (FA2RT_MIN_SEQLEN=0, FA2RT_ROUTING=0 while measuring): the benchmark

@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode: time every contender as a CUDA graph replay of its call (no host time)")
     p.add_argument("--decode-max-gib", type=float, default=decode.DECODE_MAX_GIB,
                    help=f"decode: skip points whose K and V exceed this many GiB (default {decode.DECODE_MAX_GIB})")
-    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warmup per timing (default 25)")
+    p.add_argument("--warmup-ms", type=float, default=25, help="untimed calls per timing, in ms (default 25)")
     p.add_argument("--rep-ms", type=float, default=100,
-                   help="do_bench repetition time per timing of the grid, varlen, decode and routing (default 100)")
+                   help="timed calls per timing, in ms, of the grid, varlen, decode and routing (default 100)")
     p.add_argument("--crossover-rep-ms", type=float, default=crossover.CROSSOVER_REP_MS,
                    help=f"the same for the crossover (default {crossover.CROSSOVER_REP_MS})")
     p.add_argument("--out", type=Path, default=Path("bench-results"),

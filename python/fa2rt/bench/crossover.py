@@ -1,8 +1,8 @@
 """--crossover: short sequences (batch 1 and 8, 16 heads, d64/d128, bf16/fp16, causal and not, seqlen 16..1024): per
 seqlen the geometric mean over those configurations of best_sdpa_ms / fa2rt_ms, and from it the short-sequence
 threshold of the arch of the images that ran (sm90 natively, FA2RT_FORCE_ARCH's arch through PTX; see
-crossover_threshold). These are device times: do_bench's L2 flush before each call hides host overhead up to the
-flush's duration, and the policy's own host cost is paid on both paths. Forward only. Writes crossover-<tag>.json;
+crossover_threshold). These are device times: the L2 flush before each call (common.time_ms) hides host overhead up to
+the flush's duration, and the policy's own host cost is paid on both paths. Forward only. Writes crossover-<tag>.json;
 --write-crossover PATH merges the threshold into a crossover.json such as python/fa2rt/data/crossover.json (the
 fallback policy's data)."""
 
