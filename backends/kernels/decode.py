@@ -136,21 +136,20 @@ def attn_decode(
     for first in range(first_lo, hi, BLOCK_N):
         cols = first + offs_n
         pos = start + cols
+        col_ok = cols < hi
         if PAGE_ALIGNED:
-            col_ok = (cols >= lo) & (cols < hi)  # the first tile may begin before this split's keys
+            col_ok &= cols >= lo  # the first tile may begin before this split's keys
             within = (start + first) % page_size + offs_n.to(tl.int64)
             k_off = block * stride_kb + within * stride_kn
             v_off = block * stride_vb + within * stride_vn
             block = _page_blocks(start + first + BLOCK_N, first + BLOCK_N < hi, BLOCK_TABLE, bt_row, page_size,
                                  cache_rows)
         elif PAGED:
-            col_ok = cols < hi
             within = (pos % page_size).to(tl.int64)
             k_off = blocks * stride_kb + within * stride_kn
             v_off = blocks * stride_vb + within * stride_vn
             blocks = _page_blocks(pos + BLOCK_N, cols + BLOCK_N < hi, BLOCK_TABLE, bt_row, page_size, cache_rows)
         else:
-            col_ok = cols < hi
             k_off = cache_row * stride_kb + pos.to(tl.int64) * stride_kn
             v_off = cache_row * stride_vb + pos.to(tl.int64) * stride_vn
         k = tl.load(k_head + k_off[None, :] + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
@@ -197,9 +196,12 @@ def attn_decode_combine(
 ):
     """Merges attn_decode's partials of one query row (batch, head, row) per program: out = sum_s w_s * out_s /
     sum_s w_s with w_s = exp(lse_s - max_s lse_s); lse = max + log(sum w). A row no split saw gets 0 and LSE +inf.
-    The partials are read BLOCK_S splits at a time as one tile, so their loads are in flight together: a loop of one
-    split per step waited once per split (two L2 round trips each), about 9 of the 60 us of a batch-1 32k step with
-    32 splits (docs/bench/decode-ab-h200.json)."""
+    The partials are read BLOCK_S splits at a time as one tile, LSEs and outputs together, so up to BLOCK_S splits
+    cost one round trip to L2 (a loop of one split per step waited once per split: about 9 of the 60 us of a batch-1
+    32k step with 32 splits, docs/bench/decode-ab-h200.json). Each of the tile's BLOCK_S lanes keeps its own running
+    maximum, sum and output over the steps (elementwise, no reduction across threads in the loop); the lanes merge
+    once at the end. Reading the LSEs in a pass of their own first cost a second round trip: 13-23% slower at batch
+    32-64 (docs/bench/decode-combine-ab-h200.json)."""
     stride_ob, stride_oh, stride_om = stride_ob.to(tl.int64) * 8, stride_oh.to(tl.int64) * 8, stride_om * 8
     head_dim = head_dim_8 * 8
     off_b = tl.program_id(1) // nheads
@@ -213,25 +215,28 @@ def attn_decode_combine(
     offs_s = tl.arange(0, BLOCK_S)
     lse_row = (off_b * nheads + off_h).to(tl.int64) * seqlen_q + q_row
     plane = batch.to(tl.int64) * nheads * seqlen_q
-    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for first in range(0, num_splits, BLOCK_S):
-        split = first + offs_s
-        m = tl.maximum(m, tl.load(LSE_PART + split * plane + lse_row, mask=split < num_splits, other=float("-inf")))
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    m_s = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     for first in range(0, num_splits, BLOCK_S):
         split = first + offs_s
         part = split * plane + lse_row
         ok = split < num_splits
-        w = tl.exp(tl.load(LSE_PART + part, mask=ok, other=float("-inf")) - m_safe)
-        acc += w[:, None] * tl.load(O_PART + part[:, None] * head_dim + offs_d[None, :],
-                                    mask=ok[:, None] & d_ok[None, :], other=0.0)
-        den += w
-    total = tl.sum(den, 0)
+        lse_s = tl.load(LSE_PART + part, mask=ok, other=float("-inf"))
+        o_s = tl.load(O_PART + part[:, None] * head_dim + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_s, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_s - m_safe)
+        w = tl.exp(lse_s - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        den = den * alpha + w
+        m_s = m_new
+    m_max = tl.max(m_s, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    scale = tl.exp(m_s - m_safe)
+    total = tl.sum(den * scale, 0)
     empty = total == 0.0
-    out = tl.sum(acc, 0) / tl.where(empty, 1.0, total)
+    out = tl.sum(acc * scale[:, None], 0) / tl.where(empty, 1.0, total)
     lse = tl.where(empty, float("inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
     o_ptrs = O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh + q_row * stride_om + offs_d
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)

@@ -12,6 +12,7 @@ Malformed index values (past the cache, negative, rows and blocks outside the po
 given tensors (the numbers are then wrong, not faulted). fp32 and fp16; bf16 misbehaves in the interpreter.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -273,6 +274,34 @@ def test_split_count_beyond_keys_and_empty_sequences():
     _compare(args, {}, run_kernels(args, SMALL_TILE, 7, {}, combine_tile=(1, 4, COMBINE_TILE[2])), atol=2e-4)
     out, lse = run_kernels(args, SMALL_TILE, 1, {})[:2]
     assert torch.all(out[:2] == 0) and torch.all(lse[:2] == math.inf)
+
+
+@pytest.mark.parametrize("block_s", [COMBINE_TILE[1], 4])
+def test_combine_merges_partials_online(block_s):
+    # Partials made up directly: 9 splits read block_s at a time, the largest LSE in the last step (the running
+    # maximum must rescale what came before), -inf partials (splits that saw no key) and a row no split saw.
+    batch, nheads, seqlen_q, splits, d = 2, 3, 2, 9, _head_dim(COMBINE_TILE[2])
+    gen = torch.Generator().manual_seed(5)
+    lse_part = torch.randn(splits, batch, nheads, seqlen_q, generator=gen) + torch.arange(splits)[:, None, None, None]
+    lse_part[:3, 0, 0, 0] = -math.inf
+    lse_part[:, 1, 2, 1] = -math.inf
+    o_part = torch.randn(splits, batch, nheads, seqlen_q, d, generator=gen)
+    out = torch.full((batch, seqlen_q, nheads, d), math.nan)
+    lse = torch.full((batch, nheads, seqlen_q), math.nan)
+    shapes = dataclasses.replace(check_kvcache_inputs(**make_case(batch=batch, h=nheads, hk=nheads, d=d,
+                                                                  seqlen_q=seqlen_q, new=0)), head_dim=d)
+    tensors = kvcache_ops.combine_tensors(out, lse, o_part, lse_part)
+    constants = kvcache_ops.combine_constants(out, shapes, splits)
+    launch = _launch_args(decode.combine_params("fp32"), tensors, constants)
+    with _interpret_mode():
+        decode.attn_decode_combine[decode.combine_grid(seqlen_q, batch, nheads, 1)](
+            **launch, **decode.combine_constexprs(1, block_s, COMBINE_TILE[2], True, ()))
+    w = torch.softmax(lse_part.double(), 0).nan_to_num(0.0)
+    want = (w[..., None] * o_part.double()).sum(0).transpose(1, 2)
+    want_lse = torch.logsumexp(lse_part.double(), 0).masked_fill(lse_part.isinf().all(0), math.inf)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[1, 1, 2] == 0)
 
 
 MALFORMED = {
