@@ -200,11 +200,11 @@ def attn_decode_combine(
     cost one round trip to L2 (a loop of one split per step waited once per split: about 9 of the 60 us of a batch-1
     32k step with 32 splits, docs/bench/decode-ab-h200.json). Each of the tile's BLOCK_S lanes keeps its own running
     maximum, sum and output over the steps (elementwise, no reduction across threads in the loop); the lanes merge
-    once at the end. Timed alone on the H200 (docs/bench/decode-combine-ab-h200.json, 16-32 splits at batch 1): 7.26
-    us against 7.46 for a first pass over the LSEs alone and 8.51 for a merge across the lanes in every step; at batch
-    32-64 (2-8 splits, 1024-2048 programs) the latter is the fastest (13.3 against 19.3 us here), this one's
-    [BLOCK_S, BLOCK_D] state costing registers, so occupancy. Kept for the batch-1 steps, where the combine is on the
-    critical path of a short call."""
+    once at the end. Timed alone on the H200 (docs/bench/decode-combine-ab-h200.json, b1 32k GQA, 32 splits): 7.07 us
+    at the d128 tile (7.23 at d256) against 7.52 for a first pass over the LSEs alone and 8.38 for a merge across the
+    lanes in every step (both d256). At batch 32-64 (2-8 splits, 1024-2048 programs: occupancy counts) this one's
+    [BLOCK_S, BLOCK_D] state costs registers: 14.8 us at d128, 19.3 at d256, against 13.3 for the per-step merge;
+    hence a combine tile per head-dim bucket."""
     stride_ob, stride_oh, stride_om = stride_ob.to(tl.int64) * 8, stride_oh.to(tl.int64) * 8, stride_om * 8
     head_dim = head_dim_8 * 8
     off_b = tl.program_id(1) // nheads

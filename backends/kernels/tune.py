@@ -127,8 +127,9 @@ def _companions(arch: str, bucket: int, op: str) -> list:
     the forward and both backward kernels."""
     if op == "fwd":
         return []
-    if op == "decode":  # the merge of the split partials
-        return [v for v in variants.variants([arch]) if v.op == "decode_combine" and v.dtype == "bf16"]
+    if op == "decode":  # the merge of the split partials, at the bucket's head dim
+        return [v for v in variants.variants([arch]) if v.op == "decode_combine" and v.dtype == "bf16"
+                and v.head_dim == bucket]
     return [v for v in variants.variants([arch]) if v.op != op and v.head_dim == bucket and v.dtype == "bf16"
             and (v.d_mask, v.features) == variants.KINDS[0] and v.layout == "dense"]
 

@@ -60,10 +60,11 @@ def _tiles(op):
 DECODE_TILES = _tiles("decode")
 COMBINE_TILES = _tiles("decode_combine")
 APPEND_TILES = _tiles("append")
-# Every decode image compiles softcap and ALiBi in, applied only when a call asks (variants.OPTIONAL_FEATURES), and
-# one masked combine tile serves every head dim.
+# Every decode image compiles softcap and ALiBi in, applied only when a call asks (variants.OPTIONAL_FEATURES).
 FEATURES_COMPILED = ("softcap", "alibi")
-(COMBINE_TILE,) = COMBINE_TILES
+# The merge at each decode bucket (masked: it takes head dims up to its bucket); the largest takes every head dim.
+COMBINE_BY_BUCKET = {tile[2]: tile for tile in COMBINE_TILES}
+COMBINE_TILE = COMBINE_BY_BUCKET[max(COMBINE_BY_BUCKET)]
 ALL_ARCHS = ("sm80", "sm89", "sm90", "gfx90a", "gfx942")
 
 
@@ -116,7 +117,7 @@ def _launch_args(params, tensors, constants):
     return launch
 
 
-def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBINE_TILE, page_aligned=False):
+def run_kernels(args, tile, splits, options, malformed=None, combine_tile=None, page_aligned=False):
     """The library's kernel path for one call, kernels in the interpreter. args: make_case's dict (caches are
     replaced by guarded copies); malformed: index tensors to swap in after validation; page_aligned: the paged
     image whose tiles lie in one page each (pages a multiple of the tile's block_n). Returns (out, lse, k_cache,
@@ -162,7 +163,7 @@ def run_kernels(args, tile, splits, options, malformed=None, combine_tile=COMBIN
                                         **decode.decode_constexprs(block_m, block_n, bucket, True, features,
                                                                    shapes.layout, page_aligned))
         if splits > 1:
-            cm, cn, cbucket = combine_tile
+            cm, cn, cbucket = combine_tile or COMBINE_BY_BUCKET.get(bucket, COMBINE_TILE)  # as the dispatcher picks
             comb = _image("decode_combine", cm, cn, cbucket, dtype, (), "partials")
             registry.add(comb)
             ctensors = kvcache_ops.combine_tensors(out, lse, o_part, lse_part)
@@ -276,11 +277,12 @@ def test_split_count_beyond_keys_and_empty_sequences():
     assert torch.all(out[:2] == 0) and torch.all(lse[:2] == math.inf)
 
 
-@pytest.mark.parametrize("block_s", [COMBINE_TILE[1], 4])
-def test_combine_merges_partials_online(block_s):
+@pytest.mark.parametrize("tile", list(COMBINE_TILES), ids=[f"d{t[2]}" for t in COMBINE_TILES])
+@pytest.mark.parametrize("block_s", [None, 4])
+def test_combine_merges_partials_online(tile, block_s):
     # Partials made up directly: 9 splits read block_s at a time, the largest LSE in the last step (the running
     # maximum must rescale what came before), -inf partials (splits that saw no key) and a row no split saw.
-    batch, nheads, seqlen_q, splits, d = 2, 3, 2, 9, _head_dim(COMBINE_TILE[2])
+    batch, nheads, seqlen_q, splits, d = 2, 3, 2, 9, _head_dim(tile[2])
     gen = torch.Generator().manual_seed(5)
     lse_part = torch.randn(splits, batch, nheads, seqlen_q, generator=gen) + torch.arange(splits)[:, None, None, None]
     lse_part[:3, 0, 0, 0] = -math.inf
@@ -295,7 +297,7 @@ def test_combine_merges_partials_online(block_s):
     launch = _launch_args(decode.combine_params("fp32"), tensors, constants)
     with _interpret_mode():
         decode.attn_decode_combine[decode.combine_grid(seqlen_q, batch, nheads, 1)](
-            **launch, **decode.combine_constexprs(1, block_s, COMBINE_TILE[2], True, ()))
+            **launch, **decode.combine_constexprs(1, block_s or tile[1], tile[2], True, ()))
     w = torch.softmax(lse_part.double(), 0).nan_to_num(0.0)
     want = (w[..., None] * o_part.double()).sum(0).transpose(1, 2)
     want_lse = torch.logsumexp(lse_part.double(), 0).masked_fill(lse_part.isinf().all(0), math.inf)
