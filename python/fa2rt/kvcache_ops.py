@@ -47,11 +47,11 @@ def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_
     programs = max(1, shapes.batch * shapes.nheads_k * row_blocks)
     slots = RESIDENT * max(multiprocessors, 1)
     one_wave = 1 << (slots // programs).bit_length() - 1 if programs <= slots else None
-    many_waves = 1 << max(0, math.ceil(math.log2(MANY_WAVES * slots / programs)))
-    if not SPLITS_BEYOND_A_WAVE[shapes.layout]:
-        many_waves = 1
-    long_splits = shapes.capacity // many_waves >= LONG_SPLIT_KEYS
-    wanted = one_wave if one_wave is not None and not (many_waves > 1 and long_splits) else many_waves
+    many_waves = 1
+    if SPLITS_BEYOND_A_WAVE[shapes.layout]:
+        many_waves = 1 << max(0, math.ceil(math.log2(MANY_WAVES * slots / programs)))
+    take_many = one_wave is None or (many_waves > 1 and shapes.capacity // many_waves >= LONG_SPLIT_KEYS)
+    wanted = many_waves if take_many else one_wave
     return max(1, min(wanted, shapes.capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
