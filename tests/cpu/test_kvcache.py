@@ -405,7 +405,8 @@ def test_installed_decode_images_take_kvcache_calls(on_device, arch):
         assert decision.path == "kernel", decision
         assert decision.image.startswith(f"decode-{arch}-bf16-d128m-") and decision.image.split("-")[-2] == tag
         splits = int(decision.message.split()[0])
-        assert splits > 1 and decision.backward[0][0].startswith(f"decode_combine-{arch}-bf16-d256m-")
+        # The combine at the call's head-dim bucket (d128), not the d256 one that also takes it.
+        assert splits > 1 and decision.backward[0][0].startswith(f"decode_combine-{arch}-bf16-d128m-")
         layout = "paged" if paged else "kvcache"
         assert f"append: append-{arch}-bf16-d256m-plain-{layout}-" in decision.message  # the one new token
         single = fa2rt.explain_with_kvcache(*positional, **named, num_splits=1)
@@ -444,7 +445,7 @@ def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
     assert plan.decode_plan.pointers == list(kvcache_ops.DECODE_POINTERS)
     # 2 query rows x 4 query heads per KV head = 8 packed rows: one row block per split; y: batch x KV heads.
     assert plan.decode_plan.grid == (plan.splits, 2 * 2, 1) and plan.splits > 1
-    assert plan.combine_plan.image.startswith("decode_combine-sm90-fp16-d256m-")
+    assert plan.combine_plan.image.startswith("decode_combine-sm90-fp16-d64m-")
     # The combine takes one query row per program: x: 2 query rows; y: batch x query heads.
     assert plan.combine_plan.grid == (2, 2 * 8, 1)
     # A second call of the same geometry (a remembered call: pointers built without views) reuses the plan, with
