@@ -1,0 +1,225 @@
+"""Harness of the Gluon warp-specialised sm90 forward prototype (backends/kernels/fwd_ws.py; issue 21 part 3; notes
+and results in docs/bench/gluon-ws-notes.md). Not part of the images yet: this script is how its versions are
+checked and timed.
+
+    python ci/gluon_ws.py compile VARIANT...          # any machine: compile for sm90, print registers/stack/smem
+    python ci/gluon_ws.py check VARIANT               # H200: float32 reference on small shapes; exit 1 on a mismatch
+    python ci/gluon_ws.py bench OUT.json VARIANT...   # H200: FA2 grid, same process: the variants, fa2rt's own
+                                                      # kernels (routing off), SDPA cuDNN and flash
+
+A VARIANT names the schedule in dash-separated parts: bnN (key block), sN (K/V ring stages), ov0/ov1 (FA3's
+intra-warpgroup overlap), pp0/pp1 (consumers take turns issuing their products), wN (consumer warpgroups, 64 query
+rows each; default 2), p1 (persistent: one CTA per SM walks the tiles), mN (maxnreg), rN (registers per consumer),
+lN (registers of the loader), d64/d128 (only that head dim). E.g. bn128-s2-ov1-pp1-d128.
+"""
+
+import functools
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends/kernels"))
+import fwd_ws  # noqa: E402
+
+FLAGS = {"ov": "overlap", "pp": "pingpong"}
+INTS = {"bn": "block_n", "s": "stages", "w": "num_wg", "m": "maxnreg", "r": "regs", "l": "loader_regs",
+        "d": "only_d"}
+
+
+def parse(variant: str) -> dict:
+    """VARIANT -> fwd_ws.forward keyword arguments (plus only_d)."""
+    kw = {}
+    for part in variant.split("-"):
+        key, value = re.fullmatch(r"([a-z]+)(\d+)", part).groups()
+        if key in FLAGS:
+            kw[FLAGS[key]] = value == "1"
+        elif key == "p":
+            kw["persistent"] = value == "1"
+        elif key in INTS:
+            kw[INTS[key]] = int(value)
+        else:
+            raise ValueError(f"variant part {part!r}: expected one of {sorted(FLAGS) + sorted(INTS) + ['p']}")
+    return kw
+
+
+def compile_variant(variant: str, head_dim: int, causal: bool):
+    """Compiles the kernel for sm90 (no GPU needed); returns the CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kw = parse(variant)
+    kw.pop("only_d", None)
+    block_n, num_wg = kw.get("block_n", 128), kw.get("num_wg", 2)
+    maxnreg, consumer = fwd_ws.register_split(num_wg, kw.get("maxnreg"), kw.get("regs"))
+    q_layout = gl.NVMMASharedLayout.get_default_for([1, 64, 1, head_dim], gl.bfloat16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([1, block_n, 1, head_dim], gl.bfloat16)
+    q_desc = f"tensordesc<bf16[1, 64, 1, {head_dim}],{q_layout!r}>"
+    kv_desc = f"tensordesc<bf16[1, {block_n}, 1, {head_dim}],{kv_layout!r}>"
+    constexprs = {"BLOCK_N": block_n, "HEAD_D": head_dim, "STAGES": kw.get("stages", 2), "CAUSAL": causal,
+                  "OVERLAP": kw.get("overlap", True), "PINGPONG": kw.get("pingpong", False), "NUM_WG": num_wg,
+                  "CONSUMER_REGS": consumer, "LOADER_REGS": kw.get("loader_regs", fwd_ws.LOADER_REGS)}
+    signature = {"q_desc": q_desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": q_desc, "LSE": "*fp32",
+                 "seqlen": "i32", "nheads": "i32", "head_ratio": "i32", "qk_scale": "fp32", "n_m": "i32",
+                 "n_tiles": "i32"} | {k: "constexpr" for k in constexprs}
+    src = GluonASTSource(fwd_ws.attn_fwd_ws, signature, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+
+
+def resource_usage(compiled) -> dict:
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+)\s+STACK:(\d+)", text).groups()
+    return {"regs": int(regs), "stack_bytes": int(stack), "shared_bytes": compiled.metadata.shared}
+
+
+def compile_report(variants):
+    for variant in variants:
+        only = parse(variant).get("only_d")
+        for head_dim in (64, 128):
+            if only and head_dim != only:
+                continue
+            for causal in (False, True):
+                try:
+                    usage = resource_usage(compile_variant(variant, head_dim, causal))
+                except Exception as e:  # noqa: BLE001 - one variant's failure must not hide the others
+                    usage = f"FAILED: {type(e).__name__}: {str(e)[-300:]}"
+                print(f"{variant} d{head_dim} causal={int(causal)}: {usage}", flush=True)
+
+
+def reference(q, k, v, causal):
+    import torch
+    ratio = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(ratio, dim=2) for t in (k, v))
+    qt, kt, vt = (t.transpose(1, 2).float() for t in (q, k, v))
+    s = qt @ kt.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if causal:
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(s, -1) @ vt).transpose(1, 2), torch.logsumexp(s, -1)
+
+
+def inputs(b, s, h, hk, d, kind):
+    """kind: plain; packed (q, k, v strided views of one (b, s, 3, h, d) tensor); poison (NaN in the K/V of every
+    sequence but the first, whose outputs alone are compared: a read past a sequence shows)."""
+    import torch
+    if kind == "packed":
+        qkv = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.bfloat16)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    if kind == "poison":
+        k[1:] = float("nan")
+        v[1:] = float("nan")
+    return q, k, v
+
+
+CHECK_SHAPES = ((2, 128, 4, 4, "plain"), (2, 1000, 3, 3, "plain"), (1, 4096, 2, 2, "plain"), (4, 2048, 8, 8, "plain"),
+                (2, 1000, 8, 2, "plain"), (2, 777, 4, 4, "packed"), (2, 1000, 2, 2, "poison"))
+
+
+def check(variant) -> bool:
+    """The variant against the float32 reference; it passes where its error is at most twice fa2rt's kernel's on
+    the same inputs (+1e-3) and its LSE within 1e-3."""
+    import torch
+
+    import fa2rt
+    kw = parse(variant)
+    only = kw.pop("only_d", None)
+    ok_all = True
+    for d in (64, 128):
+        if only and d != only:
+            continue
+        for b, s, h, hk, kind in CHECK_SHAPES:
+            for causal in (False, True):
+                torch.manual_seed(0)
+                q, k, v = inputs(b, s, h, hk, d, kind)
+                n = 1 if kind == "poison" else b
+                ref, ref_lse = reference(q[:n], k[:n], v[:n], causal)
+                o, lse = fwd_ws.forward(q, k, v, causal, **kw)
+                err = (o[:n].float() - ref).abs().max().item()
+                lse_err = (lse[:n] - ref_lse).abs().max().item()
+                theirs = (fa2rt.attention(q[:n], k[:n], v[:n], causal=causal).float() - ref).abs().max().item()
+                ok = err <= 2 * theirs + 1e-3 and lse_err < 1e-3
+                ok_all &= ok
+                print(f"{variant} d{d} b{b} s{s} h{h}/{hk} {kind} causal={int(causal)}: err {err:.2e} "
+                      f"(fa2rt {theirs:.2e}) lse {lse_err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    return ok_all
+
+
+def bench(out, variants):
+    import torch
+
+    import fa2rt
+    from fa2rt.bench import common
+    rows = []
+    with common.kernel_forced():
+        for d, h in ((64, 32), (128, 16)):
+            for causal in (False, True):
+                for s in (512, 1024, 2048, 4096, 8192, 16384):
+                    b = 16384 // s
+                    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                    runs = {}
+                    for variant in variants:
+                        kw = parse(variant)
+                        if kw.pop("only_d", d) == d:
+                            runs[variant] = functools.partial(fwd_ws.forward, q, k, v, causal, **kw)
+                    runs["fa2rt"] = functools.partial(fa2rt.attention, q, k, v, causal=causal)
+                    runs["sdpa_cudnn"] = common.sdpa_call(q, k, v, causal, "sdpa_cudnn")
+                    runs["sdpa_flash"] = common.sdpa_call(q, k, v, causal, "sdpa_flash")
+                    flops = common.fwd_flops(b, h, s, d, causal)
+                    row = {"d": d, "h": h, "b": b, "s": s, "causal": causal,
+                           "tflops": {name: flops / common.time_ms(fn) / 1e9 for name, fn in runs.items()}}
+                    rows.append(row)
+                    print(f"d{d} causal={int(causal)} s{s:5d}: "
+                          + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
+    Path(out).write_text(json.dumps({"environment": common.environment(), "variants": variants, "rows": rows},
+                                    indent=1))
+    summary(rows, variants)
+
+
+def summary(rows, variants):
+    print("\ngeomean TFLOP/s ratio per head dim / causal: against cuDNN (min), against fa2rt")
+    for name in [*variants, "fa2rt", "sdpa_flash"]:
+        for d in (64, 128):
+            for causal in (False, True):
+                sel = [r["tflops"] for r in rows if r["d"] == d and r["causal"] == causal and name in r["tflops"]]
+                if not sel:
+                    continue
+                to_cudnn = [t[name] / t["sdpa_cudnn"] for t in sel]
+                to_fa2rt = [t[name] / t["fa2rt"] for t in sel]
+                print(f"  {name:28s} d{d} causal={int(causal)}: {geomean(to_cudnn):.3f} (min {min(to_cudnn):.3f})"
+                      f"  {geomean(to_fa2rt):.3f}")
+
+
+def geomean(xs):
+    return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
+def main(argv):
+    t0 = time.time()
+    if argv[0] == "compile":
+        compile_report(argv[1:])
+    elif argv[0] == "check":
+        ok = check(argv[1])
+        print(f"{argv[1]}: {'passed' if ok else 'FAILED'} ({time.time() - t0:.0f} s)")
+        return 0 if ok else 1
+    elif argv[0] == "bench":
+        bench(argv[1], argv[2:])
+    else:
+        raise SystemExit(__doc__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
