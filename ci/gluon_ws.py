@@ -7,10 +7,10 @@ checked and timed.
     python ci/gluon_ws.py bench OUT.json VARIANT...   # H200: FA2 grid, same process: the variants, fa2rt's own
                                                       # kernels (routing off), SDPA cuDNN and flash
 
-A VARIANT names the schedule in dash-separated parts: bnN (key block), sN (K/V ring stages), ov0/ov1 (FA3's
-intra-warpgroup overlap), pp0/pp1 (consumers take turns issuing their products), wN (consumer warpgroups, 64 query
-rows each; default 2), p1 (persistent: one CTA per SM walks the tiles), mN (maxnreg), rN (registers per consumer),
-lN (registers of the loader), d64/d128 (only that head dim). E.g. bn128-s2-ov1-pp1-d128.
+A VARIANT names the schedule in dash-separated parts: bnN (key block), sN (K/V ring stages), pp0/pp1 (consumers
+take turns issuing their products), wN (consumer warpgroups of 64 query rows: 2, or 1 with two CTAs per SM), p1
+(persistent: one CTA per SM walks the tiles), mN (maxnreg), rN (registers per consumer), lN (registers of the
+loader), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128.
 """
 
 import functools
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends/kernels"))
 import fwd_ws  # noqa: E402
 
-FLAGS = {"ov": "overlap", "pp": "pingpong"}
+FLAGS = {"pp": "pingpong"}
 INTS = {"bn": "block_n", "s": "stages", "w": "num_wg", "m": "maxnreg", "r": "regs", "l": "loader_regs",
         "d": "only_d"}
 
@@ -47,7 +47,7 @@ def parse(variant: str) -> dict:
     return kw
 
 
-def compile_variant(variant: str, head_dim: int, causal: bool):
+def compile_variant(variant: str, head_dim: int):
     """Compiles the kernel for sm90 (no GPU needed); returns the CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -62,12 +62,13 @@ def compile_variant(variant: str, head_dim: int, causal: bool):
     kv_layout = gl.NVMMASharedLayout.get_default_for([1, block_n, 1, head_dim], gl.bfloat16)
     q_desc = f"tensordesc<bf16[1, 64, 1, {head_dim}],{q_layout!r}>"
     kv_desc = f"tensordesc<bf16[1, {block_n}, 1, {head_dim}],{kv_layout!r}>"
-    constexprs = {"BLOCK_N": block_n, "HEAD_D": head_dim, "STAGES": kw.get("stages", 2), "CAUSAL": causal,
-                  "OVERLAP": kw.get("overlap", True), "PINGPONG": kw.get("pingpong", False), "NUM_WG": num_wg,
-                  "CONSUMER_REGS": consumer, "LOADER_REGS": kw.get("loader_regs", fwd_ws.LOADER_REGS)}
-    signature = {"q_desc": q_desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": q_desc, "LSE": "*fp32",
-                 "seqlen": "i32", "nheads": "i32", "head_ratio": "i32", "qk_scale": "fp32", "n_m": "i32",
-                 "n_tiles": "i32"} | {k: "constexpr" for k in constexprs}
+    constexprs = {"BLOCK_N": block_n, "HEAD_D": head_dim, "STAGES": kw.get("stages", 2),
+                  "PINGPONG": kw.get("pingpong", False), "NUM_WG": num_wg, "CONSUMER_REGS": consumer,
+                  "LOADER_REGS": kw.get("loader_regs", fwd_ws.LOADER_REGS)}
+    ints = ("seqlen_q", "seqlen_k", "window_left", "window_right", "nheads", "head_ratio")
+    signature = ({"q_desc": q_desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": q_desc, "LSE": "*fp32"}
+                 | {name: "i32" for name in ints} | {"qk_scale": "fp32", "n_m": "i32", "n_tiles": "i32"}
+                 | {k: "constexpr" for k in constexprs})
     src = GluonASTSource(fwd_ws.attn_fwd_ws, signature, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
@@ -89,71 +90,67 @@ def compile_report(variants):
         for head_dim in (64, 128):
             if only and head_dim != only:
                 continue
-            for causal in (False, True):
-                try:
-                    usage = resource_usage(compile_variant(variant, head_dim, causal))
-                except Exception as e:  # noqa: BLE001 - one variant's failure must not hide the others
-                    usage = f"FAILED: {type(e).__name__}: {str(e)[-300:]}"
-                print(f"{variant} d{head_dim} causal={int(causal)}: {usage}", flush=True)
+            try:
+                usage = resource_usage(compile_variant(variant, head_dim))
+            except Exception as e:  # noqa: BLE001 - one variant's failure must not hide the others
+                usage = f"FAILED: {type(e).__name__}: {str(e)[-300:]}"
+            print(f"{variant} d{head_dim}: {usage}", flush=True)
 
 
-def reference(q, k, v, causal):
-    import torch
-    ratio = q.shape[2] // k.shape[2]
-    k, v = (t.repeat_interleave(ratio, dim=2) for t in (k, v))
-    qt, kt, vt = (t.transpose(1, 2).float() for t in (q, k, v))
-    s = qt @ kt.transpose(-1, -2) * q.shape[-1] ** -0.5
-    if causal:
-        n = s.shape[-1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return (torch.softmax(s, -1) @ vt).transpose(1, 2), torch.logsumexp(s, -1)
-
-
-def inputs(b, s, h, hk, d, kind):
+def inputs(b, sq, sk, h, hk, d, kind):
     """kind: plain; packed (q, k, v strided views of one (b, s, 3, h, d) tensor); poison (NaN in the K/V of every
     sequence but the first, whose outputs alone are compared: a read past a sequence shows)."""
     import torch
     if kind == "packed":
-        qkv = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(b, sq, 3, h, d, device="cuda", dtype=torch.bfloat16)
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     if kind == "poison":
         k[1:] = float("nan")
         v[1:] = float("nan")
     return q, k, v
 
 
-CHECK_SHAPES = ((2, 128, 4, 4, "plain"), (2, 1000, 3, 3, "plain"), (1, 4096, 2, 2, "plain"), (4, 2048, 8, 8, "plain"),
-                (2, 1000, 8, 2, "plain"), (2, 777, 4, 4, "packed"), (2, 1000, 2, 2, "poison"))
+# (batch, seqlen_q, seqlen_k, heads, kv heads, kind), each with every mask of CHECK_MASKS.
+CHECK_SHAPES = ((2, 128, 128, 4, 4, "plain"), (2, 1000, 1000, 3, 3, "plain"), (1, 4096, 4096, 2, 2, "plain"),
+                (4, 2048, 2048, 8, 8, "plain"), (2, 1000, 1000, 8, 2, "plain"), (2, 777, 777, 4, 4, "packed"),
+                (2, 1000, 1000, 2, 2, "poison"), (2, 300, 1100, 4, 2, "plain"), (2, 1100, 300, 4, 4, "plain"),
+                (1, 1, 513, 2, 2, "plain"))
+# (causal, window_size): none, causal, sliding windows (some rows of seqlen_q > seqlen_k see no key).
+CHECK_MASKS = ((False, (-1, -1)), (True, (-1, -1)), (False, (100, 0)), (False, (37, 200)), (True, (256, -1)))
 
 
 def check(variant) -> bool:
-    """The variant against the float32 reference; it passes where its error is at most twice fa2rt's kernel's on
-    the same inputs (+1e-3) and its LSE within 1e-3."""
+    """The variant against the float64 reference (fa2rt.reference); it passes where its error is at most twice that
+    of fa2rt's own kernel on the same call (+1e-3) and its LSE is within 1e-3 (both +inf for rows without keys)."""
     import torch
 
     import fa2rt
+    from fa2rt.reference import attention_reference
     kw = parse(variant)
     only = kw.pop("only_d", None)
     ok_all = True
     for d in (64, 128):
         if only and d != only:
             continue
-        for b, s, h, hk, kind in CHECK_SHAPES:
-            for causal in (False, True):
+        for b, sq, sk, h, hk, kind in CHECK_SHAPES:
+            for causal, window in CHECK_MASKS:
                 torch.manual_seed(0)
-                q, k, v = inputs(b, s, h, hk, d, kind)
+                q, k, v = inputs(b, sq, sk, h, hk, d, kind)
                 n = 1 if kind == "poison" else b
-                ref, ref_lse = reference(q[:n], k[:n], v[:n], causal)
-                o, lse = fwd_ws.forward(q, k, v, causal, **kw)
-                err = (o[:n].float() - ref).abs().max().item()
-                lse_err = (lse[:n] - ref_lse).abs().max().item()
-                theirs = (fa2rt.attention(q[:n], k[:n], v[:n], causal=causal).float() - ref).abs().max().item()
-                ok = err <= 2 * theirs + 1e-3 and lse_err < 1e-3
+                ref, ref_lse = attention_reference(q[:n], k[:n], v[:n], causal=causal, window_size=window)
+                o, lse = fwd_ws.forward(q, k, v, causal, window, **kw)
+                err = (o[:n].double() - ref).abs().max().item()
+                same_inf = torch.equal(lse[:n].isinf(), ref_lse.isinf())
+                finite = ~ref_lse.isinf()
+                lse_err = (lse[:n].double()[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+                theirs = fa2rt.attention(q[:n], k[:n], v[:n], causal=causal, window_size=window)
+                theirs = (theirs.double() - ref).abs().max().item()
+                ok = err <= 2 * theirs + 1e-3 and lse_err < 1e-3 and same_inf
                 ok_all &= ok
-                print(f"{variant} d{d} b{b} s{s} h{h}/{hk} {kind} causal={int(causal)}: err {err:.2e} "
-                      f"(fa2rt {theirs:.2e}) lse {lse_err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+                print(f"{variant} d{d} b{b} q{sq} k{sk} h{h}/{hk} {kind} causal={int(causal)} window={window}: "
+                      f"err {err:.2e} (fa2rt {theirs:.2e}) lse {lse_err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     return ok_all
 
 

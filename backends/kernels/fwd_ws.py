@@ -1,18 +1,21 @@
 """Warp-specialised sm90 attention forward in Gluon (FA3 style): a prototype for issue 21 part 3, not built into
-images yet (no runtime support for TMA descriptors; see docs/bench/gluon-ws-notes.md). ci/gluon_ws.py compiles,
-checks and times it.
+images yet (the runtime has no TMA descriptors; see docs/bench/gluon-ws-notes.md). ci/gluon_ws.py compiles, checks
+and times it.
 
 CTA tile = NUM_WG * 64 query rows of one (batch, head): NUM_WG consumer warpgroups of 64 rows each (the default
-partition and 4-warp workers) and a 1-warp loader that issues TMA loads of Q and of K and V into a STAGES-deep ring,
-with ready/empty mbarriers per stage (empty counts the consumers). Consumers: S = Q K^T by wgmma from shared memory,
-online softmax in registers, O += P V by wgmma with P from registers. OVERLAP: FA3's intra-warpgroup schedule (issue
-QK^T of block j+1 and PV of block j, softmax of j+1 while PV runs). PINGPONG: the consumers take turns issuing their
-products (a ring of mbarriers), so one's softmax runs under another's wgmma. Every partition walks the tiles
-pid, pid + nprog, ...: a grid of one CTA per SM makes the kernel persistent (the next tile's Q and K/V loads run
-under this tile's last blocks and epilogue); a grid of every tile is the plain launch.
+partition and a 4-warp worker) and a 1-warp loader that issues TMA loads of Q and of K and V into a STAGES-deep ring,
+with ready/empty mbarriers per stage (empty counts the consumers). Consumers run FA3's intra-warpgroup schedule: QK^T
+of block j+1 and PV of block j issued together as asynchronous wgmma (P from registers), the softmax of j+1 while PV
+runs. PINGPONG: the consumers take turns issuing their products (a ring of mbarriers), so one's softmax runs under
+the other's wgmma. Every partition walks the tiles pid, pid + nprog, ...: a grid of one CTA per SM makes the kernel
+persistent (the next tile's loads run under this tile's last blocks and epilogue); a grid of every tile is the plain
+launch. The output leaves through shared memory and a TMA store.
 
-Tensors (batch, seqlen, heads, dim) with a contiguous last dim, read through 4-D TMA descriptors (boxes of one head's
-rows; TMA fills zeros past a sequence's end). GQA: query head h reads KV head h // head_ratio.
+Semantics are fwd.py's without softcap and ALiBi: with shift = seqlen_k - seqlen_q, query row i sees key j iff
+i + shift - left <= j <= i + shift + right (causal is right = 0; an unlimited side is passed as seqlen_q + seqlen_k);
+a row that sees no key gets 0 and LSE +inf. Tensors (batch, seqlen, heads, dim) with a contiguous last dim, read
+through 4-D TMA descriptors (boxes of one head's rows; TMA fills zeros past a sequence's end, so no sequence reads
+another's rows). GQA: query head h reads KV head h // head_ratio.
 """
 
 import triton
@@ -27,10 +30,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LOG2E = 1.4426950408889634
+LN2 = gl.constexpr(0.6931471805599453)
 LOADER_REGS = 24  # the fewest setmaxnreg allows; the loader holds only scalars
-# maxnreg and registers per consumer by consumer warpgroups: (NUM_WG + 1) warpgroups share an SM's 64K registers
-# (one CTA per SM at 2 or 3 consumers, two at 1), the loader's warpgroup takes LOADER_REGS.
-REGISTERS = {1: (128, 232), 2: (168, 240), 3: (128, 160)}
+# maxnreg and registers per consumer by consumer warpgroups: (NUM_WG + 1) warpgroups share an SM's 64K registers,
+# one CTA per SM with 2 consumers, two CTAs with 1; the loader's warpgroup takes LOADER_REGS.
+REGISTERS = {1: (128, 232), 2: (168, 240)}
 
 
 def register_split(num_wg, maxnreg=None, regs=None):
@@ -39,208 +43,180 @@ def register_split(num_wg, maxnreg=None, regs=None):
 
 
 @gluon.jit
-def _tile(t, n_m, nheads, seqlen, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """Tile t: (batch*head, batch, head, first query row, key blocks, first block that needs the mask)."""
+def _tile(t, n_m, nheads, band, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile t: (batch*head, batch, head, first query row, first key block, key blocks, and the keys every row of
+    the tile sees: blocks inside [full_lo, full_hi) need no mask)."""
+    seqlen_q, seqlen_k, left, right = band
     bh = t // n_m
-    mi = t % n_m
-    if CAUSAL:
-        mi = n_m - 1 - mi  # the longest rows first
-    m_lo = mi * BLOCK_M
-    n_keys = seqlen
-    mask_from = seqlen // BLOCK_N
-    if CAUSAL:
-        n_keys = gl.minimum(m_lo + BLOCK_M, seqlen)
-        mask_from = gl.minimum(mask_from, m_lo // BLOCK_N)
-    return bh, bh // nheads, bh % nheads, m_lo, gl.cdiv(n_keys, BLOCK_N), mask_from
+    m_lo = (n_m - 1 - t % n_m) * BLOCK_M  # the last rows first: with a band they see the most keys
+    m_hi = gl.minimum(m_lo + BLOCK_M, seqlen_q)
+    shift = seqlen_k - seqlen_q
+    key_lo = gl.maximum(m_lo + shift - left, 0)
+    key_hi = gl.minimum(m_hi + shift + right, seqlen_k)
+    j0 = key_lo // BLOCK_N
+    n_blocks = gl.maximum(gl.cdiv(key_hi, BLOCK_N) - j0, 0)
+    full_lo = m_hi - 1 + shift - left
+    full_hi = gl.minimum(m_lo + shift + right + 1, seqlen_k)
+    return bh, bh // nheads, bh % nheads, m_lo, j0, n_blocks, full_lo, full_hi
 
 
 @gluon.jit
-def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_WG: gl.constexpr):
-    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seqlen, nheads, head_ratio, n_m, n_tiles = loads
+def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles = loads
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     it = 0
     ti = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, off_b, off_h, m_lo, n_blocks, mask_from = _tile(t, n_m, nheads, seqlen, NUM_WG * 64, BLOCK_N, CAUSAL)
+        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, nheads, band, NUM_WG * 64, BLOCK_N)
         off_hk = off_h // head_ratio
         for wg in gl.static_range(NUM_WG):
             mbarrier.wait(q_empty.index(wg), (ti & 1) ^ 1)
             mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [off_b, m_lo + wg * 64, off_h, 0], q_ready.index(wg),
                                             q_smem.index(wg))
-        for j in range(n_blocks):
+        for i in range(n_blocks):
             s = it % STAGES
             ph = (it // STAGES) & 1
+            key = (j0 + i) * BLOCK_N
             mbarrier.wait(k_empty.index(s), ph ^ 1)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [off_b, j * BLOCK_N, off_hk, 0], k_ready.index(s),
-                                            k_smem.index(s))
+            tma.async_copy_global_to_shared(k_desc, [off_b, key, off_hk, 0], k_ready.index(s), k_smem.index(s))
             mbarrier.wait(v_empty.index(s), ph ^ 1)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [off_b, j * BLOCK_N, off_hk, 0], v_ready.index(s),
-                                            v_smem.index(s))
+            tma.async_copy_global_to_shared(v_desc, [off_b, key, off_hk, 0], v_ready.index(s), v_smem.index(s))
             it += 1
         ti += 1
 
 
 @gluon.jit
-def _scores(q, k_smem, k_ready, s, ph, zero_s):
-    mbarrier.wait(k_ready.index(s), ph)
-    k = k_smem.index(s).reshape([zero_s.shape[1], k_smem.shape[-1]])
+def _scores(q, k_smem, k_ready, it, zero_s, STAGES: gl.constexpr):
+    """Issues S = Q K^T of ring slot it % STAGES once its keys have landed."""
+    mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+    k = k_smem.index(it % STAGES).reshape([zero_s.shape[1], k_smem.shape[-1]])
     return warpgroup_mma(q, k.permute((1, 0)), zero_s, use_acc=False, is_async=True)
 
 
 @gluon.jit
-def _softmax(sc, j, m_i, rows, seqlen, qk_scale, BLOCK_N: gl.constexpr, COL: gl.constexpr, CAUSAL: gl.constexpr,
-             mask_from):
+def _pv(p, v_smem, v_ready, it, acc, P_L: gl.constexpr, STAGES: gl.constexpr):
+    """Issues O += P V of ring slot it % STAGES once its values have landed."""
+    mbarrier.wait(v_ready.index(it % STAGES), (it // STAGES) & 1)
+    v = v_smem.index(it % STAGES).reshape([v_smem.shape[2], v_smem.shape[-1]])
+    return warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), P_L), v, acc, is_async=True)
+
+
+@gluon.jit
+def _softmax(sc, j, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N: gl.constexpr, COL: gl.constexpr):
+    """Scores of key block j: scaled, masked where the block is not wholly inside every row's band; returns
+    (p, the rescale of the running sums, the new row maxima)."""
+    seqlen_q, seqlen_k, left, right = band
     sc = sc * qk_scale
-    if j >= mask_from:
-        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL)
-        keep = cols[None, :] < seqlen
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
+    if (j * BLOCK_N < full_lo) | (j * BLOCK_N + BLOCK_N > full_hi):
+        cols = (j * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL))[None, :]
+        diag = rows + (seqlen_k - seqlen_q)
+        keep = (cols >= (diag - left)[:, None]) & (cols <= (diag + right)[:, None]) & (cols < seqlen_k)
         sc = gl.where(keep, sc, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(sc, 1))
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(sc - m_shift[:, None])
-    alpha = gl.exp2(m_i - m_shift)
-    return p, alpha, m_new
+    return p, gl.exp2(m_i - m_shift), m_new
 
 
 @gluon.jit
-def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
-    q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, seqlen, nheads, qk_scale, n_m, n_tiles = shared
+def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+              NUM_WG: gl.constexpr):
+    q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles = shared
     HEAD_D: gl.constexpr = q_smem.shape[-1]
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-    ROW: gl.constexpr = gl.SliceLayout(1, S_L)
-    COL: gl.constexpr = gl.SliceLayout(0, S_L)
-    OROW: gl.constexpr = gl.SliceLayout(1, O_L)
-
     q = q_smem.index(WG).reshape([64, HEAD_D])
     it = 0
     ti = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, off_b, off_h, m_lo, n_blocks, mask_from = _tile(t, n_m, nheads, seqlen, NUM_WG * 64, BLOCK_N, CAUSAL)
-        _consumer_tile(q, k_smem, v_smem, o_smem.index(WG), bars, o_desc, LSE + bh.to(gl.int64) * seqlen,
-                       off_b, off_h, m_lo, seqlen, qk_scale, n_blocks, mask_from, it, ti,
-                       WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG, S_L, O_L, P_L, ROW, COL,
-                       OROW)
+        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, nheads, band, NUM_WG * 64, BLOCK_N)
+        tile = (off_b, off_h, m_lo + WG * 64, j0, n_blocks, full_lo, full_hi, it, ti)
+        _consumer_tile(q, k_smem, v_smem, o_smem.index(WG), bars, o_desc, LSE + bh.to(gl.int64) * band[0], band,
+                       qk_scale, tile, WG, BLOCK_N, STAGES, PINGPONG, NUM_WG, S_L, O_L, P_L)
         it += n_blocks
         ti += 1
     tma.store_wait(0)
 
 
 @gluon.jit
-def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, off_b, off_h, m_lo, seqlen, qk_scale, n_blocks,
-                   mask_from, it, ti, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                   NUM_WG: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr, ROW: gl.constexpr,
-                   COL: gl.constexpr, OROW: gl.constexpr):
+def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, tile, WG: gl.constexpr,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
+                   S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr):
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
-    dtype: gl.constexpr = q.dtype
+    off_b, off_h, row0, j0, n_blocks, full_lo, full_hi, it, ti = tile
+    HEAD_D: gl.constexpr = o_buf.shape[-1]
+    ROW: gl.constexpr = gl.SliceLayout(1, S_L)
+    COL: gl.constexpr = gl.SliceLayout(0, S_L)
+    OROW: gl.constexpr = gl.SliceLayout(1, O_L)
     NEXT: gl.constexpr = (WG + 1) % NUM_WG
     mbarrier.wait(q_ready.index(WG), ti & 1)
-    rows = m_lo + WG * 64 + gl.arange(0, 64, layout=ROW)
+    rows = row0 + gl.arange(0, 64, layout=ROW)
     m_i = gl.full([64], float("-inf"), gl.float32, ROW)
     l_i = gl.zeros([64], gl.float32, ROW)
     acc = gl.zeros([64, HEAD_D], gl.float32, O_L)
     zero_s = gl.zeros([64, BLOCK_N], gl.float32, S_L)
-
-    if OVERLAP:
+    if n_blocks > 0:
+        # Block 0: its scores alone. Then per block: this block's QK^T and the previous block's PV in flight
+        # together, the softmax of this block while PV runs.
         if PINGPONG:
             mbarrier.wait(turn.index(WG), it & 1)
-        sc = _scores(q, k_smem, k_ready, it % STAGES, (it // STAGES) & 1, zero_s)
+        sc = _scores(q, k_smem, k_ready, it, zero_s, STAGES)
         if PINGPONG:
             mbarrier.arrive(turn.index(NEXT), count=1)
         sc = warpgroup_mma_wait(0, deps=(sc,))
         mbarrier.arrive(k_empty.index(it % STAGES), count=1)
-        p, alpha, m_i = _softmax(sc, 0, m_i, rows, seqlen, qk_scale, BLOCK_N, COL, CAUSAL, mask_from)
-        l_i = l_i + gl.sum(p, 1)
-        for j in range(1, n_blocks):
-            s = (it + j) % STAGES
-            ph = ((it + j) // STAGES) & 1
-            sp = (it + j - 1) % STAGES
-            php = ((it + j - 1) // STAGES) & 1
+        p, alpha, m_i = _softmax(sc, j0, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N, COL)
+        l_i = gl.sum(p, 1)
+        for i in range(1, n_blocks):
             if PINGPONG:
-                mbarrier.wait(turn.index(WG), (it + j) & 1)
-            sc = _scores(q, k_smem, k_ready, s, ph, zero_s)
-            mbarrier.wait(v_ready.index(sp), php)
-            v = v_smem.index(sp).reshape([BLOCK_N, HEAD_D])
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), P_L), v, acc, is_async=True)
+                mbarrier.wait(turn.index(WG), (it + i) & 1)
+            sc = _scores(q, k_smem, k_ready, it + i, zero_s, STAGES)
+            acc = _pv(p, v_smem, v_ready, it + i - 1, acc, P_L, STAGES)
             if PINGPONG:
                 mbarrier.arrive(turn.index(NEXT), count=1)
             sc = warpgroup_mma_wait(1, deps=(sc,))
-            mbarrier.arrive(k_empty.index(s), count=1)
-            p, alpha_n, m_i = _softmax(sc, j, m_i, rows, seqlen, qk_scale, BLOCK_N, COL, CAUSAL, mask_from)
+            mbarrier.arrive(k_empty.index((it + i) % STAGES), count=1)
+            p, alpha, m_i = _softmax(sc, j0 + i, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N, COL)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(sp), count=1)
-            acc = acc * gl.convert_layout(alpha_n, OROW)[:, None]
-            l_i = l_i * alpha_n + gl.sum(p, 1)
-        sl = (it + n_blocks - 1) % STAGES
-        mbarrier.wait(v_ready.index(sl), ((it + n_blocks - 1) // STAGES) & 1)
-        v = v_smem.index(sl).reshape([BLOCK_N, HEAD_D])
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), P_L), v, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(v_empty.index(sl), count=1)
-    else:
-        for j in range(n_blocks):
-            s = (it + j) % STAGES
-            ph = ((it + j) // STAGES) & 1
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), (it + j) & 1)
-            sc = _scores(q, k_smem, k_ready, s, ph, zero_s)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(NEXT), count=1)
-            sc = warpgroup_mma_wait(0, deps=(sc,))
-            mbarrier.arrive(k_empty.index(s), count=1)
-            p, alpha, m_i = _softmax(sc, j, m_i, rows, seqlen, qk_scale, BLOCK_N, COL, CAUSAL, mask_from)
-            l_i = l_i * alpha + gl.sum(p, 1)
+            mbarrier.arrive(v_empty.index((it + i - 1) % STAGES), count=1)
             acc = acc * gl.convert_layout(alpha, OROW)[:, None]
-            mbarrier.wait(v_ready.index(s), ph)
-            v = v_smem.index(s).reshape([BLOCK_N, HEAD_D])
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), P_L), v, acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(s), count=1)
-
+            l_i = l_i * alpha + gl.sum(p, 1)
+        acc = _pv(p, v_smem, v_ready, it + n_blocks - 1, acc, P_L, STAGES)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(v_empty.index((it + n_blocks - 1) % STAGES), count=1)
     mbarrier.arrive(q_empty.index(WG), count=1)
+
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     out = acc / gl.convert_layout(l_safe, OROW)[:, None]
-    lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    # The output through shared memory and a TMA store (rows past the sequence clipped): the previous tile's
-    # store from this buffer is waited for first.
+    lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+    # The output through shared memory and a TMA store (rows past the sequence clipped); the previous tile's store
+    # from this buffer is waited for first.
     tma.store_wait(0)
-    o_buf.reshape([64, HEAD_D]).store(out.to(dtype))
+    o_buf.reshape([64, HEAD_D]).store(out.to(o_buf.dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_b, m_lo + WG * 64, off_h, 0], o_buf)
-    gl.store(LSE + rows, lse, mask=rows < seqlen)
+    tma.async_copy_shared_to_global(o_desc, [off_b, row0, off_h, 0], o_buf)
+    gl.store(LSE + rows, lse, mask=rows < band[0])
 
 
 @gluon.jit
-def _consumer0(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
-               PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
-    _consumer(shared, 0, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)
+def _consumer0(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
+    _consumer(shared, 0, BLOCK_N, STAGES, PINGPONG, NUM_WG)
 
 
 @gluon.jit
-def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
-               PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
-    _consumer(shared, 1, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)
+def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
+    _consumer(shared, 1, BLOCK_N, STAGES, PINGPONG, NUM_WG)
 
 
 @gluon.jit
-def _consumer2(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
-               PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
-    _consumer(shared, 2, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)
-
-
-@gluon.jit
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, seqlen, nheads, head_ratio, qk_scale, n_m, n_tiles,
-                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, seqlen_q, seqlen_k, window_left, window_right, nheads,
+                head_ratio, qk_scale, n_m, n_tiles, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                 LOADER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 64, 1, HEAD_D], q_desc.layout)
@@ -267,27 +243,21 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, seqlen, nheads, head_ratio,
     mbarrier.arrive(turn.index(0), count=1)
     fence_async_shared()
     bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn)
+    band = (seqlen_q, seqlen_k, window_left, window_right)
     # Runtime values and buffers travel in tuples; constexprs are written in the calls (a tuple assigned to a name
     # turns its constexprs into tensors).
-    shared = (q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, seqlen, nheads, qk_scale, n_m, n_tiles)
-    loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seqlen, nheads, head_ratio, n_m, n_tiles)
-    if NUM_WG == 3:
+    shared = (q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles)
+    loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles)
+    if NUM_WG == 2:
         gl.warp_specialize([
-            (_consumer0, (shared, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)),
-            (_consumer1, (shared, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)),
-            (_consumer2, (shared, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)),
-            (_loader, (loads, BLOCK_N, STAGES, CAUSAL, NUM_WG)),
-        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
-    elif NUM_WG == 2:
-        gl.warp_specialize([
-            (_consumer0, (shared, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)),
-            (_consumer1, (shared, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)),
-            (_loader, (loads, BLOCK_N, STAGES, CAUSAL, NUM_WG)),
+            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG)),
+            (_consumer1, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG)),
+            (_loader, (loads, BLOCK_N, STAGES, NUM_WG)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer0, (shared, BLOCK_N, STAGES, CAUSAL, OVERLAP, PINGPONG, NUM_WG)),
-            (_loader, (loads, BLOCK_N, STAGES, CAUSAL, NUM_WG)),
+            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG)),
+            (_loader, (loads, BLOCK_N, STAGES, NUM_WG)),
         ], [1], [LOADER_REGS])
 
 
@@ -308,23 +278,29 @@ def descriptors(q, k, v, o, block_n):
 _SMS = {}
 
 
-def forward(q, k, v, causal, block_n=128, stages=2, overlap=True, pingpong=False, num_wg=2, persistent=False,
-            regs=None, loader_regs=LOADER_REGS, maxnreg=None, softmax_scale=None):
-    """(out, lse) of q, k, v (batch, seqlen, heads, dim; k and v may have fewer heads), bf16/fp16, head dim 64 or
-    128, seqlen_q == seqlen_k."""
+def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, block_n=128, stages=2, pingpong=False,
+            num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None):
+    """(out, lse) of q (batch, seqlen_q, heads, dim), k and v (batch, seqlen_k, heads_k, dim), bf16 or fp16, head
+    dim 64 or 128, flash-attn 2's causal/window semantics (causal folds in as right = 0)."""
     import torch
-    b, s, h, d = q.shape
+    b, seqlen_q, h, d = q.shape
+    seqlen_k = k.shape[1]
+    unlimited = seqlen_q + seqlen_k
+    left, right = window_size
+    left = unlimited if left < 0 else left
+    right = 0 if causal else (unlimited if right < 0 else right)
     o = torch.empty_like(q)
-    lse = torch.empty(b, h, s, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, h, seqlen_q, device=q.device, dtype=torch.float32)
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     qd, kd, vd, od = descriptors(q, k, v, o, block_n)
-    n_m = triton.cdiv(s, 64 * num_wg)
+    n_m = triton.cdiv(seqlen_q, 64 * num_wg)
     n_tiles = n_m * b * h
     if q.device not in _SMS:
         _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
     maxnreg, consumer = register_split(num_wg, maxnreg, regs)
     per_sm = 65536 // (maxnreg * 128 * (num_wg + 1))
     grid = (min(n_tiles, _SMS[q.device] * per_sm) if persistent else n_tiles,)
-    attn_fwd_ws[grid](qd, kd, vd, od, lse, s, h, h // k.shape[2], scale * LOG2E, n_m, n_tiles, block_n, d, stages,
-                      causal, overlap, pingpong, num_wg, consumer, loader_regs, num_warps=4, maxnreg=maxnreg)
+    attn_fwd_ws[grid](qd, kd, vd, od, lse, seqlen_q, seqlen_k, left, right, h, h // k.shape[2], scale * LOG2E, n_m,
+                      n_tiles, block_n, d, stages, pingpong, num_wg, consumer, loader_regs, num_warps=4,
+                      maxnreg=maxnreg)
     return o, lse
