@@ -3,7 +3,7 @@ and results in docs/bench/gluon-ws-notes.md). Not part of the images yet: this s
 checked and timed.
 
     python ci/gluon_ws.py compile VARIANT...          # any machine: compile for sm90, print registers/stack/smem
-    python ci/gluon_ws.py check VARIANT               # H200: float32 reference on small shapes; exit 1 on a mismatch
+    python ci/gluon_ws.py check VARIANT               # H200: float64 reference on small shapes; exit 1 on a mismatch
     python ci/gluon_ws.py bench OUT.json VARIANT...   # H200: FA2 grid, same process: the variants, fa2rt's own
                                                       # kernels (routing off), SDPA cuDNN and flash
 
@@ -15,7 +15,6 @@ loader), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128.
 
 import functools
 import json
-import math
 import re
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends/kernels"))
+import aot  # noqa: E402
 import fwd_ws  # noqa: E402
 
 FLAGS = {"pp": "pingpong"}
@@ -74,14 +74,13 @@ def compile_variant(variant: str, head_dim: int):
 
 
 def resource_usage(compiled) -> dict:
-    import triton
-    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    """Registers, stack and local bytes as aot.py reads them for its static checks, and the shared memory."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        text = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
-    regs, stack = re.search(r"REG:(\d+)\s+STACK:(\d+)", text).groups()
-    return {"regs": int(regs), "stack_bytes": int(stack), "shared_bytes": compiled.metadata.shared}
+        text = subprocess.run([str(aot._tool("cuobjdump")), "-res-usage", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    return aot.parse_res_usage(text) | {"shared_bytes": compiled.metadata.shared}
 
 
 def compile_report(variants):
@@ -186,6 +185,7 @@ def bench(out, variants):
 
 
 def summary(rows, variants):
+    from fa2rt.bench.common import geomean
     print("\ngeomean TFLOP/s ratio per head dim / causal: against cuDNN (min), against fa2rt")
     for name in [*variants, "fa2rt", "sdpa_flash"]:
         for d in (64, 128):
@@ -197,10 +197,6 @@ def summary(rows, variants):
                 to_fa2rt = [t[name] / t["fa2rt"] for t in sel]
                 print(f"  {name:28s} d{d} causal={int(causal)}: {geomean(to_cudnn):.3f} (min {min(to_cudnn):.3f})"
                       f"  {geomean(to_fa2rt):.3f}")
-
-
-def geomean(xs):
-    return math.exp(sum(map(math.log, xs)) / len(xs))
 
 
 def main(argv):
