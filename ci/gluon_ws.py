@@ -1,6 +1,6 @@
-"""Harness of the Gluon warp-specialised sm90 forward prototype (backends/kernels/fwd_ws.py; issue 21 part 3; notes
-and results in docs/bench/gluon-ws-notes.md). Not part of the images yet: this script is how its versions are
-checked and timed.
+"""Harness of the Gluon warp-specialised sm90 forward (backends/kernels/fwd_ws.py; issue 21 part 3; notes and results
+in docs/bench/gluon-ws-notes.md): schedules other than the images' (tiles.json "ws") are compiled, checked and timed
+here, launched through Triton's own launcher; fa2rt's images of the kernel are the "fa2rt" column of bench.
 
     python ci/gluon_ws.py compile VARIANT...          # any machine: compile for sm90, print registers/stack/smem
     python ci/gluon_ws.py check VARIANT               # H200: float64 reference on small shapes; exit 1 on a mismatch
@@ -51,26 +51,16 @@ def compile_variant(variant: str, head_dim: int):
     """Compiles the kernel for sm90 (no GPU needed); returns the CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     kw = parse(variant)
-    kw.pop("only_d", None)
-    block_n, num_wg = kw.get("block_n", 128), kw.get("num_wg", 2)
-    maxnreg, consumer = fwd_ws.register_split(num_wg, kw.get("maxnreg"), kw.get("regs"))
-    q_layout = gl.NVMMASharedLayout.get_default_for([1, 64, 1, head_dim], gl.bfloat16)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([1, block_n, 1, head_dim], gl.bfloat16)
-    q_desc = f"tensordesc<bf16[1, 64, 1, {head_dim}],{q_layout!r}>"
-    kv_desc = f"tensordesc<bf16[1, {block_n}, 1, {head_dim}],{kv_layout!r}>"
-    constexprs = {"BLOCK_N": block_n, "HEAD_D": head_dim, "STAGES": kw.get("stages", 2),
-                  "PINGPONG": kw.get("pingpong", False), "NUM_WG": num_wg, "CONSUMER_REGS": consumer,
-                  "LOADER_REGS": kw.get("loader_regs", fwd_ws.LOADER_REGS)}
-    ints = ("seqlen_q", "seqlen_k", "window_left", "window_right", "nheads", "head_ratio")
-    signature = ({"q_desc": q_desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": q_desc, "LSE": "*fp32"}
-                 | {name: "i32" for name in ints} | {"qk_scale": "fp32", "n_m": "i32", "n_tiles": "i32"}
-                 | {k: "constexpr" for k in constexprs})
+    tile = {"block_n": kw.get("block_n", 128), "stages": kw.get("stages", 2), "pingpong": kw.get("pingpong", False),
+            "num_wg": kw.get("num_wg", 2), "maxnreg": kw.get("maxnreg"), "consumer_regs": kw.get("regs"),
+            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS)}
+    constexprs = fwd_ws.constexprs(head_dim, tile)
+    signature = fwd_ws.signature("bf16", head_dim, tile["block_n"]) | {k: "constexpr" for k in constexprs}
     src = GluonASTSource(fwd_ws.attn_fwd_ws, signature, constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=fwd_ws.options(tile))
 
 
 def resource_usage(compiled) -> dict:

@@ -43,7 +43,13 @@ class Backend {
   virtual LoadedKernel load(int device, const std::string& data, const std::string& kernel_name,
                             int64_t shared_bytes) = 0;
   virtual void launch(int device, const LoadedKernel& kernel, const LaunchConfig& config, void** params) = 0;
+  // Writes the 128-byte TMA descriptor of a tensor at `address` on `device` (shape and strides in elements,
+  // outermost first).
+  virtual void encode_tensor_map(int device, const TensorMap& map, uint64_t address, const std::vector<int64_t>& shape,
+                                 const std::vector<int64_t>& strides, void* out);
 };
+
+constexpr size_t kTensorMapBytes = 128;  // sizeof(CUtensorMap), aligned to 64 bytes
 
 // Factories defined under backends/. The library name can be overridden (test doubles) by an environment variable.
 std::unique_ptr<Backend> make_cuda_backend();

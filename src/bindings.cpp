@@ -117,6 +117,14 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("target", &ImageFile::target)
       .def_readwrite("portable", &ImageFile::portable);
 
+  py::class_<TensorMap>(m, "TensorMap")
+      .def(py::init<>())
+      .def_readwrite("param", &TensorMap::param)
+      .def_readwrite("dtype", &TensorMap::dtype)
+      .def_readwrite("elem_size", &TensorMap::elem_size)
+      .def_readwrite("swizzle", &TensorMap::swizzle)
+      .def_readwrite("box", &TensorMap::box);
+
   py::class_<ImageInfo>(m, "ImageInfo")
       .def(py::init<>())
       .def_readwrite("name", &ImageInfo::name)
@@ -143,6 +151,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("kernel_name", &ImageInfo::kernel_name)
       .def_readwrite("params", &ImageInfo::params)
       .def_readwrite("scratch_params", &ImageInfo::scratch_params)
+      .def_readwrite("family", &ImageInfo::family)
+      .def_readwrite("flat_grid", &ImageInfo::flat_grid)
+      .def_readwrite("ctas_per_sm", &ImageInfo::ctas_per_sm)
+      .def_readwrite("tensor_maps", &ImageInfo::tensor_maps)
       .def_readwrite("binary", &ImageInfo::binary)
       .def_readwrite("has_ptx", &ImageInfo::has_ptx)
       .def_readwrite("ptx", &ImageInfo::ptx);
@@ -153,6 +165,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("layout", &Problem::layout)
       .def_readwrite("page_size", &Problem::page_size)
       .def_readwrite("splits", &Problem::splits)
+      .def_readwrite("multiprocessors", &Problem::multiprocessors)
       .def_readwrite("dtype", &Problem::dtype)
       .def_readwrite("batch", &Problem::batch)
       .def_readwrite("seqlen_q", &Problem::seqlen_q)

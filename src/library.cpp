@@ -1,6 +1,7 @@
 #include <dlfcn.h>
 
 #include <mutex>
+#include <stdexcept>
 
 #include "backend.h"
 
@@ -24,6 +25,12 @@ void* open_library(const std::vector<std::string>& names, std::string* opened, s
     *tried += (tried->empty() ? "" : "; ") + name + ": " + (err ? err : "not found");
   }
   return nullptr;
+}
+
+void Backend::encode_tensor_map(int, const TensorMap& map, uint64_t, const std::vector<int64_t>&,
+                                const std::vector<int64_t>&, void*) {
+  throw std::runtime_error(std::string("tensor map ") + map.param + ": TMA descriptors are a CUDA feature, the " +
+                           vendor_name(vendor()) + " backend has none");
 }
 
 Backend& backend_for(Vendor vendor) {

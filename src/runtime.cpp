@@ -1,5 +1,6 @@
 #include "runtime.h"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -48,8 +49,13 @@ std::string bytes_of(T value) {
   return std::string(reinterpret_cast<const char*>(&value), sizeof(T));
 }
 
+constexpr const char* kTensorMapType = "tensormap";
+
+bool is_address(const std::string& type) { return type.rfind('*', 0) == 0 || type == kTensorMapType; }
+
 std::string pack_one(const std::string& name, const std::string& type, const ArgValue& value) {
-  if (type.rfind('*', 0) == 0 || type == "i64") {
+  // A tensor map packs as its tensor's address; the launch encodes the descriptor from it.
+  if (is_address(type) || type == "i64") {
     if (!std::holds_alternative<int64_t>(value))
       throw std::invalid_argument("kernel argument " + name + ": expected an integer for type " + type);
     return bytes_of<int64_t>(std::get<int64_t>(value));
@@ -150,6 +156,17 @@ LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void*
                             std::to_string(kMaxGridX));
   cfg.grid[0] = static_cast<unsigned>(blocks);
   cfg.grid[1] = static_cast<unsigned>(problem.batch * heads);
+  if (image.flat_grid) {  // a tile walk: every (block, batch, head) along x
+    if (blocks * problem.batch * heads > kMaxGridX)
+      throw std::out_of_range("problem: " + std::to_string(blocks * problem.batch * heads) +
+                              " programs exceed the grid's x limit " + std::to_string(kMaxGridX));
+    int64_t programs = blocks * problem.batch * heads;
+    // A persistent image's programs walk the tiles, so the grid needs only fill the device.
+    if (image.ctas_per_sm > 0 && problem.multiprocessors > 0)
+      programs = std::min(programs, problem.multiprocessors * image.ctas_per_sm);
+    cfg.grid[0] = static_cast<unsigned>(programs);
+    cfg.grid[1] = 1;
+  }
   cfg.block = static_cast<unsigned>(image.num_warps * image.warp_size);
   cfg.shared_bytes = static_cast<unsigned>(image.shared_bytes);
   cfg.stream = stream;
@@ -184,7 +201,7 @@ namespace {
 size_t pointer_param(const ImageInfo& image, const std::string& name) {
   for (size_t i = 0; i < image.params.size(); ++i) {
     if (image.params[i].first != name) continue;
-    if (image.params[i].second.rfind('*', 0) != 0)
+    if (!is_address(image.params[i].second))
       throw std::invalid_argument("kernel argument " + name + " of " + image.name +
                                   ": expected a pointer parameter, got type " + image.params[i].second);
     return i;
@@ -216,6 +233,28 @@ LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& pro
   }
   config_ = launch_config(image_, problem, nullptr);
   for (const auto& name : pointers) pointer_slots_.push_back(pointer_param(image_, name));
+  map_slots_ = tensor_map_slots(image_);
+}
+
+std::vector<std::pair<size_t, size_t>> LaunchPlan::tensor_map_slots(const ImageInfo& image) {
+  // Every tensormap param has a manifest entry, and Triton's shape (i32) and stride (i64) params follow it.
+  std::vector<std::pair<size_t, size_t>> slots;
+  for (size_t i = 0; i < image.params.size(); ++i) {
+    if (image.params[i].second != kTensorMapType) continue;
+    size_t entry = 0;
+    while (entry < image.tensor_maps.size() && image.tensor_maps[entry].param != image.params[i].first) ++entry;
+    const std::string where = "image " + image.name + ": tensor map " + image.params[i].first;
+    if (entry == image.tensor_maps.size()) throw std::invalid_argument(where + " has no tensor_maps entry");
+    const size_t rank = image.tensor_maps[entry].box.size();
+    bool follows = i + 2 * rank < image.params.size();
+    for (size_t r = 1; follows && r <= 2 * rank; ++r)
+      follows = image.params[i + r].second == (r <= rank ? "i32" : "i64");
+    if (!follows)
+      throw std::invalid_argument(where + ": expected " + std::to_string(rank) + " i32 shape and " +
+                                  std::to_string(rank) + " i64 stride params after it");
+    slots.emplace_back(i, entry);
+  }
+  return slots;
 }
 
 std::vector<uint64_t> LaunchPlan::with_addresses(const std::vector<uint64_t>& addresses) const {
@@ -243,7 +282,28 @@ void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& a
   LoadedKernel kernel = load_kernel(image_, mode_, device);
   std::vector<void*> params(slots.size());
   for (size_t i = 0; i < slots.size(); ++i) params[i] = &slots[i];  // each value sits at the start of its slot
-  backend_for(image_.vendor).launch(device, kernel, cfg, params.data());
+  Backend& backend = backend_for(image_.vendor);
+  // Tensor maps hold their tensor's address, so they are encoded per launch, from the slots' address, shape and
+  // strides (the params after the map).
+  struct alignas(64) MapBytes {
+    unsigned char bytes[kTensorMapBytes];
+  };
+  std::vector<MapBytes> maps(map_slots_.size());
+  for (size_t k = 0; k < map_slots_.size(); ++k) {
+    const auto [i, entry] = map_slots_[k];
+    const TensorMap& map = image_.tensor_maps[entry];
+    const size_t rank = map.box.size();
+    std::vector<int64_t> shape(rank), strides(rank);
+    for (size_t r = 0; r < rank; ++r) {
+      int32_t dim = 0;
+      std::memcpy(&dim, &slots[i + 1 + r], sizeof(dim));
+      shape[r] = dim;
+      std::memcpy(&strides[r], &slots[i + 1 + rank + r], sizeof(int64_t));
+    }
+    backend.encode_tensor_map(device, map, slots[i], shape, strides, maps[k].bytes);
+    params[i] = maps[k].bytes;
+  }
+  backend.launch(device, kernel, cfg, params.data());
 }
 
 void launch(const ImageInfo& image, LoadMode mode, int device, void* stream, const Problem& problem,

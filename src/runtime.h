@@ -29,7 +29,8 @@ class LaunchPlan {
              const std::vector<std::string>& pointers);
   // `addresses` in the order of the constructor's `pointers`. Does nothing for an empty grid.
   void launch(int device, void* stream, const std::vector<uint64_t>& addresses) const;
-  // The parameter bytes launch() passes (scratch pointers included), as pack_params returns them (testing aid).
+  // The parameter bytes launch() passes (scratch pointers included), as pack_params returns them (testing aid);
+  // a tensor map shows as its tensor's address, from which launch() encodes it.
   std::vector<std::string> packed(const std::vector<uint64_t>& addresses) const;
 
   const ImageInfo& image() const { return image_; }
@@ -39,6 +40,7 @@ class LaunchPlan {
 
  private:
   std::vector<uint64_t> with_addresses(const std::vector<uint64_t>& addresses) const;
+  static std::vector<std::pair<size_t, size_t>> tensor_map_slots(const ImageInfo& image);
 
   ImageInfo image_;  // a copy: the plan outlives any registry change
   LoadMode mode_;
@@ -47,6 +49,7 @@ class LaunchPlan {
   std::vector<size_t> sizes_;    // bytes of each parameter
   std::vector<std::string> pointers_;
   std::vector<size_t> pointer_slots_;
+  std::vector<std::pair<size_t, size_t>> map_slots_;  // (param, tensor_maps entry) of each tensor map
 };
 
 // Packs `args` by the image's parameter list (every name exactly once), computes the op's grid and launches.

@@ -33,6 +33,17 @@ struct ImageFile {
   bool portable = false;  // PTX only: can be JIT-compiled for newer archs
 };
 
+// A TMA descriptor parameter (sm90 Gluon images): the launch encodes it from the address given for `param` and the
+// rank int32 shape and rank int64 stride params that follow it (Triton's ABI: outermost dim first, strides in
+// elements), with the element type, swizzle and box the kernel was compiled for.
+struct TensorMap {
+  std::string param;
+  int dtype = 0;             // CUtensorMapDataType (host enum)
+  int elem_size = 0;         // bytes
+  int swizzle = 0;           // CUtensorMapSwizzle
+  std::vector<int64_t> box;  // outermost dim first; its size is the rank
+};
+
 struct ImageInfo {
   std::string name;
   std::string op;  // "fwd"
@@ -57,8 +68,12 @@ struct ImageInfo {
   bool strides8 = false;  // takes q/k/v/out strides in units of 8 elements
   std::string kernel_name;
   std::vector<std::pair<std::string, std::string>> params;  // run-time params in launch order: (name, triton type)
-  int scratch_params = 0;  // trailing scratch pointers Triton appends; always passed as null
-  ImageFile binary;        // cubin or hsaco
+  int scratch_params = 0;         // trailing scratch pointers Triton appends; always passed as null
+  std::string family = "triton";  // the kernel source family, which fixes the argument names: "triton", "gluon_ws"
+  bool flat_grid = false;         // one program per (block, batch, head) along x (a tile walk), instead of a 2-D grid
+  int ctas_per_sm = 0;            // persistent (flat grid only): at most this many programs per SM walk the tiles
+  std::vector<TensorMap> tensor_maps;
+  ImageFile binary;  // cubin or hsaco
   bool has_ptx = false;
   ImageFile ptx;
 };
@@ -81,6 +96,7 @@ struct Problem {
   int64_t max_head_extent = 0;        // largest element offset inside one (batch, head) slice of any tensor
   int64_t page_size = 0;              // "paged" calls: tokens per cache page (0 otherwise)
   int64_t splits = 1;                 // decode: chunks each sequence's keys are split into (programs along axis 0)
+  int64_t multiprocessors = 0;        // SMs (CUs) of the call's device; persistent images launch per SM (0: unknown)
 };
 
 // How an image reaches the device.

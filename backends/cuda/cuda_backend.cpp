@@ -33,6 +33,12 @@ constexpr int kFuncMaxDynamicShared = 8;
 constexpr int kJitErrorLogBuffer = 5;
 constexpr int kJitErrorLogBufferSize = 6;
 constexpr int64_t kDefaultDynamicShared = 48 * 1024;  // above this a kernel must opt in
+// cuTensorMapEncodeTiled's fixed choices, as Triton's launcher makes them: no interleave, 128-byte L2 promotion, zero
+// fill out of bounds (a box past a sequence's end reads zeros).
+constexpr int kTensorMapInterleaveNone = 0;
+constexpr int kTensorMapL2Promotion128B = 2;
+constexpr int kTensorMapOobFillNone = 0;
+constexpr int kMaxTensorMapRank = 5;
 
 struct Api {
   CUresult (*cuInit)(unsigned) = nullptr;
@@ -52,6 +58,9 @@ struct Api {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
                              void**, void**) = nullptr;
   CUresult (*cuGetErrorName)(CUresult, const char**) = nullptr;
+  // Optional (CUDA 12 drivers): only images with tensor maps need it.
+  CUresult (*cuTensorMapEncodeTiled)(void*, int, unsigned, void*, const uint64_t*, const uint64_t*, const unsigned*,
+                                     const unsigned*, int, int, int, int) = nullptr;
 };
 
 class CudaBackend final : public Backend {
@@ -99,6 +108,37 @@ class CudaBackend final : public Backend {
       check(api_.cuFuncSetAttribute(k.function, kFuncMaxDynamicShared, optin - static_bytes), "cuFuncSetAttribute");
     }
     return k;
+  }
+
+  void encode_tensor_map(int index, const TensorMap& map, uint64_t address, const std::vector<int64_t>& shape,
+                         const std::vector<int64_t>& strides, void* out) override {
+    require_available();
+    ContextGuard guard(this, index);  // a thread torch never made current may call (the launch pushes it too)
+    const size_t rank = map.box.size();
+    if (api_.cuTensorMapEncodeTiled == nullptr)
+      throw std::runtime_error("tensor map " + map.param + ": " + status_.library + " lacks cuTensorMapEncodeTiled");
+    if (rank < 1 || rank > kMaxTensorMapRank || shape.size() != rank || strides.size() != rank)
+      throw std::invalid_argument("tensor map " + map.param + ": expected rank 1-5 box, shape and strides");
+    // The driver takes dims innermost first, strides in bytes without the innermost (which is the element).
+    uint64_t dims[kMaxTensorMapRank], byte_strides[kMaxTensorMapRank];
+    unsigned box[kMaxTensorMapRank], element_strides[kMaxTensorMapRank];
+    for (size_t i = 0; i < rank; ++i) {
+      const size_t d = rank - 1 - i;
+      dims[i] = static_cast<uint64_t>(shape[d]);
+      box[i] = static_cast<unsigned>(map.box[d]);
+      element_strides[i] = 1;
+      if (i > 0) byte_strides[i - 1] = static_cast<uint64_t>(strides[d]) * map.elem_size;
+    }
+    CUresult rc = api_.cuTensorMapEncodeTiled(
+        out, map.dtype, static_cast<unsigned>(rank), reinterpret_cast<void*>(address), dims, byte_strides, box,
+        element_strides, kTensorMapInterleaveNone, map.swizzle, kTensorMapL2Promotion128B, kTensorMapOobFillNone);
+    if (rc != 0) {
+      std::string dims_text;
+      for (size_t i = 0; i < rank; ++i)
+        dims_text += (i ? ", " : "") + std::to_string(shape[i]) + "@" + std::to_string(strides[i]);
+      throw std::invalid_argument(message(rc, "cuTensorMapEncodeTiled") + " for tensor map " + map.param +
+                                  " (shape@stride " + dims_text + ", address " + std::to_string(address) + ")");
+    }
   }
 
   void launch(int index, const LoadedKernel& k, const LaunchConfig& c, void** params) override {
@@ -162,6 +202,8 @@ class CudaBackend final : public Backend {
     bind(api_.cuFuncSetAttribute, "cuFuncSetAttribute");
     bind(api_.cuLaunchKernel, "cuLaunchKernel");
     bind(api_.cuGetErrorName, "cuGetErrorName");
+    api_.cuTensorMapEncodeTiled =
+        reinterpret_cast<decltype(api_.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
     if (!missing.empty()) {
       status_.error = status_.library + " lacks " + missing;
       return;

@@ -30,7 +30,10 @@ from variants import (  # noqa: E402
     DEFAULT_OPTIONAL_FEATURES,
     OPS,
     OPTIONAL_FEATURES,
+    WS_FAMILY,
+    WS_TILE,
     Variant,
+    tile_config,
     variants,
 )
 
@@ -196,7 +199,25 @@ def _tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends/nvidia/bin" / name
 
 
+def compile_ws_variant(v: Variant):
+    """A WS_FAMILY image (fwd_ws.py, Gluon): its tensor descriptors and schedule from the tiles.json entry."""
+    import fwd_ws
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    tile = tile_config(v.arch, v.op, v.head_dim)[WS_TILE]
+    constexprs = fwd_ws.constexprs(v.head_dim, tile)
+    signature = fwd_ws.signature(v.dtype, v.head_dim, tile["block_n"]) | {k: "constexpr" for k in constexprs}
+    src = GluonASTSource(fwd_ws.attn_fwd_ws, signature, constexprs)
+    compiled = triton.compile(src, target=GPUTarget(v.target_backend, v.target_arch, v.warp_size),
+                              options=fwd_ws.options(tile))
+    return compiled, fwd_ws.params()
+
+
 def compile_variant(v: Variant):
+    if v.family == WS_FAMILY:
+        return compile_ws_variant(v)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -251,15 +272,30 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
         "layouts": [v.layout], "page_multiple": v.page_multiple,
         "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,
-        "num_warps": v.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,
-        "threads": v.num_warps * v.warp_size,
+        # Triton's count: a warp-specialised kernel's partitions included (fwd_ws: 3 warpgroups).
+        "num_warps": md.num_warps, "num_stages": v.num_stages, "warp_size": v.warp_size,
+        "threads": md.num_warps * v.warp_size,
         "shared_bytes": md.shared, "kernel_name": md.name, "params": [list(p) for p in params],
-        "scratch_params": SCRATCH_PARAMS, "align16": True, "divisible16": divisible_params(v.op, params),
+        "scratch_params": SCRATCH_PARAMS, "align16": True,
+        "divisible16": [] if v.family == WS_FAMILY else divisible_params(v.op, params),
+        "family": v.family, "flat_grid": v.family == WS_FAMILY, "ctas_per_sm": ctas_per_sm(v),
+        "tensor_maps": fwd_tensor_maps(md) if v.family == WS_FAMILY else [],
         "stride_unit": STRIDE_UNIT,
         "binary": {"kind": BINARY_EXT[v.vendor], "file": binary.name, "sha256": _sha256_file(binary)},
         "ptx": ptx, "resources": res,
     }
     return row, failures, time.perf_counter() - t0
+
+
+def ctas_per_sm(v: Variant) -> int:
+    """A persistent image's programs per SM (0: one program per tile)."""
+    import fwd_ws
+    return fwd_ws.ctas_per_sm(tile_config(v.arch, v.op, v.head_dim)[WS_TILE]) if v.persistent else 0
+
+
+def fwd_tensor_maps(md) -> list[dict]:
+    import fwd_ws
+    return fwd_ws.tensor_maps(md.tensordesc_meta)
 
 
 def _build_star(args):

@@ -1,6 +1,6 @@
-"""Warp-specialised sm90 attention forward in Gluon (FA3 style): a prototype for issue 21 part 3, not built into
-images yet (the runtime has no TMA descriptors; see docs/bench/gluon-ws-notes.md). ci/gluon_ws.py compiles, checks
-and times it.
+"""Warp-specialised sm90 attention forward in Gluon (FA3 style; issue 21 part 3, docs/bench/gluon-ws-notes.md). aot.py
+builds the images from tiles.json's "ws" entry (the launch ABI below: params(), tensor_maps()); ci/gluon_ws.py
+compiles, checks and times other schedules through Triton's launcher (forward()).
 
 CTA tile = NUM_WG * 64 query rows of one (batch, head): NUM_WG consumer warpgroups of 64 rows each (the default
 partition and a 4-warp worker) and a 1-warp loader that issues TMA loads of Q and of K and V into a STAGES-deep ring,
@@ -40,6 +40,67 @@ REGISTERS = {1: (128, 232), 2: (168, 240)}
 def register_split(num_wg, maxnreg=None, regs=None):
     default_max, default_regs = REGISTERS[num_wg]
     return maxnreg or default_max, regs or default_regs
+
+
+# --- the launch ABI an image built from this kernel has (aot.py writes it into the manifest) ---
+TENSOR_MAPS = ("Q", "K", "V", "O")  # (batch, seqlen, heads, dim) tensors read and written through TMA descriptors
+RANK = 4
+SCALARS = (("seqlen_q", "i32"), ("seqlen_k", "i32"), ("window_left", "i32"), ("window_right", "i32"),
+           ("nheads", "i32"), ("head_ratio", "i32"), ("qk_scale_log2", "fp32"), ("batch", "i32"))
+
+
+def signature(dtype: str, head_dim: int, block_n: int) -> dict:
+    """The compile signature: TMA descriptors with the boxes the kernel loads (64 query rows per consumer,
+    block_n keys), the LSE pointer and the scalars."""
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
+        return f"tensordesc<{dtype}[1, {rows}, 1, {head_dim}],{layout!r}>"
+
+    return ({"Q": desc(64), "K": desc(block_n), "V": desc(block_n), "O": desc(64), "LSE": "*fp32"}
+            | dict(SCALARS))
+
+
+def params() -> list[tuple[str, str]]:
+    """Run-time params in launch order: each descriptor as Triton 3.6 passes it (the map, then its shape as i32 and
+    its strides as i64, outermost dim first), then LSE and the scalars."""
+    out = []
+    for name in TENSOR_MAPS:
+        out += ([(name, "tensormap")] + [(f"{name}.shape{i}", "i32") for i in range(RANK)]
+                + [(f"{name}.stride{i}", "i64") for i in range(RANK)])
+    return out + [("LSE", "*fp32")] + list(SCALARS)
+
+
+def constexprs(head_dim: int, tile: dict) -> dict:
+    """Compile-time parameters of a schedule (a tiles.json "ws" entry: block_n, stages, pingpong, num_wg, and
+    optionally maxnreg, consumer_regs, loader_regs)."""
+    _, consumer = register_split(tile["num_wg"], tile.get("maxnreg"), tile.get("consumer_regs"))
+    return {"BLOCK_N": tile["block_n"], "HEAD_D": head_dim, "STAGES": tile["stages"], "PINGPONG": tile["pingpong"],
+            "NUM_WG": tile["num_wg"], "CONSUMER_REGS": consumer,
+            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS)}
+
+
+def ctas_per_sm(tile: dict) -> int:
+    """CTAs that fit on one SM by registers (NUM_WG consumer warpgroups and the loader's, at maxnreg)."""
+    return 65536 // (register_split(tile["num_wg"], tile.get("maxnreg"))[0] * 128 * (tile["num_wg"] + 1))
+
+
+def options(tile: dict) -> dict:
+    """Compile options: 4 warps per consumer warpgroup, the register cap that setmaxnreg redistributes."""
+    return {"num_warps": 4, "maxnreg": register_split(tile["num_wg"], tile.get("maxnreg"))[0]}
+
+
+# Triton's device-side TMA element types -> the driver's CUtensorMapDataType (backends/nvidia/driver.py's table).
+TMA_DTYPE_DEVICE_TO_HOST = {8: 10, 9: 8, 10: 9}
+
+
+def tensor_maps(tensordesc_meta: list[dict]) -> list[dict]:
+    """The manifest's tensor_maps of a compiled image, from Triton's metadata (one entry per descriptor, in
+    TENSOR_MAPS order): what the launch encodes each map with."""
+    return [{"param": name, "dtype": TMA_DTYPE_DEVICE_TO_HOST.get(m["elem_type"], m["elem_type"]),
+             "elem_size": m["elem_size"], "swizzle": m["swizzle"], "box": list(m["block_size"])}
+            for name, m in zip(TENSOR_MAPS, tensordesc_meta, strict=True)]
 
 
 @gluon.jit
@@ -214,10 +275,12 @@ def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl
 
 
 @gluon.jit
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, seqlen_q, seqlen_k, window_left, window_right, nheads,
-                head_ratio, qk_scale, n_m, n_tiles, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                LOADER_REGS: gl.constexpr):
+def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, nheads, head_ratio,  # noqa: E741
+                qk_scale_log2, batch, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    q_desc, k_desc, v_desc, o_desc, qk_scale = Q, K, V, O, qk_scale_log2
+    n_m = gl.cdiv(seqlen_q, NUM_WG * 64)
+    n_tiles = n_m * batch * nheads
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 64, 1, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
@@ -293,14 +356,12 @@ def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, blo
     lse = torch.empty(b, h, seqlen_q, device=q.device, dtype=torch.float32)
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     qd, kd, vd, od = descriptors(q, k, v, o, block_n)
-    n_m = triton.cdiv(seqlen_q, 64 * num_wg)
-    n_tiles = n_m * b * h
+    n_tiles = triton.cdiv(seqlen_q, 64 * num_wg) * b * h
     if q.device not in _SMS:
         _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
     maxnreg, consumer = register_split(num_wg, maxnreg, regs)
-    per_sm = 65536 // (maxnreg * 128 * (num_wg + 1))
+    per_sm = ctas_per_sm({"num_wg": num_wg, "maxnreg": maxnreg})
     grid = (min(n_tiles, _SMS[q.device] * per_sm) if persistent else n_tiles,)
-    attn_fwd_ws[grid](qd, kd, vd, od, lse, seqlen_q, seqlen_k, left, right, h, h // k.shape[2], scale * LOG2E, n_m,
-                      n_tiles, block_n, d, stages, pingpong, num_wg, consumer, loader_regs, num_warps=4,
-                      maxnreg=maxnreg)
+    attn_fwd_ws[grid](qd, kd, vd, od, lse, seqlen_q, seqlen_k, left, right, h, h // k.shape[2], scale * LOG2E, b,
+                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, num_warps=4, maxnreg=maxnreg)
     return o, lse

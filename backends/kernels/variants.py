@@ -84,6 +84,16 @@ PAGED_TILE = "paged"
 PAGE_ALIGNED_OPS = ("decode",)
 PAGE_ALIGNED_TILE = "page_aligned"
 
+# A tiles.json fwd entry may carry a "ws" entry: the schedule of a warp-specialised Gluon forward (fwd_ws.py: TMA
+# loads, wgmma, setmaxnreg; sm90 only, so no AMD entry has one). It builds one image per dtype for dense calls of
+# exactly that head dim without softcap or ALiBi, listed before the arch's other forward images, so the dispatcher
+# prefers it for those calls; the Triton images of that kind are not built. With "persistent_full_band" it also
+# builds a persistent image (a grid of one program per SM, each walking tiles; the same kernel) for calls without
+# causal or window, listed first: there every tile is equally long, so a static walk keeps the SMs equally busy,
+# where with a band the long and short tiles of a static walk do not even out (docs/bench/gluon-ws-notes.md).
+WS_TILE = "ws"
+WS_FAMILY = "gluon_ws"
+
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
     "sm80": ("cuda", "cuda", 80, "HMMA"),
@@ -150,6 +160,8 @@ class Variant:
     full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
     page_aligned: bool = False  # a paged decode image whose tiles lie in one page each (PAGE_ALIGNED_OPS)
+    family: str = "triton"  # the kernel source: "triton" (fwd.py, bwd.py, decode.py) or WS_FAMILY (fwd_ws.py)
+    persistent: bool = False  # WS_FAMILY: a grid of one program per SM walks the tiles
 
     @property
     def page_multiple(self) -> int:
@@ -169,7 +181,8 @@ class Variant:
         band = "-fullband" if self.full_band_only else ""
         layout = "" if self.layout == "dense" else f"-{self.layout}"
         aligned = "-aligned" if self.page_aligned else ""
-        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}{aligned}-{tile}"
+        family = ("-ws" if self.family == WS_FAMILY else "") + ("-persistent" if self.persistent else "")
+        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}{aligned}{family}-{tile}"
 
 
 def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False, layout: str = "dense",
@@ -200,6 +213,7 @@ def variants(archs: list[str]) -> list[Variant]:
         info = arch_info(arch)
         vendor, backend, target_arch, mma = ARCHS[arch]
         for op in OPS:
+            out += _ws_variants(arch, op)
             for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
                 for layout, kinds in OP_LAYOUT_KINDS[op].items():
                     if int(bucket) not in LAYOUT_BUCKETS.get(layout, (int(bucket),)):
@@ -207,6 +221,8 @@ def variants(archs: list[str]) -> list[Variant]:
                     choices = _tile_choices(arch, op, int(bucket), cfg, layout)
                     for dtype in DTYPES:
                         for d_mask, features in kinds:
+                            if _ws_takes(cfg, layout, d_mask, features):
+                                continue
                             for full_band_only, page_aligned, c in choices:
                                 out.append(Variant(
                                     op=op, arch=arch, vendor=vendor, target_backend=backend,
@@ -217,4 +233,32 @@ def variants(archs: list[str]) -> list[Variant]:
                                     num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
                                     max_stack_bytes=stack_allowance(c, layout), full_band_only=full_band_only,
                                     layout=layout, page_aligned=page_aligned))
+    return out
+
+
+def _ws_takes(cfg: dict, layout: str, d_mask: bool, features: tuple) -> bool:
+    """Whether the entry's WS_TILE image takes every call of this kind, so that no Triton image is built for it
+    (the dispatcher would never reach one)."""
+    return WS_TILE in cfg and layout == "dense" and not d_mask and not features
+
+
+def _ws_variants(arch: str, op: str) -> list[Variant]:
+    """The WS_TILE images of an arch's op: exact head dim, no score terms, dense calls, one per dtype."""
+    info = arch_info(arch)
+    vendor, backend, target_arch, mma = ARCHS[arch]
+    out = []
+    for bucket, cfg in sorted(info.get(op, {}).items(), key=lambda kv: int(kv[0])):
+        ws = cfg.get(WS_TILE)
+        if ws is None:
+            continue
+        walks = ((True,) if ws.get("persistent_full_band") else ()) + (False,)
+        for dtype in DTYPES:
+            for persistent in walks:
+                out.append(Variant(
+                    op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
+                    warp_size=tiles(vendor)["warp_size"], mma_instr=mma, max_shared_bytes=info["max_shared_bytes"],
+                    dtype=dtype, head_dim=int(bucket), d_mask=False, features=(), block_m=64 * ws["num_wg"],
+                    block_n=ws["block_n"], num_warps=4, num_stages=ws["stages"], waves_per_eu=None,
+                    max_stack_bytes=ws.get("max_stack_bytes", 0), full_band_only=persistent, family=WS_FAMILY,
+                    persistent=persistent))
     return out

@@ -54,6 +54,11 @@ class Build:
     rows: tuple = field(default=())  # every loaded source's manifest rows, in registry order
     sources: tuple = field(default=())  # every Source, loaded or not
 
+    @functools.cached_property
+    def families(self) -> dict:
+        """Image name -> kernel family ("triton", "gluon_ws"): which argument names its launch takes."""
+        return {row["name"]: row["family"] for row in self.rows}
+
     def unused_sources(self) -> list[Source]:
         return [s for s in self.sources if s.status != LOADED]
 
@@ -71,6 +76,13 @@ def _image_file(directory: Path, entry: dict) -> "_C.ImageFile":
     f.target = entry.get("target", "") or ""
     f.portable = bool(entry.get("portable", False))
     return f
+
+
+def _tensor_map(entry: dict) -> "_C.TensorMap":
+    m = _C.TensorMap()
+    m.param, m.dtype, m.elem_size, m.swizzle, m.box = (entry[k] for k in ("param", "dtype", "elem_size", "swizzle",
+                                                                          "box"))
+    return m
 
 
 def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
@@ -97,6 +109,10 @@ def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
     img.kernel_name = row["kernel_name"]
     img.params = [tuple(p) for p in row["params"]]
     img.scratch_params = row["scratch_params"]
+    img.family = row["family"]
+    img.flat_grid = row["flat_grid"]
+    img.ctas_per_sm = row["ctas_per_sm"]
+    img.tensor_maps = [_tensor_map(entry) for entry in row["tensor_maps"]]
     img.binary = _image_file(directory, row["binary"])
     if row.get("ptx"):
         img.has_ptx = True

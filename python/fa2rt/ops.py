@@ -112,6 +112,33 @@ def _fwd_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
     return _stride_args(tensors) | _scalar_args(alibi, shapes)
 
 
+# The scalars the warp-specialised forward takes (fwd_ws.SCALARS in backends/kernels/fwd_ws.py), besides batch.
+_WS_SCALARS = ("seqlen_q", "seqlen_k", "window_left", "window_right", "nheads", "head_ratio", "qk_scale_log2")
+
+
+def _tma_strides(t: torch.Tensor) -> list[int]:
+    """t's strides for a TMA descriptor, which the driver requires to be 16-byte multiples on every dim: a dim of
+    size 1 never moves, so its stride (which the dispatcher does not check) becomes one unit when it is not one."""
+    unit = _C.STRIDE_MULTIPLE
+    return [s if size > 1 or s % unit == 0 else unit for size, s in zip(t.shape, t.stride(), strict=True)]
+
+
+def _fwd_ws_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
+    """The warp-specialised forward's arguments other than pointers (fwd_ws.params): each tensor map's shape and
+    strides (elements, outermost dim first), the scalars, batch."""
+    args = {}
+    for name, t in tensors.items():
+        for i, (size, stride) in enumerate(zip(t.shape, _tma_strides(t), strict=True)):
+            args[f"{name.upper()}.shape{i}"], args[f"{name.upper()}.stride{i}"] = size, stride
+    scalars = _scalar_args(alibi, shapes)
+    return args | {name: scalars[name] for name in _WS_SCALARS} | {"batch": shapes.batch}
+
+
+# Per kernel family (the manifest's "family"): the forward's arguments other than pointers, and whether it takes the
+# ALiBi slopes (the warp-specialised kernel has no score terms).
+FWD_FAMILIES = {"triton": (_fwd_constants, True), "gluon_ws": (_fwd_ws_constants, False)}
+
+
 def _bwd_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
     """The backward kernels' arguments other than pointers."""
     return _stride_args(tensors) | {"sm_scale": shapes.softmax_scale} | _scalar_args(alibi, shapes)
@@ -196,10 +223,11 @@ class KernelArgs:
 
     __slots__ = ("shapes", "tensors", "alibi", "constants", "build", "pointers", "key")
 
-    def __init__(self, shapes: Shapes, tensors: dict, buffers: dict, alibi, constants):
+    def __init__(self, shapes: Shapes, tensors: dict, buffers: dict, alibi, constants, slopes: bool = True):
         self.shapes, self.tensors, self.alibi, self.constants = shapes, tensors, alibi, constants
         self.build = builds.current_build()
-        self.pointers = _pointers(tensors, buffers, alibi)
+        self.pointers = (_pointers(tensors, buffers, alibi) if slopes
+                         else {name.upper(): t for name, t in tensors.items()} | buffers)
         strides = tuple(t.stride() for t in tensors.values())
         self.key = (id(self.build), shapes, tuple(self.pointers), strides, None if alibi is None else alibi.stride())
 
@@ -244,11 +272,12 @@ class EagerCall:
     layout of the incoming gradient and per selection context (the environment and the device description), which
     may change between the forward and the backward."""
 
-    __slots__ = ("shapes", "image", "mode", "lse_shape", "no_slopes", "plans_source", "forward_plan",
+    __slots__ = ("shapes", "image", "mode", "family", "lse_shape", "no_slopes", "plans_source", "forward_plan",
                  "backward_choice", "backward_plans")
 
     def __init__(self, shapes: Shapes, image: str | None, mode: str | None):
         self.shapes, self.image, self.mode = shapes, image, mode
+        self.family = builds.current_build().families.get(image, "triton")
         self.lse_shape = ((shapes.nheads, shapes.total_q) if shapes.layout in VARLEN_LAYOUTS
                           else (shapes.batch, shapes.nheads, shapes.seqlen_q))
         self.no_slopes = _no_slopes(shapes.device)
@@ -267,11 +296,13 @@ class EagerCall:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         # Sizes as separate ints: torch.empty parses them faster than a tuple (1.5 against 2.2 us per call).
         lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=self.shapes.device)
+        constants, slopes = FWD_FAMILIES[self.family]
         if self.forward_plan is None:
             args = KernelArgs(self.shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse} | _cu_buffers(cu), alibi,
-                              _fwd_constants)
+                              constants, slopes)
             self.forward_plan = args.plan("fwd", self.image, self.mode)
-        _launch((self.forward_plan,), self.shapes.device, (q, k, v, out, lse, *cu, self._slopes(alibi)))
+        pointers = (q, k, v, out, lse, *cu, self._slopes(alibi)) if slopes else (q, k, v, out, lse, *cu)
+        _launch((self.forward_plan,), self.shapes.device, pointers)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, alibi, deterministic: bool, cu: tuple = ()):

@@ -101,6 +101,7 @@ def problem_for(shapes: Shapes, tensors, op: str = "fwd") -> "_C.Problem":
                      for t in tensors for i in range(t.dim() - 1))
     p.max_head_extent = max(_head_extent(shapes, t) for t in tensors)
     p.page_size = shapes.page_size
+    p.multiprocessors = devices.describe(shapes.device)[0].multiprocessors
     return p
 
 

@@ -9,7 +9,11 @@ say page_multiple (the page sizes a "paged" image takes, 0 for the others) and o
 only when a call asks), mma_instr may be null. Still 5 with the forward's "varlen_paged" rows (paged prefill: the
 varlen params, then BLOCK_TABLE, stride_bt, page_size, pool_blocks, max_blocks; page_multiple 16): a runtime that does
 not know the layout never selects them (its layout check), so no older reader misreads them. Still 5 with the
-"append" op's rows (layouts "kvcache" and "paged"): a runtime that does not know the op never asks for it.
+"append" op's rows (layouts "kvcache" and "paged"): a runtime that does not know the op never asks for it. 6: rows
+say their kernel family ("triton", or "gluon_ws": sm90 warp-specialised Gluon kernels, whose argument names differ),
+flat_grid (one program per (block, batch, head) along x) and tensor_maps (TMA descriptor params, type "tensormap",
+encoded per launch); a fwd "gluon_ws" row fits the same problems as a Triton one, so an older runtime would select
+it and fail to pack it.
 """
 
-MANIFEST_SCHEMA = 5
+MANIFEST_SCHEMA = 6

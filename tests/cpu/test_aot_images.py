@@ -9,6 +9,7 @@ fabricated numbers, so a check that never fails would be caught.
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,13 @@ ARCHS = ["sm90", "gfx942"]
 
 sys.path.insert(0, str(KERNELS))
 import aot  # noqa: E402
+import fwd_ws  # noqa: E402
 import variants  # noqa: E402
 
 
-def _params(op, dtype, layout="dense"):
+def _params(op, dtype, layout="dense", family="triton"):
+    if family == variants.WS_FAMILY:
+        return fwd_ws.params()
     # Loaded under a private name: other tests load fwd.py in the Triton interpreter.
     spec = importlib.util.spec_from_file_location("_aot_test_fwd", KERNELS / "fwd.py")
     mod = importlib.util.module_from_spec(spec)
@@ -81,7 +85,7 @@ def _sha256(path):
 
 def test_manifest_header(build):
     _, manifest, _ = build
-    assert manifest["schema_version"] == 5
+    assert manifest["schema_version"] == 6
     assert manifest["triton_version"] == "3.6.0"
     assert manifest["archs"] == ARCHS
 
@@ -111,7 +115,8 @@ def test_row_fields(build):
     _, manifest, _ = build
     for row in manifest["images"]:
         (layout,) = row["layouts"]
-        assert row["params"] == [list(p) for p in _params(row["op"], row["dtype"], layout)]
+        params = _params(row["op"], row["dtype"], layout, row["family"])
+        assert row["params"] == [list(p) for p in params]
         assert (layout == "varlen") == ("-varlen-" in row["name"])
         # Varlen images take the cu_seqlens and totals last; dense ones compile without them.
         assert (row["params"][-4][0] == "CU_Q") == (layout == "varlen")
@@ -126,7 +131,8 @@ def test_row_fields(build):
         assert f"-{'+'.join(row['features']) or 'plain'}-" in row["name"]
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
         assert row["full_band_only"] == ("-fullband-" in row["name"])
-        assert row["divisible16"] == aot.divisible_params(row["op"], _params(row["op"], row["dtype"], layout))
+        ws = row["family"] == variants.WS_FAMILY
+        assert row["divisible16"] == ([] if ws else aot.divisible_params(row["op"], params))
         # Slopes, cu_seqlens, the decode kernels' index tensors, the appended keys and values (and the backward's fp32
         # row vectors, LSE and delta) may have any alignment.
         unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "SEQLENS", "BATCH_IDX", "LEFTPAD", "BLOCK_TABLE",
@@ -144,6 +150,52 @@ def test_row_fields(build):
             assert row["warp_size"] == 64 and row["binary"]["kind"] == "hsaco" and row["ptx"] is None
 
 
+def test_ws_rows(build):
+    """The warp-specialised Gluon images (sm90 fwd d128, dense calls without score terms): a tile walk over a flat
+    grid, persistent only for full-band calls, Q/K/V/O as TMA maps with the kernel's boxes; the Triton images of
+    that kind are not built."""
+    _, manifest, _ = build
+    rows = [row for row in manifest["images"] if row["family"] == variants.WS_FAMILY]
+    assert {(row["dtype"], row["full_band_only"]) for row in rows} == {(d, f) for d in ("fp16", "bf16")
+                                                                        for f in (True, False)}
+    host_dtype = {"bf16": 9, "fp16": 6}  # CUtensorMapDataType
+    for row in rows:
+        assert (row["arch"], row["op"], row["layouts"], row["head_dim"], row["d_mask"], row["features"]) == (
+            "sm90", "fwd", ["dense"], 128, False, [])
+        assert row["flat_grid"] is True and row["num_warps"] == 12  # 2 consumer warpgroups and the loader's
+        assert row["ctas_per_sm"] == (1 if row["full_band_only"] else 0)
+        assert ("-persistent-" in row["name"]) == row["full_band_only"]
+        assert [(m["param"], m["box"], m["dtype"], m["elem_size"], m["swizzle"]) for m in row["tensor_maps"]] == [
+            (name, [1, rows_, 1, 64], host_dtype[row["dtype"]], 2, 3)
+            for name, rows_ in (("Q", 64), ("K", 128), ("V", 128), ("O", 64))]
+    others = [row for row in manifest["images"] if row["family"] == "triton"]
+    assert all(not row["flat_grid"] and row["ctas_per_sm"] == 0 and row["tensor_maps"] == [] for row in others)
+    assert not [row["name"] for row in others if (row["arch"], row["op"], row["layouts"], row["head_dim"],
+                                                  row["d_mask"], row["features"]) == ("sm90", "fwd", ["dense"], 128,
+                                                                                      False, [])]
+
+
+def test_ptx_entry_takes_the_manifest_params(build):
+    """The launch ABI: every CUDA image's kernel takes exactly its manifest params and the scratch pointers, a
+    tensor map as one 128-byte, 64-aligned param."""
+    out, manifest, _ = build
+    for row in manifest["images"]:
+        if row["vendor"] != "cuda":
+            continue
+        ptx = (out / row["ptx"]["file"]).read_text()
+        entry = re.search(r"\.entry\s+\w+\((.*?)\)", ptx, re.S)[1]
+        decls = re.findall(r"\.param\s+([^,]*?)\s+\w+_param_\d+", entry)
+        assert len(decls) == len(row["params"]) + row["scratch_params"], row["name"]
+        maps = [i for i, (_, ty) in enumerate(row["params"]) if ty == "tensormap"]
+        assert [i for i, d in enumerate(decls) if d.startswith(".align 64 .b8")] == maps, row["name"]
+
+
+def _tile_of(row) -> dict:
+    tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"] and
+                                row["family"] == "triton", row["layouts"][0], "-aligned-" in row["name"])
+    return tile[variants.WS_TILE] if row["family"] == variants.WS_FAMILY else tile
+
+
 def test_rows_passed_static_checks(build):
     _, manifest, _ = build
     for row in manifest["images"]:
@@ -151,8 +203,7 @@ def test_rows_passed_static_checks(build):
         assert row["shared_bytes"] <= limit
         if row["vendor"] == "cuda":
             # No spills, except up to the stack bytes a tile's tiles.json entry allows.
-            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
-                                        row["layouts"][0], "-aligned-" in row["name"])
+            tile = _tile_of(row)
             allowed = variants.stack_allowance(tile, row["layouts"][0])
             assert res["stack_bytes"] <= allowed and res["local_bytes"] == 0
             # sm90 images use wgmma (HGMMA), except a tile whose tiles.json entry names another instruction, or
@@ -160,8 +211,7 @@ def test_rows_passed_static_checks(build):
             assert res["mma_instr"] == tile.get("mma_instr", "HGMMA")
             assert res["mma_count"] > 0 or res["mma_instr"] is None
         else:
-            tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
-                                        row["layouts"][0], "-aligned-" in row["name"])
+            tile = _tile_of(row)
             assert res["scratch_bytes"] == 0 and res["vgpr_spill_count"] == 0 and res["lds_bytes"] <= limit
             assert res["mfma_count"] > 0 or tile.get("mma_instr", "v_mfma") is None
             assert res["waves_per_eu"] == tile["waves_per_eu"]

@@ -96,6 +96,37 @@ def test_forward_launches_the_decided_image_with_the_named_arguments(recorded, c
                   policy.problem_for(shapes, (q, k, v, out)))
 
 
+@pytest.mark.parametrize("opts, persistent", [(dict(causal=True), False), (dict(window_size=(64, -1)), False),
+                                              (dict(), True)], ids=["causal", "window", "full-band"])
+def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, persistent):
+    """sm90 d128 dense calls without score terms run the Gluon images: Q, K, V, O as TMA maps (the address, then
+    each dim's size and stride in elements), a program per tile along x, or one per SM for the persistent image."""
+    q, k, v = make(b=2, nq=1200, nk=1000, h=16, hk=4, d=128)
+    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # (batch, heads, seqlen, dim) underneath
+    decision = fa2rt.explain(q, k, v, **opts)
+    band, walk = ("-fullband", "-persistent") if persistent else ("", "")
+    assert decision.path == "kernel" and decision.image == f"fwd-sm90-bf16-d128-plain{band}-ws{walk}-m128n128w4s2"
+    out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
+    (launch,) = recorded.launches
+    shapes = check_inputs(q, k, v, **opts)
+    tensors = {"q": q, "k": k, "v": v, "o": out}
+    args = ({name.upper(): t.data_ptr() for name, t in tensors.items()} | {"LSE": lse.data_ptr()}
+            | ops._fwd_ws_constants(tensors, None, shapes))
+    expect_launch(launch, decision.image, args, policy.problem_for(shapes, (q, k, v, out)))
+    assert [args[f"K.shape{i}"] for i in range(4)] == [2, 1000, 4, 128]
+    assert [args[f"K.stride{i}"] for i in range(4)] == [4 * 1000 * 128, 128, 1000 * 128, 1]
+    assert (args["batch"], args["nheads"], args["head_ratio"]) == (2, 16, 4)
+    tiles = 10 * 2 * 16  # ceil(1200 / 128) row blocks x batch x heads
+    assert tuple(launch[0].grid) == ((min(tiles, DEVICES["sm90"].multiprocessors) if persistent else tiles), 1, 1)
+    assert launch[0].block == 384  # two consumer warpgroups and the loader's
+
+
+def test_tma_strides_replace_only_the_unchecked_stride_of_a_size_one_dim():
+    t = torch.empty(1, 5, 3, 128).as_strided((1, 5, 3, 128), (7, 384, 128, 1))
+    assert ops._tma_strides(t) == [8, 384, 128, 1]  # batch 1: its stride never moves, 7 would fail the driver
+    assert ops._tma_strides(torch.empty(2, 5, 3, 128)) == [1920, 384, 128, 1]
+
+
 def test_out_is_written_in_place(recorded):
     q, k, v = make()
     buf = torch.empty(2, 37, 4, 128, dtype=q.dtype)[..., :64]  # strided: every row 128 wide

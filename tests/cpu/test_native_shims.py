@@ -105,9 +105,10 @@ def fake(tmp_path_factory):
     return build
 
 
-def run(vendor, lib, body, override=True, env=(), **fake_env):
+def run(vendor, lib, body, override=True, env=(), sizes=SIZES, **fake_env):
     """Runs `body` (which sets `out`) in a fresh interpreter with the shim pointed at `lib` (unless not `override`)
-    and `lib` loaded through ctypes first; returns out and the calls the fake saw."""
+    and `lib` loaded through ctypes first; returns out and the calls the fake saw (launch params split by
+    `sizes`)."""
     v = VENDORS[vendor]
     env = {**{k: val for k, val in os.environ.items() if not k.startswith(("FAKE_", "FA2RT_"))}, **dict(env)}
     if override:
@@ -116,7 +117,7 @@ def run(vendor, lib, body, override=True, env=(), **fake_env):
     lib_arg = str(lib) if Path(lib).exists() else ""
     proc = subprocess.run(
         [sys.executable, "-c", f"STREAM, ARGS = {STREAM}, {ARGS!r}\n" + PRELUDE + textwrap.dedent(body) + EPILOGUE,
-         _C.__file__, lib_arg, json.dumps(SIZES)],
+         _C.__file__, lib_arg, json.dumps(sizes)],
         env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
@@ -384,6 +385,101 @@ def test_launch_plan_argument_errors_name_the_argument(vendor, fake, tmp_path):
     assert [(o["error"], o["message"]) for o in r["out"][:-1]] == expected
     assert r["out"][-1] == {"value": None}  # an empty grid launches nothing
     assert named(r["calls"], VENDORS[vendor]["load"], VENDORS[vendor]["launch"]) == []
+
+
+# A Gluon image's TMA descriptor param: T over a (3, 100, 128) tensor, 64 x 64 boxes, then n; a tile-walk grid.
+MAP_PARAMS = ([("T", "tensormap")] + [(f"T.shape{i}", "i32") for i in range(3)]
+              + [(f"T.stride{i}", "i64") for i in range(3)] + [("n", "i32")])
+MAP_ARGS = {"T.shape0": 3, "T.shape1": 100, "T.shape2": 128, "T.stride0": 100 * 256, "T.stride1": 256,
+            "T.stride2": 1, "n": 7}
+MAP_SIZES = [128] + [4] * 3 + [8] * 3 + [4, 8, 8]
+MAP_BODY = """
+        spec = {spec!r}
+        m = _C.TensorMap()
+        m.param, m.dtype, m.elem_size, m.swizzle, m.box = "T", 9, 2, 3, [1, 64, 64]
+        img_maps = [m] if {with_map!r} else []
+        reg = registry(dict(spec, tensor_maps=img_maps))
+        """
+
+
+def map_spec(tmp_path, vendor, params=MAP_PARAMS):
+    return image_spec(tmp_path, vendor, params=params, flat_grid=True)
+
+
+def test_cuda_tensor_map_encoded_per_launch_from_each_calls_address(fake, tmp_path):
+    spec = map_spec(tmp_path, "cuda")
+    r = run("cuda", fake("cuda"), MAP_BODY.format(spec=spec, with_map=True) + f"""
+        plan = _C.LaunchPlan(reg, "fwd-test", "native", problem(), {MAP_ARGS!r}, ["T"])
+        out = [plan.grid, attempt(plan.launch, 0, STREAM, [0x7f0000001000]),
+               attempt(plan.launch, 0, STREAM, [0x7f0000002000])]
+        """, sizes=MAP_SIZES)
+    assert r["out"][0] == [18, 1, 1]  # ceil(130 / 64) query blocks x batch 2 x nheads 3, along x
+    assert r["out"][1:] == [{"value": None}] * 2
+    encodes = named(r["calls"], "cuTensorMapEncodeTiled")
+    assert [e["address"] for e in encodes] == [0x7f0000001000, 0x7f0000002000]
+    for e in encodes:
+        # Innermost dim first: (dim, byte stride of the next dim, box, element stride); the outermost has no stride.
+        assert e["dims_strides_box_estrides"] == [[128, 512, 64, 1], [100, 51200, 64, 1], [3, 0, 1, 1]]
+        assert (e["aligned64"], e["dtype"], e["swizzle"], e["interleave"], e["l2"], e["oob"]) == (1, 9, 3, 0, 2, 0)
+    for launch_call, address in zip(named(r["calls"], "cuLaunchKernel"), (0x7f0000001000, 0x7f0000002000),
+                                    strict=True):
+        params = launch_call["params"]
+        assert params[0] == struct.pack("<Q", address).hex() + "ab" * 120  # the encoded map, by value
+        assert params[1:8] == [struct.pack("<i", 3).hex(), struct.pack("<i", 100).hex(), struct.pack("<i", 128).hex(),
+                               struct.pack("<q", 25600).hex(), struct.pack("<q", 256).hex(),
+                               struct.pack("<q", 1).hex(), struct.pack("<i", 7).hex()]
+        assert launch_call["grid"] == [18, 1, 1]
+
+
+def test_tensor_map_errors_name_the_map(fake, tmp_path):
+    bad_order = MAP_PARAMS[:4] + MAP_PARAMS[5:] + MAP_PARAMS[4:5]  # a stride where a shape should be
+    plan = f'_C.LaunchPlan(reg, "fwd-test", "native", problem(), {MAP_ARGS!r}, ["T"])'
+    cases = {"no entry": (map_spec(tmp_path, "cuda"), False, {}), "order": (map_spec(tmp_path, "cuda", bad_order),
+                                                                           True, {}),
+             "driver": (map_spec(tmp_path, "cuda"), True, {"FAIL": "cuTensorMapEncodeTiled:1"})}
+    out = {}
+    for case, (spec, with_map, env) in cases.items():
+        r = run("cuda", fake("cuda"), MAP_BODY.format(spec=spec, with_map=with_map) + f"""
+        made = attempt(lambda: {plan})
+        out = made if "error" in made else attempt({plan}.launch, 0, STREAM, [0x7f0000001000])
+        """, sizes=MAP_SIZES, **env)
+        out[case] = (r["out"]["error"], r["out"]["message"])
+        assert named(r["calls"], "cuLaunchKernel") == []
+    assert out["no entry"] == ("ValueError", "image fwd-test: tensor map T has no tensor_maps entry")
+    assert out["order"] == ("ValueError", "image fwd-test: tensor map T: expected 3 i32 shape and 3 i64 stride "
+                                          "params after it")
+    assert out["driver"][0] == "ValueError" and out["driver"][1].startswith(
+        "CUDA driver: cuTensorMapEncodeTiled failed with unknown (1) for tensor map T (shape@stride 3@25600, "
+        "100@256, 128@1")
+
+
+def test_tensor_maps_need_a_driver_that_encodes_them(fake, tmp_path):
+    """A driver without cuTensorMapEncodeTiled still runs every other image; ROCm has no tensor maps."""
+    plan = f'_C.LaunchPlan(reg, "fwd-test", "native", problem(), {MAP_ARGS!r}, ["T"])'
+    out = {}
+    for vendor, flags in (("cuda", ("-DFAKE_OMIT_TENSOR_MAP",)), ("rocm", ())):
+        r = run(vendor, fake(vendor, *flags), MAP_BODY.format(spec=map_spec(tmp_path, vendor), with_map=True)
+                + f"out = [_C.backend_status('{vendor}')['available'], attempt({plan}.launch, 0, STREAM, [4096])]",
+                sizes=MAP_SIZES)
+        out[vendor] = r["out"]
+    assert out["cuda"][0] and out["cuda"][1]["message"].endswith("lacks cuTensorMapEncodeTiled")
+    assert out["rocm"][0] and out["rocm"][1]["message"] == (
+        "tensor map T: TMA descriptors are a CUDA feature, the rocm backend has none")
+
+
+@pytest.mark.parametrize("ctas_per_sm, multiprocessors, programs", [(0, 4, 18), (1, 0, 18), (1, 4, 4), (2, 4, 8),
+                                                                    (1, 132, 18)])
+def test_persistent_image_launches_per_sm(ctas_per_sm, multiprocessors, programs, tmp_path):
+    """A flat grid has a program per tile (18 here); a persistent image's fills the device and walks the tiles.
+    With the SM count unknown (0) it still launches every tile, which is as correct."""
+    img = _C.ImageInfo()
+    img.name, img.op, img.block_m, img.num_warps, img.warp_size = "fwd-test", "fwd", 64, 12, 32
+    img.flat_grid, img.ctas_per_sm = True, ctas_per_sm
+    p = _C.Problem()
+    p.op, p.seqlen_q, p.batch, p.nheads, p.multiprocessors = "fwd", 130, 2, 3, multiprocessors
+    reg = _C.Registry()
+    reg.add(img)
+    assert _C.launch_config(reg, "fwd-test", p)[0] == (programs, 1, 1)
 
 
 def test_cuda_ptx_mode_loads_nul_terminated_ptx(fake, tmp_path):

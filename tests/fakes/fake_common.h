@@ -57,11 +57,12 @@ static void hex(char* out, const void* data, size_t n) {
   out[2 * n] = '\0';
 }
 
-/* The launch parameters as hex strings, comma separated, split by the sizes fake_set_param_sizes() gave. */
+/* The launch parameters as hex strings, comma separated, split by the sizes fake_set_param_sizes() gave (one
+ * parameter may be a 128-byte TMA descriptor). */
 static void params_json(char* out, size_t cap, void** params) {
-  char one[20];
+  char one[2 * 128 + 1];
   out[0] = '\0';
-  for (int i = 0; i < n_param_sizes && param_sizes[i] <= 8; ++i) {
+  for (int i = 0; i < n_param_sizes && param_sizes[i] <= 128; ++i) {
     hex(one, params[i], param_sizes[i]);
     snprintf(out + strlen(out), cap - strlen(out), "%s\"%s\"", i ? ", " : "", one);
   }

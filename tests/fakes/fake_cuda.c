@@ -6,7 +6,7 @@
  *   FAKE_CUDA_CURRENT=i       device whose primary context is current before anything is pushed (default: none)
  *   FAKE_CUDA_BAD_IMAGE=text  images starting with text fail to load with CUDA_ERROR_INVALID_PTX and
  *                             FAKE_CUDA_JIT_LOG in the JIT error log
- * -DFAKE_OMIT_LAUNCH leaves cuLaunchKernel out. */
+ * -DFAKE_OMIT_LAUNCH leaves cuLaunchKernel out, -DFAKE_OMIT_TENSOR_MAP cuTensorMapEncodeTiled. */
 #define FAKE_FAIL_VAR "FAKE_CUDA_FAIL"
 #include "fake_common.h"
 
@@ -131,13 +131,34 @@ int cuFuncSetAttribute(void* function, int attr, int value) {
 #ifndef FAKE_OMIT_LAUNCH
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                    unsigned shared, void* stream, void** params, void** extra) {
-  char args[64 * 20];
+  char args[64 * 20 + 2 * 128];
   params_json(args, sizeof(args), params);
   say("{\"call\": \"cuLaunchKernel\", \"function\": %llu, \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], "
       "\"shared\": %u, \"stream\": %llu, \"ctx\": %llu, \"params\": [%s], \"extra\": %d}",
       (unsigned long long)(uintptr_t)f, gx, gy, gz, bx, by, bz, shared, (unsigned long long)(uintptr_t)stream,
       (unsigned long long)(uintptr_t)current_ctx(), args, extra != NULL);
   return fail("cuLaunchKernel");
+}
+#endif
+
+#ifndef FAKE_OMIT_TENSOR_MAP
+/* Logs its arguments and writes a map whose first 8 bytes are the address and the rest 0xab, so a test can tell
+ * the launch passed the map (128 bytes) and not the address slot. */
+int cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* address, const uint64_t* dims,
+                           const uint64_t* strides, const unsigned* box, const unsigned* element_strides,
+                           int interleave, int swizzle, int l2, int oob) {
+  char text[512] = "";
+  for (unsigned i = 0; i < rank; ++i)
+    snprintf(text + strlen(text), sizeof(text) - strlen(text), "%s[%llu, %llu, %u, %u]", i ? ", " : "",
+             (unsigned long long)dims[i], i + 1 < rank ? (unsigned long long)strides[i] : 0ULL, box[i],
+             element_strides[i]);
+  say("{\"call\": \"cuTensorMapEncodeTiled\", \"aligned64\": %d, \"dtype\": %d, \"address\": %llu, "
+      "\"dims_strides_box_estrides\": [%s], \"interleave\": %d, \"swizzle\": %d, \"l2\": %d, \"oob\": %d}",
+      (int)((uintptr_t)map % 64 == 0), dtype, (unsigned long long)(uintptr_t)address, text, interleave, swizzle, l2,
+      oob);
+  memset(map, 0xab, 128);
+  memcpy(map, &address, sizeof(address));
+  return fail("cuTensorMapEncodeTiled");
 }
 #endif
 
