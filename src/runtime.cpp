@@ -157,10 +157,10 @@ LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void*
   cfg.grid[0] = static_cast<unsigned>(blocks);
   cfg.grid[1] = static_cast<unsigned>(problem.batch * heads);
   if (image.flat_grid) {  // a tile walk: every (block, batch, head) along x
-    if (blocks * problem.batch * heads > kMaxGridX)
-      throw std::out_of_range("problem: " + std::to_string(blocks * problem.batch * heads) +
-                              " programs exceed the grid's x limit " + std::to_string(kMaxGridX));
     int64_t programs = blocks * problem.batch * heads;
+    if (programs > kMaxGridX)
+      throw std::out_of_range("problem: " + std::to_string(programs) + " programs exceed the grid's x limit " +
+                              std::to_string(kMaxGridX));
     // A persistent image's programs walk the tiles, so the grid needs only fill the device.
     if (image.ctas_per_sm > 0 && problem.multiprocessors > 0)
       programs = std::min(programs, problem.multiprocessors * image.ctas_per_sm);
