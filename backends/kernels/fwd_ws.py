@@ -78,7 +78,8 @@ def constexprs(head_dim: int, tile: dict) -> dict:
     _, consumer = register_split(tile["num_wg"], tile.get("maxnreg"), tile.get("consumer_regs"))
     return {"BLOCK_N": tile["block_n"], "HEAD_D": head_dim, "STAGES": tile["stages"], "PINGPONG": tile["pingpong"],
             "NUM_WG": tile["num_wg"], "CONSUMER_REGS": consumer,
-            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS), "M_MAJOR": tile.get("m_major", False)}
+            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS), "M_MAJOR": tile.get("m_major", False),
+            "Q_BUFS": tile.get("q_bufs", 1)}
 
 
 def ctas_per_sm(tile: dict) -> int:
@@ -133,6 +134,7 @@ def _tile(t, n_m, n_tiles, nheads, band, m_major, BLOCK_M: gl.constexpr, BLOCK_N
 def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles, m_major = loads
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
+    Q_BUFS: gl.constexpr = q_smem.shape[0] // NUM_WG
     it = 0
     ti = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
@@ -140,10 +142,11 @@ def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.const
                                                                           NUM_WG * 64, BLOCK_N)
         off_hk = off_h // head_ratio
         for wg in gl.static_range(NUM_WG):
-            mbarrier.wait(q_empty.index(wg), (ti & 1) ^ 1)
-            mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [off_b, m_lo + wg * 64, off_h, 0], q_ready.index(wg),
-                                            q_smem.index(wg))
+            qs = (ti % Q_BUFS) * NUM_WG + wg
+            mbarrier.wait(q_empty.index(qs), ((ti // Q_BUFS) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b, m_lo + wg * 64, off_h, 0], q_ready.index(qs),
+                                            q_smem.index(qs))
         for i in range(n_blocks):
             s = it % STAGES
             ph = (it // STAGES) & 1
@@ -199,13 +202,15 @@ def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.conste
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-    q = q_smem.index(WG).reshape([64, HEAD_D])
+    Q_BUFS: gl.constexpr = q_smem.shape[0] // NUM_WG
     it = 0
     ti = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, n_tiles, nheads, band, m_major,
                                                                           NUM_WG * 64, BLOCK_N)
-        tile = (off_b, off_h, m_lo + WG * 64, j0, n_blocks, full_lo, full_hi, it, ti)
+        qs = (ti % Q_BUFS) * NUM_WG + WG
+        q = q_smem.index(qs).reshape([64, HEAD_D])
+        tile = (off_b, off_h, m_lo + WG * 64, j0, n_blocks, full_lo, full_hi, it, ti // Q_BUFS, qs)
         _consumer_tile(q, k_smem, v_smem, o_smem.index(WG), bars, o_desc, LSE + bh.to(gl.int64) * band[0], band,
                        qk_scale, tile, WG, BLOCK_N, STAGES, PINGPONG, NUM_WG, S_L, O_L, P_L)
         it += n_blocks
@@ -218,13 +223,13 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
                    S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr):
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
-    off_b, off_h, row0, j0, n_blocks, full_lo, full_hi, it, ti = tile
+    off_b, off_h, row0, j0, n_blocks, full_lo, full_hi, it, q_round, qs = tile
     HEAD_D: gl.constexpr = o_buf.shape[-1]
     ROW: gl.constexpr = gl.SliceLayout(1, S_L)
     COL: gl.constexpr = gl.SliceLayout(0, S_L)
     OROW: gl.constexpr = gl.SliceLayout(1, O_L)
     NEXT: gl.constexpr = (WG + 1) % NUM_WG
-    mbarrier.wait(q_ready.index(WG), ti & 1)
+    mbarrier.wait(q_ready.index(qs), q_round & 1)
     rows = row0 + gl.arange(0, 64, layout=ROW)
     m_i = gl.full([64], float("-inf"), gl.float32, ROW)
     l_i = gl.zeros([64], gl.float32, ROW)
@@ -259,7 +264,7 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
         acc = _pv(p, v_smem, v_ready, it + n_blocks - 1, acc, P_L, STAGES)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index((it + n_blocks - 1) % STAGES), count=1)
-    mbarrier.arrive(q_empty.index(WG), count=1)
+    mbarrier.arrive(q_empty.index(qs), count=1)
 
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
@@ -288,26 +293,28 @@ def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl
 def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, nheads, head_ratio,  # noqa: E741
                 qk_scale_log2, batch, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                 PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                M_MAJOR: gl.constexpr = False):
+                M_MAJOR: gl.constexpr = False, Q_BUFS: gl.constexpr = 1):
     q_desc, k_desc, v_desc, o_desc, qk_scale = Q, K, V, O, qk_scale_log2
     n_m = gl.cdiv(seqlen_q, NUM_WG * 64)
     n_tiles = n_m * batch * nheads
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 64, 1, HEAD_D], q_desc.layout)
+    # Q_BUFS > 1: the loader fetches a persistent walk's next tile's queries while this tile runs.
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFS * NUM_WG, 1, 64, 1, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
     o_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 64, 1, HEAD_D], o_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS * NUM_WG, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS * NUM_WG, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NUM_WG):
+    for i in gl.static_range(Q_BUFS * NUM_WG):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
-        mbarrier.init(turn.index(i), count=1)
+        if i < NUM_WG:
+            mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -354,7 +361,7 @@ _SMS = {}
 
 
 def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, block_n=128, stages=2, pingpong=False,
-            num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None, m_major=False):
+            num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None, m_major=False, q_bufs=1):
     """(out, lse) of q (batch, seqlen_q, heads, dim), k and v (batch, seqlen_k, heads_k, dim), bf16 or fp16, head
     dim 64 or 128, flash-attn 2's causal/window semantics (causal folds in as right = 0)."""
     import torch
@@ -375,6 +382,6 @@ def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, blo
     per_sm = ctas_per_sm({"num_wg": num_wg, "maxnreg": maxnreg})
     grid = (min(n_tiles, _SMS[q.device] * per_sm) if persistent else n_tiles,)
     attn_fwd_ws[grid](qd, kd, vd, od, lse, seqlen_q, seqlen_k, left, right, h, h // k.shape[2], scale * LOG2E, b,
-                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, m_major, num_warps=4,
+                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, m_major, q_bufs, num_warps=4,
                       maxnreg=maxnreg)
     return o, lse
