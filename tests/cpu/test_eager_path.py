@@ -103,6 +103,7 @@ def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, persisten
     each dim's size and stride in elements), a program per tile along x, or one per SM for the persistent image."""
     q, k, v = make(b=2, nq=1200, nk=1000, h=16, hk=4, d=128)
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # (batch, heads, seqlen, dim) underneath
+    opts = {"causal": False, "softmax_scale": None} | opts
     decision = fa2rt.explain(q, k, v, **opts)
     band, walk = ("-fullband", "-persistent") if persistent else ("", "")
     assert decision.path == "kernel" and decision.image == f"fwd-sm90-bf16-d128-plain{band}-ws{walk}-m128n128w4s2"
