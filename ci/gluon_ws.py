@@ -51,19 +51,14 @@ def parse(variant: str) -> dict:
 
 def compile_variant(variant: str, head_dim: int):
     """Compiles the kernel for sm90 (no GPU needed); returns the CompiledKernel."""
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     kw = parse(variant)
     tile = {"block_n": kw.get("block_n", 128), "stages": kw.get("stages", 2), "pingpong": kw.get("pingpong", False),
             "num_wg": kw.get("num_wg", 2), "maxnreg": kw.get("maxnreg"), "consumer_regs": kw.get("regs"),
             "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS), "m_major": kw.get("m_major", False),
             "q_bufs": kw.get("q_bufs", 1)}
-    constexprs = fwd_ws.constexprs(head_dim, tile)
-    signature = fwd_ws.signature("bf16", head_dim, tile["block_n"]) | {k: "constexpr" for k in constexprs}
-    src = GluonASTSource(fwd_ws.attn_fwd_ws, signature, constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=fwd_ws.options(tile))
+    return fwd_ws.compile_for(GPUTarget("cuda", 90, 32), "bf16", head_dim, tile)
 
 
 def resource_usage(compiled) -> dict:

@@ -202,17 +202,11 @@ def _tool(name: str) -> Path:
 def compile_ws_variant(v: Variant):
     """A WS_FAMILY image (fwd_ws.py, Gluon): its tensor descriptors and schedule from the tiles.json entry."""
     import fwd_ws
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     tile = tile_config(v.arch, v.op, v.head_dim)[WS_TILE]
-    constexprs = fwd_ws.constexprs(v.head_dim, tile)
-    signature = fwd_ws.signature(v.dtype, v.head_dim, tile["block_n"]) | {k: "constexpr" for k in constexprs}
-    src = GluonASTSource(fwd_ws.attn_fwd_ws, signature, constexprs)
-    compiled = triton.compile(src, target=GPUTarget(v.target_backend, v.target_arch, v.warp_size),
-                              options=fwd_ws.options(tile))
-    return compiled, fwd_ws.params()
+    target = GPUTarget(v.target_backend, v.target_arch, v.warp_size)
+    return fwd_ws.compile_for(target, v.dtype, v.head_dim, tile), fwd_ws.params()
 
 
 def compile_variant(v: Variant):

@@ -49,14 +49,19 @@ SCALARS = (("seqlen_q", "i32"), ("seqlen_k", "i32"), ("window_left", "i32"), ("w
            ("nheads", "i32"), ("head_ratio", "i32"), ("qk_scale_log2", "fp32"), ("batch", "i32"))
 
 
+GL_DTYPES = {"bf16": gl.bfloat16, "fp16": gl.float16}
+
+
+def box_layout(rows: int, head_dim: int, dtype: str):
+    """The shared-memory layout of a box of `rows` rows of one head, as the kernel and its descriptors use it."""
+    return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], GL_DTYPES[dtype])
+
+
 def signature(dtype: str, head_dim: int, block_n: int) -> dict:
     """The compile signature: TMA descriptors with the boxes the kernel loads (64 query rows per consumer,
     block_n keys), the LSE pointer and the scalars."""
-    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-
     def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
-        return f"tensordesc<{dtype}[1, {rows}, 1, {head_dim}],{layout!r}>"
+        return f"tensordesc<{dtype}[1, {rows}, 1, {head_dim}],{box_layout(rows, head_dim, dtype)!r}>"
 
     return ({"Q": desc(64), "K": desc(block_n), "V": desc(block_n), "O": desc(64), "LSE": "*fp32"}
             | dict(SCALARS))
@@ -90,6 +95,15 @@ def ctas_per_sm(tile: dict) -> int:
 def options(tile: dict) -> dict:
     """Compile options: 4 warps per consumer warpgroup, the register cap that setmaxnreg redistributes."""
     return {"num_warps": 4, "maxnreg": register_split(tile["num_wg"], tile.get("maxnreg"))[0]}
+
+
+def compile_for(target, dtype: str, head_dim: int, tile: dict):
+    """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    consts = constexprs(head_dim, tile)
+    sig = signature(dtype, head_dim, tile["block_n"]) | {k: "constexpr" for k in consts}
+    return triton.compile(GluonASTSource(attn_fwd_ws, sig, consts), target=target, options=options(tile))
 
 
 # Triton's device-side TMA element types -> the driver's CUtensorMapDataType (backends/nvidia/driver.py's table).
@@ -348,9 +362,8 @@ def descriptors(q, k, v, o, block_n):
     rows, zero-filled past each sequence's end."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     d = q.shape[-1]
-    gdt = {"torch.bfloat16": gl.bfloat16, "torch.float16": gl.float16}[str(q.dtype)]
-    q_layout = gl.NVMMASharedLayout.get_default_for([1, 64, 1, d], gdt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([1, block_n, 1, d], gdt)
+    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(q.dtype)]
+    q_layout, kv_layout = box_layout(64, d, dtype), box_layout(block_n, d, dtype)
     return (TensorDescriptor.from_tensor(q, [1, 64, 1, d], q_layout),
             TensorDescriptor.from_tensor(k, [1, block_n, 1, d], kv_layout),
             TensorDescriptor.from_tensor(v, [1, block_n, 1, d], kv_layout),
