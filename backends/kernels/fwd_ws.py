@@ -83,8 +83,7 @@ def constexprs(head_dim: int, tile: dict) -> dict:
     _, consumer = register_split(tile["num_wg"], tile.get("maxnreg"), tile.get("consumer_regs"))
     return {"BLOCK_N": tile["block_n"], "HEAD_D": head_dim, "STAGES": tile["stages"], "PINGPONG": tile["pingpong"],
             "NUM_WG": tile["num_wg"], "CONSUMER_REGS": consumer,
-            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS), "M_MAJOR": tile.get("m_major", False),
-            "Q_BUFS": tile.get("q_bufs", 1)}
+            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS), "Q_BUFS": tile.get("q_bufs", 1)}
 
 
 def ctas_per_sm(tile: dict) -> int:
@@ -119,19 +118,13 @@ def tensor_maps(tensordesc_meta: list[dict]) -> list[dict]:
 
 
 @gluon.jit
-def _tile(t, n_m, n_tiles, nheads, band, m_major, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+def _tile(t, n_m, nheads, band, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Tile t: (batch*head, batch, head, first query row, first key block, key blocks, and the keys every row of
     the tile sees: blocks inside [full_lo, full_hi) need no mask). The last rows come first (with a band they see
-    the most keys): per (batch, head), or with m_major over all of them (the heaviest tiles of every head first,
-    which a persistent walk's stride keeps balanced; a head's row blocks then run apart in time)."""
+    the most keys) within each (batch, head), whose row blocks run together and share its K/V in the L2."""
     seqlen_q, seqlen_k, left, right = band
-    if m_major:
-        n_bh = n_tiles // n_m
-        bh = t % n_bh
-        m_idx = t // n_bh
-    else:
-        bh = t // n_m
-        m_idx = t % n_m
+    bh = t // n_m
+    m_idx = t % n_m
     m_lo = (n_m - 1 - m_idx) * BLOCK_M
     m_hi = gl.minimum(m_lo + BLOCK_M, seqlen_q)
     shift = seqlen_k - seqlen_q
@@ -146,13 +139,13 @@ def _tile(t, n_m, n_tiles, nheads, band, m_major, BLOCK_M: gl.constexpr, BLOCK_N
 
 @gluon.jit
 def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
-    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles, m_major = loads
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles = loads
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     Q_BUFS: gl.constexpr = q_smem.shape[0] // NUM_WG
     it = 0
     ti = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, n_tiles, nheads, band, m_major,
+        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, nheads, band,
                                                                           NUM_WG * 64, BLOCK_N)
         off_hk = off_h // head_ratio
         for wg in gl.static_range(NUM_WG):
@@ -211,7 +204,7 @@ def _softmax(sc, j, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N: gl.con
 @gluon.jit
 def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
               NUM_WG: gl.constexpr):
-    q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles, m_major = shared
+    q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles = shared
     HEAD_D: gl.constexpr = q_smem.shape[-1]
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
@@ -220,7 +213,7 @@ def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.conste
     it = 0
     ti = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, n_tiles, nheads, band, m_major,
+        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, nheads, band,
                                                                           NUM_WG * 64, BLOCK_N)
         qs = (ti % Q_BUFS) * NUM_WG + WG
         q = q_smem.index(qs).reshape([64, HEAD_D])
@@ -307,7 +300,7 @@ def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl
 def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, nheads, head_ratio,  # noqa: E741
                 qk_scale_log2, batch, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                 PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                M_MAJOR: gl.constexpr = False, Q_BUFS: gl.constexpr = 1):
+                Q_BUFS: gl.constexpr = 1):
     q_desc, k_desc, v_desc, o_desc, qk_scale = Q, K, V, O, qk_scale_log2
     n_m = gl.cdiv(seqlen_q, NUM_WG * 64)
     n_tiles = n_m * batch * nheads
@@ -341,9 +334,8 @@ def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, 
     band = (seqlen_q, seqlen_k, window_left, window_right)
     # Runtime values and buffers travel in tuples; constexprs are written in the calls (a tuple assigned to a name
     # turns its constexprs into tensors).
-    # M_MAJOR rides in them as a run-time constant (folded by the compiler).
-    shared = (q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles, M_MAJOR)
-    loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles, M_MAJOR)
+    shared = (q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles)
+    loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles)
     if NUM_WG == 2:
         gl.warp_specialize([
             (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG)),
@@ -374,7 +366,7 @@ _SMS = {}
 
 
 def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, block_n=128, stages=2, pingpong=False,
-            num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None, m_major=False, q_bufs=1):
+            num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None, q_bufs=1):
     """(out, lse) of q (batch, seqlen_q, heads, dim), k and v (batch, seqlen_k, heads_k, dim), bf16 or fp16, head
     dim 64 or 128, flash-attn 2's causal/window semantics (causal folds in as right = 0)."""
     import torch
@@ -395,6 +387,6 @@ def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, blo
     per_sm = ctas_per_sm({"num_wg": num_wg, "maxnreg": maxnreg})
     grid = (min(n_tiles, _SMS[q.device] * per_sm) if persistent else n_tiles,)
     attn_fwd_ws[grid](qd, kd, vd, od, lse, seqlen_q, seqlen_k, left, right, h, h // k.shape[2], scale * LOG2E, b,
-                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, m_major, q_bufs, num_warps=4,
+                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, q_bufs, num_warps=4,
                       maxnreg=maxnreg)
     return o, lse

@@ -87,12 +87,20 @@ PAGE_ALIGNED_TILE = "page_aligned"
 # A tiles.json fwd entry may carry a "ws" entry: the schedule of a warp-specialised Gluon forward (fwd_ws.py: TMA
 # loads, wgmma, setmaxnreg; sm90 only, so no AMD entry has one). It builds one image per dtype for dense calls of
 # exactly that head dim without softcap or ALiBi, listed before the arch's other forward images, so the dispatcher
-# prefers it for those calls; the Triton images of that kind are not built. With "persistent_full_band" it also
-# builds a persistent image (a grid of one program per SM, each walking tiles; the same kernel) for calls without
-# causal or window, listed first: there every tile is equally long, so a static walk keeps the SMs equally busy,
-# where with a band the long and short tiles of a static walk do not even out (docs/bench/gluon-ws-notes.md).
+# prefers it for those calls; the Triton images of that kind are not built. With "persistent_full_band" (a dict of
+# schedule keys it replaces) it also builds a persistent image (a grid of one program per SM, each walking tiles) for
+# calls without causal or window, listed first: there every tile is equally long, so a static walk keeps the SMs
+# equally busy, where with a band the long and short tiles of a static walk do not even out
+# (docs/bench/gluon-ws-notes.md).
 WS_TILE = "ws"
 WS_FAMILY = "gluon_ws"
+PERSISTENT_KEY = "persistent_full_band"
+
+
+def ws_schedule(arch: str, op: str, head_dim: int, persistent: bool) -> dict:
+    """The WS_TILE schedule an image was built from: the entry's, with PERSISTENT_KEY's keys for the persistent one."""
+    ws = arch_info(arch)[op][str(head_dim)][WS_TILE]
+    return ws | ws[PERSISTENT_KEY] if persistent else ws
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
@@ -251,7 +259,7 @@ def _ws_variants(arch: str, op: str) -> list[Variant]:
         ws = cfg.get(WS_TILE)
         if ws is None:
             continue
-        walks = ((True,) if ws.get("persistent_full_band") else ()) + (False,)
+        walks = ((True,) if PERSISTENT_KEY in ws else ()) + (False,)
         for dtype in DTYPES:
             for persistent in walks:
                 out.append(Variant(

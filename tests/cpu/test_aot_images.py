@@ -168,6 +168,11 @@ def test_ws_rows(build):
         assert [(m["param"], m["box"], m["dtype"], m["elem_size"], m["swizzle"]) for m in row["tensor_maps"]] == [
             (name, [1, rows_, 1, 64], host_dtype[row["dtype"]], 2, 3)
             for name, rows_ in (("Q", 64), ("K", 128), ("V", 128), ("O", 64))]
+    # The persistent walk's schedule (tiles.json persistent_full_band) adds a query buffer per consumer:
+    # 2 warpgroups x 64 rows x 128 dims x 2 bytes.
+    for dtype in ("fp16", "bf16"):
+        shared = {row["full_band_only"]: row["shared_bytes"] for row in rows if row["dtype"] == dtype}
+        assert shared[True] - shared[False] >= 2 * 64 * 128 * 2
     others = [row for row in manifest["images"] if row["family"] == "triton"]
     assert all(not row["flat_grid"] and row["ctas_per_sm"] == 0 and row["tensor_maps"] == [] for row in others)
     assert not [row["name"] for row in others if (row["arch"], row["op"], row["layouts"], row["head_dim"],
@@ -191,9 +196,10 @@ def test_ptx_entry_takes_the_manifest_params(build):
 
 
 def _tile_of(row) -> dict:
-    tile = variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"] and
-                                row["family"] == "triton", row["layouts"][0], "-aligned-" in row["name"])
-    return tile[variants.WS_TILE] if row["family"] == variants.WS_FAMILY else tile
+    if row["family"] == variants.WS_FAMILY:
+        return variants.ws_schedule(row["arch"], row["op"], row["head_dim"], row["ctas_per_sm"] > 0)
+    return variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"], row["layouts"][0],
+                                "-aligned-" in row["name"])
 
 
 def test_rows_passed_static_checks(build):
