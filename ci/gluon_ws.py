@@ -9,9 +9,9 @@ here, launched through Triton's own launcher; fa2rt's images of the kernel are t
 
 A VARIANT names the schedule in dash-separated parts: bnN (key block), sN (K/V ring stages), pp0/pp1 (consumers
 take turns issuing their products), wN (consumer warpgroups of 64 query rows: 2, or 1 with two CTAs per SM), p1
-(persistent: one CTA per SM walks the tiles), mN (maxnreg), rN (registers per consumer), lN (registers of the
-loader), qN (query buffers per consumer: 2 lets a persistent walk load the next tile's queries early), d64/d128
-(only that head dim). E.g. bn128-s2-pp1-d128.
+(persistent: one CTA per SM walks the tiles), pr1 (that walk in pairs of row blocks m and last - m), mN (maxnreg),
+rN (registers per consumer), lN (registers of the loader), qN (query buffers per consumer: 2 lets a persistent walk
+load the next tile's queries early), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128.
 """
 
 import functools
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends/kernels")
 import aot  # noqa: E402
 import fwd_ws  # noqa: E402
 
-FLAGS = {"pp": "pingpong"}
+FLAGS = {"pp": "pingpong", "pr": "pairs"}
 INTS = {"bn": "block_n", "s": "stages", "w": "num_wg", "m": "maxnreg", "r": "regs", "l": "loader_regs",
         "q": "q_bufs", "d": "only_d"}
 
@@ -55,7 +55,8 @@ def compile_variant(variant: str, head_dim: int):
     kw = parse(variant)
     tile = {"block_n": kw.get("block_n", 128), "stages": kw.get("stages", 2), "pingpong": kw.get("pingpong", False),
             "num_wg": kw.get("num_wg", 2), "maxnreg": kw.get("maxnreg"), "consumer_regs": kw.get("regs"),
-            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS), "q_bufs": kw.get("q_bufs", 1)}
+            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS), "q_bufs": kw.get("q_bufs", 1),
+            "pairs": kw.get("pairs", False)}
     return fwd_ws.compile_for(GPUTarget("cuda", 90, 32), "bf16", head_dim, tile)
 
 

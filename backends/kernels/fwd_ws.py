@@ -83,7 +83,8 @@ def constexprs(head_dim: int, tile: dict) -> dict:
     _, consumer = register_split(tile["num_wg"], tile.get("maxnreg"), tile.get("consumer_regs"))
     return {"BLOCK_N": tile["block_n"], "HEAD_D": head_dim, "STAGES": tile["stages"], "PINGPONG": tile["pingpong"],
             "NUM_WG": tile["num_wg"], "CONSUMER_REGS": consumer,
-            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS), "Q_BUFS": tile.get("q_bufs", 1)}
+            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS), "Q_BUFS": tile.get("q_bufs", 1),
+            "PAIRS": tile.get("pairs", False)}
 
 
 def ctas_per_sm(tile: dict) -> int:
@@ -118,13 +119,16 @@ def tensor_maps(tensordesc_meta: list[dict]) -> list[dict]:
 
 
 @gluon.jit
-def _tile(t, n_m, nheads, band, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+def _tile(t, n_m, nheads, band, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Tile t: (batch*head, batch, head, first query row, first key block, key blocks, and the keys every row of
-    the tile sees: blocks inside [full_lo, full_hi) need no mask). The last rows come first (with a band they see
-    the most keys) within each (batch, head), whose row blocks run together and share its K/V in the L2."""
+    the tile sees: blocks inside [full_lo, full_hi) need no mask). A (batch, head)'s row blocks are consecutive, so
+    they run together and share its K/V in the L2; the last rows (with a band they see the most keys) come first, or
+    with PAIRS alternately from the last and the first (row blocks n_m - 1, 0, n_m - 2, 1, ...)."""
     seqlen_q, seqlen_k, left, right = band
     bh = t // n_m
     m_idx = t % n_m
+    if PAIRS:
+        m_idx = gl.where(m_idx % 2 == 0, m_idx // 2, n_m - 1 - m_idx // 2)
     m_lo = (n_m - 1 - m_idx) * BLOCK_M
     m_hi = gl.minimum(m_lo + BLOCK_M, seqlen_q)
     shift = seqlen_k - seqlen_q
@@ -138,15 +142,40 @@ def _tile(t, n_m, nheads, band, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+def _walk(n_tiles, PAIRS: gl.constexpr):
+    """(tiles per unit, this program's tile count). A program takes units p, p + programs, ...; a unit is one
+    tile, or with PAIRS two consecutive ones (when every program gets at least two), which _tile orders so that a
+    unit holds a head's row blocks m and n_m - 1 - m: with a causal band every unit is then equally long and a
+    persistent walk stays balanced, while a head's row blocks still run together."""
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    per_unit = 1
+    if PAIRS:
+        per_unit = 1 + (n_tiles >= 2 * nprog).to(gl.int32)
+    n_units = gl.cdiv(n_tiles, per_unit)
+    count = (n_units // nprog + (pid < n_units % nprog).to(gl.int32)) * per_unit
+    # An odd tile count leaves the last unit (its program's last) one tile short.
+    count -= ((per_unit * n_units > n_tiles) & (pid == (n_units - 1) % nprog)).to(gl.int32)
+    return per_unit, count
+
+
+@gluon.jit
+def _walk_tile(r, per_unit):
+    """This program's r-th tile (see _walk)."""
+    return ((r // per_unit) * gl.num_programs(0) + gl.program_id(0)) * per_unit + r % per_unit
+
+
+@gluon.jit
+def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr, PAIRS: gl.constexpr):
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles = loads
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     Q_BUFS: gl.constexpr = q_smem.shape[0] // NUM_WG
     it = 0
     ti = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, nheads, band,
-                                                                          NUM_WG * 64, BLOCK_N)
+    per_unit, count = _walk(n_tiles, PAIRS)
+    for r in range(count):
+        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(_walk_tile(r, per_unit), n_m, nheads, band,
+                                                                          PAIRS, NUM_WG * 64, BLOCK_N)
         off_hk = off_h // head_ratio
         for wg in gl.static_range(NUM_WG):
             qs = (ti % Q_BUFS) * NUM_WG + wg
@@ -203,7 +232,7 @@ def _softmax(sc, j, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N: gl.con
 
 @gluon.jit
 def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              NUM_WG: gl.constexpr):
+              NUM_WG: gl.constexpr, PAIRS: gl.constexpr):
     q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles = shared
     HEAD_D: gl.constexpr = q_smem.shape[-1]
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -212,9 +241,10 @@ def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.conste
     Q_BUFS: gl.constexpr = q_smem.shape[0] // NUM_WG
     it = 0
     ti = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(t, n_m, nheads, band,
-                                                                          NUM_WG * 64, BLOCK_N)
+    per_unit, count = _walk(n_tiles, PAIRS)
+    for r in range(count):
+        bh, off_b, off_h, m_lo, j0, n_blocks, full_lo, full_hi = _tile(_walk_tile(r, per_unit), n_m, nheads, band,
+                                                                          PAIRS, NUM_WG * 64, BLOCK_N)
         qs = (ti % Q_BUFS) * NUM_WG + WG
         q = q_smem.index(qs).reshape([64, HEAD_D])
         tile = (off_b, off_h, m_lo + WG * 64, j0, n_blocks, full_lo, full_hi, it, ti // Q_BUFS, qs)
@@ -287,20 +317,22 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
 
 
 @gluon.jit
-def _consumer0(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
-    _consumer(shared, 0, BLOCK_N, STAGES, PINGPONG, NUM_WG)
+def _consumer0(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
+               PAIRS: gl.constexpr):
+    _consumer(shared, 0, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)
 
 
 @gluon.jit
-def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
-    _consumer(shared, 1, BLOCK_N, STAGES, PINGPONG, NUM_WG)
+def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
+               PAIRS: gl.constexpr):
+    _consumer(shared, 1, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)
 
 
 @gluon.jit
 def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, nheads, head_ratio,  # noqa: E741
                 qk_scale_log2, batch, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                 PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                Q_BUFS: gl.constexpr = 1):
+                Q_BUFS: gl.constexpr = 1, PAIRS: gl.constexpr = False):
     q_desc, k_desc, v_desc, o_desc, qk_scale = Q, K, V, O, qk_scale_log2
     n_m = gl.cdiv(seqlen_q, NUM_WG * 64)
     n_tiles = n_m * batch * nheads
@@ -338,14 +370,14 @@ def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, 
     loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles)
     if NUM_WG == 2:
         gl.warp_specialize([
-            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG)),
-            (_consumer1, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG)),
-            (_loader, (loads, BLOCK_N, STAGES, NUM_WG)),
+            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)),
+            (_consumer1, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)),
+            (_loader, (loads, BLOCK_N, STAGES, NUM_WG, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG)),
-            (_loader, (loads, BLOCK_N, STAGES, NUM_WG)),
+            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)),
+            (_loader, (loads, BLOCK_N, STAGES, NUM_WG, PAIRS)),
         ], [1], [LOADER_REGS])
 
 
@@ -366,7 +398,8 @@ _SMS = {}
 
 
 def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, block_n=128, stages=2, pingpong=False,
-            num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None, q_bufs=1):
+            num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None, q_bufs=1,
+            pairs=False):
     """(out, lse) of q (batch, seqlen_q, heads, dim), k and v (batch, seqlen_k, heads_k, dim), bf16 or fp16, head
     dim 64 or 128, flash-attn 2's causal/window semantics (causal folds in as right = 0)."""
     import torch
@@ -387,6 +420,6 @@ def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, blo
     per_sm = ctas_per_sm({"num_wg": num_wg, "maxnreg": maxnreg})
     grid = (min(n_tiles, _SMS[q.device] * per_sm) if persistent else n_tiles,)
     attn_fwd_ws[grid](qd, kd, vd, od, lse, seqlen_q, seqlen_k, left, right, h, h // k.shape[2], scale * LOG2E, b,
-                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, q_bufs, num_warps=4,
+                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, q_bufs, pairs, num_warps=4,
                       maxnreg=maxnreg)
     return o, lse
