@@ -203,7 +203,7 @@ def compile_ws_variant(v: Variant):
     import fwd_ws
     from triton.backends.compiler import GPUTarget
 
-    tile = ws_schedule(v.arch, v.op, v.head_dim, v.persistent)
+    tile = ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only)
     target = GPUTarget(v.target_backend, v.target_arch, v.warp_size)
     return fwd_ws.compile_for(target, v.dtype, v.head_dim, tile), fwd_ws.params()
 
@@ -283,7 +283,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
 def ctas_per_sm(v: Variant) -> int:
     """A persistent image's programs per SM (0: one program per tile)."""
     import fwd_ws
-    return fwd_ws.ctas_per_sm(ws_schedule(v.arch, v.op, v.head_dim, True)) if v.persistent else 0
+    return fwd_ws.ctas_per_sm(ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only)) if v.persistent else 0
 
 
 def fwd_tensor_maps(md) -> list[dict]:

@@ -87,20 +87,18 @@ PAGE_ALIGNED_TILE = "page_aligned"
 # A tiles.json fwd entry may carry a "ws" entry: the schedule of a warp-specialised Gluon forward (fwd_ws.py: TMA
 # loads, wgmma, setmaxnreg; sm90 only, so no AMD entry has one). It builds one image per dtype for dense calls of
 # exactly that head dim without softcap or ALiBi, listed before the arch's other forward images, so the dispatcher
-# prefers it for those calls; the Triton images of that kind are not built. With "persistent_full_band" (a dict of
-# schedule keys it replaces) it also builds a persistent image (a grid of one program per SM, each walking tiles) for
-# calls without causal or window, listed first: there every tile is equally long, so a static walk keeps the SMs
-# equally busy, where with a band the long and short tiles of a static walk do not even out
-# (docs/bench/gluon-ws-notes.md).
+# prefers it for those calls; the Triton images of that kind are not built. With "persistent" the grid is one
+# program per SM, each walking tiles. A FULL_BAND dict in it names the schedule keys it replaces for an extra image,
+# listed first, for calls without causal or window (docs/bench/gluon-ws-notes.md has each schedule's measurements).
 WS_TILE = "ws"
 WS_FAMILY = "gluon_ws"
-PERSISTENT_KEY = "persistent_full_band"
 
 
-def ws_schedule(arch: str, op: str, head_dim: int, persistent: bool) -> dict:
-    """The WS_TILE schedule an image was built from: the entry's, with PERSISTENT_KEY's keys for the persistent one."""
+def ws_schedule(arch: str, op: str, head_dim: int, full_band_only: bool) -> dict:
+    """The WS_TILE schedule an image was built from: with full_band_only, the keys its FULL_BAND dict replaces."""
     ws = arch_info(arch)[op][str(head_dim)][WS_TILE]
-    return ws | ws[PERSISTENT_KEY] if persistent else ws
+    return ws | ws[FULL_BAND] if full_band_only else ws
+
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
 ARCHS = {
@@ -259,14 +257,15 @@ def _ws_variants(arch: str, op: str) -> list[Variant]:
         ws = cfg.get(WS_TILE)
         if ws is None:
             continue
-        walks = ((True,) if PERSISTENT_KEY in ws else ()) + (False,)
+        bands = ((True,) if FULL_BAND in ws else ()) + (False,)
         for dtype in DTYPES:
-            for persistent in walks:
+            for full_band_only in bands:
+                sched = ws_schedule(arch, op, int(bucket), full_band_only)
                 out.append(Variant(
                     op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
                     warp_size=tiles(vendor)["warp_size"], mma_instr=mma, max_shared_bytes=info["max_shared_bytes"],
-                    dtype=dtype, head_dim=int(bucket), d_mask=False, features=(), block_m=64 * ws["num_wg"],
-                    block_n=ws["block_n"], num_warps=4, num_stages=ws["stages"], waves_per_eu=None,
-                    max_stack_bytes=ws.get("max_stack_bytes", 0), full_band_only=persistent, family=WS_FAMILY,
-                    persistent=persistent))
+                    dtype=dtype, head_dim=int(bucket), d_mask=False, features=(), block_m=64 * sched["num_wg"],
+                    block_n=sched["block_n"], num_warps=4, num_stages=sched["stages"], waves_per_eu=None,
+                    max_stack_bytes=sched.get("max_stack_bytes", 0), full_band_only=full_band_only,
+                    family=WS_FAMILY, persistent=sched.get("persistent", False)))
     return out

@@ -151,9 +151,9 @@ def test_row_fields(build):
 
 
 def test_ws_rows(build):
-    """The warp-specialised Gluon images (sm90 fwd d128, dense calls without score terms): a tile walk over a flat
-    grid, persistent only for full-band calls, Q/K/V/O as TMA maps with the kernel's boxes; the Triton images of
-    that kind are not built."""
+    """The warp-specialised Gluon images (sm90 fwd d128, dense calls without score terms): persistent tile walks
+    over a flat grid, one for full-band calls and one for banded calls, Q/K/V/O as TMA maps with the kernel's
+    boxes; the Triton images of that kind are not built."""
     _, manifest, _ = build
     rows = [row for row in manifest["images"] if row["family"] == variants.WS_FAMILY]
     assert {(row["dtype"], row["full_band_only"]) for row in rows} == {(d, f) for d in ("fp16", "bf16")
@@ -163,16 +163,12 @@ def test_ws_rows(build):
         assert (row["arch"], row["op"], row["layouts"], row["head_dim"], row["d_mask"], row["features"]) == (
             "sm90", "fwd", ["dense"], 128, False, [])
         assert row["flat_grid"] is True and row["num_warps"] == 12  # 2 consumer warpgroups and the loader's
-        assert row["ctas_per_sm"] == (1 if row["full_band_only"] else 0)
-        assert ("-persistent-" in row["name"]) == row["full_band_only"]
+        assert row["ctas_per_sm"] == 1 and "-persistent-" in row["name"]
+        # Two query buffers per consumer (tiles.json q_bufs): 2 x 2 warpgroups x 64 rows x 128 dims x 2 bytes.
+        assert row["shared_bytes"] >= 2 * 2 * 64 * 128 * 2
         assert [(m["param"], m["box"], m["dtype"], m["elem_size"], m["swizzle"]) for m in row["tensor_maps"]] == [
             (name, [1, rows_, 1, 64], host_dtype[row["dtype"]], 2, 3)
             for name, rows_ in (("Q", 64), ("K", 128), ("V", 128), ("O", 64))]
-    # The persistent walk's schedule (tiles.json persistent_full_band) adds a query buffer per consumer:
-    # 2 warpgroups x 64 rows x 128 dims x 2 bytes.
-    for dtype in ("fp16", "bf16"):
-        shared = {row["full_band_only"]: row["shared_bytes"] for row in rows if row["dtype"] == dtype}
-        assert shared[True] - shared[False] >= 2 * 64 * 128 * 2
     others = [row for row in manifest["images"] if row["family"] == "triton"]
     assert all(not row["flat_grid"] and row["ctas_per_sm"] == 0 and row["tensor_maps"] == [] for row in others)
     assert not [row["name"] for row in others if (row["arch"], row["op"], row["layouts"], row["head_dim"],
@@ -197,7 +193,7 @@ def test_ptx_entry_takes_the_manifest_params(build):
 
 def _tile_of(row) -> dict:
     if row["family"] == variants.WS_FAMILY:
-        return variants.ws_schedule(row["arch"], row["op"], row["head_dim"], row["ctas_per_sm"] > 0)
+        return variants.ws_schedule(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
     return variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"], row["layouts"][0],
                                 "-aligned-" in row["name"])
 

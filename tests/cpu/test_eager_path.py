@@ -96,17 +96,17 @@ def test_forward_launches_the_decided_image_with_the_named_arguments(recorded, c
                   policy.problem_for(shapes, (q, k, v, out)))
 
 
-@pytest.mark.parametrize("opts, persistent", [(dict(causal=True), False), (dict(window_size=(64, -1)), False),
-                                              (dict(), True)], ids=["causal", "window", "full-band"])
-def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, persistent):
+@pytest.mark.parametrize("opts, band", [(dict(causal=True), ""), (dict(window_size=(64, -1)), ""),
+                                        (dict(), "-fullband")], ids=["causal", "window", "full-band"])
+def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, band):
     """sm90 d128 dense calls without score terms run the Gluon images: Q, K, V, O as TMA maps (the address, then
-    each dim's size and stride in elements), a program per tile along x, or one per SM for the persistent image."""
+    each dim's size and stride in elements), one program per SM walking the tiles; calls without a band take the
+    full-band image."""
     q, k, v = make(b=2, nq=1200, nk=1000, h=16, hk=4, d=128)
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # (batch, heads, seqlen, dim) underneath
     opts = {"causal": False, "softmax_scale": None} | opts
     decision = fa2rt.explain(q, k, v, **opts)
-    band, walk = ("-fullband", "-persistent") if persistent else ("", "")
-    assert decision.path == "kernel" and decision.image == f"fwd-sm90-bf16-d128-plain{band}-ws{walk}-m128n128w4s2"
+    assert decision.path == "kernel" and decision.image == f"fwd-sm90-bf16-d128-plain{band}-ws-persistent-m128n128w4s2"
     out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
     (launch,) = recorded.launches
     shapes = check_inputs(q, k, v, **opts)
@@ -118,7 +118,7 @@ def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, persisten
     assert [args[f"K.stride{i}"] for i in range(4)] == [4 * 1000 * 128, 128, 1000 * 128, 1]
     assert (args["batch"], args["nheads"], args["head_ratio"]) == (2, 16, 4)
     tiles = 10 * 2 * 16  # ceil(1200 / 128) row blocks x batch x heads
-    assert tuple(launch[0].grid) == ((min(tiles, DEVICES["sm90"].multiprocessors) if persistent else tiles), 1, 1)
+    assert tuple(launch[0].grid) == (min(tiles, DEVICES["sm90"].multiprocessors), 1, 1)
     assert launch[0].block == 384  # two consumer warpgroups and the loader's
 
 

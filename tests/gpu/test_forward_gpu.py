@@ -113,3 +113,32 @@ def test_torch_compile_traces_the_custom_op():
     q, k, v = make((2, 256, 256, 4, 4), 64, torch.bfloat16, 6)
     compiled = torch.compile(lambda q, k, v: fa2rt.attention(q, k, v, causal=True), fullgraph=True)
     assert rel_err(compiled(q, k, v), attention_reference(q, k, v, causal=True)[0]) < 2e-2
+
+
+# Tile counts (row blocks of 128 x batch x heads) around the persistent walk's edges on a 132-SM H200: fewer tiles
+# than programs, just under twice as many (units of one tile), and an odd count at least twice as many (units of
+# two tiles, the last one short); with a causal band, a window, and seqlen_q != seqlen_k either way.
+WALKS = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, options
+    (3, 300, 300, 5, 5, {"causal": True}),
+    (1, 128 * 37, 128 * 37, 7, 1, {"causal": True}),
+    (1, 128 * 39, 128 * 39, 7, 7, {"causal": True}),
+    (1, 128 * 39 - 5, 4000, 7, 7, {"causal": True}),
+    (2, 2500, 3000, 3, 1, {"window_size": (300, 0)}),
+    (1, 128 * 39, 128 * 39, 7, 7, {}),
+]
+
+
+@pytest.mark.parametrize("case", WALKS, ids=[f"{b}x{nq}x{nk}x{h}x{hk}-{'+'.join(o) or 'full'}"
+                                             for b, nq, nk, h, hk, o in WALKS])
+def test_warp_specialised_walks_match_reference(case):
+    """The sm90 d128 Gluon images' tile walks cover every tile once (as the reference sees them)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialised images are sm90's")
+    b, nq, nk, h, hk, opts = case
+    q, k, v = make((b, nq, nk, h, hk), 128, torch.bfloat16, seed=seed_of((b, nq, nk, h, hk), 128, bool(opts)))
+    decision = fa2rt.explain(q, k, v, **opts)
+    assert decision.path == "kernel" and "-ws-persistent-" in decision.image, decision
+    poison_allocator()
+    out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
+    torch.cuda.synchronize()
+    check_attention(out, lse, q, k, v, **opts)
