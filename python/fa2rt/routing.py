@@ -160,7 +160,7 @@ def measurement_text(key: tuple, entry: dict, measured: dict) -> str:
             f"{entry['worst_lead']:.2f}x slowest round against fastest) at batch {shape['batch']}, "
             f"{shape['nheads']}/{shape['nheads_k']} heads, seqlen {shape['seqlen']} on {measured.get('device', '?')}, "
             f"torch {measured.get('torch', '?')}, cuDNN {measured.get('cudnn', '?')}, "
-            f"{str(measured.get('date', '?'))[:10]} ({config.ROUTING}=0 turns routing off)")
+            f"{str(entry.get('date', measured.get('date', '?')))[:10]} ({config.ROUTING}=0 turns routing off)")
 
 
 def _takes(provider: str, q, k, v) -> bool:

@@ -200,6 +200,26 @@ def test_class_entries_round_trip_through_the_file(tmp_path):
     assert routing.leads(index["classes"][("fwd", "bf16", 128, True, 4, 4096)])
 
 
+def test_update_replaces_only_the_measured_classes(tmp_path):
+    def entry(head_dim, winner):
+        row = {"dtype": "bfloat16", "head_dim": head_dim, "causal": False, "seqlen": 4096, "batch": 4, "nheads": 16,
+               "nheads_k": 16, "fwd": {"fa2rt": timed(2.0, [2.0]), "sdpa_cudnn": timed(1.0, [1.0]),
+                                       "winner": winner, "lead": 2.0, "worst_lead": 1.9, "noise": 0.01}}
+        return routes.class_entry(row, "fwd")
+
+    path = tmp_path / "routing.json"
+    routes.merge_routing(path, "sm90", MEASURED | {"date": "2026-12-01"}, [entry(64, "sdpa_cudnn"),
+                                                                          entry(128, "sdpa_cudnn")])
+    routes.merge_routing(path, "sm90", MEASURED | {"date": "2026-12-03"}, [entry(128, "fa2rt")], update=True)
+    index = routing._index(json.loads(path.read_text())["archs"]["sm90"])
+    d64, d128 = (index["classes"][("fwd", "bf16", d, False, 1, 4096)] for d in (64, 128))
+    assert index["measured"]["date"] == "2026-12-03" and d128["winner"] == "fa2rt" and "date" not in d128
+    assert d64["winner"] == "sdpa_cudnn" and d64["date"] == "2026-12-01"  # kept, with its own date
+    assert "2026-12-01" in routing.measurement_text(("fwd", "bf16", 64, False, 1, 4096), d64, index["measured"])
+    routes.merge_routing(path, "sm90", MEASURED, [entry(128, "fa2rt")])  # without update: the arch's entry is replaced
+    assert len(json.loads(path.read_text())["archs"]["sm90"]["classes"]) == 1
+
+
 def test_committed_table_is_well_formed():
     data = json.loads(routing.ROUTING_FILE.read_text())
     assert data["schema_version"] == routing.SCHEMA

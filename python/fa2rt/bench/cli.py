@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge the measured threshold into this crossover.json (needs --crossover, not --quick)")
     p.add_argument("--write-routing", type=Path, metavar="PATH",
                    help="put the measured classes into this routing.json (needs --routing, not --quick)")
+    p.add_argument("--routing-update", action="store_true",
+                   help="with --write-routing: replace only the measured classes, keep the arch's others (each "
+                   "keeps its own measurement date)")
     p.add_argument("--routing-rounds", type=int, default=routes.ROUNDS,
                    help=f"routing: alternating timing rounds per contender (default {routes.ROUNDS})")
     p.add_argument("--varlen-seqlen", nargs="+", type=_listed(int),
@@ -164,6 +167,8 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
         parser.error(f"--routing-rounds: expected a positive integer, got {args.routing_rounds}")
     if args.write_routing and not args.routing:
         parser.error("--write-routing needs --routing")
+    if args.routing_update and not args.write_routing:
+        parser.error("--routing-update needs --write-routing")
     if args.write_routing and args.quick:
         parser.error("--write-routing takes a full measurement; drop --quick")
     if min(args.warmup_ms, args.rep_ms, args.crossover_rep_ms, args.decode_max_gib) <= 0:

@@ -9,7 +9,8 @@ point's worst_lead sets the loser's fastest round against the winner's slowest (
 when it is > 1, see RULE), and its noise is the larger relative spread of the rounds of fa2rt and of the winner.
 Writes routing-<tag>.json (rows, per-pass bars: best SDPA time / fa2rt's, own and as routed); --write-routing PATH
 puts this arch's classes into a routing.json such as python/fa2rt/data/routing.json (replacing that arch's entry,
-keeping the others)."""
+keeping the other archs'; with --routing-update only the classes it measured, e.g. after one head dim's kernels
+changed)."""
 
 import json
 from pathlib import Path
@@ -169,12 +170,19 @@ def bars_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def merge_routing(path: Path, arch: str, measured: dict, classes: list) -> dict:
-    """Set archs[arch] = {"measured", "classes"} in the routing file at path (created when missing)."""
+def merge_routing(path: Path, arch: str, measured: dict, classes: list, update: bool = False) -> dict:
+    """Set archs[arch] = {"measured", "classes"} in the routing file at path (created when missing). With update,
+    the arch's classes this measurement did not cover stay, each with the date it was measured on."""
     path = Path(path)
     data = json.loads(path.read_text()) if path.exists() else {}
     if data.get("schema_version", routing.SCHEMA) != routing.SCHEMA:
         raise ValueError(f"{path}: schema_version: expected {routing.SCHEMA}, got {data['schema_version']}")
+    old = data.get("archs", {}).get(arch)
+    if update and old:
+        covered = set(routing._index({"classes": classes})["classes"])
+        kept = routing._index(old)["classes"]
+        classes = [*classes, *({"date": old["measured"].get("date"), **c} for key, c in kept.items()
+                               if key not in covered)]
     data = {"schema_version": routing.SCHEMA, "_comment": routing.__doc__.split("\n\n")[0].replace("\n", " "),
             "archs": {**data.get("archs", {}), arch: {"measured": measured, "classes": classes}}}
     tmp = path.with_name(path.name + ".tmp")
@@ -207,7 +215,7 @@ def run(args, env, settings, path, progress=None) -> int:
             return 1
         keys = ("device", "capability", "driver", "torch", "cuda", "cudnn", "triton", "date")
         measured = {**{k: env.get(k) for k in keys}, "image_mode": mode, "rounds": args.routing_rounds, "rule": RULE}
-        merge_routing(args.write_routing, arch, measured, classes)
+        merge_routing(args.write_routing, arch, measured, classes, update=args.routing_update)
         routed = sum(routing.leads(c) for c in classes)
         print(f"wrote {len(classes)} classes for {arch} ({routed} routed to SDPA) into {args.write_routing}")
     return status
