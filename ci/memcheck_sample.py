@@ -1,5 +1,6 @@
 """Forward and backward calls for compute-sanitizer memcheck: ragged lengths, causal, windows, softcap, ALiBi, GQA,
-head dims below their bucket, every bucket, and an out= view (forward only)."""
+head dims below their bucket, every bucket, an out= view (forward only), and d128 forward calls at the edges of the
+persistent tile walks."""
 
 import torch
 
