@@ -180,7 +180,7 @@ def test_short_sequence_threshold(on_device, monkeypatch):
 def test_full_band_tiles_serve_only_calls_without_band(on_device):
     # An entry's full_band tile (tiles.json) builds images the dispatcher prefers for calls without causal or window.
     on_device("sm90")
-    # (The warp-specialised persistent image is full-band too; test_eager_path checks its selection.)
+    # (The warp-specialised full-band image is one too; test_eager_path checks its selection.)
     full = [img for img in builds.current_build().registry.images()
             if img.full_band_only and img.arch == "sm90" and img.family == "triton"]
     assert full, "no full-band image in the build: test a tiles.json entry with a full_band tile"
