@@ -8,8 +8,8 @@ its lead and the measurement's noise. A call is routed when all of these hold:
   only with seqlen_q == seqlen_k where SDPA's top-left alignment is fa2rt's bottom-right one, no softcap or ALiBi, no
   LSE asked, no out=, a positive scale, layouts SDPA's fused kernels take as they are);
 - its class (pass, dtype, head dim, causal, GQA group, seqlen band) is in the table for the device's arch, and the
-  winner there is an SDPA backend leading fa2rt by more than the measurement's noise (its slowest timing round
-  faster than fa2rt's fastest);
+  winner there is an SDPA backend leading fa2rt by more than the measurement's noise (fastest timing rounds
+  compared: the lead is larger than 1 + the relative spread of fa2rt's rounds);
 - with deterministic gradients asked, the backend's backward is deterministic (none of SDPA's fused ones is);
 - torch says the backend takes these tensors (its own checks, and the user's torch.backends.cuda.enable_*_sdp).
 FA2RT_ROUTING=0 turns routing off. torch.compile graphs run fa2rt's own ops (the choice needs the device, which a
@@ -133,8 +133,8 @@ def summary(arch: str) -> dict:
 
 def leads(entry: dict) -> bool:
     """Whether a measured class goes to its winner: an SDPA backend ahead of fa2rt by more than the measurement's
-    noise, i.e. its slowest timing round faster than fa2rt's fastest (worst_lead > 1)."""
-    return entry["winner"] in PROVIDERS and entry["worst_lead"] > 1.0
+    noise (fastest rounds compared, lead > 1 + the spread of fa2rt's rounds)."""
+    return entry["winner"] in PROVIDERS and entry["lead"] > 1.0 + entry["noise"]
 
 
 def route(shapes, arch: str, tensors, *, needs_grad: bool, deterministic: bool, return_lse: bool, out):
@@ -156,8 +156,8 @@ def route(shapes, arch: str, tensors, *, needs_grad: bool, deterministic: bool, 
 
 def measurement_text(key: tuple, entry: dict, measured: dict) -> str:
     ms, shape, winner = entry["ms"], entry["shape"], entry["winner"]
-    return (f"{describe_class(key)}: {winner} {ms[winner]:.3f} ms vs fa2rt {ms['fa2rt']:.3f} ms ({entry['lead']:.2f}x; "
-            f"{entry['worst_lead']:.2f}x slowest round against fastest) at batch {shape['batch']}, "
+    return (f"{describe_class(key)}: {winner} {ms[winner]:.3f} ms vs fa2rt {ms['fa2rt']:.3f} ms ({entry['lead']:.2f}x, "
+            f"fastest rounds; noise {entry['noise']:.1%}) at batch {shape['batch']}, "
             f"{shape['nheads']}/{shape['nheads_k']} heads, seqlen {shape['seqlen']} on {measured.get('device', '?')}, "
             f"torch {measured.get('torch', '?')}, cuDNN {measured.get('cudnn', '?')}, "
             f"{str(entry.get('date', measured.get('date', '?')))[:10]} ({config.ROUTING}=0 turns routing off)")

@@ -64,7 +64,7 @@ def test_routed_call_runs_the_tabled_backend(monkeypatch):
     provider = next((p for p in routing.PROVIDERS if routing._takes(p, q, k, v)), None)
     assert provider, "no SDPA backend takes a plain bf16 d128 problem"
     entry = {"class": {"pass": "fwd", "dtype": "bf16", "head_dim": 128, "causal": True, "group": 1, "seqlen_lo": 512},
-             "winner": provider, "lead": 1.5, "worst_lead": 1.4, "noise": 0.01, "ms": {"fa2rt": 1.5, provider: 1.0},
+             "winner": provider, "lead": 1.5, "noise": 0.01, "ms": {"fa2rt": 1.5, provider: 1.0},
              "shape": {"batch": 2, "nheads": 8, "nheads_k": 8, "seqlen": 512}}
     index = routing._index({"measured": {"device": torch.cuda.get_device_name()}, "classes": [entry]})
     monkeypatch.setattr(routing, "table", lambda arch: index)
