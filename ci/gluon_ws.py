@@ -6,12 +6,15 @@ here, launched through Triton's own launcher; fa2rt's images of the kernel are t
     python ci/gluon_ws.py check VARIANT               # H200: float64 reference on small shapes; exit 1 on a mismatch
     python ci/gluon_ws.py bench OUT.json VARIANT...   # H200: FA2 grid, same process: the variants, fa2rt's own
                                                       # kernels (routing off), SDPA cuDNN and flash
+    python ci/gluon_ws.py compile-bwd|check-bwd VARIANT...  # the same for the dK/dV backward (bwd_ws.py)
+    python ci/gluon_ws.py bench-bwd OUT.json VARIANT...
 
 A VARIANT names the schedule in dash-separated parts: bnN (key block), sN (K/V ring stages), pp0/pp1 (consumers
 take turns issuing their products), wN (consumer warpgroups of 64 query rows: 2, or 1 with two CTAs per SM), p1
 (persistent: one CTA per SM walks the tiles), pr1 (that walk in pairs of row blocks m and last - m), mN (maxnreg),
 rN (registers per consumer), lN (registers of the loader), qN (query buffers per consumer: 2 lets a persistent walk
-load the next tile's queries early), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128.
+load the next tile's queries early), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128. Backward variants take
+bmN (query rows per block), sN, wN, mN, rN, lN and dN: e.g. bm32-s4-d128.
 """
 
 import functools
@@ -25,11 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends/kernels"))
 import aot  # noqa: E402
+import bwd_ws  # noqa: E402
 import fwd_ws  # noqa: E402
 
 FLAGS = {"pp": "pingpong", "pr": "pairs"}
 INTS = {"bn": "block_n", "s": "stages", "w": "num_wg", "m": "maxnreg", "r": "regs", "l": "loader_regs",
-        "q": "q_bufs", "d": "only_d"}
+        "q": "q_bufs", "d": "only_d", "bm": "block_m"}
 
 
 def parse(variant: str) -> dict:
@@ -60,6 +64,17 @@ def compile_variant(variant: str, head_dim: int):
     return fwd_ws.compile_for(GPUTarget("cuda", 90, 32), "bf16", head_dim, tile)
 
 
+def compile_bwd_variant(variant: str, head_dim: int):
+    """The dK/dV backward compiled for sm90 (no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+
+    kw = parse(variant)
+    tile = {"block_m": kw.get("block_m", 64), "stages": kw.get("stages", 2), "num_wg": kw.get("num_wg", 2),
+            "maxnreg": kw.get("maxnreg"), "consumer_regs": kw.get("regs"),
+            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS)}
+    return bwd_ws.compile_for(GPUTarget("cuda", 90, 32), "bf16", head_dim, tile)
+
+
 def resource_usage(compiled) -> dict:
     """Registers, stack and local bytes as aot.py reads them for its static checks, and the shared memory."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -70,14 +85,14 @@ def resource_usage(compiled) -> dict:
     return aot.parse_res_usage(text) | {"shared_bytes": compiled.metadata.shared}
 
 
-def compile_report(variants):
+def compile_report(variants, compile_fn=compile_variant):
     for variant in variants:
         only = parse(variant).get("only_d")
         for head_dim in (64, 128):
             if only and head_dim != only:
                 continue
             try:
-                usage = resource_usage(compile_variant(variant, head_dim))
+                usage = resource_usage(compile_fn(variant, head_dim))
             except Exception as e:  # noqa: BLE001 - one variant's failure must not hide the others
                 usage = f"FAILED: {type(e).__name__}: {str(e)[-300:]}"
             print(f"{variant} d{head_dim}: {usage}", flush=True)
@@ -186,6 +201,98 @@ def summary(rows, variants):
                       f"  {geomean(to_fa2rt):.3f}")
 
 
+def _grads(fn, q, k, v, dout, **opts):
+    """(dk, dv) of fn(q, k, v, **opts) (its output, or the first of a tuple) for the output gradient dout."""
+    import torch
+
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **opts)
+    out = out[0] if isinstance(out, tuple) else out
+    return [g.detach() for g in torch.autograd.grad(out, (k, v), dout.to(out.dtype))]
+
+
+def check_bwd(variant) -> bool:
+    """dK and dV of the variant (given fa2rt's forward output and LSE) against float64 autograd of the reference;
+    passes where each error is at most twice that of fa2rt's own backward on the same call (+1e-3 of the largest
+    reference gradient)."""
+    import torch
+
+    import fa2rt
+    from fa2rt.bench import common
+    from fa2rt.reference import attention_reference
+    kw = parse(variant)
+    only = kw.pop("only_d", None)
+    ok_all = True
+    with common.kernel_forced():
+        for d in (64, 128):
+            if only and d != only:
+                continue
+            for b, sq, sk, h, hk, kind in CHECK_SHAPES:
+                for causal, window in CHECK_MASKS:
+                    torch.manual_seed(0)
+                    q, k, v = inputs(b, sq, sk, h, hk, d, kind)
+                    dout = torch.randn_like(q)
+                    n = 1 if kind == "poison" else b
+                    first = (q[:n], k[:n], v[:n], dout[:n])
+                    ref = _grads(attention_reference, *first, causal=causal, window_size=window)
+                    theirs = _grads(fa2rt.attention, *first, causal=causal, window_size=window)
+                    out, lse = fa2rt.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
+                    mine = bwd_ws.backward_dkdv(q, k, v, out, dout, lse, causal, window, **kw)
+                    line, ok = [], True
+                    for name, r, t, m in zip(("dk", "dv"), ref, theirs, mine, strict=True):
+                        err = (m[:n].double() - r).abs().max().item()
+                        their = (t.double() - r).abs().max().item()
+                        ok &= err <= 2 * their + 1e-3 * max(1.0, r.abs().max().item())
+                        line.append(f"{name} {err:.2e} (fa2rt {their:.2e})")
+                    ok_all &= ok
+                    print(f"{variant} d{d} b{b} q{sq} k{sk} h{h}/{hk} {kind} causal={int(causal)} window={window}: "
+                          f"{', '.join(line)} {'ok' if ok else 'FAIL'}", flush=True)
+    return ok_all
+
+
+def _backward_ms(fn, q, k, v, dout, **opts) -> float:
+    """Milliseconds of fn's backward alone: forward+backward minus forward."""
+    import torch
+
+    from fa2rt.bench import common
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    both = common.time_ms(lambda: torch.autograd.grad(fn(qg, kg, vg, **opts), (qg, kg, vg), dout))
+    with torch.no_grad():
+        return both - common.time_ms(functools.partial(fn, q, k, v, **opts))
+
+
+def bench_bwd(out, variants):
+    """Backward time per point (ms, the FA2 grid): each variant's dK/dV kernel alone, fa2rt's whole backward (its
+    dQ and dK/dV kernels) and cuDNN's (as fa2rt routes to it), in one process."""
+    import torch
+
+    import fa2rt
+    from fa2rt import routing
+    from fa2rt.bench import common
+    rows = []
+    with common.kernel_forced():
+        for d, h in ((64, 32), (128, 16)):
+            for causal in (False, True):
+                for s in (512, 1024, 2048, 4096, 8192, 16384):
+                    b = 16384 // s
+                    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                    o, lse = fa2rt.attention(q, k, v, causal=causal, return_lse=True)
+                    ms = {}
+                    for variant in variants:
+                        kw = parse(variant)
+                        if kw.pop("only_d", d) == d:
+                            ms[variant] = common.time_ms(functools.partial(bwd_ws.backward_dkdv, q, k, v, o, dout,
+                                                                           lse, causal, **kw))
+                    ms["fa2rt"] = _backward_ms(fa2rt.attention, q, k, v, dout, causal=causal)
+                    ms["sdpa_cudnn"] = _backward_ms(functools.partial(routing.run, "sdpa_cudnn"), q, k, v, dout,
+                                                    causal=causal, softmax_scale=d ** -0.5)
+                    rows.append({"d": d, "h": h, "b": b, "s": s, "causal": causal, "ms": ms})
+                    print(f"d{d} causal={int(causal)} s{s:5d}: " + " ".join(f"{n}={t:.3f}" for n, t in ms.items()),
+                          flush=True)
+    Path(out).write_text(json.dumps({"environment": common.environment(), "variants": variants, "rows": rows},
+                                    indent=1))
+
+
 def main(argv):
     t0 = time.time()
     if argv[0] == "compile":
@@ -196,6 +303,14 @@ def main(argv):
         return 0 if ok else 1
     elif argv[0] == "bench":
         bench(argv[1], argv[2:])
+    elif argv[0] == "compile-bwd":
+        compile_report(argv[1:], compile_bwd_variant)
+    elif argv[0] == "check-bwd":
+        ok = check_bwd(argv[1])
+        print(f"{argv[1]}: {'passed' if ok else 'FAILED'} ({time.time() - t0:.0f} s)")
+        return 0 if ok else 1
+    elif argv[0] == "bench-bwd":
+        bench_bwd(argv[1], argv[2:])
     else:
         raise SystemExit(__doc__)
     return 0

@@ -91,7 +91,8 @@ def test_explain_names_provider_and_measurement(table):
     assert d.path == "routed" and d.provider == "sdpa_flash" and d.image and d.reason == ""
     text = str(d)
     for part in ("routed to sdpa_flash on sm90", "fwd bf16 d64 causal MHA seqlen 64-127", "1.30x, fastest rounds",
-                 "noise 5.0%", "NVIDIA H200", "cuDNN 91900", "2026-12-02", "FA2RT_ROUTING=0", f"instead of fa2rt's kernel {d.image}"):
+                 "noise 5.0%", "NVIDIA H200", "cuDNN 91900", "2026-12-02", "FA2RT_ROUTING=0",
+                 f"instead of fa2rt's kernel {d.image}"):
         assert part in text, (part, text)
 
 

@@ -1,0 +1,244 @@
+"""Warp-specialised sm90 attention backward, dK and dV, in Gluon (issue 21 part 3; docs/bench/gluon-ws-notes.md,
+"bwd v1"). Prepared in the harness (ci/gluon_ws_bwd.py) and not yet in the images: fa2rt's backward is bwd.py's two
+Triton kernels, and this one would replace their attn_bwd_dkdv (attn_bwd_dq, which also writes delta, stays).
+
+CTA = NUM_WG * 64 keys of one (batch, KV head): NUM_WG consumer warpgroups of 64 keys each (the default partition and
+a 4-warp worker), each holding its keys' K and V in shared memory and its dK, dV in registers, and a 1-warp loader
+that issues TMA loads of K and V once and then of the query blocks (BLOCK_M rows of Q and dO) into a STAGES-deep ring,
+over every query head that shares the KV head (GQA: their sum, in a fixed order, so the result is deterministic)
+and every row block whose rows see one of the CTA's keys. Per query block, on transposed scores (keys x rows):
+    S^T = K Q^T,  P^T = exp(S^T - lse),  dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
+with P^T and dS^T fed to wgmma from registers. dK is scaled once at the end; both leave through shared memory (the
+consumer's own K/V buffers, no longer read) and a TMA store that clips rows past seqlen_k.
+
+Semantics are fwd_ws.py's: with shift = seqlen_k - seqlen_q, row i sees key j iff
+i + shift - left <= j <= i + shift + right (causal is right = 0; an unlimited side is passed as seqlen_q + seqlen_k).
+LSE (natural log, +inf for rows without keys) and DELTA = rowsum(dO * O) are (batch, heads, seqlen_q) float32.
+"""
+
+import triton
+from fwd_ws import LOADER_REGS, LOG2E, box_layout, register_split
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LOG2E_C = gl.constexpr(LOG2E)
+TENSOR_MAPS = ("Q", "K", "V", "DO", "DK", "DV")  # (batch, seqlen, heads, dim), boxes of 64 rows of one head
+SCALARS = (("seqlen_q", "i32"), ("seqlen_k", "i32"), ("window_left", "i32"), ("window_right", "i32"),
+           ("nheads", "i32"), ("head_ratio", "i32"), ("qk_scale_log2", "fp32"), ("sm_scale", "fp32"))
+
+
+def signature(dtype: str, head_dim: int, block_m: int) -> dict:
+    """Q and dO in boxes of block_m rows, K, V, dK and dV of 64 (a consumer's keys)."""
+    def desc(rows):
+        return f"tensordesc<{dtype}[1, {rows}, 1, {head_dim}],{box_layout(rows, head_dim, dtype)!r}>"
+
+    return ({name: desc(block_m if name in ("Q", "DO") else 64) for name in TENSOR_MAPS}
+            | {"LSE": "*fp32", "DELTA": "*fp32"} | dict(SCALARS))
+
+
+def constexprs(head_dim: int, tile: dict) -> dict:
+    """Compile-time parameters of a schedule: block_m (query rows per block: the N of the transposed scores),
+    stages (query-block ring), num_wg (consumers of 64 keys), and optionally maxnreg, consumer_regs, loader_regs."""
+    _, consumer = register_split(tile["num_wg"], tile.get("maxnreg"), tile.get("consumer_regs"))
+    return {"BLOCK_M": tile["block_m"], "HEAD_D": head_dim, "STAGES": tile["stages"], "NUM_WG": tile["num_wg"],
+            "CONSUMER_REGS": consumer,
+            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS)}
+
+
+def options(tile: dict) -> dict:
+    return {"num_warps": 4, "maxnreg": register_split(tile["num_wg"], tile.get("maxnreg"))[0]}
+
+
+def compile_for(target, dtype: str, head_dim: int, tile: dict):
+    """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    consts = constexprs(head_dim, tile)
+    sig = signature(dtype, head_dim, tile["block_m"]) | {k: "constexpr" for k in consts}
+    return triton.compile(GluonASTSource(attn_bwd_dkdv_ws, sig, consts), target=target, options=options(tile))
+
+
+@gluon.jit
+def _rows_seen(n_lo, n_hi, band, ROWS: gl.constexpr):
+    """The query blocks whose rows see one of keys [n_lo, n_hi): (first block, block count)."""
+    seqlen_q, seqlen_k, left, right = band
+    shift = seqlen_k - seqlen_q
+    row_lo = gl.maximum(n_lo - shift - right, 0)
+    row_hi = gl.minimum(n_hi - 1 - shift + left + 1, seqlen_q)
+    m0 = row_lo // ROWS
+    return m0, gl.maximum(gl.cdiv(row_hi, ROWS) - m0, 0)
+
+
+@gluon.jit
+def _loader(loads, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+    q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, \
+        head_ratio = loads
+    kv_ready, ready, empty = bars
+    for wg in gl.static_range(NUM_WG):
+        mbarrier.expect(kv_ready.index(wg), 2 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [off_b, n_lo + wg * 64, off_hk, 0], kv_ready.index(wg),
+                                        k_smem.index(wg))
+        tma.async_copy_global_to_shared(v_desc, [off_b, n_lo + wg * 64, off_hk, 0], kv_ready.index(wg),
+                                        v_smem.index(wg))
+    ROWS: gl.constexpr = q_smem.shape[2]
+    m0, n_blocks = _rows_seen(n_lo, n_hi, band, ROWS)
+    it = 0
+    for g in range(head_ratio):
+        off_h = off_hk * head_ratio + g
+        for i in range(n_blocks):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            row = (m0 + i) * ROWS
+            tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], ready.index(s), q_smem.index(s))
+            tma.async_copy_global_to_shared(do_desc, [off_b, row, off_h, 0], ready.index(s), do_smem.index(s))
+            it += 1
+
+
+@gluon.jit
+def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+    k_smem, v_smem, q_smem, do_smem, bars, dk_desc, dv_desc, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads, \
+        head_ratio, qk_scale, sm_scale = shared
+    kv_ready, ready, empty = bars
+    seqlen_q, seqlen_k, left, right = band
+    HEAD_D: gl.constexpr = k_smem.shape[-1]
+    ROWS: gl.constexpr = q_smem.shape[2]
+    # Transposed scores: 64 keys (M) x 64 rows (N); dK, dV: 64 keys x HEAD_D.
+    S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16])
+    A_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+    P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=A_L, k_width=2)
+    KEY: gl.constexpr = gl.SliceLayout(1, S_L)
+    ROW: gl.constexpr = gl.SliceLayout(0, S_L)
+    k = k_smem.index(WG).reshape([64, HEAD_D])
+    v = v_smem.index(WG).reshape([64, HEAD_D])
+    k0 = n_lo + WG * 64
+    keys = k0 + gl.arange(0, 64, layout=KEY)
+    shift = seqlen_k - seqlen_q
+    dk = gl.zeros([64, HEAD_D], gl.float32, A_L)
+    dv = gl.zeros([64, HEAD_D], gl.float32, A_L)
+    zero_s = gl.zeros([64, ROWS], gl.float32, S_L)
+    m0, n_blocks = _rows_seen(n_lo, n_hi, band, ROWS)
+    mbarrier.wait(kv_ready.index(WG), 0)
+    it = 0
+    for g in range(head_ratio):
+        bh = (off_b * nheads + off_hk * head_ratio + g).to(gl.int64) * seqlen_q
+        for i in range(n_blocks):
+            s = it % STAGES
+            r0 = (m0 + i) * ROWS
+            rows = r0 + gl.arange(0, ROWS, layout=ROW)
+            # Rows past seqlen_q: lse +inf makes their probabilities 0 (their Q and dO are TMA's zero fill).
+            lse = gl.load(LSE + bh + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E_C
+            delta = gl.load(DELTA + bh + rows, mask=rows < seqlen_q, other=0.0)
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            q = q_smem.index(s).reshape([ROWS, HEAD_D])
+            do = do_smem.index(s).reshape([ROWS, HEAD_D])
+            st = warpgroup_mma(k, q.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            dpt = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(1, deps=(st,))
+            st = st * qk_scale
+            # The band mask only where the block is not wholly inside every row's band.
+            if (k0 < r0 + ROWS - 1 + shift - left) | (k0 + 63 > r0 + shift + right):
+                diag = rows[None, :] + shift
+                keep = (keys[:, None] >= diag - left) & (keys[:, None] <= diag + right)
+                st = gl.where(keep, st, float("-inf"))
+            pt = gl.exp2(st - lse[None, :])
+            dv = warpgroup_mma(gl.convert_layout(pt.to(do.dtype), P_L), do, dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=(dpt,))
+            dst = pt * (dpt - delta[None, :])
+            dk = warpgroup_mma(gl.convert_layout(dst.to(q.dtype), P_L), q, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            mbarrier.arrive(empty.index(s), count=1)
+            it += 1
+    # Epilogue through this consumer's own K and V buffers (their last reads are the waited products above).
+    k.store((dk * sm_scale).to(k.dtype))
+    v.store(dv.to(v.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [off_b, k0, off_hk, 0], k_smem.index(WG))
+    tma.async_copy_shared_to_global(dv_desc, [off_b, k0, off_hk, 0], v_smem.index(WG))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer0(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+    _consumer(shared, 0, STAGES, NUM_WG)
+
+
+@gluon.jit
+def _consumer1(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+    _consumer(shared, 1, STAGES, NUM_WG)
+
+
+@gluon.jit
+def attn_bwd_dkdv_ws(Q, K, V, DO, DK, DV, LSE, DELTA, seqlen_q, seqlen_k, window_left, window_right, nheads,
+                     head_ratio, qk_scale_log2, sm_scale, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+                     STAGES: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     LOADER_REGS: gl.constexpr):
+    # Key blocks in launch order: with a causal band the first keys see the most rows, so the heaviest go first.
+    n_lo = gl.program_id(0) * (NUM_WG * 64)
+    n_hi = gl.minimum(n_lo + NUM_WG * 64, seqlen_k)
+    off_b = gl.program_id(1) // (nheads // head_ratio)
+    off_hk = gl.program_id(1) % (nheads // head_ratio)
+    dtype: gl.constexpr = Q.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 64, 1, HEAD_D], K.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 64, 1, HEAD_D], V.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], Q.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], DO.layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_WG):
+        mbarrier.init(kv_ready.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=NUM_WG)
+    fence_async_shared()
+    bars = (kv_ready, ready, empty)
+    band = (seqlen_q, seqlen_k, window_left, window_right)
+    shared = (k_smem, v_smem, q_smem, do_smem, bars, DK, DV, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads,
+              head_ratio, qk_scale_log2, sm_scale)
+    loads = (Q, K, V, DO, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, head_ratio)
+    if NUM_WG == 2:
+        gl.warp_specialize([
+            (_consumer0, (shared, STAGES, NUM_WG)),
+            (_consumer1, (shared, STAGES, NUM_WG)),
+            (_loader, (loads, STAGES, NUM_WG)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer0, (shared, STAGES, NUM_WG)),
+            (_loader, (loads, STAGES, NUM_WG)),
+        ], [1], [LOADER_REGS])
+
+
+def backward_dkdv(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softmax_scale=None, block_m=64,
+                  stages=2, num_wg=2, regs=None, loader_regs=LOADER_REGS, maxnreg=None):
+    """(dk, dv) of attention(q, k, v) (batch, seqlen, heads, dim; bf16 or fp16; head dim 64 or 128) given its
+    output, the output's gradient and its LSE (batch, heads, seqlen_q) as fa2rt's forward returns it."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    b, seqlen_q, h, d = q.shape
+    seqlen_k, hk = k.shape[1], k.shape[2]
+    unlimited = seqlen_q + seqlen_k
+    left, right = window_size
+    left = unlimited if left < 0 else left
+    right = 0 if causal else (unlimited if right < 0 else right)
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
+    descs = [TensorDescriptor.from_tensor(t, [1, rows, 1, d], box_layout(rows, d, dtype))
+             for t, rows in zip((q, k, v, dout, dk, dv), (block_m, 64, 64, block_m, 64, 64), strict=True)]
+    maxnreg, consumer = register_split(num_wg, maxnreg, regs)
+    grid = (triton.cdiv(seqlen_k, 64 * num_wg), b * hk)
+    attn_bwd_dkdv_ws[grid](*descs, lse, delta, seqlen_q, seqlen_k, left, right, h, h // hk, scale * LOG2E, scale,
+                           block_m, d, stages, num_wg, consumer, loader_regs, num_warps=4, maxnreg=maxnreg)
+    return dk, dv
+
