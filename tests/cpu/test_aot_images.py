@@ -439,3 +439,16 @@ def test_paged_prefill_images_are_forward_only_at_the_serving_buckets():
                 tile["block_m"], tile["block_n"], tile["num_warps"], tile["num_stages"])
             assert v.max_stack_bytes == variants.stack_allowance(tile, "varlen_paged")
     assert set(variants.PAGED_PREFILL_BUCKETS) <= {int(b) for b in variants.arch_info("sm90")["decode"]}
+
+
+def test_gluon_dkdv_backward_compiles_for_sm90_without_spills():
+    """bwd_ws.py (prepared in the harness, not in the images yet) still compiles: wgmma fed from registers,
+    warp-specialised (setmaxnreg), no stack at d128 with 32-row query blocks (ci/gluon_ws.py compile-bwd)."""
+    sys.path.insert(0, str(ROOT / "ci"))
+    import gluon_ws
+
+    compiled = gluon_ws.compile_bwd_variant("bm32-s2", 128)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
+    usage = gluon_ws.resource_usage(compiled)
+    assert usage["stack_bytes"] == 0 and usage["local_bytes"] == 0, usage
