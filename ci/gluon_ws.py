@@ -122,16 +122,13 @@ CHECK_SHAPES = ((2, 128, 128, 4, 4, "plain"), (2, 1000, 1000, 3, 3, "plain"), (1
 CHECK_MASKS = ((False, (-1, -1)), (True, (-1, -1)), (False, (100, 0)), (False, (37, 200)), (True, (256, -1)))
 
 
-def check(variant) -> bool:
-    """The variant against the float64 reference (fa2rt.reference); it passes where its error is at most twice that
-    of fa2rt's own kernel on the same call (+1e-3) and its LSE is within 1e-3 (both +inf for rows without keys)."""
+def check_calls(variant):
+    """The check's calls: (the line's label, the variant's keyword arguments, q, k, v, the sequences compared,
+    causal, window) for every head dim the variant takes, shape of CHECK_SHAPES and mask of CHECK_MASKS."""
     import torch
 
-    import fa2rt
-    from fa2rt.reference import attention_reference
     kw = parse(variant)
     only = kw.pop("only_d", None)
-    ok_all = True
     for d in (64, 128):
         if only and d != only:
             continue
@@ -139,19 +136,30 @@ def check(variant) -> bool:
             for causal, window in CHECK_MASKS:
                 torch.manual_seed(0)
                 q, k, v = inputs(b, sq, sk, h, hk, d, kind)
-                n = 1 if kind == "poison" else b
-                ref, ref_lse = attention_reference(q[:n], k[:n], v[:n], causal=causal, window_size=window)
-                o, lse = fwd_ws.forward(q, k, v, causal, window, **kw)
-                err = (o[:n].double() - ref).abs().max().item()
-                same_inf = torch.equal(lse[:n].isinf(), ref_lse.isinf())
-                finite = ~ref_lse.isinf()
-                lse_err = (lse[:n].double()[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
-                theirs = fa2rt.attention(q[:n], k[:n], v[:n], causal=causal, window_size=window)
-                theirs = (theirs.double() - ref).abs().max().item()
-                ok = err <= 2 * theirs + 1e-3 and lse_err < 1e-3 and same_inf
-                ok_all &= ok
-                print(f"{variant} d{d} b{b} q{sq} k{sk} h{h}/{hk} {kind} causal={int(causal)} window={window}: "
-                      f"err {err:.2e} (fa2rt {theirs:.2e}) lse {lse_err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+                label = f"{variant} d{d} b{b} q{sq} k{sk} h{h}/{hk} {kind} causal={int(causal)} window={window}"
+                yield label, kw, q, k, v, 1 if kind == "poison" else b, causal, window
+
+
+def check(variant) -> bool:
+    """The variant against the float64 reference (fa2rt.reference); it passes where its error is at most twice that
+    of fa2rt's own kernel on the same call (+1e-3) and its LSE is within 1e-3 (both +inf for rows without keys)."""
+    import torch
+
+    import fa2rt
+    from fa2rt.reference import attention_reference
+    ok_all = True
+    for label, kw, q, k, v, n, causal, window in check_calls(variant):
+        ref, ref_lse = attention_reference(q[:n], k[:n], v[:n], causal=causal, window_size=window)
+        o, lse = fwd_ws.forward(q, k, v, causal, window, **kw)
+        err = (o[:n].double() - ref).abs().max().item()
+        same_inf = torch.equal(lse[:n].isinf(), ref_lse.isinf())
+        finite = ~ref_lse.isinf()
+        lse_err = (lse[:n].double()[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+        theirs = fa2rt.attention(q[:n], k[:n], v[:n], causal=causal, window_size=window)
+        theirs = (theirs.double() - ref).abs().max().item()
+        ok = err <= 2 * theirs + 1e-3 and lse_err < 1e-3 and same_inf
+        ok_all &= ok
+        print(f"{label}: err {err:.2e} (fa2rt {theirs:.2e}) lse {lse_err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     return ok_all
 
 
@@ -220,33 +228,23 @@ def check_bwd(variant) -> bool:
     import fa2rt
     from fa2rt.bench import common
     from fa2rt.reference import attention_reference
-    kw = parse(variant)
-    only = kw.pop("only_d", None)
     ok_all = True
     with common.kernel_forced():
-        for d in (64, 128):
-            if only and d != only:
-                continue
-            for b, sq, sk, h, hk, kind in CHECK_SHAPES:
-                for causal, window in CHECK_MASKS:
-                    torch.manual_seed(0)
-                    q, k, v = inputs(b, sq, sk, h, hk, d, kind)
-                    dout = torch.randn_like(q)
-                    n = 1 if kind == "poison" else b
-                    first = (q[:n], k[:n], v[:n], dout[:n])
-                    ref = _grads(attention_reference, *first, causal=causal, window_size=window)
-                    theirs = _grads(fa2rt.attention, *first, causal=causal, window_size=window)
-                    out, lse = fa2rt.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
-                    mine = bwd_ws.backward_dkdv(q, k, v, out, dout, lse, causal, window, **kw)
-                    line, ok = [], True
-                    for name, r, t, m in zip(("dk", "dv"), ref, theirs, mine, strict=True):
-                        err = (m[:n].double() - r).abs().max().item()
-                        their = (t.double() - r).abs().max().item()
-                        ok &= err <= 2 * their + 1e-3 * max(1.0, r.abs().max().item())
-                        line.append(f"{name} {err:.2e} (fa2rt {their:.2e})")
-                    ok_all &= ok
-                    print(f"{variant} d{d} b{b} q{sq} k{sk} h{h}/{hk} {kind} causal={int(causal)} window={window}: "
-                          f"{', '.join(line)} {'ok' if ok else 'FAIL'}", flush=True)
+        for label, kw, q, k, v, n, causal, window in check_calls(variant):
+            dout = torch.randn_like(q)
+            first = (q[:n], k[:n], v[:n], dout[:n])
+            ref = _grads(attention_reference, *first, causal=causal, window_size=window)
+            theirs = _grads(fa2rt.attention, *first, causal=causal, window_size=window)
+            out, lse = fa2rt.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
+            mine = bwd_ws.backward_dkdv(q, k, v, out, dout, lse, causal, window, **kw)
+            line, ok = [], True
+            for name, r, t, m in zip(("dk", "dv"), ref, theirs, mine, strict=True):
+                err = (m[:n].double() - r).abs().max().item()
+                their = (t.double() - r).abs().max().item()
+                ok &= err <= 2 * their + 1e-3 * max(1.0, r.abs().max().item())
+                line.append(f"{name} {err:.2e} (fa2rt {their:.2e})")
+            ok_all &= ok
+            print(f"{label}: {', '.join(line)} {'ok' if ok else 'FAIL'}", flush=True)
     return ok_all
 
 

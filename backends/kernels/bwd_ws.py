@@ -17,7 +17,7 @@ LSE (natural log, +inf for rows without keys) and DELTA = rowsum(dO * O) are (ba
 """
 
 import triton
-from fwd_ws import LOADER_REGS, LOG2E, box_layout, register_split
+from fwd_ws import LOADER_REGS, LOG2E, box_layout, compile_gluon, register_split
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -52,17 +52,10 @@ def constexprs(head_dim: int, tile: dict) -> dict:
             "LOADER_REGS": tile.get("loader_regs", LOADER_REGS)}
 
 
-def options(tile: dict) -> dict:
-    return {"num_warps": 4, "maxnreg": register_split(tile["num_wg"], tile.get("maxnreg"))[0]}
-
-
 def compile_for(target, dtype: str, head_dim: int, tile: dict):
     """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    consts = constexprs(head_dim, tile)
-    sig = signature(dtype, head_dim, tile["block_m"]) | {k: "constexpr" for k in consts}
-    return triton.compile(GluonASTSource(attn_bwd_dkdv_ws, sig, consts), target=target, options=options(tile))
+    return compile_gluon(attn_bwd_dkdv_ws, target, signature(dtype, head_dim, tile["block_m"]),
+                         constexprs(head_dim, tile), tile)
 
 
 @gluon.jit

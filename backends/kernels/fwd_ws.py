@@ -97,13 +97,19 @@ def options(tile: dict) -> dict:
     return {"num_warps": 4, "maxnreg": register_split(tile["num_wg"], tile.get("maxnreg"))[0]}
 
 
-def compile_for(target, dtype: str, head_dim: int, tile: dict):
-    """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
+def compile_gluon(kernel, target, sig: dict, consts: dict, tile: dict):
+    """A warp-specialised Gluon kernel (this one or bwd_ws's) compiled ahead of time for `target` (a GPUTarget):
+    run-time params `sig`, compile-time ones `consts`, options() of the schedule `tile`."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    consts = constexprs(head_dim, tile)
-    sig = signature(dtype, head_dim, tile["block_n"]) | {k: "constexpr" for k in consts}
-    return triton.compile(GluonASTSource(attn_fwd_ws, sig, consts), target=target, options=options(tile))
+    sig = sig | {k: "constexpr" for k in consts}
+    return triton.compile(GluonASTSource(kernel, sig, consts), target=target, options=options(tile))
+
+
+def compile_for(target, dtype: str, head_dim: int, tile: dict):
+    """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
+    return compile_gluon(attn_fwd_ws, target, signature(dtype, head_dim, tile["block_n"]), constexprs(head_dim, tile),
+                         tile)
 
 
 # Triton's device-side TMA element types -> the driver's CUtensorMapDataType (backends/nvidia/driver.py's table).
