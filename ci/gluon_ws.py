@@ -14,7 +14,7 @@ take turns issuing their products), wN (consumer warpgroups of 64 query rows: 2,
 (persistent: one CTA per SM walks the tiles), pr1 (that walk in pairs of row blocks m and last - m), mN (maxnreg),
 rN (registers per consumer), lN (registers of the loader), qN (query buffers per consumer: 2 lets a persistent walk
 load the next tile's queries early), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128. Backward variants take
-bmN (query rows per block), sN, wN, mN, rN, lN and dN: e.g. bm32-s4-d128.
+bmN (query rows per block), sN, wN, mN, rN, lN, dN and dq1 (dQ too, added by TMA reduce): e.g. bm32-s4-dq1-d128.
 """
 
 import functools
@@ -31,7 +31,7 @@ import aot  # noqa: E402
 import bwd_ws  # noqa: E402
 import fwd_ws  # noqa: E402
 
-FLAGS = {"pp": "pingpong", "pr": "pairs"}
+FLAGS = {"pp": "pingpong", "pr": "pairs", "dq": "dq"}
 INTS = {"bn": "block_n", "s": "stages", "w": "num_wg", "m": "maxnreg", "r": "regs", "l": "loader_regs",
         "q": "q_bufs", "d": "only_d", "bm": "block_m"}
 
@@ -71,7 +71,7 @@ def compile_bwd_variant(variant: str, head_dim: int):
     kw = parse(variant)
     tile = {"block_m": kw.get("block_m", 64), "stages": kw.get("stages", 2), "num_wg": kw.get("num_wg", 2),
             "maxnreg": kw.get("maxnreg"), "consumer_regs": kw.get("regs"),
-            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS)}
+            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS), "dq": kw.get("dq", False)}
     return bwd_ws.compile_for(GPUTarget("cuda", 90, 32), "bf16", head_dim, tile)
 
 
@@ -210,19 +210,19 @@ def summary(rows, variants):
 
 
 def _grads(fn, q, k, v, dout, **opts):
-    """(dk, dv) of fn(q, k, v, **opts) (its output, or the first of a tuple) for the output gradient dout."""
+    """(dq, dk, dv) of fn(q, k, v, **opts) (its output, or the first of a tuple) for the output gradient dout."""
     import torch
 
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v, **opts)
     out = out[0] if isinstance(out, tuple) else out
-    return [g.detach() for g in torch.autograd.grad(out, (k, v), dout.to(out.dtype))]
+    return [g.detach() for g in torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))]
 
 
 def check_bwd(variant) -> bool:
-    """dK and dV of the variant (given fa2rt's forward output and LSE) against float64 autograd of the reference;
-    passes where each error is at most twice that of fa2rt's own backward on the same call (+1e-3 of the largest
-    reference gradient)."""
+    """dK and dV (and dQ with dq1) of the variant (given fa2rt's forward output and LSE) against float64 autograd of
+    the reference; passes where each error is at most twice that of fa2rt's own backward on the same call (+1e-3 of
+    the largest reference gradient)."""
     import torch
 
     import fa2rt
@@ -236,9 +236,11 @@ def check_bwd(variant) -> bool:
             ref = _grads(attention_reference, *first, causal=causal, window_size=window)
             theirs = _grads(fa2rt.attention, *first, causal=causal, window_size=window)
             out, lse = fa2rt.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
-            mine = bwd_ws.backward_dkdv(q, k, v, out, dout, lse, causal, window, **kw)
+            mine = bwd_ws.backward(q, k, v, out, dout, lse, causal, window, **kw)
             line, ok = [], True
-            for name, r, t, m in zip(("dk", "dv"), ref, theirs, mine, strict=True):
+            for name, r, t, m in zip(("dq", "dk", "dv"), ref, theirs, mine, strict=True):
+                if m is None:
+                    continue
                 err = (m[:n].double() - r).abs().max().item()
                 their = (t.double() - r).abs().max().item()
                 ok &= err <= 2 * their + 1e-3 * max(1.0, r.abs().max().item())
@@ -260,8 +262,9 @@ def _backward_ms(fn, q, k, v, dout, **opts) -> float:
 
 
 def bench_bwd(out, variants):
-    """Backward time per point (ms, the FA2 grid): each variant's dK/dV kernel alone, fa2rt's whole backward (its
-    dQ and dK/dV kernels) and cuDNN's (as fa2rt routes to it), in one process."""
+    """Backward time per point (ms, the FA2 grid): each variant's kernel (dK/dV alone, or with dq1 the whole backward:
+    the kernel with delta, the accumulator's zeroing and conversion in torch), fa2rt's whole backward (its dQ and dK/dV
+    kernels) and cuDNN's (as fa2rt routes to it), in one process."""
     import torch
 
     import fa2rt
@@ -279,7 +282,7 @@ def bench_bwd(out, variants):
                     for variant in variants:
                         kw = parse(variant)
                         if kw.pop("only_d", d) == d:
-                            ms[variant] = common.time_ms(functools.partial(bwd_ws.backward_dkdv, q, k, v, o, dout,
+                            ms[variant] = common.time_ms(functools.partial(bwd_ws.backward, q, k, v, o, dout,
                                                                            lse, causal, **kw))
                     ms["fa2rt"] = _backward_ms(fa2rt.attention, q, k, v, dout, causal=causal)
                     ms["sdpa_cudnn"] = _backward_ms(functools.partial(routing.run, "sdpa_cudnn"), q, k, v, dout,

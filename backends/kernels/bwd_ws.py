@@ -17,9 +17,11 @@ LSE (natural log, +inf for rows without keys) and DELTA = rowsum(dO * O) are (ba
 """
 
 import triton
+from triton._C.libtriton import ir
 from fwd_ws import LOADER_REGS, LOG2E, box_layout, compile_gluon, register_split
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -29,18 +31,36 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LOG2E_C = gl.constexpr(LOG2E)
+
+
+@builtin
+def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Adds the shared tile `src` into global memory at `coord` by TMA (cp.reduce.async.bulk.tensor; waited like a
+    store). Triton 3.6 builds the op but its Gluon exposes no Hopper wrapper for it."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
 TENSOR_MAPS = ("Q", "K", "V", "DO", "DK", "DV")  # (batch, seqlen, heads, dim), boxes of 64 rows of one head
 SCALARS = (("seqlen_q", "i32"), ("seqlen_k", "i32"), ("window_left", "i32"), ("window_right", "i32"),
            ("nheads", "i32"), ("head_ratio", "i32"), ("qk_scale_log2", "fp32"), ("sm_scale", "fp32"))
 
 
-def signature(dtype: str, head_dim: int, block_m: int) -> dict:
-    """Q and dO in boxes of block_m rows, K, V, dK and dV of 64 (a consumer's keys)."""
+def dq_layout(head_dim: int, block_m: int):
+    """The shared layout of a consumer's fp32 dQ^T tile, (1, 1, head_dim, block_m) of the (batch, heads, head_dim,
+    seqlen_q) accumulator, as the kernel and the accumulator's descriptor use it."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, head_dim, block_m], gl.float32)
+
+
+def signature(dtype: str, head_dim: int, block_m: int, dq: bool = False) -> dict:
+    """Q and dO in boxes of block_m rows, K, V, dK and dV of 64 (a consumer's keys); with dq, the fp32 dQ^T
+    accumulator in boxes of (head_dim, block_m), else DQ is None."""
     def desc(rows):
         return f"tensordesc<{dtype}[1, {rows}, 1, {head_dim}],{box_layout(rows, head_dim, dtype)!r}>"
 
-    return ({name: desc(block_m if name in ("Q", "DO") else 64) for name in TENSOR_MAPS}
-            | {"LSE": "*fp32", "DELTA": "*fp32"} | dict(SCALARS))
+    maps = {name: desc(block_m if name in ("Q", "DO") else 64) for name in TENSOR_MAPS}
+    maps["DQ"] = f"tensordesc<fp32[1, 1, {head_dim}, {block_m}],{dq_layout(head_dim, block_m)!r}>" if dq else "constexpr"
+    return maps | {"LSE": "*fp32", "DELTA": "*fp32"} | dict(SCALARS)
 
 
 def constexprs(head_dim: int, tile: dict) -> dict:
@@ -54,8 +74,9 @@ def constexprs(head_dim: int, tile: dict) -> dict:
 
 def compile_for(target, dtype: str, head_dim: int, tile: dict):
     """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
-    return compile_gluon(attn_bwd_dkdv_ws, target, signature(dtype, head_dim, tile["block_m"]),
-                         constexprs(head_dim, tile), tile)
+    dq = tile.get("dq", False)
+    consts = constexprs(head_dim, tile) | ({} if dq else {"DQ": None})
+    return compile_gluon(attn_bwd_ws, target, signature(dtype, head_dim, tile["block_m"], dq), consts, tile)
 
 
 @gluon.jit
@@ -98,7 +119,7 @@ def _loader(loads, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
 @gluon.jit
 def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
     k_smem, v_smem, q_smem, do_smem, bars, dk_desc, dv_desc, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads, \
-        head_ratio, qk_scale, sm_scale = shared
+        head_ratio, qk_scale, sm_scale, dq_desc, ds_smem, dq_smem = shared
     kv_ready, ready, empty = bars
     seqlen_q, seqlen_k, left, right = band
     HEAD_D: gl.constexpr = k_smem.shape[-1]
@@ -117,11 +138,16 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
     dk = gl.zeros([64, HEAD_D], gl.float32, A_L)
     dv = gl.zeros([64, HEAD_D], gl.float32, A_L)
     zero_s = gl.zeros([64, ROWS], gl.float32, S_L)
+    if dq_desc is not None:
+        ds = ds_smem.index(WG)
+        dq_tile = dq_smem.index(WG)
+        zero_dq = gl.zeros([HEAD_D, ROWS], gl.float32, S_L)
     m0, n_blocks = _rows_seen(n_lo, n_hi, band, ROWS)
     mbarrier.wait(kv_ready.index(WG), 0)
     it = 0
     for g in range(head_ratio):
-        bh = (off_b * nheads + off_hk * head_ratio + g).to(gl.int64) * seqlen_q
+        off_h = off_hk * head_ratio + g
+        bh = (off_b * nheads + off_h).to(gl.int64) * seqlen_q
         for i in range(n_blocks):
             s = it % STAGES
             r0 = (m0 + i) * ROWS
@@ -144,10 +170,22 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
             pt = gl.exp2(st - lse[None, :])
             dv = warpgroup_mma(gl.convert_layout(pt.to(do.dtype), P_L), do, dv, is_async=True)
             dpt = warpgroup_mma_wait(1, deps=(dpt,))
-            dst = pt * (dpt - delta[None, :])
-            dk = warpgroup_mma(gl.convert_layout(dst.to(q.dtype), P_L), q, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-            mbarrier.arrive(empty.index(s), count=1)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk = warpgroup_mma(gl.convert_layout(dst, P_L), q, dk, is_async=True)
+            if dq_desc is not None:
+                # dQ^T (HEAD_D x rows) = K^T dS^T over this consumer's keys, added into the fp32 accumulator by TMA.
+                ds.store(dst)
+                fence_async_shared()
+                dqt = warpgroup_mma(k.permute((1, 0)), ds, zero_dq, use_acc=False, is_async=True)
+                dv, dk, dqt = warpgroup_mma_wait(0, deps=(dv, dk, dqt))
+                mbarrier.arrive(empty.index(s), count=1)
+                tma.store_wait(0)  # the previous block's reduce has read dq_tile
+                dq_tile.reshape([HEAD_D, ROWS]).store(dqt)
+                fence_async_shared()
+                tma_reduce_add(dq_desc, [off_b, off_h, 0, r0], dq_tile)
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+                mbarrier.arrive(empty.index(s), count=1)
             it += 1
     # Epilogue through this consumer's own K and V buffers (their last reads are the waited products above).
     k.store((dk * sm_scale).to(k.dtype))
@@ -169,7 +207,7 @@ def _consumer1(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
 
 
 @gluon.jit
-def attn_bwd_dkdv_ws(Q, K, V, DO, DK, DV, LSE, DELTA, seqlen_q, seqlen_k, window_left, window_right, nheads,
+def attn_bwd_ws(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, seqlen_q, seqlen_k, window_left, window_right, nheads,
                      head_ratio, qk_scale_log2, sm_scale, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                      STAGES: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                      LOADER_REGS: gl.constexpr):
@@ -191,11 +229,18 @@ def attn_bwd_dkdv_ws(Q, K, V, DO, DK, DV, LSE, DELTA, seqlen_q, seqlen_k, window
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=NUM_WG)
+    if DQ is not None:
+        ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 64, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype))
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG, 1, 1, HEAD_D, BLOCK_M], DQ.layout)
+    else:
+        ds_smem: gl.constexpr = None
+        dq_smem: gl.constexpr = None
     fence_async_shared()
     bars = (kv_ready, ready, empty)
     band = (seqlen_q, seqlen_k, window_left, window_right)
     shared = (k_smem, v_smem, q_smem, do_smem, bars, DK, DV, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads,
-              head_ratio, qk_scale_log2, sm_scale)
+              head_ratio, qk_scale_log2, sm_scale, DQ, ds_smem, dq_smem)
     loads = (Q, K, V, DO, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, head_ratio)
     if NUM_WG == 2:
         gl.warp_specialize([
@@ -210,10 +255,11 @@ def attn_bwd_dkdv_ws(Q, K, V, DO, DK, DV, LSE, DELTA, seqlen_q, seqlen_k, window
         ], [1], [LOADER_REGS])
 
 
-def backward_dkdv(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softmax_scale=None, block_m=64,
-                  stages=2, num_wg=2, regs=None, loader_regs=LOADER_REGS, maxnreg=None):
-    """(dk, dv) of attention(q, k, v) (batch, seqlen, heads, dim; bf16 or fp16; head dim 64 or 128) given its
-    output, the output's gradient and its LSE (batch, heads, seqlen_q) as fa2rt's forward returns it."""
+def backward(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softmax_scale=None, block_m=64, stages=2,
+             num_wg=2, regs=None, loader_regs=LOADER_REGS, maxnreg=None, dq=False):
+    """(dq, dk, dv) of attention(q, k, v) (batch, seqlen, heads, dim; bf16 or fp16; head dim 64 or 128) given its
+    output, the output's gradient and its LSE (batch, heads, seqlen_q) as fa2rt's forward returns it. dq is None
+    unless asked: then the kernel adds it into an fp32 accumulator (in no fixed order: not deterministic)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -229,9 +275,16 @@ def backward_dkdv(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), s
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
     descs = [TensorDescriptor.from_tensor(t, [1, rows, 1, d], box_layout(rows, d, dtype))
              for t, rows in zip((q, k, v, dout, dk, dv), (block_m, 64, 64, block_m, 64, 64), strict=True)]
+    acc = None
+    if dq:
+        # (batch, heads, head_dim, seqlen_q) with rows padded to 16 bytes, as TMA needs its strides.
+        acc = torch.zeros(b, h, d, -(-seqlen_q // 4) * 4, device=q.device, dtype=torch.float32)[..., :seqlen_q]
+        descs.append(TensorDescriptor.from_tensor(acc, [1, 1, d, block_m], dq_layout(d, block_m)))
+    else:
+        descs.append(None)
     maxnreg, consumer = register_split(num_wg, maxnreg, regs)
     grid = (triton.cdiv(seqlen_k, 64 * num_wg), b * hk)
-    attn_bwd_dkdv_ws[grid](*descs, lse, delta, seqlen_q, seqlen_k, left, right, h, h // hk, scale * LOG2E, scale,
+    attn_bwd_ws[grid](*descs, lse, delta, seqlen_q, seqlen_k, left, right, h, h // hk, scale * LOG2E, scale,
                            block_m, d, stages, num_wg, consumer, loader_regs, num_warps=4, maxnreg=maxnreg)
-    return dk, dv
-
+    dq_out = (acc.permute(0, 3, 1, 2) * scale).to(q.dtype) if dq else None
+    return dq_out, dk, dv
