@@ -14,7 +14,8 @@ take turns issuing their products), wN (consumer warpgroups of 64 query rows: 2,
 (persistent: one CTA per SM walks the tiles), pr1 (that walk in pairs of row blocks m and last - m), mN (maxnreg),
 rN (registers per consumer), lN (registers of the loader), qN (query buffers per consumer: 2 lets a persistent walk
 load the next tile's queries early), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128. Backward variants take
-bmN (query rows per block), sN, wN, mN, rN, lN, dN and dq1 (dQ too, added by TMA reduce): e.g. bm32-s4-dq1-d128.
+bmN (query rows per block), sN, wN, mN, rN, lN, dN, dq1 (dQ too, added by TMA reduce) and x2 (each consumer adds
+dQ for half the head dims over both consumers' keys): e.g. bm64-s2-dq1-x2-d128.
 """
 
 import functools
@@ -33,7 +34,7 @@ import fwd_ws  # noqa: E402
 
 FLAGS = {"pp": "pingpong", "pr": "pairs", "dq": "dq"}
 INTS = {"bn": "block_n", "s": "stages", "w": "num_wg", "m": "maxnreg", "r": "regs", "l": "loader_regs",
-        "q": "q_bufs", "d": "only_d", "bm": "block_m"}
+        "q": "q_bufs", "d": "only_d", "bm": "block_m", "x": "dq_split"}
 
 
 def parse(variant: str) -> dict:
@@ -71,7 +72,8 @@ def compile_bwd_variant(variant: str, head_dim: int):
     kw = parse(variant)
     tile = {"block_m": kw.get("block_m", 64), "stages": kw.get("stages", 2), "num_wg": kw.get("num_wg", 2),
             "maxnreg": kw.get("maxnreg"), "consumer_regs": kw.get("regs"),
-            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS), "dq": kw.get("dq", False)}
+            "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS), "dq": kw.get("dq", False),
+            "dq_split": kw.get("dq_split", 1)}
     return bwd_ws.compile_for(GPUTarget("cuda", 90, 32), "bf16", head_dim, tile)
 
 

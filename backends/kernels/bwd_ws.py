@@ -17,8 +17,8 @@ LSE (natural log, +inf for rows without keys) and DELTA = rowsum(dO * O) are (ba
 """
 
 import triton
-from triton._C.libtriton import ir
 from fwd_ws import LOADER_REGS, LOG2E, box_layout, compile_gluon, register_split
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
@@ -46,37 +46,44 @@ SCALARS = (("seqlen_q", "i32"), ("seqlen_k", "i32"), ("window_left", "i32"), ("w
            ("nheads", "i32"), ("head_ratio", "i32"), ("qk_scale_log2", "fp32"), ("sm_scale", "fp32"))
 
 
-def dq_layout(head_dim: int, block_m: int):
-    """The shared layout of a consumer's fp32 dQ^T tile, (1, 1, head_dim, block_m) of the (batch, heads, head_dim,
-    seqlen_q) accumulator, as the kernel and the accumulator's descriptor use it."""
-    return gl.NVMMASharedLayout.get_default_for([1, 1, head_dim, block_m], gl.float32)
+def dq_box(head_dim: int, tile: dict) -> list[int]:
+    """A consumer's fp32 dQ^T tile, a box of the (batch, heads, head_dim, seqlen_q) accumulator: every head dim, or
+    with dq_split its share of them."""
+    return [1, 1, head_dim // tile.get("dq_split", 1), tile["block_m"]]
 
 
-def signature(dtype: str, head_dim: int, block_m: int, dq: bool = False) -> dict:
+def dq_layout(box: list[int]):
+    """The shared layout of that tile, as the kernel and the accumulator's descriptor use it."""
+    return gl.NVMMASharedLayout.get_default_for(box, gl.float32)
+
+
+def signature(dtype: str, head_dim: int, tile: dict) -> dict:
     """Q and dO in boxes of block_m rows, K, V, dK and dV of 64 (a consumer's keys); with dq, the fp32 dQ^T
-    accumulator in boxes of (head_dim, block_m), else DQ is None."""
+    accumulator in dq_box()es, else DQ is None."""
     def desc(rows):
         return f"tensordesc<{dtype}[1, {rows}, 1, {head_dim}],{box_layout(rows, head_dim, dtype)!r}>"
 
-    maps = {name: desc(block_m if name in ("Q", "DO") else 64) for name in TENSOR_MAPS}
-    maps["DQ"] = f"tensordesc<fp32[1, 1, {head_dim}, {block_m}],{dq_layout(head_dim, block_m)!r}>" if dq else "constexpr"
+    maps = {name: desc(tile["block_m"] if name in ("Q", "DO") else 64) for name in TENSOR_MAPS}
+    box = dq_box(head_dim, tile)
+    maps["DQ"] = f"tensordesc<fp32{box},{dq_layout(box)!r}>" if tile.get("dq") else "constexpr"
     return maps | {"LSE": "*fp32", "DELTA": "*fp32"} | dict(SCALARS)
 
 
 def constexprs(head_dim: int, tile: dict) -> dict:
     """Compile-time parameters of a schedule: block_m (query rows per block: the N of the transposed scores),
-    stages (query-block ring), num_wg (consumers of 64 keys), and optionally maxnreg, consumer_regs, loader_regs."""
+    stages (query-block ring), num_wg (consumers of 64 keys), and optionally maxnreg, consumer_regs, loader_regs,
+    dq_split (1: each consumer adds dQ over its own keys; num_wg: over all the CTA's keys, for its share of the head
+    dims: half the reduce traffic, for a barrier between the consumers per block)."""
     _, consumer = register_split(tile["num_wg"], tile.get("maxnreg"), tile.get("consumer_regs"))
     return {"BLOCK_M": tile["block_m"], "HEAD_D": head_dim, "STAGES": tile["stages"], "NUM_WG": tile["num_wg"],
-            "CONSUMER_REGS": consumer,
-            "LOADER_REGS": tile.get("loader_regs", LOADER_REGS)}
+            "CONSUMER_REGS": consumer, "LOADER_REGS": tile.get("loader_regs", LOADER_REGS),
+            "DQ_SPLIT": tile.get("dq_split", 1)}
 
 
 def compile_for(target, dtype: str, head_dim: int, tile: dict):
     """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
-    dq = tile.get("dq", False)
-    consts = constexprs(head_dim, tile) | ({} if dq else {"DQ": None})
-    return compile_gluon(attn_bwd_ws, target, signature(dtype, head_dim, tile["block_m"], dq), consts, tile)
+    consts = constexprs(head_dim, tile) | ({} if tile.get("dq") else {"DQ": None})
+    return compile_gluon(attn_bwd_ws, target, signature(dtype, head_dim, tile), consts, tile)
 
 
 @gluon.jit
@@ -117,9 +124,9 @@ def _loader(loads, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr, DQ_SPLIT: gl.constexpr):
     k_smem, v_smem, q_smem, do_smem, bars, dk_desc, dv_desc, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads, \
-        head_ratio, qk_scale, sm_scale, dq_desc, ds_smem, dq_smem = shared
+        head_ratio, qk_scale, sm_scale, dq_desc, ds_smem, dq_smem, ds_ready = shared
     kv_ready, ready, empty = bars
     seqlen_q, seqlen_k, left, right = band
     HEAD_D: gl.constexpr = k_smem.shape[-1]
@@ -139,9 +146,9 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
     dv = gl.zeros([64, HEAD_D], gl.float32, A_L)
     zero_s = gl.zeros([64, ROWS], gl.float32, S_L)
     if dq_desc is not None:
-        ds = ds_smem.index(WG)
+        DQ_ROWS: gl.constexpr = HEAD_D // DQ_SPLIT
         dq_tile = dq_smem.index(WG)
-        zero_dq = gl.zeros([HEAD_D, ROWS], gl.float32, S_L)
+        zero_dq = gl.zeros([DQ_ROWS, ROWS], gl.float32, S_L)
     m0, n_blocks = _rows_seen(n_lo, n_hi, band, ROWS)
     mbarrier.wait(kv_ready.index(WG), 0)
     it = 0
@@ -173,21 +180,38 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
             dst = (pt * (dpt - delta[None, :])).to(q.dtype)
             dk = warpgroup_mma(gl.convert_layout(dst, P_L), q, dk, is_async=True)
             if dq_desc is not None:
-                # dQ^T (HEAD_D x rows) = K^T dS^T over this consumer's keys, added into the fp32 accumulator by TMA.
-                ds.store(dst)
+                # dQ^T = K^T dS^T, added into the fp32 accumulator by TMA: over this consumer's keys, or (DQ_SPLIT)
+                # over every consumer's keys for this consumer's share of the head dims.
+                buf = ((it % 2) if DQ_SPLIT > 1 else 0) * NUM_WG  # this block's dS^T: ds_smem[buf + consumer]
+                ds_smem.index(buf + WG).store(dst)
                 fence_async_shared()
-                dqt = warpgroup_mma(k.permute((1, 0)), ds, zero_dq, use_acc=False, is_async=True)
+                if DQ_SPLIT > 1:
+                    gl.thread_barrier()  # every thread's dS is in place before the arrive
+                    mbarrier.arrive(ds_ready.index(it % 2), count=1)
+                    mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
+                    dqt = zero_dq
+                    for j in gl.static_range(NUM_WG):
+                        kj = k_smem.index(j).reshape([64, HEAD_D]).slice(WG * DQ_ROWS, DQ_ROWS, dim=1)
+                        dqt = warpgroup_mma(kj.permute((1, 0)), ds_smem.index(buf + j), dqt, use_acc=j > 0,
+                                            is_async=True)
+                else:
+                    dqt = warpgroup_mma(k.permute((1, 0)), ds_smem.index(WG), zero_dq, use_acc=False, is_async=True)
                 dv, dk, dqt = warpgroup_mma_wait(0, deps=(dv, dk, dqt))
                 mbarrier.arrive(empty.index(s), count=1)
                 tma.store_wait(0)  # the previous block's reduce has read dq_tile
-                dq_tile.reshape([HEAD_D, ROWS]).store(dqt)
+                dq_tile.reshape([DQ_ROWS, ROWS]).store(dqt)
                 fence_async_shared()
-                tma_reduce_add(dq_desc, [off_b, off_h, 0, r0], dq_tile)
+                tma_reduce_add(dq_desc, [off_b, off_h, WG * DQ_ROWS, r0], dq_tile)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(empty.index(s), count=1)
             it += 1
-    # Epilogue through this consumer's own K and V buffers (their last reads are the waited products above).
+    # Epilogue through this consumer's own K and V buffers (their last reads are the waited products above; with
+    # DQ_SPLIT, the other consumers' too, which read this K: the epilogue waits for them).
+    if dq_desc is not None:
+        if DQ_SPLIT > 1:
+            mbarrier.arrive(ds_ready.index(2), count=1)
+            mbarrier.wait(ds_ready.index(2), 0)
     k.store((dk * sm_scale).to(k.dtype))
     v.store(dv.to(v.dtype))
     fence_async_shared()
@@ -197,20 +221,20 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
 
 
 @gluon.jit
-def _consumer0(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
-    _consumer(shared, 0, STAGES, NUM_WG)
+def _consumer0(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr, DQ_SPLIT: gl.constexpr):
+    _consumer(shared, 0, STAGES, NUM_WG, DQ_SPLIT)
 
 
 @gluon.jit
-def _consumer1(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
-    _consumer(shared, 1, STAGES, NUM_WG)
+def _consumer1(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr, DQ_SPLIT: gl.constexpr):
+    _consumer(shared, 1, STAGES, NUM_WG, DQ_SPLIT)
 
 
 @gluon.jit
 def attn_bwd_ws(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, seqlen_q, seqlen_k, window_left, window_right, nheads,
                      head_ratio, qk_scale_log2, sm_scale, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-                     STAGES: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                     LOADER_REGS: gl.constexpr):
+                STAGES: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                DQ_SPLIT: gl.constexpr):
     # Key blocks in launch order: with a causal band the first keys see the most rows, so the heaviest go first.
     n_lo = gl.program_id(0) * (NUM_WG * 64)
     n_hi = gl.minimum(n_lo + NUM_WG * 64, seqlen_k)
@@ -230,33 +254,39 @@ def attn_bwd_ws(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, seqlen_q, seqlen_k, window_
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=NUM_WG)
     if DQ is not None:
-        ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 64, BLOCK_M],
+        # dS^T of each consumer (bf16, keys x rows); shared between consumers, double-buffered by block parity.
+        ds_smem = gl.allocate_shared_memory(dtype, [(2 if DQ_SPLIT > 1 else 1) * NUM_WG, 64, BLOCK_M],
                                             gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype))
-        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG, 1, 1, HEAD_D, BLOCK_M], DQ.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG, 1, 1, HEAD_D // DQ_SPLIT, BLOCK_M], DQ.layout)
+        # ds_ready: per dS buffer (0, 1) and once before the epilogue (2), every consumer arrives.
+        ds_ready = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(3):
+            mbarrier.init(ds_ready.index(i), count=NUM_WG)
     else:
         ds_smem: gl.constexpr = None
         dq_smem: gl.constexpr = None
+        ds_ready: gl.constexpr = None
     fence_async_shared()
     bars = (kv_ready, ready, empty)
     band = (seqlen_q, seqlen_k, window_left, window_right)
     shared = (k_smem, v_smem, q_smem, do_smem, bars, DK, DV, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads,
-              head_ratio, qk_scale_log2, sm_scale, DQ, ds_smem, dq_smem)
+              head_ratio, qk_scale_log2, sm_scale, DQ, ds_smem, dq_smem, ds_ready)
     loads = (Q, K, V, DO, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, head_ratio)
     if NUM_WG == 2:
         gl.warp_specialize([
-            (_consumer0, (shared, STAGES, NUM_WG)),
-            (_consumer1, (shared, STAGES, NUM_WG)),
+            (_consumer0, (shared, STAGES, NUM_WG, DQ_SPLIT)),
+            (_consumer1, (shared, STAGES, NUM_WG, DQ_SPLIT)),
             (_loader, (loads, STAGES, NUM_WG)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer0, (shared, STAGES, NUM_WG)),
+            (_consumer0, (shared, STAGES, NUM_WG, DQ_SPLIT)),
             (_loader, (loads, STAGES, NUM_WG)),
         ], [1], [LOADER_REGS])
 
 
 def backward(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softmax_scale=None, block_m=64, stages=2,
-             num_wg=2, regs=None, loader_regs=LOADER_REGS, maxnreg=None, dq=False):
+             num_wg=2, regs=None, loader_regs=LOADER_REGS, maxnreg=None, dq=False, dq_split=1):
     """(dq, dk, dv) of attention(q, k, v) (batch, seqlen, heads, dim; bf16 or fp16; head dim 64 or 128) given its
     output, the output's gradient and its LSE (batch, heads, seqlen_q) as fa2rt's forward returns it. dq is None
     unless asked: then the kernel adds it into an fp32 accumulator (in no fixed order: not deterministic)."""
@@ -279,12 +309,13 @@ def backward(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softma
     if dq:
         # (batch, heads, head_dim, seqlen_q) with rows padded to 16 bytes, as TMA needs its strides.
         acc = torch.zeros(b, h, d, -(-seqlen_q // 4) * 4, device=q.device, dtype=torch.float32)[..., :seqlen_q]
-        descs.append(TensorDescriptor.from_tensor(acc, [1, 1, d, block_m], dq_layout(d, block_m)))
+        box = dq_box(d, {"block_m": block_m, "dq_split": dq_split})
+        descs.append(TensorDescriptor.from_tensor(acc, box, dq_layout(box)))
     else:
         descs.append(None)
     maxnreg, consumer = register_split(num_wg, maxnreg, regs)
     grid = (triton.cdiv(seqlen_k, 64 * num_wg), b * hk)
     attn_bwd_ws[grid](*descs, lse, delta, seqlen_q, seqlen_k, left, right, h, h // hk, scale * LOG2E, scale,
-                           block_m, d, stages, num_wg, consumer, loader_regs, num_warps=4, maxnreg=maxnreg)
+                      block_m, d, stages, num_wg, consumer, loader_regs, dq_split, num_warps=4, maxnreg=maxnreg)
     dq_out = (acc.permute(0, 3, 1, 2) * scale).to(q.dtype) if dq else None
     return dq_out, dk, dv
