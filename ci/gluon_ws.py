@@ -265,8 +265,8 @@ def _backward_ms(fn, q, k, v, dout, **opts) -> float:
 
 def bench_bwd(out, variants):
     """Backward time per point (ms, the FA2 grid): each variant's kernel (dK/dV alone, or with dq1 the whole backward:
-    the kernel with delta, the accumulator's zeroing and conversion in torch), fa2rt's whole backward (its dQ and dK/dV
-    kernels) and cuDNN's (as fa2rt routes to it), in one process."""
+    the kernel with delta, the accumulator's zeroing and conversion in torch, and VARIANT:kernel the kernel alone),
+    fa2rt's whole backward (its dQ and dK/dV kernels) and cuDNN's (as fa2rt routes to it), in one process."""
     import torch
 
     import fa2rt
@@ -286,6 +286,9 @@ def bench_bwd(out, variants):
                         if kw.pop("only_d", d) == d:
                             ms[variant] = common.time_ms(functools.partial(bwd_ws.backward, q, k, v, o, dout,
                                                                            lse, causal, **kw))
+                            if kw.get("dq"):  # the kernel alone, without torch's delta, zeroing and conversion
+                                launch, _ = bwd_ws.launcher(q, k, v, o, dout, lse, causal, **kw)
+                                ms[variant + ":kernel"] = common.time_ms(launch)
                     ms["fa2rt"] = _backward_ms(fa2rt.attention, q, k, v, dout, causal=causal)
                     ms["sdpa_cudnn"] = _backward_ms(functools.partial(routing.run, "sdpa_cudnn"), q, k, v, dout,
                                                     causal=causal, softmax_scale=d ** -0.5)

@@ -185,8 +185,8 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
                 buf = ((it % 2) if DQ_SPLIT > 1 else 0) * NUM_WG  # this block's dS^T: ds_smem[buf + consumer]
                 ds_smem.index(buf + WG).store(dst)
                 fence_async_shared()
+                gl.thread_barrier()  # every thread's dS^T is in place before wgmma (or the other consumer) reads it
                 if DQ_SPLIT > 1:
-                    gl.thread_barrier()  # every thread's dS is in place before the arrive
                     mbarrier.arrive(ds_ready.index(it % 2), count=1)
                     mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
                     dqt = zero_dq
@@ -285,11 +285,10 @@ def attn_bwd_ws(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, seqlen_q, seqlen_k, window_
         ], [1], [LOADER_REGS])
 
 
-def backward(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softmax_scale=None, block_m=64, stages=2,
+def launcher(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softmax_scale=None, block_m=64, stages=2,
              num_wg=2, regs=None, loader_regs=LOADER_REGS, maxnreg=None, dq=False, dq_split=1):
-    """(dq, dk, dv) of attention(q, k, v) (batch, seqlen, heads, dim; bf16 or fp16; head dim 64 or 128) given its
-    output, the output's gradient and its LSE (batch, heads, seqlen_q) as fa2rt's forward returns it. dq is None
-    unless asked: then the kernel adds it into an fp32 accumulator (in no fixed order: not deterministic)."""
+    """(launch, finish): launch() runs the kernel alone on buffers prepared here (delta, dK, dV and, with dq, the
+    zeroed fp32 dQ accumulator); finish() returns (dq, dk, dv) with dq converted to q's dtype (None unless asked)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -315,7 +314,22 @@ def backward(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softma
         descs.append(None)
     maxnreg, consumer = register_split(num_wg, maxnreg, regs)
     grid = (triton.cdiv(seqlen_k, 64 * num_wg), b * hk)
-    attn_bwd_ws[grid](*descs, lse, delta, seqlen_q, seqlen_k, left, right, h, h // hk, scale * LOG2E, scale,
-                      block_m, d, stages, num_wg, consumer, loader_regs, dq_split, num_warps=4, maxnreg=maxnreg)
-    dq_out = (acc.permute(0, 3, 1, 2) * scale).to(q.dtype) if dq else None
-    return dq_out, dk, dv
+
+    def launch():
+        attn_bwd_ws[grid](*descs, lse, delta, seqlen_q, seqlen_k, left, right, h, h // hk, scale * LOG2E, scale,
+                          block_m, d, stages, num_wg, consumer, loader_regs, dq_split, num_warps=4, maxnreg=maxnreg)
+
+    def finish():
+        return (acc.permute(0, 3, 1, 2) * scale).to(q.dtype) if dq else None, dk, dv
+
+    return launch, finish
+
+
+def backward(*args, **kw):
+    """(dq, dk, dv) of attention(q, k, v) (batch, seqlen, heads, dim; bf16 or fp16; head dim 64 or 128) given its
+    output, the output's gradient and its LSE (batch, heads, seqlen_q) as fa2rt's forward returns it: launcher()'s
+    arguments. dq is None unless asked: then the kernel adds it into an fp32 accumulator (in no fixed order: not
+    deterministic)."""
+    launch, finish = launcher(*args, **kw)
+    launch()
+    return finish()
