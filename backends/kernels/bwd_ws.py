@@ -201,7 +201,7 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
                 tma.store_wait(0)  # the previous block's reduce has read dq_tile
                 dq_tile.reshape([DQ_ROWS, ROWS]).store(dqt)
                 fence_async_shared()
-                tma_reduce_add(dq_desc, [off_b, off_h, WG * DQ_ROWS, r0], dq_tile)
+                tma_reduce_add(dq_desc, [off_b, off_h, (WG * DQ_ROWS) if DQ_SPLIT > 1 else 0, r0], dq_tile)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(empty.index(s), count=1)
