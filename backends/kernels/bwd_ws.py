@@ -199,7 +199,7 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
                 dv, dk, dqt = warpgroup_mma_wait(0, deps=(dv, dk, dqt))
                 mbarrier.arrive(empty.index(s), count=1)
                 tma.store_wait(0)  # the previous block's reduce has read dq_tile
-                dq_tile.reshape([DQ_ROWS, ROWS]).store(dqt)
+                dq_tile.reshape([DQ_ROWS, ROWS]).store(dqt * sm_scale)
                 fence_async_shared()
                 tma_reduce_add(dq_desc, [off_b, off_h, (WG * DQ_ROWS) if DQ_SPLIT > 1 else 0, r0], dq_tile)
             else:
@@ -320,7 +320,7 @@ def launcher(q, k, v, out, dout, lse, causal=False, window_size=(-1, -1), softma
                           block_m, d, stages, num_wg, consumer, loader_regs, dq_split, num_warps=4, maxnreg=maxnreg)
 
     def finish():
-        return (acc.permute(0, 3, 1, 2) * scale).to(q.dtype) if dq else None, dk, dv
+        return acc.permute(0, 3, 1, 2).to(q.dtype) if dq else None, dk, dv
 
     return launch, finish
 
