@@ -114,6 +114,9 @@ struct OpGeometry {
 constexpr OpGeometry kOpGeometry[] = {{"fwd", BlockAxis::kQueryRows, false},
                                       {"bwd_dq", BlockAxis::kQueryRows, false},
                                       {"bwd_dkdv", BlockAxis::kKeys, true},
+                                      {"bwd_prep", BlockAxis::kQueryRows, false},
+                                      {"bwd_ws", BlockAxis::kKeys, true},
+                                      {"bwd_convert", BlockAxis::kQueryRows, false},
                                       {"decode", BlockAxis::kPackedRowsPerSplit, true},
                                       {"decode_combine", BlockAxis::kQueryRows, false},
                                       {"append", BlockAxis::kQueryRows, true}};

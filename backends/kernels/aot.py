@@ -70,6 +70,8 @@ def kernel_spec(op: str):
     return {"fwd": (fwd.attn_fwd, fwd.fwd_params, fwd.UNHINTED_PARAMS, fwd.fwd_constexprs),
             "bwd_dq": (bwd.attn_bwd_dq, bwd.bwd_params, bwd.UNHINTED_PARAMS, bwd.bwd_constexprs),
             "bwd_dkdv": (bwd.attn_bwd_dkdv, bwd.bwd_params, bwd.UNHINTED_PARAMS, bwd.bwd_constexprs),
+            "bwd_prep": (bwd.attn_bwd_prep, bwd.aux_params, bwd.AUX_UNHINTED_PARAMS, bwd.aux_constexprs),
+            "bwd_convert": (bwd.attn_bwd_convert, bwd.aux_params, bwd.AUX_UNHINTED_PARAMS, bwd.aux_constexprs),
             "decode": (decode.attn_decode, decode.decode_params, decode.UNHINTED_PARAMS, decode.decode_constexprs),
             "decode_combine": (decode.attn_decode_combine, decode.combine_params, decode.COMBINE_UNHINTED_PARAMS,
                                decode.combine_constexprs),
@@ -198,14 +200,25 @@ def _tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends/nvidia/bin" / name
 
 
-def compile_ws_variant(v: Variant):
-    """A WS_FAMILY image (fwd_ws.py, Gluon): its tensor descriptors and schedule from the tiles.json entry."""
+def ws_module(op: str):
+    """The Gluon source of an op's WS_FAMILY images (compile_for, params, tensor_maps)."""
+    import bwd_ws
     import fwd_ws
+    return {"fwd": fwd_ws, "bwd_ws": bwd_ws}[op]
+
+
+# Ops whose WS_FAMILY images take a flat grid of tiles (fwd_ws walks (block, batch, head) itself); bwd_ws has the
+# Triton kernels' (key blocks, batch * KV heads) grid.
+FLAT_GRID_OPS = ("fwd",)
+
+
+def compile_ws_variant(v: Variant):
+    """A WS_FAMILY image (Gluon): its tensor descriptors and schedule from the tiles.json entry."""
     from triton.backends.compiler import GPUTarget
 
     tile = ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only)
     target = GPUTarget(v.target_backend, v.target_arch, v.warp_size)
-    return fwd_ws.compile_for(target, v.dtype, v.head_dim, tile), fwd_ws.params()
+    return ws_module(v.op).compile_for(target, v.dtype, v.head_dim, tile), ws_module(v.op).params()
 
 
 def compile_variant(v: Variant):
@@ -271,8 +284,9 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
         "shared_bytes": md.shared, "kernel_name": md.name, "params": [list(p) for p in params],
         "scratch_params": SCRATCH_PARAMS, "align16": True,
         "divisible16": [] if v.family == WS_FAMILY else divisible_params(v.op, params),
-        "family": v.family, "flat_grid": v.family == WS_FAMILY, "ctas_per_sm": ctas_per_sm(v),
-        "tensor_maps": fwd_tensor_maps(md) if v.family == WS_FAMILY else [],
+        "family": v.family, "flat_grid": v.family == WS_FAMILY and v.op in FLAT_GRID_OPS,
+        "ctas_per_sm": ctas_per_sm(v),
+        "tensor_maps": ws_module(v.op).tensor_maps(md.tensordesc_meta) if v.family == WS_FAMILY else [],
         "stride_unit": STRIDE_UNIT,
         "binary": {"kind": BINARY_EXT[v.vendor], "file": binary.name, "sha256": _sha256_file(binary)},
         "ptx": ptx, "resources": res,
@@ -284,11 +298,6 @@ def ctas_per_sm(v: Variant) -> int:
     """A persistent image's programs per SM (0: one program per tile)."""
     import fwd_ws
     return fwd_ws.ctas_per_sm(ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only)) if v.persistent else 0
-
-
-def fwd_tensor_maps(md) -> list[dict]:
-    import fwd_ws
-    return fwd_ws.tensor_maps(md.tensordesc_meta)
 
 
 def _build_star(args):

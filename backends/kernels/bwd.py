@@ -309,3 +309,72 @@ def bwd_params(dtype: str, layout: str = "dense") -> list[tuple[str, str]]:
 # Compile-time parameters of one backward image: the tile and layout flags shared with the forward (no paged layout:
 # paged prefill is inference).
 bwd_constexprs = tile_constexprs
+
+
+# --- around the warp-specialised backward (bwd_ws.py, sm90): its prologue and epilogue ------------------------------
+# That kernel adds dQ^T (head_dim x rows, fp32) into an accumulator of layout (batch, heads, head_dim, acc_rows) from
+# every key block, by TMA reduce; acc_rows (the runtime's choice, ops.py) keeps each row 16-byte aligned, as TMA needs.
+# attn_bwd_prep runs first: delta = rowsum(dO * O) as LSE is laid out, and the accumulator zeroed; attn_bwd_convert
+# runs last: the accumulator transposed into dQ in the inputs' dtype. One program per BLOCK_M rows of one
+# (batch, head), both sharing one parameter list (aux_params).
+
+@triton.jit
+def _aux_rows(pid_bh, nheads, seqlen_q, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    off_b = (pid_bh // nheads).to(tl.int64)
+    off_h = (pid_bh % nheads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return off_b, off_h, offs_m, tl.arange(0, BLOCK_D), offs_m < seqlen_q
+
+
+@triton.jit
+def attn_bwd_prep(
+    O, DO, DQ, DELTA, DQACC,  # noqa: E741 - the paper's names
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    nheads, seqlen_q, acc_rows,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    off_b, off_h, offs_m, offs_d, row_ok = _aux_rows(pid_bh, nheads, seqlen_q, BLOCK_M, BLOCK_D)
+    # Strides arrive in units of 8 elements (fwd.STRIDE_UNIT).
+    o = tl.load(O + off_b * stride_ob * 8 + off_h * stride_oh * 8 + offs_m[:, None] * (stride_om * 8)
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob * 8 + off_h * stride_doh * 8 + offs_m[:, None] * (stride_dom * 8)
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=row_ok)
+    acc = DQACC + pid_bh.to(tl.int64) * BLOCK_D * acc_rows + offs_d[:, None] * acc_rows + offs_m[None, :]
+    tl.store(acc, tl.zeros((BLOCK_D, BLOCK_M), tl.float32), mask=row_ok[None, :])
+
+
+@triton.jit
+def attn_bwd_convert(
+    O, DO, DQ, DELTA, DQACC,  # noqa: E741 - the paper's names
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    nheads, seqlen_q, acc_rows,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    off_b, off_h, offs_m, offs_d, row_ok = _aux_rows(pid_bh, nheads, seqlen_q, BLOCK_M, BLOCK_D)
+    acc = tl.load(DQACC + pid_bh.to(tl.int64) * BLOCK_D * acc_rows + offs_d[None, :] * acc_rows + offs_m[:, None],
+                  mask=row_ok[:, None], other=0.0)
+    tl.store(DQ + off_b * stride_dqb * 8 + off_h * stride_dqh * 8 + offs_m[:, None] * (stride_dqm * 8)
+             + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+AUX_TENSORS = ("o", "do", "dq")
+# DELTA is a row vector; the accumulator's rows are 16-byte aligned, its base 256 (torch's allocator) like the others.
+AUX_UNHINTED_PARAMS = frozenset({"DELTA"})
+
+
+def aux_params(dtype: str, layout: str = "dense") -> list[tuple[str, str]]:
+    """Run-time parameters of attn_bwd_prep and attn_bwd_convert (dense calls only), in launch order."""
+    params = [(name.upper(), f"*{dtype}") for name in AUX_TENSORS] + [("DELTA", "*fp32"), ("DQACC", "*fp32")]
+    for name in AUX_TENSORS:
+        params += [(f"stride_{name}b", "i64"), (f"stride_{name}h", "i64"), (f"stride_{name}m", "i32")]
+    return params + [("nheads", "i32"), ("seqlen_q", "i32"), ("acc_rows", "i32")]
+
+
+def aux_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
+                   layout: str = "dense") -> dict:
+    """Their compile-time parameters: rows per program and the exact head dim (their images take no masked dims)."""
+    return {"BLOCK_M": block_m, "BLOCK_D": bucket}

@@ -1,6 +1,8 @@
-"""Warp-specialised sm90 attention backward, dK and dV, in Gluon (issue 21 part 3; docs/bench/gluon-ws-notes.md,
-"bwd v1"). Prepared in the harness (ci/gluon_ws_bwd.py) and not yet in the images: fa2rt's backward is bwd.py's two
-Triton kernels, and this one would replace their attn_bwd_dkdv (attn_bwd_dq, which also writes delta, stays).
+"""Warp-specialised sm90 attention backward in Gluon (issue 21 part 3; docs/bench/gluon-ws-notes.md, "bwd v1", "v2"):
+dK and dV, and with DQACC dQ added into an fp32 accumulator by TMA reduce (not deterministic: the adds land in no
+fixed order). Its images (op bwd_ws) run between bwd.py's attn_bwd_prep (delta, the accumulator zeroed) and
+attn_bwd_convert (dQ from the accumulator), for calls that do not ask for deterministic gradients; the harness
+(ci/gluon_ws.py) runs it alone through launcher().
 
 CTA = NUM_WG * 64 keys of one (batch, KV head): NUM_WG consumer warpgroups of 64 keys each (the default partition and
 a 4-warp worker), each holding its keys' K and V in shared memory and its dK, dV in registers, and a 1-warp loader
@@ -17,7 +19,7 @@ LSE (natural log, +inf for rows without keys) and DELTA = rowsum(dO * O) are (ba
 """
 
 import triton
-from fwd_ws import LOADER_REGS, LOG2E, box_layout, compile_gluon, register_split
+from fwd_ws import LOADER_REGS, LOG2E, box_layout, compile_gluon, encoded_maps, register_split, tensor_map_params
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -42,6 +44,7 @@ def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 TENSOR_MAPS = ("Q", "K", "V", "DO", "DK", "DV")  # (batch, seqlen, heads, dim), boxes of 64 rows of one head
+ACC_MAP = "DQACC"  # the fp32 dQ^T accumulator (batch, heads, head_dim, seqlen_q), rows 16-byte aligned
 SCALARS = (("seqlen_q", "i32"), ("seqlen_k", "i32"), ("window_left", "i32"), ("window_right", "i32"),
            ("nheads", "i32"), ("head_ratio", "i32"), ("qk_scale_log2", "fp32"), ("sm_scale", "fp32"))
 
@@ -59,13 +62,13 @@ def dq_layout(box: list[int]):
 
 def signature(dtype: str, head_dim: int, tile: dict) -> dict:
     """Q and dO in boxes of block_m rows, K, V, dK and dV of 64 (a consumer's keys); with dq, the fp32 dQ^T
-    accumulator in dq_box()es, else DQ is None."""
+    accumulator in dq_box()es, else DQACC is None."""
     def desc(rows):
         return f"tensordesc<{dtype}[1, {rows}, 1, {head_dim}],{box_layout(rows, head_dim, dtype)!r}>"
 
     maps = {name: desc(tile["block_m"] if name in ("Q", "DO") else 64) for name in TENSOR_MAPS}
     box = dq_box(head_dim, tile)
-    maps["DQ"] = f"tensordesc<fp32{box},{dq_layout(box)!r}>" if tile.get("dq") else "constexpr"
+    maps[ACC_MAP] = f"tensordesc<fp32{box},{dq_layout(box)!r}>" if tile.get("dq") else "constexpr"
     return maps | {"LSE": "*fp32", "DELTA": "*fp32"} | dict(SCALARS)
 
 
@@ -82,8 +85,19 @@ def constexprs(head_dim: int, tile: dict) -> dict:
 
 def compile_for(target, dtype: str, head_dim: int, tile: dict):
     """The kernel compiled ahead of time for `target` (a GPUTarget) with a schedule (constexprs()'s tile)."""
-    consts = constexprs(head_dim, tile) | ({} if tile.get("dq") else {"DQ": None})
+    consts = constexprs(head_dim, tile) | ({} if tile.get("dq") else {ACC_MAP: None})
     return compile_gluon(attn_bwd_ws, target, signature(dtype, head_dim, tile), consts, tile)
+
+
+def params() -> list[tuple[str, str]]:
+    """Run-time params of an image (built with dq) in launch order, as fwd_ws.params(): each map, its shape and
+    strides, then LSE, DELTA and the scalars."""
+    return tensor_map_params(TENSOR_MAPS + (ACC_MAP,)) + [("LSE", "*fp32"), ("DELTA", "*fp32")] + list(SCALARS)
+
+
+def tensor_maps(tensordesc_meta: list[dict]) -> list[dict]:
+    """The manifest's tensor_maps of an image, in params() order."""
+    return encoded_maps(tensordesc_meta, TENSOR_MAPS + (ACC_MAP,))
 
 
 @gluon.jit
@@ -231,7 +245,7 @@ def _consumer1(shared, STAGES: gl.constexpr, NUM_WG: gl.constexpr, DQ_SPLIT: gl.
 
 
 @gluon.jit
-def attn_bwd_ws(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, seqlen_q, seqlen_k, window_left, window_right, nheads,
+def attn_bwd_ws(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, seqlen_q, seqlen_k, window_left, window_right, nheads,
                      head_ratio, qk_scale_log2, sm_scale, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                 STAGES: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
                 DQ_SPLIT: gl.constexpr):
@@ -253,11 +267,11 @@ def attn_bwd_ws(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, seqlen_q, seqlen_k, window_
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=NUM_WG)
-    if DQ is not None:
+    if DQACC is not None:
         # dS^T of each consumer (bf16, keys x rows); shared between consumers, double-buffered by block parity.
         ds_smem = gl.allocate_shared_memory(dtype, [(2 if DQ_SPLIT > 1 else 1) * NUM_WG, 64, BLOCK_M],
                                             gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype))
-        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG, 1, 1, HEAD_D // DQ_SPLIT, BLOCK_M], DQ.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG, 1, 1, HEAD_D // DQ_SPLIT, BLOCK_M], DQACC.layout)
         # ds_ready: per dS buffer (0, 1) and once before the epilogue (2), every consumer arrives.
         ds_ready = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(3):
@@ -270,7 +284,7 @@ def attn_bwd_ws(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, seqlen_q, seqlen_k, window_
     bars = (kv_ready, ready, empty)
     band = (seqlen_q, seqlen_k, window_left, window_right)
     shared = (k_smem, v_smem, q_smem, do_smem, bars, DK, DV, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads,
-              head_ratio, qk_scale_log2, sm_scale, DQ, ds_smem, dq_smem, ds_ready)
+              head_ratio, qk_scale_log2, sm_scale, DQACC, ds_smem, dq_smem, ds_ready)
     loads = (Q, K, V, DO, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, head_ratio)
     if NUM_WG == 2:
         gl.warp_specialize([

@@ -67,14 +67,19 @@ def signature(dtype: str, head_dim: int, block_n: int) -> dict:
             | dict(SCALARS))
 
 
-def params() -> list[tuple[str, str]]:
-    """Run-time params in launch order: each descriptor as Triton 3.6 passes it (the map, then its shape as i32 and
-    its strides as i64, outermost dim first), then LSE and the scalars."""
+def tensor_map_params(names) -> list[tuple[str, str]]:
+    """Each descriptor as Triton 3.6 passes it: the map, then its shape as i32 and its strides as i64, outermost dim
+    first."""
     out = []
-    for name in TENSOR_MAPS:
+    for name in names:
         out += ([(name, "tensormap")] + [(f"{name}.shape{i}", "i32") for i in range(RANK)]
                 + [(f"{name}.stride{i}", "i64") for i in range(RANK)])
-    return out + [("LSE", "*fp32")] + list(SCALARS)
+    return out
+
+
+def params() -> list[tuple[str, str]]:
+    """Run-time params in launch order: the descriptors, then LSE and the scalars."""
+    return tensor_map_params(TENSOR_MAPS) + [("LSE", "*fp32")] + list(SCALARS)
 
 
 def constexprs(head_dim: int, tile: dict) -> dict:
@@ -116,12 +121,16 @@ def compile_for(target, dtype: str, head_dim: int, tile: dict):
 TMA_DTYPE_DEVICE_TO_HOST = {8: 10, 9: 8, 10: 9}
 
 
-def tensor_maps(tensordesc_meta: list[dict]) -> list[dict]:
-    """The manifest's tensor_maps of a compiled image, from Triton's metadata (one entry per descriptor, in
-    TENSOR_MAPS order): what the launch encodes each map with."""
+def encoded_maps(tensordesc_meta: list[dict], names) -> list[dict]:
+    """The manifest's tensor_maps of a compiled image, from Triton's metadata (one entry per descriptor, in the
+    order of `names`): what the launch encodes each map with."""
     return [{"param": name, "dtype": TMA_DTYPE_DEVICE_TO_HOST.get(m["elem_type"], m["elem_type"]),
              "elem_size": m["elem_size"], "swizzle": m["swizzle"], "box": list(m["block_size"])}
-            for name, m in zip(TENSOR_MAPS, tensordesc_meta, strict=True)]
+            for name, m in zip(names, tensordesc_meta, strict=True)]
+
+
+def tensor_maps(tensordesc_meta: list[dict]) -> list[dict]:
+    return encoded_maps(tensordesc_meta, TENSOR_MAPS)
 
 
 @gluon.jit

@@ -15,7 +15,9 @@ BACKENDS_DIR = Path(__file__).resolve().parent.parent
 # of it, and the dispatcher says so.
 # decode and decode_combine: the split-KV kernels over a KV cache and the merge of their partials; append: the in-place
 # write of a call's new keys and values into the cache before them (decode.py).
-OPS = ("fwd", "bwd_dq", "bwd_dkdv", "decode", "decode_combine", "append")
+# bwd_prep, bwd_ws and bwd_convert: the non-deterministic sm90 backward (bwd_ws.py between bwd.py's prep and convert
+# kernels), built where tiles.json has tables for them.
+OPS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_prep", "bwd_ws", "bwd_convert", "decode", "decode_combine", "append")
 DTYPES = ("fp16", "bf16")
 # Image kinds built per head-dim bucket, as (d_mask, features), in preference order: the manifest keeps this order
 # and the dispatcher takes the first image that fits, so an exact head dim without extras wins. Masked images take
@@ -44,6 +46,11 @@ OP_LAYOUT_KINDS = {op: LAYOUT_KINDS for op in ("bwd_dq", "bwd_dkdv")} | {
     "decode": {"kvcache": DECODE_KINDS, "paged": DECODE_KINDS},
     "decode_combine": {"partials": ((True, ()),)},
     "append": {"kvcache": ((True, ()),), "paged": ((True, ()),)},
+    # The warp-specialised backward and the kernels around it: dense calls of exactly the head dim, no score terms
+    # (bwd_ws has only WS_TILE images, built by _ws_variants).
+    "bwd_prep": {"dense": ((False, ()),)},
+    "bwd_convert": {"dense": ((False, ()),)},
+    "bwd_ws": {},
 }
 # Features an image applies only when the call asks for them (so it also serves calls without them), per op; the
 # manifest rows carry them ("optional_features") for the dispatcher's feature check. ALiBi with slope 0 adds nothing;
@@ -84,14 +91,16 @@ PAGED_TILE = "paged"
 PAGE_ALIGNED_OPS = ("decode",)
 PAGE_ALIGNED_TILE = "page_aligned"
 
-# A tiles.json fwd entry may carry a "ws" entry: the schedule of a warp-specialised Gluon forward (fwd_ws.py: TMA
-# loads, wgmma, setmaxnreg; sm90 only, so no AMD entry has one). It builds one image per dtype for dense calls of
-# exactly that head dim without softcap or ALiBi, listed before the arch's other forward images, so the dispatcher
-# prefers it for those calls; the Triton images of that kind are not built. With "persistent" the grid is one
-# program per SM, each walking tiles. A FULL_BAND dict in it names the schedule keys it replaces for an extra image,
-# listed first, for calls without causal or window (docs/bench/gluon-ws-notes.md has each schedule's measurements).
+# A tiles.json fwd or bwd_ws entry may carry a "ws" entry: the schedule of a warp-specialised Gluon kernel (fwd_ws.py,
+# bwd_ws.py: TMA loads, wgmma, setmaxnreg; sm90 only, so no AMD entry has one). It builds one image per dtype for
+# dense calls of exactly that head dim without softcap or ALiBi, listed before the arch's other images of the op, so
+# the dispatcher prefers it for those calls; the forward's Triton images of that kind are not built (WS_REPLACES).
+# With "persistent" the grid is one program per SM, each walking tiles. A FULL_BAND dict in it names the schedule
+# keys it replaces for an extra image, listed first, for calls without causal or window (docs/bench/gluon-ws-notes.md
+# has each schedule's measurements).
 WS_TILE = "ws"
 WS_FAMILY = "gluon_ws"
+WS_REPLACES = ("fwd",)
 
 
 def ws_schedule(arch: str, op: str, head_dim: int, full_band_only: bool) -> dict:
@@ -227,7 +236,7 @@ def variants(archs: list[str]) -> list[Variant]:
                     choices = _tile_choices(arch, op, int(bucket), cfg, layout)
                     for dtype in DTYPES:
                         for d_mask, features in kinds:
-                            if _ws_takes(cfg, layout, d_mask, features):
+                            if op in WS_REPLACES and _ws_takes(cfg, layout, d_mask, features):
                                 continue
                             for full_band_only, page_aligned, c in choices:
                                 out.append(Variant(
@@ -264,8 +273,16 @@ def _ws_variants(arch: str, op: str) -> list[Variant]:
                 out.append(Variant(
                     op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
                     warp_size=tiles(vendor)["warp_size"], mma_instr=mma, max_shared_bytes=info["max_shared_bytes"],
-                    dtype=dtype, head_dim=int(bucket), d_mask=False, features=(), block_m=64 * sched["num_wg"],
-                    block_n=sched["block_n"], num_warps=4, num_stages=sched["stages"], waves_per_eu=None,
+                    dtype=dtype, head_dim=int(bucket), d_mask=False, features=(), **_ws_blocks(op, sched),
+                    num_warps=4, num_stages=sched["stages"], waves_per_eu=None,
                     max_stack_bytes=sched.get("max_stack_bytes", 0), full_band_only=full_band_only,
                     family=WS_FAMILY, persistent=sched.get("persistent", False)))
     return out
+
+
+def _ws_blocks(op: str, sched: dict) -> dict:
+    """A WS_TILE image's blocks: the forward's programs take 64 query rows per consumer and walk block_n keys; the
+    backward's take 64 keys per consumer (the launch grid's block) and walk block_m query rows."""
+    if op == "fwd":
+        return {"block_m": 64 * sched["num_wg"], "block_n": sched["block_n"]}
+    return {"block_m": sched["block_m"], "block_n": 64 * sched["num_wg"]}

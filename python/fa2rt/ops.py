@@ -123,15 +123,27 @@ def _tma_strides(t: torch.Tensor) -> list[int]:
     return [s if size > 1 or s % unit == 0 else unit for size, s in zip(t.shape, t.stride(), strict=True)]
 
 
-def _fwd_ws_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
-    """The warp-specialised forward's arguments other than pointers (fwd_ws.params): each tensor map's shape and
-    strides (elements, outermost dim first), the scalars, batch."""
+def _map_fields(param: str, shape, strides) -> dict:
+    """A tensor map's shape and strides arguments (elements, outermost dim first), as Triton passes them."""
+    args = {}
+    for i, (size, stride) in enumerate(zip(shape, strides, strict=True)):
+        args[f"{param}.shape{i}"], args[f"{param}.stride{i}"] = size, stride
+    return args
+
+
+def _map_args(tensors: dict) -> dict:
+    """The shape and strides arguments of a map of each (batch, seqlen, nheads, headdim) tensor."""
     args = {}
     for name, t in tensors.items():
-        for i, (size, stride) in enumerate(zip(t.shape, _tma_strides(t), strict=True)):
-            args[f"{name.upper()}.shape{i}"], args[f"{name.upper()}.stride{i}"] = size, stride
+        args |= _map_fields(name.upper(), t.shape, _tma_strides(t))
+    return args
+
+
+def _fwd_ws_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
+    """The warp-specialised forward's arguments other than pointers (fwd_ws.params): the maps' shapes and strides,
+    the scalars, batch."""
     scalars = _scalar_args(alibi, shapes)
-    return args | {name: scalars[name] for name in _WS_SCALARS} | {"batch": shapes.batch}
+    return _map_args(tensors) | {name: scalars[name] for name in _WS_SCALARS} | {"batch": shapes.batch}
 
 
 # Per kernel family (the manifest's "family"): the forward's arguments other than pointers, and whether it takes the
@@ -142,6 +154,54 @@ FWD_FAMILIES = {"triton": (_fwd_constants, True), "gluon_ws": (_fwd_ws_constants
 def _bwd_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
     """The backward kernels' arguments other than pointers."""
     return _stride_args(tensors) | {"sm_scale": shapes.softmax_scale} | _scalar_args(alibi, shapes)
+
+
+def _acc_rows(seqlen_q: int) -> int:
+    """The row length of bwd_ws's fp32 dQ accumulator: seqlen_q rounded up to 4 elements, as TMA needs every stride
+    but the innermost in multiples of 16 bytes."""
+    return -(-seqlen_q // 4) * 4
+
+
+def _dq_accumulator(shapes: Shapes) -> torch.Tensor:
+    """The accumulator bwd_ws adds dQ^T into: (batch, nheads, head_dim, seqlen_q), rows _acc_rows apart. Left
+    uninitialised: bwd_prep zeroes it."""
+    b, h, d = shapes.batch, shapes.nheads, shapes.head_dim
+    return torch.empty(b, h, d, _acc_rows(shapes.seqlen_q), dtype=torch.float32, device=shapes.device)
+
+
+def _aux_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
+    """bwd_prep's and bwd_convert's arguments other than pointers (bwd.aux_params)."""
+    return _stride_args(tensors) | {"nheads": shapes.nheads, "seqlen_q": shapes.seqlen_q,
+                                    "acc_rows": _acc_rows(shapes.seqlen_q)}
+
+
+# The scalars the warp-specialised backward takes (bwd_ws.SCALARS), from _scalar_args and sm_scale.
+_WS_BWD_SCALARS = ("seqlen_q", "seqlen_k", "window_left", "window_right", "nheads", "head_ratio", "qk_scale_log2")
+
+
+def _bwd_ws_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
+    """bwd_ws's arguments other than pointers (bwd_ws.params): the maps of the tensors and of the accumulator (the
+    first seqlen_q of each row: TMA clips the reduce there), the scalars."""
+    rows = _acc_rows(shapes.seqlen_q)
+    acc = _map_fields("DQACC", (shapes.batch, shapes.nheads, shapes.head_dim, shapes.seqlen_q),
+                      (shapes.nheads * shapes.head_dim * rows, shapes.head_dim * rows, rows, 1))
+    scalars = _scalar_args(alibi, shapes)
+    return (_map_args(tensors) | acc | {name: scalars[name] for name in _WS_BWD_SCALARS}
+            | {"sm_scale": shapes.softmax_scale})
+
+
+_GRAD_TENSORS = ("q", "k", "v", "o", "do", "dq", "dk", "dv")
+_AUX_ARGS = (("o", "do", "dq"), ("DELTA", "DQACC"), _aux_constants, False)
+# Per backward op (policy.BACKWARD_PLANS): the (batch, seqlen, nheads, headdim) tensors its kernel takes by short name
+# (for their strides or maps, and the dispatcher's checks), its other pointer arguments, the function of its other
+# arguments, and whether it takes the ALiBi slopes. A varlen call's index pointers follow the buffers.
+BACKWARD_ARGS = {
+    "bwd_dq": (_GRAD_TENSORS, ("LSE", "DELTA"), _bwd_constants, True),
+    "bwd_dkdv": (_GRAD_TENSORS, ("LSE", "DELTA"), _bwd_constants, True),
+    "bwd_prep": _AUX_ARGS,
+    "bwd_ws": (("q", "k", "v", "do", "dk", "dv"), ("DQACC", "LSE", "DELTA"), _bwd_ws_constants, False),
+    "bwd_convert": _AUX_ARGS,
+}
 
 
 def _addresses(pointers: dict) -> dict:
@@ -306,41 +366,49 @@ class EagerCall:
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, alibi, deterministic: bool, cu: tuple = ()):
-        """dq, dk, dv (contiguous, in the inputs' dtype) from the backward kernels on torch's current stream; when none
-        fits, an announced recomputation through the SDPA fallback. The kernels use no atomics, so their gradients are
-        bitwise deterministic whatever `deterministic` says; it only restricts the fallback."""
+        """dq, dk, dv (contiguous, in the inputs' dtype) from a backward plan's kernels (policy.BACKWARD_PLANS) on
+        torch's current stream; when none fits, an announced recomputation through the SDPA fallback.
+        deterministic: only plans without atomics (bitwise reproducible gradients), and a deterministic fallback."""
         shapes = self.shapes
         # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
         dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
-        key = self._backward_key(dout)
+        key = self._backward_key(dout, deterministic)
         chosen = policy.remember(self.backward_choice, key,
-                                 lambda: policy.select_backward(shapes, (q, k, v, out, dout)))
+                                 lambda: policy.select_backward(shapes, (q, k, v, out, dout), deterministic))
         if isinstance(chosen, policy.Decision):
             policy.announce(chosen)
             return recompute_grads(dout, q, k, v, alibi, shapes, deterministic, cu)
         # The gradients are fresh contiguous allocations, which the dispatcher always takes.
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         lse = lse.contiguous()
-        delta = torch.empty_like(lse)
-        tensors = (q, k, v, out, dout, dq, dk, dv)
+        current = {"Q": q, "K": k, "V": v, "O": out, "DO": dout, "DQ": dq, "DK": dk, "DV": dv, "LSE": lse,
+                   "DELTA": torch.empty_like(lse), "ALIBI": self._slopes(alibi)} | _cu_buffers(cu)
+        if "bwd_ws" in (op for op, _, _ in chosen):
+            current["DQACC"] = _dq_accumulator(shapes)
         plans = policy.remember(self.backward_plans, key,
-                                lambda: self._backward_plans(chosen, tensors, lse, delta, alibi, cu))
-        _launch(plans, shapes.device, (q, k, v, out, dout, dq, dk, dv, lse, delta, *cu, self._slopes(alibi)))
+                                lambda: tuple(self._backward_plan(op, image, mode, current, alibi, cu)
+                                              for op, image, mode in chosen))
+        index, stream = device_and_stream(shapes.device)
+        for plan, names in plans:
+            plan.launch(index, stream, [current[name].data_ptr() for name in names])
         return dq, dk, dv
 
-    def _backward_plans(self, chosen, tensors, lse, delta, alibi, cu) -> tuple:
-        named = dict(zip(("q", "k", "v", "o", "do", "dq", "dk", "dv"), tensors, strict=True))
-        args = KernelArgs(self.shapes, named, {"LSE": lse, "DELTA": delta} | _cu_buffers(cu), alibi, _bwd_constants)
-        return tuple(args.plan(op, image, mode) for op, image, mode in chosen)
+    def _backward_plan(self, op: str, image: str, mode: str, current: dict, alibi, cu) -> tuple:
+        """(launch plan, its pointer names in launch order) of one backward kernel, from this call's tensors."""
+        tensor_names, buffers, constants, slopes = BACKWARD_ARGS[op]
+        tensors = {name: current[name.upper()] for name in tensor_names}
+        extra = {name: current[name] for name in buffers + INDEX_POINTERS[:len(cu)]}
+        args = KernelArgs(self.shapes, tensors, extra, alibi, constants, slopes)
+        return args.plan(op, image, mode), tuple(args.pointers)
 
     def _slopes(self, alibi) -> torch.Tensor:
         return alibi if alibi is not None else self.no_slopes
 
-    def _backward_key(self, dout) -> tuple:
+    def _backward_key(self, dout, deterministic: bool) -> tuple:
         """What the backward selection and plans can change with, given this call's inputs (q, k, v of the key's
-        layout; out and lse allocated by the forward; dout kernel-ready): dout's strides and the selection context
-        (the device description, FA2RT_FORCE_ARCH, the build)."""
-        return dout.stride(), policy.environment_key(self.shapes.device)
+        layout; out and lse allocated by the forward; dout kernel-ready): dout's strides, determinism and the
+        selection context (the device description, FA2RT_FORCE_ARCH, the build)."""
+        return dout.stride(), bool(deterministic), policy.environment_key(self.shapes.device)
 
 
 def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str, cu: tuple = ()):

@@ -21,8 +21,12 @@ from .validate import Shapes
 log = logging.getLogger("fa2rt")
 
 KERNEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The backward kernels in launch order: bwd_dq also writes delta = rowsum(dO * O), which bwd_dkdv reads.
-BACKWARD_OPS = ("bwd_dq", "bwd_dkdv")
+# Backward plans, each its kernels in launch order, in preference order; a call takes the first whose every op has an
+# image for it. "ws" (sm90, dense, head dim 64/128, no score terms): bwd_prep writes delta = rowsum(dO * O) and zeroes
+# an fp32 dQ accumulator, bwd_ws computes dK, dV and adds dQ into it (atomically: not deterministic), bwd_convert
+# writes dQ. "fa2": bwd_dq also writes delta, which bwd_dkdv reads; no atomics, so bitwise reproducible.
+BACKWARD_PLANS = {"ws": ("bwd_prep", "bwd_ws", "bwd_convert"), "fa2": ("bwd_dq", "bwd_dkdv")}
+DETERMINISTIC_PLANS = ("fa2",)
 CROSSOVER_FILE = Path(__file__).parent / "data" / "crossover.json"
 
 
@@ -39,7 +43,7 @@ class Decision:
     mode: str | None = None  # native, binary-compat or ptx-jit
     device: dict = field(default_factory=dict)
     rejections: tuple = ()  # (image, code, message) for every candidate the dispatcher turned down
-    backward: tuple = ()  # (image, mode) per BACKWARD_OPS when the inputs require grad, on the kernel path
+    backward: tuple = ()  # (image, mode) per op of the backward plan when the inputs require grad, on the kernel path
     copies: tuple = ()  # (tensor name, why) for each input the fallback copies so SDPA's kernels can take it
     provider: str | None = None  # routed: the SDPA backend (fa2rt.routing.PROVIDERS); image: fa2rt's, not run
 
@@ -162,8 +166,9 @@ def decide(shapes: Shapes, q, k, v, *, needs_grad: bool, out=None, slopes_need_g
         return _fallback("short_sequence", f"seqlen_k={shapes.seqlen_k} is below the crossover {threshold} "
                          f"measured for {info.arch} (override with {config.MIN_SEQLEN})", info)
     tensors = (q, k, v, out)
-    key = (shapes, layout_key(tensors), needs_grad, _context_key(info))
-    decision = remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad))
+    key = (shapes, layout_key(tensors), needs_grad, needs_grad and deterministic, _context_key(info))
+    decision = remember(_DECISION_CACHE, key, lambda: _kernel_decision(shapes, tensors, info, needs_grad,
+                                                                       deterministic))
     if decision.path != "kernel" or shapes.layout != "dense":
         return decision
     flags = (deterministic, return_lse, out is None, sdpa_flags(), config.raw_values())
@@ -195,14 +200,14 @@ def _routed(decision: Decision, shapes: Shapes, tensors, info, needs_grad, deter
     return dataclasses.replace(decision, path="routed", provider=provider, message=message)
 
 
-def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool) -> Decision:
+def _kernel_decision(shapes: Shapes, tensors, info, needs_grad: bool, deterministic: bool) -> Decision:
     q, k, v, _ = tensors
     image, mode, rejections = _select("fwd", shapes, tensors, info)
     if image is None:
         return _fallback("no_kernel", _no_image_message(info, rejections), info, rejections)
     backward = ()
     if needs_grad:
-        chosen = select_backward(shapes, (q, k, v), info)
+        chosen = select_backward(shapes, (q, k, v), deterministic, info)
         if isinstance(chosen, Decision):
             return chosen
         backward = tuple((image, mode) for _, image, mode in chosen)
@@ -259,27 +264,32 @@ def _run_select(problem: "_C.Problem", info) -> tuple:
     return sel["image"], sel["mode"], [(r.image, r.code, r.message) for r in sel["rejections"]]
 
 
-def select_backward(shapes: Shapes, tensors, info=None):
-    """((op, image, mode) per BACKWARD_OPS in launch order), or the fallback Decision saying why not; tensors: the
-    inputs' (batch, seqlen, nheads, headdim) tensors the backward reads (the gradients it allocates always fit)."""
+def select_backward(shapes: Shapes, tensors, deterministic: bool = False, info=None):
+    """((op, image, mode) per op of the first BACKWARD_PLANS plan that serves the call, in launch order), or the
+    fallback Decision saying why none does; tensors: the inputs' (batch, seqlen, nheads, headdim) tensors the
+    backward reads (the buffers it allocates always fit). deterministic: only DETERMINISTIC_PLANS."""
     if info is None:
         info, code, why = devices.describe(shapes.device)
         if code:
             return _fallback(code, why)
     tensors = tuple(tensors)
-    key = (shapes, layout_key(tensors), _context_key(info))
-    return remember(_BACKWARD_CACHE, key, lambda: _select_backward(shapes, tensors, info))
+    key = (shapes, layout_key(tensors), bool(deterministic), _context_key(info))
+    return remember(_BACKWARD_CACHE, key, lambda: _select_backward(shapes, tensors, deterministic, info))
 
 
-def _select_backward(shapes: Shapes, tensors, info):
-    chosen = []
-    for op in BACKWARD_OPS:
-        image, mode, rejections = _select(op, shapes, tensors, info)
-        if image is None:
-            why = _no_image_message(info, rejections)
-            return _fallback("no_backward_kernel", f"{op}: {why}", info, rejections)
-        chosen.append((op, image, mode))
-    return tuple(chosen)
+def _select_backward(shapes: Shapes, tensors, deterministic: bool, info):
+    plans = [plan for name, plan in BACKWARD_PLANS.items() if not deterministic or name in DETERMINISTIC_PLANS]
+    for plan in plans:
+        chosen = []
+        for op in plan:
+            image, mode, rejections = _select(op, shapes, tensors, info)
+            if image is None:
+                break
+            chosen.append((op, image, mode))
+        else:
+            return tuple(chosen)
+    # Why the last plan (the one with the widest reach) takes no call like this one.
+    return _fallback("no_backward_kernel", f"{op}: {_no_image_message(info, rejections)}", info, rejections)
 
 
 def _no_image_message(info, rejections) -> str:

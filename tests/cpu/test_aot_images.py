@@ -23,13 +23,12 @@ ARCHS = ["sm90", "gfx942"]
 
 sys.path.insert(0, str(KERNELS))
 import aot  # noqa: E402
-import fwd_ws  # noqa: E402
 import variants  # noqa: E402
 
 
 def _params(op, dtype, layout="dense", family="triton"):
     if family == variants.WS_FAMILY:
-        return fwd_ws.params()
+        return aot.ws_module(op).params()
     # Loaded under a private name: other tests load fwd.py in the Triton interpreter.
     spec = importlib.util.spec_from_file_location("_aot_test_fwd", KERNELS / "fwd.py")
     mod = importlib.util.module_from_spec(spec)
@@ -136,7 +135,7 @@ def test_row_fields(build):
         # Slopes, cu_seqlens, the decode kernels' index tensors, the appended keys and values (and the backward's fp32
         # row vectors, LSE and delta) may have any alignment.
         unhinted = {"ALIBI", "stride_ab", "stride_ah", "CU_Q", "CU_K", "SEQLENS", "BATCH_IDX", "LEFTPAD", "BLOCK_TABLE",
-                    "K_NEW", "V_NEW"} | ({"LSE", "DELTA"} if row["op"] in ("bwd_dq", "bwd_dkdv") else set())
+                    "K_NEW", "V_NEW"} | ({"LSE", "DELTA"} if row["op"].startswith("bwd_") else set())
         assert not unhinted & set(row["divisible16"])
         # Page-aligned decode images (each tile in one page) take pages that are multiples of their key block.
         aligned = "-aligned-" in row["name"]
@@ -151,11 +150,11 @@ def test_row_fields(build):
 
 
 def test_ws_rows(build):
-    """The warp-specialised Gluon images (sm90 fwd d128, dense calls without score terms): persistent tile walks
-    over a flat grid, one for full-band calls and one for banded calls, Q/K/V/O as TMA maps with the kernel's
+    """The warp-specialised Gluon forward images (sm90 fwd d128, dense calls without score terms): persistent tile
+    walks over a flat grid, one for full-band calls and one for banded calls, Q/K/V/O as TMA maps with the kernel's
     boxes; the Triton images of that kind are not built."""
     _, manifest, _ = build
-    rows = [row for row in manifest["images"] if row["family"] == variants.WS_FAMILY]
+    rows = [row for row in manifest["images"] if row["family"] == variants.WS_FAMILY and row["op"] == "fwd"]
     assert {(row["dtype"], row["full_band_only"]) for row in rows} == {(d, f) for d in ("fp16", "bf16")
                                                                         for f in (True, False)}
     host_dtype = {"bf16": 9, "fp16": 6}  # CUtensorMapDataType
@@ -174,6 +173,36 @@ def test_ws_rows(build):
     assert not [row["name"] for row in others if (row["arch"], row["op"], row["layouts"], row["head_dim"],
                                                   row["d_mask"], row["features"]) == ("sm90", "fwd", ["dense"], 128,
                                                                                       False, [])]
+
+
+def test_ws_backward_rows(build):
+    """The warp-specialised Gluon backward images (sm90 bwd_ws d64/d128, dense calls without score terms): one
+    program per 128 keys of a (batch, KV head) (not a flat grid), Q/K/V/dO/dK/dV as TMA maps and the fp32 dQ
+    accumulator's map with the kernel's boxes, the prep and convert kernels beside them at the same head dims; the FA2
+    backward images stay (deterministic calls)."""
+    out, manifest, _ = build
+    rows = [row for row in manifest["images"] if row["op"] == "bwd_ws"]
+    assert sorted((row["dtype"], row["head_dim"]) for row in rows) == sorted(
+        (d, h) for d in ("fp16", "bf16") for h in (64, 128))
+    host_dtype = {"bf16": 9, "fp16": 6}  # CUtensorMapDataType; 7: float32
+    for row in rows:
+        assert row["family"] == variants.WS_FAMILY and row["layouts"] == ["dense"] and row["features"] == []
+        assert row["flat_grid"] is False and row["ctas_per_sm"] == 0 and row["num_warps"] == 12
+        assert row["block_n"] == 128 and not row["d_mask"]
+        m = row["block_m"]
+        assert [(t["param"], t["box"], t["dtype"], t["elem_size"]) for t in row["tensor_maps"]] == [
+            (name, [1, rows_, 1, 64], host_dtype[row["dtype"]], 2)
+            for name, rows_ in (("Q", m), ("K", 64), ("V", 64), ("DO", m), ("DK", 64), ("DV", 64))] + [
+            ("DQACC", [1, 1, 64, 32], 7, 4)]
+        ptx = (out / row["ptx"]["file"]).read_text()
+        assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx and "setmaxnreg" in ptx
+        assert [p for p, _ in row["params"][-10:]] == ["LSE", "DELTA", "seqlen_q", "seqlen_k", "window_left",
+                                                       "window_right", "nheads", "head_ratio", "qk_scale_log2",
+                                                       "sm_scale"]
+    for op in ("bwd_prep", "bwd_convert", "bwd_dq", "bwd_dkdv"):
+        assert {(row["dtype"], row["head_dim"]) for row in rows} <= {
+            (row["dtype"], row["head_dim"]) for row in manifest["images"]
+            if row["op"] == op and row["arch"] == "sm90" and not row["d_mask"] and row["features"] == []}, op
 
 
 def test_ptx_entry_takes_the_manifest_params(build):
@@ -443,9 +472,8 @@ def test_paged_prefill_images_are_forward_only_at_the_serving_buckets():
 
 @pytest.mark.parametrize("variant", ["bm32-s2", "bm32-s2-dq1"])
 def test_gluon_backward_compiles_for_sm90_without_spills(variant):
-    """bwd_ws.py (prepared in the harness, not in the images yet) still compiles: wgmma fed from registers,
-    warp-specialised (setmaxnreg), no stack at d128 with 32-row query blocks (ci/gluon_ws.py compile-bwd); with dq1
-    dQ leaves by TMA reduce-add."""
+    """The harness's bwd_ws.py variants (ci/gluon_ws.py compile-bwd) still compile: wgmma fed from registers,
+    warp-specialised (setmaxnreg), no stack at d128 with 32-row query blocks; with dq1 dQ leaves by TMA reduce-add."""
     sys.path.insert(0, str(ROOT / "ci"))
     import gluon_ws
 

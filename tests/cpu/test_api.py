@@ -125,12 +125,15 @@ def test_grad_selects_backward_kernels_too(on_device):
     with torch.no_grad():  # nothing will be differentiated: no backward kernels needed
         d = fa2rt.explain(q, k, v)
         assert d.path == "kernel" and d.backward == ()
-    d = fa2rt.explain(q, k, v)
-    assert d.path == "kernel" and d.image.startswith("fwd-sm90-bf16-d128-plain-")
-    assert len(d.backward) == len(policy.BACKWARD_OPS)
-    for op, (image, mode) in zip(policy.BACKWARD_OPS, d.backward, strict=True):  # in launch order
-        assert image.startswith(f"{op}-sm90-bf16-d128-plain-") and mode == "native"
-        assert f"backward {image} (native)" in str(d)
+    for deterministic, plan in ((False, "ws"), (True, "fa2")):
+        d = fa2rt.explain(q, k, v, deterministic=deterministic)
+        assert d.path == "kernel" and d.image.startswith("fwd-sm90-bf16-d128-plain-")
+        assert len(d.backward) == len(policy.BACKWARD_PLANS[plan])
+        for op, (image, mode) in zip(policy.BACKWARD_PLANS[plan], d.backward, strict=True):  # in launch order
+            assert image.startswith(f"{op}-sm90-bf16-d128-plain-") and mode == "native"
+            assert f"backward {image} (native)" in str(d)
+    # The warp-specialised backward takes exact head dims without score terms only.
+    assert [img.split("-")[0] for img, _ in fa2rt.explain(q, k, v, softcap=5.0).backward] == ["bwd_dq", "bwd_dkdv"]
 
 
 @pytest.mark.parametrize("arch", ["gfx90a", "gfx942"])
@@ -143,8 +146,8 @@ def test_amd_grad_selects_amd_backward_kernels(on_device, arch, head_dim, bucket
     v.requires_grad_(True)
     d = fa2rt.explain(q, k, v)
     assert d.path == "kernel" and d.image.startswith(f"fwd-{arch}-bf16-d{head_dim}-plain-") and d.mode == "native"
-    assert len(d.backward) == len(policy.BACKWARD_OPS), d
-    for op, (image, mode) in zip(policy.BACKWARD_OPS, d.backward, strict=True):
+    assert len(d.backward) == len(policy.BACKWARD_PLANS["fa2"]), d  # no warp-specialised kernels on AMD
+    for op, (image, mode) in zip(policy.BACKWARD_PLANS["fa2"], d.backward, strict=True):
         assert image.startswith(f"{op}-{arch}-bf16-{bucket}-plain-") and mode == "native", d
     entry = report.device_entry(DEVICES[arch], builds.current_build())
     assert {image for image, _ in d.backward} <= set(entry["usable_images"])
@@ -191,7 +194,8 @@ def test_full_band_tiles_serve_only_calls_without_band(on_device):
     packed = [t.flatten(0, 1) for t in (q, k, v)] + [cu_q, cu_k, q.shape[1], k.shape[1]]
 
     def images(args, causal, window_size):
-        d = fa2rt.explain(*args, causal=causal, window_size=window_size)
+        # Deterministic: the FA2 backward kernels (other dense calls at sm90 d64 take the warp-specialised ones).
+        d = fa2rt.explain(*args, causal=causal, window_size=window_size, deterministic=True)
         return [d.image] + [image for image, _ in d.backward]
 
     for args, suffix in (((q, k, v), "-fullband-m"), (packed, "-fullband-varlen-")):

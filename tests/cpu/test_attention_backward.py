@@ -80,16 +80,17 @@ def expect_autograd_launches(recorded, forward, backward, leaves, index=(), inde
     dout = torch.randn(out.shape).to(out.dtype)
     out.backward(dout)
     _, *autograd_launches = recorded.launches
-    assert len(autograd_launches) == len(policy.BACKWARD_OPS)
+    assert len(autograd_launches) in {len(plan) for plan in policy.BACKWARD_PLANS.values()}
     recorded.launches.clear()
     dq, dk, dv = backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *index, causal=True)
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, v.shape]
     assert [launch[0].image for launch in recorded.launches] == [launch[0].image for launch in autograd_launches]
     for mine, theirs in zip(recorded.launches, autograd_launches, strict=True):
         named, expected = (dict(zip(launch[0].pointers, launch[3], strict=True)) for launch in (mine, theirs))
-        for pointer in ("Q", "K", "V", "O", "DO", "LSE", *index_pointers):
+        assert named.keys() == expected.keys()
+        for pointer in {"Q", "K", "V", "O", "DO", "LSE", *index_pointers} & named.keys():
             assert named[pointer] == expected[pointer], pointer
-        assert named["DQ"] == dq.data_ptr()
+        assert named.get("DQ", dq.data_ptr()) == dq.data_ptr()
     return recorded.launches
 
 

@@ -175,14 +175,17 @@ def test_decisions_follow_alignment_and_the_environment(recorded, monkeypatch, f
     assert fa2rt.explain(q, k, v).reason == "short_sequence"
 
 
+@pytest.mark.parametrize("deterministic, plan", [(False, "ws"), (True, "fa2")], ids=["ws", "deterministic"])
 @pytest.mark.parametrize("which", [("q", "k", "v"), ("k",)])
-def test_backward_launches_every_backward_op_with_the_named_arguments(recorded, which):
+def test_backward_launches_every_backward_op_with_the_named_arguments(recorded, which, deterministic, plan):
+    """sm90 d64: the warp-specialised plan (prep, bwd_ws adding dQ into an fp32 accumulator, convert), or with
+    deterministic=True the two FA2 kernels; each launch with its named arguments and grid."""
     q, k, v = make()
     for name, t in zip("qkv", (q, k, v), strict=True):
         t.requires_grad_(name in which)
-    decision = fa2rt.explain(q, k, v, causal=True)
-    assert len(decision.backward) == len(policy.BACKWARD_OPS)
-    out, lse = fa2rt.attention(q, k, v, causal=True, return_lse=True)
+    decision = fa2rt.explain(q, k, v, causal=True, deterministic=deterministic)
+    assert [image.split("-")[0] for image, _ in decision.backward] == list(policy.BACKWARD_PLANS[plan])
+    out, lse = fa2rt.attention(q, k, v, causal=True, return_lse=True, deterministic=deterministic)
     assert out.requires_grad and not lse.requires_grad
     dout = torch.randn(2, 4, 37, 64).to(q.dtype).transpose(1, 2)  # a transposed view: kernel-ready as it is
     out.backward(dout)
@@ -194,18 +197,28 @@ def test_backward_launches_every_backward_op_with_the_named_arguments(recorded, 
     assert fwd_launch[0].image == decision.image
     assert [launch[0].image for launch in bwd_launches] == [image for image, _ in decision.backward]
     shapes = check_inputs(q.detach(), k.detach(), v.detach(), causal=True, softmax_scale=None)
-    addresses = dict(zip(bwd_launches[0][0].pointers, bwd_launches[0][3], strict=True))
-    assert addresses["DO"] == dout.data_ptr() and addresses["O"] == out.data_ptr()
-    assert addresses["Q"] == q.data_ptr() and addresses["LSE"] == lse.data_ptr()
+    named = [dict(zip(launch[0].pointers, launch[3], strict=True)) for launch in bwd_launches]
+    first = named[0] | named[1]
+    assert first["DO"] == dout.data_ptr() and first["O"] == out.data_ptr()
+    assert first["Q"] == q.data_ptr() and first["LSE"] == lse.data_ptr()
     # The gradient buffers: contiguous, of the inputs' shapes (their addresses are the plans' own to check).
     grads = {f"d{name}": torch.empty_like(t, memory_format=torch.contiguous_format)
              for name, t in (("q", q), ("k", k), ("v", v))}
     tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout} | grads
-    for op, launch in zip(policy.BACKWARD_OPS, bwd_launches, strict=True):
-        plan, _, _, addr = launch
-        named = dict(zip(plan.pointers, addr, strict=True))
-        args = ops.bwd_kernel_args(tensors, lse, lse, None, shapes) | named
-        expect_launch(launch, plan.image, args, policy.problem_for(shapes, tensors.values(), op))
+    for op, launch, pointers in zip(policy.BACKWARD_PLANS[plan], bwd_launches, named, strict=True):
+        names, _, constants, _ = ops.BACKWARD_ARGS[op]
+        mine = {name: tensors[name] for name in names}
+        expect_launch(launch, launch[0].image, constants(mine, None, shapes) | pointers,
+                      policy.problem_for(shapes, mine.values(), op))
+    if plan == "ws":
+        prep, ws, convert = named
+        # One delta and one accumulator through the three kernels; dQ^T per (batch, head): rows padded to 40 floats.
+        assert prep["DELTA"] == ws["DELTA"] == convert["DELTA"] and prep["DQACC"] == ws["DQACC"] == convert["DQACC"]
+        args = ops._bwd_ws_constants({}, None, shapes)
+        assert [args[f"DQACC.shape{i}"] for i in range(4)] == [2, 4, 64, 37]
+        assert [args[f"DQACC.stride{i}"] for i in range(4)] == [4 * 64 * 40, 64 * 40, 40, 1]
+        assert tuple(bwd_launches[1][0].grid) == (1, 2 * 2, 1)  # 128 keys per program, (batch, KV head)
+        assert tuple(bwd_launches[0][0].grid) == (1, 2 * 4, 1)  # 64 rows per program, (batch, head)
 
 
 def test_backward_copies_a_grad_out_that_breaks_the_layout_rules(recorded):
@@ -330,11 +343,12 @@ def test_a_repeated_call_launches_without_validating_or_deciding_again(recorded,
     with torch.no_grad():  # grad mode is part of the key: this one is validated again
         with pytest.raises(pytest.fail.Exception, match="validated again"):
             fa2rt.attention(q2, k2, v2, causal=True)
-    assert len(recorded.built) == 1 + len(policy.BACKWARD_OPS)
-    fwd2 = recorded.launches[1 + len(policy.BACKWARD_OPS)]
+    kernels = 1 + len(policy.BACKWARD_PLANS["ws"])  # sm90 d64: the forward and the warp-specialised backward
+    assert len(recorded.built) == kernels
+    fwd2 = recorded.launches[kernels]
     assert dict(zip(fwd2[0].pointers, fwd2[3], strict=True))["Q"] == q2.data_ptr()
-    assert [_masked(launch) for launch in recorded.launches[:3]] == [_masked(launch) for launch in
-                                                                        recorded.launches[3:]]
+    assert [_masked(launch) for launch in recorded.launches[:kernels]] == [_masked(launch) for launch in
+                                                                              recorded.launches[kernels:]]
 
 
 @pytest.mark.parametrize("again, error", [

@@ -71,7 +71,7 @@ from fa2rt.validate import check_inputs
 BWD_SRC = ROOT / "backends" / "kernels" / "bwd.py"
 BWD_MODULE_NAME = "fa2rt_kernels_bwd_interp"
 BWD_OPS = ("bwd_dq", "bwd_dkdv")
-assert tuple(policy.BACKWARD_OPS) == BWD_OPS, "the backward launch order changed: update this test"
+assert tuple(policy.BACKWARD_PLANS["fa2"]) == BWD_OPS, "the backward launch order changed: update this test"
 
 
 def _load_interpreted_bwd():
@@ -674,3 +674,71 @@ def test_library_units_match_kernel():
     # them back by 8 (the forward's units).
     assert ops._C.HEAD_DIM_MULTIPLE == fwd.HEAD_DIM_MULTIPLE == 8
     assert ops._C.STRIDE_MULTIPLE == fwd.STRIDE_UNIT == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# attn_bwd_prep and attn_bwd_convert: the Triton kernels around the warp-specialised sm90 backward (bwd_ws.py, Gluon,
+# which the interpreter cannot run: it ran on the H200, docs/bench/gluon-ws-notes.md). Every tile of theirs in
+# tiles.json, with the library's arguments (ops._aux_constants, ops._dq_accumulator) packed by the dispatcher's packer
+# on its grid.
+
+AUX_TILES = sorted({(op, arch, int(bucket), cfg["block_m"])
+                    for path in TILES.values() for arch, entry in json.loads(path.read_text())["archs"].items()
+                    for op in ("bwd_prep", "bwd_convert") for bucket, cfg in entry.get(op, {}).items()})
+
+
+def _aux_launch(op, bucket, block_m, shapes, tensors, buffers):
+    img = _C.ImageInfo()
+    img.name, img.op, img.arch, img.vendor = f"{op}-interp-d{bucket}", op, "sm90", "cuda"
+    img.dtype, img.head_dim, img.d_mask, img.features = TL_DTYPE[shapes.dtype], bucket, False, []
+    img.block_m, img.block_n, img.num_warps, img.warp_size, img.align16 = block_m, 64, 4, 32, True
+    img.kernel_name = f"attn_{op}"
+    img.params = bwd.aux_params(TL_DTYPE[shapes.dtype])
+    registry = _C.Registry()
+    registry.add(img)
+    pointers = {name.upper(): t for name, t in tensors.items()} | buffers
+    args = ops._aux_constants(tensors, None, shapes) | {name: t.data_ptr() for name, t in pointers.items()}
+    _C.pack_params(registry, img.name, args)
+    problem = policy.problem_for(shapes, tensors.values(), op)
+    grid, _block, _shared = _C.launch_config(registry, img.name, problem)
+    assert tuple(grid) == (triton.cdiv(shapes.seqlen_q, block_m), shapes.batch * shapes.nheads, 1)
+    launch = {name: (pointers[name] if ty.startswith("*") else args[name]) for name, ty in img.params}
+    with _interpret_mode(), _single_threaded_blas():
+        getattr(bwd, f"attn_{op}")[grid](**launch, **bwd.aux_constexprs(block_m, 64, bucket, False, ()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[TL_DTYPE[d] for d in DTYPES])
+@pytest.mark.parametrize("op, arch, bucket, block_m", AUX_TILES, ids=[f"{t[0]}-{t[1]}-d{t[2]}" for t in AUX_TILES])
+def test_prep_and_convert_around_the_warp_specialised_backward(op, arch, bucket, block_m, dtype):
+    """prep: delta = rowsum(dO * O) laid out as LSE, and the accumulator's first seqlen_q of every row zeroed (the
+    padding past it untouched); convert: dQ = the accumulator transposed, rounded to the dtype once. Strided O and dO;
+    seqlen_q = block_m + 37: two row blocks, the second ragged, and accumulator rows padded by 3."""
+    b, sq, h = 2, block_m + 37, 3
+    gen = torch.Generator().manual_seed(bucket + block_m)
+    o, do = (_padded_like((b, sq, h, bucket), dtype, gen, strided=True) for _ in range(2))
+    q = torch.empty(b, sq, h, bucket, dtype=dtype)
+    shapes = ops._shapes(q, q, 0.5, -1, -1, 0.0, None)
+    acc = ops._dq_accumulator(shapes).fill_(float("nan"))
+    rows = acc.shape[-1]
+    assert rows % 4 == 0 and sq <= rows < sq + 4
+    delta, delta_buf = _poisoned((b, h, sq), torch.float32)
+    dq, dq_buf = _poisoned(q.shape, dtype)
+    tensors = {"o": o, "do": do, "dq": dq}
+    if op == "bwd_prep":
+        _aux_launch(op, bucket, block_m, shapes, tensors, {"DELTA": delta, "DQACC": acc})
+        _check_written("DELTA", delta, delta_buf)
+        products = (o.double() * do.double()).transpose(1, 2)
+        assert ((delta.double() - products.sum(-1)).abs() <= DELTA_TOL * products.abs().sum(-1).clamp(min=1)).all()
+        assert (acc[..., :sq] == 0).all() and acc[..., sq:].isnan().all()
+        return
+    acc[..., :sq] = torch.randn(b, h, bucket, sq, generator=gen)
+    _aux_launch(op, bucket, block_m, shapes, tensors, {"DELTA": delta, "DQACC": acc})
+    _check_written("dQ", dq, dq_buf)
+    assert torch.equal(dq, acc[..., :sq].permute(0, 3, 1, 2).to(dtype))
+
+
+def test_aux_tiles_exist():
+    """sm90 has prep and convert tiles at every bucket its warp-specialised backward serves."""
+    ws = set(json.loads(TILES["cuda"].read_text())["archs"]["sm90"]["bwd_ws"])
+    for op in ("bwd_prep", "bwd_convert"):
+        assert {str(t[2]) for t in AUX_TILES if t[0] == op and t[1] == "sm90"} == ws

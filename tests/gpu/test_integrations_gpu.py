@@ -65,7 +65,7 @@ def test_sdpa_flash_runs_fa2rt_and_matches_torch_flash(b, h, hk, n, d, causal, r
     torch_flash = sdpa_flash(q, k, v, causal, grad)  # before activation: torch's own kernel
     reference = exact(q, k, v, causal, grad)
     decision = fa2rt.explain(*(t.transpose(1, 2) for t in (q, k, v)), causal=causal)
-    assert decision.path == "kernel" and len(decision.backward) == 2, decision
+    assert decision.path == "kernel" and decision.backward, decision
     request.getfixturevalue("fa2rt_flash")
     ours = sdpa_flash(q, k, v, causal, grad)
     assert sdpa.calls[("_scaled_dot_product_flash_attention", "fa2rt")] == 1, sdpa.calls

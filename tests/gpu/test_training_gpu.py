@@ -27,7 +27,7 @@ def _smooth(losses, width=10):
 def test_training_follows_sdpa():
     q = torch.zeros(1, 64, 4, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     decision = fa2rt.explain(q, q, q, causal=True)
-    assert decision.path == "kernel" and len(decision.backward) == 2, decision
+    assert decision.path == "kernel" and decision.backward, decision
     common = dict(steps=STEPS, device="cuda", dtype=torch.float32, attn_dtype=torch.bfloat16, seed=0)
     ours, theirs = train(fa2rt_causal, **common), train(sdpa_causal, **common)
     assert sum(ours[-10:]) / 10 < 0.05 * CHANCE_LOSS and sum(theirs[-10:]) / 10 < 0.05 * CHANCE_LOSS, (
