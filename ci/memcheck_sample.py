@@ -3,9 +3,13 @@ head dims below their bucket, every bucket, an out= view (forward only), and d12
 persistent tile walks. On sm90 the d64/d128 calls without score terms run the warp-specialised backward (dQ added by
 TMA reduce into an fp32 accumulator), the others the FA2 kernels."""
 
-import torch
+import os
 
-import fa2rt
+os.environ.setdefault("FA2RT_ROUTING", "0")  # fa2rt's own kernels, not the SDPA backends the routing table picks
+
+import torch  # noqa: E402
+
+import fa2rt  # noqa: E402
 
 CASES = [  # b, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, extra kwargs
     (1, 257, 300, 4, 2, 64, {"causal": True}),

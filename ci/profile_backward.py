@@ -1,6 +1,6 @@
-"""Kernel times of one backward call under torch.profiler: fa2rt's backward kernels against SDPA's flash backend, on
-FA2-grid shapes (bf16, 16k tokens, hidden 2048). Needs a CUDA GPU; FA2RT_FORCE_ARCH=sm80 times the sm80 images
-through their PTX.
+"""Kernel times of one backward call under torch.profiler: fa2rt's backward kernels against SDPA's flash and cuDNN
+backends, on FA2-grid shapes (bf16, 16k tokens, hidden 2048). Needs a CUDA GPU; FA2RT_FORCE_ARCH=sm80 times the sm80
+images through their PTX.
 
     python ci/profile_backward.py [--seqlen 4096] [--head-dim 64 128] [--calls 5]
 
@@ -12,6 +12,7 @@ import functools
 import os
 
 os.environ.setdefault("FA2RT_MIN_SEQLEN", "0")  # the kernel at any length
+os.environ.setdefault("FA2RT_ROUTING", "0")  # fa2rt's own kernels, not the SDPA backend the routing table picks
 
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -41,8 +42,8 @@ def fa2rt_forward(q, k, v, causal):
     return fa2rt.attention(q, k, v, causal=causal)
 
 
-def flash_forward(q, k, v, causal):
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+def sdpa_forward(q, k, v, causal, backend):
+    with sdpa_kernel(backend):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -67,7 +68,9 @@ def main() -> None:
             report("fa2rt", kernel_times(functools.partial(fa2rt_forward, causal=causal), q, k, v, args.calls))
             # SDPA takes (batch, nheads, seqlen, headdim).
             qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-            report("SDPA flash", kernel_times(functools.partial(flash_forward, causal=causal), qt, kt, vt, args.calls))
+            for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+                forward = functools.partial(sdpa_forward, causal=causal, backend=backend)
+                report(f"SDPA {name}", kernel_times(forward, qt, kt, vt, args.calls))
 
 
 if __name__ == "__main__":
