@@ -266,7 +266,8 @@ def _backward_ms(fn, q, k, v, dout, **opts) -> float:
 def bench_bwd(out, variants):
     """Backward time per point (ms, the FA2 grid): each variant's kernel (dK/dV alone, or with dq1 the whole backward:
     the kernel with delta, the accumulator's zeroing and conversion in torch, and VARIANT:kernel the kernel alone),
-    fa2rt's whole backward (its dQ and dK/dV kernels) and cuDNN's (as fa2rt routes to it), in one process."""
+    fa2rt's whole backward as its installed images run it (routing off) and cuDNN's (as fa2rt routes to it), in one
+    process."""
     import torch
 
     import fa2rt

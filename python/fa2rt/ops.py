@@ -1,11 +1,11 @@
 """The kernel path: launches of the kernel images, as torch.library custom ops (so torch.compile traces calls into
 fa2rt) and, for eager calls, directly.
 
-fa2rt::fwd returns a new output and is differentiable: its autograd formula calls fa2rt::bwd, the two backward
-kernels (policy.BACKWARD_OPS, backends/kernels/bwd.py). fa2rt::fwd_out writes into the caller's out= tensor
-(a declared mutation; no autograd, as torch's own out= variants). Eager calls run the same forward() and backward()
-through run_eager, without the custom ops' dispatch (at short sequences it cost more host time than the kernels
-run).
+fa2rt::fwd returns a new output and is differentiable: its autograd formula calls fa2rt::bwd, the kernels of a
+backward plan (policy.BACKWARD_PLANS: backends/kernels/bwd.py, bwd_ws.py). fa2rt::fwd_out writes into the caller's
+out= tensor (a declared mutation; no autograd, as torch's own out= variants). Eager calls run the same forward() and
+backward() through run_eager, without the custom ops' dispatch (at short sequences it cost more host time than the
+kernels run).
 
 Launches go through launch plans (_C.LaunchPlan), built once per image and call geometry: per call only the
 tensors' addresses and the stream change.

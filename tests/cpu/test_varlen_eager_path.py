@@ -69,7 +69,7 @@ def test_out_is_written_in_place(recorded):  # noqa: F811
 def test_backward_launches_both_varlen_backward_images(recorded):  # noqa: F811
     q, k, v, cq, ck, mq, mk = make(requires_grad=True)
     decision = fa2rt.explain(q, k, v, cq, ck, mq, mk, causal=True)
-    assert [img.split("-")[0] for img, _ in decision.backward] == list(policy.BACKWARD_OPS)
+    assert [img.split("-")[0] for img, _ in decision.backward] == list(policy.BACKWARD_PLANS["fa2"])
     assert all("-varlen-" in img for img, _ in decision.backward)
     out, lse = fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True, return_lse=True)
     dout = torch.randn(q.shape).to(q.dtype)
@@ -79,7 +79,7 @@ def test_backward_launches_both_varlen_backward_images(recorded):  # noqa: F811
     assert [launch[0].image for launch in bwd_launches] == [image for image, _ in decision.backward]
     shapes = check_varlen_inputs(q.detach(), k.detach(), v.detach(), cq, ck, mq, mk, causal=True, softmax_scale=None)
     tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout} | dict(zip(("dq", "dk", "dv"), grads, strict=True))
-    for op, launch in zip(policy.BACKWARD_OPS, bwd_launches, strict=True):
+    for op, launch in zip(policy.BACKWARD_PLANS["fa2"], bwd_launches, strict=True):
         plan, _, _, addr = launch
         named = dict(zip(plan.pointers, addr, strict=True))
         assert named["CU_Q"] == cq.data_ptr() and named["CU_K"] == ck.data_ptr() and named["LSE"] == lse.data_ptr()
