@@ -249,10 +249,12 @@ def test_rows_passed_static_checks(build):
 
 
 def test_both_vendors_built_backward(build):
-    # One arch per vendor, each with both backward kernels (and the decode kernels) beside the forward.
+    # One arch per vendor, each with the FA2 backward kernels (and the decode kernels) beside the forward; the
+    # warp-specialised backward's three kernels only on sm90 (Hopper instructions; AMD runs the FA2 plan).
     _, manifest, _ = build
     built = {(row["arch"], row["op"]) for row in manifest["images"]}
-    assert built == {(arch, op) for arch in ARCHS for op in variants.OPS}
+    ws_plan = ("bwd_prep", "bwd_ws", "bwd_convert")
+    assert built == {(arch, op) for arch in ARCHS for op in variants.OPS if op not in ws_plan or arch == "sm90"}
 
 
 def test_unknown_arch_fails_clearly(tmp_path):
