@@ -368,8 +368,10 @@ class EagerCall:
     def backward(self, dout, q, k, v, out, lse, alibi, deterministic: bool, cu: tuple = ()):
         """dq, dk, dv (contiguous, in the inputs' dtype) from a backward plan's kernels (policy.BACKWARD_PLANS) on
         torch's current stream; when none fits, an announced recomputation through the SDPA fallback.
-        deterministic: only plans without atomics (bitwise reproducible gradients), and a deterministic fallback."""
+        deterministic: only plans without atomics (bitwise reproducible gradients), and a deterministic fallback;
+        torch.use_deterministic_algorithms(True) in force now counts too, as for torch's own backward kernels."""
         shapes = self.shapes
+        deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
         dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
         key = self._backward_key(dout, deterministic)

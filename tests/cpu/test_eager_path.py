@@ -221,6 +221,26 @@ def test_backward_launches_every_backward_op_with_the_named_arguments(recorded, 
         assert tuple(bwd_launches[0][0].grid) == (1, 2 * 4, 1)  # 64 rows per program, (batch, head)
 
 
+def test_global_deterministic_mode_takes_the_fa2_plan(recorded):
+    """torch.use_deterministic_algorithms(True) counts as deterministic=True: the backward launches the FA2 kernels,
+    also when the mode is switched on between the forward and the backward."""
+    q, k, v = make(requires_grad=True)
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        out = fa2rt.attention(q, k, v, causal=True)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        torch.use_deterministic_algorithms(False)
+        out = fa2rt.attention(q, k, v, causal=True)
+        torch.use_deterministic_algorithms(True)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    finally:
+        torch.use_deterministic_algorithms(old)
+    ops_run = [launch[0].image.split("-")[0] for launch in recorded.launches]
+    fa2 = list(policy.BACKWARD_PLANS["fa2"])
+    assert ops_run == ["fwd", *fa2, "fwd", *fa2], ops_run
+
+
 def test_backward_copies_a_grad_out_that_breaks_the_layout_rules(recorded):
     q, k, v = make(requires_grad=True)
     out = fa2rt.attention(q, k, v)
