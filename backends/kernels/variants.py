@@ -175,7 +175,7 @@ class Variant:
     full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
     page_aligned: bool = False  # a paged decode image whose tiles lie in one page each (PAGE_ALIGNED_OPS)
-    family: str = "triton"  # the kernel source: "triton" (fwd.py, bwd.py, decode.py) or WS_FAMILY (fwd_ws.py, bwd_ws.py)
+    family: str = "triton"  # kernel source: "triton" (fwd.py, bwd.py, decode.py) or WS_FAMILY (fwd_ws.py, bwd_ws.py)
     persistent: bool = False  # WS_FAMILY: a grid of one program per SM walks the tiles
 
     @property
