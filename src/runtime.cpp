@@ -218,7 +218,23 @@ std::string join_names(const std::vector<std::string>& names) {
   return out;
 }
 
+// One tensor map's descriptor bytes, aligned as cuTensorMapEncodeTiled requires.
+struct alignas(64) MapBytes {
+  unsigned char bytes[kTensorMapBytes];
+};
+
 }  // namespace
+
+struct LaunchPlan::MapCache {
+  struct Entry {
+    bool valid = false;
+    int device = 0;
+    uint64_t address = 0;
+    MapBytes map;
+  };
+  std::mutex mutex;            // plans are shared by threads (autograd's device threads, the caller's)
+  std::vector<Entry> entries;  // one per tensor map, in map_slots_ order
+};
 
 LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& problem, const NamedArgs& args,
                        const std::vector<std::string>& pointers)
@@ -237,6 +253,8 @@ LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& pro
   config_ = launch_config(image_, problem, nullptr);
   for (const auto& name : pointers) pointer_slots_.push_back(pointer_param(image_, name));
   map_slots_ = tensor_map_slots(image_);
+  map_cache_ = std::make_shared<MapCache>();
+  map_cache_->entries.resize(map_slots_.size());
 }
 
 std::vector<std::pair<size_t, size_t>> LaunchPlan::tensor_map_slots(const ImageInfo& image) {
@@ -286,14 +304,13 @@ void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& a
   std::vector<void*> params(slots.size());
   for (size_t i = 0; i < slots.size(); ++i) params[i] = &slots[i];  // each value sits at the start of its slot
   Backend& backend = backend_for(image_.vendor);
-  // Tensor maps hold their tensor's address, so they are encoded per launch, from the slots' address, shape and
-  // strides (the params after the map).
-  struct alignas(64) MapBytes {
-    unsigned char bytes[kTensorMapBytes];
-  };
+  // Tensor maps hold their tensor's address, so they are encoded for each launch's address (the slot), from the
+  // shape and strides in the params after the map; an address the map was last encoded for reuses that encoding.
   std::vector<MapBytes> maps(map_slots_.size());
   for (size_t k = 0; k < map_slots_.size(); ++k) {
     const auto [i, entry] = map_slots_[k];
+    params[i] = maps[k].bytes;
+    if (cached_map(k, device, slots[i], maps[k].bytes)) continue;
     const TensorMap& map = image_.tensor_maps[entry];
     const size_t rank = map.box.size();
     std::vector<int64_t> shape(rank), strides(rank);
@@ -304,9 +321,22 @@ void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& a
       std::memcpy(&strides[r], &slots[i + 1 + rank + r], sizeof(int64_t));
     }
     backend.encode_tensor_map(device, map, slots[i], shape, strides, maps[k].bytes);
-    params[i] = maps[k].bytes;
+    std::lock_guard<std::mutex> lock(map_cache_->mutex);
+    MapCache::Entry& e = map_cache_->entries[k];
+    e.valid = true;
+    e.device = device;
+    e.address = slots[i];
+    std::memcpy(e.map.bytes, maps[k].bytes, kTensorMapBytes);
   }
   backend.launch(device, kernel, cfg, params.data());
+}
+
+bool LaunchPlan::cached_map(size_t k, int device, uint64_t address, unsigned char* out) const {
+  std::lock_guard<std::mutex> lock(map_cache_->mutex);
+  const MapCache::Entry& e = map_cache_->entries[k];
+  if (!e.valid || e.device != device || e.address != address) return false;
+  std::memcpy(out, e.map.bytes, kTensorMapBytes);
+  return true;
 }
 
 void launch(const ImageInfo& image, LoadMode mode, int device, void* stream, const Problem& problem,
