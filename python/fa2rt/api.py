@@ -107,6 +107,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
         if call is not None:
             out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)
             return (out, lse) if return_lse else out
+        q, k, v, alibi_slopes = ops.unwrap_dead(q, k, v, alibi_slopes)
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                           softcap=softcap, alibi_slopes=alibi_slopes, out=out)
     if compiling:
@@ -218,6 +219,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         if call is not None:
             out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, cu)
             return (out, lse) if return_lse else out
+        q, k, v, alibi_slopes = ops.unwrap_dead(q, k, v, alibi_slopes)
     shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                  softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                                  alibi_slopes=alibi_slopes, out=out)

@@ -23,6 +23,11 @@ def _tensor(t) -> tuple:
     return t.dtype, t.device, t.shape, t.stride(), t.requires_grad
 
 
+def _addressed(t) -> tuple:
+    # _tensor with the address's alignment: reading the address keeps functorch wrappers out (see _key).
+    return _tensor(t) + (t.data_ptr() % _C.ALIGN_BYTES,)
+
+
 def _options(*values) -> tuple:
     # With their types: True == 1 as a key, but only one of them is a valid causal (likewise 1 and 1.0 as sizes).
     return values, tuple(map(type, values))
@@ -39,13 +44,14 @@ def _window(window_size) -> tuple:
 def _key(q, k, v, causal, softmax_scale, window_size, softcap, alibi, out, flags=()) -> tuple:
     # One flat tuple, spelled out: the repeated call's host time is mostly building this key (_tensor three times and
     # nested tuples cost ~2x).
+    # Decisions assume what they saw of the base addresses (policy.layout_key); the addresses change every call.
+    # Reading every tensor's address also keeps functorch wrappers (no storage: data_ptr raises) out of the keys.
     pointers = q.data_ptr() | k.data_ptr() | v.data_ptr()
     if out is not None:
         pointers |= out.data_ptr()
-    # Decisions assume what they saw of the base addresses (policy.layout_key); the addresses change every call.
     return (q.dtype, q.device, q.shape, q.stride(), q.requires_grad, k.dtype, k.device, k.shape, k.stride(),
             k.requires_grad, v.dtype, v.device, v.shape, v.stride(), v.requires_grad,
-            None if out is None else _tensor(out), None if alibi is None else _tensor(alibi),
+            None if out is None else _tensor(out), None if alibi is None else _addressed(alibi),
             pointers % _C.ALIGN_BYTES == 0, torch.is_grad_enabled(), causal, type(causal), softmax_scale,
             type(softmax_scale), softcap, type(softcap), _window(window_size), flags,
             policy.environment_key(q.device))

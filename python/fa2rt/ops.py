@@ -14,8 +14,10 @@ tensors' addresses and the stream change.
 import dataclasses
 import functools
 import math
+import operator
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C, builds, policy
@@ -323,6 +325,40 @@ def _kernel_ready(t: torch.Tensor) -> bool:
             and (seqlen <= 1 or stride_n % unit == 0) and (nheads <= 1 or stride_h % unit == 0))
 
 
+# Every pointer a backward kernel may take, in the order a backward call lists them; a varlen call's index pointers
+# follow, then bwd_ws's accumulator where the plan has that kernel. Each kernel's plan picks its own from the list.
+_BACKWARD_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "ALIBI")
+
+
+def _picker(positions: list):
+    """The addresses at `positions` of a list of addresses, in that order, as one C call."""
+    if len(positions) == 1:
+        return lambda addresses: [addresses[positions[0]]]
+    return operator.itemgetter(*positions)
+
+
+class _BackwardProgram:
+    """The backward of an EagerCall for one backward key: the plan's kernels (policy.select_backward), whether they
+    take bwd_ws's fp32 accumulator, and once the first such call built them, each kernel's launch plan with the
+    picker of its addresses."""
+
+    __slots__ = ("chosen", "accumulator", "launches")
+
+    def __init__(self, chosen: tuple):
+        self.chosen = chosen
+        self.accumulator = any(op == "bwd_ws" for op, _, _ in chosen)
+        self.launches = None
+
+    @staticmethod
+    def select(shapes: Shapes, tensors, deterministic: bool):
+        """The program of the first plan that fits, or the fallback Decision when none does."""
+        chosen = policy.select_backward(shapes, tensors, deterministic)
+        return chosen if isinstance(chosen, policy.Decision) else _BackwardProgram(chosen)
+
+    def names(self, cu: tuple) -> tuple:
+        return _BACKWARD_POINTERS + INDEX_POINTERS[:len(cu)] + (("DQACC",) if self.accumulator else ())
+
+
 class EagerCall:
     """A kernel call resolved for one layout: its Shapes, the forward image and the launch plans, so that a repeated
     call (calls.find) only allocates its outputs, reads addresses and launches.
@@ -333,7 +369,7 @@ class EagerCall:
     may change between the forward and the backward."""
 
     __slots__ = ("shapes", "image", "mode", "forward_args", "lse_shape", "no_slopes", "plans_source", "forward_plan",
-                 "backward_choice", "backward_plans")
+                 "backward_programs")
 
     def __init__(self, shapes: Shapes, image: str | None, mode: str | None):
         self.shapes, self.image, self.mode = shapes, image, mode
@@ -343,8 +379,7 @@ class EagerCall:
         self.no_slopes = _no_slopes(shapes.device)
         self.plans_source = _PLANS  # a replaced plan cache (tests record launches so) makes this call stale
         self.forward_plan = None
-        self.backward_choice: dict = {}
-        self.backward_plans: dict = {}
+        self.backward_programs: dict = {}
 
     def current(self) -> bool:
         return self.plans_source is _PLANS
@@ -374,40 +409,42 @@ class EagerCall:
         deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
         dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
-        key = self._backward_key(dout, deterministic)
-        chosen = policy.remember(self.backward_choice, key,
-                                 lambda: policy.select_backward(shapes, (q, k, v, out, dout), deterministic))
-        if isinstance(chosen, policy.Decision):
-            policy.announce(chosen)
+        program = policy.remember(self.backward_programs, self._backward_key(dout, deterministic),
+                                  lambda: _BackwardProgram.select(shapes, (q, k, v, out, dout), deterministic))
+        if isinstance(program, policy.Decision):
+            policy.announce(program)
             return recompute_grads(dout, q, k, v, alibi, shapes, deterministic, cu)
         # The gradients are fresh contiguous allocations, which the dispatcher always takes.
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         lse = lse.contiguous()
-        current = {"Q": q, "K": k, "V": v, "O": out, "DO": dout, "DQ": dq, "DK": dk, "DV": dv, "LSE": lse,
-                   "DELTA": torch.empty_like(lse), "ALIBI": self._slopes(alibi)} | _cu_buffers(cu)
-        if "bwd_ws" in (op for op, _, _ in chosen):
-            current["DQACC"] = _dq_accumulator(shapes)
-        plans = policy.remember(self.backward_plans, key,
-                                lambda: tuple(self._backward_plan(op, image, mode, current, alibi, cu)
-                                              for op, image, mode in chosen))
+        pointers = [q, k, v, out, dout, dq, dk, dv, lse, torch.empty_like(lse), self._slopes(alibi), *cu]
+        if program.accumulator:
+            pointers.append(_dq_accumulator(shapes))
+        if program.launches is None:
+            program.launches = tuple(self._backward_launch(op, image, mode, program.names(cu), pointers, alibi, cu)
+                                     for op, image, mode in program.chosen)
+        addresses = [t.data_ptr() for t in pointers]
         index, stream = device_and_stream(shapes.device)
-        for plan, names in plans:
-            plan.launch(index, stream, [current[name].data_ptr() for name in names])
+        for plan, pick in program.launches:
+            plan.launch(index, stream, pick(addresses))
         return dq, dk, dv
 
-    def _backward_plan(self, op: str, image: str, mode: str, current: dict, alibi, cu) -> tuple:
-        """(launch plan, its pointer names in launch order) of one backward kernel, from this call's tensors."""
+    def _backward_launch(self, op: str, image: str, mode: str, names: tuple, pointers: list, alibi, cu) -> tuple:
+        """(launch plan, the picker of its addresses from the call's) of one backward kernel, from this call's
+        pointers (named by `names`)."""
+        current = dict(zip(names, pointers, strict=True))
         tensor_names, buffers, constants, slopes = BACKWARD_ARGS[op]
         tensors = {name: current[name.upper()] for name in tensor_names}
         extra = {name: current[name] for name in buffers + INDEX_POINTERS[:len(cu)]}
         args = KernelArgs(self.shapes, tensors, extra, alibi, constants, slopes)
-        return args.plan(op, image, mode), tuple(args.pointers)
+        positions = [names.index(name) for name in args.pointers]
+        return args.plan(op, image, mode), _picker(positions)
 
     def _slopes(self, alibi) -> torch.Tensor:
         return alibi if alibi is not None else self.no_slopes
 
     def _backward_key(self, dout, deterministic: bool) -> tuple:
-        """What the backward selection and plans can change with, given this call's inputs (q, k, v of the key's
+        """What the backward program can change with, given this call's inputs (q, k, v of the key's
         layout; out and lse allocated by the forward; dout kernel-ready): dout's strides, determinism and the
         selection context (the device description, FA2RT_FORCE_ARCH, the build)."""
         return dout.stride(), bool(deterministic), policy.environment_key(self.shapes.device)
@@ -496,11 +533,23 @@ class _Attention(torch.autograd.Function):
         return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None, None
 
 
+# torch's C apply of _Attention, without autograd.Function.apply's Python layer (~2 us per call): that layer serves
+# torch.func transforms, which can_run_eager keeps off this path, and unwraps dead functorch wrappers, which the
+# validated path does (unwrap_dead) and a repeated call's key excludes (it reads every tensor's address).
+_apply_attention = super(torch.autograd.Function, _Attention).apply
+
+
+def unwrap_dead(*tensors) -> tuple:
+    """The tensors with each functorch wrapper left over from a finished transform replaced by the tensor it wraps,
+    as autograd.Function.apply does: such a wrapper has no storage, so no address to launch on."""
+    return unwrap_dead_wrappers(tensors)
+
+
 def run_eager(q, k, v, alibi, out, call: EagerCall, deterministic: bool, cu: tuple = ()):
     """An eager call on the kernel path (see can_run_eager): (out, lse), differentiable in q, k, v when one requires
     grad (out= is refused then, by validation). cu: (cu_seqlens_q, cu_seqlens_k) for a varlen call."""
     if out is None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Attention.apply(q, k, v, alibi, call, deterministic, cu)
+        return _apply_attention(q, k, v, alibi, call, deterministic, cu)
     return call.forward(q, k, v, alibi, out, cu)
 
 

@@ -122,6 +122,26 @@ def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, band):
     assert launch[0].block == 384  # two consumer warpgroups and the loader's
 
 
+def test_functorch_wrappers_left_by_a_finished_transform_run_on_the_tensors_they_wrap(recorded):
+    """A tensor leaked out of a finished torch.func transform is a dead wrapper without storage: the eager path
+    unwraps it, as autograd.Function.apply does, with or without grad (the repeated-call key, which reads every
+    address, never holds one)."""
+    q, k, v = make(requires_grad=True)
+    leaked = []
+    torch.func.grad(lambda x: leaked.append(x) or x.float().sum())(q)
+    (dead,) = leaked
+    for _ in range(2):
+        out = fa2rt.attention(dead, k, v, causal=True)
+        out.backward(torch.ones_like(out))
+    assert q.grad is not None and q.grad.shape == q.shape
+    with torch.no_grad():
+        fa2rt.attention(dead, k, v, causal=True)
+    forwards = [launch for launch in recorded.launches if launch[0].image.startswith("fwd-")]
+    assert len(forwards) == 3 and len(recorded.launches) > 3
+    for plan, _, _, addresses in forwards:
+        assert dict(zip(plan.pointers, addresses, strict=True))["Q"] == q.data_ptr()
+
+
 def test_tma_strides_replace_only_the_unchecked_stride_of_a_size_one_dim():
     t = torch.empty(1, 5, 3, 128).as_strided((1, 5, 3, 128), (7, 384, 128, 1))
     assert ops._tma_strides(t) == [8, 384, 128, 1]  # batch 1: its stride never moves, 7 would fail the driver
