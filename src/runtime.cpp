@@ -226,14 +226,10 @@ struct alignas(64) MapBytes {
 }  // namespace
 
 struct LaunchPlan::MapCache {
-  struct Entry {
-    bool valid = false;
-    int device = 0;
-    uint64_t address = 0;
-    MapBytes map;
-  };
-  std::mutex mutex;            // plans are shared by threads (autograd's device threads, the caller's)
-  std::vector<Entry> entries;  // one per tensor map, in map_slots_ order
+  // Enough for every layer of a model to keep its buffers' maps; cleared when full, as the other per-call caches.
+  static constexpr size_t kCapacity = 512;
+  std::mutex mutex;  // plans are shared by threads (autograd's device threads, the caller's)
+  std::map<std::tuple<size_t, int, uint64_t>, MapBytes> maps;  // (tensor map, device, address) -> descriptor
 };
 
 LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& problem, const NamedArgs& args,
@@ -254,7 +250,6 @@ LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& pro
   for (const auto& name : pointers) pointer_slots_.push_back(pointer_param(image_, name));
   map_slots_ = tensor_map_slots(image_);
   map_cache_ = std::make_shared<MapCache>();
-  map_cache_->entries.resize(map_slots_.size());
 }
 
 std::vector<std::pair<size_t, size_t>> LaunchPlan::tensor_map_slots(const ImageInfo& image) {
@@ -305,7 +300,7 @@ void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& a
   for (size_t i = 0; i < slots.size(); ++i) params[i] = &slots[i];  // each value sits at the start of its slot
   Backend& backend = backend_for(image_.vendor);
   // Tensor maps hold their tensor's address, so they are encoded for each launch's address (the slot), from the
-  // shape and strides in the params after the map; an address the map was last encoded for reuses that encoding.
+  // shape and strides in the params after the map; an address the map was encoded for before reuses that encoding.
   std::vector<MapBytes> maps(map_slots_.size());
   for (size_t k = 0; k < map_slots_.size(); ++k) {
     const auto [i, entry] = map_slots_[k];
@@ -322,20 +317,17 @@ void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& a
     }
     backend.encode_tensor_map(device, map, slots[i], shape, strides, maps[k].bytes);
     std::lock_guard<std::mutex> lock(map_cache_->mutex);
-    MapCache::Entry& e = map_cache_->entries[k];
-    e.valid = true;
-    e.device = device;
-    e.address = slots[i];
-    std::memcpy(e.map.bytes, maps[k].bytes, kTensorMapBytes);
+    if (map_cache_->maps.size() >= MapCache::kCapacity) map_cache_->maps.clear();
+    map_cache_->maps[{k, device, slots[i]}] = maps[k];
   }
   backend.launch(device, kernel, cfg, params.data());
 }
 
 bool LaunchPlan::cached_map(size_t k, int device, uint64_t address, unsigned char* out) const {
   std::lock_guard<std::mutex> lock(map_cache_->mutex);
-  const MapCache::Entry& e = map_cache_->entries[k];
-  if (!e.valid || e.device != device || e.address != address) return false;
-  std::memcpy(out, e.map.bytes, kTensorMapBytes);
+  const auto it = map_cache_->maps.find({k, device, address});
+  if (it == map_cache_->maps.end()) return false;
+  std::memcpy(out, it->second.bytes, kTensorMapBytes);
   return true;
 }
 

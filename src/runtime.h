@@ -42,7 +42,7 @@ class LaunchPlan {
  private:
   std::vector<uint64_t> with_addresses(const std::vector<uint64_t>& addresses) const;
   static std::vector<std::pair<size_t, size_t>> tensor_map_slots(const ImageInfo& image);
-  // Copies tensor map k's last encoding into `out` when it was for this device and address.
+  // Copies tensor map k's encoding for this device and address into `out`, when one was kept.
   bool cached_map(size_t k, int device, uint64_t address, unsigned char* out) const;
 
   ImageInfo image_;  // a copy: the plan outlives any registry change
@@ -53,8 +53,8 @@ class LaunchPlan {
   std::vector<std::string> pointers_;
   std::vector<size_t> pointer_slots_;
   std::vector<std::pair<size_t, size_t>> map_slots_;  // (param, tensor_maps entry) of each tensor map
-  // The last descriptor each tensor map was encoded into, by device and address: everything else a map encodes is
-  // fixed in the plan, and training loops and decode steps hand the same buffers back call after call.
+  // Descriptors encoded so far, by tensor map, device and address (bounded): everything else a map encodes is fixed
+  // in the plan, and training loops and decode steps hand the same buffers back call after call, layer after layer.
   struct MapCache;
   std::shared_ptr<MapCache> map_cache_;
 };

@@ -407,18 +407,17 @@ def map_spec(tmp_path, vendor, params=MAP_PARAMS):
 
 
 def test_cuda_tensor_map_encoded_for_each_new_address(fake, tmp_path):
-    """A map is encoded from the launch's address, and encoded again only when the address differs from the one it
-    was last encoded for (the plan fixes everything else it encodes)."""
+    """A map is encoded from the launch's address, once per address (the plan fixes everything else it encodes)."""
     spec = map_spec(tmp_path, "cuda")
-    addresses = [0x7f0000001000, 0x7f0000001000, 0x7f0000002000, 0x7f0000001000]
+    addresses = [0x7f0000001000, 0x7f0000001000, 0x7f0000002000, 0x7f0000001000, 0x7f0000002000]
     r = run("cuda", fake("cuda"), MAP_BODY.format(spec=spec, with_map=True) + f"""
         plan = _C.LaunchPlan(reg, "fwd-test", "native", problem(), {MAP_ARGS!r}, ["T"])
         out = [plan.grid] + [attempt(plan.launch, 0, STREAM, [a]) for a in {addresses!r}]
         """, sizes=MAP_SIZES)
     assert r["out"][0] == [18, 1, 1]  # ceil(130 / 64) query blocks x batch 2 x nheads 3, along x
-    assert r["out"][1:] == [{"value": None}] * 4
+    assert r["out"][1:] == [{"value": None}] * 5
     encodes = named(r["calls"], "cuTensorMapEncodeTiled")
-    assert [e["address"] for e in encodes] == [0x7f0000001000, 0x7f0000002000, 0x7f0000001000]
+    assert [e["address"] for e in encodes] == [0x7f0000001000, 0x7f0000002000]
     for e in encodes:
         # Innermost dim first: (dim, byte stride of the next dim, box, element stride); the outermost has no stride.
         assert e["dims_strides_box_estrides"] == [[128, 512, 64, 1], [100, 51200, 64, 1], [3, 0, 1, 1]]
@@ -430,6 +429,18 @@ def test_cuda_tensor_map_encoded_for_each_new_address(fake, tmp_path):
                                struct.pack("<q", 25600).hex(), struct.pack("<q", 256).hex(),
                                struct.pack("<q", 1).hex(), struct.pack("<i", 7).hex()]
         assert launch_call["grid"] == [18, 1, 1]
+
+
+def test_cuda_tensor_maps_kept_are_bounded_and_stay_right(fake, tmp_path):
+    """More addresses than the plan keeps maps for: the kept maps are dropped, every launch still passes its own."""
+    addresses = [0x7f0000000000 + 0x1000 * i for i in range(600)] + [0x7f0000000000]
+    r = run("cuda", fake("cuda"), MAP_BODY.format(spec=map_spec(tmp_path, "cuda"), with_map=True) + f"""
+        plan = _C.LaunchPlan(reg, "fwd-test", "native", problem(), {MAP_ARGS!r}, ["T"])
+        out = [plan.launch(0, STREAM, [a]) for a in {addresses!r}]
+        """, sizes=MAP_SIZES)
+    assert len(named(r["calls"], "cuTensorMapEncodeTiled")) == 601  # the first address was dropped at the 513th
+    launched = [call["params"][0][:16] for call in named(r["calls"], "cuLaunchKernel")]
+    assert launched == [struct.pack("<Q", a).hex() for a in addresses]
 
 
 def test_tensor_map_errors_name_the_map(fake, tmp_path):
