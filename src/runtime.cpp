@@ -225,11 +225,12 @@ struct alignas(64) MapBytes {
 
 }  // namespace
 
-struct LaunchPlan::MapCache {
+struct LaunchPlan::LaunchCache {
   // Enough for every layer of a model to keep its buffers' maps; cleared when full, as the other per-call caches.
   static constexpr size_t kCapacity = 512;
   std::mutex mutex;  // plans are shared by threads (autograd's device threads, the caller's)
   std::map<std::tuple<size_t, int, uint64_t>, MapBytes> maps;  // (tensor map, device, address) -> descriptor
+  std::map<int, LoadedKernel> kernels;  // by device: load_kernel's answer (modules stay loaded for the process)
 };
 
 LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& problem, const NamedArgs& args,
@@ -249,7 +250,7 @@ LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& pro
   config_ = launch_config(image_, problem, nullptr);
   for (const auto& name : pointers) pointer_slots_.push_back(pointer_param(image_, name));
   map_slots_ = tensor_map_slots(image_);
-  map_cache_ = std::make_shared<MapCache>();
+  cache_ = std::make_shared<LaunchCache>();
 }
 
 std::vector<std::pair<size_t, size_t>> LaunchPlan::tensor_map_slots(const ImageInfo& image) {
@@ -295,7 +296,7 @@ void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& a
   if (config_.grid[0] == 0 || config_.grid[1] == 0) return;  // empty problem: nothing to launch
   LaunchConfig cfg = config_;
   cfg.stream = stream;
-  LoadedKernel kernel = load_kernel(image_, mode_, device);
+  const LoadedKernel kernel = loaded(device);
   std::vector<void*> params(slots.size());
   for (size_t i = 0; i < slots.size(); ++i) params[i] = &slots[i];  // each value sits at the start of its slot
   Backend& backend = backend_for(image_.vendor);
@@ -316,17 +317,29 @@ void LaunchPlan::launch(int device, void* stream, const std::vector<uint64_t>& a
       std::memcpy(&strides[r], &slots[i + 1 + rank + r], sizeof(int64_t));
     }
     backend.encode_tensor_map(device, map, slots[i], shape, strides, maps[k].bytes);
-    std::lock_guard<std::mutex> lock(map_cache_->mutex);
-    if (map_cache_->maps.size() >= MapCache::kCapacity) map_cache_->maps.clear();
-    map_cache_->maps[{k, device, slots[i]}] = maps[k];
+    std::lock_guard<std::mutex> lock(cache_->mutex);
+    if (cache_->maps.size() >= LaunchCache::kCapacity) cache_->maps.clear();
+    cache_->maps[{k, device, slots[i]}] = maps[k];
   }
   backend.launch(device, kernel, cfg, params.data());
 }
 
+LoadedKernel LaunchPlan::loaded(int device) const {
+  {
+    std::lock_guard<std::mutex> lock(cache_->mutex);
+    const auto it = cache_->kernels.find(device);
+    if (it != cache_->kernels.end()) return it->second;
+  }
+  const LoadedKernel kernel = load_kernel(image_, mode_, device);  // outside the lock: a first load takes a while
+  std::lock_guard<std::mutex> lock(cache_->mutex);
+  cache_->kernels[device] = kernel;
+  return kernel;
+}
+
 bool LaunchPlan::cached_map(size_t k, int device, uint64_t address, unsigned char* out) const {
-  std::lock_guard<std::mutex> lock(map_cache_->mutex);
-  const auto it = map_cache_->maps.find({k, device, address});
-  if (it == map_cache_->maps.end()) return false;
+  std::lock_guard<std::mutex> lock(cache_->mutex);
+  const auto it = cache_->maps.find({k, device, address});
+  if (it == cache_->maps.end()) return false;
   std::memcpy(out, it->second.bytes, kTensorMapBytes);
   return true;
 }

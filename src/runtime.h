@@ -42,6 +42,8 @@ class LaunchPlan {
  private:
   std::vector<uint64_t> with_addresses(const std::vector<uint64_t>& addresses) const;
   static std::vector<std::pair<size_t, size_t>> tensor_map_slots(const ImageInfo& image);
+  // load_kernel's answer for this plan's image and mode, kept per device (no image-name key built per launch).
+  LoadedKernel loaded(int device) const;
   // Copies tensor map k's encoding for this device and address into `out`, when one was kept.
   bool cached_map(size_t k, int device, uint64_t address, unsigned char* out) const;
 
@@ -53,10 +55,11 @@ class LaunchPlan {
   std::vector<std::string> pointers_;
   std::vector<size_t> pointer_slots_;
   std::vector<std::pair<size_t, size_t>> map_slots_;  // (param, tensor_maps entry) of each tensor map
-  // Descriptors encoded so far, by tensor map, device and address (bounded): everything else a map encodes is fixed
-  // in the plan, and training loops and decode steps hand the same buffers back call after call, layer after layer.
-  struct MapCache;
-  std::shared_ptr<MapCache> map_cache_;
+  // Per-launch work kept across launches: the kernel per device, and the descriptors encoded so far by tensor map,
+  // device and address (bounded): everything else a map encodes is fixed in the plan, and training loops and decode
+  // steps hand the same buffers back call after call, layer after layer.
+  struct LaunchCache;
+  std::shared_ptr<LaunchCache> cache_;
 };
 
 // Packs `args` by the image's parameter list (every name exactly once), computes the op's grid and launches.
