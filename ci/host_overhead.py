@@ -17,6 +17,11 @@ differentiable op defined in Python pays, which fa2rt's autograd path is.
 fa2rt.routing.run (the runner alone) and SDPA called directly on (batch, heads, seqlen, headdim) tensors, forward and
 forward+backward.
 
+--cpu runs the dense mode's fa2rt and Function cases on CPU tensors that fa2rt's policy sees as an H100 (sm90),
+with every launch a no-op: the Python host path alone (validation skipped by the repeated-call key, the autograd
+Function, allocations, launch plans), measurable without a GPU; the driver's part (cuLaunchKernel, tensor map
+encoding) and CUDA's allocator are not in it. Host time only.
+
 The cases take turns in --rounds rounds (lent machines' hosts drift by tens of percent within a minute); each
 figure is the median over the rounds. Per case and round, after a warm-up, N calls back to back:
 - host: time.perf_counter around issuing the N calls, synchronising only after them;
@@ -57,6 +62,39 @@ def events_us(fn, calls, sleep_s=0.0):
     end.record()
     torch.cuda.synchronize()
     return host / calls * 1e6, start.elapsed_time(end) / calls * 1e3
+
+
+def host_us(fn, calls):
+    for _ in range(WARMUP):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6, float("nan"), float("nan")
+
+
+class _NoLaunch:
+    """A launch plan whose launches do nothing (--cpu)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def launch(self, device, stream, addresses):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self.plan, name)
+
+
+def run_on_cpu_as_sm90():
+    """--cpu: CPU tensors described as an sm90 GPU to the policy, launches left out."""
+    from fa2rt import _C, devices, ops
+
+    h100 = _C.DeviceInfo("cuda", "sm90", 232448, 132, 32, "H100 (CPU tensors, launches left out)")
+    devices.describe = lambda device: (h100, "", "")
+    ops.device_and_stream = lambda device: (0, 0)
+    make_plan = _C.LaunchPlan
+    _C.LaunchPlan = lambda *args: _NoLaunch(make_plan(*args))
 
 
 def measure(fn, calls):
@@ -182,6 +220,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads of the decode step")
     p.add_argument("--head-dim", type=int, default=None, help="default 64 (128 with --decode)")
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="the Python host path on CPU tensors (dense fa2rt cases)")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
@@ -192,12 +231,21 @@ def main():
         if getattr(a, name) is None:
             setattr(a, name, value)
 
+    device = "cpu" if a.cpu else "cuda"
+    if a.cpu:
+        if a.decode or a.routed:
+            p.error("--cpu measures the dense cases only")
+        run_on_cpu_as_sm90()
+        torch.set_num_threads(1)
+
     def make(*shape, grad=False):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=grad)
 
     header, cases = (decode_cases if a.decode else routed_cases if a.routed else dense_cases)(a, make)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {header}; {a.calls} calls, median of "
-          f"{a.rounds} rounds")
+    if a.cpu:
+        cases = {name: case for name, case in cases.items() if not name.startswith("sdpa")}
+    where = "CPU as sm90, launches left out" if a.cpu else torch.cuda.get_device_name()
+    print(f"{where}, torch {torch.__version__}; {header}; {a.calls} calls, median of {a.rounds} rounds")
     print(f"{'case':24s} {'host us/call':>13s} {'gpu us/call':>12s} {'wall us/call':>13s}")
     results = {name: [] for name in cases}
     for _ in range(a.rounds):
@@ -207,7 +255,7 @@ def main():
             # The backend is chosen outside the timed calls: SDPA's host time is that of its call alone.
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                 try:
-                    results[name].append(measure(fn, a.calls))
+                    results[name].append((host_us if a.cpu else measure)(fn, a.calls))
                 except RuntimeError as err:  # a backend that refuses the call (SDPA's efficient/cuDNN with GQA)
                     results[name] = f"refused: {str(err).splitlines()[0][:80]}"
     for name, rounds in results.items():
