@@ -17,7 +17,6 @@ import math
 import operator
 
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C, builds, policy
@@ -539,10 +538,14 @@ class _Attention(torch.autograd.Function):
 _apply_attention = super(torch.autograd.Function, _Attention).apply
 
 
+# A private helper of torch's (autograd.Function.apply calls it); a torch without it gets the tensors as they are.
+_unwrap_dead_wrappers = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", tuple)
+
+
 def unwrap_dead(*tensors) -> tuple:
     """The tensors with each functorch wrapper left over from a finished transform replaced by the tensor it wraps,
     as autograd.Function.apply does: such a wrapper has no storage, so no address to launch on."""
-    return unwrap_dead_wrappers(tensors)
+    return _unwrap_dead_wrappers(tensors)
 
 
 def run_eager(q, k, v, alibi, out, call: EagerCall, deterministic: bool, cu: tuple = ()):
