@@ -163,11 +163,29 @@ def _acc_rows(seqlen_q: int) -> int:
     return -(-seqlen_q // 4) * 4
 
 
+def _accumulator_shape(shapes: Shapes) -> tuple:
+    return shapes.batch, shapes.nheads, shapes.head_dim, _acc_rows(shapes.seqlen_q)
+
+
 def _dq_accumulator(shapes: Shapes) -> torch.Tensor:
     """The accumulator bwd_ws adds dQ^T into: (batch, nheads, head_dim, seqlen_q), rows _acc_rows apart. Left
     uninitialised: bwd_prep zeroes it."""
-    b, h, d = shapes.batch, shapes.nheads, shapes.head_dim
-    return torch.empty(b, h, d, _acc_rows(shapes.seqlen_q), dtype=torch.float32, device=shapes.device)
+    return torch.empty(*_accumulator_shape(shapes), dtype=torch.float32, device=shapes.device)
+
+
+# Where the dQ accumulator starts in a backward's fp32 scratch, after delta: a multiple of 64 floats (256 bytes), as
+# torch's allocator aligns its blocks, so the accumulator's TMA base is as aligned as a tensor of its own.
+_SCRATCH_ALIGN = 64
+
+
+def _scratch_layout(lse_shape: tuple, shapes: Shapes, accumulator: bool) -> tuple[int, int]:
+    """(floats, offset of the accumulator) of the one fp32 buffer a backward call allocates for delta (laid out as
+    lse) and, for bwd_ws, the dQ accumulator after it: one allocation instead of two."""
+    delta = math.prod(lse_shape)
+    if not accumulator:
+        return delta, 0
+    offset = -(-delta // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    return offset + math.prod(_accumulator_shape(shapes)), offset
 
 
 def _aux_constants(tensors: dict, alibi, shapes: Shapes) -> dict:
@@ -327,6 +345,7 @@ def _kernel_ready(t: torch.Tensor) -> bool:
 # Every pointer a backward kernel may take, in the order a backward call lists them; a varlen call's index pointers
 # follow, then bwd_ws's accumulator where the plan has that kernel. Each kernel's plan picks its own from the list.
 _BACKWARD_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "ALIBI")
+_DELTA = _BACKWARD_POINTERS.index("DELTA")
 
 
 def _picker(positions: list):
@@ -338,21 +357,23 @@ def _picker(positions: list):
 
 class _BackwardProgram:
     """The backward of an EagerCall for one backward key: the plan's kernels (policy.select_backward), whether they
-    take bwd_ws's fp32 accumulator, and once the first such call built them, each kernel's launch plan with the
-    picker of its addresses."""
+    take bwd_ws's fp32 accumulator, the layout of the call's fp32 scratch (_scratch_layout), and once the first such
+    call built them, each kernel's launch plan with the picker of its addresses."""
 
-    __slots__ = ("chosen", "accumulator", "launches")
+    __slots__ = ("chosen", "accumulator", "scratch_floats", "acc_bytes", "launches")
 
-    def __init__(self, chosen: tuple):
+    def __init__(self, chosen: tuple, lse_shape: tuple, shapes: Shapes):
         self.chosen = chosen
         self.accumulator = any(op == "bwd_ws" for op, _, _ in chosen)
+        self.scratch_floats, offset = _scratch_layout(lse_shape, shapes, self.accumulator)
+        self.acc_bytes = offset * 4  # fp32
         self.launches = None
 
     @staticmethod
-    def select(shapes: Shapes, tensors, deterministic: bool):
+    def select(shapes: Shapes, tensors, lse_shape: tuple, deterministic: bool):
         """The program of the first plan that fits, or the fallback Decision when none does."""
         chosen = policy.select_backward(shapes, tensors, deterministic)
-        return chosen if isinstance(chosen, policy.Decision) else _BackwardProgram(chosen)
+        return chosen if isinstance(chosen, policy.Decision) else _BackwardProgram(chosen, lse_shape, shapes)
 
     def names(self, cu: tuple) -> tuple:
         return _BACKWARD_POINTERS + INDEX_POINTERS[:len(cu)] + (("DQACC",) if self.accumulator else ())
@@ -409,20 +430,24 @@ class EagerCall:
         # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
         dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
         program = policy.remember(self.backward_programs, self._backward_key(dout, deterministic),
-                                  lambda: _BackwardProgram.select(shapes, (q, k, v, out, dout), deterministic))
+                                  lambda: _BackwardProgram.select(shapes, (q, k, v, out, dout), self.lse_shape,
+                                                                  deterministic))
         if isinstance(program, policy.Decision):
             policy.announce(program)
             return recompute_grads(dout, q, k, v, alibi, shapes, deterministic, cu)
         # The gradients are fresh contiguous allocations, which the dispatcher always takes.
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         lse = lse.contiguous()
-        pointers = [q, k, v, out, dout, dq, dk, dv, lse, torch.empty_like(lse), self._slopes(alibi), *cu]
-        if program.accumulator:
-            pointers.append(_dq_accumulator(shapes))
+        scratch = torch.empty(program.scratch_floats, dtype=torch.float32, device=shapes.device)
+        # DELTA is the scratch's start; DQACC (bwd_ws) follows at its offset, as an address only.
+        pointers = [q, k, v, out, dout, dq, dk, dv, lse, scratch, self._slopes(alibi), *cu]
         if program.launches is None:
-            program.launches = tuple(self._backward_launch(op, image, mode, program.names(cu), pointers, alibi, cu)
+            buffers = pointers + [scratch] if program.accumulator else pointers
+            program.launches = tuple(self._backward_launch(op, image, mode, program.names(cu), buffers, alibi, cu)
                                      for op, image, mode in program.chosen)
         addresses = [t.data_ptr() for t in pointers]
+        if program.accumulator:
+            addresses.append(addresses[_DELTA] + program.acc_bytes)
         index, stream = device_and_stream(shapes.device)
         for plan, pick in program.launches:
             plan.launch(index, stream, pick(addresses))
@@ -517,6 +542,10 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alibi, call, deterministic, cu):
+        # lse takes no gradient, and unmaterialised autograd skips making a zero-filled one for it (an allocation
+        # and a fill kernel: ~15 us of host time per backward on the H200's hosts). out is the only differentiable
+        # output, so backward always gets its gradient.
+        ctx.set_materialize_grads(False)
         out, lse = call.forward(q, k, v, alibi, None, cu)
         ctx.save_for_backward(q, k, v, out, lse, alibi, *cu)
         ctx.call, ctx.deterministic = call, deterministic

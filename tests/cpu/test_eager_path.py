@@ -234,6 +234,8 @@ def test_backward_launches_every_backward_op_with_the_named_arguments(recorded, 
         prep, ws, convert = named
         # One delta and one accumulator through the three kernels; dQ^T per (batch, head): rows padded to 40 floats.
         assert prep["DELTA"] == ws["DELTA"] == convert["DELTA"] and prep["DQACC"] == ws["DQACC"] == convert["DQACC"]
+        # Both in one fp32 scratch: the accumulator after delta's 2 * 4 * 37 floats, rounded up to 64 (256 bytes).
+        assert ws["DQACC"] - ws["DELTA"] == 320 * 4
         args = ops._bwd_ws_constants({}, None, shapes)
         assert [args[f"DQACC.shape{i}"] for i in range(4)] == [2, 4, 64, 37]
         assert [args[f"DQACC.stride{i}"] for i in range(4)] == [4 * 64 * 40, 64 * 40, 40, 1]
