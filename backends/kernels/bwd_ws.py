@@ -114,7 +114,7 @@ def _rows_seen(n_lo, n_hi, band, ROWS: gl.constexpr):
 @gluon.jit
 def _loader(loads, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
     q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, \
-        head_ratio = loads
+        head_ratio, LSE, DELTA, nheads, lse_smem, delta_smem = loads
     kv_ready, ready, empty = bars
     for wg in gl.static_range(NUM_WG):
         mbarrier.expect(kv_ready.index(wg), 2 * k_desc.block_type.nbytes)
@@ -124,12 +124,20 @@ def _loader(loads, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
                                         v_smem.index(wg))
     ROWS: gl.constexpr = q_smem.shape[2]
     m0, n_blocks = _rows_seen(n_lo, n_hi, band, ROWS)
+    seqlen_q = band[0]
+    L1: gl.constexpr = gl.BlockedLayout([ROWS // 32], [32], [1], [0])
     it = 0
     for g in range(head_ratio):
         off_h = off_hk * head_ratio + g
+        bh = (off_b * nheads + off_h).to(gl.int64) * seqlen_q
         for i in range(n_blocks):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            rows = (m0 + i) * ROWS + gl.arange(0, ROWS, layout=L1)
+            # Rows past seqlen_q: lse +inf makes their probabilities 0 (their Q and dO are TMA's zero fill).
+            lse_smem.index(s).store(gl.load(LSE + bh + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E_C)
+            delta_smem.index(s).store(gl.load(DELTA + bh + rows, mask=rows < seqlen_q, other=0.0))
+            gl.thread_barrier()  # every lane's rows are stored before the arrive below publishes them
             mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
             row = (m0 + i) * ROWS
             tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], ready.index(s), q_smem.index(s))
@@ -139,8 +147,8 @@ def _loader(loads, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
 
 @gluon.jit
 def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr, DQ_SPLIT: gl.constexpr):
-    k_smem, v_smem, q_smem, do_smem, bars, dk_desc, dv_desc, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads, \
-        head_ratio, qk_scale, sm_scale, dq_desc, ds_smem, dq_smem, ds_ready = shared
+    k_smem, v_smem, q_smem, do_smem, bars, dk_desc, dv_desc, band, off_b, off_hk, n_lo, n_hi, head_ratio, qk_scale, \
+        sm_scale, dq_desc, ds_smem, dq_smem, ds_ready, lse_smem, delta_smem = shared
     kv_ready, ready, empty = bars
     seqlen_q, seqlen_k, left, right = band
     HEAD_D: gl.constexpr = k_smem.shape[-1]
@@ -168,14 +176,9 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
     it = 0
     for g in range(head_ratio):
         off_h = off_hk * head_ratio + g
-        bh = (off_b * nheads + off_h).to(gl.int64) * seqlen_q
         for i in range(n_blocks):
             s = it % STAGES
             r0 = (m0 + i) * ROWS
-            rows = r0 + gl.arange(0, ROWS, layout=ROW)
-            # Rows past seqlen_q: lse +inf makes their probabilities 0 (their Q and dO are TMA's zero fill).
-            lse = gl.load(LSE + bh + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E_C
-            delta = gl.load(DELTA + bh + rows, mask=rows < seqlen_q, other=0.0)
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             q = q_smem.index(s).reshape([ROWS, HEAD_D])
             do = do_smem.index(s).reshape([ROWS, HEAD_D])
@@ -185,13 +188,14 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
             st = st * qk_scale
             # The band mask only where the block is not wholly inside every row's band.
             if (k0 < r0 + ROWS - 1 + shift - left) | (k0 + 63 > r0 + shift + right):
+                rows = r0 + gl.arange(0, ROWS, layout=ROW)
                 diag = rows[None, :] + shift
                 keep = (keys[:, None] >= diag - left) & (keys[:, None] <= diag + right)
                 st = gl.where(keep, st, float("-inf"))
-            pt = gl.exp2(st - lse[None, :])
+            pt = gl.exp2(st - lse_smem.index(s).load(ROW)[None, :])
             dv = warpgroup_mma(gl.convert_layout(pt.to(do.dtype), P_L), do, dv, is_async=True)
             dpt = warpgroup_mma_wait(1, deps=(dpt,))
-            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dst = (pt * (dpt - delta_smem.index(s).load(ROW)[None, :])).to(q.dtype)
             dk = warpgroup_mma(gl.convert_layout(dst, P_L), q, dk, is_async=True)
             if dq_desc is not None:
                 # dQ^T = K^T dS^T, added into the fp32 accumulator by TMA: over this consumer's keys, or (DQ_SPLIT)
@@ -200,6 +204,9 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
                 ds_smem.index(buf + WG).store(dst)
                 fence_async_shared()
                 gl.thread_barrier()  # every thread's dS^T is in place before wgmma (or the other consumer) reads it
+                # P^T's and dS^T's registers free before dQ^T's accumulator is live: bm64 at d128 fits in 240
+                # registers without serialised wgmma.
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 if DQ_SPLIT > 1:
                     mbarrier.arrive(ds_ready.index(it % 2), count=1)
                     mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
@@ -217,6 +224,8 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
                 fence_async_shared()
                 tma_reduce_add(dq_desc, [off_b, off_h, (WG * DQ_ROWS) if DQ_SPLIT > 1 else 0, r0], dq_tile)
             else:
+                # P^T's and dS^T's registers free before dQ^T's accumulator is live: bm64 at d128 fits in 240
+                # registers without serialised wgmma.
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(empty.index(s), count=1)
             it += 1
@@ -259,6 +268,12 @@ def attn_bwd_ws(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, seqlen_q, seqlen_k, wind
     v_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 64, 1, HEAD_D], V.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], Q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], DO.layout)
+    # Each query block's lse (times log2 e) and delta, stored by the loader beside its Q and dO: the consumers read
+    # them where they use them instead of holding them in registers across the products (at bm64 d128 those
+    # registers were spilled).
+    ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], ROW_SMEM)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], ROW_SMEM)
     kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -283,9 +298,10 @@ def attn_bwd_ws(Q, K, V, DO, DK, DV, DQACC, LSE, DELTA, seqlen_q, seqlen_k, wind
     fence_async_shared()
     bars = (kv_ready, ready, empty)
     band = (seqlen_q, seqlen_k, window_left, window_right)
-    shared = (k_smem, v_smem, q_smem, do_smem, bars, DK, DV, LSE, DELTA, band, off_b, off_hk, n_lo, n_hi, nheads,
-              head_ratio, qk_scale_log2, sm_scale, DQACC, ds_smem, dq_smem, ds_ready)
-    loads = (Q, K, V, DO, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, head_ratio)
+    shared = (k_smem, v_smem, q_smem, do_smem, bars, DK, DV, band, off_b, off_hk, n_lo, n_hi, head_ratio,
+              qk_scale_log2, sm_scale, DQACC, ds_smem, dq_smem, ds_ready, lse_smem, delta_smem)
+    loads = (Q, K, V, DO, k_smem, v_smem, q_smem, do_smem, bars, band, off_b, off_hk, n_lo, n_hi, head_ratio, LSE,
+             DELTA, nheads, lse_smem, delta_smem)
     if NUM_WG == 2:
         gl.warp_specialize([
             (_consumer0, (shared, STAGES, NUM_WG, DQ_SPLIT)),
