@@ -16,7 +16,7 @@ import torch
 
 from . import _C, builds, config, policy, reference
 from .kvcache import KVShapes
-from .ops import device_and_stream
+from .ops import device_and_stream, empty_contiguous, empty_floats
 
 DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
@@ -296,9 +296,9 @@ def lse_view(scratch: torch.Tensor, shapes: KVShapes) -> torch.Tensor:
 def buffers(q, shapes: KVShapes, splits: int):
     """(out, lse, o_part, lse_part): the output, its LSE and the split partials (the LSE again for one split); sizes
     from shapes and the split count only. The float32 ones share one allocation (host time per decode step)."""
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = empty_contiguous(q)
     floats, start_o, start_l = scratch_layout(shapes, splits)
-    scratch = torch.empty(floats, dtype=torch.float32, device=q.device)
+    scratch = empty_floats(q, floats)
     lse = lse_view(scratch, shapes)
     if splits == 1:
         return out, lse, lse, lse
@@ -519,9 +519,9 @@ def run_call(call: KVCall, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, ca
         if plan.append_plan is not None:
             new = append_tensors(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
             launch_append(plan, [t.data_ptr() for t in new.values()], q.device)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = empty_contiguous(q)
     floats, start_o, start_l = call.scratch
-    scratch = torch.empty(floats, dtype=torch.float32, device=q.device)
+    scratch = empty_floats(q, floats)
     base = scratch.data_ptr()
     inputs = _inputs(alibi, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, q.device)
     launch(plan, [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), base, base + 4 * start_o,

@@ -278,6 +278,18 @@ def _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, *
 
 # --- launching --------------------------------------------------------------------------------------------------------
 
+def empty_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor shaped like t. For a contiguous t, empty_like's default gives the same tensor ~0.4 us
+    sooner than asking for the contiguous format (the per-call host path allocates several)."""
+    return torch.empty_like(t) if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def empty_floats(like: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """A new float32 tensor on like's device: new_empty with the sizes as separate ints parses faster than
+    torch.empty(..., device=) (1.1 against 1.4 us on a CPU)."""
+    return like.new_empty(*sizes, dtype=torch.float32)
+
+
 def device_and_stream(device: torch.device) -> tuple[int, int]:
     """The device index the tensors live on and torch's current stream there: where kernels launch."""
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -408,9 +420,8 @@ class EagerCall:
         """Launch the forward image on torch's current stream, writing into `out` (allocated when None).
         cu: (cu_seqlens_q, cu_seqlens_k) for a varlen call, then block_table for a paged one. Returns (out, lse)."""
         if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        # Sizes as separate ints: torch.empty parses them faster than a tuple (1.5 against 2.2 us per call).
-        lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=self.shapes.device)
+            out = empty_contiguous(q)
+        lse = empty_floats(q, *self.lse_shape)
         constants, slopes = self.forward_args
         if self.forward_plan is None:
             args = KernelArgs(self.shapes, {"q": q, "k": k, "v": v, "o": out}, {"LSE": lse} | _cu_buffers(cu), alibi,
@@ -436,9 +447,9 @@ class EagerCall:
             policy.announce(program)
             return recompute_grads(dout, q, k, v, alibi, shapes, deterministic, cu)
         # The gradients are fresh contiguous allocations, which the dispatcher always takes.
-        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        dq, dk, dv = empty_contiguous(q), empty_contiguous(k), empty_contiguous(v)
         lse = lse.contiguous()
-        scratch = torch.empty(program.scratch_floats, dtype=torch.float32, device=shapes.device)
+        scratch = empty_floats(q, program.scratch_floats)
         # DELTA is the scratch's start; DQACC (bwd_ws) follows at its offset, as an address only.
         pointers = [q, k, v, out, dout, dq, dk, dv, lse, scratch, self._slopes(alibi), *cu]
         if program.launches is None:
