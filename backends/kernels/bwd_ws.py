@@ -6,9 +6,10 @@ attn_bwd_convert (dQ from the accumulator), for calls that do not ask for determ
 
 CTA = NUM_WG * 64 keys of one (batch, KV head): NUM_WG consumer warpgroups of 64 keys each (the default partition and
 a 4-warp worker), each holding its keys' K and V in shared memory and its dK, dV in registers, and a 1-warp loader
-that issues TMA loads of K and V once and then of the query blocks (BLOCK_M rows of Q and dO) into a STAGES-deep ring,
-over every query head that shares the KV head (GQA: their sum, in a fixed order, so the result is deterministic)
-and every row block whose rows see one of the CTA's keys. Per query block, on transposed scores (keys x rows):
+that issues TMA loads of K and V once and then of the query blocks (BLOCK_M rows of Q and dO, with their LSE and
+delta rows, which it loads and stores itself) into a STAGES-deep ring, over every query head that shares the KV
+head (GQA: their sum, in a fixed order, so the result is deterministic) and every row block whose rows see one of
+the CTA's keys. Per query block, on transposed scores (keys x rows):
     S^T = K Q^T,  P^T = exp(S^T - lse),  dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
 with P^T and dS^T fed to wgmma from registers. dK is scaled once at the end; both leave through shared memory (the
 consumer's own K/V buffers, no longer read) and a TMA store that clips rows past seqlen_k.
