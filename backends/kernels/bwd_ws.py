@@ -134,13 +134,13 @@ def _loader(loads, STAGES: gl.constexpr, NUM_WG: gl.constexpr):
         for i in range(n_blocks):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-            rows = (m0 + i) * ROWS + gl.arange(0, ROWS, layout=L1)
+            row = (m0 + i) * ROWS
+            rows = row + gl.arange(0, ROWS, layout=L1)
             # Rows past seqlen_q: lse +inf makes their probabilities 0 (their Q and dO are TMA's zero fill).
             lse_smem.index(s).store(gl.load(LSE + bh + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E_C)
             delta_smem.index(s).store(gl.load(DELTA + bh + rows, mask=rows < seqlen_q, other=0.0))
             gl.thread_barrier()  # every lane's rows are stored before the arrive below publishes them
             mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            row = (m0 + i) * ROWS
             tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], ready.index(s), q_smem.index(s))
             tma.async_copy_global_to_shared(do_desc, [off_b, row, off_h, 0], ready.index(s), do_smem.index(s))
             it += 1
@@ -225,8 +225,6 @@ def _consumer(shared, WG: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constex
                 fence_async_shared()
                 tma_reduce_add(dq_desc, [off_b, off_h, (WG * DQ_ROWS) if DQ_SPLIT > 1 else 0, r0], dq_tile)
             else:
-                # P^T's and dS^T's registers free before dQ^T's accumulator is live: bm64 at d128 fits in 240
-                # registers without serialised wgmma.
                 dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
                 mbarrier.arrive(empty.index(s), count=1)
             it += 1
