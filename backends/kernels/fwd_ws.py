@@ -229,19 +229,27 @@ def _pv(p, v_smem, v_ready, it, acc, P_L: gl.constexpr, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(sc, j, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N: gl.constexpr, COL: gl.constexpr):
-    """Scores of key block j: scaled, masked where the block is not wholly inside every row's band; returns
-    (p, the rescale of the running sums, the new row maxima)."""
-    seqlen_q, seqlen_k, left, right = band
-    sc = sc * qk_scale
-    if (j * BLOCK_N < full_lo) | (j * BLOCK_N + BLOCK_N > full_hi):
-        cols = (j * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL))[None, :]
-        diag = rows + (seqlen_k - seqlen_q)
-        keep = (cols >= (diag - left)[:, None]) & (cols <= (diag + right)[:, None]) & (cols < seqlen_k)
+def _softmax(sc, j, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N: gl.constexpr, COL: gl.constexpr):
+    """Scores of key block j: masked where the block is not wholly inside every row's band (key_lo, key_hi: each
+    row's first and last key, the latter clipped to seqlen_k); returns (p, the rescale of the running sums, the new
+    row maxima)."""
+    if (j * BLOCK_N < full_lo) | (j * BLOCK_N + BLOCK_N > full_hi) | (qk_scale < 0):
+        # Scaled, then masked: the block's column offsets against each row's bounds moved into this block, two
+        # compares per score. A negative scale takes this path for every block (the hot path's row max needs >= 0).
+        sc = sc * qk_scale
+        cols = gl.arange(0, BLOCK_N, layout=COL)[None, :]
+        first = j * BLOCK_N
+        keep = (cols >= (key_lo - first)[:, None]) & (cols <= (key_hi - first)[:, None])
         sc = gl.where(keep, sc, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(sc, 1))
+        m_new = gl.maximum(m_i, gl.max(sc, 1))
+        scale = 1.0
+    else:
+        # Hot path: unmasked, unscaled scores; the scale is applied to the row max and folded into exp2's argument
+        # (one FMA per score instead of a multiply and a subtract).
+        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+        scale = qk_scale
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(sc - m_shift[:, None])
+    p = gl.exp2(sc * scale - m_shift[:, None])
     return p, gl.exp2(m_i - m_shift), m_new
 
 
@@ -283,6 +291,10 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
     NEXT: gl.constexpr = (WG + 1) % NUM_WG
     mbarrier.wait(q_ready.index(qs), q_round & 1)
     rows = row0 + gl.arange(0, 64, layout=ROW)
+    seqlen_q, seqlen_k, left, right = band
+    diag = rows + (seqlen_k - seqlen_q)
+    key_lo = diag - left
+    key_hi = gl.minimum(diag + right, seqlen_k - 1)
     m_i = gl.full([64], float("-inf"), gl.float32, ROW)
     l_i = gl.zeros([64], gl.float32, ROW)
     acc = gl.zeros([64, HEAD_D], gl.float32, O_L)
@@ -297,7 +309,7 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
             mbarrier.arrive(turn.index(NEXT), count=1)
         sc = warpgroup_mma_wait(0, deps=(sc,))
         mbarrier.arrive(k_empty.index(it % STAGES), count=1)
-        p, alpha, m_i = _softmax(sc, j0, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N, COL)
+        p, alpha, m_i = _softmax(sc, j0, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N, COL)
         l_i = gl.sum(p, 1)
         for i in range(1, n_blocks):
             if PINGPONG:
@@ -308,7 +320,7 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
                 mbarrier.arrive(turn.index(NEXT), count=1)
             sc = warpgroup_mma_wait(1, deps=(sc,))
             mbarrier.arrive(k_empty.index((it + i) % STAGES), count=1)
-            p, alpha, m_i = _softmax(sc, j0 + i, m_i, rows, band, qk_scale, full_lo, full_hi, BLOCK_N, COL)
+            p, alpha, m_i = _softmax(sc, j0 + i, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N, COL)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index((it + i - 1) % STAGES), count=1)
             acc = acc * gl.convert_layout(alpha, OROW)[:, None]

@@ -28,13 +28,14 @@ COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the
 # them (1.3-3 waves) the tail costs up to 15%. One wave wins unless the many-wave split still gives each split
 # LONG_SPLIT_KEYS keys; without a one-wave split, many waves. Paged caches never split beyond one wave (at batch 32-64
 # one split read 7-17% faster than 4-8). The rule reads within 2.5% of the sweeps' best split at every point
-# (tests/cpu/test_kvcache.py checks it against both files). No split is shorter than MIN_KEYS_PER_SPLIT keys (a
-# partial costs a write and a combine read), none beyond MAX_SPLITS.
+# (tests/cpu/test_kvcache.py checks it against those files). No split is shorter than MIN_KEYS_PER_SPLIT keys (a
+# partial costs a write and a combine read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged caches
+# 3-4% faster than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond MAX_SPLITS.
 RESIDENT = 3
 MANY_WAVES = 4
 LONG_SPLIT_KEYS = 4096
 SPLITS_BEYOND_A_WAVE = {"kvcache": True, "paged": False}  # by KVShapes.layout
-MIN_KEYS_PER_SPLIT = 256
+MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 128
 PACKED_ROWS = 16  # rows of the decode tiles (tiles.json block_m): query heads of one KV head packed per program
 

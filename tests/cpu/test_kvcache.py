@@ -333,9 +333,9 @@ def test_split_heuristic():
     args = make_case(batch=1, h=32, hk=8, d=16, seqlen_cache=32768, new=0)
     shapes = check_kvcache_inputs(**args)
     # batch 1, 8 KV heads: 8 programs per split; 132 SMs x 3 resident = 396 slots -> one wave of 49 splits, to a
-    # power of two: 32 (each >= 256 keys of 32768). Many waves (>= 1584 programs) would need 256 splits of 128 keys.
+    # power of two: 32 (each >= 128 keys of 32768). Many waves (>= 1584 programs) would need 256 splits of 128 keys.
     assert choose_splits(shapes, 132) == 32
-    assert choose_splits(dataclasses.replace(shapes, capacity=1024), 132) == 4  # no split under 256 keys
+    assert choose_splits(dataclasses.replace(shapes, capacity=1024), 132) == 8  # no split under 128 keys
     # 256 programs: one wave already, unless 8 splits (2048 programs, 5.2 waves) still leave 4096 keys each.
     assert choose_splits(dataclasses.replace(shapes, batch=32, capacity=8192), 132) == 1
     assert choose_splits(dataclasses.replace(shapes, batch=32), 132) == 8
@@ -351,7 +351,7 @@ def test_split_heuristic():
     assert choose_splits(dataclasses.replace(shapes, num_splits=1000), 132) == MAX_SPLITS
 
 
-SPLIT_SWEEPS = ("decode-splits-h200.json", "decode-splits-fill-h200.json")
+SPLIT_SWEEPS = ("decode-splits-h200.json", "decode-splits-fill-h200.json", "decode-splits-b1-4k-h200.json")
 
 
 @pytest.mark.parametrize("sweep", SPLIT_SWEEPS)
