@@ -1,6 +1,6 @@
 """Forward and backward calls for compute-sanitizer memcheck: ragged lengths, causal, windows, softcap, ALiBi, GQA,
-head dims below their bucket, every bucket, an out= view (forward only), and d128 forward calls at the edges of the
-persistent tile walks. On sm90 the d64/d128 calls without score terms run the warp-specialised backward (dQ added by
+head dims below their bucket, every bucket, an out= view (forward only), and d64/d128 forward calls at the edges of
+the persistent tile walks. On sm90 the d64/d128 calls without score terms run the warp-specialised backward (dQ added by
 TMA reduce into an fp32 accumulator), the others the FA2 kernels."""
 
 import os
@@ -34,14 +34,14 @@ for b, nq, nk, h, hk, d, kwargs in CASES:
 big = torch.empty(1, 300, 4, 80, device="cuda", dtype=torch.bfloat16)
 q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)  # no grad: out= is forward only
 fa2rt.attention(q, q, q, causal=True, out=big[..., :64])
-# Forward only, d128 (on sm90 the Gluon images' persistent walks): tile counts at the walks' edges (fewer tiles than
-# SMs, an odd count of two-tile units), bands, seqlen_q != seqlen_k.
-WALKS = [(3, 300, 300, 5, 5, {"causal": True}), (1, 128 * 39, 128 * 39, 7, 7, {"causal": True}),
-         (1, 128 * 39 - 5, 4000, 7, 7, {"causal": True}), (2, 2500, 3000, 3, 1, {"window_size": (300, 0)}),
-         (1, 128 * 39, 128 * 39, 7, 7, {})]
-for b, nq, nk, h, hk, kwargs in WALKS:
-    q = torch.randn(b, nq, h, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(b, nk, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+# Forward only (on sm90 the Gluon images' persistent walks: d128 every band, d64 full-band calls): tile counts at the
+# walks' edges (fewer tiles than SMs, an odd count of two-tile units), bands, seqlen_q != seqlen_k.
+WALKS = [(3, 300, 300, 5, 5, 128, {"causal": True}), (1, 128 * 39, 128 * 39, 7, 7, 128, {"causal": True}),
+         (1, 128 * 39 - 5, 4000, 7, 7, 128, {"causal": True}), (2, 2500, 3000, 3, 1, 128, {"window_size": (300, 0)}),
+         (1, 128 * 39, 128 * 39, 7, 7, 128, {}), (2, 333, 517, 4, 2, 64, {}), (1, 128 * 39 - 5, 4000, 7, 7, 64, {})]
+for b, nq, nk, h, hk, d, kwargs in WALKS:
+    q = torch.randn(b, nq, h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, nk, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     assert fa2rt.explain(q, k, v, **kwargs).path == "kernel"
     fa2rt.attention(q, k, v, **kwargs)
 torch.cuda.synchronize()

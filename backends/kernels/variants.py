@@ -97,8 +97,10 @@ PAGE_ALIGNED_TILE = "page_aligned"
 # the dispatcher prefers it for those calls; the forward's Triton images of that kind are not built (WS_REPLACES).
 # With "persistent" the grid is one program per SM, each walking tiles. A FULL_BAND dict in it names the schedule
 # keys it replaces for an extra image, listed first, for calls without causal or window (docs/bench/gluon-ws-notes.md
-# has each schedule's measurements).
+# has each schedule's measurements). With WS_BANDED false only that full-band image is built, and the Triton images
+# stay for the banded calls (where the schedule measured slower than them).
 WS_TILE = "ws"
+WS_BANDED = "banded"
 WS_FAMILY = "gluon_ws"
 WS_REPLACES = ("fwd",)
 
@@ -254,7 +256,7 @@ def variants(archs: list[str]) -> list[Variant]:
 def _ws_takes(cfg: dict, layout: str, d_mask: bool, features: tuple) -> bool:
     """Whether the entry's WS_TILE image takes every call of this kind, so that no Triton image is built for it
     (the dispatcher would never reach one)."""
-    return WS_TILE in cfg and layout == "dense" and not d_mask and not features
+    return WS_TILE in cfg and cfg[WS_TILE].get(WS_BANDED, True) and layout == "dense" and not d_mask and not features
 
 
 def _ws_variants(arch: str, op: str) -> list[Variant]:
@@ -266,7 +268,7 @@ def _ws_variants(arch: str, op: str) -> list[Variant]:
         ws = cfg.get(WS_TILE)
         if ws is None:
             continue
-        bands = ((True,) if FULL_BAND in ws else ()) + (False,)
+        bands = ((True,) if FULL_BAND in ws else ()) + ((False,) if ws.get(WS_BANDED, True) else ())
         for dtype in DTYPES:
             for full_band_only in bands:
                 sched = ws_schedule(arch, op, int(bucket), full_band_only)

@@ -150,29 +150,32 @@ def test_row_fields(build):
 
 
 def test_ws_rows(build):
-    """The warp-specialised Gluon forward images (sm90 fwd d128, dense calls without score terms): persistent tile
-    walks over a flat grid, one for full-band calls and one for banded calls, Q/K/V/O as TMA maps with the kernel's
-    boxes; the Triton images of that kind are not built."""
+    """The warp-specialised Gluon forward images (sm90 fwd, dense calls without score terms): persistent tile walks
+    over a flat grid, at d128 one for full-band calls and one for banded calls, at d64 one for full-band calls only
+    (tiles.json "banded": false); Q/K/V/O as TMA maps with the kernel's boxes; the Triton images of a kind the ws
+    images take every call of are not built, those d64 banded calls need are."""
     _, manifest, _ = build
     rows = [row for row in manifest["images"] if row["family"] == variants.WS_FAMILY and row["op"] == "fwd"]
-    assert {(row["dtype"], row["full_band_only"]) for row in rows} == {(d, f) for d in ("fp16", "bf16")
-                                                                        for f in (True, False)}
+    assert {(row["head_dim"], row["dtype"], row["full_band_only"]) for row in rows} == {
+        (hd, d, f) for d in ("fp16", "bf16") for hd, f in ((128, True), (128, False), (64, True))}
     host_dtype = {"bf16": 9, "fp16": 6}  # CUtensorMapDataType
     for row in rows:
-        assert (row["arch"], row["op"], row["layouts"], row["head_dim"], row["d_mask"], row["features"]) == (
-            "sm90", "fwd", ["dense"], 128, False, [])
+        assert (row["arch"], row["op"], row["layouts"], row["d_mask"], row["features"]) == (
+            "sm90", "fwd", ["dense"], False, [])
         assert row["flat_grid"] is True and row["num_warps"] == 12  # 2 consumer warpgroups and the loader's
         assert row["ctas_per_sm"] == 1 and "-persistent-" in row["name"]
-        # Two query buffers per consumer (tiles.json q_bufs): 2 x 2 warpgroups x 64 rows x 128 dims x 2 bytes.
-        assert row["shared_bytes"] >= 2 * 2 * 64 * 128 * 2
+        # Two query buffers per consumer (tiles.json q_bufs): 2 x 2 warpgroups x 64 rows x head_dim x 2 bytes.
+        assert row["shared_bytes"] >= 2 * 2 * 64 * row["head_dim"] * 2
+        # Boxes are 64 elements wide at both head dims: 128 bytes, the widest swizzle's span (swizzle mode 3).
         assert [(m["param"], m["box"], m["dtype"], m["elem_size"], m["swizzle"]) for m in row["tensor_maps"]] == [
             (name, [1, rows_, 1, 64], host_dtype[row["dtype"]], 2, 3)
             for name, rows_ in (("Q", 64), ("K", 128), ("V", 128), ("O", 64))]
     others = [row for row in manifest["images"] if row["family"] == "triton"]
     assert all(not row["flat_grid"] and row["ctas_per_sm"] == 0 and row["tensor_maps"] == [] for row in others)
-    assert not [row["name"] for row in others if (row["arch"], row["op"], row["layouts"], row["head_dim"],
-                                                  row["d_mask"], row["features"]) == ("sm90", "fwd", ["dense"], 128,
-                                                                                      False, [])]
+    plain = {row["head_dim"] for row in others
+             if (row["arch"], row["op"], row["layouts"], row["d_mask"], row["features"]) == (
+                 "sm90", "fwd", ["dense"], False, [])}
+    assert 128 not in plain and 64 in plain
 
 
 def test_ws_backward_rows(build):

@@ -128,17 +128,36 @@ WALKS = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, options
 ]
 
 
-@pytest.mark.parametrize("case", WALKS, ids=[f"{b}x{nq}x{nk}x{h}x{hk}-{'+'.join(o) or 'full'}"
-                                             for b, nq, nk, h, hk, o in WALKS])
-def test_warp_specialised_walks_match_reference(case):
-    """The sm90 d128 Gluon images' tile walks cover every tile once (as the reference sees them)."""
+# d128 takes every walk; d64 has a Gluon image for calls without causal or window only (tiles.json "banded": false).
+WALK_CASES = [(128, case) for case in WALKS] + [(64, case) for case in WALKS if not case[-1]] + [
+    (64, (2, 333, 517, 4, 2, {}))]
+
+
+@pytest.mark.parametrize("head_dim, case", WALK_CASES, ids=[f"d{d}-{b}x{nq}x{nk}x{h}x{hk}-{'+'.join(o) or 'full'}"
+                                                            for d, (b, nq, nk, h, hk, o) in WALK_CASES])
+def test_warp_specialised_walks_match_reference(head_dim, case):
+    """The sm90 Gluon images' tile walks cover every tile once (as the reference sees them)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the warp-specialised images are sm90's")
     b, nq, nk, h, hk, opts = case
-    q, k, v = make((b, nq, nk, h, hk), 128, torch.bfloat16, seed=seed_of((b, nq, nk, h, hk), 128, bool(opts)))
+    q, k, v = make((b, nq, nk, h, hk), head_dim, torch.bfloat16,
+                   seed=seed_of((b, nq, nk, h, hk), head_dim, bool(opts)))
     decision = fa2rt.explain(q, k, v, **opts)
     assert decision.path == "kernel" and "-ws-persistent-" in decision.image, decision
     poison_allocator()
+    out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
+    torch.cuda.synchronize()
+    check_attention(out, lse, q, k, v, **opts)
+
+
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (100, 0)}], ids=["causal", "window"])
+def test_banded_d64_calls_keep_the_triton_images(opts):
+    """sm90's d64 Gluon image is built for full-band calls only: banded ones run a Triton image."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialised images are sm90's")
+    q, k, v = make((2, 333, 517, 4, 2), 64, torch.bfloat16, seed=7)
+    decision = fa2rt.explain(q, k, v, **opts)
+    assert decision.path == "kernel" and "-ws-" not in decision.image, decision
     out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
     torch.cuda.synchronize()
     check_attention(out, lse, q, k, v, **opts)
