@@ -115,11 +115,12 @@ def inputs(b, sq, sk, h, hk, d, kind):
     return q, k, v
 
 
-# (batch, seqlen_q, seqlen_k, heads, kv heads, kind), each with every mask of CHECK_MASKS.
+# (batch, seqlen_q, seqlen_k, heads, kv heads, kind), each with every mask of CHECK_MASKS. The last one gives a
+# persistent walk several tiles per program, some of them without keys (causal, seqlen_q > seqlen_k).
 CHECK_SHAPES = ((2, 128, 128, 4, 4, "plain"), (2, 1000, 1000, 3, 3, "plain"), (1, 4096, 4096, 2, 2, "plain"),
                 (4, 2048, 2048, 8, 8, "plain"), (2, 1000, 1000, 8, 2, "plain"), (2, 777, 777, 4, 4, "packed"),
                 (2, 1000, 1000, 2, 2, "poison"), (2, 300, 1100, 4, 2, "plain"), (2, 1100, 300, 4, 4, "plain"),
-                (1, 1, 513, 2, 2, "plain"))
+                (1, 1, 513, 2, 2, "plain"), (8, 1100, 300, 8, 8, "plain"))
 # (causal, window_size): none, causal, sliding windows (some rows of seqlen_q > seqlen_k see no key).
 CHECK_MASKS = ((False, (-1, -1)), (True, (-1, -1)), (False, (100, 0)), (False, (37, 200)), (True, (256, -1)))
 
