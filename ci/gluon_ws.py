@@ -6,6 +6,10 @@ here, launched through Triton's own launcher; fa2rt's images of the kernel are t
     python ci/gluon_ws.py check VARIANT               # H200: float64 reference on small shapes; exit 1 on a mismatch
     python ci/gluon_ws.py bench OUT.json VARIANT...   # H200: FA2 grid, same process: the variants, fa2rt's own
                                                       # kernels (routing off), SDPA cuDNN and flash
+    python ci/gluon_ws.py ab OUT.json OLD.py VARIANT...  # H200: this fwd_ws.py against another copy of it (e.g.
+                                                      # git show REV:backends/kernels/fwd_ws.py > OLD.py), same
+                                                      # process: a quick check of this one, then alternating
+                                                      # timing rounds on the FA2 grid; new / old per point
     python ci/gluon_ws.py compile-bwd|check-bwd VARIANT...  # the same for the dK/dV backward (bwd_ws.py)
     python ci/gluon_ws.py bench-bwd OUT.json VARIANT...
 
@@ -19,6 +23,7 @@ dQ for half the head dims over both consumers' keys): e.g. bm64-s2-dq1-x2-d128.
 """
 
 import functools
+import importlib.util
 import json
 import re
 import subprocess
@@ -121,13 +126,16 @@ CHECK_SHAPES = ((2, 128, 128, 4, 4, "plain"), (2, 1000, 1000, 3, 3, "plain"), (1
                 (4, 2048, 2048, 8, 8, "plain"), (2, 1000, 1000, 8, 2, "plain"), (2, 777, 777, 4, 4, "packed"),
                 (2, 1000, 1000, 2, 2, "poison"), (2, 300, 1100, 4, 2, "plain"), (2, 1100, 300, 4, 4, "plain"),
                 (1, 1, 513, 2, 2, "plain"), (8, 1100, 300, 8, 8, "plain"))
+# The ab mode's check: a few shapes (its point is the timing), the walk with several tiles per program among them.
+QUICK_SHAPES = ((2, 1000, 1000, 4, 2, "plain"), (2, 777, 777, 4, 4, "packed"), (2, 1000, 1000, 2, 2, "poison"),
+                (2, 300, 1100, 4, 2, "plain"), (1, 1, 513, 2, 2, "plain"), (8, 1100, 300, 8, 8, "plain"))
 # (causal, window_size): none, causal, sliding windows (some rows of seqlen_q > seqlen_k see no key).
 CHECK_MASKS = ((False, (-1, -1)), (True, (-1, -1)), (False, (100, 0)), (False, (37, 200)), (True, (256, -1)))
 
 
-def check_calls(variant):
+def check_calls(variant, shapes=CHECK_SHAPES):
     """The check's calls: (the line's label, the variant's keyword arguments, q, k, v, the sequences compared,
-    causal, window) for every head dim the variant takes, shape of CHECK_SHAPES and mask of CHECK_MASKS."""
+    causal, window) for every head dim the variant takes, shape of `shapes` and mask of CHECK_MASKS."""
     import torch
 
     kw = parse(variant)
@@ -135,7 +143,7 @@ def check_calls(variant):
     for d in (64, 128):
         if only and d != only:
             continue
-        for b, sq, sk, h, hk, kind in CHECK_SHAPES:
+        for b, sq, sk, h, hk, kind in shapes:
             for causal, window in CHECK_MASKS:
                 torch.manual_seed(0)
                 q, k, v = inputs(b, sq, sk, h, hk, d, kind)
@@ -143,7 +151,7 @@ def check_calls(variant):
                 yield label, kw, q, k, v, 1 if kind == "poison" else b, causal, window
 
 
-def check(variant) -> bool:
+def check(variant, shapes=CHECK_SHAPES) -> bool:
     """The variant against the float64 reference (fa2rt.reference); it passes where its error is at most twice that
     of fa2rt's own kernel on the same call (+1e-3) and its LSE is within 1e-3 (both +inf for rows without keys)."""
     import torch
@@ -151,7 +159,7 @@ def check(variant) -> bool:
     import fa2rt
     from fa2rt.reference import attention_reference
     ok_all = True
-    for label, kw, q, k, v, n, causal, window in check_calls(variant):
+    for label, kw, q, k, v, n, causal, window in check_calls(variant, shapes):
         ref, ref_lse = attention_reference(q[:n], k[:n], v[:n], causal=causal, window_size=window)
         o, lse = fwd_ws.forward(q, k, v, causal, window, **kw)
         err = (o[:n].double() - ref).abs().max().item()
@@ -166,35 +174,93 @@ def check(variant) -> bool:
     return ok_all
 
 
-def bench(out, variants):
+def grid_points():
+    """The FA2 grid (bf16, 16k tokens per point, hidden 2048): (head dim, heads, batch, seqlen, causal, q, k, v)."""
     import torch
 
+    for d, h in ((64, 32), (128, 16)):
+        for causal in (False, True):
+            for s in (512, 1024, 2048, 4096, 8192, 16384):
+                b = 16384 // s
+                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                yield d, h, b, s, causal, q, k, v
+
+
+def variant_runs(variants, d, q, k, v, causal, module=fwd_ws, suffix=""):
+    """{variant + suffix: a call of module's forward with that schedule} for the variants that take head dim d."""
+    runs = {}
+    for variant in variants:
+        kw = parse(variant)
+        if kw.pop("only_d", d) == d:
+            runs[variant + suffix] = functools.partial(module.forward, q, k, v, causal, **kw)
+    return runs
+
+
+def bench(out, variants):
     import fa2rt
     from fa2rt.bench import common
     rows = []
     with common.kernel_forced():
-        for d, h in ((64, 32), (128, 16)):
-            for causal in (False, True):
-                for s in (512, 1024, 2048, 4096, 8192, 16384):
-                    b = 16384 // s
-                    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                    runs = {}
-                    for variant in variants:
-                        kw = parse(variant)
-                        if kw.pop("only_d", d) == d:
-                            runs[variant] = functools.partial(fwd_ws.forward, q, k, v, causal, **kw)
-                    runs["fa2rt"] = functools.partial(fa2rt.attention, q, k, v, causal=causal)
-                    runs["sdpa_cudnn"] = common.sdpa_call(q, k, v, causal, "sdpa_cudnn")
-                    runs["sdpa_flash"] = common.sdpa_call(q, k, v, causal, "sdpa_flash")
-                    flops = common.fwd_flops(b, h, s, d, causal)
-                    row = {"d": d, "h": h, "b": b, "s": s, "causal": causal,
-                           "tflops": {name: flops / common.time_ms(fn) / 1e9 for name, fn in runs.items()}}
-                    rows.append(row)
-                    print(f"d{d} causal={int(causal)} s{s:5d}: "
-                          + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
+        for d, h, b, s, causal, q, k, v in grid_points():
+            runs = variant_runs(variants, d, q, k, v, causal)
+            runs["fa2rt"] = functools.partial(fa2rt.attention, q, k, v, causal=causal)
+            runs["sdpa_cudnn"] = common.sdpa_call(q, k, v, causal, "sdpa_cudnn")
+            runs["sdpa_flash"] = common.sdpa_call(q, k, v, causal, "sdpa_flash")
+            flops = common.fwd_flops(b, h, s, d, causal)
+            row = {"d": d, "h": h, "b": b, "s": s, "causal": causal,
+                   "tflops": {name: flops / common.time_ms(fn) / 1e9 for name, fn in runs.items()}}
+            rows.append(row)
+            print(f"d{d} causal={int(causal)} s{s:5d}: "
+                  + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
     Path(out).write_text(json.dumps({"environment": common.environment(), "variants": variants, "rows": rows},
                                     indent=1))
     summary(rows, variants)
+
+
+def load_source(path):
+    """Another copy of fwd_ws.py (an older revision, say) as a module of its own."""
+    spec = importlib.util.spec_from_file_location(f"fwd_ws_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+AB_ROUNDS = 3
+
+
+def ab(out, old_path, variants) -> bool:
+    """This fwd_ws.py against the copy at old_path, each variant's schedule in both: the quick check of this one,
+    then per grid point AB_ROUNDS alternating rounds of both, each one's fastest round kept (the v11/v14 method of
+    gluon-ws-notes.md). Returns whether the check passed."""
+    from fa2rt.bench import common
+    old = load_source(old_path)
+    passed = all([check(variant, QUICK_SHAPES) for variant in variants])
+    print(f"check: {'passed' if passed else 'FAILED'}", flush=True)
+    rows = []
+    for d, h, b, s, causal, q, k, v in grid_points():
+        runs = variant_runs(variants, d, q, k, v, causal, old, " old") | variant_runs(variants, d, q, k, v, causal)
+        times = {name: [] for name in runs}
+        for _ in range(AB_ROUNDS):
+            for name, fn in runs.items():
+                times[name].append(common.time_ms(fn, warmup=10, rep=40))
+        flops = common.fwd_flops(b, h, s, d, causal)
+        row = {"d": d, "h": h, "b": b, "s": s, "causal": causal, "ms": times,
+               "tflops": {name: flops / min(t) / 1e9 for name, t in times.items()}}
+        rows.append(row)
+        print(f"d{d} causal={int(causal)} s{s:5d}: "
+              + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
+    Path(out).write_text(json.dumps({"environment": common.environment(), "old": str(old_path), "variants": variants,
+                                     "check_passed": passed, "rows": rows}, indent=1))
+    print("\nnew / old TFLOP/s per head dim / causal: geomean (min, max)")
+    for variant in variants:
+        for d in (64, 128):
+            for causal in (False, True):
+                ratios = [r["tflops"][variant] / r["tflops"][variant + " old"] for r in rows
+                          if r["d"] == d and r["causal"] == causal and variant in r["tflops"]]
+                if ratios:
+                    print(f"  {variant:28s} d{d} causal={int(causal)}: {common.geomean(ratios):.3f} "
+                          f"({min(ratios):.3f}, {max(ratios):.3f})")
+    return passed
 
 
 def summary(rows, variants):
@@ -276,27 +342,24 @@ def bench_bwd(out, variants):
     from fa2rt.bench import common
     rows = []
     with common.kernel_forced():
-        for d, h in ((64, 32), (128, 16)):
-            for causal in (False, True):
-                for s in (512, 1024, 2048, 4096, 8192, 16384):
-                    b = 16384 // s
-                    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-                    o, lse = fa2rt.attention(q, k, v, causal=causal, return_lse=True)
-                    ms = {}
-                    for variant in variants:
-                        kw = parse(variant)
-                        if kw.pop("only_d", d) == d:
-                            ms[variant] = common.time_ms(functools.partial(bwd_ws.backward, q, k, v, o, dout,
-                                                                           lse, causal, **kw))
-                            if kw.get("dq"):  # the kernel alone, without torch's delta, zeroing and conversion
-                                launch, _ = bwd_ws.launcher(q, k, v, o, dout, lse, causal, **kw)
-                                ms[variant + ":kernel"] = common.time_ms(launch)
-                    ms["fa2rt"] = _backward_ms(fa2rt.attention, q, k, v, dout, causal=causal)
-                    ms["sdpa_cudnn"] = _backward_ms(functools.partial(routing.run, "sdpa_cudnn"), q, k, v, dout,
-                                                    causal=causal, softmax_scale=d ** -0.5)
-                    rows.append({"d": d, "h": h, "b": b, "s": s, "causal": causal, "ms": ms})
-                    print(f"d{d} causal={int(causal)} s{s:5d}: " + " ".join(f"{n}={t:.3f}" for n, t in ms.items()),
-                          flush=True)
+        for d, h, b, s, causal, q, k, v in grid_points():
+            dout = torch.randn_like(q)
+            o, lse = fa2rt.attention(q, k, v, causal=causal, return_lse=True)
+            ms = {}
+            for variant in variants:
+                kw = parse(variant)
+                if kw.pop("only_d", d) == d:
+                    ms[variant] = common.time_ms(functools.partial(bwd_ws.backward, q, k, v, o, dout,
+                                                                   lse, causal, **kw))
+                    if kw.get("dq"):  # the kernel alone, without torch's delta, zeroing and conversion
+                        launch, _ = bwd_ws.launcher(q, k, v, o, dout, lse, causal, **kw)
+                        ms[variant + ":kernel"] = common.time_ms(launch)
+            ms["fa2rt"] = _backward_ms(fa2rt.attention, q, k, v, dout, causal=causal)
+            ms["sdpa_cudnn"] = _backward_ms(functools.partial(routing.run, "sdpa_cudnn"), q, k, v, dout,
+                                            causal=causal, softmax_scale=d ** -0.5)
+            rows.append({"d": d, "h": h, "b": b, "s": s, "causal": causal, "ms": ms})
+            print(f"d{d} causal={int(causal)} s{s:5d}: " + " ".join(f"{n}={t:.3f}" for n, t in ms.items()),
+                  flush=True)
     Path(out).write_text(json.dumps({"environment": common.environment(), "variants": variants, "rows": rows},
                                     indent=1))
 
@@ -311,6 +374,8 @@ def main(argv):
         return 0 if ok else 1
     elif argv[0] == "bench":
         bench(argv[1], argv[2:])
+    elif argv[0] == "ab":
+        return 0 if ab(argv[1], argv[2], argv[3:]) else 1
     elif argv[0] == "compile-bwd":
         compile_report(argv[1:], compile_bwd_variant)
     elif argv[0] == "check-bwd":

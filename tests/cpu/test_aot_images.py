@@ -489,3 +489,19 @@ def test_gluon_backward_compiles_for_sm90_without_spills(variant):
     assert ("cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx) == ("dq1" in variant)
     usage = gluon_ws.resource_usage(compiled)
     assert usage["stack_bytes"] == 0 and usage["local_bytes"] == 0, usage
+
+
+def test_gluon_ab_loads_a_second_copy_of_the_forward(tmp_path):
+    """ci/gluon_ws.py ab times fwd_ws.py against another copy of it (an older revision): that copy loads as a module
+    of its own, so each kernel compiles from its own source, and it compiles for sm90 with an image's schedule."""
+    from triton.backends.compiler import GPUTarget
+
+    sys.path.insert(0, str(ROOT / "ci"))
+    import gluon_ws
+
+    copy = tmp_path / "fwd_ws_copy.py"
+    copy.write_text((ROOT / "backends/kernels/fwd_ws.py").read_text())
+    old = gluon_ws.load_source(copy)
+    assert old is not gluon_ws.fwd_ws and old.attn_fwd_ws is not gluon_ws.fwd_ws.attn_fwd_ws
+    tile = variants.ws_schedule("sm90", "fwd", 64, True)
+    assert "wgmma.mma_async" in old.compile_for(GPUTarget("cuda", 90, 32), "bf16", 64, tile).asm["ptx"]
