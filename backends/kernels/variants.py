@@ -105,6 +105,16 @@ WS_FAMILY = "gluon_ws"
 WS_REPLACES = ("fwd",)
 
 
+def ws_bands(ws: dict) -> tuple[bool, ...]:
+    """The full_band_only values of a WS_TILE entry's images: the FULL_BAND image first, then the banded one unless
+    WS_BANDED is false; an entry that would build neither is refused."""
+    bands = ((True,) if FULL_BAND in ws else ()) + ((False,) if ws.get(WS_BANDED, True) else ())
+    if not bands:
+        raise ValueError(f"tiles.json {WS_TILE} entry {ws}: {WS_BANDED} false needs a {FULL_BAND} entry, "
+                         "else it builds no image")
+    return bands
+
+
 def ws_schedule(arch: str, op: str, head_dim: int, full_band_only: bool) -> dict:
     """The WS_TILE schedule an image was built from: with full_band_only, the keys its FULL_BAND dict replaces."""
     ws = arch_info(arch)[op][str(head_dim)][WS_TILE]
@@ -256,7 +266,7 @@ def variants(archs: list[str]) -> list[Variant]:
 def _ws_takes(cfg: dict, layout: str, d_mask: bool, features: tuple) -> bool:
     """Whether the entry's WS_TILE image takes every call of this kind, so that no Triton image is built for it
     (the dispatcher would never reach one)."""
-    return WS_TILE in cfg and cfg[WS_TILE].get(WS_BANDED, True) and layout == "dense" and not d_mask and not features
+    return WS_TILE in cfg and False in ws_bands(cfg[WS_TILE]) and layout == "dense" and not d_mask and not features
 
 
 def _ws_variants(arch: str, op: str) -> list[Variant]:
@@ -268,9 +278,8 @@ def _ws_variants(arch: str, op: str) -> list[Variant]:
         ws = cfg.get(WS_TILE)
         if ws is None:
             continue
-        bands = ((True,) if FULL_BAND in ws else ()) + ((False,) if ws.get(WS_BANDED, True) else ())
         for dtype in DTYPES:
-            for full_band_only in bands:
+            for full_band_only in ws_bands(ws):
                 sched = ws_schedule(arch, op, int(bucket), full_band_only)
                 out.append(Variant(
                     op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,

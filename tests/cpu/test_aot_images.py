@@ -505,3 +505,13 @@ def test_gluon_ab_loads_a_second_copy_of_the_forward(tmp_path):
     assert old is not gluon_ws.fwd_ws and old.attn_fwd_ws is not gluon_ws.fwd_ws.attn_fwd_ws
     tile = variants.ws_schedule("sm90", "fwd", 64, True)
     assert "wgmma.mma_async" in old.compile_for(GPUTarget("cuda", 90, 32), "bf16", 64, tile).asm["ptx"]
+
+
+def test_ws_entry_that_builds_no_image_is_refused():
+    """A ws entry with "banded": false builds only its full_band image: without a full_band entry it would build
+    none, silently; it is refused, naming the key it lacks."""
+    assert variants.ws_bands({"banded": False, "full_band": {}}) == (True,)
+    assert variants.ws_bands({"full_band": {}}) == (True, False)
+    assert variants.ws_bands({}) == (False,)
+    with pytest.raises(ValueError, match="banded false needs a full_band entry"):
+        variants.ws_bands({"banded": False})
