@@ -10,6 +10,8 @@ here, launched through Triton's own launcher; fa2rt's images of the kernel are t
                                                       # git show REV:backends/kernels/fwd_ws.py > OLD.py), same
                                                       # process: a quick check of this one, then alternating
                                                       # timing rounds on the FA2 grid; new / old per point
+    python ci/gluon_ws.py probe OUT.json VARIANT...   # H200: the s512 shapes where causal loses (issue 21): time
+                                                      # per call against keys per tile, causal, masked, cold or warm
     python ci/gluon_ws.py compile-bwd|check-bwd VARIANT...  # the same for the dK/dV backward (bwd_ws.py)
     python ci/gluon_ws.py bench-bwd OUT.json VARIANT...
 
@@ -83,13 +85,19 @@ def compile_bwd_variant(variant: str, head_dim: int):
 
 
 def resource_usage(compiled) -> dict:
-    """Registers, stack and local bytes as aot.py reads them for its static checks, and the shared memory."""
+    """Registers, stack and local bytes as aot.py reads them for its static checks, the shared memory, and the SASS
+    instruction count (the code the SM's instruction cache has to hold)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        text = subprocess.run([str(aot._tool("cuobjdump")), "-res-usage", f.name], check=True, capture_output=True,
-                              text=True).stdout
-    return aot.parse_res_usage(text) | {"shared_bytes": compiled.metadata.shared}
+
+        def dump(flag):
+            return subprocess.run([str(aot._tool("cuobjdump")), flag, f.name], check=True, capture_output=True,
+                                  text=True).stdout
+
+        sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", dump("-sass"), re.MULTILINE))
+        return aot.parse_res_usage(dump("-res-usage")) | {"shared_bytes": compiled.metadata.shared,
+                                                          "sass_instructions": sass}
 
 
 def compile_report(variants, compile_fn=compile_variant):
@@ -262,6 +270,62 @@ def ab(out, old_path, variants) -> bool:
     return passed
 
 
+# (label, seqlen_k, causal, window_size, softmax_scale sign) at seqlen_q 512: keys per tile 1-4 blocks unmasked, the
+# causal walk (1-4 blocks, the last masked), every block masked (a negative scale), a causal band of 2 blocks.
+PROBE_CALLS = (("keys128", 128, False, (-1, -1), 1), ("keys256", 256, False, (-1, -1), 1),
+               ("keys384", 384, False, (-1, -1), 1), ("keys512", 512, False, (-1, -1), 1),
+               ("causal", 512, True, (-1, -1), 1), ("masked512", 512, False, (-1, -1), -1),
+               ("window127", 512, True, (127, 0), 1))
+
+
+def _warm_ms(fn, calls=50):
+    """Milliseconds per call of calls back-to-back calls (the L2 keeps what the last call left)."""
+    import torch
+
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def probe(out, variants):
+    """Where a short causal tile's time goes: at seqlen_q 512 (the FA2 grid's batch and heads) each variant, fa2rt's
+    images and cuDNN on PROBE_CALLS, timed as the grid times (cold L2) and back-to-back (warm)."""
+    import torch
+
+    import fa2rt
+    from fa2rt.bench import common
+    rows = []
+    with common.kernel_forced():
+        for d, h in ((128, 16), (64, 32)):
+            for label, seqlen_k, causal, window, sign in PROBE_CALLS:
+                q = torch.randn(32, 512, h, d, device="cuda", dtype=torch.bfloat16)
+                k, v = (torch.randn(32, seqlen_k, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                scale = sign * d ** -0.5
+                runs = {}
+                for variant in variants:
+                    kw = parse(variant)
+                    if kw.pop("only_d", d) == d:
+                        runs[variant] = functools.partial(fwd_ws.forward, q, k, v, causal, window, scale, **kw)
+                runs["fa2rt"] = functools.partial(fa2rt.attention, q, k, v, causal=causal, window_size=window,
+                                                  softmax_scale=scale)
+                if window == (-1, -1) and sign > 0:
+                    runs["sdpa_cudnn"] = common.sdpa_call(q, k, v, causal, "sdpa_cudnn")
+                row = {"d": d, "label": label, "cold_us": {}, "warm_us": {}}
+                for name, fn in runs.items():
+                    row["cold_us"][name] = common.time_ms(fn) * 1e3
+                    row["warm_us"][name] = _warm_ms(fn) * 1e3
+                rows.append(row)
+                print(f"d{d} {label:10s} " + " ".join(f"{n}={row['cold_us'][n]:.1f}/{row['warm_us'][n]:.1f}"
+                                                      for n in runs), flush=True)
+    Path(out).write_text(json.dumps({"environment": common.environment(), "variants": variants, "rows": rows},
+                                    indent=1))
+
+
 def summary(rows, variants):
     from fa2rt.bench.common import geomean
     print("\ngeomean TFLOP/s ratio per head dim / causal: against cuDNN (min), against fa2rt")
@@ -375,6 +439,8 @@ def main(argv):
         bench(argv[1], argv[2:])
     elif argv[0] == "ab":
         return 0 if ab(argv[1], argv[2], argv[3:]) else 1
+    elif argv[0] == "probe":
+        probe(argv[1], argv[2:])
     elif argv[0] == "compile-bwd":
         compile_report(argv[1:], compile_bwd_variant)
     elif argv[0] == "check-bwd":

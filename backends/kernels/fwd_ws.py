@@ -177,7 +177,8 @@ def _walk(n_tiles, PAIRS: gl.constexpr):
 @gluon.jit
 def _walk_tile(r, per_unit):
     """This program's r-th tile (see _walk)."""
-    return ((r // per_unit) * gl.num_programs(0) + gl.program_id(0)) * per_unit + r % per_unit
+    shift = per_unit - 1  # per_unit is 1 or 2: a shift and a mask instead of a division
+    return ((r >> shift) * gl.num_programs(0) + gl.program_id(0)) * per_unit + (r & shift)
 
 
 @gluon.jit
@@ -229,27 +230,37 @@ def _pv(p, v_smem, v_ready, it, acc, P_L: gl.constexpr, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _approx(op: gl.constexpr, x):
+    """A one-operand f32 PTX instruction per element of x (the MUFU approximations)."""
+    return gl.inline_asm_elementwise(op + " $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _softmax(sc, j, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N: gl.constexpr, COL: gl.constexpr):
     """Scores of key block j: masked where the block is not wholly inside every row's band (key_lo, key_hi: each
     row's first and last key, the latter clipped to seqlen_k); returns (p, the rescale of the running sums, the new
-    row maxima)."""
-    if (j * BLOCK_N < full_lo) | (j * BLOCK_N + BLOCK_N > full_hi) | (qk_scale < 0):
-        # Scaled, then masked: the block's column offsets against each row's bounds moved into this block, two
-        # compares per score. A negative scale takes this path for every block (the hot path's row max needs >= 0).
+    row maxima). One body for masked and unmasked blocks: the mask is the only branch, so a causal walk, which
+    alternates between them every tile, runs no second copy of the softmax (the instruction cache is what short
+    causal tiles ran out of; gluon-ws-notes.md, v15)."""
+    # A positive scale ranks raw scores as it ranks scaled ones: scores stay raw and the scale is folded into the
+    # row max and exp2's FMA (post). A negative one reverses the ranking, and 0 * -inf would be NaN: any other
+    # scale is applied to the scores first (post = 1).
+    pre_scaled = qk_scale <= 0.0
+    if pre_scaled:
         sc = sc * qk_scale
-        cols = gl.arange(0, BLOCK_N, layout=COL)[None, :]
-        first = j * BLOCK_N
-        keep = (cols >= (key_lo - first)[:, None]) & (cols <= (key_hi - first)[:, None])
-        sc = gl.where(keep, sc, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, 1))
-        scale = 1.0
-    else:
-        # Hot path: unmasked, unscaled scores; the scale is applied to the row max and folded into exp2's argument
-        # (one FMA per score instead of a multiply and a subtract).
-        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-        scale = qk_scale
+    post = gl.where(pre_scaled, 1.0, qk_scale)
+    # Each bound's mask a branch of its own, taken by the blocks that cross it (a causal band's diagonal block: one
+    # compare and one select per score), the block's column offsets against each row's bound.
+    cols = gl.arange(0, BLOCK_N, layout=COL)[None, :]
+    first = j * BLOCK_N
+    if first + BLOCK_N > full_hi:
+        sc = gl.where(cols <= (key_hi - first)[:, None], sc, float("-inf"))
+    if first < full_lo:
+        sc = gl.where(cols >= (key_lo - first)[:, None], sc, float("-inf"))
+    # Row max of the scores as they stand, the scale (post) folded into exp2's argument: one FMA per score.
+    m_new = gl.maximum(m_i, gl.max(sc, 1) * post)
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(sc * scale - m_shift[:, None])
+    p = gl.exp2(sc * post - m_shift[:, None])
     return p, gl.exp2(m_i - m_shift), m_new
 
 
@@ -332,8 +343,11 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
 
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
-    out = acc / gl.convert_layout(l_safe, OROW)[:, None]
-    lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+    # One reciprocal per row and a multiply per element, both reciprocal and log2 the hardware's approximations
+    # (l_safe >= 1, so no subnormal path; <= 1 ulp, 2^-22 relative): the epilogue runs cold from the instruction
+    # cache once per tile, and IEEE division and libdevice's log2 are ~4x its code.
+    out = acc * gl.convert_layout(_approx("rcp.approx.ftz.f32", l_safe), OROW)[:, None]
+    lse = gl.where(empty, float("inf"), (m_i + _approx("lg2.approx.ftz.f32", l_safe)) * LN2)
     # The output through shared memory and a TMA store (rows past the sequence clipped); the previous tile's store
     # from this buffer is waited for first.
     tma.store_wait(0)
