@@ -34,11 +34,13 @@ for b, nq, nk, h, hk, d, kwargs in CASES:
 big = torch.empty(1, 300, 4, 80, device="cuda", dtype=torch.bfloat16)
 q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)  # no grad: out= is forward only
 fa2rt.attention(q, q, q, causal=True, out=big[..., :64])
-# Forward only (on sm90 the Gluon images' persistent walks: d128 every band, d64 full-band calls): tile counts at the
-# walks' edges (fewer tiles than SMs, an odd count of two-tile units), bands, seqlen_q != seqlen_k.
+# Forward only (on sm90 the Gluon images' persistent walks, d64 and d128): tile counts at the walks' edges (fewer
+# tiles than SMs, an odd count of two-tile units), bands, seqlen_q != seqlen_k.
 WALKS = [(3, 300, 300, 5, 5, 128, {"causal": True}), (1, 128 * 39, 128 * 39, 7, 7, 128, {"causal": True}),
          (1, 128 * 39 - 5, 4000, 7, 7, 128, {"causal": True}), (2, 2500, 3000, 3, 1, 128, {"window_size": (300, 0)}),
-         (1, 128 * 39, 128 * 39, 7, 7, 128, {}), (2, 333, 517, 4, 2, 64, {}), (1, 128 * 39 - 5, 4000, 7, 7, 64, {})]
+         (1, 128 * 39, 128 * 39, 7, 7, 128, {}), (2, 333, 517, 4, 2, 64, {}), (1, 128 * 39 - 5, 4000, 7, 7, 64, {}),
+         (3, 300, 300, 5, 5, 64, {"causal": True}), (1, 128 * 39 - 5, 4000, 7, 7, 64, {"causal": True}),
+         (2, 2500, 3000, 3, 1, 64, {"window_size": (300, 0)})]
 for b, nq, nk, h, hk, d, kwargs in WALKS:
     q = torch.randn(b, nq, h, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, nk, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -239,9 +239,9 @@ def _approx(op: gl.constexpr, x):
 def _softmax(sc, j, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N: gl.constexpr, COL: gl.constexpr):
     """Scores of key block j: masked where the block is not wholly inside every row's band (key_lo, key_hi: each
     row's first and last key, the latter clipped to seqlen_k); returns (p, the rescale of the running sums, the new
-    row maxima). One body for masked and unmasked blocks: the mask is the only branch, so a causal walk, which
-    alternates between them every tile, runs no second copy of the softmax (the instruction cache is what short
-    causal tiles ran out of; gluon-ws-notes.md, v15)."""
+    row maxima). One body for masked and unmasked blocks, the masks small branches in it: a causal walk alternates
+    between them every tile, and with a second copy of the softmax for masked blocks its short tiles ran out of
+    instruction cache (gluon-ws-notes.md, v15 and v16)."""
     # A positive scale ranks raw scores as it ranks scaled ones: scores stay raw and the scale is folded into the
     # row max and exp2's FMA (post). A negative one reverses the ranking, and 0 * -inf would be NaN: any other
     # scale is applied to the scores first (post = 1).
