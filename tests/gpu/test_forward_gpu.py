@@ -152,9 +152,9 @@ def test_warp_specialised_walks_match_reference(head_dim, case):
 @pytest.mark.parametrize("scale", [-0.2, 0.0, 0.3])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_signed_and_zero_scales_match_reference(head_dim, scale, causal):
-    """Any finite softmax_scale: the kernels scale unmasked scores after the row max, which only holds for positive
-    scales, so a negative or zero one must scale every score first (the Triton kernels on their masked path, the
-    Gluon one in a branch of its own)."""
+    """Any finite softmax_scale: the kernels scale unmasked scores after the row max, which only holds for scales
+    >= 0 (> 0 where masked scores are -inf), so the others scale every score first (the Triton kernels on their
+    masked path, the Gluon one in a branch of its own)."""
     shape = (2, 300, 700, 4, 2)
     q, k, v = make(shape, head_dim, torch.bfloat16, seed=seed_of(shape, head_dim, causal))
     assert fa2rt.explain(q, k, v, causal=causal, softmax_scale=scale).path == "kernel"
