@@ -82,7 +82,8 @@ def options(name, b=2, h=4):
 
 @pytest.mark.parametrize("case", CASES)
 def test_forward_launches_the_decided_image_with_the_named_arguments(recorded, case):
-    q, k, v = make()
+    """A Triton image's launch (head dim 48: the masked d64 bucket, which the Gluon images do not take)."""
+    q, k, v = make(d=48)
     opts = options(case)
     decision = fa2rt.explain(q, k, v, **opts)
     assert decision.path == "kernel" and decision.image.startswith("fwd-sm90-bf16-d64"), decision
@@ -96,17 +97,19 @@ def test_forward_launches_the_decided_image_with_the_named_arguments(recorded, c
                   policy.problem_for(shapes, (q, k, v, out)))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("opts, band", [(dict(causal=True), ""), (dict(window_size=(64, -1)), ""),
                                         (dict(), "-fullband")], ids=["causal", "window", "full-band"])
-def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, band):
-    """sm90 d128 dense calls without score terms run the Gluon images: Q, K, V, O as TMA maps (the address, then
-    each dim's size and stride in elements), one program per SM walking the tiles; calls without a band take the
-    full-band image."""
-    q, k, v = make(b=2, nq=1200, nk=1000, h=16, hk=4, d=128)
+def test_d64_and_d128_calls_launch_the_warp_specialised_images(recorded, opts, band, head_dim):
+    """sm90 d64 and d128 dense calls without score terms run the Gluon images: Q, K, V, O as TMA maps (the address,
+    then each dim's size and stride in elements), one program per SM walking the tiles; calls without a band take
+    the full-band image."""
+    d = head_dim
+    q, k, v = make(b=2, nq=1200, nk=1000, h=16, hk=4, d=d)
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # (batch, heads, seqlen, dim) underneath
     opts = {"causal": False, "softmax_scale": None} | opts
     decision = fa2rt.explain(q, k, v, **opts)
-    assert decision.path == "kernel" and decision.image == f"fwd-sm90-bf16-d128-plain{band}-ws-persistent-m128n128w4s2"
+    assert decision.path == "kernel" and decision.image == f"fwd-sm90-bf16-d{d}-plain{band}-ws-persistent-m128n128w4s2"
     out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
     (launch,) = recorded.launches
     shapes = check_inputs(q, k, v, **opts)
@@ -114,8 +117,8 @@ def test_d128_calls_launch_the_warp_specialised_images(recorded, opts, band):
     args = ({name.upper(): t.data_ptr() for name, t in tensors.items()} | {"LSE": lse.data_ptr()}
             | ops._fwd_ws_constants(tensors, None, shapes))
     expect_launch(launch, decision.image, args, policy.problem_for(shapes, (q, k, v, out)))
-    assert [args[f"K.shape{i}"] for i in range(4)] == [2, 1000, 4, 128]
-    assert [args[f"K.stride{i}"] for i in range(4)] == [4 * 1000 * 128, 128, 1000 * 128, 1]
+    assert [args[f"K.shape{i}"] for i in range(4)] == [2, 1000, 4, d]
+    assert [args[f"K.stride{i}"] for i in range(4)] == [4 * 1000 * d, d, 1000 * d, 1]
     assert (args["batch"], args["nheads"], args["head_ratio"]) == (2, 16, 4)
     tiles = 10 * 2 * 16  # ceil(1200 / 128) row blocks x batch x heads
     assert tuple(launch[0].grid) == (min(tiles, DEVICES["sm90"].multiprocessors), 1, 1)
