@@ -193,13 +193,14 @@ def grid_points():
                 yield d, h, b, s, causal, q, k, v
 
 
-def variant_runs(variants, d, q, k, v, causal, module=fwd_ws, suffix=""):
-    """{variant + suffix: a call of module's forward with that schedule} for the variants that take head dim d."""
+def variant_runs(variants, d, q, k, v, causal, module=fwd_ws, suffix="", **call):
+    """{variant + suffix: a call of module's forward with that schedule (and the call's other keyword arguments,
+    window_size or softmax_scale)} for the variants that take head dim d."""
     runs = {}
     for variant in variants:
         kw = parse(variant)
         if kw.pop("only_d", d) == d:
-            runs[variant + suffix] = functools.partial(module.forward, q, k, v, causal, **kw)
+            runs[variant + suffix] = functools.partial(module.forward, q, k, v, causal, **call, **kw)
     return runs
 
 
@@ -306,11 +307,7 @@ def probe(out, variants):
                 q = torch.randn(32, 512, h, d, device="cuda", dtype=torch.bfloat16)
                 k, v = (torch.randn(32, seqlen_k, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
                 scale = sign * d ** -0.5
-                runs = {}
-                for variant in variants:
-                    kw = parse(variant)
-                    if kw.pop("only_d", d) == d:
-                        runs[variant] = functools.partial(fwd_ws.forward, q, k, v, causal, window, scale, **kw)
+                runs = variant_runs(variants, d, q, k, v, causal, window_size=window, softmax_scale=scale)
                 runs["fa2rt"] = functools.partial(fa2rt.attention, q, k, v, causal=causal, window_size=window,
                                                   softmax_scale=scale)
                 if window == (-1, -1) and sign > 0:
