@@ -105,7 +105,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
         if type(call) is routing.RoutedCall:
             return call.run(q, k, v)  # routed calls ask no LSE
         if call is not None:
-            out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)
+            out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, return_lse)
             return (out, lse) if return_lse else out
         q, k, v, alibi_slopes = ops.unwrap_dead(q, k, v, alibi_slopes)
     shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
@@ -123,7 +123,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=NO_WINDO
     elif decision.path == "kernel" and eager:
         call = ops.EagerCall(shapes, decision.image, decision.mode)
         calls.remember(key, call)
-        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic)
+        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, return_lse)
     elif decision.path == "kernel":
         left, right = shapes.window
         args = (shapes.softmax_scale, left, right, shapes.softcap, decision.image or "", decision.mode or "")
@@ -217,7 +217,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         key, call = calls.find_varlen(q, k, v, *cu, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_size,
                                       softcap, alibi_slopes, out)
         if call is not None:
-            out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, cu)
+            out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, return_lse, cu)
             return (out, lse) if return_lse else out
         q, k, v, alibi_slopes = ops.unwrap_dead(q, k, v, alibi_slopes)
     shapes = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
@@ -237,7 +237,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if decision.path == "kernel":
         call = ops.EagerCall(shapes, decision.image, decision.mode)
         calls.remember(key, call, cu)
-        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, cu)
+        out, lse = ops.run_eager(q, k, v, alibi_slopes, out, call, deterministic, return_lse, cu)
     else:
         if decision.path == "fallback" and decision.reason:
             policy.announce(decision)
@@ -268,7 +268,8 @@ def _attention_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     else:
         decision = _decide(shapes, q, k, v, alibi_slopes, out)
         if decision.path == "kernel":
-            out, lse = ops.EagerCall(shapes, decision.image, decision.mode).forward(q, k, v, alibi_slopes, out, index)
+            out, lse = ops.EagerCall(shapes, decision.image, decision.mode).forward(q, k, v, alibi_slopes, out, index,
+                                                                                     return_lse)
             return (out, lse) if return_lse else out
         if decision.path == "fallback" and decision.reason:
             policy.announce(decision)

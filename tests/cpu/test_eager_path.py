@@ -366,6 +366,29 @@ def test_no_grad_mode_records_no_graph(recorded):
     assert out.grad_fn is None and not out.requires_grad and len(recorded.launches) == 1
 
 
+def _lse_address(launch) -> int:
+    return dict(zip(launch[0].pointers, launch[3], strict=True))["LSE"]
+
+
+def test_an_lse_nobody_takes_goes_to_the_device_sink(recorded, monkeypatch):
+    """An inference call without return_lse writes its LSE into the device's sink (one allocation less per call);
+    return_lse, a differentiable call and an LSE larger than the sink get their own."""
+    q, k, v = make()
+    for _ in range(2):  # validated, then repeated
+        fa2rt.attention(q, k, v, causal=True)
+    sink = ops._lse_sinks[q.device]
+    assert sink.dtype == torch.float32 and sink.numel() == ops.LSE_SINK_FLOATS
+    assert [_lse_address(launch) for launch in recorded.launches] == [sink.data_ptr()] * 2
+    _, lse = fa2rt.attention(q, k, v, causal=True, return_lse=True)
+    assert _lse_address(recorded.launches[-1]) == lse.data_ptr() != sink.data_ptr()
+    qg, kg, vg = make(requires_grad=True)
+    fa2rt.attention(qg, kg, vg, causal=True)
+    assert _lse_address(recorded.launches[-1]) != sink.data_ptr()
+    monkeypatch.setattr(ops, "LSE_SINK_FLOATS", 2 * 4 * 37 - 1)  # this call's LSE no longer fits
+    fa2rt.attention(q, k, v)
+    assert _lse_address(recorded.launches[-1]) != sink.data_ptr()
+
+
 # --- the call cache (fa2rt.calls): a repeated call skips validation and the decision, only where they would agree ----
 
 @pytest.fixture
