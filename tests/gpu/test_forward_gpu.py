@@ -11,7 +11,7 @@ import torch
 from gpu_helpers import DEVICE, PATH_IDS, PATHS, check_attention, make, poison_allocator, rel_err, seed_of, use_path
 
 import fa2rt
-from fa2rt import _C
+from fa2rt import _C, ops
 from fa2rt.reference import attention_reference
 
 pytestmark = pytest.mark.usefixtures("kernels_at_any_length")
@@ -77,6 +77,26 @@ def test_runs_on_the_current_stream():
         out = fa2rt.attention(q, k, v)
     side.synchronize()
     assert rel_err(out, attention_reference(q, k, v)[0]) < 2e-2
+
+
+def test_calls_on_two_streams_share_the_lse_sink():
+    """Inference calls without return_lse write their LSE into one per-device sink (ops.LSE_SINK_FLOATS), on any
+    stream at once: their outputs are those of the same calls returning their own LSE, bit for bit."""
+    q, k, v = make((2, 1024, 1024, 8, 8), 128, torch.bfloat16, 6)
+    q2, k2, v2 = make((2, 1024, 1024, 8, 8), 128, torch.bfloat16, 7)
+    expected = [fa2rt.attention(*t, causal=True, return_lse=True)[0] for t in ((q, k, v), (q2, k2, v2))]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = [[], []]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for _ in range(10):
+        for i, (stream, inputs) in enumerate(zip(streams, ((q, k, v), (q2, k2, v2)), strict=True)):
+            with torch.cuda.stream(stream):
+                outs[i].append(fa2rt.attention(*inputs, causal=True))
+    torch.cuda.synchronize()
+    assert q.device in ops._lse_sinks  # the calls took the sink
+    for out, ref in zip(outs, expected, strict=True):
+        assert all(torch.equal(o, ref) for o in out)
 
 
 def test_module_cache_loads_each_image_once():
