@@ -4,6 +4,8 @@ named arguments (ops.kernel_args, ops.bwd_kernel_args) packed by the dispatcher'
 image the decision names; and the caches are checked to be reused only where their keys prove they still hold.
 """
 
+import os
+import random
 import warnings
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from conftest import DEVICES
 
 import fa2rt
-from fa2rt import _C, api, builds, config, devices, ops, policy
+from fa2rt import _C, api, builds, calls, config, devices, ops, policy
 from fa2rt.fallback import sdpa_attention
 from fa2rt.validate import check_inputs
 
@@ -444,6 +446,15 @@ def test_out_with_grad_is_refused_after_the_same_call_without_grad(recorded):
         fa2rt.attention(q, k, v, out=buf)
 
 
+def test_out_with_grad_is_refused_in_grad_mode_after_the_same_call_in_no_grad_mode(recorded):
+    q, k, v = make(requires_grad=True)
+    buf = torch.empty_like(q)
+    with torch.no_grad():
+        fa2rt.attention(q, k, v, out=buf)
+    with pytest.raises(ValueError, match="out: expected None when q, k or v requires grad"):
+        fa2rt.attention(q, k, v, out=buf)
+
+
 def test_a_repeated_call_sees_a_misaligned_base_and_the_environment(recorded, monkeypatch, fresh_announcements):
     q, k, v = make()
     fa2rt.attention(q, k, v)
@@ -478,3 +489,122 @@ def test_tensors_a_key_cannot_describe_take_the_validated_path(recorded):
         fa2rt.attention(q.to_sparse(), k, v)
     with pytest.raises(TypeError, match="window_size: expected"):
         fa2rt.attention(q, k, v, window_size={1: 2})
+
+
+# --- every cache against a cold start: a seeded sequence of nearly equal calls --------------------------------------
+
+def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """t (batch, seqlen, heads, dim) with the same values laid out another way."""
+    if how == "offset":  # a misaligned base, strides unchanged
+        return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view_as(t).copy_(t)
+    if how == "sliced":  # rows wider than the head dim
+        return torch.cat([t, t[..., :8]], dim=-1)[..., : t.shape[-1]]
+    if how == "transposed":  # (batch, heads, seqlen, dim) storage
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+# Each respect a call can differ in, with the values drawn from: mostly valid ones, a few equal as keys to valid ones
+# but refused (1 for True, False for 0.0, ...).
+_RESPECTS = {
+    "dtype": [torch.bfloat16, torch.float16], "k_dtype": ["same", "other"], "head_dim": [64, 128, 48],
+    "seed": [0, 1], "grad": [False, True, "q", "v"], "layout_q": ["contig", "offset", "sliced", "transposed"],
+    "layout_k": ["contig", "offset", "sliced"], "layout_v": ["contig", "transposed"], "causal": [True, False, 1],
+    "window_size": [(-1, -1), (8, -1), [8, -1], (8, 0), (True, 0)], "softcap": [0.0, 0, 20.0, False],
+    "softmax_scale": [None, 0.125, -0.5, True], "alibi": [None, "heads", "batch"],
+    "out": [None, "like", "contiguous"], "return_lse": [False, True], "deterministic": [False, True],
+    "no_grad": [False, True], "force_arch": [None, "sm80"],
+}
+
+
+def _cache_specs(rng, bases=4, per_base=14) -> list[dict]:
+    """Base calls (each respect at its first value, a few changed), and per base calls that differ from it in one
+    or two respects."""
+    specs = []
+    for _ in range(bases):
+        base = {name: values[0] for name, values in _RESPECTS.items()}
+        for name in rng.sample(sorted(_RESPECTS), rng.randint(3, 6)):
+            base[name] = rng.choice(_RESPECTS[name])
+        specs.append(base)
+        for _ in range(per_base):
+            names = rng.sample(sorted(_RESPECTS), rng.randint(1, 2))
+            specs.append(base | {name: rng.choice(_RESPECTS[name]) for name in names})
+    return specs
+
+
+def _cache_case(spec: dict):
+    """A spec's call: its tensors, keyword arguments and context."""
+    q, k, v = make(d=spec["head_dim"], dtype=spec["dtype"], seed=spec["seed"])
+    if spec["k_dtype"] == "other":
+        k = k.to(torch.float16 if k.dtype == torch.bfloat16 else torch.bfloat16)
+    q, k, v = (_layout(t, spec[f"layout_{name}"]).detach().requires_grad_(spec["grad"] in (True, name))
+               for t, name in zip((q, k, v), "qkv", strict=True))
+    kw = {name: spec[name] for name in ("causal", "window_size", "softcap", "softmax_scale", "return_lse",
+                                         "deterministic")}
+    if spec["alibi"]:
+        kw["alibi_slopes"] = torch.rand(4 if spec["alibi"] == "heads" else (2, 4))
+    if spec["out"]:  # q's strides (dense ones kept by empty_like), or contiguous
+        kw["out"] = torch.empty_like(q) if spec["out"] == "like" else torch.empty(q.shape, dtype=q.dtype)
+    return (q, k, v), kw, {"no_grad": spec["no_grad"], "force_arch": spec["force_arch"]}
+
+
+def _outcome(inputs, kw, context, launches) -> tuple:
+    """What a call did, comparable across runs: its error, or each launch's image and parameter bytes with its
+    addresses replaced by the role of the tensor there (input, output, gradient, or 'other' for scratch and the LSE
+    sink), what it returned, and the fallback warnings it issued."""
+    policy._announced.clear()
+    launches.clear()
+    os_force = context["force_arch"]
+    saved = os.environ.pop(config.FORCE_ARCH, None)
+    if os_force:
+        os.environ[config.FORCE_ARCH] = os_force
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(not context["no_grad"]):
+            warnings.simplefilter("always")
+            res = fa2rt.attention(*inputs, **kw)
+            out, lse = res if kw["return_lse"] else (res, None)
+            grads = ()
+            if out.requires_grad:
+                wrt = [t for t in inputs if t.requires_grad]
+                grads = torch.autograd.grad(out, wrt, torch.ones_like(out))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return "error", type(exc).__name__, str(exc).splitlines()[0]
+    finally:
+        os.environ.pop(config.FORCE_ARCH, None)
+        if saved is not None:
+            os.environ[config.FORCE_ARCH] = saved
+    named = dict(zip(("q", "k", "v", "out", "lse", "dq", "dk", "dv"), (*inputs, out, lse, *grads), strict=False))
+    roles = {t.data_ptr(): name for name, t in reversed(named.items()) if t is not None}
+    if kw.get("alibi_slopes") is not None:
+        roles[kw["alibi_slopes"].data_ptr()] = "alibi"
+    return ([(plan.image, plan.packed([0] * len(plan.pointers)), [roles.get(a, "other") for a in addresses])
+             for plan, _, _, addresses in launches],
+            (out.shape, out.stride(), out.dtype, out.requires_grad), None if lse is None else lse.shape,
+            sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, fa2rt.FallbackWarning)))
+
+
+def _cold_start(monkeypatch) -> None:
+    monkeypatch.setattr(ops, "_PLANS", {})  # makes every remembered call stale too (EagerCall.current)
+    calls._CALLS.clear()
+    for cache in (policy._SELECTION_CACHE, policy._DECISION_CACHE, policy._BACKWARD_CACHE, policy._ROUTE_CACHE):
+        cache.clear()
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_every_call_does_what_it_does_from_a_cold_start(recorded, monkeypatch, seed):
+    """A seeded sequence of calls, most differing from an earlier one in a single respect (dtype, a layout, grad,
+    out=, an option's value or type, the slopes, FA2RT_FORCE_ARCH) or in none: run with every cache (the repeated
+    calls, decisions, selections, launch plans) as it builds up, each call does exactly what it does with all of
+    them emptied first. A cache whose key misses something the call depends on shows up here."""
+    rng = random.Random(seed)
+    pool = [_cache_case(spec) for spec in _cache_specs(rng)]
+    sequence = [rng.choice(pool) for _ in range(120)]
+    _cold_start(monkeypatch)
+    warm = [_outcome(*case, recorded.launches) for case in sequence]
+    cold = []
+    for case in sequence:
+        _cold_start(monkeypatch)
+        cold.append(_outcome(*case, recorded.launches))
+    for i, (w, c) in enumerate(zip(warm, cold, strict=True)):
+        assert w == c, f"call {i} of the sequence: {sequence[i][1]}, {sequence[i][2]}"
+    assert sum(o[0] != "error" and bool(o[0]) for o in warm) >= 3  # some calls launched kernels
