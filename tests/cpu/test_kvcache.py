@@ -535,3 +535,140 @@ def test_kernel_path_append_writes_what_the_reference_writes(sliced):
     kvcache_ops.append(args["k_cache"], args["v_cache"], args["k"], args["v"], None, None,
                        args["cache_seqlens"].long(), args["cache_batch_idx"], None, shapes)
     assert torch.equal(args["k_cache"], ref_k) and torch.equal(args["v_cache"], ref_v)
+
+
+# --- every cache against a cold start: a seeded sequence of nearly equal decode calls -------------------------------
+
+_KV_RESPECTS = {  # each respect a decode call can differ in, the first value the common one
+    "dtype": [torch.float16, torch.bfloat16], "head_dim": [64, 128, 48], "seqlen_q": [1, 2], "new": [1, 0, 2],
+    "paged": [False, True], "seqlens": ["tensor", "int", "none", "int64"], "batch_idx": [False, True],
+    "leftpad": [False, True], "table_dtype": [torch.int32, torch.int64], "rotary": [0, 16, "neox"],
+    "q_layout": ["contig", "sliced"], "q_batch": [2, 1], "k_cache_layout": ["contig", "sliced"],
+    "v_cache_layout": ["contig", "sliced"], "k_layout": ["contig", "sliced"], "causal": [True, False, 1],
+    "window_size": [(-1, -1), (32, -1), (32, 0)], "softcap": [0.0, 5.0], "softmax_scale": [None, 0.2],
+    "alibi": [None, "heads"], "num_splits": [0, 1, 3], "return_lse": [False, True], "seed": [0, 1],
+}
+
+
+def _kv_specs(rng, bases=4, per_base=12) -> list[dict]:
+    """Base calls (a few respects changed from the first values), and per base calls differing in one or two."""
+    specs = []
+    for _ in range(bases):
+        base = {name: values[0] for name, values in _KV_RESPECTS.items()}
+        for name in rng.sample(sorted(_KV_RESPECTS), rng.randint(2, 5)):
+            base[name] = rng.choice(_KV_RESPECTS[name])
+        specs.append(base)
+        for _ in range(per_base):
+            names = rng.sample(sorted(_KV_RESPECTS), rng.randint(1, 2))
+            specs.append(base | {name: rng.choice(_KV_RESPECTS[name]) for name in names})
+    return specs
+
+
+def _sliced(t: torch.Tensor) -> torch.Tensor:
+    """t with rows wider than its last dim (the same values)."""
+    return torch.cat([t, t[..., :8]], dim=-1)[..., : t.shape[-1]]
+
+
+def _kv_case(spec: dict) -> tuple:
+    """A spec's call: attention_with_kvcache's positional and keyword arguments."""
+    args = make_case(batch=2, seqlen_q=spec["seqlen_q"], h=8, hk=2, d=spec["head_dim"], seqlen_cache=256,
+                     new=spec["new"], paged=spec["paged"], max_blocks=16, dtype=spec["dtype"],
+                     rotary_dim=16 if spec["rotary"] else 0, batch_idx=spec["batch_idx"], leftpad=spec["leftpad"],
+                     seed=spec["seed"])
+    if spec["q_layout"] == "sliced":
+        args["q"] = _sliced(args["q"])
+    args["q"] = args["q"][: spec["q_batch"]]  # one sequence less than the caches and lengths: refused
+    for name in ("k_cache", "v_cache", "k"):
+        if spec[f"{name}_layout"] == "sliced" and name in args:
+            args[name] = _sliced(args[name])
+    if "block_table" in args:
+        args["block_table"] = args["block_table"].to(spec["table_dtype"])
+    if spec["seqlens"] == "int64":  # refused: int32 only
+        args["cache_seqlens"] = args["cache_seqlens"].long()
+    elif spec["seqlens"] != "tensor":
+        lengths = args.pop("cache_seqlens")
+        if spec["seqlens"] == "int":  # one length for every sequence, with room for the new tokens
+            args["cache_seqlens"] = int(lengths.min())
+            args.pop("cache_leftpad", None)  # (its values were drawn against the per-sequence lengths)
+        elif spec["new"]:
+            args["cache_seqlens"] = None  # the whole cache: no room to append, refused
+    positional, named = split(args)
+    named |= {name: spec[name] for name in ("causal", "window_size", "softcap", "softmax_scale", "num_splits",
+                                             "return_lse")}
+    named["rotary_interleaved"] = spec["rotary"] != "neox"
+    if spec["alibi"]:
+        named["alibi_slopes"] = torch.rand(8)
+    return positional, named
+
+
+def _kv_outcome(positional, named, launched) -> tuple:
+    """What a decode call did, comparable across runs (as _outcome in test_eager_path): its error, or each launch's
+    image and parameters with addresses replaced by the role of the tensor there, what it returned, and the fallback
+    warnings it issued."""
+    import warnings
+
+    from fa2rt import policy
+
+    policy._announced.clear()
+    launched.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = fa2rt.attention_with_kvcache(*positional, **named)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return "error", type(exc).__name__, str(exc).splitlines()[0]
+    out, lse = res if named["return_lse"] else (res, None)
+    tensors = dict(zip(("q", "k_cache", "v_cache"), positional, strict=True)) | {
+        name: t for name, t in named.items() if isinstance(t, torch.Tensor)} | {"out": out, "lse": lse}
+    roles = {t.data_ptr(): name for name, t in tensors.items() if t is not None}
+    return ([(plan.image, plan.packed([0] * len(plan.pointers)), [roles.get(a, "other") for a in pointers])
+             for plan, pointers in launched],
+            (out.shape, out.stride(), out.dtype), None if lse is None else lse.shape,
+            sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, fa2rt.FallbackWarning)))
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_every_decode_call_does_what_it_does_from_a_cold_start(on_device, monkeypatch, seed):
+    """A seeded sequence of decode calls, most differing from an earlier one in one or two respects (dtype, head
+    dim, query rows, appended tokens, paged or not, how cache_seqlens is given, cache_batch_idx, cache_leftpad,
+    rotary, layouts, every option) or in none: with every cache (the repeated calls, selections, plans) as it builds
+    up, each call launches exactly what it launches with all of them emptied first. Index tensors are remembered
+    here as on a GPU (their values are read on the host only on the CPU)."""
+    import random
+
+    from fa2rt import builds, calls, config, kvcache_ops, policy
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device("sm90")
+    monkeypatch.setenv(config.MIN_SEQLEN, "0")
+    monkeypatch.setattr(calls, "should_check_values", lambda t: False)
+    launched = []
+
+    def record(plan, pointers, device):
+        launched.append((plan.decode_plan, list(pointers)))
+        if plan.combine_plan is not None:
+            launched.append((plan.combine_plan, list(pointers[kvcache_ops._COMBINE_RUN])))
+
+    monkeypatch.setattr(kvcache_ops, "launch", record)
+    monkeypatch.setattr(kvcache_ops, "launch_append", lambda plan, pointers, device: launched.append(
+        (plan.append_plan, list(pointers))))
+
+    def cold_start():
+        monkeypatch.setattr(kvcache_ops, "_PLANS", {})  # makes every remembered call stale too (KVCall.current)
+        monkeypatch.setattr(calls, "_CALLS", {})
+        for cache in (policy._SELECTION_CACHE, policy._DECISION_CACHE, policy._BACKWARD_CACHE, policy._ROUTE_CACHE):
+            cache.clear()
+
+    rng = random.Random(seed)
+    pool = [_kv_case(spec) for spec in _kv_specs(rng)]
+    sequence = [rng.choice(pool) for _ in range(100)]
+    cold_start()
+    warm = [_kv_outcome(*case, launched) for case in sequence]
+    cold = []
+    for case in sequence:
+        cold_start()
+        cold.append(_kv_outcome(*case, launched))
+    for i, (w, c) in enumerate(zip(warm, cold, strict=True)):
+        assert w == c, f"call {i} of the sequence: {sequence[i][1]}"
+    assert sum(o[0] != "error" and bool(o[0]) for o in warm) >= 3  # some calls launched kernels
