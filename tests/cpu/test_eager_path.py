@@ -517,18 +517,18 @@ _RESPECTS = {
 }
 
 
-def _cache_specs(rng, bases=4, per_base=14) -> list[dict]:
+def sample_specs(rng, respects: dict, bases=4, per_base=14, changed=(3, 6)) -> list[dict]:
     """Base calls (each respect at its first value, a few changed), and per base calls that differ from it in one
-    or two respects."""
+    or two respects (a respect's first value is its common one)."""
     specs = []
     for _ in range(bases):
-        base = {name: values[0] for name, values in _RESPECTS.items()}
-        for name in rng.sample(sorted(_RESPECTS), rng.randint(3, 6)):
-            base[name] = rng.choice(_RESPECTS[name])
+        base = {name: values[0] for name, values in respects.items()}
+        for name in rng.sample(sorted(respects), rng.randint(*changed)):
+            base[name] = rng.choice(respects[name])
         specs.append(base)
         for _ in range(per_base):
-            names = rng.sample(sorted(_RESPECTS), rng.randint(1, 2))
-            specs.append(base | {name: rng.choice(_RESPECTS[name]) for name in names})
+            names = rng.sample(sorted(respects), rng.randint(1, 2))
+            specs.append(base | {name: rng.choice(respects[name]) for name in names})
     return specs
 
 
@@ -548,42 +548,59 @@ def _cache_case(spec: dict):
     return (q, k, v), kw, {"no_grad": spec["no_grad"], "force_arch": spec["force_arch"]}
 
 
-def _outcome(inputs, kw, context, launches) -> tuple:
-    """What a call did, comparable across runs: its error, or each launch's image and parameter bytes with its
-    addresses replaced by the role of the tensor there (input, output, gradient, or 'other' for scratch and the LSE
-    sink), what it returned, and the fallback warnings it issued."""
+def launch_roles(launches, tensors: dict) -> list:
+    """Each recorded launch's image and parameter bytes with its addresses replaced by the name of the tensor there
+    ('other' for scratch and the LSE sink): comparable between runs that allocate differently."""
+    roles = {t.data_ptr(): name for name, t in reversed(tensors.items()) if isinstance(t, torch.Tensor)}
+    return [(plan.image, plan.packed([0] * len(plan.pointers)), [roles.get(a, "other") for a in addresses])
+            for plan, _, _, addresses in launches]
+
+
+def call_outcome(attend, inputs, kw, context, launches) -> tuple:
+    """What attend(*inputs, **kw) (fa2rt.attention or attention_varlen) did in `context` (grad mode, FA2RT_FORCE_ARCH),
+    its gradients included, comparable across runs: its error, or its launches (launch_roles), what it returned, and
+    the fallback warnings it issued."""
     policy._announced.clear()
     launches.clear()
-    os_force = context["force_arch"]
     saved = os.environ.pop(config.FORCE_ARCH, None)
-    if os_force:
-        os.environ[config.FORCE_ARCH] = os_force
+    if context["force_arch"]:
+        os.environ[config.FORCE_ARCH] = context["force_arch"]
     try:
         with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(not context["no_grad"]):
             warnings.simplefilter("always")
-            res = fa2rt.attention(*inputs, **kw)
+            res = attend(*inputs, **kw)
             out, lse = res if kw["return_lse"] else (res, None)
             grads = ()
             if out.requires_grad:
-                wrt = [t for t in inputs if t.requires_grad]
-                grads = torch.autograd.grad(out, wrt, torch.ones_like(out))
+                grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], torch.ones_like(out))
     except (TypeError, ValueError, RuntimeError) as exc:
         return "error", type(exc).__name__, str(exc).splitlines()[0]
     finally:
         os.environ.pop(config.FORCE_ARCH, None)
         if saved is not None:
             os.environ[config.FORCE_ARCH] = saved
-    named = dict(zip(("q", "k", "v", "out", "lse", "dq", "dk", "dv"), (*inputs, out, lse, *grads), strict=False))
-    roles = {t.data_ptr(): name for name, t in reversed(named.items()) if t is not None}
-    if kw.get("alibi_slopes") is not None:
-        roles[kw["alibi_slopes"].data_ptr()] = "alibi"
-    return ([(plan.image, plan.packed([0] * len(plan.pointers)), [roles.get(a, "other") for a in addresses])
-             for plan, _, _, addresses in launches],
-            (out.shape, out.stride(), out.dtype, out.requires_grad), None if lse is None else lse.shape,
+    named = kw | dict(zip(("q", "k", "v", "out", "lse", "dq", "dk", "dv"), (*inputs, out, lse, *grads), strict=False))
+    return (launch_roles(launches, named), (out.shape, out.stride(), out.dtype, out.requires_grad),
+            None if lse is None else lse.shape,
             sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, fa2rt.FallbackWarning)))
 
 
-def _cold_start(monkeypatch) -> None:
+def assert_warm_equals_cold(sequence, outcome, cold_start) -> None:
+    """Each call of `sequence` (outcome(case) runs one) does with every cache as the sequence builds it up what it
+    does with all of them emptied first (cold_start()); enough of them launched kernels for that to mean something."""
+    cold_start()
+    warm = [outcome(case) for case in sequence]
+    cold = []
+    for case in sequence:
+        cold_start()
+        cold.append(outcome(case))
+    for i, (w, c) in enumerate(zip(warm, cold, strict=True)):
+        assert w == c, f"call {i} of the sequence: {sequence[i]}"
+    assert sum(o[0] != "error" and bool(o[0]) for o in warm) >= 3  # some calls launched kernels
+
+
+def cold_start(monkeypatch) -> None:
+    """Every cache of the eager path emptied: remembered calls, decisions, selections, routes and launch plans."""
     monkeypatch.setattr(ops, "_PLANS", {})  # makes every remembered call stale too (EagerCall.current)
     calls._CALLS.clear()
     for cache in (policy._SELECTION_CACHE, policy._DECISION_CACHE, policy._BACKWARD_CACHE, policy._ROUTE_CACHE):
@@ -597,14 +614,7 @@ def test_every_call_does_what_it_does_from_a_cold_start(recorded, monkeypatch, s
     calls, decisions, selections, launch plans) as it builds up, each call does exactly what it does with all of
     them emptied first. A cache whose key misses something the call depends on shows up here."""
     rng = random.Random(seed)
-    pool = [_cache_case(spec) for spec in _cache_specs(rng)]
-    sequence = [rng.choice(pool) for _ in range(120)]
-    _cold_start(monkeypatch)
-    warm = [_outcome(*case, recorded.launches) for case in sequence]
-    cold = []
-    for case in sequence:
-        _cold_start(monkeypatch)
-        cold.append(_outcome(*case, recorded.launches))
-    for i, (w, c) in enumerate(zip(warm, cold, strict=True)):
-        assert w == c, f"call {i} of the sequence: {sequence[i][1]}, {sequence[i][2]}"
-    assert sum(o[0] != "error" and bool(o[0]) for o in warm) >= 3  # some calls launched kernels
+    pool = [_cache_case(spec) for spec in sample_specs(rng, _RESPECTS)]
+    assert_warm_equals_cold([rng.choice(pool) for _ in range(120)],
+                            lambda case: call_outcome(fa2rt.attention, *case, recorded.launches),
+                            lambda: cold_start(monkeypatch))

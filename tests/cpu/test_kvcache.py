@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_eager_path import assert_warm_equals_cold, launch_roles, sample_specs
 
 import fa2rt
 from fa2rt.reference import kvcache_reference
@@ -550,20 +551,6 @@ _KV_RESPECTS = {  # each respect a decode call can differ in, the first value th
 }
 
 
-def _kv_specs(rng, bases=4, per_base=12) -> list[dict]:
-    """Base calls (a few respects changed from the first values), and per base calls differing in one or two."""
-    specs = []
-    for _ in range(bases):
-        base = {name: values[0] for name, values in _KV_RESPECTS.items()}
-        for name in rng.sample(sorted(_KV_RESPECTS), rng.randint(2, 5)):
-            base[name] = rng.choice(_KV_RESPECTS[name])
-        specs.append(base)
-        for _ in range(per_base):
-            names = rng.sample(sorted(_KV_RESPECTS), rng.randint(1, 2))
-            specs.append(base | {name: rng.choice(_KV_RESPECTS[name]) for name in names})
-    return specs
-
-
 def _sliced(t: torch.Tensor) -> torch.Tensor:
     """t with rows wider than its last dim (the same values)."""
     return torch.cat([t, t[..., :8]], dim=-1)[..., : t.shape[-1]]
@@ -602,9 +589,8 @@ def _kv_case(spec: dict) -> tuple:
 
 
 def _kv_outcome(positional, named, launched) -> tuple:
-    """What a decode call did, comparable across runs (as _outcome in test_eager_path): its error, or each launch's
-    image and parameters with addresses replaced by the role of the tensor there, what it returned, and the fallback
-    warnings it issued."""
+    """What a decode call did, comparable across runs (see test_eager_path.call_outcome): its error, or its launches,
+    what it returned, and the fallback warnings it issued."""
     import warnings
 
     from fa2rt import policy
@@ -618,12 +604,8 @@ def _kv_outcome(positional, named, launched) -> tuple:
     except (TypeError, ValueError, RuntimeError) as exc:
         return "error", type(exc).__name__, str(exc).splitlines()[0]
     out, lse = res if named["return_lse"] else (res, None)
-    tensors = dict(zip(("q", "k_cache", "v_cache"), positional, strict=True)) | {
-        name: t for name, t in named.items() if isinstance(t, torch.Tensor)} | {"out": out, "lse": lse}
-    roles = {t.data_ptr(): name for name, t in tensors.items() if t is not None}
-    return ([(plan.image, plan.packed([0] * len(plan.pointers)), [roles.get(a, "other") for a in pointers])
-             for plan, pointers in launched],
-            (out.shape, out.stride(), out.dtype), None if lse is None else lse.shape,
+    tensors = dict(zip(("q", "k_cache", "v_cache"), positional, strict=True)) | named | {"out": out, "lse": lse}
+    return (launch_roles(launched, tensors), (out.shape, out.stride(), out.dtype), None if lse is None else lse.shape,
             sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, fa2rt.FallbackWarning)))
 
 
@@ -645,14 +627,14 @@ def test_every_decode_call_does_what_it_does_from_a_cold_start(on_device, monkey
     monkeypatch.setattr(calls, "should_check_values", lambda t: False)
     launched = []
 
-    def record(plan, pointers, device):
-        launched.append((plan.decode_plan, list(pointers)))
+    def record(plan, pointers, device):  # as test_eager_path's Recorder records: (plan, device, stream, addresses)
+        launched.append((plan.decode_plan, device, None, list(pointers)))
         if plan.combine_plan is not None:
-            launched.append((plan.combine_plan, list(pointers[kvcache_ops._COMBINE_RUN])))
+            launched.append((plan.combine_plan, device, None, list(pointers[kvcache_ops._COMBINE_RUN])))
 
     monkeypatch.setattr(kvcache_ops, "launch", record)
     monkeypatch.setattr(kvcache_ops, "launch_append", lambda plan, pointers, device: launched.append(
-        (plan.append_plan, list(pointers))))
+        (plan.append_plan, device, None, list(pointers))))
 
     def cold_start():
         monkeypatch.setattr(kvcache_ops, "_PLANS", {})  # makes every remembered call stale too (KVCall.current)
@@ -661,14 +643,6 @@ def test_every_decode_call_does_what_it_does_from_a_cold_start(on_device, monkey
             cache.clear()
 
     rng = random.Random(seed)
-    pool = [_kv_case(spec) for spec in _kv_specs(rng)]
-    sequence = [rng.choice(pool) for _ in range(100)]
-    cold_start()
-    warm = [_kv_outcome(*case, launched) for case in sequence]
-    cold = []
-    for case in sequence:
-        cold_start()
-        cold.append(_kv_outcome(*case, launched))
-    for i, (w, c) in enumerate(zip(warm, cold, strict=True)):
-        assert w == c, f"call {i} of the sequence: {sequence[i][1]}"
-    assert sum(o[0] != "error" and bool(o[0]) for o in warm) >= 3  # some calls launched kernels
+    pool = [_kv_case(spec) for spec in sample_specs(rng, _KV_RESPECTS, per_base=12, changed=(2, 5))]
+    assert_warm_equals_cold([rng.choice(pool) for _ in range(100)], lambda case: _kv_outcome(*case, launched),
+                            cold_start)

@@ -6,7 +6,14 @@ names, which must be a varlen image."""
 
 import pytest
 import torch
-from test_eager_path import expect_launch, recorded  # noqa: F401 - the fixture
+from test_eager_path import (
+    assert_warm_equals_cold,
+    call_outcome,
+    cold_start,
+    expect_launch,
+    recorded,  # noqa: F401 - the fixture
+    sample_specs,
+)
 
 import fa2rt
 from fa2rt import ops, policy
@@ -190,3 +197,63 @@ def test_paged_custom_op_launches_what_eager_calls_launch(recorded, selected):  
     out, lse = ops.varlen_paged_fwd(q, kp, vp, cq, ck, table, mq, mk, None, 64**-0.5, -1, 0, 0.0, image, mode)
     assert out.shape == q.shape and lse.shape == (4, q.shape[0])
     assert [_masked(launch) for launch in recorded.launches] == eager and len(eager) == 1
+
+
+# Same total lengths split otherwise (same tensor shapes, other cu_seqlens values and longest sequences).
+_SPLITS = {"a": (LENS_Q, LENS_K), "b": ((20, 0, 1, 25), (10, 1, 0, 30))}
+_VARLEN_RESPECTS = {  # each respect a varlen call can differ in, the first value the common one
+    "dtype": [torch.bfloat16, torch.float16], "head_dim": [64, 128, 48], "grad": [False, True, "q"],
+    "split": ["a", "b"], "max_seqlen": ["exact", "longer", "shorter"], "cu_q": [torch.int32, torch.int64],
+    "cu_k": [torch.int32, torch.int64],
+    "layout_q": ["contig", "offset", "sliced"], "layout_v": ["contig", "sliced"], "causal": [True, False, 1],
+    "window_size": [(-1, -1), (4, -1), [4, -1], (4, 0)], "softcap": [0.0, 0, 8.0], "softmax_scale": [None, 0.2],
+    "alibi": [None, "heads", "batch"], "out": [None, "like"], "return_lse": [False, True],
+    "deterministic": [False, True], "no_grad": [False, True], "force_arch": [None, "sm80"],
+}
+
+
+def _varlen_layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """t (total, heads, dim) with the same values at a misaligned base or in rows wider than the head dim."""
+    if how == "offset":
+        return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view_as(t).copy_(t)
+    if how == "sliced":
+        return torch.cat([t, t[..., :8]], dim=-1)[..., : t.shape[-1]]
+    return t
+
+
+def _varlen_case(spec: dict) -> tuple:
+    """A spec's call: (q, k, v), the keyword arguments of attention_varlen, the context."""
+    lens_q, lens_k = _SPLITS[spec["split"]]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lens), heads, spec["head_dim"], generator=g).to(spec["dtype"])
+               for lens, heads in ((lens_q, 4), (lens_k, 2), (lens_k, 2)))
+    q, v = _varlen_layout(q, spec["layout_q"]), _varlen_layout(v, spec["layout_v"])
+    q, k, v = (t.requires_grad_(spec["grad"] in (True, name)) for t, name in zip((q, k, v), "qkv", strict=True))
+    extra = {"exact": 0, "longer": 3, "shorter": -1}[spec["max_seqlen"]]  # shorter: refused
+    kw = {"cu_seqlens_q": cu(lens_q).to(spec["cu_q"]), "cu_seqlens_k": cu(lens_k).to(spec["cu_k"]),
+          "max_seqlen_q": max(lens_q) + extra, "max_seqlen_k": max(lens_k) + extra}
+    kw |= {name: spec[name] for name in ("causal", "window_size", "softcap", "softmax_scale", "return_lse",
+                                         "deterministic")}
+    if spec["alibi"]:
+        kw["alibi_slopes"] = torch.rand(4 if spec["alibi"] == "heads" else (4, 4))
+    if spec["out"]:
+        kw["out"] = torch.empty_like(q)
+    return (q, k, v), kw, {"no_grad": spec["no_grad"], "force_arch": spec["force_arch"]}
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_every_varlen_call_does_what_it_does_from_a_cold_start(recorded, monkeypatch, seed):  # noqa: F811
+    """test_eager_path's cold-start comparison for varlen calls: a seeded sequence of nearly equal calls (other
+    cu_seqlens values of the same shapes, longest sequences, index dtypes, layouts, grad, every option) does with
+    every cache warm what it does from a cold start. cu_seqlens are remembered here as on a GPU (their values are
+    read on the host only on the CPU)."""
+    import random
+
+    from fa2rt import calls
+
+    monkeypatch.setattr(calls, "should_check_values", lambda t: False)
+    rng = random.Random(seed)
+    pool = [_varlen_case(spec) for spec in sample_specs(rng, _VARLEN_RESPECTS)]
+    assert_warm_equals_cold([rng.choice(pool) for _ in range(100)],
+                            lambda case: call_outcome(fa2rt.attention_varlen, *case, recorded.launches),
+                            lambda: cold_start(monkeypatch))
