@@ -12,6 +12,8 @@
 #                 -> $OUT/routing-h200.json, $OUT/routing.json (the table, for python/fa2rt/data)
 #   routing-check the same for bf16 with the table installed (fa2rt as routed; issue 21's bar)
 #                 -> $OUT/routing-check-h200.json
+#   read-ceiling  ci/read_ceiling.py: what any read of a decode step's bytes reaches (not in the default STEPS)
+#                 -> $OUT/read-ceiling-h200.json
 # Console output of every step goes to $OUT/bench.log (files back from a device call are few: one log, JSON results).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -47,5 +49,6 @@ has routing && step routing 420 python3 -m fa2rt.bench --routing --warmup-ms 10 
   --write-routing "$TABLE" --out "$OUT/routing-h200.json" && cp "$TABLE" "$OUT/routing.json"
 has routing-check && step routing-check 200 python3 -m fa2rt.bench --routing --dtype bfloat16 --warmup-ms 10 \
   --rep-ms 50 --routing-rounds 2 --out "$OUT/routing-check-h200.json"
+has read-ceiling && step read-ceiling 240 python3 "$ROOT/ci/read_ceiling.py" --out "$OUT/read-ceiling-h200.json"
 has decode && step decode 200 python3 -m fa2rt.bench --decode --rep-ms 50 --out "$OUT/decode-h200.json"
 exit 0
