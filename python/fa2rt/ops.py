@@ -461,11 +461,9 @@ class EagerCall:
         deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         # A copy, not .contiguous(): a contiguous view at a misaligned address would come back as it is.
         dout = dout if _kernel_ready(dout) else dout.clone(memory_format=torch.contiguous_format)
-        key = self._backward_key(dout, deterministic)
-        program = self.backward_programs.get(key)  # policy.remember spelled out: no closure made per call
-        if program is None:
-            program = policy.remember(self.backward_programs, key, lambda: _BackwardProgram.select(
-                shapes, (q, k, v, out, dout), self.lse_shape, deterministic))
+        program = policy.remember(self.backward_programs, self._backward_key(dout, deterministic),
+                                  lambda: _BackwardProgram.select(shapes, (q, k, v, out, dout), self.lse_shape,
+                                                                  deterministic))
         if isinstance(program, policy.Decision):
             policy.announce(program)
             return recompute_grads(dout, q, k, v, alibi, shapes, deterministic, cu)
