@@ -52,6 +52,25 @@ def test_strided_views_of_packed_qkv():
     assert rel_err(out, ref) < 2e-2
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_keys_broadcast_along_the_sequence(head_dim, causal):
+    """K and V expanded from one row per head (sequence stride 0; the native images read them through TMA): forward
+    and gradients against the float64 reference, the gradients of the row summed over the sequence by autograd."""
+    q, k, v = make((2, 300, 1, 4, 2), head_dim, torch.bfloat16, 8)
+    rows = [t.requires_grad_() for t in (q, k, v)]
+    k_all, v_all = (t.expand(-1, 513, -1, -1) for t in rows[1:])
+    assert k_all.stride(1) == 0 and fa2rt.explain(q, k_all, v_all, causal=causal).path == "kernel"
+    out, lse = fa2rt.attention(q, k_all, v_all, causal=causal, return_lse=True)
+    check_attention(out.detach(), lse, q.detach(), k_all.detach(), v_all.detach(), causal=causal)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, rows, dout)
+    rows64 = [t.detach().double().requires_grad_() for t in rows]
+    ref = attention_reference(rows64[0], *(t.expand(-1, 513, -1, -1) for t in rows64[1:]), causal=causal)[0]
+    for got, want in zip(grads, torch.autograd.grad(ref, rows64, dout.double()), strict=True):
+        assert rel_err(got, want) < 2e-2
+
+
 def test_misaligned_input_falls_back_with_reason(fresh_announcements):
     q, k, v = make((1, 128, 128, 2, 2), 64, torch.float16, 1)
     q_odd = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view_as(q).copy_(q)
