@@ -55,20 +55,21 @@ def test_strided_views_of_packed_qkv():
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_keys_broadcast_along_the_sequence(head_dim, causal):
-    """K and V expanded from one row per head (sequence stride 0; the native images read them through TMA): forward
-    and gradients against the float64 reference, the gradients of the row summed over the sequence by autograd."""
-    q, k, v = make((2, 300, 1, 4, 2), head_dim, torch.bfloat16, 8)
-    rows = [t.requires_grad_() for t in (q, k, v)]
-    k_all, v_all = (t.expand(-1, 513, -1, -1) for t in rows[1:])
-    assert k_all.stride(1) == 0 and fa2rt.explain(q, k_all, v_all, causal=causal).path == "kernel"
-    out, lse = fa2rt.attention(q, k_all, v_all, causal=causal, return_lse=True)
-    check_attention(out.detach(), lse, q.detach(), k_all.detach(), v_all.detach(), causal=causal)
+    """K expanded from one row per head (sequence stride 0; the native images read it through TMA), V not: the
+    output and dV against the float64 reference. (Every score of a row is then equal, so dQ and dK vanish exactly
+    and are only checked to be finite.)"""
+    q, k, v = make((2, 300, 513, 4, 2), head_dim, torch.bfloat16, 8)
+    q, k_row, v = (t.requires_grad_() for t in (q, k[:, :1].clone(), v))
+    k_all = k_row.expand(-1, 513, -1, -1)
+    assert k_all.stride(1) == 0 and fa2rt.explain(q, k_all, v, causal=causal).path == "kernel"
+    out, lse = fa2rt.attention(q, k_all, v, causal=causal, return_lse=True)
+    check_attention(out.detach(), lse, q.detach(), k_all.detach(), v.detach(), causal=causal)
     dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, rows, dout)
-    rows64 = [t.detach().double().requires_grad_() for t in rows]
-    ref = attention_reference(rows64[0], *(t.expand(-1, 513, -1, -1) for t in rows64[1:]), causal=causal)[0]
-    for got, want in zip(grads, torch.autograd.grad(ref, rows64, dout.double()), strict=True):
-        assert rel_err(got, want) < 2e-2
+    dq, dk, dv = torch.autograd.grad(out, (q, k_row, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k_row, v))
+    ref = attention_reference(q64, k64.expand(-1, 513, -1, -1), v64, causal=causal)[0]
+    (dv_ref,) = torch.autograd.grad(ref, (v64,), dout.double())
+    assert rel_err(dv, dv_ref) < 2e-2 and torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
 
 def test_misaligned_input_falls_back_with_reason(fresh_announcements):
