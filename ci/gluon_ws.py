@@ -19,7 +19,8 @@ A VARIANT names the schedule in dash-separated parts: bnN (key block), sN (K/V r
 take turns issuing their products), wN (consumer warpgroups of 64 query rows: 2, or 1 with two CTAs per SM), p1
 (persistent: one CTA per SM walks the tiles), pr1 (that walk in pairs of row blocks m and last - m), mN (maxnreg),
 rN (registers per consumer), lN (registers of the loader), qN (query buffers per consumer: 2 lets a persistent walk
-load the next tile's queries early), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128. Backward variants take
+load the next tile's queries early), pe0 (no copy of a tile's first block: it runs the loop's body with a zero
+product; pe1, the default, peels it), d64/d128 (only that head dim). E.g. bn128-s2-pp1-d128. Backward variants take
 bmN (query rows per block), sN, wN, mN, rN, lN, dN, dq1 (dQ too, added by TMA reduce) and x2 (each consumer adds
 dQ for half the head dims over both consumers' keys): e.g. bm64-s2-dq1-x2-d128.
 """
@@ -39,7 +40,7 @@ import aot  # noqa: E402
 import bwd_ws  # noqa: E402
 import fwd_ws  # noqa: E402
 
-FLAGS = {"pp": "pingpong", "pr": "pairs", "dq": "dq"}
+FLAGS = {"pp": "pingpong", "pr": "pairs", "dq": "dq", "pe": "peel"}
 INTS = {"bn": "block_n", "s": "stages", "w": "num_wg", "m": "maxnreg", "r": "regs", "l": "loader_regs",
         "q": "q_bufs", "d": "only_d", "bm": "block_m", "x": "dq_split"}
 
@@ -68,7 +69,7 @@ def compile_variant(variant: str, head_dim: int):
     tile = {"block_n": kw.get("block_n", 128), "stages": kw.get("stages", 2), "pingpong": kw.get("pingpong", False),
             "num_wg": kw.get("num_wg", 2), "maxnreg": kw.get("maxnreg"), "consumer_regs": kw.get("regs"),
             "loader_regs": kw.get("loader_regs", fwd_ws.LOADER_REGS), "q_bufs": kw.get("q_bufs", 1),
-            "pairs": kw.get("pairs", False)}
+            "pairs": kw.get("pairs", False), "peel": kw.get("peel", True)}
     return fwd_ws.compile_for(GPUTarget("cuda", 90, 32), "bf16", head_dim, tile)
 
 

@@ -89,7 +89,7 @@ def constexprs(head_dim: int, tile: dict) -> dict:
     return {"BLOCK_N": tile["block_n"], "HEAD_D": head_dim, "STAGES": tile["stages"], "PINGPONG": tile["pingpong"],
             "NUM_WG": tile["num_wg"], "CONSUMER_REGS": consumer,
             "LOADER_REGS": tile.get("loader_regs", LOADER_REGS), "Q_BUFS": tile.get("q_bufs", 1),
-            "PAIRS": tile.get("pairs", False)}
+            "PAIRS": tile.get("pairs", False), "PEEL": tile.get("peel", True)}
 
 
 def ctas_per_sm(tile: dict) -> int:
@@ -266,7 +266,7 @@ def _softmax(sc, j, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N: gl
 
 @gluon.jit
 def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              NUM_WG: gl.constexpr, PAIRS: gl.constexpr):
+              NUM_WG: gl.constexpr, PAIRS: gl.constexpr, PEEL: gl.constexpr):
     q_smem, k_smem, v_smem, o_smem, bars, o_desc, LSE, band, nheads, qk_scale, n_m, n_tiles = shared
     HEAD_D: gl.constexpr = q_smem.shape[-1]
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -283,7 +283,7 @@ def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.conste
         q = q_smem.index(qs).reshape([64, HEAD_D])
         tile = (off_b, off_h, m_lo + WG * 64, j0, n_blocks, full_lo, full_hi, it, ti // Q_BUFS, qs)
         _consumer_tile(q, k_smem, v_smem, o_smem.index(WG), bars, o_desc, LSE + bh.to(gl.int64) * band[0], band,
-                       qk_scale, tile, WG, BLOCK_N, STAGES, PINGPONG, NUM_WG, S_L, O_L, P_L)
+                       qk_scale, tile, WG, BLOCK_N, STAGES, PINGPONG, NUM_WG, S_L, O_L, P_L, PEEL)
         it += n_blocks
         ti += 1
     tma.store_wait(0)
@@ -292,7 +292,7 @@ def _consumer(shared, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.conste
 @gluon.jit
 def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, tile, WG: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
-                   S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr):
+                   S_L: gl.constexpr, O_L: gl.constexpr, P_L: gl.constexpr, PEEL: gl.constexpr):
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     off_b, off_h, row0, j0, n_blocks, full_lo, full_hi, it, q_round, qs = tile
     HEAD_D: gl.constexpr = o_buf.shape[-1]
@@ -313,27 +313,39 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
     if n_blocks > 0:
         # Block 0: its scores alone. Then per block: this block's QK^T and the previous block's PV in flight
         # together, the softmax of this block while PV runs.
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), it & 1)
-        sc = _scores(q, k_smem, k_ready, it, zero_s, STAGES)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(NEXT), count=1)
-        sc = warpgroup_mma_wait(0, deps=(sc,))
-        mbarrier.arrive(k_empty.index(it % STAGES), count=1)
-        p, alpha, m_i = _softmax(sc, j0, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N, COL)
-        l_i = gl.sum(p, 1)
-        for i in range(1, n_blocks):
+        if PEEL:
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), it & 1)
+            sc = _scores(q, k_smem, k_ready, it, zero_s, STAGES)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(NEXT), count=1)
+            sc = warpgroup_mma_wait(0, deps=(sc,))
+            mbarrier.arrive(k_empty.index(it % STAGES), count=1)
+            p, alpha, m_i = _softmax(sc, j0, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N, COL)
+            l_i = gl.sum(p, 1)
+        else:
+            # No copy of the first block (not yet measured; gluon-ws-notes.md, v17): block 0 runs the loop's body,
+            # its "previous" product zero P against block 0's own values (acc stays 0, and alpha = 0 then).
+            p = gl.zeros([64, BLOCK_N], gl.float32, S_L)
+        FIRST: gl.constexpr = 1 if PEEL else 0
+        for i in range(FIRST, n_blocks):
             if PINGPONG:
                 mbarrier.wait(turn.index(WG), (it + i) & 1)
             sc = _scores(q, k_smem, k_ready, it + i, zero_s, STAGES)
-            acc = _pv(p, v_smem, v_ready, it + i - 1, acc, P_L, STAGES)
+            if PEEL:
+                acc = _pv(p, v_smem, v_ready, it + i - 1, acc, P_L, STAGES)
+            else:
+                acc = _pv(p, v_smem, v_ready, it + gl.maximum(i - 1, 0), acc, P_L, STAGES)
             if PINGPONG:
                 mbarrier.arrive(turn.index(NEXT), count=1)
             sc = warpgroup_mma_wait(1, deps=(sc,))
             mbarrier.arrive(k_empty.index((it + i) % STAGES), count=1)
             p, alpha, m_i = _softmax(sc, j0 + i, m_i, key_lo, key_hi, qk_scale, full_lo, full_hi, BLOCK_N, COL)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(v_empty.index((it + i - 1) % STAGES), count=1)
+            if PEEL:
+                mbarrier.arrive(v_empty.index((it + i - 1) % STAGES), count=1)
+            elif i > 0:  # block 0's values stay for its real product
+                mbarrier.arrive(v_empty.index((it + i - 1) % STAGES), count=1)
             acc = acc * gl.convert_layout(alpha, OROW)[:, None]
             l_i = l_i * alpha + gl.sum(p, 1)
         acc = _pv(p, v_smem, v_ready, it + n_blocks - 1, acc, P_L, STAGES)
@@ -359,21 +371,21 @@ def _consumer_tile(q, k_smem, v_smem, o_buf, bars, o_desc, LSE, band, qk_scale, 
 
 @gluon.jit
 def _consumer0(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
-               PAIRS: gl.constexpr):
-    _consumer(shared, 0, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)
+               PAIRS: gl.constexpr, PEEL: gl.constexpr):
+    _consumer(shared, 0, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS, PEEL)
 
 
 @gluon.jit
 def _consumer1(shared, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
-               PAIRS: gl.constexpr):
-    _consumer(shared, 1, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)
+               PAIRS: gl.constexpr, PEEL: gl.constexpr):
+    _consumer(shared, 1, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS, PEEL)
 
 
 @gluon.jit
 def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, nheads, head_ratio,  # noqa: E741
                 qk_scale_log2, batch, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                 PINGPONG: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                Q_BUFS: gl.constexpr = 1, PAIRS: gl.constexpr = False):
+                Q_BUFS: gl.constexpr = 1, PAIRS: gl.constexpr = False, PEEL: gl.constexpr = True):
     q_desc, k_desc, v_desc, o_desc, qk_scale = Q, K, V, O, qk_scale_log2
     n_m = gl.cdiv(seqlen_q, NUM_WG * 64)
     n_tiles = n_m * batch * nheads
@@ -411,13 +423,13 @@ def attn_fwd_ws(Q, K, V, O, LSE, seqlen_q, seqlen_k, window_left, window_right, 
     loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, band, nheads, head_ratio, n_m, n_tiles)
     if NUM_WG == 2:
         gl.warp_specialize([
-            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)),
-            (_consumer1, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)),
+            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS, PEEL)),
+            (_consumer1, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS, PEEL)),
             (_loader, (loads, BLOCK_N, STAGES, NUM_WG, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS)),
+            (_consumer0, (shared, BLOCK_N, STAGES, PINGPONG, NUM_WG, PAIRS, PEEL)),
             (_loader, (loads, BLOCK_N, STAGES, NUM_WG, PAIRS)),
         ], [1], [LOADER_REGS])
 
@@ -440,7 +452,7 @@ _SMS = {}
 
 def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, block_n=128, stages=2, pingpong=False,
             num_wg=2, persistent=False, regs=None, loader_regs=LOADER_REGS, maxnreg=None, q_bufs=1,
-            pairs=False):
+            pairs=False, peel=True):
     """(out, lse) of q (batch, seqlen_q, heads, dim), k and v (batch, seqlen_k, heads_k, dim), bf16 or fp16, head
     dim 64 or 128, flash-attn 2's causal/window semantics (causal folds in as right = 0)."""
     import torch
@@ -461,6 +473,6 @@ def forward(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, blo
     per_sm = ctas_per_sm({"num_wg": num_wg, "maxnreg": maxnreg})
     grid = (min(n_tiles, _SMS[q.device] * per_sm) if persistent else n_tiles,)
     attn_fwd_ws[grid](qd, kd, vd, od, lse, seqlen_q, seqlen_k, left, right, h, h // k.shape[2], scale * LOG2E, b,
-                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, q_bufs, pairs, num_warps=4,
+                      block_n, d, stages, pingpong, num_wg, consumer, loader_regs, q_bufs, pairs, peel, num_warps=4,
                       maxnreg=maxnreg)
     return o, lse

@@ -506,6 +506,19 @@ def test_gluon_ab_loads_a_second_copy_of_the_forward(tmp_path):
     assert "wgmma.mma_async" in old.compile_for(GPUTarget("cuda", 90, 32), "bf16", 64, tile).asm["ptx"]
 
 
+@pytest.mark.parametrize("op", ["fwd", "bwd_ws"])
+def test_ws_images_name_every_compile_time_parameter(op):
+    """Each Gluon kernel's constexpr parameters are all given by its constexprs() for an image's schedule: one left
+    out of an ahead-of-time compile does not take its default (fwd_ws's PEEL = True compiled as the other branch)."""
+    import bwd_ws
+    import fwd_ws
+
+    module, kernel = (fwd_ws, fwd_ws.attn_fwd_ws) if op == "fwd" else (bwd_ws, bwd_ws.attn_bwd_ws)
+    for head_dim in (64, 128):
+        given = module.constexprs(head_dim, variants.ws_schedule("sm90", op, head_dim, False))
+        assert {p.name for p in kernel.params if p.is_constexpr} == set(given), (op, head_dim)
+
+
 def test_ws_entry_that_builds_no_image_is_refused():
     """A ws entry with "banded": false builds only its full_band image: without a full_band entry it would build
     none, silently; it is refused, naming the key it lacks."""
