@@ -84,7 +84,8 @@ def params() -> list[tuple[str, str]]:
 
 def constexprs(head_dim: int, tile: dict) -> dict:
     """Compile-time parameters of a schedule (a tiles.json "ws" entry: block_n, stages, pingpong, num_wg, and
-    optionally maxnreg, consumer_regs, loader_regs)."""
+    optionally maxnreg, consumer_regs, loader_regs, q_bufs, pairs, peel). Every constexpr of the kernel is named:
+    one an ahead-of-time compile leaves out does not take its default."""
     _, consumer = register_split(tile["num_wg"], tile.get("maxnreg"), tile.get("consumer_regs"))
     return {"BLOCK_N": tile["block_n"], "HEAD_D": head_dim, "STAGES": tile["stages"], "PINGPONG": tile["pingpong"],
             "NUM_WG": tile["num_wg"], "CONSUMER_REGS": consumer,
