@@ -493,13 +493,14 @@ def test_tensors_a_key_cannot_describe_take_the_validated_path(recorded):
 
 # --- every cache against a cold start: a seeded sequence of nearly equal calls --------------------------------------
 
-def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
-    """t (batch, seqlen, heads, dim) with the same values laid out another way."""
+def laid_out(t: torch.Tensor, how: str) -> torch.Tensor:
+    """t with the same values laid out another way: at a misaligned base, in rows wider than its last dim, or (for
+    (batch, seqlen, heads, dim) tensors) stored as (batch, heads, seqlen, dim)."""
     if how == "offset":  # a misaligned base, strides unchanged
         return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view_as(t).copy_(t)
-    if how == "sliced":  # rows wider than the head dim
+    if how == "sliced":
         return torch.cat([t, t[..., :8]], dim=-1)[..., : t.shape[-1]]
-    if how == "transposed":  # (batch, heads, seqlen, dim) storage
+    if how == "transposed":
         return t.transpose(1, 2).contiguous().transpose(1, 2)
     return t
 
@@ -537,7 +538,7 @@ def _cache_case(spec: dict):
     q, k, v = make(d=spec["head_dim"], dtype=spec["dtype"], seed=spec["seed"])
     if spec["k_dtype"] == "other":
         k = k.to(torch.float16 if k.dtype == torch.bfloat16 else torch.bfloat16)
-    q, k, v = (_layout(t, spec[f"layout_{name}"]).detach().requires_grad_(spec["grad"] in (True, name))
+    q, k, v = (laid_out(t, spec[f"layout_{name}"]).detach().requires_grad_(spec["grad"] in (True, name))
                for t, name in zip((q, k, v), "qkv", strict=True))
     kw = {name: spec[name] for name in ("causal", "window_size", "softcap", "softmax_scale", "return_lse",
                                          "deterministic")}
@@ -556,10 +557,11 @@ def launch_roles(launches, tensors: dict) -> list:
             for plan, _, _, addresses in launches]
 
 
-def call_outcome(attend, inputs, kw, context, launches) -> tuple:
-    """What attend(*inputs, **kw) (fa2rt.attention or attention_varlen) did in `context` (grad mode, FA2RT_FORCE_ARCH),
-    its gradients included, comparable across runs: its error, or its launches (launch_roles), what it returned, and
-    the fallback warnings it issued."""
+def call_outcome(attend, inputs, kw, context, launches, input_names=("q", "k", "v")) -> tuple:
+    """What attend(*inputs, **kw) (fa2rt.attention, attention_varlen or attention_with_kvcache, whose positional
+    inputs are named by input_names) did in `context` (grad mode, FA2RT_FORCE_ARCH), its gradients included,
+    comparable across runs: its error, or its launches (launch_roles), what it returned, and the fallback warnings it
+    issued."""
     policy._announced.clear()
     launches.clear()
     saved = os.environ.pop(config.FORCE_ARCH, None)
@@ -579,7 +581,7 @@ def call_outcome(attend, inputs, kw, context, launches) -> tuple:
         os.environ.pop(config.FORCE_ARCH, None)
         if saved is not None:
             os.environ[config.FORCE_ARCH] = saved
-    named = kw | dict(zip(("q", "k", "v", "out", "lse", "dq", "dk", "dv"), (*inputs, out, lse, *grads), strict=False))
+    named = kw | dict(zip((*input_names, "out", "lse", "dq", "dk", "dv"), (*inputs, out, lse, *grads), strict=False))
     return (launch_roles(launches, named), (out.shape, out.stride(), out.dtype, out.requires_grad),
             None if lse is None else lse.shape,
             sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, fa2rt.FallbackWarning)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_eager_path import assert_warm_equals_cold, launch_roles, sample_specs
+from test_eager_path import assert_warm_equals_cold, call_outcome, laid_out, sample_specs
 
 import fa2rt
 from fa2rt.reference import kvcache_reference
@@ -551,11 +551,6 @@ _KV_RESPECTS = {  # each respect a decode call can differ in, the first value th
 }
 
 
-def _sliced(t: torch.Tensor) -> torch.Tensor:
-    """t with rows wider than its last dim (the same values)."""
-    return torch.cat([t, t[..., :8]], dim=-1)[..., : t.shape[-1]]
-
-
 def _kv_case(spec: dict) -> tuple:
     """A spec's call: attention_with_kvcache's positional and keyword arguments."""
     args = make_case(batch=2, seqlen_q=spec["seqlen_q"], h=8, hk=2, d=spec["head_dim"], seqlen_cache=256,
@@ -563,11 +558,11 @@ def _kv_case(spec: dict) -> tuple:
                      rotary_dim=16 if spec["rotary"] else 0, batch_idx=spec["batch_idx"], leftpad=spec["leftpad"],
                      seed=spec["seed"])
     if spec["q_layout"] == "sliced":
-        args["q"] = _sliced(args["q"])
+        args["q"] = laid_out(args["q"], "sliced")
     args["q"] = args["q"][: spec["q_batch"]]  # one sequence less than the caches and lengths: refused
     for name in ("k_cache", "v_cache", "k"):
         if spec[f"{name}_layout"] == "sliced" and name in args:
-            args[name] = _sliced(args[name])
+            args[name] = laid_out(args[name], "sliced")
     if "block_table" in args:
         args["block_table"] = args["block_table"].to(spec["table_dtype"])
     if spec["seqlens"] == "int64":  # refused: int32 only
@@ -586,27 +581,6 @@ def _kv_case(spec: dict) -> tuple:
     if spec["alibi"]:
         named["alibi_slopes"] = torch.rand(8)
     return positional, named
-
-
-def _kv_outcome(positional, named, launched) -> tuple:
-    """What a decode call did, comparable across runs (see test_eager_path.call_outcome): its error, or its launches,
-    what it returned, and the fallback warnings it issued."""
-    import warnings
-
-    from fa2rt import policy
-
-    policy._announced.clear()
-    launched.clear()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = fa2rt.attention_with_kvcache(*positional, **named)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        return "error", type(exc).__name__, str(exc).splitlines()[0]
-    out, lse = res if named["return_lse"] else (res, None)
-    tensors = dict(zip(("q", "k_cache", "v_cache"), positional, strict=True)) | named | {"out": out, "lse": lse}
-    return (launch_roles(launched, tensors), (out.shape, out.stride(), out.dtype), None if lse is None else lse.shape,
-            sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, fa2rt.FallbackWarning)))
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -644,5 +618,7 @@ def test_every_decode_call_does_what_it_does_from_a_cold_start(on_device, monkey
 
     rng = random.Random(seed)
     pool = [_kv_case(spec) for spec in sample_specs(rng, _KV_RESPECTS, per_base=12, changed=(2, 5))]
-    assert_warm_equals_cold([rng.choice(pool) for _ in range(100)], lambda case: _kv_outcome(*case, launched),
-                            cold_start)
+    context = {"no_grad": False, "force_arch": None}  # no autograd: grad mode changes nothing
+    assert_warm_equals_cold([rng.choice(pool) for _ in range(100)],
+                            lambda case: call_outcome(fa2rt.attention_with_kvcache, *case, context, launched,
+                                                      ("q", "k_cache", "v_cache")), cold_start)

@@ -11,6 +11,7 @@ from test_eager_path import (
     call_outcome,
     cold_start,
     expect_launch,
+    laid_out,
     recorded,  # noqa: F401 - the fixture
     sample_specs,
 )
@@ -212,22 +213,13 @@ _VARLEN_RESPECTS = {  # each respect a varlen call can differ in, the first valu
 }
 
 
-def _varlen_layout(t: torch.Tensor, how: str) -> torch.Tensor:
-    """t (total, heads, dim) with the same values at a misaligned base or in rows wider than the head dim."""
-    if how == "offset":
-        return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view_as(t).copy_(t)
-    if how == "sliced":
-        return torch.cat([t, t[..., :8]], dim=-1)[..., : t.shape[-1]]
-    return t
-
-
 def _varlen_case(spec: dict) -> tuple:
     """A spec's call: (q, k, v), the keyword arguments of attention_varlen, the context."""
     lens_q, lens_k = _SPLITS[spec["split"]]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(sum(lens), heads, spec["head_dim"], generator=g).to(spec["dtype"])
                for lens, heads in ((lens_q, 4), (lens_k, 2), (lens_k, 2)))
-    q, v = _varlen_layout(q, spec["layout_q"]), _varlen_layout(v, spec["layout_v"])
+    q, v = laid_out(q, spec["layout_q"]), laid_out(v, spec["layout_v"])
     q, k, v = (t.requires_grad_(spec["grad"] in (True, name)) for t, name in zip((q, k, v), "qkv", strict=True))
     extra = {"exact": 0, "longer": 3, "shorter": -1}[spec["max_seqlen"]]  # shorter: refused
     kw = {"cu_seqlens_q": cu(lens_q).to(spec["cu_q"]), "cu_seqlens_k": cu(lens_k).to(spec["cu_k"]),
