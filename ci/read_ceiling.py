@@ -69,12 +69,14 @@ def words_sum(x: torch.Tensor) -> int:
     return int(x.view(torch.int32).sum(dtype=torch.int64))
 
 
-def check_read(words: torch.Tensor, config, multiprocessors: int) -> None:
+def checked_read(words: torch.Tensor, config, multiprocessors: int, expected: int):
+    """read_launcher's call, run once and its sum compared with `expected` (words_sum(words)) before any timing."""
     run, partial = read_launcher(words, config, multiprocessors)
     run()
     got = int(partial.sum())
-    if got != words_sum(words):
-        raise AssertionError(f"read kernel {config}: sum {got}, expected {words_sum(words)}")
+    if got != expected:
+        raise AssertionError(f"read kernel {config}: sum {got}, expected {expected}")
+    return run
 
 
 def contenders(name: str, multiprocessors: int) -> dict:
@@ -96,9 +98,9 @@ def contenders(name: str, multiprocessors: int) -> dict:
     out |= {"copy same bytes": (lambda: target.copy_(half), nbytes), "copy all (read + write)": (
         lambda: whole.copy_(data), 2 * nbytes), "torch.sum": (lambda: data.sum(), nbytes)}
     words = data.view(torch.int32)
+    expected = words_sum(words)
     for config in READ_CONFIGS:
-        check_read(words, config, multiprocessors)
-        out[f"read {config}"] = (read_launcher(words, config, multiprocessors)[0], nbytes)
+        out[f"read {config}"] = (checked_read(words, config, multiprocessors, expected), nbytes)
     return out
 
 
