@@ -327,8 +327,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=No
     index_tensors = (cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None, cache_batch_idx,
                      cache_leftpad, block_table)
     key = None
-    if not torch.compiler.is_compiling() and ops.can_run_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
-                                                               alibi_slopes, *index_tensors):
+    eager = not torch.compiler.is_compiling() and ops.can_run_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                                                    alibi_slopes, *index_tensors)
+    if eager:
         # A decode step repeats one call: like an earlier one that validated and ran the kernels, it would again.
         options = (softmax_scale, causal, softcap, rotary_interleaved, num_splits, window_size)
         key, call = calls.find_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
@@ -343,6 +344,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=No
             cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
             softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
             rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+        if not eager:
+            # torch.compile, dispatch modes, transforms: the custom op, which checks the index values, selects and
+            # launches (or falls back) when it runs.
+            out, lse = kvcache.run_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                      cache_batch_idx, cache_leftpad, block_table, alibi_slopes, softmax_scale,
+                                      causal, window_size, softcap, rotary_interleaved, num_splits)
+            return (out, lse) if return_lse else out
         out, lse, call = kvcache.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                      cache_batch_idx, cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
     if call is not None:

@@ -385,3 +385,46 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
     out, lse = kvcache_fallback(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                 cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
     return out, lse, None
+
+
+# --- torch.compile, dispatch modes, transforms: the call as a custom op -------------------------------------------
+
+# Registered for every device, as fa2rt::varlen_fwd: it validates the index values, selects and launches (or falls
+# back, announced) when the graph runs, since a traced graph can neither read index values nor call the dispatcher.
+# It writes the caches in place when k and v are given; lse is always computed (the kernels' scratch holds it).
+@torch.library.custom_op("fa2rt::kvcache_fwd", mutates_args=("k_cache", "v_cache"))
+def kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+                v: torch.Tensor | None, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+                cache_seqlens: torch.Tensor | None, cache_seqlens_int: int | None, cache_batch_idx: torch.Tensor | None,
+                cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
+                alibi_slopes: torch.Tensor | None, softmax_scale: float | None, causal: bool, window_left: int,
+                window_right: int, softcap: float, rotary_interleaved: bool,
+                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seqlens = cache_seqlens_int if cache_seqlens is None else cache_seqlens
+    shapes = check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                  cache_seqlens=seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                                  block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+                                  window_size=(window_left, window_right), softcap=softcap,
+                                  rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes,
+                                  num_splits=num_splits)
+    out, lse, _ = run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, cache_leftpad,
+                      block_table, alibi_slopes, shapes, return_lse=True)
+    return out.contiguous(), lse  # the fake's layout (a trivial call's out is empty_like(q))
+
+
+@kvcache_fwd.register_fake
+def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                      cache_batch_idx, cache_leftpad, block_table, alibi_slopes, softmax_scale, causal, window_left,
+                      window_right, softcap, rotary_interleaved, num_splits):
+    batch, seqlen_q, nheads, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32))
+
+
+def run_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+           block_table, alibi_slopes, softmax_scale, causal, window_size, softcap, rotary_interleaved, num_splits):
+    """A validated call as fa2rt::kvcache_fwd: (out, lse)."""
+    tensor = isinstance(cache_seqlens, torch.Tensor)
+    return kvcache_fwd(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens if tensor else None,
+                       None if tensor else cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes,
+                       softmax_scale, causal, *window_size, softcap, rotary_interleaved, num_splits)

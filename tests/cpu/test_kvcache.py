@@ -5,6 +5,7 @@ reference fa2rt.reference.kvcache_reference."""
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,81 @@ def test_appends_in_place_and_returns_no_graph(fresh_announcements):
         assert changed[b].nonzero().flatten().tolist() == [start, start + 1]
         torch.testing.assert_close(args["k_cache"][b, start:start + 2], args["k"][b])
     assert q.grad is None
+
+
+COMPILED = {
+    "rotary_speculative": dict(seqlen_q=2, new=2, rotary_dim=8),
+    "paged": dict(paged=True),
+    "batch_idx_leftpad_no_append": dict(new=0, batch_idx=True, leftpad=True),
+}
+
+
+def compiled_step(names, backend="aot_eager", **options):
+    """A decode step over the tensors of a make_case dict (in `names` order), compiled with fullgraph."""
+
+    def step(*tensors):
+        positional, named = split(dict(zip(names, tensors, strict=True)))
+        out, lse = fa2rt.attention_with_kvcache(*positional, **named, **options, return_lse=True)
+        return out * 2, lse
+
+    return step, torch.compile(step, fullgraph=True, backend=backend)
+
+
+@pytest.mark.parametrize("case", COMPILED)
+def test_compile_fullgraph_runs_the_custom_op(case, fresh_announcements):
+    # Under torch.compile a KV-cache call is the fa2rt::kvcache_fwd custom op: tracing reads no index value, and the
+    # graph appends in place and returns what the eager call returns.
+    args = make_case(seed=5, **COMPILED[case])
+    eager_args = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+    step, compiled = compiled_step(list(args), causal=True, window_size=(6, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        want, got = step(*eager_args.values()), compiled(*args.values())
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(args[name], eager_args[name]), name
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compiled_step_takes_new_lengths_and_checks_them_when_it_runs(fresh_announcements):
+    args = make_case(seed=6, new=1)
+    names = list(args)
+    _, compiled = compiled_step(names, causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        for lengths in ([3, 0, 38], [39, 17, 1]):
+            args["cache_seqlens"] = torch.tensor(lengths, dtype=torch.int32)
+            step_args = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+            compiled(*step_args.values())
+            for b, n in enumerate(lengths):
+                torch.testing.assert_close(step_args["k_cache"][b, n], args["k"][b, 0], rtol=0, atol=0)
+        args["cache_seqlens"] = torch.tensor([3, 40, 0], dtype=torch.int32)  # no room for the new token
+        with raises(ValueError, "cache_seqlens[1]: expected a value in [0, 39]"):
+            compiled(*args.values())
+
+
+def test_inductor_appends_into_the_callers_caches_without_copies(fresh_announcements):
+    from torch._inductor.utils import run_and_get_code
+
+    args = make_case(seed=7, seqlen_cache=1024, new=1)
+    _, compiled = compiled_step(list(args), backend="inductor", causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        _, (code,) = run_and_get_code(compiled, *args.values())
+    call = next(line for line in code.splitlines() if "torch.ops.fa2rt.kvcache_fwd.default(" in line)
+    # The graph's own inputs, not buffers: a functionalised mutation left as such would copy each cache (1024 tokens
+    # here) on every step and pass the copies.
+    assert re.search(r"kvcache_fwd\.default\(\w+, arg\d+_1, arg\d+_1, ", call), call
+
+
+def test_fake_kvcache_op_gives_flash_attn_shapes():
+    from fa2rt import kvcache
+
+    args = {n: t.to("meta") for n, t in make_case(seqlen_q=3, h=4, d=16).items()}
+    with torch.no_grad():
+        out, lse = kvcache.run_op(args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], None, None,
+                                  args["cache_seqlens"], None, None, None, None, None, True, (-1, -1), 0.0, True, 0)
+    assert out.shape == args["q"].shape and out.is_contiguous()
+    assert lse.shape == (3, 4, 3) and lse.dtype == torch.float32
 
 
 def raises(exc, text):

@@ -6,8 +6,8 @@ Error bound: the kernel's error against float64 at most twice that of the exact 
 sequence gather + SDPA, run on copies of the same inputs) plus a small floor; the new keys written into the cache are
 compared with the reference's (rotary in float32, stored in the cache dtype). Outputs come from a NaN-poisoned
 allocator, so an element never written shows up. Also: paged equals contiguous for the same logical cache, split
-counts, CUDA graph capture and replay with new cache lengths, several streams, malformed indices (no fault, finite
-outputs; ci/memcheck_kvcache.py runs them under compute-sanitizer).
+counts, CUDA graph capture and replay with new cache lengths, torch.compile (Inductor, and its CUDA graphs), several
+streams, malformed indices (no fault, finite outputs; ci/memcheck_kvcache.py runs them under compute-sanitizer).
 """
 
 import pytest
@@ -215,6 +215,61 @@ def test_cuda_graph_capture_and_replay_with_new_lengths():
         torch.cuda.synchronize()
         assert torch.equal(out, expected) and torch.equal(lse, expected_lse), step
         assert torch.equal(static["k_cache"], eager["k_cache"])
+
+
+def _compiled_steps(args, **compile_options):
+    """(eager step, compiled step) over the tensors of a make_call dict, in its order."""
+    names = list(args)
+
+    def step(*tensors):
+        positional, named = split(dict(zip(names, tensors, strict=True)))
+        return fa2rt.attention_with_kvcache(*positional, **named, causal=True, return_lse=True)
+
+    return step, torch.compile(step, fullgraph=True, **compile_options)
+
+
+def _new_step(static, capacity):
+    static["cache_seqlens"].copy_(torch.randint(0, capacity - 1, static["cache_seqlens"].shape, device=DEVICE,
+                                                dtype=torch.int32))
+    for name in ("q", "k", "v"):
+        static[name].copy_(torch.randn_like(static[name]))
+
+
+@pytest.mark.parametrize("paged", [0, 64])
+def test_compiled_step_runs_the_kernels(paged):
+    # fa2rt::kvcache_fwd in an Inductor graph: the same kernels as the eager call (bitwise), appending into the
+    # caller's caches.
+    args = make_call(seed_of("compiled", paged), batch=4, capacity=2048, new=1, paged=paged)
+    expect_kernel(args, causal=True)
+    step, compiled = _compiled_steps(args)
+    for _ in range(3):
+        _new_step(args, 2048)
+        eager = copied(args)
+        want, got = step(*eager.values()), compiled(*args.values())
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert torch.equal(args["k_cache"], eager["k_cache"]) and torch.equal(args["v_cache"], eager["v_cache"])
+
+
+def test_compiled_step_replays_as_a_cuda_graph():
+    # torch.compile's "reduce-overhead" mode: the step recorded once as a CUDA graph (caches at static addresses, as
+    # a model's buffers are) and replayed with new lengths, equal to eager calls.
+    from torch._dynamo.utils import counters
+
+    args = make_call(seed_of("compiled-graph"), batch=4, capacity=2048, new=1)
+    for name in ("k_cache", "v_cache"):
+        torch._dynamo.mark_static_address(args[name])
+    step, compiled = _compiled_steps(args, mode="reduce-overhead")
+    counters.clear()
+    for _ in range(4):
+        _new_step(args, 2048)
+        eager = copied(args)
+        want = step(*eager.values())
+        got = [t.clone() for t in compiled(*args.values())]
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert torch.equal(args["k_cache"], eager["k_cache"])
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 def test_streams():
