@@ -189,16 +189,6 @@ def test_float32_inputs_are_cast_to_the_dtype_transformers_flash_casts_to():
     assert out.dtype == torch.bfloat16
 
 
-def test_unpad_indices_and_scatter_back():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
-    indices, cu, longest = tfi.unpad_indices(mask)
-    assert indices.tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 14]
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 8, 9] and longest == 5
-    rows = torch.arange(9.0)[:, None]
-    full = tfi._scatter(rows, indices, 3, 5)
-    assert full.shape == (3, 5, 1) and full[0, :2].eq(0).all() and full[2, 4, 0] == 8
-
-
 def test_segments_from_positions():
     assert tfi.segments_from_positions(torch.arange(6)[None].expand(2, -1)) is None
     cu, cu_k, longest, _ = tfi.segments_from_positions(torch.tensor([[0, 1, 2, 0, 1, 5], [3, 4, 0, 1, 2, 3]]))

@@ -6,7 +6,8 @@ the dense suite: twice a low-precision yardstick's error against float64, plus a
 Backward: dq, dk, dv against float64 autograd of the per-sequence reference, bound by twice the error of PyTorch's
 own low-precision SDPA run per sequence (fa2rt's varlen fallback), plus a floor. Also: bitwise-repeatable gradients,
 torch.compile(fullgraph=True) with backward, CUDA graph capture of a forward, malformed cu_seqlens (no fault; an
-error with FA2RT_CHECK_INDICES=1), explain() naming the varlen images.
+error with FA2RT_CHECK_INDICES=1), explain() naming the varlen images, a padded batch through
+fa2rt.flash_attn.bert_padding and the kernels, and its helpers' unchecked indices clamped (no fault).
 """
 
 import warnings
@@ -28,7 +29,7 @@ from gpu_helpers import (
 import fa2rt
 from fa2rt import config
 from fa2rt.fallback import sdpa_varlen_attention
-from fa2rt.reference import attention_reference_varlen
+from fa2rt.reference import attention_reference, attention_reference_varlen
 
 pytestmark = pytest.mark.usefixtures("kernels_at_any_length")
 
@@ -248,3 +249,41 @@ def test_fp32_falls_back_with_the_same_semantics(fresh_announcements):
         out, lse = fa2rt.attention_varlen(q, k, v, cq, ck, mq, mk, return_lse=True, **opts)
     ref, ref_lse = attention_reference_varlen(q, k, v, cq, ck, **opts)
     assert rel_err(out, ref) < 1e-4 and lse.shape == ref_lse.shape
+
+
+def test_padded_batch_through_bert_padding_and_the_kernels():
+    # flash-attn's BERT-style flow (fa2rt.flash_attn.bert_padding): unpad, varlen kernels, pad back; each sequence
+    # against the float64 reference alone, padding rows zero, and gradients only where tokens are.
+    from fa2rt.flash_attn import bert_padding as bp
+
+    lengths, seqlen, h, d = [700, 0, 1, 1024, 333], 1024, 8, 128
+    mask = (torch.arange(seqlen) < torch.tensor(lengths)[:, None]).to(DEVICE)
+    g = torch.Generator(DEVICE).manual_seed(seed_of("bert_padding"))
+    q, k, v = (torch.randn(len(lengths), seqlen, h, d, device=DEVICE, generator=g).to(BF16).requires_grad_()
+               for _ in range(3))
+    q_u, indices, cu_seqlens, longest, _ = bp.unpad_input(q, mask)
+    k_u, v_u = (bp.unpad_input(t, mask)[0] for t in (k, v))
+    assert fa2rt.explain(q_u, k_u, v_u, cu_seqlens, cu_seqlens, longest, longest, causal=True).path == "kernel"
+    out = bp.pad_input(fa2rt.attention_varlen(q_u, k_u, v_u, cu_seqlens, cu_seqlens, longest, longest, causal=True),
+                       indices, len(lengths), seqlen)
+    out.float().sum().backward()
+    for b, n in enumerate(lengths):
+        assert out[b, n:].eq(0).all() and all(t.grad[b, n:].eq(0).all() for t in (q, k, v))
+        if n:
+            ref, _ = attention_reference(*(t[b:b + 1, :n].detach() for t in (q, k, v)), causal=True)
+            assert rel_err(out[b:b + 1, :n], ref) < 2e-2
+
+
+def test_unchecked_padding_indices_do_not_fault(monkeypatch):
+    from fa2rt.flash_attn import bert_padding as bp
+
+    monkeypatch.delenv(config.CHECK_INDICES, raising=False)
+    rows = torch.randn(3, 8, 64, device=DEVICE)
+    bad = torch.tensor([-5, 2, 10**9], device=DEVICE)
+    picked = bp.index_first_axis(rows, bad)
+    put = bp.pad_input(rows, bad, 2, 4)
+    torch.cuda.synchronize()  # a fault would surface here
+    assert torch.equal(picked, rows[[0, 2, 2]]) and put.shape == (2, 4, 8, 64)
+    monkeypatch.setenv(config.CHECK_INDICES, "1")
+    with pytest.raises(IndexError, match=r"indices\[0\]: expected a row in \[0, 3\), got -5"):
+        bp.index_first_axis(rows, bad)

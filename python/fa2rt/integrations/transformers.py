@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import fa2rt
 
 from .. import policy
+from ..flash_attn.bert_padding import index_first_axis, pad_input, unpad_input
 
 DEFAULT_NAME = "fa2rt"
 # AttentionMaskInterface (transformers.masking_utils) first shipped in 4.53; AttentionInterface is older.
@@ -148,35 +149,19 @@ def _route(q, k, v, attention_mask, dropout: float, options: dict, kwargs: dict)
 # ---- padded batches
 
 
-def unpad_indices(mask: torch.Tensor):
-    """(indices of the True entries of mask flattened, cu_seqlens int32 (batch + 1,), max length) of a
-    (batch, length) boolean mask."""
-    lengths = mask.sum(-1, dtype=torch.int32)
-    indices = mask.flatten().nonzero().flatten()
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return indices, cu_seqlens, int(lengths.max()) if lengths.numel() else 0
-
-
-def _gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, *t.shape[2:]).index_select(0, indices)
-
-
-def _scatter(rows: torch.Tensor, indices: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    # Rows not listed (padding) stay 0; index_copy is differentiable in rows.
-    full = rows.new_zeros(batch * length, *rows.shape[1:]).index_copy(0, indices, rows)
-    return full.view(batch, length, *rows.shape[1:])
-
-
 def _padded(q, k, v, mask: torch.Tensor, options: dict):
     batch, q_len = q.shape[:2]
     # A static cache holds more key slots than the mask covers: the mask speaks for the first mask.shape[1] keys.
     k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
     mask = mask[:, -k.shape[1]:].bool()
-    indices_k, cu_k, max_k = unpad_indices(mask)
-    indices_q, cu_q, max_q = unpad_indices(mask[:, -q_len:]) if q_len != k.shape[1] else (indices_k, cu_k, max_k)
-    out = fa2rt.attention_varlen(_gather(q, indices_q), _gather(k, indices_k), _gather(v, indices_k), cu_q, cu_k,
-                                 max_q, max_k, **options)
-    return _scatter(out, indices_q, batch, q_len)
+    k, indices_k, cu_k, max_k, _ = unpad_input(k, mask)
+    v = index_first_axis(v.flatten(0, 1), indices_k)
+    if q_len == mask.shape[1]:  # the queries are the keys' tokens
+        q, indices_q, cu_q, max_q = index_first_axis(q.flatten(0, 1), indices_k), indices_k, cu_k, max_k
+    else:
+        q, indices_q, cu_q, max_q, _ = unpad_input(q, mask[:, -q_len:])
+    out = fa2rt.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    return pad_input(out, indices_q, batch, q_len)
 
 
 # ---- packed sequences

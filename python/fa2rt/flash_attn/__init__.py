@@ -20,7 +20,7 @@ results. Where the conventions differ, on purpose:
 
 import torch
 
-from . import api
+from .. import api
 
 __all__ = [
     "CompatError",
