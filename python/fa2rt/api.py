@@ -326,36 +326,80 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=No
     """
     index_tensors = (cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None, cache_batch_idx,
                      cache_leftpad, block_table)
-    key = None
-    eager = not torch.compiler.is_compiling() and ops.can_run_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
-                                                                    alibi_slopes, *index_tensors)
-    if eager:
-        # A decode step repeats one call: like an earlier one that validated and ran the kernels, it would again.
-        options = (softmax_scale, causal, softcap, rotary_interleaved, num_splits, window_size)
-        key, call = calls.find_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                                       cache_batch_idx, cache_leftpad, block_table, alibi_slopes, options)
-        if call is not None:
-            out, lse = kvcache_ops.run_call(call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                                            cache_batch_idx, cache_leftpad, block_table, alibi_slopes, return_lse)
-            return (out, lse) if return_lse else out
+    options = (softmax_scale, causal, softcap, rotary_interleaved, num_splits, window_size)
+    if not torch.compiler.is_compiling() and ops.can_run_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                                               alibi_slopes, *index_tensors):
+        out, lse = _kvcache_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                                  cache_leftpad, block_table, alibi_slopes, options, return_lse, index_tensors)
+        return (out, lse) if return_lse else out
+    # torch.compile, dispatch modes, transforms: the custom op, which runs _kvcache_eager when the graph runs. Only
+    # shapes and options are checked here: a traced graph cannot read index values.
+    with torch.no_grad():
+        kvcache.check_kvcache_inputs(
+            q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+        tensor = index_tensors[0] is not None
+        out, lse = kvcache_fwd(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, index_tensors[0],
+                               None if tensor else cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                               alibi_slopes, softmax_scale, causal, *window_size, softcap, rotary_interleaved,
+                               num_splits)
+    return (out, lse) if return_lse else out
+
+
+def _kvcache_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                   block_table, alibi_slopes, options: tuple, return_lse: bool, index_tensors: tuple):
+    """attention_with_kvcache on plain tensors outside a trace: (out, lse or None). options: (softmax_scale, causal,
+    softcap, rotary_interleaved, num_splits, window_size); index_tensors: the index arguments that are tensors (or
+    None), whose values a remembered call must not have had checked (calls.remember)."""
+    # A decode step repeats one call: like an earlier one that validated and ran the kernels, it would again.
+    key, call = calls.find_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                                   cache_leftpad, block_table, alibi_slopes, options)
+    if call is not None:
+        return kvcache_ops.run_call(call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                    cache_batch_idx, cache_leftpad, block_table, alibi_slopes, return_lse)
+    softmax_scale, causal, softcap, rotary_interleaved, num_splits, window_size = options
     with torch.no_grad():
         shapes = kvcache.check_kvcache_inputs(
             q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
             cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
             softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
             rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
-        if not eager:
-            # torch.compile, dispatch modes, transforms: the custom op, which checks the index values, selects and
-            # launches (or falls back) when it runs.
-            out, lse = kvcache.run_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                                      cache_batch_idx, cache_leftpad, block_table, alibi_slopes, softmax_scale,
-                                      causal, window_size, softcap, rotary_interleaved, num_splits)
-            return (out, lse) if return_lse else out
         out, lse, call = kvcache.run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                      cache_batch_idx, cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
     if call is not None:
         calls.remember(key, call, index_tensors)
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+# Registered for every device, as fa2rt::varlen_fwd: the call as torch.compile, dispatch modes and transforms see
+# it. When the graph runs, it is the eager call (index values checked, selection, the kernels or the announced
+# fallback; a repeated call skips validation there too). It writes the caches in place when k and v are given; lse is
+# always computed (the kernels' scratch holds it anyway).
+@torch.library.custom_op("fa2rt::kvcache_fwd", mutates_args=("k_cache", "v_cache"))
+def kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+                v: torch.Tensor | None, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+                cache_seqlens: torch.Tensor | None, cache_seqlens_int: int | None, cache_batch_idx: torch.Tensor | None,
+                cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
+                alibi_slopes: torch.Tensor | None, softmax_scale: float | None, causal: bool, window_left: int,
+                window_right: int, softcap: float, rotary_interleaved: bool,
+                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seqlens = cache_seqlens_int if cache_seqlens is None else cache_seqlens
+    options = (softmax_scale, causal, softcap, rotary_interleaved, num_splits, (window_left, window_right))
+    out, lse = _kvcache_eager(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx,
+                              cache_leftpad, block_table, alibi_slopes, options, True,
+                              (cache_seqlens, cache_batch_idx, cache_leftpad, block_table))
+    return out.contiguous(), lse  # the fake's layout (a trivial call's out is empty_like(q))
+
+
+@kvcache_fwd.register_fake
+def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                      cache_batch_idx, cache_leftpad, block_table, alibi_slopes, softmax_scale, causal, window_left,
+                      window_right, softcap, rotary_interleaved, num_splits):
+    batch, seqlen_q, nheads, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32))
 
 
 def explain_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None,

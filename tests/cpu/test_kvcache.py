@@ -227,12 +227,11 @@ def test_inductor_appends_into_the_callers_caches_without_copies(fresh_announcem
 
 
 def test_fake_kvcache_op_gives_flash_attn_shapes():
-    from fa2rt import kvcache
+    from fa2rt import api
 
     args = {n: t.to("meta") for n, t in make_case(seqlen_q=3, h=4, d=16).items()}
-    with torch.no_grad():
-        out, lse = kvcache.run_op(args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], None, None,
-                                  args["cache_seqlens"], None, None, None, None, None, True, (-1, -1), 0.0, True, 0)
+    out, lse = api.kvcache_fwd(args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], None, None,
+                               args["cache_seqlens"], None, None, None, None, None, None, True, -1, -1, 0.0, True, 0)
     assert out.shape == args["q"].shape and out.is_contiguous()
     assert lse.shape == (3, 4, 3) and lse.dtype == torch.float32
 
@@ -591,6 +590,38 @@ def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatc
     step(4, cache_seqlens=seqlens)
     step(5, cache_seqlens=seqlens)
     assert len(validated) == 5 and len(launched) == 6
+
+
+
+def test_compiled_step_runs_the_kernels_and_repeats_without_validation(on_device, monkeypatch):
+    """On a (synthetic) GPU the graph's op is the eager call: the first run validates and selects, later runs of the
+    same step take the remembered call."""
+    from fa2rt import api, builds, calls, kvcache, kvcache_ops
+
+    if builds.current_build().manifest is None:
+        pytest.fail(f"no installed kernel build: {builds.current_build().error}")
+    on_device("sm90")
+    monkeypatch.setattr(calls, "_CALLS", {})
+    launched, validated = [], []
+    monkeypatch.setattr(kvcache_ops, "launch", lambda plan, pointers, device: launched.append((plan, pointers)))
+    monkeypatch.setattr(kvcache_ops, "launch_append", lambda plan, pointers, device: None)
+    real = kvcache.check_kvcache_inputs
+
+    def check(*a, **kw):
+        if not torch.compiler.is_compiling():  # Dynamo would replay a traced append on every run
+            validated.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(api.kvcache, "check_kvcache_inputs", check)
+    args = make_case(batch=2, h=8, hk=2, d=64, seqlen_cache=512, new=1, dtype=torch.float16)
+
+    def step(q, k_cache, v_cache, k, v):
+        return fa2rt.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=100, causal=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    outs = [compiled(*(args[n] for n in ("q", "k_cache", "v_cache", "k", "v"))) for _ in range(3)]
+    assert len(validated) == 1 and len(launched) == 3
+    assert launched[2][0] is launched[0][0] and launched[2][1][3] == outs[2].data_ptr()
 
 
 @pytest.mark.parametrize("sliced", [False, True])
