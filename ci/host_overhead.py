@@ -11,15 +11,16 @@ backends on the same step (K/V as (batch, kv_heads, seqlen, headdim) views, enab
 torch indexing before SDPA flash (what the same serving step costs without fa2rt).
 
 The dense mode also times an empty Python autograd.Function (allocations only, no kernels): the host time any
-differentiable op defined in Python pays, which fa2rt's autograd path is.
+differentiable op defined in Python pays, which fa2rt's autograd path is; and fa2rt's custom ops fa2rt::fwd and
+fa2rt::bwd called directly (what torch.compile's forward and backward graphs call per attention).
 
 --routed measures a call the routing table sends to an SDPA backend (fa2rt.routing): fa2rt.attention as routed,
 fa2rt.routing.run (the runner alone) and SDPA called directly on (batch, heads, seqlen, headdim) tensors, forward and
 forward+backward.
 
---cpu runs the dense mode's fa2rt and Function cases on CPU tensors that fa2rt's policy sees as an H100 (sm90),
-with every launch a no-op: the Python host path alone (validation skipped by the repeated-call key, the autograd
-Function, allocations, launch plans), measurable without a GPU; the driver's part (cuLaunchKernel, tensor map
+--cpu runs the dense mode's fa2rt, custom-op and Function cases on CPU tensors that fa2rt's policy sees as an H100
+(sm90), with every launch a no-op: the Python host path alone (validation skipped by the repeated-call key, the
+autograd Function, allocations, launch plans), measurable without a GPU; the driver's part (cuLaunchKernel, tensor map
 encoding) and CUDA's allocator are not in it. Host time only.
 
 The cases take turns in --rounds rounds (lent machines' hosts drift by tens of percent within a minute); each
@@ -43,9 +44,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import fa2rt  # noqa: E402
-from fa2rt import routing  # noqa: E402
+from fa2rt import ops, routing  # noqa: E402
 
 WARMUP = 20
+_CPU_OPS = None  # --cpu: the custom ops' CPU registrations (torch.library.Library)
 SLEEP_CYCLES_PER_S = 4e9  # twice a ~2 GHz clock: the sleep outlasts the host's issue time
 
 
@@ -88,13 +90,19 @@ class _NoLaunch:
 
 def run_on_cpu_as_sm90():
     """--cpu: CPU tensors described as an sm90 GPU to the policy, launches left out."""
-    from fa2rt import _C, devices, ops
+    from fa2rt import _C, devices
 
     h100 = _C.DeviceInfo("cuda", "sm90", 232448, 132, 32, "H100 (CPU tensors, launches left out)")
     devices.describe = lambda device: (h100, "", "")
     ops.device_and_stream = lambda device: (0, 0)
     make_plan = _C.LaunchPlan
     _C.LaunchPlan = lambda *args: _NoLaunch(make_plan(*args))
+    # The dense custom ops are CUDA-only; the same bodies for CPU tensors (kept registered for the process).
+    global _CPU_OPS
+    _CPU_OPS = torch.library.Library("fa2rt", "IMPL")
+    _CPU_OPS.impl("fwd", lambda q, k, v, a, scale, left, right, cap, image, mode, det: ops.run_forward(
+        q, k, v, a, None, scale, left, right, cap, image, mode), "CPU")
+    _CPU_OPS.impl("bwd", ops.run_backward, "CPU")
 
 
 def measure(fn, calls):
@@ -177,6 +185,14 @@ def dense_cases(a, make):
              "python Function fwd": (None, lambda: _PythonFunctionFloor.apply(*grad[bshd][:3])),
              "python Function fwd+bwd": (None, lambda: fwd_bwd(lambda q, k, v: _PythonFunctionFloor.apply(q, k, v)[0],
                                                                  *grad[bshd]))}
+    # The custom ops a torch.compile graph calls (the image chosen when they run), without the graph around them:
+    # AOTAutograd's forward graph calls fa2rt::fwd, its backward graph fa2rt::bwd.
+    options = (a.head_dim**-0.5, -1, 0 if a.causal else -1, 0.0)
+    q, k, v = plain[bshd]
+    out, lse = ops.fwd(q, k, v, None, *options, "", "", False)
+    dout = make(*bshd)
+    cases |= {"fa2rt op fwd": (None, lambda: ops.fwd(q, k, v, None, *options, "", "", False)),
+              "fa2rt op bwd": (None, lambda: ops.bwd(dout, q, k, v, out, lse, None, *options, False))}
     header = (f"bf16 batch {a.batch}, seqlen {a.seqlen}, heads {a.heads}, d{a.head_dim}, causal {a.causal}; "
               f"fa2rt: {decision.image}")
     return header, cases

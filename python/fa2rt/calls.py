@@ -1,4 +1,4 @@
-"""Repeated eager calls: one dict lookup instead of validation, the decision and the launch-plan lookups.
+"""Repeated calls: one dict lookup instead of validation, the decision and the launch-plan lookups.
 
 Training loops and decode steps repeat a few calls, and at short sequences validating, deciding and looking plans up
 cost more host time than the kernels run. A call's key holds everything validation, the decision and the launch plans
@@ -116,6 +116,19 @@ def find_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
     num_splits, window_size)."""
     return _lookup(_kvcache_key, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                    cache_leftpad, block_table, alibi, options)
+
+
+def _op_key(op: tuple, q, k, v, alibi, out, options: tuple, cu: tuple) -> tuple:
+    # The dense key's tensor part (its option fields left empty: the op's scalars are `options`), the index tensors.
+    return ("op", op, _key(q, k, v, None, None, NO_WINDOW, None, alibi, out), _options(*options),
+            tuple(map(_tensor, cu)))
+
+
+def find_op(op: tuple, q, k, v, alibi, out, options: tuple, cu: tuple = ()) -> tuple:
+    """find() for the calls torch.compile graphs make (the custom ops' bodies) and for attention_backward: (key, the
+    ops.EagerCall an earlier call of the same key resolved, or None). op: what else decides the call (its kind, the
+    image it names); options: its scalar arguments; cu: its index tensors (cu_seqlens, block_table)."""
+    return _lookup(_op_key, op, q, k, v, alibi, out, options, cu)
 
 
 def remember(key, call, indices=()) -> None:

@@ -19,9 +19,9 @@ import operator
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from . import _C, builds, policy
+from . import _C, builds, calls, policy
 from .fallback import gather_pages, sdpa_attention, sdpa_varlen_attention
-from .validate import VARLEN_LAYOUTS, Shapes
+from .validate import VARLEN_LAYOUTS, Shapes, check_cu_seqlens_values, check_paged_values, should_check_values
 
 LOG2E = 1.0 / math.log(2.0)
 INT32_MAX = 2**31 - 1
@@ -506,15 +506,29 @@ class EagerCall:
         return dout.stride(), bool(deterministic), policy.environment_key(self.shapes.device)
 
 
-def forward(q, k, v, alibi, out, shapes: Shapes, image: str, mode: str, cu: tuple = ()):
-    """Launch the forward `image` on torch's current stream, writing into `out` (allocated when None).
-    Returns (out, lse)."""
-    return EagerCall(shapes, image, mode).forward(q, k, v, alibi, out, cu)
+def resolved(op: tuple, q, k, v, alibi, out, options: tuple, resolve, cu: tuple = ()):
+    """The EagerCall of a call made through the custom ops or attention_backward (calls.find_op): the one an earlier
+    call of the same key resolved, else resolve()'s, remembered when it is an EagerCall (a Decision is returned
+    as it is: the fallback, decided again on every call)."""
+    key, call = calls.find_op(op, q, k, v, alibi, out, options, cu)
+    if call is None:
+        call = resolve()
+        if isinstance(call, EagerCall):
+            calls.remember(key, call, cu)
+    return call
 
 
 def backward(dout, q, k, v, out, lse, alibi, shapes: Shapes, deterministic: bool, cu: tuple = ()):
-    """EagerCall.backward for one call."""
-    return EagerCall(shapes, None, None).backward(dout, q, k, v, out, lse, alibi, deterministic, cu)
+    """EagerCall.backward for a call given its Shapes (attention_backward)."""
+    options = (shapes.softmax_scale, *shapes.window, shapes.softcap, shapes.seqlen_q, shapes.seqlen_k)
+    return _backward(dout, q, k, v, out, lse, alibi, options, lambda: shapes, deterministic, cu)
+
+
+def _backward(dout, q, k, v, out, lse, alibi, options: tuple, shapes, deterministic: bool, cu: tuple = ()):
+    """EagerCall.backward of the call resolved for these tensors and options; shapes() gives its Shapes (built only
+    when no earlier call resolved it)."""
+    call = resolved(("bwd",), q, k, v, alibi, out, options, lambda: EagerCall(shapes(), None, None), cu)
+    return call.backward(dout, q, k, v, out, lse, alibi, deterministic, cu)
 
 
 def recompute_grads(dout, q, k, v, alibi, shapes: Shapes, deterministic: bool, cu: tuple = ()):
@@ -624,26 +638,40 @@ def run_eager(q, k, v, alibi, out, call: EagerCall, deterministic: bool, return_
 
 def run_forward(q, k, v, alibi, out, softmax_scale, window_left, window_right, softcap, image, mode):
     """forward() for the custom ops. An empty image name (calls traced by torch.compile) selects here, on the real
-    tensors, and runs the announced SDPA fallback when no image fits."""
-    shapes = _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi)
-    if not image:
-        decision = policy.decide(shapes, q, k, v, needs_grad=False, out=out)
-        if decision.path != "kernel":
-            if decision.path == "fallback":
-                policy.announce(decision)
-            # window_right == 0 is exactly causal; saying so lets the fallback take SDPA's causal kernels.
-            res, lse = sdpa_attention(q, k, v, causal=window_right == 0, softmax_scale=softmax_scale,
-                                      window_size=(window_left, window_right), softcap=softcap,
-                                      alibi_slopes=alibi, return_lse=True)
-            return (res if out is None else out.copy_(res)), lse
-        image, mode = decision.image, decision.mode
-    return forward(q, k, v, alibi, out, shapes, image, mode)
+    tensors, and runs the announced SDPA fallback when no image fits; a call like an earlier one that took a kernel
+    takes it again without deciding (resolved)."""
+
+    def resolve():
+        return _kernel_call(_shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi), image, mode,
+                            (q, k, v, out))
+
+    options = (softmax_scale, window_left, window_right, softcap)
+    call = resolved(("fwd", image, mode), q, k, v, alibi, out, options, resolve)
+    if isinstance(call, EagerCall):
+        return call.forward(q, k, v, alibi, out)
+    if call.path == "fallback":
+        policy.announce(call)
+    # window_right == 0 is exactly causal; saying so lets the fallback take SDPA's causal kernels.
+    res, lse = sdpa_attention(q, k, v, causal=window_right == 0, softmax_scale=softmax_scale,
+                              window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi,
+                              return_lse=True)
+    return (res if out is None else out.copy_(res)), lse
+
+
+def _kernel_call(shapes: Shapes, image: str, mode: str, tensors: tuple):
+    """The EagerCall of a forward op call: for the image it names (its eager caller decided), else for the image the
+    policy decides on; that Decision itself when it is no kernel. tensors: (q, k, v, out)."""
+    if image:
+        return EagerCall(shapes, image, mode)
+    q, k, v, out = tensors
+    decision = policy.decide(shapes, q, k, v, needs_grad=False, out=out)
+    return EagerCall(shapes, decision.image, decision.mode) if decision.path == "kernel" else decision
 
 
 def run_backward(dout, q, k, v, out, lse, alibi, softmax_scale, window_left, window_right, softcap, deterministic):
     """backward() for the custom ops."""
-    shapes = _shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi)
-    return backward(dout, q, k, v, out, lse, alibi, shapes, deterministic)
+    options = (softmax_scale, window_left, window_right, softcap)
+    return _backward(dout, q, k, v, out, lse, alibi, options, lambda: _shapes(q, k, *options, alibi), deterministic)
 
 
 @torch.library.custom_op("fa2rt::fwd", mutates_args=(), device_types="cuda")
@@ -710,28 +738,40 @@ def _lse_like(q):
 
 def run_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, softmax_scale,
                        window_left, window_right, softcap, image, mode, deterministic):
-    """varlen_fwd's body: as run_forward, for a packed call."""
-    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-                            softcap, alibi)
+    """varlen_fwd's body: as run_forward, for a packed call; cu_seqlens' values are checked as attention_varlen
+    checks them (a traced call could not)."""
     cu = (cu_seqlens_q, cu_seqlens_k)
-    if not image:
-        decision = policy.decide(shapes, q, k, v, needs_grad=False)
-        if decision.path != "kernel":
-            if decision.path == "fallback":
-                policy.announce(decision)
-            return sdpa_varlen_attention(q, k, v, *cu, causal=window_right == 0, softmax_scale=softmax_scale,
-                                         window_size=(window_left, window_right), softcap=softcap,
-                                         alibi_slopes=alibi, return_lse=True, deterministic=deterministic)
-        image, mode = decision.image, decision.mode
-    return forward(q, k, v, alibi, None, shapes, image, mode, cu)
+    for name, t, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
+                                              ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")):
+        if should_check_values(t):
+            check_cu_seqlens_values(name, t.tolist(), total, max_len, max_name)
+    options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
+
+    def resolve():
+        shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                                window_right, softcap, alibi)
+        return _kernel_call(shapes, image, mode, (q, k, v, None))
+
+    call = resolved(("fwd", image, mode), q, k, v, alibi, None, options, resolve, cu)
+    if isinstance(call, EagerCall):
+        return call.forward(q, k, v, alibi, None, cu)
+    if call.path == "fallback":
+        policy.announce(call)
+    return sdpa_varlen_attention(q, k, v, *cu, causal=window_right == 0, softmax_scale=softmax_scale,
+                                 window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi,
+                                 return_lse=True, deterministic=deterministic)
 
 
 def run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi,
                         softmax_scale, window_left, window_right, softcap, deterministic):
-    """varlen_bwd's body: as run_backward, for a packed call."""
-    shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-                            softcap, alibi)
-    return backward(dout, q, k, v, out, lse, alibi, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+    """varlen_bwd's body: as run_backward, for a packed call (its forward checked the cu_seqlens)."""
+    options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
+
+    def shapes():
+        return _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                              window_right, softcap, alibi)
+
+    return _backward(dout, q, k, v, out, lse, alibi, options, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
 
 
 # Registered for every device (unlike the dense ops): under torch.compile every varlen call runs through them, since
@@ -792,16 +832,26 @@ varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_conte
 def run_paged_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k, alibi,
                       softmax_scale, window_left, window_right, softcap, image, mode):
     """varlen_paged_fwd's body: as run_varlen_forward; the fallback gathers the pages (fallback.gather_pages)."""
+    index = (cu_seqlens_q, cu_seqlens_k, block_table)
+    if should_check_values(cu_seqlens_q):
+        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q, "max_seqlen_q")
+    if should_check_values(cu_seqlens_k) or should_check_values(block_table):
+        check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, k.shape[1], k.shape[0])
+    options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
+
+    def resolve():
+        shapes = _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, softmax_scale,
+                               window_left, window_right, softcap, alibi)
+        return _kernel_call(shapes, image, mode, (q, k, v, None))
+
+    call = resolved(("fwd", image, mode), q, k, v, alibi, None, options, resolve, index)
+    if isinstance(call, EagerCall):
+        return call.forward(q, k, v, alibi, None, index)
+    if call.path == "fallback":
+        policy.announce(call)
     shapes = _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                            window_right, softcap, alibi)
-    if not image:
-        decision = policy.decide(shapes, q, k, v, needs_grad=False)
-        if decision.path != "kernel":
-            if decision.path == "fallback":
-                policy.announce(decision)
-            return paged_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, shapes, alibi)
-        image, mode = decision.image, decision.mode
-    return forward(q, k, v, alibi, None, shapes, image, mode, (cu_seqlens_q, cu_seqlens_k, block_table))
+    return paged_fallback(q, k, v, *index, shapes, alibi)
 
 
 def paged_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, shapes: Shapes, alibi, dropout_p=0.0,

@@ -268,6 +268,8 @@ def select_backward(shapes: Shapes, tensors, deterministic: bool = False, info=N
     """((op, image, mode) per op of the first BACKWARD_PLANS plan that serves the call, in launch order), or the
     fallback Decision saying why none does; tensors: the inputs' (batch, seqlen, nheads, headdim) tensors the
     backward reads (the buffers it allocates always fit). deterministic: only DETERMINISTIC_PLANS."""
+    if config.disabled():  # also for a forward that ran before it was set, or elsewhere (attention_backward)
+        return _fallback("disabled", f"{config.DISABLE} is set")
     if info is None:
         info, code, why = devices.describe(shapes.device)
         if code:

@@ -353,12 +353,64 @@ def test_custom_ops_launch_what_eager_calls_launch(recorded, selected):
     decision = fa2rt.explain(q, k, v, causal=True)
     image, mode = (decision.image, decision.mode) if selected else ("", "")
     with torch.library._scoped_library("fa2rt", "IMPL") as lib:
-        lib.impl("fwd", lambda q, k, v, a, scale, left, right, cap, img, md, det: ops.run_forward(
-            q, k, v, a, None, scale, left, right, cap, img, md), "CPU")
-        lib.impl("bwd", ops.run_backward, "CPU")
+        _cpu_custom_ops(lib)
         out, _ = ops.fwd(q, k, v, None, 64**-0.5, -1, 0, 0.0, image, mode, False)
         torch.autograd.grad(out, (q, k, v), dout)
     assert [_masked(launch) for launch in recorded.launches] == eager and len(eager) == 1 + len(decision.backward)
+
+
+
+def _cpu_custom_ops(lib):
+    """The dense custom ops' implementations registered for the CPU in `lib`'s scope (they are CUDA-only)."""
+    lib.impl("fwd", lambda q, k, v, a, scale, left, right, cap, img, md, det: ops.run_forward(
+        q, k, v, a, None, scale, left, right, cap, img, md), "CPU")
+    lib.impl("bwd", ops.run_backward, "CPU")
+
+
+def _op_step(seed, dout):
+    """One training step through the custom ops, as a torch.compile graph runs them (the image chosen at run time)."""
+    q, k, v = make(seed=seed, requires_grad=True)
+    out, _ = ops.fwd(q, k, v, None, 64**-0.5, -1, 0, 0.0, "", "", False)
+    torch.autograd.grad(out, (q, k, v), dout)
+
+
+def test_repeated_custom_op_calls_neither_decide_nor_build_plans_again(recorded, no_slow_path, monkeypatch):
+    dout = torch.randn(make()[0].shape).to(torch.bfloat16)
+    with torch.library._scoped_library("fa2rt", "IMPL") as lib:
+        _cpu_custom_ops(lib)
+        _op_step(0, dout)
+        first, built = [_masked(launch) for launch in recorded.launches], len(recorded.built)
+        recorded.launches.clear()
+        no_slow_path()
+        monkeypatch.setattr(policy, "select_backward", lambda *a, **k: pytest.fail("selected again"))
+        _op_step(1, dout)
+    assert [_masked(launch) for launch in recorded.launches] == first and len(recorded.built) == built
+
+
+def test_a_remembered_custom_op_call_sees_the_environment_change(recorded, monkeypatch, fresh_announcements):
+    dout = torch.randn(make()[0].shape).to(torch.bfloat16)
+    with torch.library._scoped_library("fa2rt", "IMPL") as lib:
+        _cpu_custom_ops(lib)
+        _op_step(0, dout)
+        launched = len(recorded.launches)
+        monkeypatch.setenv(config.DISABLE, "1")
+        with pytest.warns(fa2rt.FallbackWarning, match=r"\[disabled\]"):
+            _op_step(1, dout)
+    assert len(recorded.launches) == launched
+
+
+
+def test_fa2rt_disabled_before_the_backward_recomputes_through_sdpa(recorded, monkeypatch, fresh_announcements):
+    q, k, v = make(requires_grad=True)
+    out = fa2rt.attention(q, k, v, causal=True)
+    launched = len(recorded.launches)
+    monkeypatch.setenv(config.DISABLE, "1")
+    with pytest.warns(fa2rt.FallbackWarning, match=r"\[disabled\]"):
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert len(recorded.launches) == launched
+    want = torch.autograd.grad(sdpa_attention(q, k, v, causal=True)[0], (q, k, v), torch.ones_like(out))
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_no_grad_mode_records_no_graph(recorded):

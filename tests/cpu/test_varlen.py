@@ -246,3 +246,15 @@ def test_compile_fullgraph_matches_eager(attn_kwargs, fresh_announcements):
     torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_calls_check_values_when_the_graph_runs(fresh_announcements):
+    # Tracing cannot read cu_seqlens; the custom op checks them as an eager call would, on every run.
+    q, k, v, cq, ck, mq, _ = packed()
+    step = torch.compile(lambda q, k, v, cq, ck: fa2rt.attention_varlen(q, k, v, cq, ck, mq, 6), fullgraph=True,
+                         backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        with raises(ValueError, "max_seqlen_k: expected >= every sequence's length (cu_seqlens_k[1] - "
+                    "cu_seqlens_k[0] = 7), got 6"):
+            step(q, k, v, cq, ck)
