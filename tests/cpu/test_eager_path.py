@@ -672,3 +672,31 @@ def test_every_call_does_what_it_does_from_a_cold_start(recorded, monkeypatch, s
     assert_warm_equals_cold([rng.choice(pool) for _ in range(120)],
                             lambda case: call_outcome(fa2rt.attention, *case, recorded.launches),
                             lambda: cold_start(monkeypatch))
+
+
+def _as_compiled(q, k, v, *, causal, window_size, softcap, softmax_scale, return_lse, deterministic,
+                 alibi_slopes=None, out=None):
+    """fa2rt.attention as a torch.compile graph runs it: validated as tracing validates, then the custom ops, which
+    choose their image when they run (registered for the CPU by the caller)."""
+    shapes = check_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                          softcap=softcap, alibi_slopes=alibi_slopes, out=out)
+    args = (shapes.softmax_scale, *shapes.window, shapes.softcap, "", "")
+    if out is None:
+        out, lse = ops.fwd(q, k, v, alibi_slopes, *args, bool(deterministic))
+    else:
+        lse = ops.fwd_out(q, k, v, alibi_slopes, out, *args)
+    return (out, lse) if return_lse else out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_custom_op_call_does_what_it_does_from_a_cold_start(recorded, monkeypatch, seed):
+    """The cold-start comparison for the custom ops' bodies (calls.find_op), forward and backward."""
+    rng = random.Random(seed)
+    pool = [_cache_case(spec) for spec in sample_specs(rng, _RESPECTS)]
+    with torch.library._scoped_library("fa2rt", "IMPL") as lib:
+        _cpu_custom_ops(lib)
+        lib.impl("fwd_out", lambda q, k, v, a, out, scale, left, right, cap, img, md: ops.run_forward(
+            q, k, v, a, out, scale, left, right, cap, img, md)[1], "CPU")
+        assert_warm_equals_cold([rng.choice(pool) for _ in range(60)],
+                                lambda case: call_outcome(_as_compiled, *case, recorded.launches),
+                                lambda: cold_start(monkeypatch))
