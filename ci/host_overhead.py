@@ -12,7 +12,8 @@ torch indexing before SDPA flash (what the same serving step costs without fa2rt
 
 The dense mode also times an empty Python autograd.Function (allocations only, no kernels): the host time any
 differentiable op defined in Python pays, which fa2rt's autograd path is; and fa2rt's custom ops fa2rt::fwd and
-fa2rt::bwd called directly (what torch.compile's forward and backward graphs call per attention).
+fa2rt::bwd called directly (what torch.compile's forward and backward graphs call per attention), and on a GPU
+forward+backward of fa2rt.attention and of SDPA flash each compiled with Inductor.
 
 --routed measures a call the routing table sends to an SDPA backend (fa2rt.routing): fa2rt.attention as routed,
 fa2rt.routing.run (the runner alone) and SDPA called directly on (batch, heads, seqlen, headdim) tensors, forward and
@@ -193,6 +194,10 @@ def dense_cases(a, make):
     dout = make(*bshd)
     cases |= {"fa2rt op fwd": (None, lambda: ops.fwd(q, k, v, None, *options, "", "", False)),
               "fa2rt op bwd": (None, lambda: ops.bwd(dout, q, k, v, out, lse, None, *options, False))}
+    if q.is_cuda:  # compiled with Inductor (the first warm-up call compiles); CPU tensors would trace the fallback
+        compiled_fa2, compiled_sdpa = torch.compile(fa2), torch.compile(sdpa)
+        cases |= {"fa2rt compiled fwd+bwd": (None, lambda: fwd_bwd(compiled_fa2, *grad[bshd])),
+                  "sdpa flash compiled fwd+bwd": (flash, lambda: fwd_bwd(compiled_sdpa, *grad[bhsd]))}
     header = (f"bf16 batch {a.batch}, seqlen {a.seqlen}, heads {a.heads}, d{a.head_dim}, causal {a.causal}; "
               f"fa2rt: {decision.image}")
     return header, cases
