@@ -226,6 +226,36 @@ def test_inductor_appends_into_the_callers_caches_without_copies(fresh_announcem
     assert re.search(r"kvcache_fwd\.default\(\w+, arg\d+_1, arg\d+_1, ", call), call
 
 
+class _DecodeStep(torch.nn.Module):
+    """A decode step over KV caches held as the module's buffers (as a model holds them for torch.export)."""
+
+    def __init__(self, k_cache, v_cache):
+        super().__init__()
+        self.register_buffer("k_cache", k_cache.clone())
+        self.register_buffer("v_cache", v_cache.clone())
+
+    def forward(self, q, k, v, cache_seqlens):
+        return fa2rt.attention_with_kvcache(q, self.k_cache, self.v_cache, k, v, cache_seqlens=cache_seqlens,
+                                           causal=True)
+
+
+def test_torch_export_keeps_the_op_and_its_cache_writes(fresh_announcements):
+    args = make_case(seed=8, new=1)
+    inputs = (args["q"], args["k"], args["v"], args["cache_seqlens"])
+    eager = _DecodeStep(args["k_cache"], args["v_cache"])
+    # The inference IR (functional): the op, and both caches written back as mutated buffers.
+    exported = torch.export.export(_DecodeStep(args["k_cache"], args["v_cache"]), inputs).run_decompositions()
+    assert "fa2rt.kvcache_fwd" in str(exported.graph)
+    assert set(exported.graph_signature.buffers_to_mutate.values()) == {"k_cache", "v_cache"}
+    module = exported.module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fa2rt.FallbackWarning)
+        torch.testing.assert_close(module(*inputs), eager(*inputs), rtol=0, atol=0)
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(getattr(module, name), getattr(eager, name)), name
+        assert not torch.equal(getattr(eager, name), args[name]), name  # the step appended
+
+
 def test_fake_kvcache_op_gives_flash_attn_shapes():
     from fa2rt import api
 
