@@ -385,4 +385,3 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
     out, lse = kvcache_fallback(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                 cache_leftpad, block_table, alibi_slopes, shapes, return_lse)
     return out, lse, None
-

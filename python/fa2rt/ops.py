@@ -3,9 +3,9 @@ fa2rt) and, for eager calls, directly.
 
 fa2rt::fwd returns a new output and is differentiable: its autograd formula calls fa2rt::bwd, the kernels of a
 backward plan (policy.BACKWARD_PLANS: backends/kernels/bwd.py, bwd_ws.py). fa2rt::fwd_out writes into the caller's
-out= tensor (a declared mutation; no autograd, as torch's own out= variants). Eager calls run the same forward() and
-backward() through run_eager, without the custom ops' dispatch (at short sequences it cost more host time than the
-kernels run).
+out= tensor (a declared mutation; no autograd, as torch's own out= variants). Eager calls run the same EagerCall
+launches through run_eager, without the custom ops' dispatch (at short sequences it cost more host time than the
+kernels run); the custom ops' bodies find the EagerCall an earlier run of the same key resolved (calls.find_op).
 
 Launches go through launch plans (_C.LaunchPlan), built once per image and call geometry: per call only the
 tensors' addresses and the stream change.
@@ -506,7 +506,7 @@ class EagerCall:
         return dout.stride(), bool(deterministic), policy.environment_key(self.shapes.device)
 
 
-def resolved(op: tuple, q, k, v, alibi, out, options: tuple, resolve, cu: tuple = ()):
+def _resolved(op: tuple, q, k, v, alibi, out, options: tuple, resolve, cu: tuple = ()):
     """The EagerCall of a call made through the custom ops or attention_backward (calls.find_op): the one an earlier
     call of the same key resolved, else resolve()'s, remembered when it is an EagerCall (a Decision is returned
     as it is: the fallback, decided again on every call)."""
@@ -527,7 +527,7 @@ def backward(dout, q, k, v, out, lse, alibi, shapes: Shapes, deterministic: bool
 def _backward(dout, q, k, v, out, lse, alibi, options: tuple, shapes, deterministic: bool, cu: tuple = ()):
     """EagerCall.backward of the call resolved for these tensors and options; shapes() gives its Shapes (built only
     when no earlier call resolved it)."""
-    call = resolved(("bwd",), q, k, v, alibi, out, options, lambda: EagerCall(shapes(), None, None), cu)
+    call = _resolved(("bwd",), q, k, v, alibi, out, options, lambda: EagerCall(shapes(), None, None), cu)
     return call.backward(dout, q, k, v, out, lse, alibi, deterministic, cu)
 
 
@@ -638,34 +638,39 @@ def run_eager(q, k, v, alibi, out, call: EagerCall, deterministic: bool, return_
 
 def run_forward(q, k, v, alibi, out, softmax_scale, window_left, window_right, softcap, image, mode):
     """forward() for the custom ops. An empty image name (calls traced by torch.compile) selects here, on the real
-    tensors, and runs the announced SDPA fallback when no image fits; a call like an earlier one that took a kernel
-    takes it again without deciding (resolved)."""
+    tensors, and runs the announced SDPA fallback when no image fits."""
 
-    def resolve():
-        return _kernel_call(_shapes(q, k, softmax_scale, window_left, window_right, softcap, alibi), image, mode,
-                            (q, k, v, out))
+    def fallback():
+        # window_right == 0 is exactly causal; saying so lets the fallback take SDPA's causal kernels.
+        res, lse = sdpa_attention(q, k, v, causal=window_right == 0, softmax_scale=softmax_scale,
+                                  window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi,
+                                  return_lse=True)
+        return (res if out is None else out.copy_(res)), lse
 
     options = (softmax_scale, window_left, window_right, softcap)
-    call = resolved(("fwd", image, mode), q, k, v, alibi, out, options, resolve)
+    return _op_forward(image, mode, (q, k, v, out), alibi, options, lambda: _shapes(q, k, *options, alibi), (),
+                       fallback)
+
+
+def _op_forward(image: str, mode: str, tensors: tuple, alibi, options: tuple, shapes, cu: tuple, fallback):
+    """A forward custom op's body: the EagerCall an earlier call of the same key resolved (_resolved), else one for the
+    image the call names or, for an empty name, the image the policy decides on; fallback() (announced) when that
+    decision is no kernel. tensors: (q, k, v, out); shapes(): the call's Shapes."""
+    q, k, v, out = tensors
+
+    def resolve():
+        call_shapes = shapes()
+        if image:  # an eager caller decided
+            return EagerCall(call_shapes, image, mode)
+        decision = policy.decide(call_shapes, q, k, v, needs_grad=False, out=out)
+        return EagerCall(call_shapes, decision.image, decision.mode) if decision.path == "kernel" else decision
+
+    call = _resolved(("fwd", image, mode), q, k, v, alibi, out, options, resolve, cu)
     if isinstance(call, EagerCall):
-        return call.forward(q, k, v, alibi, out)
+        return call.forward(q, k, v, alibi, out, cu)
     if call.path == "fallback":
         policy.announce(call)
-    # window_right == 0 is exactly causal; saying so lets the fallback take SDPA's causal kernels.
-    res, lse = sdpa_attention(q, k, v, causal=window_right == 0, softmax_scale=softmax_scale,
-                              window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi,
-                              return_lse=True)
-    return (res if out is None else out.copy_(res)), lse
-
-
-def _kernel_call(shapes: Shapes, image: str, mode: str, tensors: tuple):
-    """The EagerCall of a forward op call: for the image it names (its eager caller decided), else for the image the
-    policy decides on; that Decision itself when it is no kernel. tensors: (q, k, v, out)."""
-    if image:
-        return EagerCall(shapes, image, mode)
-    q, k, v, out = tensors
-    decision = policy.decide(shapes, q, k, v, needs_grad=False, out=out)
-    return EagerCall(shapes, decision.image, decision.mode) if decision.path == "kernel" else decision
+    return fallback()
 
 
 def run_backward(dout, q, k, v, out, lse, alibi, softmax_scale, window_left, window_right, softcap, deterministic):
@@ -747,31 +752,33 @@ def run_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
             check_cu_seqlens_values(name, t.tolist(), total, max_len, max_name)
     options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
 
-    def resolve():
-        shapes = _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                                window_right, softcap, alibi)
-        return _kernel_call(shapes, image, mode, (q, k, v, None))
+    def fallback():
+        return sdpa_varlen_attention(q, k, v, *cu, causal=window_right == 0, softmax_scale=softmax_scale,
+                                     window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi,
+                                     return_lse=True, deterministic=deterministic)
 
-    call = resolved(("fwd", image, mode), q, k, v, alibi, None, options, resolve, cu)
-    if isinstance(call, EagerCall):
-        return call.forward(q, k, v, alibi, None, cu)
-    if call.path == "fallback":
-        policy.announce(call)
-    return sdpa_varlen_attention(q, k, v, *cu, causal=window_right == 0, softmax_scale=softmax_scale,
-                                 window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi,
-                                 return_lse=True, deterministic=deterministic)
+    shapes = lambda: _varlen_op_shapes(q, k, cu, options, alibi)  # noqa: E731
+    return _op_forward(image, mode, (q, k, v, None), alibi, options, shapes, cu, fallback)
+
+
+def _varlen_op_shapes(q, k, cu: tuple, options: tuple, alibi) -> Shapes:
+    """The Shapes of a varlen op call (cu: its index tensors, block_table third when paged; options: its scalars, as
+    the varlen ops take them)."""
+    softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k = options
+    if len(cu) == 3:
+        return _paged_shapes(q, k, cu[0], cu[2], max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                             softcap, alibi)
+    return _varlen_shapes(q, k, cu[0], max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                          alibi)
 
 
 def run_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi,
                         softmax_scale, window_left, window_right, softcap, deterministic):
     """varlen_bwd's body: as run_backward, for a packed call (its forward checked the cu_seqlens)."""
     options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
-
-    def shapes():
-        return _varlen_shapes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                              window_right, softcap, alibi)
-
-    return _backward(dout, q, k, v, out, lse, alibi, options, shapes, deterministic, (cu_seqlens_q, cu_seqlens_k))
+    cu = (cu_seqlens_q, cu_seqlens_k)
+    return _backward(dout, q, k, v, out, lse, alibi, options, lambda: _varlen_op_shapes(q, k, cu, options, alibi),
+                     deterministic, cu)
 
 
 # Registered for every device (unlike the dense ops): under torch.compile every varlen call runs through them, since
@@ -839,19 +846,9 @@ def run_paged_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seql
         check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, k.shape[1], k.shape[0])
     options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
 
-    def resolve():
-        shapes = _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, softmax_scale,
-                               window_left, window_right, softcap, alibi)
-        return _kernel_call(shapes, image, mode, (q, k, v, None))
-
-    call = resolved(("fwd", image, mode), q, k, v, alibi, None, options, resolve, index)
-    if isinstance(call, EagerCall):
-        return call.forward(q, k, v, alibi, None, index)
-    if call.path == "fallback":
-        policy.announce(call)
-    shapes = _paged_shapes(q, k, cu_seqlens_q, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                           window_right, softcap, alibi)
-    return paged_fallback(q, k, v, *index, shapes, alibi)
+    shapes = lambda: _varlen_op_shapes(q, k, index, options, alibi)  # noqa: E731
+    return _op_forward(image, mode, (q, k, v, None), alibi, options, shapes, index,
+                       lambda: paged_fallback(q, k, v, *index, shapes(), alibi))
 
 
 def paged_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, shapes: Shapes, alibi, dropout_p=0.0,
