@@ -1,5 +1,6 @@
 """The seeded KV-cache fuzz (tests/fuzz_kvcache.py) on the CPU: every generated call through
-fa2rt.attention_with_kvcache (the exact fallback here) against the float64 reference, caches included; the cases the
+fa2rt.attention_with_kvcache (the exact fallback here) against the float64 reference, caches included; every fifth
+case also compiled (fullgraph) against the eager call, and the malformed ones compiled too; the cases the
 decode kernels take (head dims multiples of 8) also through the kernel source in the Triton interpreter (and, for
 plain appends, attn_append); and the malformed index values, each refused with an error naming the index entry, and
 through the interpreted kernels without an access outside the given tensors."""
@@ -44,6 +45,34 @@ def test_fuzz_kvcache_case(case):
     _check(case, out, lse, args["k_cache"], args["v_cache"], ref)
 
 
+COMPILED = CASES[::5]
+
+
+def _compiled(names, opts):
+    """(the call over tensors named `names`, the same compiled with fullgraph) with options `opts`."""
+
+    def step(*tensors):
+        positional, named = _split(dict(zip(names, tensors, strict=True)))
+        return fa2rt.attention_with_kvcache(*positional, **named, **opts, return_lse=True)
+
+    torch._dynamo.reset()  # each case its own graph, whatever Dynamo kept from the last
+    return step, torch.compile(step, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.filterwarnings("ignore::fa2rt.FallbackWarning")
+@pytest.mark.parametrize("case", COMPILED, ids=[c.id for c in COMPILED])
+def test_fuzz_kvcache_case_compiled(case):
+    # torch.compile(fullgraph=True) of the same call (the fa2rt::kvcache_fwd custom op): what the eager call returns
+    # and writes into its caches, bit for bit.
+    args, opts = build(case), options(case)
+    eager_args = {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
+    step, compiled = _compiled(list(args), opts)
+    got, want = compiled(*args.values()), step(*eager_args.values())
+    for name, g, w in (("out", got[0], want[0]), ("lse", got[1], want[1]), ("k_cache", args["k_cache"],
+                       eager_args["k_cache"]), ("v_cache", args["v_cache"], eager_args["v_cache"])):
+        assert torch.equal(g, w), name
+
+
 @pytest.mark.parametrize("case", INTERPRETED, ids=[c.id for c in INTERPRETED])
 def test_fuzz_kvcache_case_interpreted(case):
     args, opts = build(case), options(case)
@@ -74,6 +103,10 @@ def test_malformed_indices(name, paged, replace, argument):
     positional, named = _split(dict(args, **bad))
     with pytest.raises(ValueError, match="^" + re.escape(argument) + ": expected"):
         fa2rt.attention_with_kvcache(*positional, **named)
+    # Compiled, the graph's op checks the values when it runs (tracing cannot read them).
+    called = dict(args, **bad)
+    with pytest.raises(ValueError, match="^" + re.escape(argument) + ": expected"):
+        _compiled(list(called), {})[1](*called.values())
     # The kernels never see these values checked: they must keep every access inside the given tensors.
     got = decode_interp.run_kernels(args, decode_interp.SMALL_TILE, 2, {}, malformed=bad)
     decode_interp._check_guards(got[0], got[1], got[4])
