@@ -80,6 +80,7 @@ def test_core_wheel_has_the_native_module_and_no_images(wheelhouse):
     names = zipfile.ZipFile(core).namelist()
     assert any(re.fullmatch(r"fa2rt/_C\..*\.so", n) for n in names), names
     assert "fa2rt/packages.py" in names and not [n for n in names if n.startswith("fa2rt/kernels/")]
+    assert "fa2rt/flash_attn/bert_padding.py" in names and "fa2rt/integrations/transformers.py" in names  # subpackages
     if importlib.util.find_spec("auditwheel"):
         # A manylinux tag (which one is the toolchain's: README, "Wheels"), and no library grafted in: the core
         # links only the system's C and C++ runtimes.
