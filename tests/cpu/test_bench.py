@@ -626,8 +626,8 @@ def test_committed_results_of_the_older_format_still_summarize():
 
 
 def test_host_overhead_cpu_mode_times_the_kernel_path(tmp_path):
-    """ci/host_overhead.py --cpu: fa2rt's calls take the kernel path (as sm90, launches left out) and every case
-    prints a host time; SDPA's cases, which would compute on the CPU, are left out."""
+    """ci/host_overhead.py --cpu: fa2rt's calls and its custom ops take the kernel path (as sm90, launches left out)
+    and every case prints a host time; SDPA's cases, which would compute on the CPU, are left out."""
     script = os.path.join(os.path.dirname(__file__), "..", "..", "ci", "host_overhead.py")
     proc = subprocess.run([sys.executable, script, "--cpu", "--calls", "3", "--rounds", "1"], capture_output=True,
                           text=True, timeout=300)
@@ -635,5 +635,6 @@ def test_host_overhead_cpu_mode_times_the_kernel_path(tmp_path):
     header, columns, *rows = proc.stdout.splitlines()
     assert "CPU as sm90" in header and "fa2rt: fwd-sm90-bf16-d64-" in header
     times = {line[:24].strip(): float(line[24:].split()[0]) for line in rows}
-    assert set(times) == {"fa2rt fwd", "fa2rt fwd+bwd", "python Function fwd", "python Function fwd+bwd"}
+    assert set(times) == {"fa2rt fwd", "fa2rt fwd+bwd", "python Function fwd", "python Function fwd+bwd",
+                          "fa2rt op fwd", "fa2rt op bwd"}
     assert all(t > 0 for t in times.values())
