@@ -5,6 +5,7 @@ dtypes; misuse named; unchecked indices clamped."""
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,19 @@ def test_unchecked_indices_are_clamped_into_range(monkeypatch):
     assert torch.equal(index_first_axis(x, torch.tensor([-3, 1, 99])), x[[0, 1, 3]])
     put = index_put_first_axis(x[:2], torch.tensor([7, -1]), 4)
     assert torch.equal(put[[3, 0]], x[:2]) and put[1:3].eq(0).all()
+
+
+def test_sizes_may_be_numpy_ints_or_traced_sizes():
+    x = rand(3, 6, 4)
+    mask = mask_of([4, 6, 1], 6)
+    packed, indices, *_ = unpad_input(x, mask)
+    assert torch.equal(pad_input(packed, indices, np.int64(3), np.int32(6)), x * mask[..., None])
+
+    def put_back(packed, indices, x):  # batch and seqlen from x.shape: SymInts when traced with dynamic shapes
+        return pad_input(packed * 2, indices, x.shape[0], x.shape[1])
+
+    compiled = torch.compile(put_back, dynamic=True, fullgraph=True, backend="aot_eager")
+    for lengths, seqlen in (([4, 6, 1], 6), ([2, 7, 7, 0, 3], 7)):
+        x, mask = rand(len(lengths), seqlen, 4, seed=seqlen), mask_of(lengths, seqlen)
+        packed, indices, *_ = unpad_input(x, mask)
+        torch.testing.assert_close(compiled(packed, indices, x), put_back(packed, indices, x), rtol=0, atol=0)

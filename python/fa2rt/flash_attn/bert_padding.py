@@ -8,6 +8,8 @@ torch.use_deterministic_algorithms apply as to any torch op. Indices are checked
 clamped into range, so a malformed index gives wrong rows at worst, never a device fault.
 """
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,12 @@ def _rows(name: str, indices, rows: int) -> torch.Tensor:
             _fail(IndexError, f"{name}[{where}]", f"a row in [0, {rows})", bad)
         return indices.long()
     return indices.long().clamp(0, max(rows - 1, 0))
+
+
+def _check_size(name: str, value) -> None:
+    # Integral covers numpy ints; SymInt the sizes torch.compile traces with dynamic shapes (x.shape[0]).
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or value < 0:
+        _fail(ValueError, name, "an int >= 0", repr(value))
 
 
 def _per_token(name: str, t, hidden_states) -> None:
@@ -73,8 +81,7 @@ def index_put_first_axis(values: torch.Tensor, indices: torch.Tensor, first_axis
     """Zeros (first_axis_dim, *values.shape[1:]) with values[i] at row indices[i]; differentiable in values."""
     if not isinstance(values, torch.Tensor) or values.dim() < 1:
         _fail(ValueError, "values", "a tensor with a first axis", getattr(values, "shape", type(values).__name__))
-    if isinstance(first_axis_dim, bool) or not isinstance(first_axis_dim, int) or first_axis_dim < 0:
-        _fail(ValueError, "first_axis_dim", "an int >= 0", repr(first_axis_dim))
+    _check_size("first_axis_dim", first_axis_dim)
     rows = _rows("indices", indices, first_axis_dim)
     if rows.shape[0] != values.shape[0]:
         _fail(ValueError, "indices", f"shape ({values.shape[0]},) (one row index per row of values)",
@@ -132,7 +139,6 @@ def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attentio
 def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """The inverse of unpad_input: tokens (total, ...) put back at their flat positions `indices` of a zero
     (batch, seqlen, ...) tensor; differentiable in hidden_states."""
-    for name, value in (("batch", batch), ("seqlen", seqlen)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            _fail(ValueError, name, "an int >= 0", repr(value))
+    _check_size("batch", batch)
+    _check_size("seqlen", seqlen)
     return index_put_first_axis(hidden_states, indices, batch * seqlen).unflatten(0, (batch, seqlen))
