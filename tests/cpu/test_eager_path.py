@@ -359,12 +359,13 @@ def test_custom_ops_launch_what_eager_calls_launch(recorded, selected):
     assert [_masked(launch) for launch in recorded.launches] == eager and len(eager) == 1 + len(decision.backward)
 
 
-
 def _cpu_custom_ops(lib):
-    """The dense custom ops' implementations registered for the CPU in `lib`'s scope (they are CUDA-only)."""
+    """The dense custom ops' bodies registered for the CPU in `lib`'s scope (they are CUDA-only)."""
     lib.impl("fwd", lambda q, k, v, a, scale, left, right, cap, img, md, det: ops.run_forward(
         q, k, v, a, None, scale, left, right, cap, img, md), "CPU")
     lib.impl("bwd", ops.run_backward, "CPU")
+    lib.impl("fwd_out", lambda q, k, v, a, out, scale, left, right, cap, img, md: ops.run_forward(
+        q, k, v, a, out, scale, left, right, cap, img, md)[1], "CPU")
 
 
 def _op_step(seed, dout):
@@ -397,7 +398,6 @@ def test_a_remembered_custom_op_call_sees_the_environment_change(recorded, monke
         with pytest.warns(fa2rt.FallbackWarning, match=r"\[disabled\]"):
             _op_step(1, dout)
     assert len(recorded.launches) == launched
-
 
 
 def test_fa2rt_disabled_before_the_backward_recomputes_through_sdpa(recorded, monkeypatch, fresh_announcements):
@@ -695,8 +695,6 @@ def test_every_custom_op_call_does_what_it_does_from_a_cold_start(recorded, monk
     pool = [_cache_case(spec) for spec in sample_specs(rng, _RESPECTS)]
     with torch.library._scoped_library("fa2rt", "IMPL") as lib:
         _cpu_custom_ops(lib)
-        lib.impl("fwd_out", lambda q, k, v, a, out, scale, left, right, cap, img, md: ops.run_forward(
-            q, k, v, a, out, scale, left, right, cap, img, md)[1], "CPU")
         assert_warm_equals_cold([rng.choice(pool) for _ in range(60)],
                                 lambda case: call_outcome(_as_compiled, *case, recorded.launches),
                                 lambda: cold_start(monkeypatch))
