@@ -622,7 +622,6 @@ def test_repeated_calls_skip_validation_and_reuse_the_plan(on_device, monkeypatc
     assert len(validated) == 5 and len(launched) == 6
 
 
-
 def test_compiled_step_runs_the_kernels_and_repeats_without_validation(on_device, monkeypatch):
     """On a (synthetic) GPU the graph's op is the eager call: the first run validates and selects, later runs of the
     same step take the remembered call."""
