@@ -19,8 +19,8 @@ forward+backward of fa2rt.attention and of SDPA flash each compiled with Inducto
 fa2rt.routing.run (the runner alone) and SDPA called directly on (batch, heads, seqlen, headdim) tensors, forward and
 forward+backward.
 
---cpu runs the dense mode's fa2rt, custom-op and Function cases on CPU tensors that fa2rt's policy sees as an H100
-(sm90), with every launch a no-op: the Python host path alone (validation skipped by the repeated-call key, the
+--cpu runs fa2rt's cases (and the Function's) of the dense or --decode mode on CPU tensors that fa2rt's policy sees as
+an H100 (sm90), with every launch a no-op: the Python host path alone (validation skipped by the repeated-call key, the
 autograd Function, allocations, launch plans), measurable without a GPU; the driver's part (cuLaunchKernel, tensor map
 encoding) and CUDA's allocator are not in it. Host time only.
 
@@ -91,11 +91,14 @@ class _NoLaunch:
 
 def run_on_cpu_as_sm90():
     """--cpu: CPU tensors described as an sm90 GPU to the policy, launches left out."""
-    from fa2rt import _C, devices
+    from fa2rt import _C, calls, devices, kvcache_ops
 
     h100 = _C.DeviceInfo("cuda", "sm90", 232448, 132, 32, "H100 (CPU tensors, launches left out)")
     devices.describe = lambda device: (h100, "", "")
-    ops.device_and_stream = lambda device: (0, 0)
+    ops.device_and_stream = kvcache_ops.device_and_stream = lambda device: (0, 0)
+    # Index tensors on the CPU have their values checked on every call, which keeps the decode step off the
+    # repeated-call path; a GPU's are not read.
+    calls.should_check_values = lambda t: False
     make_plan = _C.LaunchPlan
     _C.LaunchPlan = lambda *args: _NoLaunch(make_plan(*args))
     # The dense custom ops are CUDA-only; the same bodies for CPU tensors (kept registered for the process).
@@ -124,8 +127,8 @@ def decode_cases(a, make):
     batch, hk, d = a.batch, a.kv_heads, a.head_dim
     q, k_cache, v_cache = make(batch, 1, a.heads, d), make(batch, a.seqlen, hk, d), make(batch, a.seqlen, hk, d)
     k_new, v_new = make(batch, 1, hk, d), make(batch, 1, hk, d)
-    seqlens = torch.full((batch,), a.seqlen - 1, dtype=torch.int32, device="cuda")
-    rows = torch.arange(batch, device="cuda")
+    seqlens = torch.full((batch,), a.seqlen - 1, dtype=torch.int32, device=q.device)
+    rows = torch.arange(batch, device=q.device)
     qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True)
     assert decision.path == "kernel", decision
@@ -241,7 +244,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads of the decode step")
     p.add_argument("--head-dim", type=int, default=None, help="default 64 (128 with --decode)")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--cpu", action="store_true", help="the Python host path on CPU tensors (dense fa2rt cases)")
+    p.add_argument("--cpu", action="store_true", help="the Python host path on CPU tensors (fa2rt's cases)")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
@@ -254,8 +257,8 @@ def main():
 
     device = "cpu" if a.cpu else "cuda"
     if a.cpu:
-        if a.decode or a.routed:
-            p.error("--cpu measures the dense cases only")
+        if a.routed:
+            p.error("--cpu measures the dense and decode cases only")
         run_on_cpu_as_sm90()
         torch.set_num_threads(1)
 
@@ -264,7 +267,7 @@ def main():
 
     header, cases = (decode_cases if a.decode else routed_cases if a.routed else dense_cases)(a, make)
     if a.cpu:
-        cases = {name: case for name, case in cases.items() if not name.startswith("sdpa")}
+        cases = {name: case for name, case in cases.items() if name.startswith(("fa2rt", "python"))}
     where = "CPU as sm90, launches left out" if a.cpu else torch.cuda.get_device_name()
     print(f"{where}, torch {torch.__version__}; {header}; {a.calls} calls, median of {a.rounds} rounds")
     print(f"{'case':24s} {'host us/call':>13s} {'gpu us/call':>12s} {'wall us/call':>13s}")

@@ -638,3 +638,16 @@ def test_host_overhead_cpu_mode_times_the_kernel_path(tmp_path):
     assert set(times) == {"fa2rt fwd", "fa2rt fwd+bwd", "python Function fwd", "python Function fwd+bwd",
                           "fa2rt op fwd", "fa2rt op bwd"}
     assert all(t > 0 for t in times.values())
+
+
+def test_host_overhead_cpu_mode_times_the_decode_step():
+    """ci/host_overhead.py --cpu --decode: the decode step on the kernel path (as sm90, launches left out), with and
+    without an appended token; SDPA's cases and torch's own append are left out."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "ci", "host_overhead.py")
+    proc = subprocess.run([sys.executable, script, "--cpu", "--decode", "--batch", "2", "--seqlen", "1024", "--calls",
+                           "3", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    header, columns, *rows = proc.stdout.splitlines()
+    assert "CPU as sm90" in header and "fa2rt: decode-sm90-bf16-d128" in header
+    times = {line[:24].strip(): float(line[24:].split()[0]) for line in rows}
+    assert set(times) == {"fa2rt decode", "fa2rt decode+append"} and all(t > 0 for t in times.values())
