@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C, builds, calls, policy
 from .fallback import gather_pages, sdpa_attention, sdpa_varlen_attention
-from .validate import VARLEN_LAYOUTS, Shapes, check_cu_seqlens_values, check_paged_values, should_check_values
+from .validate import VARLEN_LAYOUTS, Shapes, check_varlen_paged_values, check_varlen_values
 
 LOG2E = 1.0 / math.log(2.0)
 INT32_MAX = 2**31 - 1
@@ -746,10 +746,7 @@ def run_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     """varlen_fwd's body: as run_forward, for a packed call; cu_seqlens' values are checked as attention_varlen
     checks them (a traced call could not)."""
     cu = (cu_seqlens_q, cu_seqlens_k)
-    for name, t, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
-                                              ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")):
-        if should_check_values(t):
-            check_cu_seqlens_values(name, t.tolist(), total, max_len, max_name)
+    check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
 
     def fallback():
@@ -840,10 +837,7 @@ def run_paged_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, max_seql
                       softmax_scale, window_left, window_right, softcap, image, mode):
     """varlen_paged_fwd's body: as run_varlen_forward; the fallback gathers the pages (fallback.gather_pages)."""
     index = (cu_seqlens_q, cu_seqlens_k, block_table)
-    if should_check_values(cu_seqlens_q):
-        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q, "max_seqlen_q")
-    if should_check_values(cu_seqlens_k) or should_check_values(block_table):
-        check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, k.shape[1], k.shape[0])
+    check_varlen_paged_values(q, k, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k)
     options = (softmax_scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
 
     shapes = lambda: _varlen_op_shapes(q, k, index, options, alibi)  # noqa: E731

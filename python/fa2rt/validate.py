@@ -321,6 +321,14 @@ def _check_varlen_indices(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return _check_max_seqlen("max_seqlen_q", max_seqlen_q), _check_max_seqlen("max_seqlen_k", max_seqlen_k)
 
 
+def check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k) -> None:
+    """cu_seqlens' values where should_check_values allows; the varlen op runs it too, as tracing cannot read them."""
+    for name, cu, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_q, "max_seqlen_q"),
+                                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_k, "max_seqlen_k")):
+        if should_check_values(cu):
+            check_cu_seqlens_values(name, cu.tolist(), total, max_len, max_name)
+
+
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                         softmax_scale, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, out=None,
                         block_table=None) -> Shapes:
@@ -342,10 +350,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     max_q, max_k = _check_varlen_indices(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     total_q, nheads, head_dim = q.shape
     total_k, nheads_k = k.shape[0], k.shape[1]
-    for name, cu, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, total_q, max_q, "max_seqlen_q"),
-                                               ("cu_seqlens_k", cu_seqlens_k, total_k, max_k, "max_seqlen_k")):
-        if should_check_values(cu):
-            check_cu_seqlens_values(name, cu.tolist(), total, max_len, max_name)
+    check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
     _check_out(out, q, k, v, VARLEN_RANK, VARLEN_LAYOUT)
     _check_causal(causal)
     batch = cu_seqlens_q.numel() - 1
@@ -400,6 +405,14 @@ def check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, page_size, num_b
     return lengths, table
 
 
+def check_varlen_paged_values(q, k, cu_seqlens_q, cu_seqlens_k, block_table, max_q, max_k) -> None:
+    """As check_varlen_values, for a paged call (k the pool): cu_seqlens_q, then cu_seqlens_k and the table's pages."""
+    if should_check_values(cu_seqlens_q):
+        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_q, "max_seqlen_q")
+    if should_check_values(cu_seqlens_k) or should_check_values(block_table):
+        check_paged_values(cu_seqlens_k, block_table, max_k, k.shape[1], k.shape[0])
+
+
 def _check_no_grad(q, k, v, alibi_slopes) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, alibi_slopes)):
         _fail(ValueError, "block_table", "None when q, k, v or alibi_slopes requires grad (paged K/V is "
@@ -431,10 +444,7 @@ def check_paged_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     if max_blocks * page_size < max_k:
         _fail(ValueError, "block_table", f"max_blocks * page_size >= max_seqlen_k={max_k} (room in each row for "
               f"the longest sequence's keys)", f"{max_blocks} blocks of {page_size} = {max_blocks * page_size}")
-    if should_check_values(cu_seqlens_q):
-        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), total_q, max_q, "max_seqlen_q")
-    if should_check_values(cu_seqlens_k) or should_check_values(block_table):
-        check_paged_values(cu_seqlens_k, block_table, max_k, page_size, num_blocks)
+    check_varlen_paged_values(q, k, cu_seqlens_q, cu_seqlens_k, block_table, max_q, max_k)
     _check_out(out, q, k, v, VARLEN_RANK, VARLEN_LAYOUT)
     _check_causal(causal)
     _check_no_grad(q, k, v, alibi_slopes)
