@@ -40,7 +40,10 @@ WALKS = [(3, 300, 300, 5, 5, 128, {"causal": True}), (1, 128 * 39, 128 * 39, 7, 
          (1, 128 * 39 - 5, 4000, 7, 7, 128, {"causal": True}), (2, 2500, 3000, 3, 1, 128, {"window_size": (300, 0)}),
          (1, 128 * 39, 128 * 39, 7, 7, 128, {}), (2, 333, 517, 4, 2, 64, {}), (1, 128 * 39 - 5, 4000, 7, 7, 64, {}),
          (3, 300, 300, 5, 5, 64, {"causal": True}), (1, 128 * 39 - 5, 4000, 7, 7, 64, {"causal": True}),
-         (2, 2500, 3000, 3, 1, 64, {"window_size": (300, 0)})]
+         (2, 2500, 3000, 3, 1, 64, {"window_size": (300, 0)}),
+         # banded calls of at most 512 keys (1024 at d128): the short images
+         (33, 512, 512, 8, 8, 64, {"causal": True}), (4, 700, 450, 6, 2, 64, {"causal": True}),
+         (5, 1000, 1024, 9, 3, 128, {"window_size": (300, 0)}), (4, 700, 450, 6, 2, 128, {"causal": True})]
 for b, nq, nk, h, hk, d, kwargs in WALKS:
     q = torch.randn(b, nq, h, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, nk, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -123,8 +123,12 @@ std::string check_features(const Problem& p, const DeviceInfo&, const ImageInfo&
 }
 
 std::string check_band(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {
-  if (!img.full_band_only || p.full_band) return "";
-  return "band: image's tile is tuned for calls without causal or window, problem has one";
+  if (img.full_band_only && !p.full_band)
+    return "band: image's tile is tuned for calls without causal or window, problem has one";
+  if (img.max_seqlen_k > 0 && p.seqlen_k > img.max_seqlen_k)
+    return "band: image's schedule is tuned for calls of at most " + str(img.max_seqlen_k) + " keys, problem has " +
+           str(p.seqlen_k);
+  return "";
 }
 
 std::string check_alignment(const Problem& p, const DeviceInfo&, const ImageInfo& img, LoadMode) {

@@ -216,7 +216,7 @@ def compile_ws_variant(v: Variant):
     """A WS_FAMILY image (Gluon): its tensor descriptors and schedule from the tiles.json entry."""
     from triton.backends.compiler import GPUTarget
 
-    tile = ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only)
+    tile = ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only, v.max_seqlen_k)
     target = GPUTarget(v.target_backend, v.target_arch, v.warp_size)
     return ws_module(v.op).compile_for(target, v.dtype, v.head_dim, tile), ws_module(v.op).params()
 
@@ -275,7 +275,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
-        "layouts": [v.layout], "page_multiple": v.page_multiple,
+        "max_seqlen_k": v.max_seqlen_k, "layouts": [v.layout], "page_multiple": v.page_multiple,
         "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,
         # Triton's count: a warp-specialised kernel's partitions included (fwd_ws: 3 warpgroups).
@@ -297,7 +297,9 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
 def ctas_per_sm(v: Variant) -> int:
     """A persistent image's programs per SM (0: one program per tile)."""
     import fwd_ws
-    return fwd_ws.ctas_per_sm(ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only)) if v.persistent else 0
+    if not v.persistent:
+        return 0
+    return fwd_ws.ctas_per_sm(ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only, v.max_seqlen_k))
 
 
 def _build_star(args):

@@ -98,9 +98,13 @@ PAGE_ALIGNED_TILE = "page_aligned"
 # With "persistent" the grid is one program per SM, each walking tiles. A FULL_BAND dict in it names the schedule
 # keys it replaces for an extra image, listed first, for calls without causal or window (docs/bench/gluon-ws-notes.md
 # has each schedule's measurements). With WS_BANDED false only that full-band image is built, and the Triton images
-# stay for the banded calls (where the schedule measured slower than them).
+# stay for the banded calls (where the schedule measured slower than them). A WS_SHORT dict names the keys it replaces
+# for an extra banded image, listed before the banded one, for calls of at most its MAX_SEQLEN_K keys: a schedule
+# that measured faster on short tiles and slower on long ones (v17's unpeeled first block, gluon-ws-notes.md).
 WS_TILE = "ws"
 WS_BANDED = "banded"
+WS_SHORT = "short"
+MAX_SEQLEN_K = "max_seqlen_k"
 WS_FAMILY = "gluon_ws"
 WS_REPLACES = ("fwd",)
 
@@ -115,10 +119,21 @@ def ws_bands(ws: dict) -> tuple[bool, ...]:
     return bands
 
 
-def ws_schedule(arch: str, op: str, head_dim: int, full_band_only: bool) -> dict:
-    """The WS_TILE schedule an image was built from: with full_band_only, the keys its FULL_BAND dict replaces."""
+def ws_images(ws: dict) -> list[tuple[bool, int]]:
+    """(full_band_only, max_seqlen_k) of a WS_TILE entry's images in the dispatcher's preference order: the full-band
+    image, the short one (max_seqlen_k > 0), the banded one (ws_bands; the short image only beside a banded one)."""
+    bands = ws_bands(ws)
+    short = [(False, ws[WS_SHORT][MAX_SEQLEN_K])] if WS_SHORT in ws and False in bands else []
+    return [(True, 0)] * (True in bands) + short + [(False, 0)] * (False in bands)
+
+
+def ws_schedule(arch: str, op: str, head_dim: int, full_band_only: bool, max_seqlen_k: int = 0) -> dict:
+    """The WS_TILE schedule an image was built from: with full_band_only, the keys its FULL_BAND dict replaces; with
+    max_seqlen_k, those its WS_SHORT dict replaces."""
     ws = arch_info(arch)[op][str(head_dim)][WS_TILE]
-    return ws | ws[FULL_BAND] if full_band_only else ws
+    if full_band_only:
+        return ws | ws[FULL_BAND]
+    return ws | ws[WS_SHORT] if max_seqlen_k else ws
 
 
 # arch name -> (vendor, Triton target backend, Triton target arch, matrix-core instruction the image must contain)
@@ -185,6 +200,7 @@ class Variant:
     # measured faster spilling than every tile that does not spill (varlen images: VARLEN_STACK_KEY if given).
     max_stack_bytes: int = 0
     full_band_only: bool = False  # built from a FULL_BAND entry: only for calls without causal or window
+    max_seqlen_k: int = 0  # built from a WS_SHORT entry: only for calls of at most this many keys (0: any)
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
     page_aligned: bool = False  # a paged decode image whose tiles lie in one page each (PAGE_ALIGNED_OPS)
     family: str = "triton"  # kernel source: "triton" (fwd.py, bwd.py, decode.py) or WS_FAMILY (fwd_ws.py, bwd_ws.py)
@@ -205,7 +221,7 @@ class Variant:
     def name(self) -> str:
         dims = f"d{self.head_dim}{'m' if self.d_mask else ''}"
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
-        band = "-fullband" if self.full_band_only else ""
+        band = ("-fullband" if self.full_band_only else "") + (f"-k{self.max_seqlen_k}" if self.max_seqlen_k else "")
         layout = "" if self.layout == "dense" else f"-{self.layout}"
         aligned = "-aligned" if self.page_aligned else ""
         family = ("-ws" if self.family == WS_FAMILY else "") + ("-persistent" if self.persistent else "")
@@ -279,15 +295,15 @@ def _ws_variants(arch: str, op: str) -> list[Variant]:
         if ws is None:
             continue
         for dtype in DTYPES:
-            for full_band_only in ws_bands(ws):
-                sched = ws_schedule(arch, op, int(bucket), full_band_only)
+            for full_band_only, max_seqlen_k in ws_images(ws):
+                sched = ws_schedule(arch, op, int(bucket), full_band_only, max_seqlen_k)
                 out.append(Variant(
                     op=op, arch=arch, vendor=vendor, target_backend=backend, target_arch=target_arch,
                     warp_size=tiles(vendor)["warp_size"], mma_instr=mma, max_shared_bytes=info["max_shared_bytes"],
                     dtype=dtype, head_dim=int(bucket), d_mask=False, features=(), **_ws_blocks(op, sched),
                     num_warps=4, num_stages=sched["stages"], waves_per_eu=None,
                     max_stack_bytes=sched.get("max_stack_bytes", 0), full_band_only=full_band_only,
-                    family=WS_FAMILY, persistent=sched.get("persistent", False)))
+                    max_seqlen_k=max_seqlen_k, family=WS_FAMILY, persistent=sched.get("persistent", False)))
     return out
 
 

@@ -130,6 +130,8 @@ def test_row_fields(build):
         assert f"-{'+'.join(row['features']) or 'plain'}-" in row["name"]
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
         assert row["full_band_only"] == ("-fullband-" in row["name"])
+        short = re.search(r"-k(\d+)-", row["name"])
+        assert row["max_seqlen_k"] == (int(short[1]) if short else 0)
         ws = row["family"] == variants.WS_FAMILY
         assert row["divisible16"] == ([] if ws else aot.divisible_params(row["op"], params))
         # Slopes, cu_seqlens, the decode kernels' index tensors, the appended keys and values (and the backward's fp32
@@ -151,12 +153,14 @@ def test_row_fields(build):
 
 def test_ws_rows(build):
     """The warp-specialised Gluon forward images (sm90 fwd, dense calls without score terms): persistent tile walks
-    over a flat grid, at d64 and d128 one for full-band calls and one for banded calls; Q/K/V/O as TMA maps with the
-    kernel's boxes; the Triton images of a kind the ws images take every call of are not built."""
+    over a flat grid, at d64 and d128 one for full-band calls, one for banded calls of at most 512 (d64) or 1024
+    (d128) keys, and one for other banded calls; Q/K/V/O as TMA maps with the kernel's boxes; the Triton images of a
+    kind the ws images take every call of are not built."""
     _, manifest, _ = build
     rows = [row for row in manifest["images"] if row["family"] == variants.WS_FAMILY and row["op"] == "fwd"]
-    assert {(row["head_dim"], row["dtype"], row["full_band_only"]) for row in rows} == {
-        (hd, d, f) for d in ("fp16", "bf16") for hd in (64, 128) for f in (True, False)}
+    assert {(row["head_dim"], row["dtype"], row["full_band_only"], row["max_seqlen_k"]) for row in rows} == {
+        (hd, d, f, k) for d in ("fp16", "bf16") for hd, short in ((64, 512), (128, 1024))
+        for f, k in ((True, 0), (False, short), (False, 0))}
     host_dtype = {"bf16": 9, "fp16": 6}  # CUtensorMapDataType
     for row in rows:
         assert (row["arch"], row["op"], row["layouts"], row["d_mask"], row["features"]) == (
@@ -224,7 +228,8 @@ def test_ptx_entry_takes_the_manifest_params(build):
 
 def _tile_of(row) -> dict:
     if row["family"] == variants.WS_FAMILY:
-        return variants.ws_schedule(row["arch"], row["op"], row["head_dim"], row["full_band_only"])
+        return variants.ws_schedule(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
+                                    row["max_seqlen_k"])
     return variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"], row["layouts"][0],
                                 "-aligned-" in row["name"])
 
@@ -527,3 +532,17 @@ def test_ws_entry_that_builds_no_image_is_refused():
     assert variants.ws_bands({}) == (False,)
     with pytest.raises(ValueError, match="banded false needs a full_band entry"):
         variants.ws_bands({"banded": False})
+
+
+def test_ws_short_image_sits_between_the_full_band_and_banded_ones():
+    """A ws entry's short schedule builds a banded image for calls of at most its max_seqlen_k keys, listed before
+    the banded image it shortcuts (the dispatcher takes the first that fits) and never without one; its schedule is
+    the banded one with the short entry's keys replaced."""
+    short = {"peel": False, "max_seqlen_k": 512}
+    assert variants.ws_images({"full_band": {}, "short": short}) == [(True, 0), (False, 512), (False, 0)]
+    assert variants.ws_images({"short": short}) == [(False, 512), (False, 0)]
+    assert variants.ws_images({"banded": False, "full_band": {}, "short": short}) == [(True, 0)]
+    ws = variants.arch_info("sm90")["fwd"]["64"]["ws"]
+    sched = variants.ws_schedule("sm90", "fwd", 64, False, ws["short"]["max_seqlen_k"])
+    assert sched["peel"] is False and sched["pairs"] == ws["pairs"]
+    assert "peel" not in variants.ws_schedule("sm90", "fwd", 64, False)

@@ -99,19 +99,21 @@ def test_forward_launches_the_decided_image_with_the_named_arguments(recorded, c
                   policy.problem_for(shapes, (q, k, v, out)))
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim, nk, short", [(64, 1000, ""), (64, 512, "-k512"), (128, 1025, ""),
+                                                  (128, 1000, "-k1024")])
 @pytest.mark.parametrize("opts, band", [(dict(causal=True), ""), (dict(window_size=(64, -1)), ""),
                                         (dict(), "-fullband")], ids=["causal", "window", "full-band"])
-def test_d64_and_d128_calls_launch_the_warp_specialised_images(recorded, opts, band, head_dim):
+def test_d64_and_d128_calls_launch_the_warp_specialised_images(recorded, opts, band, head_dim, nk, short):
     """sm90 d64 and d128 dense calls without score terms run the Gluon images: Q, K, V, O as TMA maps (the address,
     then each dim's size and stride in elements), one program per SM walking the tiles; calls without a band take
-    the full-band image."""
+    the full-band image, banded calls of at most 512 keys (d64) or 1024 (d128) the short one (tiles.json)."""
     d = head_dim
-    q, k, v = make(b=2, nq=1200, nk=1000, h=16, hk=4, d=d)
+    q, k, v = make(b=2, nq=1200, nk=nk, h=16, hk=4, d=d)
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # (batch, heads, seqlen, dim) underneath
     opts = {"causal": False, "softmax_scale": None} | opts
     decision = fa2rt.explain(q, k, v, **opts)
-    assert decision.path == "kernel" and decision.image == f"fwd-sm90-bf16-d{d}-plain{band}-ws-persistent-m128n128w4s2"
+    name = f"fwd-sm90-bf16-d{d}-plain{band or short}-ws-persistent-m128n128w4s2"
+    assert decision.path == "kernel" and decision.image == name
     out, lse = fa2rt.attention(q, k, v, return_lse=True, **opts)
     (launch,) = recorded.launches
     shapes = check_inputs(q, k, v, **opts)
@@ -119,8 +121,8 @@ def test_d64_and_d128_calls_launch_the_warp_specialised_images(recorded, opts, b
     args = ({name.upper(): t.data_ptr() for name, t in tensors.items()} | {"LSE": lse.data_ptr()}
             | ops._fwd_ws_constants(tensors, None, shapes))
     expect_launch(launch, decision.image, args, policy.problem_for(shapes, (q, k, v, out)))
-    assert [args[f"K.shape{i}"] for i in range(4)] == [2, 1000, 4, d]
-    assert [args[f"K.stride{i}"] for i in range(4)] == [4 * 1000 * d, d, 1000 * d, 1]
+    assert [args[f"K.shape{i}"] for i in range(4)] == [2, nk, 4, d]
+    assert [args[f"K.stride{i}"] for i in range(4)] == [4 * nk * d, d, nk * d, 1]
     assert (args["batch"], args["nheads"], args["head_ratio"]) == (2, 16, 4)
     tiles = 10 * 2 * 16  # ceil(1200 / 128) row blocks x batch x heads
     assert tuple(launch[0].grid) == (min(tiles, DEVICES["sm90"].multiprocessors), 1, 1)

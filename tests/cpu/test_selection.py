@@ -168,6 +168,21 @@ def test_full_band_image_serves_only_calls_without_band():
         ("band", "band: image's tile is tuned for calls without causal or window, problem has one")]
 
 
+def test_short_image_serves_only_calls_within_its_keys():
+    # Listed before the banded image, it wins for calls of at most max_seqlen_k keys; a longer call passes it over.
+    short = synthetic_image("sm90", "bf16", 128)
+    short.name, short.max_seqlen_k = "fwd-sm90-bf16-d128-plain-k1024", 1024
+    reg = _C.Registry()
+    reg.add(short)
+    reg.add(synthetic_image("sm90", "bf16", 128))
+    assert _C.select(problem(seqlen_q=1024, seqlen_k=1024), DEVICES["sm90"], reg, "")["image"] == short.name
+    assert _C.select(problem(seqlen_q=1, seqlen_k=300), DEVICES["sm90"], reg, "")["image"] == short.name
+    sel = _C.select(problem(seqlen_q=512, seqlen_k=1025), DEVICES["sm90"], reg, "")
+    assert sel["image"] == "fwd-sm90-bf16-d128-plain"
+    assert [(r.code, r.message) for r in sel["rejections"]] == [
+        ("band", "band: image's schedule is tuned for calls of at most 1024 keys, problem has 1025")]
+
+
 def test_every_candidate_is_accounted_for():
     reg = synthetic_registry()
     sel = _C.select(problem(head_dim=260), DEVICES["sm90"], reg, "")
@@ -221,7 +236,8 @@ def test_duplicate_image_refused():
 def test_each_installed_image_is_chosen_on_its_native_device():
     """The real build: every image wins its own problem on a device of its arch (nothing unreachable): the exact
     head dim for an unmasked image, a smaller multiple of 8 for a masked one; a call without band for a full-band
-    image, a banded one for the others."""
+    image, a banded one for the others; a call of at most max_seqlen_k keys for a short image, a longer one for the
+    others."""
     build = builds.current_build()
     if build.manifest is None:
         pytest.fail(f"no installed kernel build: {build.error}")
@@ -230,5 +246,6 @@ def test_each_installed_image_is_chosen_on_its_native_device():
         features = ("softcap",) if "softcap" in img.features else img.features
         p = problem(img.dtype, head_dim, features, layout=img.layouts[0])
         p.op, p.full_band, p.page_size = img.op, img.full_band_only, img.page_multiple
+        p.seqlen_k = img.max_seqlen_k or 1 << 16
         sel = _C.select(p, DEVICES[img.arch], build.registry, "")
         assert sel["image"] == img.name, (img.name, sel)

@@ -157,9 +157,13 @@ def test_torch_compile_traces_the_custom_op():
 
 # Tile counts (row blocks of 128 x batch x heads) around the persistent walk's edges on a 132-SM H200: fewer tiles
 # than programs, just under twice as many (units of one tile), and an odd count at least twice as many (units of
-# two tiles, the last one short); with a causal band, a window, and seqlen_q != seqlen_k either way.
+# two tiles, the last one short); with a causal band, a window, and seqlen_q != seqlen_k either way. Calls of at most
+# 512 keys (1024 at d128) with a band take the short images (tiles.json "short"): the first three rows below.
 WALKS = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, options
     (3, 300, 300, 5, 5, {"causal": True}),
+    (33, 512, 512, 8, 8, {"causal": True}),  # 1056 tiles: 8 per SM exactly
+    (4, 700, 450, 6, 2, {"causal": True}),  # rows that see no key
+    (5, 1000, 1024, 9, 3, {"window_size": (300, 0)}),  # d128's short image, d64's banded one
     (1, 128 * 37, 128 * 37, 7, 1, {"causal": True}),
     (1, 128 * 39, 128 * 39, 7, 7, {"causal": True}),
     (1, 128 * 39 - 5, 4000, 7, 7, {"causal": True}),
