@@ -188,6 +188,25 @@ def test_verdict_winner_lead_noise():
     assert routes.verdict({"fa2rt": {"error": "x"}, "sdpa_cudnn": timed(1.0, [1.0])}) == {}
 
 
+def test_bars_report_the_same_kernels_timed_twice():
+    """Where a call was routed, the provider's contender and fa2rt as routed run the same kernels: their ratio is the
+    run's resolution, reported beside the bars (session 44's check: 0.89-1.07), and points not routed add nothing."""
+    def row(seqlen, provider, own, routed, sdpa):
+        explain = {"path": "routed", "provider": provider} if provider else {"path": "kernel"}
+        res = {"fa2rt": timed(own, [own]), "sdpa_cudnn": timed(sdpa, [sdpa]), "fa2rt_routed": timed(routed, [routed]),
+               "routed_explain": explain}
+        return {"dtype": "bfloat16", "head_dim": 128, "causal": False, "seqlen": seqlen, "nheads": 16, "nheads_k": 16,
+                "fwd": res, "fwd+bwd": res}
+
+    rows = [row(4096, "sdpa_cudnn", 1.2, 1.1, 1.0), row(8192, "sdpa_cudnn", 2.4, 1.9, 2.0),
+            row(512, None, 1.0, 1.0, 1.1)]
+    same = routes.bars(rows)["fwd"][routes.SAME_KERNELS]
+    assert same == {"min": pytest.approx(1 / 1.1), "min_at": "bfloat16 d128 causal=False s4096",
+                    "max": pytest.approx(2 / 1.9), "max_at": "bfloat16 d128 causal=False s8192", "n": 2}
+    assert "same kernels" in routes.bars_table(routes.bars(rows))
+    assert routes.SAME_KERNELS not in routes.bars(rows[2:])["fwd"]
+
+
 def test_class_entries_round_trip_through_the_file(tmp_path):
     row = {"dtype": "bfloat16", "head_dim": 128, "causal": True, "seqlen": 4096, "batch": 4, "nheads": 32,
            "nheads_k": 8, "fwd": {"fa2rt": timed(2.0, [2.0]), "sdpa_cudnn": timed(1.0, [1.0]),

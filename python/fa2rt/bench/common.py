@@ -224,6 +224,8 @@ def explain_record(decision) -> dict:
                                for image, mode in decision.backward]
     else:
         rec.update(reason=decision.reason, message=decision.message)
+        if decision.path == "routed":
+            rec["provider"] = decision.provider
     return rec
 
 

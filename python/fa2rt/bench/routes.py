@@ -122,7 +122,8 @@ def class_entry(row: dict, pass_name: str) -> dict | None:
 
 
 def bars(rows) -> dict:
-    """Per pass: best SDPA time / fa2rt's time, own kernel and as routed (geometric mean, min and where)."""
+    """Per pass: best SDPA time / fa2rt's time, own kernel and as routed (geometric mean, min and where); and the
+    timing's resolution (SAME_KERNELS)."""
     out = {}
     for pass_name in ROUTING_PASSES:
         out[pass_name] = {}
@@ -137,6 +138,27 @@ def bars(rows) -> dict:
                 low, at = min(pairs)
                 out[pass_name][who] = {"geomean": common.geomean([x for x, _ in pairs]), "min": low, "min_at": at,
                                        "n": len(pairs)}
+        same = same_kernels(rows, pass_name)
+        if same:
+            out[pass_name][SAME_KERNELS] = {"min": min(same)[0], "min_at": min(same)[1], "max": max(same)[0],
+                                            "max_at": max(same)[1], "n": len(same)}
+    return out
+
+
+# A routed call runs the provider's kernels through the same runner as that provider's contender, so where the
+# table routes, provider ms / routed ms would be 1.0 under perfect timing: its spread is what two timings of the
+# same work differ by in this run, the resolution of the as-routed bar.
+SAME_KERNELS = "same_kernels"
+
+
+def same_kernels(rows, pass_name: str) -> list[tuple[float, str]]:
+    """(the routed provider's ms / fa2rt as routed's ms, point) where the call was routed."""
+    out = []
+    for r in rows:
+        res = r[pass_name]
+        provider = res.get("routed_explain", {}).get("provider")
+        if provider and "ms" in res.get(provider, {}) and "ms" in res.get(ROUTED, {}):
+            out.append((res[provider]["ms"] / res[ROUTED]["ms"], label(r)))
     return out
 
 
@@ -159,9 +181,14 @@ def table(rows) -> str:
 
 
 def bars_table(summary: dict) -> str:
-    lines = ["best SDPA time / fa2rt's (>= 1: fa2rt at least as fast), per pass"]
+    lines = ["best SDPA time / fa2rt's (>= 1: fa2rt at least as fast), per pass; same kernels: where routed, the "
+             "provider's time / fa2rt as routed's (the same work timed twice: the resolution)"]
     for pass_name, by_who in summary.items():
         for who, s in by_who.items():
+            if who == SAME_KERNELS:
+                lines.append(f"  {pass_name:8}{'same kernels':14} {num(s['min'], 0)} at {s['min_at']} to "
+                             f"{num(s['max'], 0)} at {s['max_at']}  ({s['n']} points)")
+                continue
             lines.append(f"  {pass_name:8}{who:14} geomean {num(s['geomean'], 0)}  min {num(s['min'], 0)} at "
                          f"{s['min_at']}  ({s['n']} points)")
     return "\n".join(lines)
