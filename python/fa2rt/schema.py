@@ -13,7 +13,9 @@ not know the layout never selects them (its layout check), so no older reader mi
 say their kernel family ("triton", or "gluon_ws": sm90 warp-specialised Gluon kernels, whose argument names differ),
 flat_grid (one program per (block, batch, head) along x) and tensor_maps (TMA descriptor params, type "tensormap",
 encoded per launch); a fwd "gluon_ws" row fits the same problems as a Triton one, so an older runtime would select
-it and fail to pack it.
+it and fail to pack it. Still 6 with rows' max_seqlen_k (sm90's short Gluon forward images serve calls of at most
+that many keys; 0 or absent: any): an older runtime ignores it and may give a short image a longer call, which it
+computes correctly, only more slowly.
 """
 
 MANIFEST_SCHEMA = 6
