@@ -33,7 +33,6 @@ from variants import (  # noqa: E402
     WS_FAMILY,
     Variant,
     variants,
-    ws_schedule,
 )
 
 TRITON_VERSION = "3.6.0"  # pinned by the design; the launch ABI below was checked against it
@@ -216,7 +215,7 @@ def compile_ws_variant(v: Variant):
     """A WS_FAMILY image (Gluon): its tensor descriptors and schedule from the tiles.json entry."""
     from triton.backends.compiler import GPUTarget
 
-    tile = ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only, v.max_seqlen_k)
+    tile = v.ws_schedule()
     target = GPUTarget(v.target_backend, v.target_arch, v.warp_size)
     return ws_module(v.op).compile_for(target, v.dtype, v.head_dim, tile), ws_module(v.op).params()
 
@@ -297,9 +296,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
 def ctas_per_sm(v: Variant) -> int:
     """A persistent image's programs per SM (0: one program per tile)."""
     import fwd_ws
-    if not v.persistent:
-        return 0
-    return fwd_ws.ctas_per_sm(ws_schedule(v.arch, v.op, v.head_dim, v.full_band_only, v.max_seqlen_k))
+    return fwd_ws.ctas_per_sm(v.ws_schedule()) if v.persistent else 0
 
 
 def _build_star(args):

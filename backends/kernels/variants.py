@@ -213,6 +213,10 @@ class Variant:
             return self.block_n
         return PAGE_MULTIPLE if self.layout in PAGED_LAYOUTS else 0
 
+    def ws_schedule(self) -> dict:
+        """A WS_FAMILY image's schedule (ws_schedule of its arch, op, head dim and role)."""
+        return ws_schedule(self.arch, self.op, self.head_dim, self.full_band_only, self.max_seqlen_k)
+
     @property
     def feature_tag(self) -> str:
         return "+".join(self.features) or "plain"

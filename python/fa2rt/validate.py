@@ -321,12 +321,16 @@ def _check_varlen_indices(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return _check_max_seqlen("max_seqlen_q", max_seqlen_q), _check_max_seqlen("max_seqlen_k", max_seqlen_k)
 
 
+def _check_cu_values(side: str, cu, total: int, max_len: int) -> None:
+    """cu_seqlens_<side>'s values against its tokens and max_seqlen_<side>, where should_check_values allows."""
+    if should_check_values(cu):
+        check_cu_seqlens_values(f"cu_seqlens_{side}", cu.tolist(), total, max_len, f"max_seqlen_{side}")
+
+
 def check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k) -> None:
     """cu_seqlens' values where should_check_values allows; the varlen op runs it too, as tracing cannot read them."""
-    for name, cu, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_q, "max_seqlen_q"),
-                                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_k, "max_seqlen_k")):
-        if should_check_values(cu):
-            check_cu_seqlens_values(name, cu.tolist(), total, max_len, max_name)
+    _check_cu_values("q", cu_seqlens_q, q.shape[0], max_q)
+    _check_cu_values("k", cu_seqlens_k, k.shape[0], max_k)
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
@@ -407,8 +411,7 @@ def check_paged_values(cu_seqlens_k, block_table, max_seqlen_k, page_size, num_b
 
 def check_varlen_paged_values(q, k, cu_seqlens_q, cu_seqlens_k, block_table, max_q, max_k) -> None:
     """As check_varlen_values, for a paged call (k the pool): cu_seqlens_q, then cu_seqlens_k and the table's pages."""
-    if should_check_values(cu_seqlens_q):
-        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_q, "max_seqlen_q")
+    _check_cu_values("q", cu_seqlens_q, q.shape[0], max_q)
     if should_check_values(cu_seqlens_k) or should_check_values(block_table):
         check_paged_values(cu_seqlens_k, block_table, max_k, k.shape[1], k.shape[0])
 

@@ -625,16 +625,21 @@ def test_committed_results_of_the_older_format_still_summarize():
     assert grid.table(rows) and grid.summary_table(s)
 
 
-def test_host_overhead_cpu_mode_times_the_kernel_path(tmp_path):
-    """ci/host_overhead.py --cpu: fa2rt's calls and its custom ops take the kernel path (as sm90, launches left out)
-    and every case prints a host time; SDPA's cases, which would compute on the CPU, are left out."""
+def _host_overhead_cpu(*args) -> tuple[str, dict]:
+    """ci/host_overhead.py --cpu with `args`: (its header line, {case: host us})."""
     script = os.path.join(os.path.dirname(__file__), "..", "..", "ci", "host_overhead.py")
-    proc = subprocess.run([sys.executable, script, "--cpu", "--calls", "3", "--rounds", "1"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, script, "--cpu", *args, "--calls", "3", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     header, columns, *rows = proc.stdout.splitlines()
+    return header, {line[:24].strip(): float(line[24:].split()[0]) for line in rows}
+
+
+def test_host_overhead_cpu_mode_times_the_kernel_path():
+    """ci/host_overhead.py --cpu: fa2rt's calls and its custom ops take the kernel path (as sm90, launches left out)
+    and every case prints a host time; SDPA's cases, which would compute on the CPU, are left out."""
+    header, times = _host_overhead_cpu()
     assert "CPU as sm90" in header and "fa2rt: fwd-sm90-bf16-d64-" in header
-    times = {line[:24].strip(): float(line[24:].split()[0]) for line in rows}
     assert set(times) == {"fa2rt fwd", "fa2rt fwd+bwd", "python Function fwd", "python Function fwd+bwd",
                           "fa2rt op fwd", "fa2rt op bwd"}
     assert all(t > 0 for t in times.values())
@@ -643,11 +648,6 @@ def test_host_overhead_cpu_mode_times_the_kernel_path(tmp_path):
 def test_host_overhead_cpu_mode_times_the_decode_step():
     """ci/host_overhead.py --cpu --decode: the decode step on the kernel path (as sm90, launches left out), with and
     without an appended token; SDPA's cases and torch's own append are left out."""
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "ci", "host_overhead.py")
-    proc = subprocess.run([sys.executable, script, "--cpu", "--decode", "--batch", "2", "--seqlen", "1024", "--calls",
-                           "3", "--rounds", "1"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    header, columns, *rows = proc.stdout.splitlines()
+    header, times = _host_overhead_cpu("--decode", "--batch", "2", "--seqlen", "1024")
     assert "CPU as sm90" in header and "fa2rt: decode-sm90-bf16-d128" in header
-    times = {line[:24].strip(): float(line[24:].split()[0]) for line in rows}
     assert set(times) == {"fa2rt decode", "fa2rt decode+append"} and all(t > 0 for t in times.values())

@@ -140,8 +140,9 @@ def bars(rows) -> dict:
                                        "n": len(pairs)}
         same = same_kernels(rows, pass_name)
         if same:
-            out[pass_name][SAME_KERNELS] = {"min": min(same)[0], "min_at": min(same)[1], "max": max(same)[0],
-                                            "max_at": max(same)[1], "n": len(same)}
+            (low, low_at), (high, high_at) = min(same), max(same)
+            out[pass_name][SAME_KERNELS] = {"min": low, "min_at": low_at, "max": high, "max_at": high_at,
+                                            "n": len(same)}
     return out
 
 
