@@ -221,8 +221,41 @@ def test_plot_writes_a_png(tmp_path):
 
 # --- measurement helpers ------------------------------------------------------------------------------------------
 
+def test_contenders_take_turns_and_share_the_drift(monkeypatch):
+    """time_interleaved on a scripted device clock: every call of a runs 1 ms, of b 2 ms, and the device slows by 1%
+    per call. The calls alternate (each round starting one contender later), every contender is timed as often, and
+    the drift lands on both alike: b's median stays 2x a's (timed after all of a's calls, b's would be ~2.4x)."""
+    clock, log = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    def call(name, ms):
+        def run():
+            log.append(name)
+            clock[0] += ms * (1.01 ** len(log))
+        return run
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(common, "_flush_buffer", lambda device: torch.ones(4, dtype=torch.int64))
+    times = common.time_interleaved({"a": call("a", 1.0), "b": call("b", 2.0)}, warmup=0, rep=40)
+    timed = log[5 + 5 + 2:]  # after 5 estimates and one warm-up call each
+    # Rounds until the slower contender has ~rep ms of calls (its estimate: ~2.2 ms a call).
+    assert len(timed) == 2 * 18 and timed[:6] == ["a", "b", "b", "a", "a", "b"]
+    assert timed.count("a") == timed.count("b")
+    assert times["b"] / times["a"] == pytest.approx(2.0, rel=0.02)
+
+
 def test_measure_records_errors_with_warnings(monkeypatch):
-    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (fn(), 2.0)[1])
+    time_each(monkeypatch, lambda fn: (fn(), 2.0)[1])
     assert common.measure(lambda: lambda: None, 4e9, 1, 1) == {"ms": 2.0, "tflops": pytest.approx(2.0)}
 
     def refuse():
@@ -362,6 +395,13 @@ def test_merge_creates_a_missing_file_and_refuses_other_schemas(tmp_path):
 
 # --- a whole run of main() on the CPU ----------------------------------------------------------------------------
 
+def time_each(monkeypatch, time_one):
+    """common.time_interleaved on the CPU: time_one(fn) -> the scripted ms of each contender, in the contenders'
+    order (time_ms, time_interleaved of one fn, with them)."""
+    monkeypatch.setattr(common, "time_interleaved",
+                        lambda fns, warmup, rep: {name: time_one(fn) for name, fn in fns.items()})
+
+
 def cpu_as_gpu(monkeypatch):
     """The benchmark's GPU on the CPU: inputs there, 64 tokens of hidden 512, torch.cuda's device queries answering
     for a CPU stand-in (sm90) and its memory counters faked (1000 bytes live, a 1600-byte peak)."""
@@ -386,7 +426,7 @@ def cpu_stand_ins(monkeypatch):
 
     cpu_as_gpu(monkeypatch)
     monkeypatch.setattr(crossover, "CROSSOVER_NHEADS", 2)
-    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (fn(), 1.0)[1])
+    time_each(monkeypatch, lambda fn: (fn(), 1.0)[1])
     seen_env = []
 
     def explain(q, k, v, *, causal=False):
@@ -523,15 +563,17 @@ def test_backward_passes_time_only_what_they_say(cpu_stand_ins, monkeypatch):
     monkeypatch.setattr(common, "SDPA_NAMES", ())  # fa2rt alone
     timed = []  # per timing: (forward calls inside it, what its last call returned)
 
-    def time_ms(fn, warmup, rep):
+    def time_one(fn):
         before = len(forwards)
         results = [fn() for _ in range(3)]
         timed.append((len(forwards) - before, results[-1]))
         return 1.0
-    monkeypatch.setattr(common, "time_ms", time_ms)
+    time_each(monkeypatch, time_one)
     r = grid.bench_shape("float16", 64, True, 16, 2, 2, passes=("fwd", "bwd", "fwd+bwd"), warmup=1, rep=1)
     assert [n for n, _ in timed] == [3, 0, 3]  # the backward alone calls no forward
-    assert forwards == [False] * 3 + [True] * (1 + 1 + 3)  # bwd and fwd+bwd: one untimed forward to set up each
+    # Each pass calls its timed callable once untimed (measure_together: errors surface there); bwd and fwd+bwd
+    # also run one untimed forward to set up.
+    assert forwards == [False] * (1 + 3) + [True] * (1 + 1 + 1 + 3)
     for _, grads in timed[1:]:
         assert [g.shape for g in grads] == [torch.Size([2, 16, 2, 64])] * 3 and all(g.abs().sum() > 0 for g in grads)
     assert r["fa2rt_explain_grad"]["backward"][0]["image"] == BACKWARD[0][0]
@@ -583,12 +625,14 @@ def test_explain_raising_is_an_error_not_a_fallback(cpu_stand_ins, tmp_path, mon
 def test_bench_shape_with_the_real_explain_does_not_time_a_fallback(monkeypatch):
     monkeypatch.setattr(common, "DEVICE", "cpu")
     timed = []
-    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (timed.append(fn), fn(), 1.0)[2])
+    time_each(monkeypatch, lambda fn: (timed.append(fn), fn(), 1.0)[2])
     with common.kernel_forced():
         r = grid.bench_shape("float16", 64, True, 16, 2, 2, warmup=1, rep=1)
     assert r["fa2rt_explain"]["path"] == "fallback" and r["fa2rt_explain"]["reason"] == "not_gpu"
     assert r["fa2rt"]["fallback"] and "not timed: fa2rt would fall back [not_gpu]" in r["fa2rt"]["error"]
-    assert len(timed) == 3 and r["sdpa_flash"]["ms"] == 1.0
+    # SDPA's cuDNN and efficient backends refuse CPU tensors in their first, untimed call: only flash is timed.
+    assert len(timed) == 1 and r["sdpa_flash"]["ms"] == 1.0
+    assert "error" in r["sdpa_cudnn"] and "error" in r["sdpa_efficient"]
     assert r["sdpa_flash"]["tflops"] == pytest.approx(common.fwd_flops(2, 2, 16, 64, True) / 1e9)
     assert common.kernel_errors([r]) == []
 
@@ -597,10 +641,10 @@ def test_backward_bench_shape_with_the_real_explain_does_not_time_a_fallback(mon
     monkeypatch.setattr(common, "DEVICE", "cpu")
     grads = {}
 
-    def time_ms(fn, warmup, rep):
+    def time_one(fn):
         grads.setdefault(len(grads), fn())
         return 1.0
-    monkeypatch.setattr(common, "time_ms", time_ms)
+    time_each(monkeypatch, time_one)
     with common.kernel_forced():
         r = grid.bench_shape("float16", 64, False, 16, 2, 2, passes=("bwd", "fwd+bwd"), warmup=1, rep=1)
     assert "fa2rt" not in r and r["fa2rt_explain_grad"]["reason"] == "not_gpu"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_bench import cpu_as_gpu
+from test_bench import cpu_as_gpu, time_each
 
 from fa2rt import api, bench
 from fa2rt.bench import cli, common, decode, varlen
@@ -211,7 +211,7 @@ def cpu_run(monkeypatch):
     monkeypatch.setattr(varlen, "MAX_LEN", 32)
     monkeypatch.setattr(decode, "COPY_BYTES", 1 << 12)
     calls = []
-    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (calls.append(fn()), 2.0)[1])
+    time_each(monkeypatch, lambda fn: (calls.append(fn()), 2.0)[1])
     return calls
 
 

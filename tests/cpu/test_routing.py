@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from test_bench import cpu_stand_ins  # noqa: F401  (a fixture)
+from test_bench import cpu_stand_ins, time_each  # noqa: F401  (cpu_stand_ins: a fixture)
 
 import fa2rt
 from fa2rt import bench, calls, config, policy, routing
-from fa2rt.bench import common, routes
+from fa2rt.bench import routes
 from fa2rt.reference import attention_reference
 from fa2rt.validate import NO_WINDOW, check_inputs
 
@@ -270,7 +270,7 @@ def test_main_writes_the_table_from_a_run(tmp_path, monkeypatch, capsys):
     # The whole mode on CPU stand-ins: fa2rt's "kernel" is CPU SDPA, SDPA's flash backend runs on the CPU for
     # real (cuDNN's and the efficient one's refusals are recorded), every timing is scripted.
     times = iter(x for _ in range(1000) for x in (2.0, 1.0, 2.2, 0.9))
-    monkeypatch.setattr(common, "time_ms", lambda fn, warmup, rep: (fn(), next(times))[1])
+    time_each(monkeypatch, lambda fn: (fn(), next(times))[1])
     monkeypatch.setattr(routing, "table", lambda arch: None)  # no table yet: no "as routed" contender
     path = tmp_path / "routing.json"
     status = bench.main(["--routing", "--dtype", "float16", "--head-dim", "64", "--seqlen", "32", "--causal", "true",

@@ -26,7 +26,7 @@ Modes (any combination runs in one process; with none named, --grid runs), one m
              measured in the same run, and SDPA's flash, efficient and cuDNN backends. Writes decode-<tag>.json.
 --routing    (routes.py) The routing table's measurements (fa2rt.routing): the grid's problems plus GQA 32/8 prefill
              at d128, forward and forward+backward, fa2rt's kernel against each SDPA backend run as a routed call
-             runs it, in alternating rounds (winner, lead, noise per class), and fa2rt as routed when the installed
+             runs it, in rounds (winner, lead, noise per class), and fa2rt as routed when the installed
              table has this arch. Writes routing-<tag>.json; --write-routing PATH puts the classes into a
              routing.json such as python/fa2rt/data/routing.json.
 
@@ -36,6 +36,7 @@ Passes of the grid (--passes, comma- or space-separated; default fwd):
              torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) is timed; FLOPs = 2.5x the forward's.
   fwd+bwd    forward and backward together, torch.autograd.grad(forward(), (q, k, v), dout); 3.5x the forward's.
 Every SDPA backend runs its forward inside sdpa_kernel(<that backend>), so the backward timed is that backend's.
+A point's contenders take turns call by call (common.time_interleaved): the device's drift lands on all alike.
 A backend that raises (refuses the shape, fails in its backward, runs out of memory) gets its error recorded in
 place of a time. Example, a budget run: --passes fwd+bwd --dtype bfloat16 --head-dim 64 128.
 

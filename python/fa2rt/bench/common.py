@@ -1,8 +1,8 @@
 """What every mode of the benchmark shares: the problem sizes, FLOPs, the timed passes, the environment record, timing
 and peak-memory measurement, fa2rt.explain() records, ratios and geometric means, table cells and JSON output.
 
-Modes read the patchable settings (DEVICE, TOKENS, HIDDEN, SDPA_NAMES, time_ms, sdpa_call) through this module at
-call time (common.DEVICE, not a copy), so the CPU tests can point them at tiny CPU stand-ins in one place."""
+Modes read the patchable settings (DEVICE, TOKENS, HIDDEN, SDPA_NAMES, time_interleaved, sdpa_call) through this
+module at call time (common.DEVICE, not a copy), so the CPU tests can point them at tiny CPU stand-ins in one place."""
 
 import contextlib
 import datetime
@@ -171,7 +171,8 @@ def environment() -> dict:
 # cuDNN and for a plain read of the same bytes; docs/bench/flush-h200.json). Reading the same 256 MB instead leaves
 # it cold and clean; that read also keeps the device busy while the host enqueues the timed call, as do_bench's
 # write did, so these stay device times for calls whose host work takes less than the read (about 60 us).
-TIMING = "median of single calls between CUDA events, each after a 256 MB read (cold, clean L2)"
+TIMING = ("median of single calls between CUDA events, each after a 256 MB read (cold, clean L2); a point's contenders "
+          "take turns call by call")
 FLUSH_BYTES = 256 << 20
 _FLUSH: dict = {}
 
@@ -182,13 +183,18 @@ def _flush_buffer(device: int) -> torch.Tensor:
     return _FLUSH[device]
 
 
-def time_ms(fn, warmup=25, rep=100) -> float:
-    """Median milliseconds of fn() over about rep ms of calls after about warmup ms of untimed ones (as do_bench
-    counts them), each call timed alone between CUDA events after the L2 flush TIMING describes."""
+def time_interleaved(fns: dict[str, Callable], warmup=25, rep=100) -> dict[str, float]:
+    """Median milliseconds of each fn() (name -> ms), the fns taking turns call by call: after about warmup ms of
+    untimed calls each, rounds in which every fn runs once, each call timed alone between CUDA events after the L2
+    flush TIMING describes, until the slowest fn has about rep ms of calls (as do_bench counts them). Each round
+    starts one fn later, so no fn always follows the same one.
+    Timing contenders one after another let the device's drift land on one of them: on the H200, the same cuDNN
+    kernels timed as two contenders differed by 0.89-1.07x (docs/bench/routing-check-s44-h200.json), and one
+    contender's rounds by up to 12%. Taking turns puts the drift on all of them alike."""
     flush = _flush_buffer(torch.cuda.current_device())
     total = torch.empty((), dtype=torch.int64, device=flush.device)
 
-    def timed_once():
+    def timed_once(fn):
         torch.sum(flush, dim=0, out=total)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -196,14 +202,25 @@ def time_ms(fn, warmup=25, rep=100) -> float:
         end.record()
         return start, end
 
-    estimate = [timed_once() for _ in range(5)]
-    torch.cuda.synchronize()
-    per_call = max(statistics.median(s.elapsed_time(e) for s, e in estimate), 1e-3)
-    for _ in range(max(1, int(warmup / per_call))):
-        fn()
-    events = [timed_once() for _ in range(max(5, int(rep / per_call)))]
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    def medians(events: dict) -> dict:
+        torch.cuda.synchronize()
+        return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in events.items()}
+
+    names = list(fns)
+    per_call = medians({name: [timed_once(fns[name]) for _ in range(5)] for name in names})
+    for name in names:
+        for _ in range(max(1, int(warmup / max(per_call[name], 1e-3)))):
+            fns[name]()
+    events = {name: [] for name in names}
+    for turn in range(max(5, int(rep / max(max(per_call.values()), 1e-3)))):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            events[name].append(timed_once(fns[name]))
+    return medians(events)
+
+
+def time_ms(fn, warmup=25, rep=100) -> float:
+    """time_interleaved of fn alone."""
+    return time_interleaved({"": fn}, warmup, rep)[""]
 
 
 @contextlib.contextmanager
@@ -281,14 +298,34 @@ def measure(prepare, work, warmup, rep, unit="tflops") -> dict:
     """{"ms", unit} of the callable prepare() returns (prepare itself untimed), or {"error"} when either raises
     (a backend that refuses the shape or fails in its backward, an OOM). unit's value is work / ms / 1e9: TFLOP/s
     for work in FLOPs, TB/s for work in bytes."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ms = time_ms(prepare(), warmup=warmup, rep=rep)
-        except Exception as exc:
-            recover()
-            return {"error": error_text(exc, caught)}
-    return {"ms": ms, unit: work / ms / 1e9}
+    return measure_together({"": prepare}, work, warmup, rep, unit)[""]
+
+
+def measure_together(prepares: dict[str, Callable], work, warmup, rep, unit="tflops") -> dict[str, dict]:
+    """measure() of several contenders (name -> prepare) on the same work, timed taking turns (time_interleaved), so
+    that their ratios are not the device's drift. A contender whose prepare() or first call raises gets {"error"} and
+    is left out of the timing; an error during the timing is every contender's."""
+    results, fns = {}, {}
+    for name, prepare in prepares.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                fn = prepare()
+                fn()
+                fns[name] = fn
+            except Exception as exc:
+                recover()
+                results[name] = {"error": error_text(exc, caught)}
+    if fns:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                times = time_interleaved(fns, warmup=warmup, rep=rep)
+                results |= {name: {"ms": ms, unit: work / ms / 1e9} for name, ms in times.items()}
+            except Exception as exc:
+                recover()
+                results |= {name: {"error": error_text(exc, caught)} for name in fns}
+    return {name: results[name] for name in prepares}
 
 
 def median_round(results: list[dict]) -> dict | None:

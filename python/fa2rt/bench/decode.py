@@ -134,20 +134,20 @@ def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100, grap
         path, image, splits = "error", None, common.error_text(exc)
     keys = cache + (1 if append else 0)
     nbytes = moved_bytes(batch, keys, h, hk, d)
-    res = common.measure(lambda: timed(lambda: api.attention_with_kvcache(q, k_cache, v_cache, **kw), graphs),
-                         nbytes, warmup, rep, unit="tbps")
+    prepares = {"fa2rt": lambda: timed(lambda: api.attention_with_kvcache(q, k_cache, v_cache, **kw), graphs)}
+    if layout == "contiguous":
+        k, v = k_cache[:, :keys], v_cache[:, :keys]
+        prepares |= {name: (lambda name=name: timed(sdpa_decode(q, k, v, name), graphs)) for name in SDPA_BACKENDS}
+    results = common.measure_together(prepares, nbytes, warmup, rep, unit="tbps")
+    res = results.pop("fa2rt")
     row = {"batch": batch, "cache": cache, "nheads": h, "nheads_k": hk, "head_dim": d, "layout": layout,
            "append": append, "path": path, "image": image, "splits": splits, "ms": res.get("ms"),
            "tbps": res.get("tbps")}
     if "error" in res:
         row["error"] = res["error"]
-    if layout == "contiguous":
-        k, v = k_cache[:, :keys], v_cache[:, :keys]
-        for name in SDPA_BACKENDS:
-            sdpa = common.measure(lambda name=name: timed(sdpa_decode(q, k, v, name), graphs), nbytes, warmup, rep,
-                                  unit="tbps")
-            row[f"sdpa_{name}_ms"] = sdpa.get("ms")
-            row[f"sdpa_{name}_tbps"] = sdpa.get("tbps")
+    for name, sdpa in results.items():
+        row[f"sdpa_{name}_ms"] = sdpa.get("ms")
+        row[f"sdpa_{name}_tbps"] = sdpa.get("tbps")
     return row
 
 

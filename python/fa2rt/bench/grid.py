@@ -31,11 +31,12 @@ def bench_shape(dtype, head_dim, causal, seqlen, batch, nheads, *, passes=("fwd"
             row[p.explain_key] = common.explain_safely(*inputs, causal=causal)
         decision = row[p.explain_key]
         flops = p.flop_factor * fwd_flops(batch, nheads, seqlen, head_dim, causal)
-        for name, prepare in p.runs(inputs, causal).items():
-            if name == "fa2rt" and decision["path"] != "kernel":
-                common.store(row, name, pass_name, common.not_timed(decision))
-                continue
-            common.store(row, name, pass_name, common.measure(prepare, flops, warmup, rep))
+        prepares = p.runs(inputs, causal)
+        if decision["path"] != "kernel":
+            common.store(row, "fa2rt", pass_name, common.not_timed(decision))
+            del prepares["fa2rt"]
+        for name, res in common.measure_together(prepares, flops, warmup, rep).items():
+            common.store(row, name, pass_name, res)
         del inputs
     del q, k, v
     return row

@@ -4,10 +4,10 @@ Problems: the FA2 grid (--dtype, --head-dim, --causal, --seqlen; 16k tokens per 
 prefill at head dim 128 (the grid's seqlens from 2048 on, 16k tokens per batch), forward and forward+backward.
 Contenders: fa2rt's own kernel (routing off), each SDPA backend run exactly as a routed call runs it
 (fa2rt.routing.run), and, when the installed table has entries for this arch, fa2rt as routed (routing on).
-Every contender is timed in --routing-rounds alternating rounds (default ROUNDS); the rows keep each one's median
-round, the verdict (see RULE) compares fastest rounds: interference only adds time, and an SDPA backend that has a
-slow round now and then (cuDNN's fwd+bwd at d128 causal s512: 0.50 ms in most rounds, 0.61-0.83 in some runs) would
-otherwise lose classes it wins in most runs.
+The contenders take turns call by call (common.measure_together), in --routing-rounds rounds (default ROUNDS); the
+rows keep each one's median round, the verdict (see RULE) compares fastest rounds: interference only adds time, and
+an SDPA backend that has a slow round now and then (cuDNN's fwd+bwd at d128 causal s512: 0.50 ms in most rounds,
+0.61-0.83 in some runs) would otherwise lose classes it wins in most runs.
 Writes routing-<tag>.json (rows, per-pass bars: best SDPA time / fa2rt's, own and as routed); --write-routing PATH
 puts this arch's classes into a routing.json such as python/fa2rt/data/routing.json (replacing that arch's entry,
 keeping the other archs'; with --routing-update only the classes it measured, e.g. after one head dim's kernels
@@ -28,7 +28,7 @@ GQA_HEADS = (32, 8)
 GQA_HEAD_DIM = 128
 GQA_MIN_SEQLEN = 2048
 OWN, ROUTED = "fa2rt", "fa2rt_routed"
-RULE = ("per class (one measured point): each contender timed in alternating rounds; ms = each one's fastest "
+RULE = ("per class (one measured point): the contenders timed taking turns, in rounds; ms = each one's fastest "
         "round; winner = the fastest; lead = the runner-up's ms / the winner's when fa2rt wins, fa2rt's ms / the "
         "winner's otherwise; noise = (max - min) / min of fa2rt's rounds; the policy routes to an SDPA winner when "
         "lead > 1 + noise")
@@ -61,8 +61,16 @@ def forwards(q, k, v, causal, with_routed: bool) -> dict:
     runs.update({name: (lambda name=name: routing.run(name, q, k, v, causal=causal, softmax_scale=scale))
                  for name in routing.PROVIDERS})
     if with_routed:
-        runs[ROUTED] = lambda: api.attention(q, k, v, causal=causal)
+        runs[ROUTED] = routed(lambda: api.attention(q, k, v, causal=causal))
     return runs
+
+
+def routed(forward):
+    """forward with routing on for its calls (the other contenders run with it off)."""
+    def run():
+        with routing_set(True):
+            return forward()
+    return run
 
 
 def bench_point(shape: dict, *, with_routed: bool, warmup, rep, rounds) -> dict:
@@ -78,9 +86,8 @@ def bench_point(shape: dict, *, with_routed: bool, warmup, rep, rounds) -> dict:
         prepared = {name: p.timed(fn, inputs) for name, fn in forwards(*inputs, shape["causal"], with_routed).items()}
         times = {name: [] for name in prepared}
         for _ in range(rounds):
-            for name, prepare in prepared.items():
-                with routing_set(name == ROUTED):
-                    times[name].append(common.measure(prepare, flops, warmup, rep))
+            for name, res in common.measure_together(prepared, flops, warmup, rep).items():
+                times[name].append(res)
         # The median round of each contender, or its first error.
         row[pass_name] = {name: common.median_round(results) or next(r for r in results if "error" in r)
                           for name, results in times.items()}

@@ -237,6 +237,7 @@ def time_contenders(row, contenders, passes, flops, explains, warmup, rep) -> di
     tensors -> explain record, stored under explain_key) says a kernel runs."""
     for pass_name in passes:
         p = PASSES[pass_name]
+        prepares = {}
         for name, (tensors, build) in contenders.items():
             if (name, pass_name) in NOT_RUN:
                 common.store(row, name, pass_name, {"error": NOT_RUN[name, pass_name]})
@@ -247,9 +248,10 @@ def time_contenders(row, contenders, passes, flops, explains, warmup, rep) -> di
                 if decision["path"] != "kernel":
                     common.store(row, name, pass_name, common.not_timed(decision))
                     continue
-            prepare = functools.partial(_prepare, p, build, inputs)
-            common.store(row, name, pass_name, common.measure(prepare, p.flop_factor * flops, warmup, rep))
-            del inputs, prepare
+            prepares[name] = functools.partial(_prepare, p, build, inputs)
+        for name, res in common.measure_together(prepares, p.flop_factor * flops, warmup, rep).items():
+            common.store(row, name, pass_name, res)
+        del prepares
     return row
 
 
