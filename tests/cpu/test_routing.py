@@ -207,6 +207,18 @@ def test_bars_report_the_same_kernels_timed_twice():
     assert routes.SAME_KERNELS not in routes.bars(rows[2:])["fwd"]
 
 
+def test_bars_pair_the_rounds():
+    """A point's ratios are taken round by round (the contenders took turns within each round), then their median:
+    the device 20% slower in the second round moves no ratio."""
+    res = {"fa2rt": timed(1.0, [1.0, 1.2, 1.0]), "sdpa_cudnn": timed(1.2, [1.2, 1.44, 1.2]),
+           "sdpa_flash": timed(1.5, [1.5, 1.8, 1.44]), "sdpa_efficient": {"error": "refused"}}
+    assert routes.paired_ratio(res, routing.PROVIDERS, "fa2rt") == pytest.approx(1.2)
+    # flash alone: 1.5, 1.5 and 1.44 / fa2rt's rounds
+    assert routes.paired_ratio(res, ("sdpa_flash",), "fa2rt") == pytest.approx(1.5)
+    assert routes.paired_ratio(res, ("sdpa_efficient",), "fa2rt") is None
+    assert routes.paired_ratio(res, routing.PROVIDERS, "fa2rt_routed") is None
+
+
 def test_class_entries_round_trip_through_the_file(tmp_path):
     row = {"dtype": "bfloat16", "head_dim": 128, "causal": True, "seqlen": 4096, "batch": 4, "nheads": 32,
            "nheads_k": 8, "fwd": {"fa2rt": timed(2.0, [2.0]), "sdpa_cudnn": timed(1.0, [1.0]),

@@ -8,12 +8,13 @@ The contenders take turns call by call (common.measure_together), in --routing-r
 rows keep each one's median round, the verdict (see RULE) compares fastest rounds: interference only adds time, and
 an SDPA backend that has a slow round now and then (cuDNN's fwd+bwd at d128 causal s512: 0.50 ms in most rounds,
 0.61-0.83 in some runs) would otherwise lose classes it wins in most runs.
-Writes routing-<tag>.json (rows, per-pass bars: best SDPA time / fa2rt's, own and as routed); --write-routing PATH
-puts this arch's classes into a routing.json such as python/fa2rt/data/routing.json (replacing that arch's entry,
-keeping the other archs'; with --routing-update only the classes it measured, e.g. after one head dim's kernels
-changed)."""
+Writes routing-<tag>.json (rows; per-pass bars: per point, the median over the rounds of best SDPA time / fa2rt's in
+the same round, own and as routed); --write-routing PATH puts this arch's classes into a routing.json such as
+python/fa2rt/data/routing.json (replacing that arch's entry, keeping the other archs'; with --routing-update only the
+classes it measured, e.g. after one head dim's kernels changed)."""
 
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -128,19 +129,28 @@ def class_entry(row: dict, pass_name: str) -> dict | None:
             "shape": {key: row[key] for key in ("batch", "nheads", "nheads_k", "seqlen")}}
 
 
+def paired_ratio(res: dict, theirs: tuple, mine: str) -> float | None:
+    """The median over rounds of (the fastest of `theirs` in that round) / mine's time in that round: the rounds are
+    paired (the contenders took turns within each), so each round's ratio is free of the drift between rounds. None
+    when mine or all of theirs have no time."""
+    rounds = [res[n]["rounds_ms"] for n in theirs if "ms" in res.get(n, {})]
+    if not rounds or "ms" not in res.get(mine, {}):
+        return None
+    return statistics.median(min(times) / own for *times, own in zip(*rounds, res[mine]["rounds_ms"], strict=True))
+
+
 def bars(rows) -> dict:
-    """Per pass: best SDPA time / fa2rt's time, own kernel and as routed (geometric mean, min and where); and the
-    timing's resolution (SAME_KERNELS)."""
+    """Per pass: best SDPA time / fa2rt's time, own kernel and as routed (paired_ratio; geometric mean, min and
+    where); and the timing's resolution (SAME_KERNELS)."""
     out = {}
     for pass_name in ROUTING_PASSES:
         out[pass_name] = {}
         for who in (OWN, ROUTED):
             pairs = []
             for r in rows:
-                res = r[pass_name]
-                best = min((res[n]["ms"] for n in routing.PROVIDERS if "ms" in res.get(n, {})), default=None)
-                if best and "ms" in res.get(who, {}):
-                    pairs.append((best / res[who]["ms"], label(r)))
+                ratio = paired_ratio(r[pass_name], routing.PROVIDERS, who)
+                if ratio is not None:
+                    pairs.append((ratio, label(r)))
             if pairs:
                 low, at = min(pairs)
                 out[pass_name][who] = {"geomean": common.geomean([x for x, _ in pairs]), "min": low, "min_at": at,
@@ -165,8 +175,9 @@ def same_kernels(rows, pass_name: str) -> list[tuple[float, str]]:
     for r in rows:
         res = r[pass_name]
         provider = res.get("routed_explain", {}).get("provider")
-        if provider and "ms" in res.get(provider, {}) and "ms" in res.get(ROUTED, {}):
-            out.append((res[provider]["ms"] / res[ROUTED]["ms"], label(r)))
+        ratio = paired_ratio(res, (provider,), ROUTED) if provider else None
+        if ratio is not None:
+            out.append((ratio, label(r)))
     return out
 
 
