@@ -217,7 +217,7 @@ def bench(out, variants):
             runs["sdpa_flash"] = common.sdpa_call(q, k, v, causal, "sdpa_flash")
             flops = common.fwd_flops(b, h, s, d, causal)
             row = {"d": d, "h": h, "b": b, "s": s, "causal": causal,
-                   "tflops": {name: flops / common.time_ms(fn) / 1e9 for name, fn in runs.items()}}
+                   "tflops": {name: flops / ms / 1e9 for name, ms in common.time_interleaved(runs).items()}}
             rows.append(row)
             print(f"d{d} causal={int(causal)} s{s:5d}: "
                   + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
@@ -239,8 +239,9 @@ AB_ROUNDS = 3
 
 def ab(out, old_path, variants) -> bool:
     """This fwd_ws.py against the copy at old_path, each variant's schedule in both: the quick check of this one,
-    then per grid point AB_ROUNDS alternating rounds of both, each one's fastest round kept (the v11/v14 method of
-    gluon-ws-notes.md). Returns whether the check passed."""
+    then per grid point AB_ROUNDS rounds of both taking turns call by call, each one's fastest round kept (the v11/v14
+    method of gluon-ws-notes.md, which timed them one after another in each round). Returns whether the check
+    passed."""
     from fa2rt.bench import common
     old = load_source(old_path)
     passed = all([check(variant, QUICK_SHAPES) for variant in variants])
@@ -250,8 +251,8 @@ def ab(out, old_path, variants) -> bool:
         runs = variant_runs(variants, d, q, k, v, causal, old, " old") | variant_runs(variants, d, q, k, v, causal)
         times = {name: [] for name in runs}
         for _ in range(AB_ROUNDS):
-            for name, fn in runs.items():
-                times[name].append(common.time_ms(fn, warmup=10, rep=40))
+            for name, ms in common.time_interleaved(runs, warmup=10, rep=40).items():
+                times[name].append(ms)
         flops = common.fwd_flops(b, h, s, d, causal)
         row = {"d": d, "h": h, "b": b, "s": s, "causal": causal, "ms": times,
                "tflops": {name: flops / min(t) / 1e9 for name, t in times.items()}}

@@ -5,9 +5,9 @@ within reach of a read at all, or whether a 134 MB read pays ramp and tail time 
 
     python ci/read_ceiling.py [--rounds 3] [--out read-ceiling.json]
 
-Per decode point (GQA 32/8 d128 contiguous: b1 32k, b8 8k, b1 128k; and 1 GiB), in the same process, in alternating
-rounds, each timed by fa2rt.bench.common.time_ms (single calls after a 256 MB read, as the decode benchmark times;
-40 ms of calls per round):
+Per decode point (GQA 32/8 d128 contiguous: b1 32k, b8 8k, b1 128k; and 1 GiB), in the same process, in rounds in
+which the cases take turns call by call, timed by fa2rt.bench.common.time_interleaved (single calls after a 256 MB
+read, as the decode benchmark times; 40 ms of calls of the slowest case per round):
 - copy 1 GiB (the bar's reference), and a copy moving the point's bytes (half read, half written);
 - torch.sum over the point's bytes;
 - a Triton read kernel over the same bytes in every configuration of READ_CONFIGS (block, warps, programs per SM,
@@ -116,8 +116,9 @@ def main():
         cases = contenders(name, multiprocessors)
         times = {case: [] for case in cases}
         for _ in range(a.rounds):
-            for case, (fn, _) in cases.items():
-                times[case].append(common.time_ms(fn, warmup=10, rep=40))
+            runs = {case: fn for case, (fn, _) in cases.items()}
+            for case, ms in common.time_interleaved(runs, warmup=10, rep=40).items():
+                times[case].append(ms)
         results[name] = {case: {"ms": statistics.median(ms), "rounds_ms": ms, "bytes": cases[case][1],
                                 "tbps": cases[case][1] / statistics.median(ms) / 1e9} for case, ms in times.items()}
         del cases
