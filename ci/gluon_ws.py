@@ -8,8 +8,8 @@ here, launched through Triton's own launcher; fa2rt's images of the kernel are t
                                                       # kernels (routing off), SDPA cuDNN and flash
     python ci/gluon_ws.py ab OUT.json OLD.py VARIANT...  # H200: this fwd_ws.py against another copy of it (e.g.
                                                       # git show REV:backends/kernels/fwd_ws.py > OLD.py), same
-                                                      # process: a quick check of this one, then alternating
-                                                      # timing rounds on the FA2 grid; new / old per point
+                                                      # process: a quick check of this one, then timing rounds
+                                                      # (calls taking turns) on the FA2 grid; new / old per point
     python ci/gluon_ws.py probe OUT.json VARIANT...   # H200: the s512 shapes where causal loses (issue 21): time
                                                       # per call against keys per tile, causal, masked, cold or warm
     python ci/gluon_ws.py compile-bwd|check-bwd VARIANT...  # the same for the dK/dV backward (bwd_ws.py)
