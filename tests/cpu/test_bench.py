@@ -269,6 +269,31 @@ def test_measure_records_errors_with_warnings(monkeypatch):
     assert common.measure(refuse, 1.0, 1, 1) == expected  # before it (the untimed forward of a backward pass)
 
 
+def test_measure_together_times_only_what_runs(monkeypatch):
+    """Contenders that fail to prepare or in their first call get their error and stay out of the timing, in the
+    order given; an error inside the timing is every timed contender's."""
+    timed = []
+
+    def time_interleaved(fns, warmup, rep):
+        timed.append(list(fns))
+        return {name: 2.0 for name in fns}
+    monkeypatch.setattr(common, "time_interleaved", time_interleaved)
+
+    def fails():
+        raise RuntimeError("refused")
+    prepares = {"a": lambda: lambda: None, "bad prepare": fails, "bad call": lambda: fails, "b": lambda: lambda: 1}
+    results = common.measure_together(prepares, 4e9, 1, 1)
+    assert list(results) == list(prepares) and timed == [["a", "b"]]
+    assert results["a"] == results["b"] == {"ms": 2.0, "tflops": pytest.approx(2.0)}
+    assert results["bad prepare"] == results["bad call"] == {"error": "RuntimeError: refused"}
+
+    def broken(fns, warmup, rep):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(common, "time_interleaved", broken)
+    results = common.measure_together(prepares, 4e9, 1, 1)
+    assert results["a"] == results["b"] == {"error": "RuntimeError: out of memory"}
+
+
 def test_kernel_forced_turns_the_short_sequence_rule_off(monkeypatch):
     monkeypatch.setenv(config.MIN_SEQLEN, "4096")
     monkeypatch.setattr(policy, "_crossover", lambda: {"sm90": {"min_seqlen_k": 512}})
