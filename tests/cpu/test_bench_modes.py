@@ -316,8 +316,8 @@ DECODE_ARGV = ["--decode", "--decode-batch", "1", "2", "--decode-cache", "32,48"
                "--decode-head-dim", "16", "--decode-layouts", "contiguous,paged16", "--warmup-ms", "1", "--rep-ms",
                "1"]
 DECODE_FIELDS = {"batch", "cache", "nheads", "nheads_k", "head_dim", "layout", "append", "path", "image", "splits",
-                 "ms", "tbps"}
-SDPA_FIELDS = {f"sdpa_{n}_{u}" for n in ("flash", "efficient", "cudnn") for u in ("ms", "tbps")}
+                 "ms", "tbps", "rounds_ms"}
+SDPA_FIELDS = {f"sdpa_{n}_{u}" for n in ("flash", "efficient", "cudnn") for u in ("ms", "tbps", "rounds_ms")}
 
 
 def test_decode_mode_end_to_end(cpu_run, tmp_path, capsys):
@@ -332,10 +332,10 @@ def test_decode_mode_end_to_end(cpu_run, tmp_path, capsys):
         (b, c, lay) for b in (1, 2) for c in (32, 48) for lay in ("contiguous", "paged16")]
     for r in rows:
         assert set(r) == DECODE_FIELDS | (SDPA_FIELDS if r["layout"] == "contiguous" else set())
-        assert r["append"] and r["path"] == "fallback" and r["ms"] == 2.0
+        assert r["append"] and r["path"] == "fallback" and r["ms"] == 2.0 and r["rounds_ms"] == [2.0] * 3
         assert r["tbps"] == pytest.approx(decode.moved_bytes(r["batch"], r["cache"] + 1, 4, 2, 16) / 2.0 / 1e9)
     assert rows[0]["sdpa_flash_ms"] == 2.0 and rows[0]["sdpa_cudnn_ms"] is None  # no CPU cuDNN
-    assert data["skipped"] == [] and data["settings"]["append"]
+    assert data["skipped"] == [] and data["settings"]["append"] and data["settings"]["rounds"] == decode.DECODE_ROUNDS
     assert [(b["bar"], b["met"]) for b in data["bars"]] == [(0.85, None), (1.0, True), (0.9, None), (0.7, True)]
     assert "device copy:" in text and text.count("fallback (") == 8
 
@@ -350,8 +350,10 @@ def test_decode_graphs_time_every_contender_as_a_replay(cpu_run, tmp_path, monke
     assert bench.main([*DECODE_ARGV, "--decode-batch", "1", "--decode-graphs", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "decode-native.json").read_text())
     assert data["settings"]["timing"] == "cuda graph replay"
-    # Every fa2rt call and each SDPA backend's on the contiguous points (cuDNN, absent on the CPU, fails when run).
+    # Every fa2rt call and each SDPA backend's on the contiguous points (cuDNN, absent on the CPU, fails when run),
+    # each captured once for every round.
     contiguous = sum(r["layout"] == "contiguous" for r in data["rows"])
+    assert data["settings"]["rounds"] == 3 and all(len(r["rounds_ms"]) == 3 for r in data["rows"])
     assert len(captured) == len(data["rows"]) + len(decode.SDPA_BACKENDS) * contiguous == 10
 
 
@@ -379,11 +381,13 @@ def test_decode_records_a_raising_call(cpu_run, tmp_path, monkeypatch, capsys):
 
 
 def drow(batch, cache, layout, tbps, sdpa=(None, None, None), heads=(32, 8)):
-    """A fabricated decode row: TB/s and SDPA flash/efficient/cuDNN times (ms = 1 / tbps)."""
+    """A fabricated decode row of one round: TB/s and SDPA flash/efficient/cuDNN times (ms = 1 / tbps)."""
+    ms = 1 / tbps if tbps else None
     r = {"batch": batch, "cache": cache, "nheads": heads[0], "nheads_k": heads[1], "head_dim": 128,
-         "layout": layout, "append": False, "tbps": tbps, "ms": 1 / tbps if tbps else None}
+         "layout": layout, "append": False, "tbps": tbps, "ms": ms, "rounds_ms": ms and [ms]}
     if layout == "contiguous":
-        r.update({f"sdpa_{n}_ms": t for n, t in zip(("flash", "efficient", "cudnn"), sdpa, strict=True)})
+        for n, t in zip(("flash", "efficient", "cudnn"), sdpa, strict=True):
+            r |= {f"sdpa_{n}_ms": t, f"sdpa_{n}_rounds_ms": t and [t]}
     return r
 
 
@@ -405,6 +409,11 @@ def test_decode_bars():
     assert text.count("NOT MET") == 2
     assert all(b["met"] is None and b["n"] == 0 for b in decode.bar_checks([drow(1, 4096, "contiguous", 1.0)], 4.0)
                if b["name"] != sdpa["name"])
+    # Rounds are paired: cuDNN 3% ahead in every round while the device's speed changes between rounds; the ratio
+    # is taken within each round.
+    row = drow(1, 4096, "contiguous", 1.0) | {"rounds_ms": [1.03, 1.133, 0.927],
+                                              "sdpa_cudnn_rounds_ms": [1.0, 1.1, 0.9]}
+    assert decode.bar_checks([row], 4.0)[1]["min"] == pytest.approx(1 / 1.03)
 
 
 def test_decode_helpers():
@@ -431,12 +440,16 @@ def test_varlen_and_decode_defaults_and_tiers():
     assert (a.decode_heads, a.decode_head_dim) == (["32/8", "32/32"], [128])
     assert a.decode_layouts == ["contiguous", "paged16", "paged64", "paged256"]
     # 32/32 at batch 32 and 64 with 128k tokens holds 64 and 128 GiB of K and V: over the 48 GiB cap
-    assert bench.plan(a) == {"varlen": 2 * 2 * (6 + 1) * 2, "decode": 2 * 4 * 4 * 4 - 2 * 4}
+    rounds = decode.DECODE_ROUNDS
+    assert bench.plan(a) == {"varlen": 2 * 2 * (6 + 1) * 2, "decode": (2 * 4 * 4 * 4 - 2 * 4) * rounds}
     full = bench.parse_args(["--varlen", "--decode", "--full"])
     assert full.varlen_seeds == [0, 1, 2] and full.decode_head_dim == [128, 64] and full.seqlen == a.seqlen
     quick = bench.parse_args(["--varlen", "--decode", "--quick", "--decode-batch", "4"])
     assert quick.varlen_seqlen == [512, 2048] and quick.decode_batch == [4] and quick.decode_heads == ["32/8"]
-    assert bench.plan(quick) == {"varlen": 1 * 2 * (2 + 1) * 2, "decode": 1 * 2 * 1 * 1 * 2}
+    assert bench.plan(quick) == {"varlen": 1 * 2 * (2 + 1) * 2, "decode": 1 * 2 * 1 * 1 * 2 * rounds}
+    assert bench.plan(bench.parse_args(["--decode", "--quick", "--decode-rounds", "1"])) == {"decode": 2 * 2 * 2}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--decode", "--decode-rounds", "0"])
 
 
 def test_lists_take_commas_or_spaces():

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode: append one token per sequence in each fa2rt call")
     p.add_argument("--decode-graphs", action="store_true",
                    help="decode: time every contender as a CUDA graph replay of its call (no host time)")
+    p.add_argument("--decode-rounds", type=int, default=decode.DECODE_ROUNDS,
+                   help=f"decode: timing rounds per point, contenders taking turns (default {decode.DECODE_ROUNDS})")
     p.add_argument("--decode-max-gib", type=float, default=decode.DECODE_MAX_GIB,
                    help=f"decode: skip points whose K and V exceed this many GiB (default {decode.DECODE_MAX_GIB})")
     p.add_argument("--warmup-ms", type=float, default=25, help="untimed calls per timing, in ms (default 25)")
@@ -163,8 +165,9 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
         parser.error("--write-crossover needs --crossover")
     if args.write_crossover and args.quick:
         parser.error("--write-crossover takes a full crossover measurement; drop --quick")
-    if args.routing_rounds < 1:
-        parser.error(f"--routing-rounds: expected a positive integer, got {args.routing_rounds}")
+    for name in ("routing_rounds", "decode_rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if args.write_routing and not args.routing:
         parser.error("--write-routing needs --routing")
     if args.routing_update and not args.write_routing:
@@ -187,7 +190,7 @@ def result_path(args, mode: str, tag: str) -> Path:
 
 def plan(args) -> dict:
     """Measured configurations per mode (the grid counts a configuration once per pass, varlen once per pass of its
-    equal and mixed points, decode once per point), for the time budget."""
+    equal and mixed points, decode once per point and round), for the time budget."""
     n = {}
     if args.grid:
         n["grid"] = len(args.dtype) * len(args.head_dim) * len(args.causal) * len(args.seqlen) * len(args.passes)
@@ -200,7 +203,7 @@ def plan(args) -> dict:
         n["varlen"] = (len(args.varlen_head_dim) * len(args.causal) * (len(args.varlen_seqlen)
                        + len(args.varlen_seeds)) * len(varlen.VARLEN_PASSES))
     if args.decode:
-        n["decode"] = len(decode.points(args)[0])
+        n["decode"] = len(decode.points(args)[0]) * args.decode_rounds
     if args.routing:
         n["routing"] = len(routes.shapes(args)) * len(routes.ROUTING_PASSES) * args.routing_rounds
     return n

@@ -337,6 +337,18 @@ def median_round(results: list[dict]) -> dict | None:
     return dict(ordered[len(ordered) // 2], rounds_ms=[res["ms"] for res in results])
 
 
+def merged_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """measure_together's results of several rounds, per contender: median_round, or its first error."""
+    return {name: median_round([r[name] for r in rounds]) or next(r[name] for r in rounds if "error" in r[name])
+            for name in rounds[0]}
+
+
+def paired_ratio(theirs: list[list[float]], mine: list[float]) -> float:
+    """The median over rounds of (the fastest of theirs in a round) / mine in the same round. Rounds in which the
+    contenders took turns (measure_together) are paired: each round's ratio is free of the drift between rounds."""
+    return statistics.median(min(times) / own for *times, own in zip(*theirs, mine, strict=True))
+
+
 def peak_memory(prepare) -> dict:
     """Bytes of one call of the callable prepare() returns beyond what was live before it (after a warm-up call, so
     one-time workspaces and handles are already there): max_memory_allocated() after reset_peak_memory_stats(),

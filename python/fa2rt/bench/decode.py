@@ -12,9 +12,12 @@ its read and its write. SDPA gets the same K/V as (batch, nheads_k, cache, headd
 contiguous points only; a backend that refuses the call is reported as null. --decode-append also writes one new
 token per sequence (k, v given) in every fa2rt call. --decode-graphs times every contender (fa2rt and each SDPA
 backend) as a CUDA graph replay of its call, as serving loops run decode steps: the kernels without host time (the
-eager default counts the host's time wherever it exceeds the kernels'). Writes decode-<tag>.json (environment, copy
-rate, rows, issue 17's bars: bar_checks; settings.timing says which timing)."""
+eager default counts the host's time wherever it exceeds the kernels'). Every point is timed in --decode-rounds rounds
+(default DECODE_ROUNDS) in which its contenders take turns call by call: a row keeps each one's median round and every
+round's time, and the SDPA bar takes the median over rounds of the ratio within a round. Writes decode-<tag>.json
+(environment, copy rate, rows, issue 17's bars: bar_checks; settings.timing says which timing)."""
 
+import functools
 import sys
 
 import torch
@@ -28,6 +31,7 @@ DECODE_HEADS = ("32/8", "32/32")
 DECODE_HEAD_DIMS = (128,)
 DECODE_LAYOUTS = ("contiguous", "paged16", "paged64", "paged256")
 DECODE_MAX_GIB = 48  # skip points whose caches would exceed this
+DECODE_ROUNDS = 3  # rounds per point (the contenders take turns within each; the SDPA bar pairs them)
 DECODE_DTYPE = "bfloat16"
 COPY_BYTES = 1 << 30  # the device copy's size
 SDPA_BACKENDS = ("flash", "efficient", "cudnn")
@@ -123,9 +127,10 @@ def sdpa_decode(q, k, v, name):
     return run
 
 
-def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100, graphs=False) -> dict:
-    """One row: fa2rt's time and rate (or its error), and SDPA's per backend on contiguous points; graphs: each timed
-    as a CUDA graph replay."""
+def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100, graphs=False, rounds=1) -> dict:
+    """One row: fa2rt's time and rate (or its error), and SDPA's per backend on contiguous points, each the median of
+    `rounds` rounds in which they take turns, with every round's time (rounds_ms); graphs: each timed as a CUDA graph
+    replay (captured once)."""
     q, k_cache, v_cache, kw = make_point(batch, cache, h, hk, d, layout, append)
     try:
         decision = api.explain_with_kvcache(q, k_cache, v_cache, **kw)
@@ -138,16 +143,17 @@ def bench_point(batch, cache, h, hk, d, layout, append, warmup=25, rep=100, grap
     if layout == "contiguous":
         k, v = k_cache[:, :keys], v_cache[:, :keys]
         prepares |= {name: (lambda name=name: timed(sdpa_decode(q, k, v, name), graphs)) for name in SDPA_BACKENDS}
-    results = common.measure_together(prepares, nbytes, warmup, rep, unit="tbps")
+    prepares = {name: functools.cache(prepare) for name, prepare in prepares.items()}  # one graph for every round
+    results = common.merged_rounds([common.measure_together(prepares, nbytes, warmup, rep, unit="tbps")
+                                    for _ in range(rounds)])
     res = results.pop("fa2rt")
     row = {"batch": batch, "cache": cache, "nheads": h, "nheads_k": hk, "head_dim": d, "layout": layout,
            "append": append, "path": path, "image": image, "splits": splits, "ms": res.get("ms"),
-           "tbps": res.get("tbps")}
+           "tbps": res.get("tbps"), "rounds_ms": res.get("rounds_ms")}
     if "error" in res:
         row["error"] = res["error"]
     for name, sdpa in results.items():
-        row[f"sdpa_{name}_ms"] = sdpa.get("ms")
-        row[f"sdpa_{name}_tbps"] = sdpa.get("tbps")
+        row |= {f"sdpa_{name}_{field}": sdpa.get(field) for field in ("ms", "tbps", "rounds_ms")}
     return row
 
 
@@ -182,8 +188,8 @@ def bar_checks(rows, copy) -> list[dict]:
         return r["tbps"] / c["tbps"] if c and c["tbps"] and r["tbps"] else None
 
     def over_best_sdpa(r):
-        times = [r.get(f"sdpa_{n}_ms") for n in SDPA_BACKENDS if r.get(f"sdpa_{n}_ms")]
-        return common.speedup(r["ms"], min(times)) if times else None
+        theirs = [r[f"sdpa_{n}_rounds_ms"] for n in SDPA_BACKENDS if r.get(f"sdpa_{n}_rounds_ms")]
+        return common.paired_ratio(theirs, r["rounds_ms"]) if theirs and r.get("rounds_ms") else None
 
     def copy_share(r):
         return r["tbps"] / copy if r["tbps"] and copy else None
@@ -192,8 +198,8 @@ def bar_checks(rows, copy) -> list[dict]:
         ("contiguous at batch 1 with cache >= 32k and batch >= 8 with cache >= 8k: share of the copy rate", COPY_BAR,
          lambda r: r["layout"] == "contiguous" and ((r["batch"] == 1 and r["cache"] >= 32768)
                                                     or (r["batch"] >= 8 and r["cache"] >= 8192)), copy_share),
-        ("contiguous: best SDPA backend's time / fa2rt's", SDPA_BAR, lambda r: r["layout"] == "contiguous",
-         over_best_sdpa),
+        ("contiguous: best SDPA backend's time / fa2rt's (round by round, median)", SDPA_BAR,
+         lambda r: r["layout"] == "contiguous", over_best_sdpa),
         ("paged, pages >= 64: rate / contiguous rate", PAGED_BAR,
          lambda r: r["layout"] != "contiguous" and page_size(r["layout"]) >= 64, rate_over_contiguous),
         ("paged, pages of 16: rate / contiguous rate", PAGED16_BAR, lambda r: r["layout"] == "paged16",
@@ -248,7 +254,8 @@ def run(args, env, settings, path) -> int:
     print(header(), flush=True)
     rows = []
     for point in todo:
-        rows.append(bench_point(*point, args.decode_append, args.warmup_ms, args.rep_ms, args.decode_graphs))
+        rows.append(bench_point(*point, args.decode_append, args.warmup_ms, args.rep_ms, args.decode_graphs,
+                                args.decode_rounds))
         common.recover()  # the point's caches are gone: give their memory back
         print(row_line(rows[-1], copy), flush=True)
     skipped_points = [dict(zip(("batch", "cache", "nheads", "nheads_k", "head_dim", "layout"), p, strict=True))
@@ -260,7 +267,7 @@ def run(args, env, settings, path) -> int:
     print(bars_table(records), flush=True)
     common.write_json(path, {"environment": env, "copy_tbps": copy, "rows": rows, "settings": {
         **settings, "dtype": DECODE_DTYPE, "max_gib": args.decode_max_gib, "append": args.decode_append,
-        "timing": "cuda graph replay" if args.decode_graphs else "eager calls"},
+        "rounds": args.decode_rounds, "timing": "cuda graph replay" if args.decode_graphs else "eager calls"},
         "skipped": skipped_points, "bars": records})
     errors = [r for r in rows if "error" in r and r["path"] != "fallback"]
     for r in errors:

@@ -14,7 +14,6 @@ python/fa2rt/data/routing.json (replacing that arch's entry, keeping the other a
 classes it measured, e.g. after one head dim's kernels changed)."""
 
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -85,13 +84,8 @@ def bench_point(shape: dict, *, with_routed: bool, warmup, rep, rounds) -> dict:
         inputs = p.inputs(q, k, v)
         flops = p.flop_factor * common.fwd_flops(b, h, s, d, shape["causal"])
         prepared = {name: p.timed(fn, inputs) for name, fn in forwards(*inputs, shape["causal"], with_routed).items()}
-        times = {name: [] for name in prepared}
-        for _ in range(rounds):
-            for name, res in common.measure_together(prepared, flops, warmup, rep).items():
-                times[name].append(res)
-        # The median round of each contender, or its first error.
-        row[pass_name] = {name: common.median_round(results) or next(r for r in results if "error" in r)
-                          for name, results in times.items()}
+        row[pass_name] = common.merged_rounds([common.measure_together(prepared, flops, warmup, rep)
+                                               for _ in range(rounds)])
         row[pass_name].update(verdict(row[pass_name]))
         with routing_set(True):
             row[pass_name]["routed_explain"] = common.explain_safely(*inputs, causal=shape["causal"])
@@ -130,13 +124,12 @@ def class_entry(row: dict, pass_name: str) -> dict | None:
 
 
 def paired_ratio(res: dict, theirs: tuple, mine: str) -> float | None:
-    """The median over rounds of (the fastest of `theirs` in that round) / mine's time in that round: the rounds are
-    paired (the contenders took turns within each), so each round's ratio is free of the drift between rounds. None
-    when mine or all of theirs have no time."""
+    """common.paired_ratio of the contenders `theirs` against `mine` in one pass's results; None when mine or all of
+    theirs have no time."""
     rounds = [res[n]["rounds_ms"] for n in theirs if "ms" in res.get(n, {})]
     if not rounds or "ms" not in res.get(mine, {}):
         return None
-    return statistics.median(min(times) / own for *times, own in zip(*rounds, res[mine]["rounds_ms"], strict=True))
+    return common.paired_ratio(rounds, res[mine]["rounds_ms"])
 
 
 def bars(rows) -> dict:
