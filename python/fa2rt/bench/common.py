@@ -111,7 +111,7 @@ class Pass:
 
     def timed(self, forward, inputs) -> Callable:
         """A no-argument callable returning the timed callable of `forward` (a no-argument callable over inputs);
-        errors in either count as the contender's (measure() and peak_memory() catch both)."""
+        errors in either count as the contender's (measure_together() and peak_memory() catch both)."""
         return functools.partial(self.prepare, forward, inputs)
 
     def runs(self, inputs, causal) -> dict[str, Callable]:
@@ -294,17 +294,12 @@ def graphed(fn: Callable) -> Callable:
     return graph.replay
 
 
-def measure(prepare, work, warmup, rep, unit="tflops") -> dict:
-    """{"ms", unit} of the callable prepare() returns (prepare itself untimed), or {"error"} when either raises
-    (a backend that refuses the shape or fails in its backward, an OOM). unit's value is work / ms / 1e9: TFLOP/s
-    for work in FLOPs, TB/s for work in bytes."""
-    return measure_together({"": prepare}, work, warmup, rep, unit)[""]
-
-
 def measure_together(prepares: dict[str, Callable], work, warmup, rep, unit="tflops") -> dict[str, dict]:
-    """measure() of several contenders (name -> prepare) on the same work, timed taking turns (time_interleaved), so
-    that their ratios are not the device's drift. A contender whose prepare() or first call raises gets {"error"} and
-    is left out of the timing; an error during the timing is every contender's."""
+    """Per contender (name -> prepare), {"ms", unit} of the callable prepare() returns (prepare itself untimed), or
+    {"error"} when either raises (a backend that refuses the shape or fails in its backward, an OOM); unit's value is
+    work / ms / 1e9: TFLOP/s for work in FLOPs, TB/s for work in bytes. The contenders are timed taking turns
+    (time_interleaved), so that their ratios are not the device's drift. A contender whose prepare() or first call
+    raises is left out of the timing; an error during the timing is every contender's."""
     results, fns = {}, {}
     for name, prepare in prepares.items():
         with warnings.catch_warnings(record=True) as caught:

@@ -103,7 +103,7 @@ def make_point(batch, cache, h, hk, d, layout, append):
 
 
 def timed(fn, graphs: bool):
-    """What measure() times for the call fn: fn itself, or the replay of its CUDA graph."""
+    """What measure_together() times for the call fn: fn itself, or the replay of its CUDA graph."""
     return common.graphed(fn) if graphs else fn
 
 

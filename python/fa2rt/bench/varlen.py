@@ -257,7 +257,7 @@ def time_contenders(row, contenders, passes, flops, explains, warmup, rep) -> di
 
 def _prepare(p, build, inputs):
     """The timed callable of a contender in pass p; building its forward (views, masks) is untimed, and its errors
-    are the contender's (measure() and peak_memory() catch them)."""
+    are the contender's (measure_together() and peak_memory() catch them)."""
     return p.prepare(build(*inputs), inputs)
 
 
