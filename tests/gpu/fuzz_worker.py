@@ -1,6 +1,8 @@
-"""Runs fuzz cases (tests/fuzz_cases.py) on the GPU, one JSON line per case on stdout: `FUZZ {...}`.
+"""Runs fuzz cases on the GPU, one JSON line per case on stdout: `FUZZ {...}`. --family picks the cases:
+`attention` (tests/fuzz_cases.py: dense, varlen and paged prefill) or `kvcache` (tests/fuzz_kvcache.py: KV-cache
+calls, their GPU draw).
 
-    python tests/gpu/fuzz_worker.py --start N [--stop M] [--only I,J,...] [--no-check]
+    python tests/gpu/fuzz_worker.py [--family attention|kvcache] --start N [--stop M] [--only I,J,...] [--no-check]
 
 A case ends as "pass", "fail" (wrong result or an unexpected exception: the run goes on) or "fault" (a CUDA error:
 the context is lost, so the worker reports it and exits 3; tests/gpu/test_fuzz_gpu.py starts a fresh worker at the
@@ -17,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fuzz_kvcache  # noqa: E402
 import torch  # noqa: E402
 from fuzz_cases import (  # noqa: E402
     VarlenCase,
@@ -43,12 +46,13 @@ def _is_fault(exc: BaseException) -> bool:
     return isinstance(exc, accelerator_error) or any(m in str(exc) for m in FAULT_MARKERS)
 
 
-# (build, explain, call, check) per case family
-FAMILIES = {False: (build, explain, call, check), True: (build_varlen, explain_varlen, call_varlen, check_varlen)}
+# (build, explain, call, check) for dense cases (False) and varlen ones (True)
+ATTENTION_KINDS = {False: (build, explain, call, check),
+                   True: (build_varlen, explain_varlen, call_varlen, check_varlen)}
 
 
-def run_one(case, do_check: bool) -> dict:
-    make, decide, run, verify = FAMILIES[isinstance(case, VarlenCase)]
+def run_attention(case, do_check: bool) -> dict:
+    make, decide, run, verify = ATTENTION_KINDS[isinstance(case, VarlenCase)]
     built = make(case, "cuda")
     if getattr(case, "malformed", None):
         # Unchecked malformed cu_seqlens (no sync on the GPU): any numbers, or the fallback's ValueError, but no fault.
@@ -68,14 +72,36 @@ def run_one(case, do_check: bool) -> dict:
     return result
 
 
+def run_kvcache(case, do_check: bool) -> dict:
+    """One KV-cache call (appending in place) against the float64 reference of the same arguments, taken before it."""
+    args, opts = fuzz_kvcache.build(case, "cuda"), fuzz_kvcache.options(case, "cuda")
+    ref = fuzz_kvcache.reference(case, args, opts) if do_check else None
+    q, k_cache, v_cache = (args.pop(name) for name in ("q", "k_cache", "v_cache"))
+    decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, **args, **opts)
+    out, lse = fa2rt.attention_with_kvcache(q, k_cache, v_cache, **args, **opts, return_lse=True)
+    torch.cuda.synchronize()
+    result = {"path": decision.path, "image": decision.image, "reason": decision.reason, "split": decision.message}
+    if do_check:
+        found = fuzz_kvcache.errors(case, out, lse, k_cache, v_cache, ref)
+        assert found["ok"], found["errors"]
+        result["errors"] = found["errors"]
+    return result
+
+
+# per family: (its cases, how one runs)
+FAMILIES = {"attention": (all_cases, run_attention), "kvcache": (fuzz_kvcache.gpu_cases, run_kvcache)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=list(FAMILIES), default="attention")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--stop", type=int, default=None)
     ap.add_argument("--only", default="", help="comma-separated case indices (instead of --start/--stop)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
-    cases = all_cases()
+    make_cases, run_one = FAMILIES[args.family]
+    cases = make_cases()
     if args.only:
         wanted = {int(i) for i in args.only.split(",")}
         cases = [c for c in cases if c.index in wanted]

@@ -1,6 +1,7 @@
-"""The seeded fuzz (tests/fuzz_cases.py) on the GPU: every case through the native images and through the sm89 and
-sm80 images' PTX, each checked against the float64 reference; compute-sanitizer memcheck on a sample of the cases
-and racecheck on a few.
+"""The seeded fuzz on the GPU: every case of tests/fuzz_cases.py (dense, varlen, paged prefill) and of
+tests/fuzz_kvcache.py's GPU draw (KV-cache calls) through the native images and through the sm89 and sm80 images'
+PTX, each checked against the float64 reference; compute-sanitizer memcheck on a sample of the cases and racecheck
+on a few.
 
 The cases run in worker processes (tests/gpu/fuzz_worker.py): a device fault kills the CUDA context, so a faulting
 case is reported as a fault (its test fails) and a fresh worker carries on with the next case, instead of every later
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import pytest
 from fuzz_cases import all_cases
+from fuzz_kvcache import gpu_cases
 
 WORKER = Path(__file__).resolve().parent / "fuzz_worker.py"
 CASES = all_cases()
+KV_CASES = gpu_cases()
 PATHS = {"native": "", "sm89-ptx": "sm89", "sm80-ptx": "sm80"}
 # Every eighth case, and every malformed one (unchecked cu_seqlens must not make a kernel leave its tensors).
 MEMCHECK_SAMPLE = sorted({c.index for c in CASES[::8]} | {c.index for c in CASES if getattr(c, "malformed", None)})
+KV_MEMCHECK_SAMPLE = [c.index for c in KV_CASES[::4]]
 RACECHECK_SAMPLE = [c.index for c in CASES if getattr(c, "seqlen_q", 0) > 60 and getattr(c, "seqlen_k", 0) > 60][:3]
 WORKER_TIMEOUT_S = 600
 SANITIZER_TIMEOUT_S = 900
@@ -39,25 +43,25 @@ def _records(stdout: str) -> list[dict]:
     return [json.loads(line[5:]) for line in stdout.splitlines() if line.startswith("FUZZ ")]
 
 
-def run_isolated(forced: str) -> dict:
-    """case index -> outcome for every case, restarting the worker after a fault or a crash. The worker runs the
-    cases in CASES order from a position (--start), so positions, not indices, say where to go on."""
+def run_isolated(forced: str, family: str = "attention", cases=CASES) -> dict:
+    """case index -> outcome for every case of the family, restarting the worker after a fault or a crash. The worker
+    runs the cases in their order from a position (--start), so positions, not indices, say where to go on."""
     results, position = {}, 0
-    while position < len(CASES):
-        proc = subprocess.run([sys.executable, str(WORKER), "--start", str(position)], env=_env(forced),
-                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    while position < len(cases):
+        proc = subprocess.run([sys.executable, str(WORKER), "--family", family, "--start", str(position)],
+                              env=_env(forced), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
         for record in _records(proc.stdout):
             results[record["index"]] = record
-        while position < len(CASES) and CASES[position].index in results:
+        while position < len(cases) and cases[position].index in results:
             position += 1
-        if position < len(CASES) and proc.returncode != 0:
+        if position < len(cases) and proc.returncode != 0:
             # The worker died without a word on this case (a crash, not a caught fault): this case faulted.
-            index = CASES[position].index
+            index = cases[position].index
             results[index] = {"index": index, "status": "fault",
                               "error": f"worker exited {proc.returncode}: {proc.stderr[-1500:]}"}
             position += 1
-        elif position < len(CASES):
-            raise RuntimeError(f"worker exited 0 before case {CASES[position].id}: {proc.stderr[-1500:]}")
+        elif position < len(cases):
+            raise RuntimeError(f"worker exited 0 before case {cases[position].id}: {proc.stderr[-1500:]}")
     return results
 
 
@@ -91,11 +95,11 @@ def test_fuzz_reaches_kernels_and_fallback(outcomes):
     assert any(r.get("copies") for r in native), "no fallback call needed a copy: the misaligned views are not covered"
 
 
-def _sanitize(tool: str, indices: list[int], extra=()) -> subprocess.CompletedProcess:
+def _sanitize(tool: str, indices: list[int], extra=(), family: str = "attention") -> subprocess.CompletedProcess:
     env = _env("")
     env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # every allocation its own, so an overrun leaves it
     cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9", *extra, sys.executable, str(WORKER),
-           "--no-check", "--only", ",".join(map(str, indices))]
+           "--family", family, "--no-check", "--only", ",".join(map(str, indices))]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SANITIZER_TIMEOUT_S)
 
 
@@ -113,6 +117,38 @@ def test_racecheck_few():
     summary = "RACECHECK SUMMARY: 0 hazards displayed (0 errors"
     assert proc.returncode == 0 and summary in proc.stdout, proc.stdout[-4000:]
     assert len(records) == len(RACECHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
+
+
+@pytest.fixture(scope="session")
+def kv_outcomes():
+    found = {name: run_isolated(forced, "kvcache", KV_CASES) for name, forced in PATHS.items()}
+    for name, results in found.items():
+        statuses = Counter(r["status"] for r in results.values())
+        paths = Counter(r.get("path", "?") for r in results.values())
+        print(f"\nkvcache fuzz {name}: {len(results)} cases, {dict(statuses)}, paths {dict(paths)}")
+    return found
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", KV_CASES, ids=[c.id for c in KV_CASES])
+def test_fuzz_kvcache_case_gpu(kv_outcomes, path, case):
+    record = kv_outcomes[path][case.index]
+    assert record["status"] == "pass", record
+
+
+def test_fuzz_kvcache_reaches_kernels_and_fallback(kv_outcomes):
+    # Head dims that are multiples of 8 run the decode kernels (split or not), the others the fallback.
+    native = kv_outcomes["native"].values()
+    paths = Counter(r.get("path") for r in native)
+    assert paths["kernel"] >= 30 and paths["fallback"] >= 5, paths
+    assert any(r.get("path") == "kernel" and not r["split"].startswith("1 ") for r in native), "no call split"
+
+
+def test_memcheck_kvcache_sample():
+    proc = _sanitize("memcheck", KV_MEMCHECK_SAMPLE, family="kvcache")
+    records = _records(proc.stdout)
+    assert proc.returncode == 0 and "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, proc.stdout[-4000:]
+    assert len(records) == len(KV_MEMCHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
 
 
 def test_misaligned_head_stride_falls_back_without_fault(fresh_announcements):
