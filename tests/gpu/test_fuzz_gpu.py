@@ -65,19 +65,30 @@ def run_isolated(forced: str, family: str = "attention", cases=CASES) -> dict:
     return results
 
 
-@pytest.fixture(scope="session")
-def outcomes():
-    found = {name: run_isolated(forced) for name, forced in PATHS.items()}
-    report = os.environ.get("FA2RT_FUZZ_REPORT")
-    if report:
-        Path(report).write_text(json.dumps(found, indent=1))
+def run_family(family: str, cases) -> dict:
+    """path -> run_isolated's outcomes for every case of the family; each path's summary printed."""
+    found = {name: run_isolated(forced, family, cases) for name, forced in PATHS.items()}
     for name, results in found.items():
         statuses = Counter(r["status"] for r in results.values())
         paths = Counter(r.get("path", "?") for r in results.values())
         copies = sum(bool(r.get("copies")) for r in results.values())
-        print(f"\nfuzz {name}: {len(results)} cases, {dict(statuses)}, paths {dict(paths)}, "
+        print(f"\n{family} fuzz {name}: {len(results)} cases, {dict(statuses)}, paths {dict(paths)}, "
               f"fallback calls that copy for SDPA {copies}")
     return found
+
+
+@pytest.fixture(scope="session")
+def outcomes():
+    found = run_family("attention", CASES)
+    report = os.environ.get("FA2RT_FUZZ_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(found, indent=1))
+    return found
+
+
+@pytest.fixture(scope="session")
+def kv_outcomes():
+    return run_family("kvcache", KV_CASES)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -103,11 +114,15 @@ def _sanitize(tool: str, indices: list[int], extra=(), family: str = "attention"
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SANITIZER_TIMEOUT_S)
 
 
-def test_memcheck_sample():
-    proc = _sanitize("memcheck", MEMCHECK_SAMPLE)
+def _memcheck(indices: list[int], family: str = "attention") -> None:
+    proc = _sanitize("memcheck", indices, family=family)
     records = _records(proc.stdout)
     assert proc.returncode == 0 and "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, proc.stdout[-4000:]
-    assert len(records) == len(MEMCHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
+    assert len(records) == len(indices) and all(r["status"] == "pass" for r in records), records
+
+
+def test_memcheck_sample():
+    _memcheck(MEMCHECK_SAMPLE)
 
 
 def test_racecheck_few():
@@ -117,16 +132,6 @@ def test_racecheck_few():
     summary = "RACECHECK SUMMARY: 0 hazards displayed (0 errors"
     assert proc.returncode == 0 and summary in proc.stdout, proc.stdout[-4000:]
     assert len(records) == len(RACECHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
-
-
-@pytest.fixture(scope="session")
-def kv_outcomes():
-    found = {name: run_isolated(forced, "kvcache", KV_CASES) for name, forced in PATHS.items()}
-    for name, results in found.items():
-        statuses = Counter(r["status"] for r in results.values())
-        paths = Counter(r.get("path", "?") for r in results.values())
-        print(f"\nkvcache fuzz {name}: {len(results)} cases, {dict(statuses)}, paths {dict(paths)}")
-    return found
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -145,10 +150,7 @@ def test_fuzz_kvcache_reaches_kernels_and_fallback(kv_outcomes):
 
 
 def test_memcheck_kvcache_sample():
-    proc = _sanitize("memcheck", KV_MEMCHECK_SAMPLE, family="kvcache")
-    records = _records(proc.stdout)
-    assert proc.returncode == 0 and "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, proc.stdout[-4000:]
-    assert len(records) == len(KV_MEMCHECK_SAMPLE) and all(r["status"] == "pass" for r in records), records
+    _memcheck(KV_MEMCHECK_SAMPLE, "kvcache")
 
 
 def test_misaligned_head_stride_falls_back_without_fault(fresh_announcements):
