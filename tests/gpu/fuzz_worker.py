@@ -80,7 +80,8 @@ def run_kvcache(case, do_check: bool) -> dict:
     decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, **args, **opts)
     out, lse = fa2rt.attention_with_kvcache(q, k_cache, v_cache, **args, **opts, return_lse=True)
     torch.cuda.synchronize()
-    result = {"path": decision.path, "image": decision.image, "reason": decision.reason, "split": decision.message}
+    result = {"path": decision.path, "image": decision.image, "reason": decision.reason,
+              "message": decision.message}
     if do_check:
         found = fuzz_kvcache.errors(case, out, lse, k_cache, v_cache, ref)
         assert found["ok"], found["errors"]
