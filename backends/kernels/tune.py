@@ -3,6 +3,7 @@
     python backends/kernels/tune.py --archs sm90,sm80,sm89 --out DIR [--op fwd] [--buckets 64,128] [--write]
                                     [--tiles M,N,WARPS,STAGES;...] [--max-stack-bytes N] [--band full]
     python backends/kernels/tune.py --op decode --archs sm90 --buckets 64,128 --out DIR [--write]
+                                    [--decode-points BATCH,CACHE,H,HK,LAYOUT[,SPLITS];...]
 
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
 only counts if all of them pass the AOT static checks: no spills (or at most --max-stack-bytes), shared memory within
@@ -13,7 +14,8 @@ Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ran
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
 For decode (memory-bound, 16 packed query rows per program), every layout's kind is built with the candidate tile
 (contiguous, page-aligned paged and paged; --write leaves an entry's own "page_aligned" tile as it is) and timed
-through fa2rt.attention_with_kvcache on DECODE_POINTS, contiguous and paged (a stage more measured 4% faster on
+through fa2rt.attention_with_kvcache on DECODE_POINTS (or --decode-points; SPLITS fixes num_splits, else the
+heuristic chooses), contiguous and paged (a stage more measured 4% faster on
 contiguous caches and 8-27% slower on paged ones), each call a CUDA graph replay (the kernels without host time), in
 TB/s of K and V read.
 The entry's own tile always competes ("own tile" column). With --band full only calls without causal or window are
@@ -189,7 +191,7 @@ def _use_images(folder: Path, arch: str) -> None:
     os.environ["FA2RT_MIN_SEQLEN"] = "0"
 
 
-def time_decode_tile(folder: Path, arch: str, bucket: int) -> dict:
+def time_decode_tile(folder: Path, arch: str, bucket: int, points=DECODE_POINTS) -> dict:
     """{point: TB/s of K and V read} of the tile's decode images, each call a CUDA graph replay."""
     from triton.testing import do_bench
 
@@ -199,18 +201,20 @@ def time_decode_tile(folder: Path, arch: str, bucket: int) -> dict:
 
     _use_images(folder, arch)
     rates = {}
-    for batch, cache, h, hk, layout in DECODE_POINTS:
+    for batch, cache, h, hk, layout, *splits in points:
         q, k_cache, v_cache, kw = decode.make_point(batch, cache, h, hk, bucket, layout, append=False)
+        kw |= {"num_splits": splits[0]} if splits else {}
         decision = fa2rt.explain_with_kvcache(q, k_cache, v_cache, **kw)
         if decision.path != "kernel":
             raise RuntimeError(f"{folder.name}: not the kernel path: {decision}")
         call = graphed(lambda: fa2rt.attention_with_kvcache(q, k_cache, v_cache, **kw))  # noqa: B023
         ms = do_bench(call, warmup=10, rep=40, return_mode="median")
-        rates[f"b{batch}-n{cache}-{h}/{hk}-{layout}"] = decode.cache_bytes(batch, cache, hk, bucket) / ms / 1e9
+        name = f"b{batch}-n{cache}-{h}/{hk}-{layout}" + (f"-s{splits[0]}" if splits else "")
+        rates[name] = decode.cache_bytes(batch, cache, hk, bucket) / ms / 1e9
     return rates
 
 
-def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any") -> dict:
+def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any", points=DECODE_POINTS) -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -218,7 +222,7 @@ def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any") 
     from fa2rt.bench.common import HIDDEN, TOKENS, fwd_flops
 
     if op == "decode":
-        return time_decode_tile(folder, arch, bucket)
+        return time_decode_tile(folder, arch, bucket, points)
     backward = op != "fwd"
     _use_images(folder, arch)
     times = {}
@@ -249,6 +253,17 @@ def parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
     return tiles
 
 
+def parse_decode_points(text: str) -> list[tuple]:
+    """BATCH,CACHE,H,HK,LAYOUT[,SPLITS];... as DECODE_POINTS holds them, SPLITS appended where given."""
+    points = []
+    for item in filter(None, text.split(";")):
+        fields = item.split(",")
+        if len(fields) not in (5, 6):
+            raise argparse.ArgumentTypeError(f"--decode-points: expected BATCH,CACHE,H,HK,LAYOUT[,SPLITS] got {item!r}")
+        points.append((*map(int, fields[:4]), fields[4], *map(int, fields[5:])))
+    return points
+
+
 def main(argv=None) -> int:
     from fa2rt.bench.common import geomean
 
@@ -261,6 +276,8 @@ def main(argv=None) -> int:
                    help="accept tiles that spill up to this many bytes (a winner that does is stored with it)")
     p.add_argument("--band", choices=BANDS, default="any",
                    help="full: tune the full-band tile (calls without causal or window) against the entry's own")
+    p.add_argument("--decode-points", type=parse_decode_points, default=DECODE_POINTS,
+                   help="decode steps to time instead of DECODE_POINTS: BATCH,CACHE,H,HK,LAYOUT[,SPLITS];...")
     p.add_argument("--out", type=Path, required=True, help="folder for tune.json")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--write", action="store_true", help="store the winning tiles in backends/<vendor>/tiles.json")
@@ -280,7 +297,7 @@ def main(argv=None) -> int:
                 else:
                     folder, row["stack_bytes"] = built
                     unit_key = "tbps" if args.op == "decode" else "tflops"
-                    row[unit_key] = time_tile(folder, arch, bucket, args.op, args.band)
+                    row[unit_key] = time_tile(folder, arch, bucket, args.op, args.band, args.decode_points)
                     row["geomean"] = geomean(row[unit_key].values())
                     if tile == next(iter(current_tiles(arch, bucket, args.op))):
                         own[(arch, bucket)] = row

@@ -343,6 +343,18 @@ def test_tune_tiles_option():
     assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in cands[0][1]} == {(64, 64, 4, 2)}
     assert len(cands[0][1]) == len(variants.KINDS)
     assert {v.max_stack_bytes for v in cands[0][1]} == {0}
+
+
+def test_tune_decode_points_option():
+    import argparse
+
+    import tune
+
+    assert tune.parse_decode_points("64,4096,32,8,contiguous,1;1,32768,32,32,paged64") == [
+        (64, 4096, 32, 8, "contiguous", 1), (1, 32768, 32, 32, "paged64")]
+    for bad in ("1,4096,32,8", "1,4096,32,8,contiguous,1,2", "1,x,32,8,contiguous"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            tune.parse_decode_points(bad)
     spilling = tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 64, 4, 2)], max_stack_bytes=224)
     assert {v.max_stack_bytes for v in spilling[0][1]} == {224}
     # The own tile keeps its own allowance where the given one is smaller.
