@@ -4,6 +4,7 @@
                                     [--tiles M,N,WARPS,STAGES;...] [--max-stack-bytes N] [--band full]
     python backends/kernels/tune.py --op decode --archs sm90 --buckets 64,128 --out DIR [--write]
                                     [--decode-points BATCH,CACHE,H,HK,LAYOUT[,SPLITS];...]
+    python backends/kernels/tune.py --op decode_combine --archs sm90 --buckets 128 --tiles M,N,WARPS,1;... --out DIR
 
 For every arch, bucket and candidate tile of the op, builds every image kind of the bucket (variants.KINDS; a tile
 only counts if all of them pass the AOT static checks: no spills (or at most --max-stack-bytes), shared memory within
@@ -17,7 +18,8 @@ For decode (memory-bound, 16 packed query rows per program), every layout's kind
 through fa2rt.attention_with_kvcache on DECODE_POINTS (or --decode-points; SPLITS fixes num_splits, else the
 heuristic chooses), contiguous and paged (a stage more measured 4% faster on
 contiguous caches and 8-27% slower on paged ones), each call a CUDA graph replay (the kernels without host time), in
-TB/s of K and V read.
+TB/s of K and V read. --op decode_combine times the split merge's tiles (block_m rows of a sequence per program,
+block_n splits per step) the same way, the decode images on their current tiles.
 The entry's own tile always competes ("own tile" column). With --band full only calls without causal or window are
 timed, the entry's full-band tile competes too, and --write stores a winner as the entry's full-band tile
 (variants.FULL_BAND) where it beats the entry's own tile by FULL_BAND_MIN_GAIN, and drops it where it does not.
@@ -52,11 +54,14 @@ CANDIDATES = {
     "decode": {"cuda": [(16, 32, 4, 2), (16, 32, 4, 4), (16, 64, 4, 3), (16, 64, 4, 4), (16, 64, 2, 3),
                         (16, 64, 8, 3), (16, 128, 4, 2), (16, 128, 4, 3), (16, 128, 8, 2), (16, 128, 8, 3),
                         (16, 256, 8, 2)]},
+    # The merge: (rows per program, splits per step, warps, 1).
+    "decode_combine": {"cuda": [(1, 16, 4, 1), (1, 32, 4, 1), (1, 32, 8, 1), (1, 64, 8, 1)]},
     "bwd_dkdv": {"cuda": [(32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2),
                           (64, 64, 8, 1), (64, 64, 8, 2), (16, 128, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1),
                           (32, 64, 4, 2), (16, 64, 4, 1)]},
 }
 SEQLENS = (1024, 4096)
+DECODE_OPS = ("decode", "decode_combine")  # timed on decode steps (DECODE_POINTS), each with the other's images
 # Whether the timed calls are causal, per --band: every call, or only those a full-band tile serves.
 BANDS = {"any": (False, True), "full": (False,)}
 # Decode steps timed per tile (batch, cache length, nheads, nheads_k, layout as fa2rt.bench --decode names it): one
@@ -96,9 +101,12 @@ def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = Non
     for m, n, w, s in tiles:
         entry = current.get((m, n, w, s), {})
         stack = max(max_stack_bytes, entry.get("max_stack_bytes", 0))
-        # Decode's 16-row tiles run mma.sync everywhere: every candidate takes the bucket entry's instruction.
-        own_instr = variants.tile_config(arch, op, bucket).get("mma_instr") if op == "decode" else None
-        instr = entry.get("mma_instr", own_instr or variants.ARCHS[arch][3])
+        # Decode's 16-row tiles run mma.sync everywhere and the merge has no matrix product: every candidate takes
+        # the bucket entry's instruction.
+        if op in DECODE_OPS:
+            instr = variants.tile_config(arch, op, bucket).get("mma_instr")
+        else:
+            instr = entry.get("mma_instr", variants.ARCHS[arch][3])
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
                                      block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=stack,
                                      mma_instr=instr, layout=layout, page_aligned=aligned)
@@ -111,7 +119,7 @@ def _layout_kinds(op: str) -> list[tuple[str, bool, tuple, bool]]:
     """(layout, d_mask, features, page_aligned) of every image a candidate tile must build, the timed one first: the
     dense kinds, or for decode its one kind in each cache layout, the paged one also page-aligned (listed first, as
     variants.variants lists it), so the timed paged points run the images the dispatcher would pick."""
-    if op != "decode":
+    if op not in DECODE_OPS:
         return [("dense", d_mask, features, False) for d_mask, features in variants.KINDS]
     return [(layout, d_mask, features, aligned) for layout, kinds in variants.OP_LAYOUT_KINDS[op].items()
             for d_mask, features in kinds
@@ -129,8 +137,8 @@ def _companions(arch: str, bucket: int, op: str) -> list:
     the forward and both backward kernels."""
     if op == "fwd":
         return []
-    if op == "decode":  # the merge of the split partials, at the bucket's head dim
-        return [v for v in variants.variants([arch]) if v.op == "decode_combine" and v.dtype == "bf16"
+    if op in DECODE_OPS:  # the other of the decode kernel and the merge of its split partials, at the bucket
+        return [v for v in variants.variants([arch]) if v.op in DECODE_OPS and v.op != op and v.dtype == "bf16"
                 and v.head_dim == bucket]
     return [v for v in variants.variants([arch]) if v.op != op and v.head_dim == bucket and v.dtype == "bf16"
             and (v.d_mask, v.features) == variants.KINDS[0] and v.layout == "dense"]
@@ -221,7 +229,7 @@ def time_tile(folder: Path, arch: str, bucket: int, op: str, band: str = "any", 
     import fa2rt
     from fa2rt.bench.common import HIDDEN, TOKENS, fwd_flops
 
-    if op == "decode":
+    if op in DECODE_OPS:
         return time_decode_tile(folder, arch, bucket, points)
     backward = op != "fwd"
     _use_images(folder, arch)
@@ -296,7 +304,7 @@ def main(argv=None) -> int:
                     row["failed"] = built
                 else:
                     folder, row["stack_bytes"] = built
-                    unit_key = "tbps" if args.op == "decode" else "tflops"
+                    unit_key = "tbps" if args.op in DECODE_OPS else "tflops"
                     row[unit_key] = time_tile(folder, arch, bucket, args.op, args.band, args.decode_points)
                     row["geomean"] = geomean(row[unit_key].values())
                     if tile == next(iter(current_tiles(arch, bucket, args.op))):
@@ -307,7 +315,7 @@ def main(argv=None) -> int:
                 results.append(row)
                 print(json.dumps(row), flush=True)
     (args.out / "tune.json").write_text(json.dumps(results, indent=1))
-    unit = "TB/s" if args.op == "decode" else "TFLOP/s"
+    unit = "TB/s" if args.op in DECODE_OPS else "TFLOP/s"
     print(f"{'arch':7}{'bucket':>7}  {'tile (m, n, warps, stages)':28}{'geomean ' + unit:>16}{'own tile':>10}")
     for (arch, bucket), row in sorted(winners.items()):
         mine = own.get((arch, bucket))
@@ -340,7 +348,7 @@ def _update_tiles(winners: dict, op: str, update) -> None:
 
 def write_tiles(winners: dict, op: str) -> None:
     def update(cfg, row):
-        if tuple(row["tile"]) != _tile(cfg) and op != "decode":
+        if tuple(row["tile"]) != _tile(cfg) and op not in DECODE_OPS:
             cfg.pop("mma_instr", None)  # a new tile was built and checked with the arch's own instruction
         cfg.pop("max_stack_bytes", None)
         cfg.update(_tile_entry(row))

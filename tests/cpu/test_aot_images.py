@@ -384,6 +384,13 @@ def test_tune_decode_builds_every_cache_layout_and_the_combine():
     assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in kinds} == {tile}
     assert [v.op for v in tune._companions("sm90", 128, "decode")] == ["decode_combine"]
     assert all(all(v.layout == "dense" for v in ks) for _, ks in tune.candidate_variants("sm90", 64, "fwd"))
+    # The merge's tiles are tuned on the same decode steps: every decode image of the bucket comes along on its
+    # current tile; the candidates keep the entry's null instruction (no matrix product to check).
+    (tile, kinds), *_ = tune.candidate_variants("sm90", 128, "decode_combine", [(1, 16, 4, 1)])
+    assert tile == (1, 16, 4, 1) and [(v.op, v.layout, v.mma_instr) for v in kinds] == [
+        ("decode_combine", "partials", None)]
+    assert [(v.op, v.layout, v.page_aligned) for v in tune._companions("sm90", 128, "decode_combine")] == [
+        (v.op, v.layout, v.page_aligned) for v in built]
 
 
 def test_tune_full_band():
