@@ -103,10 +103,8 @@ def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = Non
         stack = max(max_stack_bytes, entry.get("max_stack_bytes", 0))
         # Decode's 16-row tiles run mma.sync everywhere and the merge has no matrix product: every candidate takes
         # the bucket entry's instruction.
-        if op in DECODE_OPS:
-            instr = variants.tile_config(arch, op, bucket).get("mma_instr")
-        else:
-            instr = entry.get("mma_instr", variants.ARCHS[arch][3])
+        owner = variants.tile_config(arch, op, bucket) if op in DECODE_OPS else entry
+        instr = owner.get("mma_instr", variants.ARCHS[arch][3])
         kinds = [dataclasses.replace(base, dtype="bf16", head_dim=bucket, d_mask=d_mask, features=features,
                                      block_m=m, block_n=n, num_warps=w, num_stages=s, max_stack_bytes=stack,
                                      mma_instr=instr, layout=layout, page_aligned=aligned)

@@ -343,18 +343,6 @@ def test_tune_tiles_option():
     assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in cands[0][1]} == {(64, 64, 4, 2)}
     assert len(cands[0][1]) == len(variants.KINDS)
     assert {v.max_stack_bytes for v in cands[0][1]} == {0}
-
-
-def test_tune_decode_points_option():
-    import argparse
-
-    import tune
-
-    assert tune.parse_decode_points("64,4096,32,8,contiguous,1;1,32768,32,32,paged64") == [
-        (64, 4096, 32, 8, "contiguous", 1), (1, 32768, 32, 32, "paged64")]
-    for bad in ("1,4096,32,8", "1,4096,32,8,contiguous,1,2", "1,x,32,8,contiguous"):
-        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
-            tune.parse_decode_points(bad)
     spilling = tune.candidate_variants("sm90", 128, "bwd_dkdv", [(64, 64, 4, 2)], max_stack_bytes=224)
     assert {v.max_stack_bytes for v in spilling[0][1]} == {224}
     # The own tile keeps its own allowance where the given one is smaller.
@@ -367,6 +355,18 @@ def test_tune_decode_points_option():
         for _tile, kinds in tune.candidate_variants("gfx90a", bucket, "bwd_dq", [(64, 32, 4, 1)]):
             assert {v.waves_per_eu for v in kinds} == {want}, bucket
     assert {variants.tile_config("gfx90a", "bwd_dq", b)["waves_per_eu"] for b in (64, 128)} == {1, 2}
+
+
+def test_tune_decode_points_option():
+    import argparse
+
+    import tune
+
+    assert tune.parse_decode_points("64,4096,32,8,contiguous,1;1,32768,32,32,paged64") == [
+        (64, 4096, 32, 8, "contiguous", 1), (1, 32768, 32, 32, "paged64")]
+    for bad in ("1,4096,32,8", "1,4096,32,8,contiguous,1,2", "1,x,32,8,contiguous"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            tune.parse_decode_points(bad)
 
 
 def test_tune_decode_builds_every_cache_layout_and_the_combine():
