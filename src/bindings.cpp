@@ -139,6 +139,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("features", &ImageInfo::features)
       .def_readwrite("full_band_only", &ImageInfo::full_band_only)
       .def_readwrite("max_seqlen_k", &ImageInfo::max_seqlen_k)
+      .def_readwrite("one_split", &ImageInfo::one_split)
       .def_readwrite("layouts", &ImageInfo::layouts)
       .def_readwrite("page_multiple", &ImageInfo::page_multiple)
       .def_readwrite("optional_features", &ImageInfo::optional_features)

@@ -128,6 +128,8 @@ std::string check_band(const Problem& p, const DeviceInfo&, const ImageInfo& img
   if (img.max_seqlen_k > 0 && p.seqlen_k > img.max_seqlen_k)
     return "band: image's schedule is tuned for calls of at most " + str(img.max_seqlen_k) + " keys, problem has " +
            str(p.seqlen_k);
+  if (img.one_split && p.splits != 1)
+    return "band: image's tile is tuned for decode calls of one split, problem has " + str(p.splits);
   return "";
 }
 

@@ -22,7 +22,7 @@ enum class Reject {
   kDtype,
   kHeadDim,
   kFeatures,
-  kBand,  // a full-band-only image, and the call has causal or a window
+  kBand,  // an image tuned for a class of calls (full band, short, one split) the call is not in
   kAlignment,
   kSharedMemory,
   kIndexRange,

@@ -274,7 +274,8 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
-        "max_seqlen_k": v.max_seqlen_k, "layouts": [v.layout], "page_multiple": v.page_multiple,
+        "max_seqlen_k": v.max_seqlen_k, "one_split": v.one_split, "layouts": [v.layout],
+        "page_multiple": v.page_multiple,
         "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,
         # Triton's count: a warp-specialised kernel's partitions included (fwd_ws: 3 warpgroups).

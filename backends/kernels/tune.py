@@ -91,7 +91,7 @@ def candidate_variants(arch: str, bucket: int, op: str, tiles: list | None = Non
     its entry's matrix-core instruction and at least its spill allowance. Every tile takes the bucket entry's
     waves_per_eu (AMD; the first bucket's may differ)."""
     layouts = _layout_kinds(op)
-    base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only
+    base = next(v for v in variants.variants([arch]) if v.op == op and not v.full_band_only and not v.one_split
                 and v.layout == layouts[0][0])
     base = dataclasses.replace(base, waves_per_eu=variants.tile_config(arch, op, bucket).get("waves_per_eu"))
     current = list(current_tiles(arch, bucket, op).items())

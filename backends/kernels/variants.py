@@ -90,6 +90,11 @@ PAGED_TILE = "paged"
 # tile of its page-aligned images, where another measured faster (else the entry's own).
 PAGE_ALIGNED_OPS = ("decode",)
 PAGE_ALIGNED_TILE = "page_aligned"
+# A decode entry may carry a "one_split" entry: the tile of extra contiguous-cache images, listed first, that take only
+# calls of one split (the batch alone fills the device), where a longer key block reads faster than the entry's own
+# tile and the entry's own reads faster for split calls (docs/bench/decode-tile-ab-h100.json).
+ONE_SPLIT_TILE = "one_split"
+ONE_SPLIT_LAYOUTS = ("kvcache",)
 
 # A tiles.json fwd or bwd_ws entry may carry a "ws" entry: the schedule of a warp-specialised Gluon kernel (fwd_ws.py,
 # bwd_ws.py: TMA loads, wgmma, setmaxnreg; sm90 only, so no AMD entry has one). It builds one image per dtype for
@@ -203,6 +208,7 @@ class Variant:
     max_seqlen_k: int = 0  # built from a WS_SHORT entry: only for calls of at most this many keys (0: any)
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
     page_aligned: bool = False  # a paged decode image whose tiles lie in one page each (PAGE_ALIGNED_OPS)
+    one_split: bool = False  # built from a ONE_SPLIT_TILE entry: only for decode calls of one split
     family: str = "triton"  # kernel source: "triton" (fwd.py, bwd.py, decode.py) or WS_FAMILY (fwd_ws.py, bwd_ws.py)
     persistent: bool = False  # WS_FAMILY: a grid of one program per SM walks the tiles
 
@@ -227,31 +233,35 @@ class Variant:
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
         band = ("-fullband" if self.full_band_only else "") + (f"-k{self.max_seqlen_k}" if self.max_seqlen_k else "")
         layout = "" if self.layout == "dense" else f"-{self.layout}"
-        aligned = "-aligned" if self.page_aligned else ""
+        aligned = ("-aligned" if self.page_aligned else "") + ("-onesplit" if self.one_split else "")
         family = ("-ws" if self.family == WS_FAMILY else "") + ("-persistent" if self.persistent else "")
         return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}{aligned}{family}-{tile}"
 
 
 def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False, layout: str = "dense",
-                page_aligned: bool = False) -> dict:
+                page_aligned: bool = False, one_split: bool = False) -> dict:
     """The tiles.json entry an image was built from."""
     cfg = arch_info(arch)[op][str(head_dim)]
     if full_band_only:
         return cfg[FULL_BAND]
     if page_aligned:
         return cfg.get(PAGE_ALIGNED_TILE, cfg)
+    if one_split:
+        return cfg[ONE_SPLIT_TILE]
     return cfg.get(PAGED_TILE, cfg) if layout == "varlen_paged" else cfg
 
 
-def _tile_choices(arch: str, op: str, bucket: int, cfg: dict, layout: str) -> list[tuple[bool, bool, dict]]:
-    """(full_band_only, page_aligned, tile) of the images built per kind, in the dispatcher's preference order: a
-    full-band or page-aligned tile first, where it applies, then the entry's own."""
+def _tile_choices(arch: str, op: str, bucket: int, cfg: dict, layout: str) -> list[tuple[dict, dict]]:
+    """(the Variant's role flags, tile) of the images built per kind, in the dispatcher's preference order: a
+    full-band, page-aligned or one-split tile first, where it applies, then the entry's own."""
     extra = []
     if FULL_BAND in cfg and layout in FULL_BAND_LAYOUTS:
-        extra.append((True, False, cfg[FULL_BAND]))
+        extra.append(({"full_band_only": True}, cfg[FULL_BAND]))
     if op in PAGE_ALIGNED_OPS and layout == "paged":
-        extra.append((False, True, tile_config(arch, op, bucket, layout=layout, page_aligned=True)))
-    return extra + [(False, False, tile_config(arch, op, bucket, layout=layout))]
+        extra.append(({"page_aligned": True}, tile_config(arch, op, bucket, layout=layout, page_aligned=True)))
+    if ONE_SPLIT_TILE in cfg and layout in ONE_SPLIT_LAYOUTS:
+        extra.append(({"one_split": True}, cfg[ONE_SPLIT_TILE]))
+    return extra + [({}, tile_config(arch, op, bucket, layout=layout))]
 
 
 def variants(archs: list[str]) -> list[Variant]:
@@ -270,7 +280,7 @@ def variants(archs: list[str]) -> list[Variant]:
                         for d_mask, features in kinds:
                             if op in WS_REPLACES and _ws_takes(cfg, layout, d_mask, features):
                                 continue
-                            for full_band_only, page_aligned, c in choices:
+                            for roles, c in choices:
                                 out.append(Variant(
                                     op=op, arch=arch, vendor=vendor, target_backend=backend,
                                     target_arch=target_arch, warp_size=tiles(vendor)["warp_size"],
@@ -278,8 +288,7 @@ def variants(archs: list[str]) -> list[Variant]:
                                     dtype=dtype, head_dim=int(bucket), d_mask=d_mask, features=features,
                                     block_m=c["block_m"], block_n=c["block_n"], num_warps=c["num_warps"],
                                     num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
-                                    max_stack_bytes=stack_allowance(c, layout), full_band_only=full_band_only,
-                                    layout=layout, page_aligned=page_aligned))
+                                    max_stack_bytes=stack_allowance(c, layout), layout=layout, **roles))
     return out
 
 

@@ -20,21 +20,17 @@ from .ops import device_and_stream, empty_contiguous, empty_floats
 
 DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
-# The split heuristic (num_splits=0), from the sweeps in docs/bench/decode-splits-h200.json and
-# decode-splits-fill-h200.json (ci/decode_splits.py: H200, bf16 d128, GQA 32/8 and MHA 32/32, batch 1-64, caches
-# 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA graph replays). About RESIDENT decode programs run at once
-# per SM. Two counts of programs read fast: all in one wave (the largest power-of-two split that fits), or at least
-# MANY_WAVES waves (the smallest power-of-two split that reaches them), where the last wave's tail is short. Between
-# them (1.3-3 waves) the tail costs up to 15%. One wave wins unless the many-wave split still gives each split
-# LONG_SPLIT_KEYS keys; without a one-wave split, many waves. Paged caches never split beyond one wave (at batch 32-64
-# one split read 7-17% faster than 4-8). The rule reads within 2.5% of the sweeps' best split at every point
-# (tests/cpu/test_kvcache.py checks it against those files). No split is shorter than MIN_KEYS_PER_SPLIT keys (a
-# partial costs a write and a combine read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged caches
-# 3-4% faster than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond MAX_SPLITS.
+# The split heuristic (num_splits=0), from the sweep in docs/bench/decode-splits-s50-h200.json (ci/decode_splits.py:
+# H200, bf16 d128, GQA 32/8 and MHA 32/32, batch 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128,
+# CUDA graph replays, the shipped images: a split call runs the entry's own tile, a call of one split the one_split
+# tile where the bucket has one). About RESIDENT decode programs run at once per SM: the rule takes the largest
+# power-of-two split whose programs all fit in one wave, and one split once the sequences alone fill a wave (no
+# partials, no merge, and the longer key block of a one_split image). It reads within 2.5% of the sweep's best split
+# at every point (tests/cpu/test_kvcache.py checks it against that file). No split is shorter than MIN_KEYS_PER_SPLIT
+# keys (a partial costs a write and a merge read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged
+# caches 3-4% faster than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond
+# MAX_SPLITS.
 RESIDENT = 3
-MANY_WAVES = 4
-LONG_SPLIT_KEYS = 4096
-SPLITS_BEYOND_A_WAVE = {"kvcache": True, "paged": False}  # by KVShapes.layout
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 128
 PACKED_ROWS = 16  # rows of the decode tiles (tiles.json block_m): query heads of one KV head packed per program
@@ -47,13 +43,8 @@ def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_
     row_blocks = math.ceil(shapes.seqlen_q * (shapes.nheads // shapes.nheads_k) / block_m)
     programs = max(1, shapes.batch * shapes.nheads_k * row_blocks)
     slots = RESIDENT * max(multiprocessors, 1)
-    one_wave = 1 << (slots // programs).bit_length() - 1 if programs <= slots else None
-    many_waves = 1
-    if SPLITS_BEYOND_A_WAVE[shapes.layout]:
-        many_waves = 1 << max(0, math.ceil(math.log2(MANY_WAVES * slots / programs)))
-    take_many = one_wave is None or (many_waves > 1 and shapes.capacity // many_waves >= LONG_SPLIT_KEYS)
-    wanted = many_waves if take_many else one_wave
-    return max(1, min(wanted, shapes.capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    one_wave = 1 << (slots // programs).bit_length() - 1 if programs <= slots else 1
+    return max(1, min(one_wave, shapes.capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
 # --- append and rotary (torch ops on clamped indices) ----------------------------------------------------------------

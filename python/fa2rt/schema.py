@@ -15,7 +15,8 @@ flat_grid (one program per (block, batch, head) along x) and tensor_maps (TMA de
 encoded per launch); a fwd "gluon_ws" row fits the same problems as a Triton one, so an older runtime would select
 it and fail to pack it. Still 6 with rows' max_seqlen_k (sm90's short Gluon forward images serve calls of at most
 that many keys; 0 or absent: any): an older runtime ignores it and may give a short image a longer call, which it
-computes correctly, only more slowly.
+computes correctly, only more slowly. Still 6 with rows' one_split (decode images tuned for calls of one split;
+false or absent: any): likewise, an older runtime may give one a split call, which it computes correctly.
 """
 
 MANIFEST_SCHEMA = 6

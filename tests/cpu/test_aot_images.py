@@ -130,6 +130,7 @@ def test_row_fields(build):
         assert f"-{'+'.join(row['features']) or 'plain'}-" in row["name"]
         assert row["d_mask"] == (f"-d{row['head_dim']}m-" in row["name"])
         assert row["full_band_only"] == ("-fullband-" in row["name"])
+        assert row["one_split"] == ("-onesplit-" in row["name"])
         short = re.search(r"-k(\d+)-", row["name"])
         assert row["max_seqlen_k"] == (int(short[1]) if short else 0)
         ws = row["family"] == variants.WS_FAMILY
@@ -231,7 +232,7 @@ def _tile_of(row) -> dict:
         return variants.ws_schedule(row["arch"], row["op"], row["head_dim"], row["full_band_only"],
                                     row["max_seqlen_k"])
     return variants.tile_config(row["arch"], row["op"], row["head_dim"], row["full_band_only"], row["layouts"][0],
-                                "-aligned-" in row["name"])
+                                "-aligned-" in row["name"], row["one_split"])
 
 
 def test_rows_passed_static_checks(build):
@@ -377,8 +378,12 @@ def test_tune_decode_builds_every_cache_layout_and_the_combine():
     (tile, kinds), *_ = tune.candidate_variants("sm90", 128, "decode", [(16, 128, 4, 3)])
     assert tile == (16, 128, 4, 3)
     built = [v for v in variants.variants(["sm90"]) if v.op == "decode" and v.dtype == "bf16" and v.head_dim == 128]
+    # The bucket's one-split image (its own tile, listed first) is not the candidate's: the candidate replaces the
+    # entry's own tile.
+    assert [v.one_split for v in built] == [True, False, False, False]
     assert [(v.layout, v.d_mask, v.features, v.page_aligned) for v in kinds] == [
-        (v.layout, v.d_mask, v.features, v.page_aligned) for v in built]
+        (v.layout, v.d_mask, v.features, v.page_aligned) for v in built[1:]]
+    assert not any(v.one_split for v in kinds)
     assert [v.page_aligned for v in kinds] == [False, True, False]
     assert kinds[0].layout == "kvcache" and {v.op for v in kinds} == {"decode"}
     assert {(v.block_m, v.block_n, v.num_warps, v.num_stages) for v in kinds} == {tile}

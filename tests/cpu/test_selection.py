@@ -168,6 +168,23 @@ def test_full_band_image_serves_only_calls_without_band():
         ("band", "band: image's tile is tuned for calls without causal or window, problem has one")]
 
 
+def test_one_split_image_serves_only_calls_of_one_split():
+    # Listed first, it wins for a decode call of one split; a split call passes it over for the entry's own tile.
+    one = synthetic_image("sm90", "bf16", 128)
+    one.name, one.one_split = "decode-sm90-bf16-d128-plain-kvcache-onesplit", True
+    reg = _C.Registry()
+    reg.add(one)
+    reg.add(synthetic_image("sm90", "bf16", 128))
+    p = problem()
+    assert p.splits == 1
+    assert _C.select(p, DEVICES["sm90"], reg, "")["image"] == one.name
+    p.splits = 4
+    sel = _C.select(p, DEVICES["sm90"], reg, "")
+    assert sel["image"] == "fwd-sm90-bf16-d128-plain"
+    assert [(r.code, r.message) for r in sel["rejections"]] == [
+        ("band", "band: image's tile is tuned for decode calls of one split, problem has 4")]
+
+
 def test_short_image_serves_only_calls_within_its_keys():
     # Listed before the banded image, it wins for calls of at most max_seqlen_k keys; a longer call passes it over.
     short = synthetic_image("sm90", "bf16", 128)
@@ -237,7 +254,7 @@ def test_each_installed_image_is_chosen_on_its_native_device():
     """The real build: every image wins its own problem on a device of its arch (nothing unreachable): the exact
     head dim for an unmasked image, a smaller multiple of 8 for a masked one; a call without band for a full-band
     image, a banded one for the others; a call of at most max_seqlen_k keys for a short image, a longer one for the
-    others."""
+    others; a decode call of one split for a one-split image, of two for the others."""
     build = builds.current_build()
     if build.manifest is None:
         pytest.fail(f"no installed kernel build: {build.error}")
@@ -247,5 +264,6 @@ def test_each_installed_image_is_chosen_on_its_native_device():
         p = problem(img.dtype, head_dim, features, layout=img.layouts[0])
         p.op, p.full_band, p.page_size = img.op, img.full_band_only, img.page_multiple
         p.seqlen_k = img.max_seqlen_k or 1 << 16
+        p.splits = 1 if img.one_split else 2
         sel = _C.select(p, DEVICES[img.arch], build.registry, "")
         assert sel["image"] == img.name, (img.name, sel)

@@ -15,6 +15,7 @@ import torch
 from gpu_helpers import DEVICE, PATHS, poison_allocator, rel_err, seed_of, use_path
 
 import fa2rt
+from fa2rt import builds
 from fa2rt.reference import kvcache_reference
 
 pytestmark = pytest.mark.usefixtures("kernels_at_any_length")
@@ -163,6 +164,8 @@ def test_split_counts(splits):
     args = make_call(seed_of("splits", splits), batch=2, capacity=4096, full=True)
     decision = expect_kernel(args, num_splits=splits)
     assert (decision.backward == ()) == (splits == 1)
+    # sm90's d128 entry has a one-split tile: a call of one split runs it, a split call the entry's own.
+    assert ("-onesplit-" in decision.image) == (splits == 1 and decision.image.startswith("decode-sm90-"))
     check(args, dict(num_splits=splits))
 
 
@@ -187,12 +190,18 @@ def test_paged_equals_contiguous_for_the_same_logical_cache():
     pk[table.long()] = contiguous["k_cache"].reshape(2, blocks, page, 2, 128)
     pv[table.long()] = contiguous["v_cache"].reshape(2, blocks, page, 2, 128)
     paged.update(k_cache=pk, v_cache=pv, block_table=table)
+    tiles = {img.name: (img.block_n, img.num_warps) for img in builds.current_build().registry.images()}
     for splits in (1, 5):
         a, b = copied(contiguous), copied(paged)
+        images = [expect_kernel(x, causal=True, num_splits=splits).image for x in (a, b)]
+        same_tile = tiles[images[0]] == tiles[images[1]]
         out_c, lse_c = run(a, causal=True, num_splits=splits)
         out_p, lse_p = run(b, causal=True, num_splits=splits)
-        # The same keys in the same order through the same arithmetic: equal to the bit.
-        assert torch.equal(out_c, out_p) and torch.equal(lse_c, lse_p)
+        if same_tile:  # the same keys in the same order through the same arithmetic: equal to the bit
+            assert torch.equal(out_c, out_p) and torch.equal(lse_c, lse_p)
+        else:  # key blocks of other sizes sum in another order: equal within rounding (a bf16 step, fp32 LSE)
+            torch.testing.assert_close(out_p, out_c, rtol=2**-7, atol=2**-9)
+            torch.testing.assert_close(lse_p, lse_c, rtol=1e-5, atol=1e-5)
         assert torch.equal(b["k_cache"][table.long()].reshape_as(a["k_cache"]), a["k_cache"])
 
 
