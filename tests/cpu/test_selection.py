@@ -152,52 +152,52 @@ def test_softcap_image_never_serves_a_call_without_softcap():
     assert _C.select(problem(head_dim=64), DEVICES["sm90"], reg, "")["image"] == "fwd-sm90-bf16-d64m-alibi"
 
 
+def _listed_before_plain(name: str, **role) -> "_C.Registry":
+    """A registry of an sm90 bf16 d128 image with a role (full_band_only, max_seqlen_k, one_split) named `name`,
+    listed before the plain one: the dispatcher's first fit is the role image wherever its role admits the call."""
+    first = synthetic_image("sm90", "bf16", 128)
+    first.name = name
+    for key, value in role.items():
+        setattr(first, key, value)
+    reg = _C.Registry()
+    reg.add(first)
+    reg.add(synthetic_image("sm90", "bf16", 128))
+    return reg
+
+
+def _passed_over(p, reg, message):
+    sel = _C.select(p, DEVICES["sm90"], reg, "")
+    assert sel["image"] == "fwd-sm90-bf16-d128-plain"
+    assert [(r.code, r.message) for r in sel["rejections"]] == [("band", message)]
+
+
 def test_full_band_image_serves_only_calls_without_band():
     # Listed first, it wins for a call without causal or window; a banded call passes it over for the next image.
-    full = synthetic_image("sm90", "bf16", 128)
-    full.name, full.full_band_only = "fwd-sm90-bf16-d128-plain-fullband", True
-    reg = _C.Registry()
-    reg.add(full)
-    reg.add(synthetic_image("sm90", "bf16", 128))
+    reg = _listed_before_plain("fwd-sm90-bf16-d128-plain-fullband", full_band_only=True)
     unbanded = problem()
     unbanded.full_band = True
     assert _C.select(unbanded, DEVICES["sm90"], reg, "")["image"] == "fwd-sm90-bf16-d128-plain-fullband"
-    sel = _C.select(problem(), DEVICES["sm90"], reg, "")
-    assert sel["image"] == "fwd-sm90-bf16-d128-plain"
-    assert [(r.code, r.message) for r in sel["rejections"]] == [
-        ("band", "band: image's tile is tuned for calls without causal or window, problem has one")]
+    _passed_over(problem(), reg, "band: image's tile is tuned for calls without causal or window, problem has one")
 
 
 def test_one_split_image_serves_only_calls_of_one_split():
     # Listed first, it wins for a decode call of one split; a split call passes it over for the entry's own tile.
-    one = synthetic_image("sm90", "bf16", 128)
-    one.name, one.one_split = "decode-sm90-bf16-d128-plain-kvcache-onesplit", True
-    reg = _C.Registry()
-    reg.add(one)
-    reg.add(synthetic_image("sm90", "bf16", 128))
+    reg = _listed_before_plain("decode-sm90-bf16-d128-plain-kvcache-onesplit", one_split=True)
     p = problem()
     assert p.splits == 1
-    assert _C.select(p, DEVICES["sm90"], reg, "")["image"] == one.name
+    assert _C.select(p, DEVICES["sm90"], reg, "")["image"] == "decode-sm90-bf16-d128-plain-kvcache-onesplit"
     p.splits = 4
-    sel = _C.select(p, DEVICES["sm90"], reg, "")
-    assert sel["image"] == "fwd-sm90-bf16-d128-plain"
-    assert [(r.code, r.message) for r in sel["rejections"]] == [
-        ("band", "band: image's tile is tuned for decode calls of one split, problem has 4")]
+    _passed_over(p, reg, "band: image's tile is tuned for decode calls of one split, problem has 4")
 
 
 def test_short_image_serves_only_calls_within_its_keys():
     # Listed before the banded image, it wins for calls of at most max_seqlen_k keys; a longer call passes it over.
-    short = synthetic_image("sm90", "bf16", 128)
-    short.name, short.max_seqlen_k = "fwd-sm90-bf16-d128-plain-k1024", 1024
-    reg = _C.Registry()
-    reg.add(short)
-    reg.add(synthetic_image("sm90", "bf16", 128))
-    assert _C.select(problem(seqlen_q=1024, seqlen_k=1024), DEVICES["sm90"], reg, "")["image"] == short.name
-    assert _C.select(problem(seqlen_q=1, seqlen_k=300), DEVICES["sm90"], reg, "")["image"] == short.name
-    sel = _C.select(problem(seqlen_q=512, seqlen_k=1025), DEVICES["sm90"], reg, "")
-    assert sel["image"] == "fwd-sm90-bf16-d128-plain"
-    assert [(r.code, r.message) for r in sel["rejections"]] == [
-        ("band", "band: image's schedule is tuned for calls of at most 1024 keys, problem has 1025")]
+    reg = _listed_before_plain("fwd-sm90-bf16-d128-plain-k1024", max_seqlen_k=1024)
+    short = "fwd-sm90-bf16-d128-plain-k1024"
+    assert _C.select(problem(seqlen_q=1024, seqlen_k=1024), DEVICES["sm90"], reg, "")["image"] == short
+    assert _C.select(problem(seqlen_q=1, seqlen_k=300), DEVICES["sm90"], reg, "")["image"] == short
+    _passed_over(problem(seqlen_q=512, seqlen_k=1025), reg,
+                 "band: image's schedule is tuned for calls of at most 1024 keys, problem has 1025")
 
 
 def test_every_candidate_is_accounted_for():
