@@ -48,12 +48,16 @@ decode = _load()
 
 
 def _tiles(op):
-    """(block_m, block_n, bucket) -> archs, over both vendors' tiles.json."""
+    """(block_m, block_n, bucket) -> archs, over both vendors' tiles.json: each entry's own tile and its page-aligned
+    and one-split tiles."""
     out = {}
     for path in TILES.values():
         for arch, entry in json.loads(path.read_text())["archs"].items():
-            for bucket, cfg in entry.get(op, {}).items():
-                out.setdefault((cfg["block_m"], cfg["block_n"], int(bucket)), []).append(arch)
+            for bucket, own in entry.get(op, {}).items():
+                for cfg in filter(None, (own, own.get("page_aligned"), own.get("one_split"))):
+                    archs = out.setdefault((cfg["block_m"], cfg["block_n"], int(bucket)), [])
+                    if arch not in archs:
+                        archs.append(arch)
     return out
 
 
