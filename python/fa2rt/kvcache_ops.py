@@ -20,16 +20,18 @@ from .ops import device_and_stream, empty_contiguous, empty_floats
 
 DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
-# The split heuristic (num_splits=0), from the sweep in docs/bench/decode-splits-s50-h200.json (ci/decode_splits.py:
-# H200, bf16 d128, GQA 32/8 and MHA 32/32, batch 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128,
-# CUDA graph replays, the shipped images: a split call runs the entry's own tile, a call of one split the one_split
-# tile where the bucket has one). About RESIDENT decode programs run at once per SM: the rule takes the largest
-# power-of-two split whose programs all fit in one wave, and one split once the sequences alone fill a wave (no
-# partials, no merge, and the longer key block of a one_split image). It reads within 2.5% of the sweep's best split
-# at every point (tests/cpu/test_kvcache.py checks it against that file). No split is shorter than MIN_KEYS_PER_SPLIT
-# keys (a partial costs a write and a merge read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged
-# caches 3-4% faster than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond
-# MAX_SPLITS.
+# The split heuristic (num_splits=0), from H200 sweeps (ci/decode_splits.py: bf16 d128, GQA 32/8 and MHA 32/32,
+# batch 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA graph replays): of the entry's own
+# tile, which split calls run (docs/bench/decode-splits-h200.json, decode-splits-fill-h200.json), and of the 16 x 128
+# one-split tile (decode-splits-n128-h200.json). About RESIDENT decode programs run at once per SM: the rule takes the
+# largest power-of-two split whose programs all fit in one wave, and one split once the sequences alone fill a wave
+# (no partials, no merge, and the longer key block of a one-split image: b64 4k GQA 4.44 TB/s against 4.11 with 4
+# splits). Where those sweeps measured the images a choice runs, it reads within 2.5% of the best split
+# (tests/cpu/test_kvcache.py checks it against them). No split is shorter than MIN_KEYS_PER_SPLIT keys (a partial
+# costs a write and a merge read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged caches 3-4% faster
+# than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond MAX_SPLITS. An H100 (3.03
+# TB/s against 4.27) reads batch 1-8 fastest with half these splits (decode-splits-s50-h100.json): the rule is the
+# H200's.
 RESIDENT = 3
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 128
