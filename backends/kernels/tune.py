@@ -14,7 +14,8 @@ tokens, hidden 2048), causal and not: the forward call for fwd; for a backward o
 Older archs run on the local GPU through their PTX (FA2RT_FORCE_ARCH), which ranks tiles by that GPU's behaviour,
 not the older part's. Prints the best tile per (arch, bucket); --write stores the winners in the vendor's tiles.json.
 For decode (memory-bound, 16 packed query rows per program), every layout's kind is built with the candidate tile
-(contiguous, page-aligned paged and paged; --write leaves an entry's own "page_aligned" tile as it is) and timed
+(contiguous, page-aligned paged and paged; --write leaves an entry's "page_aligned" and "one_split" tiles as they
+are) and timed
 through fa2rt.attention_with_kvcache on DECODE_POINTS (or --decode-points; SPLITS fixes num_splits, else the
 heuristic chooses), contiguous and paged (a stage more measured 4% faster on
 contiguous caches and 8-27% slower on paged ones), each call a CUDA graph replay (the kernels without host time), in

@@ -233,9 +233,9 @@ class Variant:
         tile = f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
         band = ("-fullband" if self.full_band_only else "") + (f"-k{self.max_seqlen_k}" if self.max_seqlen_k else "")
         layout = "" if self.layout == "dense" else f"-{self.layout}"
-        aligned = ("-aligned" if self.page_aligned else "") + ("-onesplit" if self.one_split else "")
+        role = ("-aligned" if self.page_aligned else "") + ("-onesplit" if self.one_split else "")
         family = ("-ws" if self.family == WS_FAMILY else "") + ("-persistent" if self.persistent else "")
-        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}{aligned}{family}-{tile}"
+        return f"{self.op}-{self.arch}-{self.dtype}-{dims}-{self.feature_tag}{band}{layout}{role}{family}-{tile}"
 
 
 def tile_config(arch: str, op: str, head_dim: int, full_band_only: bool = False, layout: str = "dense",
@@ -260,7 +260,7 @@ def _tile_choices(arch: str, op: str, bucket: int, cfg: dict, layout: str) -> li
     if op in PAGE_ALIGNED_OPS and layout == "paged":
         extra.append(({"page_aligned": True}, tile_config(arch, op, bucket, layout=layout, page_aligned=True)))
     if ONE_SPLIT_TILE in cfg and layout in ONE_SPLIT_LAYOUTS:
-        extra.append(({"one_split": True}, cfg[ONE_SPLIT_TILE]))
+        extra.append(({"one_split": True}, tile_config(arch, op, bucket, one_split=True)))
     return extra + [({}, tile_config(arch, op, bucket, layout=layout))]
 
 

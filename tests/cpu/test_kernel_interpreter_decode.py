@@ -14,7 +14,6 @@ given tensors (the numbers are then wrong, not faulted). fp32 and fp16; bf16 mis
 
 import dataclasses
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,8 +30,9 @@ from fa2rt.reference import kvcache_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 DECODE_SRC = ROOT / "backends" / "kernels" / "decode.py"
-TILES = {"cuda": ROOT / "backends" / "cuda" / "tiles.json", "rocm": ROOT / "backends" / "rocm" / "tiles.json"}
 TL_DTYPE = {torch.float16: "fp16", torch.float32: "fp32"}
+sys.path.insert(0, str(ROOT / "backends" / "kernels"))
+import variants  # noqa: E402
 
 
 def _load():
@@ -48,16 +48,15 @@ decode = _load()
 
 
 def _tiles(op):
-    """(block_m, block_n, bucket) -> archs, over both vendors' tiles.json: each entry's own tile and its page-aligned
-    and one-split tiles."""
+    """(block_m, block_n, bucket) -> archs, over every image of the op that variants.py builds for both vendors: each
+    tiles.json entry's own tile and its page-aligned and one-split tiles."""
     out = {}
-    for path in TILES.values():
-        for arch, entry in json.loads(path.read_text())["archs"].items():
-            for bucket, own in entry.get(op, {}).items():
-                for cfg in filter(None, (own, own.get("page_aligned"), own.get("one_split"))):
-                    archs = out.setdefault((cfg["block_m"], cfg["block_n"], int(bucket)), [])
-                    if arch not in archs:
-                        archs.append(arch)
+    for v in variants.variants(list(variants.ARCHS)):
+        if v.op != op:
+            continue
+        archs = out.setdefault((v.block_m, v.block_n, v.head_dim), [])
+        if v.arch not in archs:
+            archs.append(v.arch)
     return out
 
 
