@@ -20,33 +20,48 @@ from .ops import device_and_stream, empty_contiguous, empty_floats
 
 DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
-# The split heuristic (num_splits=0), from H200 sweeps (ci/decode_splits.py: bf16 d128, GQA 32/8 and MHA 32/32,
-# batch 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA graph replays): of the entry's own
-# tile, which split calls run (docs/bench/decode-splits-h200.json, decode-splits-fill-h200.json), and of the 16 x 128
-# one-split tile (decode-splits-n128-h200.json). About RESIDENT decode programs run at once per SM: the rule takes the
-# largest power-of-two split whose programs all fit in one wave, and one split once the sequences alone fill a wave
-# (no partials, no merge, and the longer key block of a one-split image: b64 4k GQA 4.44 TB/s against 4.11 with 4
-# splits). Where those sweeps measured the images a choice runs, it reads within 2.5% of the best split
+# The split heuristic (num_splits=0), from sweeps of ci/decode_splits.py (bf16 d128, GQA 32/8 and MHA 32/32, batch
+# 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA graph replays). The rule takes the largest
+# power-of-two split whose programs all fit in one wave of `resident` programs per SM, and one split once the
+# sequences alone fill a wave (no partials, no merge, and the longer key block of a one-split image: b64 4k GQA on the
+# H200 4.44 TB/s against 4.11 with 4 splits). How many programs a wave should hold is the device's: the more
+# bandwidth an SM's share of the memory system has, the more reads it needs in flight. On the H200 (4.8 TB/s) waves of
+# up to 2 programs per SM read fastest and of 4 slower (docs/bench/decode-splits-h200.json, -fill-, -n128-: the
+# entry's own tile, which split calls run, and the 16 x 128 one-split tile); on an H100 (3.35 TB/s, the same 132
+# SMs) waves of up to 1 per SM, with 2 reading 1-6% slower at batch 1-8 (decode-splits-s50-h100.json). Each device
+# takes the middle of its two: RESIDENT by the driver's device name, DEFAULT_RESIDENT (the H200's) for devices not
+# measured. Where the sweeps measured the images a choice runs, it reads within 2.7% of the best split
 # (tests/cpu/test_kvcache.py checks it against them). No split is shorter than MIN_KEYS_PER_SPLIT keys (a partial
 # costs a write and a merge read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged caches 3-4% faster
-# than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond MAX_SPLITS. An H100 (3.03
-# TB/s against 4.27) reads batch 1-8 fastest with half these splits (decode-splits-s50-h100.json): the rule is the
-# H200's.
-RESIDENT = 3
+# than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond MAX_SPLITS.
+DEFAULT_RESIDENT = 3.0
+RESIDENT = {"NVIDIA H100 80GB HBM3": 1.5}
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 128
 PACKED_ROWS = 16  # rows of the decode tiles (tiles.json block_m): query heads of one KV head packed per program
 
 
-def choose_splits(shapes: KVShapes, multiprocessors: int, block_m: int = PACKED_ROWS) -> int:
-    """Splits of each sequence's keys: the caller's num_splits (at most MAX_SPLITS), or for 0 the heuristic above."""
+def resident(device_name: str) -> float:
+    """Decode programs per SM (CU) the split rule fills a wave with on this device."""
+    return RESIDENT.get(device_name, DEFAULT_RESIDENT)
+
+
+def choose_splits(shapes: KVShapes, multiprocessors: int, per_sm: float = DEFAULT_RESIDENT,
+                  block_m: int = PACKED_ROWS) -> int:
+    """Splits of each sequence's keys: the caller's num_splits (at most MAX_SPLITS), or for 0 the heuristic above
+    with waves of per_sm programs per SM."""
     if shapes.num_splits:
         return min(shapes.num_splits, MAX_SPLITS)
     row_blocks = math.ceil(shapes.seqlen_q * (shapes.nheads // shapes.nheads_k) / block_m)
     programs = max(1, shapes.batch * shapes.nheads_k * row_blocks)
-    slots = RESIDENT * max(multiprocessors, 1)
+    slots = int(per_sm * max(multiprocessors, 1))
     one_wave = 1 << (slots // programs).bit_length() - 1 if programs <= slots else 1
     return max(1, min(one_wave, shapes.capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def device_splits(shapes: KVShapes, info) -> int:
+    """choose_splits on the call's device (a DeviceInfo)."""
+    return choose_splits(shapes, info.multiprocessors, resident(info.name))
 
 
 # --- append and rotary (torch ops on clamped indices) ----------------------------------------------------------------
@@ -425,7 +440,7 @@ def decide(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, b
            shapes: KVShapes, info) -> policy.Decision:
     """What run() would do, without touching the caches: the kernel Decision (image: the decode image; backward:
     the combine's (image, mode) when the call splits) or the fallback one."""
-    splits = choose_splits(shapes, info.multiprocessors)
+    splits = device_splits(shapes, info)
     if shapes.rotary_dim or not (_aligned(q) and _strides8(q)):
         q = torch.empty_like(q, memory_format=torch.contiguous_format)  # run() rotates or copies into a fresh one
     out, lse, o_part, lse_part = buffers(q, shapes, splits)
@@ -474,7 +489,7 @@ def run(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_
         block_table, alibi, shapes: KVShapes, info):
     """The call on the kernels: (out, lse, its KVCall), or the fallback Decision (the caches untouched) when no
     image fits."""
-    splits = choose_splits(shapes, info.multiprocessors)
+    splits = device_splits(shapes, info)
     q_given = q
     q, seqlens = _prepared_q(q, rotary_cos, rotary_sin, cache_seqlens, shapes)
     out, lse, o_part, lse_part = buffers(q, shapes, splits)
