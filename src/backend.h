@@ -30,6 +30,7 @@ struct LaunchConfig {
   unsigned block = 0;
   unsigned shared_bytes = 0;
   void* stream = nullptr;
+  bool dependent = false;  // a programmatic dependent launch (PDL: the kernel waits for the grid before it itself)
 };
 
 class Backend {

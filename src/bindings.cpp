@@ -140,6 +140,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("full_band_only", &ImageInfo::full_band_only)
       .def_readwrite("max_seqlen_k", &ImageInfo::max_seqlen_k)
       .def_readwrite("one_split", &ImageInfo::one_split)
+      .def_readwrite("dependent_launch", &ImageInfo::dependent_launch)
       .def_readwrite("layouts", &ImageInfo::layouts)
       .def_readwrite("page_multiple", &ImageInfo::page_multiple)
       .def_readwrite("optional_features", &ImageInfo::optional_features)
@@ -255,11 +256,11 @@ PYBIND11_MODULE(_C, m) {
                          "One image's launch for one problem, resolved once: per call only the pointer arguments' "
                          "addresses and the stream are given.")
       .def(py::init([](const Registry& r, const std::string& image, const std::string& mode, const Problem& problem,
-                       const py::dict& args, const std::vector<std::string>& pointers) {
-             return LaunchPlan(r.get(image), mode_from_name(mode), problem, to_named_args(args), pointers);
+                       const py::dict& args, const std::vector<std::string>& pointers, bool dependent) {
+             return LaunchPlan(r.get(image), mode_from_name(mode), problem, to_named_args(args), pointers, dependent);
            }),
            py::arg("registry"), py::arg("image"), py::arg("mode"), py::arg("problem"), py::arg("args"),
-           py::arg("pointers"))
+           py::arg("pointers"), py::arg("dependent") = true)
       .def(
           "launch",
           [](const LaunchPlan& plan, int device, uint64_t stream, const std::vector<uint64_t>& addresses) {
@@ -284,7 +285,8 @@ PYBIND11_MODULE(_C, m) {
                                return py::make_tuple(c.grid[0], c.grid[1], c.grid[2]);
                              })
       .def_property_readonly("block", [](const LaunchPlan& p) { return p.config().block; })
-      .def_property_readonly("shared_bytes", [](const LaunchPlan& p) { return p.config().shared_bytes; });
+      .def_property_readonly("shared_bytes", [](const LaunchPlan& p) { return p.config().shared_bytes; })
+      .def_property_readonly("dependent", [](const LaunchPlan& p) { return p.config().dependent; });
 
   m.def(
       "pack_params",

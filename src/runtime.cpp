@@ -173,6 +173,7 @@ LaunchConfig launch_config(const ImageInfo& image, const Problem& problem, void*
   cfg.block = static_cast<unsigned>(image.num_warps * image.warp_size);
   cfg.shared_bytes = static_cast<unsigned>(image.shared_bytes);
   cfg.stream = stream;
+  cfg.dependent = image.dependent_launch;
   return cfg;
 }
 
@@ -234,7 +235,7 @@ struct LaunchPlan::LaunchCache {
 };
 
 LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& problem, const NamedArgs& args,
-                       const std::vector<std::string>& pointers)
+                       const std::vector<std::string>& pointers, bool dependent)
     : image_(image), mode_(mode), pointers_(pointers) {
   // Pointers pack as placeholders here, so every name and value goes through pack_params' checks once.
   NamedArgs all = args;
@@ -248,6 +249,7 @@ LaunchPlan::LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& pro
     sizes_.push_back(bytes.size());
   }
   config_ = launch_config(image_, problem, nullptr);
+  config_.dependent = config_.dependent && dependent;
   for (const auto& name : pointers) pointer_slots_.push_back(pointer_param(image_, name));
   map_slots_ = tensor_map_slots(image_);
   cache_ = std::make_shared<LaunchCache>();

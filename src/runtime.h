@@ -26,8 +26,9 @@ class LaunchPlan {
  public:
   // `args`: every other parameter of the image by name, checked and packed as pack_params does (int32 range
   // included). Throws when a name is missing, unknown, given twice, or a pointer name is not a pointer parameter.
+  // `dependent`: launch a dependent_launch image as a programmatic dependent (false: plainly, which is as correct).
   LaunchPlan(const ImageInfo& image, LoadMode mode, const Problem& problem, const NamedArgs& args,
-             const std::vector<std::string>& pointers);
+             const std::vector<std::string>& pointers, bool dependent = true);
   // `addresses` in the order of the constructor's `pointers`. Does nothing for an empty grid.
   void launch(int device, void* stream, const std::vector<uint64_t>& addresses) const;
   // The parameter bytes launch() passes (scratch pointers included), as pack_params returns them (testing aid);

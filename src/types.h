@@ -56,6 +56,7 @@ struct ImageInfo {
   bool full_band_only = false;        // tile tuned for calls whose band covers every key: serves only those
   int64_t max_seqlen_k = 0;           // schedule tuned for short calls: serves only those of at most this many keys
   bool one_split = false;             // decode tile tuned for calls of one split: serves only those
+  bool dependent_launch = false;      // launched as a programmatic dependent of the kernel before it (it waits itself)
   std::vector<std::string> layouts = {"dense"};  // call layouts the image takes: "dense", "varlen", "kvcache", ...
   int page_multiple = 0;  // "paged" images: the page sizes they take are multiples of this (0: takes no pages)
   // Features the image applies only when a call asks (ALiBi with slope 0; the decode kernels' run-time softcap), so

@@ -2,6 +2,7 @@
 // points it needs itself, so building it needs no CUDA toolkit.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -39,6 +40,23 @@ constexpr int kTensorMapInterleaveNone = 0;
 constexpr int kTensorMapL2Promotion128B = 2;
 constexpr int kTensorMapOobFillNone = 0;
 constexpr int kMaxTensorMapRank = 5;
+constexpr int kLaunchAttributeProgrammaticStreamSerialization = 6;
+
+// CUlaunchAttribute and CUlaunchConfig of cuda.h (CUDA 12+), for cuLaunchKernelEx.
+struct LaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int programmatic_stream_serialization;
+  } value;
+};
+struct LaunchConfigEx {
+  unsigned grid[3], block[3], shared_bytes;
+  CUstream stream;
+  LaunchAttribute* attrs;
+  unsigned num_attrs;
+};
 
 struct Api {
   CUresult (*cuInit)(unsigned) = nullptr;
@@ -58,6 +76,9 @@ struct Api {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
                              void**, void**) = nullptr;
   CUresult (*cuGetErrorName)(CUresult, const char**) = nullptr;
+  // Optional (CUDA 12 drivers): programmatic dependent launches use it (without it they launch plainly, where the
+  // dependent's own wait does nothing).
+  CUresult (*cuLaunchKernelEx)(const LaunchConfigEx*, CUfunction, void**, void**) = nullptr;
   // Optional (CUDA 12 drivers): only images with tensor maps need it.
   CUresult (*cuTensorMapEncodeTiled)(void*, int, unsigned, void*, const uint64_t*, const uint64_t*, const unsigned*,
                                      const unsigned*, int, int, int, int) = nullptr;
@@ -144,6 +165,20 @@ class CudaBackend final : public Backend {
   void launch(int index, const LoadedKernel& k, const LaunchConfig& c, void** params) override {
     require_available();
     ContextGuard guard(this, index);
+    if (c.dependent && api_.cuLaunchKernelEx != nullptr) {
+      LaunchAttribute attr{};
+      attr.id = kLaunchAttributeProgrammaticStreamSerialization;
+      attr.value.programmatic_stream_serialization = 1;
+      LaunchConfigEx ex{};
+      std::copy(c.grid, c.grid + 3, ex.grid);
+      ex.block[0] = c.block, ex.block[1] = ex.block[2] = 1;
+      ex.shared_bytes = c.shared_bytes;
+      ex.stream = static_cast<CUstream>(c.stream);
+      ex.attrs = &attr;
+      ex.num_attrs = 1;
+      check(api_.cuLaunchKernelEx(&ex, k.function, params, nullptr), "cuLaunchKernelEx");
+      return;
+    }
     check(api_.cuLaunchKernel(k.function, c.grid[0], c.grid[1], c.grid[2], c.block, 1, 1, c.shared_bytes,
                               static_cast<CUstream>(c.stream), params, nullptr),
           "cuLaunchKernel");
@@ -202,6 +237,7 @@ class CudaBackend final : public Backend {
     bind(api_.cuFuncSetAttribute, "cuFuncSetAttribute");
     bind(api_.cuLaunchKernel, "cuLaunchKernel");
     bind(api_.cuGetErrorName, "cuGetErrorName");
+    api_.cuLaunchKernelEx = reinterpret_cast<decltype(api_.cuLaunchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
     api_.cuTensorMapEncodeTiled =
         reinterpret_cast<decltype(api_.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
     if (!missing.empty()) {

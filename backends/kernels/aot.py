@@ -128,6 +128,13 @@ def check_mma(instr: str | None, count: int) -> str | None:
     return None if instr is None else _at_least(f"{instr} count", count, 1)
 
 
+def check_dependent_wait(ptx: str, dependent_launch: bool) -> str | None:
+    # An image launched as a programmatic dependent must wait for the grid before it, or it reads unfinished results.
+    if dependent_launch and "griddepcontrol.wait" not in ptx:
+        return "dependent_launch image without griddepcontrol.wait"
+    return None
+
+
 def cuda_checks(res: dict, shared_bytes: int, global_scratch: int, profile_scratch: int,
                 max_shared_bytes: int, max_stack_bytes: int = 0) -> list[str]:
     found = [check_stack(res["stack_bytes"], max_stack_bytes), check_local(res["local_bytes"]),
@@ -229,8 +236,9 @@ def compile_variant(v: Variant):
 
     kernel, params_of, _, constexprs_of = kernel_spec(v.op)
     params = params_of(v.dtype, v.layout)
-    aligned = {"page_aligned": True} if v.page_aligned else {}  # a decode option only (variants.PAGE_ALIGNED_OPS)
-    constexprs = constexprs_of(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features, v.layout, **aligned)
+    # Options of some ops only: page_aligned (variants.PAGE_ALIGNED_OPS), pdl (variants.PDL_OPS).
+    roles = ({"page_aligned": True} if v.page_aligned else {}) | ({"pdl": True} if v.pdl else {})
+    constexprs = constexprs_of(v.block_m, v.block_n, v.head_dim, v.d_mask, v.features, v.layout, **roles)
     signature = dict(params) | {k: "constexpr" for k in constexprs}
     hinted = divisible_params(v.op, params)
     attrs = {(i,): [["tt.divisibility", DIVISIBILITY]] for i, (name, _) in enumerate(params) if name in hinted}
@@ -268,13 +276,15 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
                 "mma_count": count_sass(cuobjdump("-sass"), v.mma_instr) if v.mma_instr else 0}
         failures = cuda_checks(res, md.shared, getattr(md, "global_scratch_size", 0) or 0,
                                getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes, v.max_stack_bytes)
+        failures += [f for f in [check_dependent_wait(compiled.asm["ptx"], v.dependent_launch)] if f]
     else:
         res = parse_amdgcn(compiled.asm["amdgcn"], md.shared) | {"waves_per_eu": v.waves_per_eu}
         failures = rocm_checks(res, getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes, v.mma_instr)
     row = {
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
-        "max_seqlen_k": v.max_seqlen_k, "one_split": v.one_split, "layouts": [v.layout],
+        "max_seqlen_k": v.max_seqlen_k, "one_split": v.one_split, "dependent_launch": v.dependent_launch,
+        "layouts": [v.layout],
         "page_multiple": v.page_multiple,
         "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,

@@ -16,6 +16,13 @@ i + shift - window_left <= j <= i + shift + window_right; rows with no key give 
 attn_append: program (block of new tokens) x (batch, KV head); writes a call's new keys and values into the caches
 at cache_seqlens[b] + i before attn_decode reads them (plain copies: rotated keys are written by torch ops).
 
+PDL images (NVIDIA sm90+, variants.PDL_ARCHS): the merge is a programmatic dependent launch of the decode kernel.
+attn_decode, when it splits, signals at its start that its dependents may launch (unsplit, the next launch is not
+ours, so it never signals early), and attn_decode_combine waits (griddepcontrol.wait: the grid before it complete,
+its writes visible) before reading the partials, so the merge's launch and prologue overlap the decode instead of
+following it. Both instructions do nothing in a plain launch, so an image built with them is correct however it is
+launched; only the launch attribute (the manifest's dependent_launch) saves the time.
+
 Index values are never trusted (DESIGN point 10): the sequence end is clamped into [0, capacity] (capacity = the
 positions one sequence can address), the start into [0, end], rows and block ids into [0, cache_rows); so every
 load stays inside the given tensors, whatever the index tensors hold.
@@ -23,6 +30,7 @@ load stays inside the given tensors, whatever the index tensors hold.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -57,7 +65,11 @@ def attn_decode(
     use_batch_idx, use_leftpad, use_softcap, head_dim_8, window_left, window_right, qk_scale_log2, softcap_in,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr, PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        if num_splits > 1:  # the next launch is the merge, which waits for this grid before reading
+            gdc_launch_dependents()
     # SOFTCAP compiles the softcap in; use_softcap switches it on per call (a uniform branch, free beside the cache
     # reads), so one image serves calls with and without it.
     # Strides of q, the caches and out arrive in units of 8 elements (16-byte rows, as fwd.py); int64 offsets
@@ -192,7 +204,7 @@ def attn_decode_combine(
     O, LSE, O_PART, LSE_PART,  # noqa: E741
     stride_ob, stride_oh, stride_om,
     batch, nheads, seqlen_q, num_splits, head_dim_8,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Merges attn_decode's partials of one query row (batch, head, row) per program: out = sum_s w_s * out_s /
     sum_s w_s with w_s = exp(lse_s - max_s lse_s); lse = max + log(sum w). A row no split saw gets 0 and LSE +inf.
@@ -218,6 +230,8 @@ def attn_decode_combine(
     offs_s = tl.arange(0, BLOCK_S)
     lse_row = (off_b * nheads + off_h).to(tl.int64) * seqlen_q + q_row
     plane = batch.to(tl.int64) * nheads * seqlen_q
+    if PDL:
+        gdc_wait()  # launched as a dependent of attn_decode: its partials are written and visible after this
     m_s = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_S], dtype=tl.float32)
     acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
@@ -355,23 +369,24 @@ def append_params(dtype: str, layout: str = "kvcache") -> list[tuple[str, str]]:
 
 
 def decode_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
-                      layout: str = "kvcache", page_aligned: bool = False) -> dict:
+                      layout: str = "kvcache", page_aligned: bool = False, pdl: bool = False) -> dict:
     """page_aligned: a paged image whose tiles lie in one page each (it takes page sizes that are multiples of
-    block_n)."""
+    block_n). pdl: signal dependents at the start (sm90+ only)."""
     if page_aligned and layout != "paged":
         raise ValueError(f"decode page_aligned: expected layout 'paged', got {layout!r}")
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": bucket, "D_MASK": d_mask,
             "SOFTCAP": "softcap" in features, "ALIBI_ON": "alibi" in features, "PAGED": layout == "paged",
-            "PAGE_ALIGNED": page_aligned}
+            "PAGE_ALIGNED": page_aligned, "PDL": pdl}
 
 
 def combine_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
-                       layout: str = COMBINE_LAYOUT) -> dict:
+                       layout: str = COMBINE_LAYOUT, pdl: bool = False) -> dict:
     # The tile's block_n is the splits read per step; one query row per program (combine_grid), so block_m must be 1:
     # the kernel takes row program_id(0), and a larger block would leave rows unwritten.
     if block_m != 1:
         raise ValueError(f"decode_combine tile: expected block_m 1 (one query row per program), got {block_m}")
-    return {"BLOCK_S": block_n, "BLOCK_D": bucket, "D_MASK": d_mask}
+    # pdl: wait for the decode grid before reading its partials (sm90+ only).
+    return {"BLOCK_S": block_n, "BLOCK_D": bucket, "D_MASK": d_mask, "PDL": pdl}
 
 
 def append_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],

@@ -95,6 +95,12 @@ PAGE_ALIGNED_TILE = "page_aligned"
 # tile and the entry's own reads faster for split calls (docs/bench/decode-tile-ab-h100.json).
 ONE_SPLIT_TILE = "one_split"
 ONE_SPLIT_LAYOUTS = ("kvcache",)
+# Programmatic dependent launch (decode.py PDL): on these archs (griddepcontrol needs sm90) the decode images signal
+# their dependents at their start and the merge images wait for the decode grid before reading its partials, and the
+# merge images are marked to be launched as dependents (the manifest's dependent_launch), so the merge's launch
+# overlaps the decode: 0.4-0.7 us of a batch-1 step on the H200 (docs/bench/decode-pdl-ab-h200.json).
+PDL_ARCHS = ("sm90",)
+PDL_OPS = {"decode": "primary", "decode_combine": "dependent"}
 
 # A tiles.json fwd or bwd_ws entry may carry a "ws" entry: the schedule of a warp-specialised Gluon kernel (fwd_ws.py,
 # bwd_ws.py: TMA loads, wgmma, setmaxnreg; sm90 only, so no AMD entry has one). It builds one image per dtype for
@@ -209,6 +215,7 @@ class Variant:
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
     page_aligned: bool = False  # a paged decode image whose tiles lie in one page each (PAGE_ALIGNED_OPS)
     one_split: bool = False  # built from a ONE_SPLIT_TILE entry: only for decode calls of one split
+    pdl: bool = False  # compiled with PDL_OPS's griddepcontrol instructions (PDL_ARCHS)
     family: str = "triton"  # kernel source: "triton" (fwd.py, bwd.py, decode.py) or WS_FAMILY (fwd_ws.py, bwd_ws.py)
     persistent: bool = False  # WS_FAMILY: a grid of one program per SM walks the tiles
 
@@ -222,6 +229,11 @@ class Variant:
     def ws_schedule(self) -> dict:
         """A WS_FAMILY image's schedule (ws_schedule of its arch, op, head dim and role)."""
         return ws_schedule(self.arch, self.op, self.head_dim, self.full_band_only, self.max_seqlen_k)
+
+    @property
+    def dependent_launch(self) -> bool:
+        """Launched as a programmatic dependent of the kernel before it (it waits for that grid itself)."""
+        return self.pdl and PDL_OPS.get(self.op) == "dependent"
 
     @property
     def feature_tag(self) -> str:
@@ -288,7 +300,8 @@ def variants(archs: list[str]) -> list[Variant]:
                                     dtype=dtype, head_dim=int(bucket), d_mask=d_mask, features=features,
                                     block_m=c["block_m"], block_n=c["block_n"], num_warps=c["num_warps"],
                                     num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
-                                    max_stack_bytes=stack_allowance(c, layout), layout=layout, **roles))
+                                    max_stack_bytes=stack_allowance(c, layout), layout=layout,
+                                    pdl=arch in PDL_ARCHS and op in PDL_OPS, **roles))
     return out
 
 

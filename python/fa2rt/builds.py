@@ -98,6 +98,7 @@ def _image_info(directory: Path, row: dict) -> "_C.ImageInfo":
     img.full_band_only = row["full_band_only"]
     img.max_seqlen_k = row.get("max_seqlen_k", 0)  # absent in builds before it: no short images
     img.one_split = row.get("one_split", False)  # likewise: no one-split images
+    img.dependent_launch = row.get("dependent_launch", False)  # likewise: every image launched plainly
     img.layouts = row["layouts"]
     img.page_multiple = row["page_multiple"]
     img.optional_features = row["optional_features"]

@@ -13,6 +13,7 @@ MIN_SEQLEN = "FA2RT_MIN_SEQLEN"  # short-sequence threshold overriding the measu
 DISABLE = "FA2RT_DISABLE"  # "1": never use kernels, always the SDPA fallback
 CHECK_INDICES = "FA2RT_CHECK_INDICES"  # "1": check the values of index tensors on the GPU too (a device sync)
 ROUTING = "FA2RT_ROUTING"  # "0": never route a call to an SDPA backend by the measured routing table
+PDL = "FA2RT_PDL"  # "0": launch the decode merge plainly, not as a programmatic dependent of the decode kernel
 
 ENV_VARS = {
     KERNEL_DIR: "folder holding manifest.json and the kernel images, used instead of the installed ones (default: "
@@ -23,6 +24,8 @@ ENV_VARS = {
     CHECK_INDICES: "set to 1 to check the values of cu_seqlens on the GPU too (costs a device sync per call)",
     ROUTING: "set to 0 to run fa2rt's own kernel where the measured routing table (fa2rt/data/routing.json) "
              "sends a problem class to a faster SDPA backend",
+    PDL: "set to 0 to launch the KV-cache merge kernel plainly after the decode kernel instead of as its "
+         "programmatic dependent (sm90 images; for tools that do not follow programmatic dependent launches)",
 }
 
 
@@ -78,6 +81,13 @@ def routing_enabled() -> bool:
     raw = os.environ.get(ROUTING, "").strip()
     if raw not in ("", "0", "1"):
         raise ValueError(f"{ROUTING}: expected 0 (off) or 1 (on, the default), got {raw!r}")
+    return raw != "0"
+
+
+def dependent_launch() -> bool:
+    raw = os.environ.get(PDL, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{PDL}: expected 0 (off) or 1 (on, the default), got {raw!r}")
     return raw != "0"
 
 

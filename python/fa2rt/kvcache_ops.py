@@ -21,28 +21,33 @@ from .ops import device_and_stream, empty_contiguous, empty_floats
 DECODE_OP, COMBINE_OP, APPEND_OP = "decode", "decode_combine", "append"
 COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the decode kernel's partials
 # The split heuristic (num_splits=0), from sweeps of ci/decode_splits.py (bf16 d128, GQA 32/8 and MHA 32/32, batch
-# 1-64, caches 4k-128k, contiguous and 64-token pages, splits 1-128, CUDA graph replays). The rule takes the largest
-# power-of-two split whose programs all fit in one wave of `resident` programs per SM, and one split once the
-# sequences alone fill a wave (no partials, no merge, and the longer key block of a one-split image: b64 4k GQA on the
-# H200 4.44 TB/s against 4.11 with 4 splits). How many programs a wave should hold is the device's: the more
-# bandwidth an SM's share of the memory system has, the more reads it needs in flight. On the H200 (4.8 TB/s) waves of
-# up to 2 programs per SM read fastest and of 4 slower (docs/bench/decode-splits-h200.json, -fill-, -n128-: the
-# entry's own tile, which split calls run, and the 16 x 128 one-split tile); on an H100 (3.35 TB/s, the same 132
-# SMs) waves of up to 1 per SM, with 2 reading 1-6% slower at batch 1-8 (decode-splits-s50-h100.json). Each device
-# takes the middle of its two: RESIDENT by the driver's device name, DEFAULT_RESIDENT (the H200's) for devices not
-# measured. Where the sweeps measured the images a choice runs, it reads within 2.7% of the best split
+# 1-64, caches 4k-128k, splits 1-128, CUDA graph replays). The rule takes the largest power-of-two split whose programs
+# all fit in one wave of `resident` programs per SM, and one split once the sequences alone fill a wave (no partials,
+# no merge, and the longer key block of a one-split image: b64 4k GQA on the H200 4.44 TB/s against 4.11 with 4
+# splits). How many programs a wave should hold depends on the device and on how the images read the keys. On the
+# H200 (4.8 TB/s) waves of up to 2 programs per SM read fastest and of 4 slower, on contiguous caches and 64-token pages
+# (docs/bench/decode-splits-h200.json, -fill-, -n128-: the entry's own tile, which split calls run, and the 16 x 128
+# one-split tile). On an H100 (3.35 TB/s, the same 132 SMs) waves of up to 1 per SM, with 2 reading 1-6% slower at
+# batch 1-8 (decode-splits-s50-h100.json), except on pages that are not whole 64-key tiles: the images that gather
+# each key's page (200 registers a thread at d128 against 157) read fastest there with waves of up to 2, and 3-29%
+# slower with 1 (decode-splits-paged16-s51-h100.json). Each takes the middle of its two: RESIDENT by the driver's
+# device name for contiguous caches and whole-tile pages, DEFAULT_RESIDENT (the H200's) for the gathering images and
+# for devices not measured. Where the sweeps measured the images a choice runs, it reads within 3% of the best split
 # (tests/cpu/test_kvcache.py checks it against them). No split is shorter than MIN_KEYS_PER_SPLIT keys (a partial
 # costs a write and a merge read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged caches 3-4% faster
 # than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond MAX_SPLITS.
 DEFAULT_RESIDENT = 3.0
 RESIDENT = {"NVIDIA H100 80GB HBM3": 1.5}
+WHOLE_TILE_PAGES = 64  # pages of a multiple of this many keys run page-aligned images (the d64/d128 key block)
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 128
 PACKED_ROWS = 16  # rows of the decode tiles (tiles.json block_m): query heads of one KV head packed per program
 
 
-def resident(device_name: str) -> float:
-    """Decode programs per SM (CU) the split rule fills a wave with on this device."""
+def resident(device_name: str, shapes: KVShapes) -> float:
+    """Decode programs per SM (CU) the split rule fills a wave with for this call on this device."""
+    if shapes.paged and shapes.page_size % WHOLE_TILE_PAGES:
+        return DEFAULT_RESIDENT
     return RESIDENT.get(device_name, DEFAULT_RESIDENT)
 
 
@@ -61,7 +66,7 @@ def choose_splits(shapes: KVShapes, multiprocessors: int, per_sm: float = DEFAUL
 
 def device_splits(shapes: KVShapes, info) -> int:
     """choose_splits on the call's device (a DeviceInfo)."""
-    return choose_splits(shapes, info.multiprocessors, resident(info.name))
+    return choose_splits(shapes, info.multiprocessors, resident(info.name, shapes))
 
 
 # --- append and rotary (torch ops on clamped indices) ----------------------------------------------------------------
@@ -415,7 +420,8 @@ def make_plan(shapes: KVShapes, tensors: dict, new: dict | None, alibi, cache_se
     if combine is not None:
         out = tensors["O"]
         combine_plan = _C.LaunchPlan(registry, combine[0], combine[1], problem(COMBINE_OP, shapes, [out, out], splits),
-                                     combine_constants(out, shapes, splits), list(COMBINE_POINTERS))
+                                     combine_constants(out, shapes, splits), list(COMBINE_POINTERS),
+                                     dependent=config.dependent_launch())
     append, append_plan = (None, None) if new is None else (select_append(shapes, [new["K"], new["V"]], info), None)
     if isinstance(append, tuple):
         append_plan = _C.LaunchPlan(registry, append[0], append[1], problem(APPEND_OP, shapes, [new["K"], new["V"]], 1),

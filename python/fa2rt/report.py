@@ -12,7 +12,8 @@ VENDORS = ("cuda", "rocm")
 
 def _image_summary(row: dict) -> dict:
     keys = ("name", "op", "vendor", "arch", "dtype", "head_dim", "features", "full_band_only", "max_seqlen_k",
-            "one_split", "layouts", "block_m", "block_n", "num_warps", "num_stages", "shared_bytes", "resources")
+            "one_split", "dependent_launch", "layouts", "block_m", "block_n", "num_warps", "num_stages", "shared_bytes",
+            "resources")
     summary = {key: row.get(key) for key in keys}
     summary["ptx"] = (row.get("ptx") or {}).get("target")
     return summary

@@ -16,7 +16,9 @@ encoded per launch); a fwd "gluon_ws" row fits the same problems as a Triton one
 it and fail to pack it. Still 6 with rows' max_seqlen_k (sm90's short Gluon forward images serve calls of at most
 that many keys; 0 or absent: any): an older runtime ignores it and may give a short image a longer call, which it
 computes correctly, only more slowly. Still 6 with rows' one_split (decode images tuned for calls of one split;
-false or absent: any): likewise, an older runtime may give one a split call, which it computes correctly.
+false or absent: any): likewise, an older runtime may give one a split call, which it computes correctly. Still 6
+with rows' dependent_launch (sm90 merge images that wait for the decode grid themselves, launched as its programmatic
+dependents; false or absent: a plain launch): an older runtime launches them plainly, where the wait does nothing.
 """
 
 MANIFEST_SCHEMA = 6

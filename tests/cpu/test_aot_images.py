@@ -256,6 +256,19 @@ def test_rows_passed_static_checks(build):
             assert res["waves_per_eu"] == tile["waves_per_eu"]
 
 
+def test_pdl_rows(build):
+    # sm90's decode images signal their dependents and its merge images wait for the decode grid and are launched as
+    # its dependents; no other image holds a griddepcontrol instruction (sm80/sm89 lack it, AMD has no PDL).
+    out, manifest, _ = build
+    for row in manifest["images"]:
+        pdl = row["arch"] in variants.PDL_ARCHS and row["op"] in variants.PDL_OPS
+        assert row["dependent_launch"] == (pdl and row["op"] == "decode_combine"), row["name"]
+        ptx = (out / row["ptx"]["file"]).read_text() if row["ptx"] else ""
+        assert ("griddepcontrol.launch_dependents" in ptx) == (pdl and row["op"] == "decode"), row["name"]
+        assert ("griddepcontrol.wait" in ptx) == row["dependent_launch"], row["name"]
+    assert any(row["dependent_launch"] for row in manifest["images"])
+
+
 def test_both_vendors_built_backward(build):
     # One arch per vendor, each with the FA2 backward kernels (and the decode kernels) beside the forward; the
     # warp-specialised backward's three kernels only on sm90 (Hopper instructions; AMD runs the FA2 plan).
@@ -289,6 +302,12 @@ def test_cuda_checks_reject_bad_record():
     assert aot.cuda_checks(good | {"stack_bytes": 64}, 98304, 0, 0, 101376, max_stack_bytes=64) == []
     assert aot.cuda_checks(good | {"stack_bytes": 72}, 98304, 0, 0, 101376, max_stack_bytes=64) == [
         "stack_bytes (spills): measured 72, limit 64"]
+
+
+def test_dependent_image_without_its_wait_fails_the_build():
+    assert aot.check_dependent_wait("griddepcontrol.wait; // dummy", True) is None
+    assert aot.check_dependent_wait("ld.global.f32", False) is None
+    assert aot.check_dependent_wait("ld.global.f32", True) == "dependent_launch image without griddepcontrol.wait"
 
 
 def test_rocm_checks_reject_bad_record():

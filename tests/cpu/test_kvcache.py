@@ -448,14 +448,16 @@ def test_split_heuristic():
     # Paged caches take the same rule.
     paged = dataclasses.replace(shapes, paged=True, page_size=64)
     assert [choose_splits(dataclasses.replace(paged, batch=b), 132) for b in (1, 8, 32, 64)] == [32, 4, 1, 1]
-    # An H100 fills a wave with half as many programs: batch 1 takes 16 splits, batch 8 two.
+    # An H100 fills a wave with half as many programs (batch 1 takes 16 splits, batch 8 two), except on pages that
+    # are not whole 64-key tiles; devices not measured take the H200's rule.
     from fa2rt.kvcache_ops import device_splits, resident
 
-    h100 = resident("NVIDIA H100 80GB HBM3")
+    h100 = resident("NVIDIA H100 80GB HBM3", shapes)
     assert [choose_splits(dataclasses.replace(shapes, batch=b), 132, h100) for b in (1, 8, 32)] == [16, 2, 1]
-    assert resident("an unmeasured GPU") == resident("NVIDIA H200") == 3
+    assert resident("an unmeasured GPU", shapes) == resident("NVIDIA H200", shapes) == 3
     device = fa2rt._C.DeviceInfo("cuda", "sm90", multiprocessors=132, name="NVIDIA H100 80GB HBM3")
-    assert device_splits(shapes, device) == 16
+    pages = {page: dataclasses.replace(shapes, paged=True, page_size=page) for page in (16, 64, 256)}
+    assert [device_splits(s, device) for s in (shapes, pages[16], pages[64], pages[256])] == [16, 32, 16, 16]
     assert choose_splits(dataclasses.replace(shapes, num_splits=7), 132) == 7
     assert choose_splits(dataclasses.replace(shapes, num_splits=1000), 132) == MAX_SPLITS
 
@@ -463,11 +465,12 @@ def test_split_heuristic():
 # The sweeps (132 SMs, d128) and which of their rows measured, at the rule's choice, the images that run it. On the
 # H200: the sweeps of the entry's own 16 x 64 tile for contiguous calls the rule splits (split calls still run it);
 # the sweep with 16 x 128 at every count for contiguous calls of one split (the one-split images run that tile) and for
-# 64-token pages at any count (the page-aligned images, the same in both). On an H100: the shipped images throughout.
+# 64-token pages at any count (the page-aligned images, the same in both). On an H100: the shipped images throughout
+# (contiguous caches and 64-token pages; 16-token pages, whose images gather each key's page).
 SPLIT_SWEEPS = {
     "decode-splits-h200.json": "own tile", "decode-splits-fill-h200.json": "own tile",
     "decode-splits-b1-4k-h200.json": "own tile", "decode-splits-n128-h200.json": "one-split tile",
-    "decode-splits-s50-h100.json": "shipped",
+    "decode-splits-s50-h100.json": "shipped", "decode-splits-paged16-s51-h100.json": "shipped",
 }
 SHIPPED_AT = {"own tile": lambda layout, splits: layout == "contiguous" and splits > 1,
               "one-split tile": lambda layout, splits: layout != "contiguous" or splits == 1,
@@ -477,12 +480,11 @@ SHIPPED_AT = {"own tile": lambda layout, splits: layout == "contiguous" and spli
 @pytest.mark.parametrize("sweep", SPLIT_SWEEPS)
 def test_split_heuristic_against_the_measured_sweeps(sweep):
     # At every point whose shipped configuration the sweep measured at the rule's choice for the sweep's device, that
-    # choice reads at least 97.3% of the best split's rate.
+    # choice reads at least 97% of the best split's rate.
     from fa2rt.kvcache import check_kvcache_inputs
     from fa2rt.kvcache_ops import choose_splits, resident
 
     measured = json.loads((ROOT / "docs" / "bench" / sweep).read_text())
-    per_sm = resident(measured["environment"]["device"])
     shipped = SHIPPED_AT[SPLIT_SWEEPS[sweep]]
     checked = 0
     for r in measured["rows"]:
@@ -490,11 +492,11 @@ def test_split_heuristic_against_the_measured_sweeps(sweep):
         args = make_case(batch=1, h=r["nheads"], hk=r["nheads_k"], d=16, seqlen_cache=64, new=0)
         shapes = dataclasses.replace(check_kvcache_inputs(**args), batch=r["batch"], capacity=r["cache"],
                                      paged=page > 0, page_size=page)
-        splits = choose_splits(shapes, 132, per_sm)
+        splits = choose_splits(shapes, 132, resident(measured["environment"]["device"], shapes))
         rate = r["rates"].get(str(splits))
         if shipped(r["layout"], splits) and rate is not None:
             checked += 1
-            assert rate >= 0.973 * max(r["rates"].values()), (r, splits)
+            assert rate >= 0.97 * max(r["rates"].values()), (r, splits)
     assert checked >= 2
 
 
@@ -573,6 +575,18 @@ def test_kernel_path_on_a_synthetic_gpu(on_device, monkeypatch, paged):
     assert plan.combine_plan.image.startswith("decode_combine-sm90-fp16-d64m-")
     # The combine takes one query row per program: x: 2 query rows; y: batch x query heads.
     assert plan.combine_plan.grid == (2, 2 * 8, 1)
+    # sm90's combine is launched as a programmatic dependent of the decode kernel (variants.PDL_ARCHS), the decode
+    # plainly.
+    assert plan.combine_plan.dependent and not plan.decode_plan.dependent
+    with monkeypatch.context() as env:  # FA2RT_PDL=0: a new plan, the merge launched plainly; other values refused
+        env.setenv("FA2RT_PDL", "0")
+        fa2rt.attention_with_kvcache(*positional, **named, causal=True)
+        assert launched[-1][0].combine_plan.image == plan.combine_plan.image
+        assert not launched[-1][0].combine_plan.dependent
+        env.setenv("FA2RT_PDL", "yes")
+        with pytest.raises(ValueError, match="FA2RT_PDL: expected 0 .off. or 1 .on, the default., got 'yes'"):
+            fa2rt.attention_with_kvcache(*positional, **named, causal=True)
+    del launched[1:]
     # A second call of the same geometry (a remembered call: pointers built without views) reuses the plan, with
     # the scratch laid out as the first call's: the LSE first, the partials at the same offsets from it.
     out2, lse2 = fa2rt.attention_with_kvcache(*positional, **named, causal=True, return_lse=True)

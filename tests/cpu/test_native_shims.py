@@ -244,6 +244,25 @@ def test_launch_end_to_end_and_module_cache(vendor, fake, tmp_path):
     assert named(r["calls"], "cuFuncSetAttribute") == []  # 4 KB needs no opt-in
 
 
+@pytest.mark.parametrize("flags, launched", [((), "cuLaunchKernelEx"), (("-DFAKE_OMIT_LAUNCH_EX",), "cuLaunchKernel")])
+def test_cuda_dependent_image_launches_as_a_programmatic_dependent(flags, launched, fake, tmp_path):
+    # A dependent_launch image goes through cuLaunchKernelEx with programmatic stream serialization (attribute 6,
+    # value 1) and everything cuLaunchKernel would get; a driver without cuLaunchKernelEx launches it plainly (its
+    # own griddepcontrol.wait then does nothing). A plain image never uses the attribute.
+    spec = image_spec(tmp_path, "cuda", dependent_launch=True)
+    plain = image_spec(tmp_path, "cuda")
+    r = run("cuda", fake("cuda", *flags), f"out = [launch(registry({spec!r})), launch(registry({plain!r}))]")
+    assert r["out"] == [{"value": None}] * 2
+    first, second = named(r["calls"], "cuLaunchKernelEx", "cuLaunchKernel")
+    assert (first["call"], second["call"]) == (launched, "cuLaunchKernel")
+    for call in (first, second):
+        assert call["grid"] == [3, 6, 1] and call["block"] == [128, 1, 1]
+        assert call["shared"] == SHARED and call["stream"] == STREAM and call["extra"] == 0
+        assert call["params"] == PACKED and call["ctx"] == 0xC0000
+    if launched == "cuLaunchKernelEx":
+        assert first["attrs"] == [[6, 1]]
+
+
 def test_cuda_large_shared_memory_opts_in(fake, tmp_path):
     spec = image_spec(tmp_path, "cuda", shared_bytes=100_000)
     r = run("cuda", fake("cuda"), f"out = launch(registry({spec!r}))", SHARED_OPTIN=232448, STATIC_SHARED=1024)

@@ -6,7 +6,8 @@
  *   FAKE_CUDA_CURRENT=i       device whose primary context is current before anything is pushed (default: none)
  *   FAKE_CUDA_BAD_IMAGE=text  images starting with text fail to load with CUDA_ERROR_INVALID_PTX and
  *                             FAKE_CUDA_JIT_LOG in the JIT error log
- * -DFAKE_OMIT_LAUNCH leaves cuLaunchKernel out, -DFAKE_OMIT_TENSOR_MAP cuTensorMapEncodeTiled. */
+ * -DFAKE_OMIT_LAUNCH leaves cuLaunchKernel out, -DFAKE_OMIT_LAUNCH_EX cuLaunchKernelEx,
+ * -DFAKE_OMIT_TENSOR_MAP cuTensorMapEncodeTiled. */
 #define FAKE_FAIL_VAR "FAKE_CUDA_FAIL"
 #include "fake_common.h"
 
@@ -138,6 +139,39 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
       (unsigned long long)(uintptr_t)f, gx, gy, gz, bx, by, bz, shared, (unsigned long long)(uintptr_t)stream,
       (unsigned long long)(uintptr_t)current_ctx(), args, extra != NULL);
   return fail("cuLaunchKernel");
+}
+#endif
+
+#ifndef FAKE_OMIT_LAUNCH_EX
+/* cuda.h's CUlaunchAttribute (id, padding to 8 bytes, a 64-byte value union) and CUlaunchConfig. */
+typedef struct {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int flag;
+  } value;
+} FakeLaunchAttribute;
+typedef struct {
+  unsigned grid[3], block[3], shared;
+  void* stream;
+  FakeLaunchAttribute* attrs;
+  unsigned num_attrs;
+} FakeLaunchConfig;
+
+/* Logs what cuLaunchKernel logs, and the attributes as [id, int value] pairs. */
+int cuLaunchKernelEx(const FakeLaunchConfig* c, void* f, void** params, void** extra) {
+  char args[64 * 20 + 2 * 128], attrs[256] = "";
+  params_json(args, sizeof(args), params);
+  for (unsigned i = 0; i < c->num_attrs && i < 8; ++i)
+    snprintf(attrs + strlen(attrs), sizeof(attrs) - strlen(attrs), "%s[%d, %d]", i ? ", " : "", c->attrs[i].id,
+             c->attrs[i].value.flag);
+  say("{\"call\": \"cuLaunchKernelEx\", \"function\": %llu, \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], "
+      "\"shared\": %u, \"stream\": %llu, \"ctx\": %llu, \"params\": [%s], \"attrs\": [%s], \"extra\": %d}",
+      (unsigned long long)(uintptr_t)f, c->grid[0], c->grid[1], c->grid[2], c->block[0], c->block[1], c->block[2],
+      c->shared, (unsigned long long)(uintptr_t)c->stream, (unsigned long long)(uintptr_t)current_ctx(), args, attrs,
+      extra != NULL);
+  return fail("cuLaunchKernelEx");
 }
 #endif
 

@@ -226,6 +226,42 @@ def test_cuda_graph_capture_and_replay_with_new_lengths():
         assert torch.equal(static["k_cache"], eager["k_cache"])
 
 
+@pytest.mark.parametrize("splits", [2, 32, 0])
+def test_dependent_merge_equals_a_plain_one(monkeypatch, splits):
+    # sm90's merge runs as a programmatic dependent of the decode kernel (PDL); FA2RT_PDL=0 launches it plainly. The
+    # same kernels either way: equal to the bit, eagerly and replayed from a CUDA graph with new lengths.
+    args = make_call(seed_of("pdl", splits), batch=2, capacity=4096, new=0)
+    decision = expect_kernel(args, num_splits=splits)
+    assert decision.backward, decision  # the call splits
+    plain = copied(args)
+    monkeypatch.setenv("FA2RT_PDL", "0")
+    run(plain, causal=True, num_splits=splits)  # warm up outside the capture
+    graph_plain = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph_plain):
+        out_plain, lse_plain = run(plain, causal=True, num_splits=splits)
+    monkeypatch.delenv("FA2RT_PDL")
+    run(args, causal=True, num_splits=splits)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = run(args, causal=True, num_splits=splits)
+    for step in range(3):
+        lens = torch.randint(0, 4096, (2,), device=DEVICE, dtype=torch.int32)
+        q = torch.randn_like(args["q"])
+        for static in (args, plain):
+            static["cache_seqlens"].copy_(lens)
+            static["q"].copy_(q)
+        graph.replay()
+        graph_plain.replay()
+        eager_out, eager_lse = run(copied(args), causal=True, num_splits=splits)
+        torch.cuda.synchronize()
+        assert torch.equal(out, out_plain) and torch.equal(lse, lse_plain), step
+        assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), step
+    if decision.image.startswith("decode-sm90-"):
+        from fa2rt import kvcache_ops
+        plans = [p for p in kvcache_ops._PLANS.values() if getattr(p, "combine_plan", None) is not None]
+        assert any(p.combine_plan.dependent for p in plans) and any(not p.combine_plan.dependent for p in plans)
+
+
 def _compiled_steps(args, **compile_options):
     """(eager step, compiled step) over the tensors of a make_call dict, in its order."""
     names = list(args)
