@@ -32,7 +32,7 @@ COMBINE_LAYOUT = "partials"  # decode.COMBINE_LAYOUT: the combine reads only the
 # each key's page (200 registers a thread at d128 against 157) read fastest there with waves of up to 2, and 3-29%
 # slower with 1 (decode-splits-paged16-s51-h100.json). Each takes the middle of its two: RESIDENT by the driver's
 # device name for contiguous caches and whole-tile pages, DEFAULT_RESIDENT (the H200's) for the gathering images and
-# for devices not measured. Where the sweeps measured the images a choice runs, it reads within 3% of the best split
+# for devices not measured. Where the sweeps measured the images a choice runs, it reads within 2.7% of the best split
 # (tests/cpu/test_kvcache.py checks it against them). No split is shorter than MIN_KEYS_PER_SPLIT keys (a partial
 # costs a write and a merge read; at batch 1, cache 4k, GQA 32/8, 32 splits of 128 keys read paged caches 3-4% faster
 # than 16 of 256 and contiguous ones as fast: decode-splits-b1-4k-h200.json), none beyond MAX_SPLITS.
