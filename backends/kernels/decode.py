@@ -371,7 +371,7 @@ def append_params(dtype: str, layout: str = "kvcache") -> list[tuple[str, str]]:
 def decode_constexprs(block_m: int, block_n: int, bucket: int, d_mask: bool, features: tuple[str, ...],
                       layout: str = "kvcache", page_aligned: bool = False, pdl: bool = False) -> dict:
     """page_aligned: a paged image whose tiles lie in one page each (it takes page sizes that are multiples of
-    block_n). pdl: signal dependents at the start (sm90+ only)."""
+    block_n). pdl: a split call signals its dependents at its start (sm90+ only)."""
     if page_aligned and layout != "paged":
         raise ValueError(f"decode page_aligned: expected layout 'paged', got {layout!r}")
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": bucket, "D_MASK": d_mask,

@@ -95,10 +95,11 @@ PAGE_ALIGNED_TILE = "page_aligned"
 # tile and the entry's own reads faster for split calls (docs/bench/decode-tile-ab-h100.json).
 ONE_SPLIT_TILE = "one_split"
 ONE_SPLIT_LAYOUTS = ("kvcache",)
-# Programmatic dependent launch (decode.py PDL): on these archs (griddepcontrol needs sm90) the decode images signal
-# their dependents at their start and the merge images wait for the decode grid before reading its partials, and the
-# merge images are marked to be launched as dependents (the manifest's dependent_launch), so the merge's launch
-# overlaps the decode: 0.4-0.7 us of a batch-1 step on the H200 (docs/bench/decode-pdl-ab-h200.json).
+# Programmatic dependent launch (decode.py PDL): on these archs (griddepcontrol needs sm90) the decode images, when they
+# split, signal their dependents at their start, the merge images wait for the decode grid before reading its partials
+# and are marked to be launched as dependents (the manifest's dependent_launch), so the merge's launch overlaps the
+# decode: 0.4-0.7 us of a batch-1 step on the H200 in a JIT A/B (docs/bench/decode-pdl-ab-h200.json), 0.2-0.4 us (1-2%)
+# at batch 1, 4k-8k keys, with the installed images on an H100 (decode-pdl-s51-h100.json).
 PDL_ARCHS = ("sm90",)
 PDL_OPS = {"decode": "primary", "decode_combine": "dependent"}
 

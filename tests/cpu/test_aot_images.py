@@ -257,8 +257,9 @@ def test_rows_passed_static_checks(build):
 
 
 def test_pdl_rows(build):
-    # sm90's decode images signal their dependents and its merge images wait for the decode grid and are launched as
-    # its dependents; no other image holds a griddepcontrol instruction (sm80/sm89 lack it, AMD has no PDL).
+    # sm90's decode images signal their dependents (in split calls) and its merge images wait for the decode grid and
+    # are launched as its dependents; no other image holds a griddepcontrol instruction (sm80/sm89 lack it, AMD has
+    # no PDL).
     out, manifest, _ = build
     for row in manifest["images"]:
         pdl = row["arch"] in variants.PDL_ARCHS and row["op"] in variants.PDL_OPS

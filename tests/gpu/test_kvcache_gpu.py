@@ -2,12 +2,13 @@
 float64 reference (fa2rt.reference.kvcache_reference, computed on the CPU from copies of the inputs), sm90 natively and
 the sm80/sm89 images through their PTX (FA2RT_FORCE_ARCH).
 
-Error bound: the kernel's error against float64 at most twice that of the exact fallback in the same dtype (per
-sequence gather + SDPA, run on copies of the same inputs) plus a small floor; the new keys written into the cache are
-compared with the reference's (rotary in float32, stored in the cache dtype). Outputs come from a NaN-poisoned
-allocator, so an element never written shows up. Also: paged equals contiguous for the same logical cache, split
-counts, CUDA graph capture and replay with new cache lengths, torch.compile (Inductor, and its CUDA graphs), several
-streams, malformed indices (no fault, finite outputs; ci/memcheck_kvcache.py runs them under compute-sanitizer).
+Error bound: the kernel's error against float64 at most twice that of the exact fallback in the same dtype (per sequence
+gather + SDPA, run on copies of the same inputs) plus a small floor; the new keys written into the cache are compared
+with the reference's (rotary in float32, stored in the cache dtype). Outputs come from a NaN-poisoned allocator, so an
+element never written shows up. Also: paged equals contiguous for the same logical cache, split counts, CUDA graph
+capture and replay with new cache lengths, the merge as a programmatic dependent launch (sm90) against a plain one,
+torch.compile (Inductor, and its CUDA graphs), several streams, malformed indices (no fault, finite outputs;
+ci/memcheck_kvcache.py runs them under compute-sanitizer).
 """
 
 import pytest
