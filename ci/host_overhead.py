@@ -100,7 +100,7 @@ def run_on_cpu_as_sm90():
     # repeated-call path; a GPU's are not read.
     calls.should_check_values = lambda t: False
     make_plan = _C.LaunchPlan
-    _C.LaunchPlan = lambda *args: _NoLaunch(make_plan(*args))
+    _C.LaunchPlan = lambda *args, **kwargs: _NoLaunch(make_plan(*args, **kwargs))
     # The dense custom ops are CUDA-only; the same bodies for CPU tensors (kept registered for the process).
     global _CPU_OPS
     _CPU_OPS = torch.library.Library("fa2rt", "IMPL")
