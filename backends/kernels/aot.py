@@ -136,10 +136,12 @@ def check_dependent_wait(ptx: str, dependent_launch: bool) -> str | None:
 
 
 def cuda_checks(res: dict, shared_bytes: int, global_scratch: int, profile_scratch: int,
-                max_shared_bytes: int, max_stack_bytes: int = 0) -> list[str]:
+                max_shared_bytes: int, max_stack_bytes: int = 0, ptx: str = "",
+                dependent_launch: bool = False) -> list[str]:
     found = [check_stack(res["stack_bytes"], max_stack_bytes), check_local(res["local_bytes"]),
              check_global_scratch(global_scratch), check_profile_scratch(profile_scratch),
-             check_shared_memory(shared_bytes, max_shared_bytes), check_mma(res["mma_instr"], res["mma_count"])]
+             check_shared_memory(shared_bytes, max_shared_bytes), check_mma(res["mma_instr"], res["mma_count"]),
+             check_dependent_wait(ptx, dependent_launch)]
     return [f for f in found if f]
 
 
@@ -275,8 +277,8 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
         res |= {"mma_instr": v.mma_instr,
                 "mma_count": count_sass(cuobjdump("-sass"), v.mma_instr) if v.mma_instr else 0}
         failures = cuda_checks(res, md.shared, getattr(md, "global_scratch_size", 0) or 0,
-                               getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes, v.max_stack_bytes)
-        failures += [f for f in [check_dependent_wait(compiled.asm["ptx"], v.dependent_launch)] if f]
+                               getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes, v.max_stack_bytes,
+                               compiled.asm["ptx"], v.dependent_launch)
     else:
         res = parse_amdgcn(compiled.asm["amdgcn"], md.shared) | {"waves_per_eu": v.waves_per_eu}
         failures = rocm_checks(res, getattr(md, "profile_scratch_size", 0) or 0, v.max_shared_bytes, v.mma_instr)
@@ -284,8 +286,7 @@ def build_image(v: Variant, out: Path) -> tuple[dict | None, list[str], float]:
         "name": v.name, "op": v.op, "vendor": v.vendor, "arch": v.arch, "dtype": v.dtype, "head_dim": v.head_dim,
         "d_mask": v.d_mask, "features": list(v.features), "full_band_only": v.full_band_only,
         "max_seqlen_k": v.max_seqlen_k, "one_split": v.one_split, "dependent_launch": v.dependent_launch,
-        "layouts": [v.layout],
-        "page_multiple": v.page_multiple,
+        "layouts": [v.layout], "page_multiple": v.page_multiple,
         "optional_features": list(OPTIONAL_FEATURES.get(v.op, DEFAULT_OPTIONAL_FEATURES)),
         "block_m": v.block_m, "block_n": v.block_n,
         # Triton's count: a warp-specialised kernel's partitions included (fwd_ws: 3 warpgroups).

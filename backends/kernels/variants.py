@@ -216,7 +216,6 @@ class Variant:
     layout: str = "dense"  # the call layout the image takes (LAYOUT_KINDS)
     page_aligned: bool = False  # a paged decode image whose tiles lie in one page each (PAGE_ALIGNED_OPS)
     one_split: bool = False  # built from a ONE_SPLIT_TILE entry: only for decode calls of one split
-    pdl: bool = False  # compiled with PDL_OPS's griddepcontrol instructions (PDL_ARCHS)
     family: str = "triton"  # kernel source: "triton" (fwd.py, bwd.py, decode.py) or WS_FAMILY (fwd_ws.py, bwd_ws.py)
     persistent: bool = False  # WS_FAMILY: a grid of one program per SM walks the tiles
 
@@ -230,6 +229,11 @@ class Variant:
     def ws_schedule(self) -> dict:
         """A WS_FAMILY image's schedule (ws_schedule of its arch, op, head dim and role)."""
         return ws_schedule(self.arch, self.op, self.head_dim, self.full_band_only, self.max_seqlen_k)
+
+    @property
+    def pdl(self) -> bool:
+        """Compiled with PDL_OPS's griddepcontrol instructions (an op of PDL_OPS on an arch of PDL_ARCHS)."""
+        return self.arch in PDL_ARCHS and self.op in PDL_OPS
 
     @property
     def dependent_launch(self) -> bool:
@@ -301,8 +305,7 @@ def variants(archs: list[str]) -> list[Variant]:
                                     dtype=dtype, head_dim=int(bucket), d_mask=d_mask, features=features,
                                     block_m=c["block_m"], block_n=c["block_n"], num_warps=c["num_warps"],
                                     num_stages=c["num_stages"], waves_per_eu=c.get("waves_per_eu"),
-                                    max_stack_bytes=stack_allowance(c, layout), layout=layout,
-                                    pdl=arch in PDL_ARCHS and op in PDL_OPS, **roles))
+                                    max_stack_bytes=stack_allowance(c, layout), layout=layout, **roles))
     return out
 
 

@@ -309,6 +309,9 @@ def test_dependent_image_without_its_wait_fails_the_build():
     assert aot.check_dependent_wait("griddepcontrol.wait; // dummy", True) is None
     assert aot.check_dependent_wait("ld.global.f32", False) is None
     assert aot.check_dependent_wait("ld.global.f32", True) == "dependent_launch image without griddepcontrol.wait"
+    good = {"registers": 200, "stack_bytes": 0, "local_bytes": 0, "mma_instr": None, "mma_count": 0}
+    assert aot.cuda_checks(good, 2048, 0, 0, 101376, ptx="ld.global.f32", dependent_launch=True) == [
+        "dependent_launch image without griddepcontrol.wait"]
 
 
 def test_rocm_checks_reject_bad_record():
