@@ -227,6 +227,15 @@ def test_cuda_graph_capture_and_replay_with_new_lengths():
         assert torch.equal(static["k_cache"], eager["k_cache"])
 
 
+def _captured(args, **options):
+    """(graph, out, lse): one call on args' tensors captured in a CUDA graph, after a warm-up call outside it."""
+    run(args, **options)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = run(args, **options)
+    return graph, out, lse
+
+
 @pytest.mark.parametrize("splits", [2, 32, 0])
 def test_dependent_merge_equals_a_plain_one(monkeypatch, splits):
     # sm90's merge runs as a programmatic dependent of the decode kernel (PDL); FA2RT_PDL=0 launches it plainly. The
@@ -236,15 +245,9 @@ def test_dependent_merge_equals_a_plain_one(monkeypatch, splits):
     assert decision.backward, decision  # the call splits
     plain = copied(args)
     monkeypatch.setenv("FA2RT_PDL", "0")
-    run(plain, causal=True, num_splits=splits)  # warm up outside the capture
-    graph_plain = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph_plain):
-        out_plain, lse_plain = run(plain, causal=True, num_splits=splits)
+    graph_plain, out_plain, lse_plain = _captured(plain, causal=True, num_splits=splits)
     monkeypatch.delenv("FA2RT_PDL")
-    run(args, causal=True, num_splits=splits)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = run(args, causal=True, num_splits=splits)
+    graph, out, lse = _captured(args, causal=True, num_splits=splits)
     for step in range(3):
         lens = torch.randint(0, 4096, (2,), device=DEVICE, dtype=torch.int32)
         q = torch.randn_like(args["q"])
