@@ -62,7 +62,8 @@ def attn_decode(
     stride_ob, stride_oh, stride_om,
     stride_ab, stride_ah, stride_bt,
     batch, nheads, head_ratio, seqlen_q, seqlen_fixed, seqlen_new, capacity, cache_rows, page_size, num_splits,
-    use_batch_idx, use_leftpad, use_softcap, head_dim_8, window_left, window_right, qk_scale_log2, softcap_in,
+    use_batch_idx, use_leftpad, use_softcap, use_alibi, head_dim_8, window_left, window_right, qk_scale_log2,
+    softcap_in,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr, PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
     PDL: tl.constexpr = False,
@@ -70,8 +71,8 @@ def attn_decode(
     if PDL:
         if num_splits > 1:  # the next launch is the merge, which waits for this grid before reading
             gdc_launch_dependents()
-    # SOFTCAP compiles the softcap in; use_softcap switches it on per call (a uniform branch, free beside the cache
-    # reads), so one image serves calls with and without it.
+    # SOFTCAP and ALIBI_ON compile the softcap and ALiBi in; use_softcap and use_alibi switch them on per call (uniform
+    # branches), so one image serves calls with and without them and a call without them skips their work.
     # Strides of q, the caches and out arrive in units of 8 elements (16-byte rows, as fwd.py); int64 offsets
     # throughout, since a cache easily exceeds 2**31 elements.
     stride_qb, stride_qh, stride_qm = stride_qb.to(tl.int64) * 8, stride_qh.to(tl.int64) * 8, stride_qm * 8
@@ -171,7 +172,8 @@ def attn_decode(
             if use_softcap != 0:
                 s = _tanh(qk * softcap_in) * qk_scale_log2
         if ALIBI_ON:
-            s -= alibi_log2[:, None] * tl.abs(cols[None, :] - (q_row + shift)[:, None]).to(tl.float32)
+            if use_alibi != 0:
+                s -= alibi_log2[:, None] * tl.abs(cols[None, :] - (q_row + shift)[:, None]).to(tl.float32)
         keep = (cols[None, :] >= key_lo[:, None]) & (cols[None, :] <= key_hi[:, None]) & col_ok[None, :]
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -339,7 +341,7 @@ def decode_params(dtype: str, layout: str = "kvcache") -> list[tuple[str, str]]:
         ("batch", "i32"), ("nheads", "i32"), ("head_ratio", "i32"), ("seqlen_q", "i32"), ("seqlen_fixed", "i32"),
         ("seqlen_new", "i32"), ("capacity", "i32"), ("cache_rows", "i32"), ("page_size", "i32"),
         ("num_splits", "i32"), ("use_batch_idx", "i32"), ("use_leftpad", "i32"), ("use_softcap", "i32"),
-        ("head_dim_8", "i32"),
+        ("use_alibi", "i32"), ("head_dim_8", "i32"),
         ("window_left", "i32"), ("window_right", "i32"), ("qk_scale_log2", "fp32"), ("softcap_in", "fp32"),
     ]
 

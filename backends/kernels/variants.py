@@ -54,7 +54,7 @@ OP_LAYOUT_KINDS = {op: LAYOUT_KINDS for op in ("bwd_dq", "bwd_dkdv")} | {
 }
 # Features an image applies only when the call asks for them (so it also serves calls without them), per op; the
 # manifest rows carry them ("optional_features") for the dispatcher's feature check. ALiBi with slope 0 adds nothing;
-# a compiled-in softcap always caps the scores, except in the decode kernels, where it is a run-time switch.
+# a compiled-in softcap always caps the scores, except in the decode kernels, where both are run-time switches.
 OPTIONAL_FEATURES = {"decode": ("softcap", "alibi"), "append": ()}
 DEFAULT_OPTIONAL_FEATURES = ("alibi",)
 # Page sizes the paged images take: multiples of this (vLLM's 16-token blocks and up); the manifest carries it.

@@ -231,7 +231,7 @@ def decode_constants(tensors: dict, alibi, cache_seqlens, shapes: KVShapes, spli
         "seqlen_q": shapes.seqlen_q, "seqlen_fixed": seqlen_fixed, "seqlen_new": shapes.seqlen_new,
         "capacity": shapes.capacity, "cache_rows": shapes.cache_rows, "page_size": max(shapes.page_size, 1),
         "num_splits": splits, "use_batch_idx": int(use_batch_idx), "use_leftpad": int(use_leftpad),
-        "use_softcap": int(shapes.softcap > 0),
+        "use_softcap": int(shapes.softcap > 0), "use_alibi": int(alibi is not None),
         "head_dim_8": shapes.head_dim // _C.HEAD_DIM_MULTIPLE,
         "window_left": _window_bound(left, shapes), "window_right": _window_bound(right, shapes),
         "qk_scale_log2": scale_log2, "softcap_in": softcap_in,

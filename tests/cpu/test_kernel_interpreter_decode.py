@@ -268,6 +268,27 @@ def test_decode_features(feature, layout):
     _compare(args, options, run_kernels(args, SMALL_TILE, 2, options, page_aligned="aligned" in layout), atol=atol)
 
 
+@pytest.mark.parametrize("window", [(-1, -1), (3, 1), (2 * SMALL_TILE[1] + 40, 0), (-1, 0)],
+                         ids=["full", "narrow", "wide", "causal"])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_bands_across_whole_tiles(window, splits, alibi):
+    # Rows with different bands (3 query rows; windows narrower and wider than a tile, ending at the diagonal;
+    # sequences starting mid-tile), each split with tiles inside and across the bands, with ALiBi switched on
+    # (use_alibi) and off, against the reference.
+    bn = SMALL_TILE[1]
+    args = make_case(batch=2, h=4, hk=2, d=_head_dim(SMALL_TILE[2]), seqlen_cache=8 * bn + 3, seqlen_q=3, new=0,
+                     leftpad=True, seed=23)
+    # Whole tiles of keys (8 and 5), starting 3 and 1 positions into the cache: the last tile of the last split is
+    # full, and its last keys are seen by some rows only (windows ending at the diagonal).
+    args["cache_seqlens"] = torch.tensor([8 * bn + 3, 5 * bn + 1], dtype=torch.int32)
+    args["cache_leftpad"] = torch.tensor([3, 1], dtype=torch.int32)
+    options = dict(window_size=window)
+    if alibi:
+        options["alibi_slopes"] = torch.rand(4, generator=torch.Generator().manual_seed(4)) * 0.3
+    _compare(args, options, run_kernels(args, SMALL_TILE, splits, options), atol=2e-4)
+
+
 def test_split_count_beyond_keys_and_empty_sequences():
     # More splits than key blocks (empty splits write -inf partials) and sequences with no key at all.
     args = make_case(batch=3, h=4, hk=1, d=_head_dim(SMALL_TILE[2]), seqlen_cache=40, new=0, leftpad=True, seed=8)
