@@ -99,6 +99,10 @@ def test_mixed_fleet_names_each_divergence():
     assert [r["device"]["arch"] for r in result["ranks"]] == ["sm90", "sm90", "sm80", "sm80"]
     assert all(r["device"]["stand_in"] and r["host"] == HOST for r in result["ranks"])
     found = kinds(result)
+    # Four stand-in ranks time their CPU on two cores: one may read 20% under its arch's median by contention alone
+    # (a clean-clone CI run of session 52 flagged one), so a speed outlier is allowed here; the speed rule has its own
+    # test with a fault 4 times slow (test_speed_outlier_and_require).
+    found.pop("speed_outlier", None)
     assert set(found) == {"image_mismatch", "fallback_where_others_run_kernels", "numerics_outlier"}, found
     mismatch = found["image_mismatch"]
     assert mismatch["ranks"] == [1] and "fwd-sm80-" in mismatch["detail"]
@@ -145,7 +149,7 @@ def test_versions_packages_and_missing_images(tmp_path):
     assert f"      fix: pip install fa2rt-kernels-sm90=={version}" in out
     assert "  [kernel_package_mismatch] ranks [1]: " in out
     assert f"      fix: unset {config.KERNEL_DIR} on ranks [1] or point it at the same images" in out
-    assert out.count("  [") == 3, out
+    assert out.count("  [") - out.count("  [speed_outlier]") == 3, out  # CPU timings under contention: see above
     assert "H100 (stand-in)" in out and re.search(r"fallback (\d+)/\1 \[no_kernel\]", out), out
     assert "[verdict] exit 10: divergences between ranks" in out
 
